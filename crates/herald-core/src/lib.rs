@@ -1,0 +1,24 @@
+//! Sans-IO core of Herald.
+//!
+//! Nothing in this crate touches a socket or reads a clock: every function that
+//! depends on time takes `now` as an argument, and every effect is returned to
+//! the caller as a value. The server crate (`herald`) drives it from tokio.
+//!
+//! Layout:
+//! - [`close`]: why a connection closed, who decided it, and the WebSocket close code.
+//! - [`lifecycle`]: the per-connection state machine (`Handshaking → Ready →
+//!   Closing → Closed`) with its bounded outbound queue. It decides what may be
+//!   written and when, and hands out the cleanup token exactly once.
+//! - [`protocol`]: wire protocol v1 — client frames parsed and validated, server
+//!   frames serialized, limits.
+//! - [`stream`]: per-user event streams — `epoch`, `seq`.
+
+#![forbid(unsafe_code)]
+
+pub mod close;
+pub mod lifecycle;
+pub mod protocol;
+pub mod stream;
+
+pub use close::{CloseInfo, CloseReason, Initiator};
+pub use lifecycle::{Connection, LifecycleConfig, Payload, SendRefused, State, Transmit};

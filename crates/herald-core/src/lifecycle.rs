@@ -1,0 +1,511 @@
+//! The connection lifecycle: one state machine per WebSocket connection.
+//!
+//! ```text
+//!  Handshaking ──authenticate──▶ Ready ──close / close received──▶ Closing ──transport closed──▶ Closed
+//!       └────────────────────────close / timeout───────────────────────▲
+//! ```
+//!
+//! The I/O layer owns the socket and asks this machine what to do:
+//! [`Connection::send`] admits an outbound frame (or refuses it with a typed
+//! reason), [`Connection::poll_transmit`] says what to write next, and
+//! [`Connection::on_transport_closed`] hands out the cleanup token exactly once.
+//! Because the writer writes only what `poll_transmit` returns, and
+//! `poll_transmit` never returns anything after the close frame was written or
+//! received, invariant I1 holds by construction; invariant I2 holds because the
+//! cleanup token is returned at most once.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::close::{CloseInfo, CloseReason, Initiator};
+
+/// Something that can sit in the outbound queue: it knows its size on the wire.
+pub trait Payload {
+    /// Bytes this frame occupies, used for the queue's byte bound.
+    fn wire_len(&self) -> usize;
+}
+
+impl Payload for String {
+    fn wire_len(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Payload for Vec<u8> {
+    fn wire_len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Tunables of the lifecycle.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// Time allowed between the upgrade and a valid `hello`.
+    pub hello_timeout: Duration,
+    /// Time allowed from the close decision until the transport is dropped
+    /// (flushing queued frames, writing the close frame, waiting for the reply).
+    pub close_timeout: Duration,
+    /// Most frames the outbound queue holds before the client counts as slow.
+    pub max_queue_frames: usize,
+    /// Most bytes the outbound queue holds before the client counts as slow.
+    pub max_queue_bytes: usize,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            max_queue_frames: 1024,
+            max_queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum State {
+    /// Upgraded, waiting for `hello`.
+    Handshaking,
+    /// Authenticated; application frames are accepted.
+    Ready,
+    /// The close is decided; nothing new is accepted.
+    Closing,
+    /// The transport is gone and cleanup ran.
+    Closed,
+}
+
+impl State {
+    /// Stable lowercase name, used in the API and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Handshaking => "handshaking",
+            State::Ready => "ready",
+            State::Closing => "closing",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// Why an outbound frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum SendRefused {
+    /// The connection has not sent a valid `hello` yet.
+    #[error("connection is still handshaking")]
+    Handshaking,
+    /// The close was decided; the frame would never be written.
+    #[error("connection is closing")]
+    Closing,
+    /// The connection is gone.
+    #[error("connection is closed")]
+    Closed,
+    /// The queue is at its bound; the connection is now closing as a slow consumer.
+    #[error("outbound queue is full")]
+    QueueFull,
+}
+
+impl SendRefused {
+    /// Stable snake_case name, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendRefused::Handshaking => "handshaking",
+            SendRefused::Closing => "closing",
+            SendRefused::Closed => "closed",
+            SendRefused::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// An illegal transition was requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    /// `authenticate` is only legal while handshaking.
+    #[error("cannot authenticate a connection in state {0:?}")]
+    NotHandshaking(State),
+}
+
+/// What the writer must put on the wire next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit<P> {
+    /// An application frame.
+    Frame(P),
+    /// The close frame; returned at most once per connection.
+    Close {
+        /// Close code.
+        code: u16,
+        /// Close reason text (≤ 123 bytes).
+        reason: String,
+    },
+}
+
+/// The state machine of one connection, with its bounded outbound queue.
+#[derive(Debug)]
+pub struct Connection<P> {
+    cfg: LifecycleConfig,
+    state: State,
+    queue: VecDeque<P>,
+    queued_bytes: usize,
+    close: Option<CloseInfo>,
+    close_sent: bool,
+    close_received: bool,
+    hello_deadline: Instant,
+    close_deadline: Option<Instant>,
+    close_deadline_passed: bool,
+}
+
+impl<P: Payload> Connection<P> {
+    /// A new connection, handshaking since `now`.
+    pub fn new(now: Instant, cfg: LifecycleConfig) -> Self {
+        Self {
+            hello_deadline: now + cfg.hello_timeout,
+            cfg,
+            state: State::Handshaking,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            close: None,
+            close_sent: false,
+            close_received: false,
+            close_deadline: None,
+            close_deadline_passed: false,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The decided close, once there is one.
+    pub fn close_info(&self) -> Option<&CloseInfo> {
+        self.close.as_ref()
+    }
+
+    /// Frames waiting in the outbound queue.
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Bytes waiting in the outbound queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// `Handshaking → Ready`; `welcome` becomes the first frame written.
+    pub fn authenticate(&mut self, welcome: P) -> Result<(), LifecycleError> {
+        if self.state != State::Handshaking {
+            return Err(LifecycleError::NotHandshaking(self.state));
+        }
+        self.state = State::Ready;
+        self.queued_bytes += welcome.wire_len();
+        self.queue.push_front(welcome);
+        Ok(())
+    }
+
+    /// Admit an outbound frame. Only `Ready` connections accept frames.
+    ///
+    /// When the queue is at its bound the frame is refused with
+    /// [`SendRefused::QueueFull`] and the connection starts closing as a slow
+    /// consumer, so memory never grows past the bound.
+    pub fn send(&mut self, now: Instant, frame: P) -> Result<(), SendRefused> {
+        match self.state {
+            State::Handshaking => return Err(SendRefused::Handshaking),
+            State::Closing => return Err(SendRefused::Closing),
+            State::Closed => return Err(SendRefused::Closed),
+            State::Ready => {}
+        }
+        let len = frame.wire_len();
+        let over_frames = self.queue.len() >= self.cfg.max_queue_frames;
+        // A single frame larger than the byte bound is still admitted into an
+        // empty queue; otherwise it could never be delivered at all.
+        let over_bytes = !self.queue.is_empty() && self.queued_bytes + len > self.cfg.max_queue_bytes;
+        if over_frames || over_bytes {
+            self.close(
+                now,
+                CloseInfo::new(CloseReason::SlowConsumer, Initiator::Server, "outbound queue full"),
+            );
+            return Err(SendRefused::QueueFull);
+        }
+        self.queued_bytes += len;
+        self.queue.push_back(frame);
+        Ok(())
+    }
+
+    /// Decide to close. Returns `true` if this call made the decision, `false`
+    /// if the connection was already closing or closed (the call is then a no-op).
+    pub fn close(&mut self, now: Instant, info: CloseInfo) -> bool {
+        if !matches!(self.state, State::Handshaking | State::Ready) {
+            return false;
+        }
+        self.state = State::Closing;
+        self.close_deadline = Some(now + self.cfg.close_timeout);
+        if !info.reason.flushes_queue() {
+            self.clear_queue();
+        }
+        self.close = Some(info);
+        true
+    }
+
+    /// The peer's close frame arrived (`code` is `None` for an empty close frame).
+    ///
+    /// Nothing more may be written except the transport's automatic close reply,
+    /// so the queue is dropped. If the server had not decided to close, this is
+    /// a client-initiated close.
+    pub fn on_close_received(&mut self, now: Instant, code: Option<u16>) {
+        if self.close_received || self.state == State::Closed {
+            return;
+        }
+        self.close_received = true;
+        if matches!(self.state, State::Handshaking | State::Ready) {
+            let mut info = CloseInfo::new(CloseReason::ClientClose, Initiator::Client, "");
+            info.code = code.unwrap_or(1005);
+            self.close(now, info);
+        }
+        // The transport answers a received close frame itself; we must not
+        // write our own after it.
+        self.close_sent = true;
+        self.clear_queue();
+    }
+
+    /// What to write next, if anything. The writer must write exactly what this
+    /// returns, in order, and nothing else.
+    pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
+        match self.state {
+            State::Handshaking | State::Closed => None,
+            State::Ready => self.pop(),
+            State::Closing => {
+                if self.close_sent {
+                    return None;
+                }
+                if !self.close_deadline_passed
+                    && let Some(frame) = self.pop()
+                {
+                    return Some(frame);
+                }
+                self.clear_queue();
+                self.close_sent = true;
+                let info = self.close.as_ref()?;
+                Some(Transmit::Close {
+                    code: info.code,
+                    reason: info.detail.clone(),
+                })
+            }
+        }
+    }
+
+    /// The next instant at which [`Connection::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking => Some(self.hello_deadline),
+            State::Closing if !self.close_deadline_passed => self.close_deadline,
+            _ => None,
+        }
+    }
+
+    /// Advance timers to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Handshaking if now >= self.hello_deadline => {
+                self.close(
+                    now,
+                    CloseInfo::new(CloseReason::HelloTimeout, Initiator::Server, "no hello in time"),
+                );
+            }
+            State::Closing => {
+                if self.close_deadline.is_some_and(|d| now >= d) {
+                    self.close_deadline_passed = true;
+                    self.clear_queue();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// True once the close deadline passed and the close frame is out (or
+    /// cannot be written): the I/O layer should drop the transport now.
+    pub fn should_drop_transport(&self) -> bool {
+        self.state == State::Closing && self.close_deadline_passed && self.close_sent
+    }
+
+    /// The transport is gone (EOF, error, or dropped by us). Returns the close
+    /// — the cleanup token — the first time only; every later call returns `None`.
+    ///
+    /// `fallback` is the close recorded when none was decided before (the peer
+    /// vanished while the connection was live).
+    pub fn on_transport_closed(&mut self, fallback: CloseInfo) -> Option<CloseInfo> {
+        if self.state == State::Closed {
+            return None;
+        }
+        self.state = State::Closed;
+        self.clear_queue();
+        let info = self.close.get_or_insert(fallback).clone();
+        Some(info)
+    }
+
+    fn pop(&mut self) -> Option<Transmit<P>> {
+        let frame = self.queue.pop_front()?;
+        self.queued_bytes -= frame.wire_len();
+        Some(Transmit::Frame(frame))
+    }
+
+    fn clear_queue(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LifecycleConfig {
+        LifecycleConfig {
+            hello_timeout: Duration::from_secs(10),
+            close_timeout: Duration::from_secs(2),
+            max_queue_frames: 4,
+            max_queue_bytes: 100,
+        }
+    }
+
+    fn ready(now: Instant) -> Connection<String> {
+        let mut c = Connection::new(now, cfg());
+        c.authenticate("welcome".into()).unwrap();
+        c
+    }
+
+    fn drain(c: &mut Connection<String>) -> Vec<Transmit<String>> {
+        std::iter::from_fn(|| c.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn handshaking_refuses_app_frames() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        assert_eq!(c.send(now, "x".into()), Err(SendRefused::Handshaking));
+        assert_eq!(c.poll_transmit(), None);
+    }
+
+    #[test]
+    fn welcome_is_written_first() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        c.send(now, "e1".into()).unwrap();
+        assert_eq!(
+            drain(&mut c),
+            vec![Transmit::Frame("welcome".into()), Transmit::Frame("e1".into())]
+        );
+    }
+
+    #[test]
+    fn authenticate_twice_is_rejected() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        assert_eq!(
+            c.authenticate("again".into()),
+            Err(LifecycleError::NotHandshaking(State::Ready))
+        );
+    }
+
+    #[test]
+    fn hello_timeout_closes_with_4408() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(10)));
+        c.handle_timeout(now + Duration::from_secs(9));
+        assert_eq!(c.state(), State::Handshaking);
+        c.handle_timeout(now + Duration::from_secs(10));
+        assert_eq!(c.state(), State::Closing);
+        assert_eq!(
+            drain(&mut c),
+            vec![Transmit::Close { code: 4408, reason: "no hello in time".into() }]
+        );
+    }
+
+    #[test]
+    fn kick_flushes_queue_then_closes_once() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        let _ = c.poll_transmit();
+        c.send(now, "a".into()).unwrap();
+        assert!(c.close(now, CloseInfo::new(CloseReason::Kicked, Initiator::Server, "kicked")));
+        assert!(!c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "")));
+        assert_eq!(c.send(now, "b".into()), Err(SendRefused::Closing));
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Transmit::Frame("a".into()),
+                Transmit::Close { code: 4409, reason: "kicked".into() }
+            ]
+        );
+        assert_eq!(c.poll_transmit(), None);
+    }
+
+    #[test]
+    fn client_close_drops_queue_and_writes_nothing() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        c.send(now, "a".into()).unwrap();
+        c.on_close_received(now, Some(1000));
+        assert_eq!(c.poll_transmit(), None);
+        let info = c.close_info().unwrap();
+        assert_eq!((info.reason, info.initiator, info.code), (CloseReason::ClientClose, Initiator::Client, 1000));
+    }
+
+    #[test]
+    fn close_received_after_server_close_keeps_server_reason() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "bye"));
+        assert!(matches!(drain(&mut c).last(), Some(Transmit::Close { code: 1012, .. })));
+        c.on_close_received(now, Some(1012));
+        assert_eq!(c.close_info().unwrap().reason, CloseReason::Shutdown);
+    }
+
+    #[test]
+    fn queue_overflow_closes_as_slow_consumer_without_flushing() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        for i in 0..3 {
+            c.send(now, format!("f{i}")).unwrap();
+        }
+        assert_eq!(c.send(now, "x".into()), Err(SendRefused::QueueFull));
+        assert_eq!(c.queue_len(), 0);
+        assert_eq!(
+            drain(&mut c),
+            vec![Transmit::Close { code: 4001, reason: "outbound queue full".into() }]
+        );
+    }
+
+    #[test]
+    fn byte_bound_counts_too() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        let _ = c.poll_transmit();
+        c.send(now, "x".repeat(150)).unwrap(); // alone, over the bound: admitted
+        assert_eq!(c.send(now, "y".into()), Err(SendRefused::QueueFull));
+    }
+
+    #[test]
+    fn close_deadline_abandons_flush() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        c.send(now, "a".into()).unwrap();
+        c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, ""));
+        c.handle_timeout(now + Duration::from_secs(2));
+        assert!(!c.should_drop_transport());
+        assert_eq!(drain(&mut c), vec![Transmit::Close { code: 1012, reason: "".into() }]);
+        assert!(c.should_drop_transport());
+    }
+
+    #[test]
+    fn cleanup_token_is_handed_out_once() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        let gone = CloseInfo::new(CloseReason::PeerGone, Initiator::Client, "eof");
+        let first = c.on_transport_closed(gone.clone()).unwrap();
+        assert_eq!(first.reason, CloseReason::PeerGone);
+        assert_eq!(c.on_transport_closed(gone), None);
+        assert_eq!(c.state(), State::Closed);
+        assert_eq!(c.send(now, "x".into()), Err(SendRefused::Closed));
+        assert!(!c.close(now, CloseInfo::new(CloseReason::Kicked, Initiator::Server, "")));
+    }
+}

@@ -1,0 +1,475 @@
+//! Wire protocol v1: JSON text frames over WebSocket, subprotocol `herald.v1`.
+//!
+//! Client frames are parsed in two steps: first into a JSON object with a
+//! string `type` (failure is a protocol error, close 4000), then per type into
+//! a typed struct whose field errors name the field. Server frames are plain
+//! serde types.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The WebSocket subprotocol Herald speaks.
+pub const SUBPROTOCOL: &str = "herald.v1";
+/// Prefix of the subprotocol that carries a token (`bearer.<jwt>`).
+pub const BEARER_SUBPROTOCOL_PREFIX: &str = "bearer.";
+
+/// Size limits on inbound frames and their fields.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest inbound WebSocket message, in bytes (else close 1009).
+    pub max_message_bytes: usize,
+    /// Largest token, in bytes (else close 4401).
+    pub max_token_bytes: usize,
+    /// Longest `sub` claim, in bytes (else close 4401).
+    pub max_sub_bytes: usize,
+    /// Longest `resume.epoch`, in bytes (else close 4000).
+    pub max_epoch_bytes: usize,
+    /// Longest `id`, `thread_id` and `run_id`, in bytes.
+    pub max_id_bytes: usize,
+    /// Longest `user_message.text`, in bytes.
+    pub max_text_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_token_bytes: 8 * 1024,
+            max_sub_bytes: 256,
+            max_epoch_bytes: 64,
+            max_id_bytes: 128,
+            max_text_bytes: 32 * 1024,
+        }
+    }
+}
+
+/// A position in a user's stream to resume from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Resume {
+    /// The stream epoch the client last saw.
+    pub epoch: String,
+    /// The highest `seq` the client processed.
+    pub seq: u64,
+}
+
+/// The first frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Hello {
+    /// The JWT, unless it came in a header or subprotocol.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Where to resume the user's stream from.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+    /// Replay the events of the user's open agent runs.
+    #[serde(default)]
+    pub replay_active_runs: bool,
+}
+
+/// A chat message from the user to the agent.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct UserMessage {
+    /// Client-chosen id, the idempotency key of the message.
+    pub id: String,
+    /// The conversation thread.
+    pub thread_id: String,
+    /// The message text.
+    pub text: String,
+    /// Free-form extra data; must be an object.
+    #[serde(default)]
+    pub data: Map<String, Value>,
+}
+
+/// A parsed, validated client frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientFrame {
+    /// `hello`: authenticate, optionally resume.
+    Hello(Hello),
+    /// `user_message`: forward to the agent backend.
+    UserMessage(UserMessage),
+    /// `cancel`: ask the agent to stop a run.
+    Cancel {
+        /// The run to cancel.
+        run_id: String,
+    },
+    /// `ack`: the highest seq the client processed.
+    Ack {
+        /// Highest processed seq.
+        seq: u64,
+    },
+    /// `ping`: application-level ping, answered with `pong`.
+    Ping,
+    /// `refresh`: a new token for the same subject.
+    Refresh {
+        /// The new JWT.
+        token: String,
+    },
+    /// A `type` this server does not know (answered with `error`, not a close).
+    Unknown {
+        /// The unknown type name.
+        kind: String,
+    },
+}
+
+/// Why a client frame was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The text is not JSON at all.
+    #[error("frame is not valid JSON")]
+    NotJson,
+    /// The JSON is not an object.
+    #[error("frame is not a JSON object")]
+    NotObject,
+    /// There is no string `type` field.
+    #[error("field `type` is missing or not a string")]
+    MissingType,
+    /// A field of a known frame type is missing, mistyped or too long.
+    #[error("{kind}: field `{field}` {problem}")]
+    InvalidField {
+        /// The frame type.
+        kind: &'static str,
+        /// The offending field (dotted path).
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+        /// The frame's `id`, when it could be read (so a `nack` can name it).
+        id: Option<String>,
+    },
+}
+
+impl FrameError {
+    /// Whether the frame is so broken that the connection closes with 4000
+    /// (rather than answered with an `error`/`nack` frame).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            FrameError::NotJson | FrameError::NotObject | FrameError::MissingType
+        )
+    }
+}
+
+/// Parse and validate one client text frame.
+pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text).map_err(|_| FrameError::NotJson)?;
+    let Value::Object(obj) = value else {
+        return Err(FrameError::NotObject);
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(FrameError::MissingType),
+    };
+    let id = obj.get("id").and_then(Value::as_str).map(str::to_owned);
+    let value = Value::Object(obj);
+    match kind.as_str() {
+        "hello" => {
+            let hello: Hello = typed("hello", value, None)?;
+            if let Some(r) = &hello.resume
+                && r.epoch.len() > limits.max_epoch_bytes
+            {
+                return Err(too_long("hello", "resume.epoch", limits.max_epoch_bytes, None));
+            }
+            Ok(ClientFrame::Hello(hello))
+        }
+        "user_message" => {
+            let msg: UserMessage = typed("user_message", value, id.clone())?;
+            check_id("user_message", "id", &msg.id, limits, &id)?;
+            check_id("user_message", "thread_id", &msg.thread_id, limits, &id)?;
+            if msg.text.len() > limits.max_text_bytes {
+                return Err(too_long("user_message", "text", limits.max_text_bytes, id));
+            }
+            Ok(ClientFrame::UserMessage(msg))
+        }
+        "cancel" => {
+            #[derive(Deserialize)]
+            struct Cancel {
+                run_id: String,
+            }
+            let c: Cancel = typed("cancel", value, None)?;
+            check_id("cancel", "run_id", &c.run_id, limits, &None)?;
+            Ok(ClientFrame::Cancel { run_id: c.run_id })
+        }
+        "ack" => {
+            #[derive(Deserialize)]
+            struct Ack {
+                seq: u64,
+            }
+            let a: Ack = typed("ack", value, None)?;
+            Ok(ClientFrame::Ack { seq: a.seq })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        "refresh" => {
+            #[derive(Deserialize)]
+            struct Refresh {
+                token: String,
+            }
+            let r: Refresh = typed("refresh", value, None)?;
+            Ok(ClientFrame::Refresh { token: r.token })
+        }
+        _ => Ok(ClientFrame::Unknown { kind }),
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    value: Value,
+    id: Option<String>,
+) -> Result<T, FrameError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde reports a missing field at the parent path (".") and names it in the message.
+        let (field, problem) = match inner.strip_prefix("missing field `") {
+            Some(rest) => (
+                rest.trim_end_matches('`').to_owned(),
+                "is required".to_owned(),
+            ),
+            None => (field, strip_position(&inner)),
+        };
+        FrameError::InvalidField { kind, field, problem, id }
+    })
+}
+
+/// serde_json appends " at line L column C"; that is noise for a client.
+fn strip_position(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+fn check_id(
+    kind: &'static str,
+    field: &str,
+    value: &str,
+    limits: &Limits,
+    id: &Option<String>,
+) -> Result<(), FrameError> {
+    if value.is_empty() {
+        return Err(FrameError::InvalidField {
+            kind,
+            field: field.to_owned(),
+            problem: "must not be empty".to_owned(),
+            id: id.clone(),
+        });
+    }
+    if value.len() > limits.max_id_bytes {
+        return Err(too_long(kind, field, limits.max_id_bytes, id.clone()));
+    }
+    Ok(())
+}
+
+fn too_long(kind: &'static str, field: &str, max: usize, id: Option<String>) -> FrameError {
+    FrameError::InvalidField {
+        kind,
+        field: field.to_owned(),
+        problem: format!("is longer than {max} bytes"),
+        id,
+    }
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// Answer to a valid `hello`.
+    Welcome {
+        /// Server-assigned connection id.
+        conn_id: &'a str,
+        /// The authenticated user (`sub`).
+        user_id: &'a str,
+        /// The stream epoch.
+        epoch: &'a str,
+        /// The stream's latest seq at the time of the welcome.
+        seq: u64,
+        /// Whether the requested resume point was honoured.
+        resumed: bool,
+        /// Present and true when the resume point could not be honoured.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
+        /// Interval of server heartbeats, in milliseconds.
+        heartbeat_ms: u64,
+    },
+    /// An agent event on the user's stream.
+    Event(&'a EventFrame),
+    /// A `user_message` was handed to the agent backend.
+    Ack {
+        /// The message id.
+        id: &'a str,
+        /// Always `accepted`.
+        status: &'a str,
+    },
+    /// A `user_message` failed.
+    Nack {
+        /// The message id.
+        id: &'a str,
+        /// Machine-readable error code.
+        error: &'a str,
+        /// Suggested wait before retrying, if a retry makes sense.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// A non-fatal error; the connection stays open.
+    Error {
+        /// Machine-readable error code.
+        code: &'a str,
+        /// Human-readable detail.
+        message: &'a str,
+    },
+    /// Sent before a drain close.
+    Closing {
+        /// Why (`shutdown`).
+        reason: &'a str,
+        /// Suggested wait before reconnecting.
+        reconnect_after_ms: u64,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Serialize to the JSON text sent on the wire.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: all keys are strings and all
+        // values are plain data.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"error\"}"))
+    }
+}
+
+/// The body of an `event` frame (without `type`, which [`ServerFrame`] adds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventFrame {
+    /// Position in the user's stream.
+    pub seq: u64,
+    /// Event name, e.g. `agent_thinking`.
+    pub event: String,
+    /// Conversation thread, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    /// Agent run, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Event payload (an object).
+    pub data: Value,
+    /// When the event was published, RFC 3339.
+    pub ts: String,
+}
+
+/// Error codes carried by `error` and `nack` frames.
+pub mod codes {
+    /// The frame's `type` is not known.
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    /// A field is missing, mistyped or too long.
+    pub const INVALID_FIELD: &str = "invalid_field";
+    /// Binary frames are not part of protocol v1.
+    pub const BINARY_NOT_SUPPORTED: &str = "binary_not_supported";
+    /// The run is unknown or not the caller's.
+    pub const UNKNOWN_RUN: &str = "unknown_run";
+    /// The sender exceeded the inbound rate limit.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The frame type is valid but not available on this server.
+    pub const NOT_AVAILABLE: &str = "not_available";
+    /// A refresh token was rejected.
+    pub const INVALID_TOKEN: &str = "invalid_token";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: &str) -> Result<ClientFrame, FrameError> {
+        parse_client_frame(v, &Limits::default())
+    }
+
+    #[test]
+    fn hello_with_resume() {
+        let f = parse(r#"{"type":"hello","token":"t","resume":{"epoch":"e","seq":41},"replay_active_runs":true}"#)
+            .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Hello(Hello {
+                token: Some("t".into()),
+                resume: Some(Resume { epoch: "e".into(), seq: 41 }),
+                replay_active_runs: true
+            })
+        );
+    }
+
+    #[test]
+    fn fatal_errors() {
+        assert_eq!(parse("{not json"), Err(FrameError::NotJson));
+        assert_eq!(parse("[1,2]"), Err(FrameError::NotObject));
+        assert_eq!(parse(r#"{"type":5}"#), Err(FrameError::MissingType));
+        assert_eq!(parse(r#"{"x":1}"#), Err(FrameError::MissingType));
+        assert!(parse("[]").unwrap_err().is_fatal());
+    }
+
+    #[test]
+    fn wrong_field_types_name_the_field() {
+        match parse(r#"{"type":"hello","resume":{"epoch":"e","seq":-1}}"#) {
+            Err(FrameError::InvalidField { field, .. }) => assert_eq!(field, "resume.seq"),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"user_message","id":"m1","thread_id":"t"}"#) {
+            Err(FrameError::InvalidField { field, id, problem, .. }) => {
+                assert_eq!(field, "text");
+                assert_eq!(problem, "is required");
+                assert_eq!(id.as_deref(), Some("m1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"user_message","id":"m1","thread_id":"t","text":"x","data":[1]}"#) {
+            Err(FrameError::InvalidField { field, .. }) => assert_eq!(field, "data"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_apply() {
+        let long = "x".repeat(129);
+        let f = format!(r#"{{"type":"user_message","id":"{long}","thread_id":"t","text":"x"}}"#);
+        assert!(matches!(parse(&f), Err(FrameError::InvalidField { field, .. }) if field == "id"));
+        let epoch = "e".repeat(65);
+        let f = format!(r#"{{"type":"hello","resume":{{"epoch":"{epoch}","seq":1}}}}"#);
+        assert!(matches!(parse(&f), Err(FrameError::InvalidField { field, .. }) if field == "resume.epoch"));
+    }
+
+    #[test]
+    fn unknown_type_is_not_fatal() {
+        assert_eq!(
+            parse(r#"{"type":"typing"}"#),
+            Ok(ClientFrame::Unknown { kind: "typing".into() })
+        );
+    }
+
+    #[test]
+    fn server_frames_serialize_as_documented() {
+        let w = ServerFrame::Welcome {
+            conn_id: "c1",
+            user_id: "u1",
+            epoch: "e",
+            seq: 57,
+            resumed: false,
+            reset: true,
+            heartbeat_ms: 25000,
+        };
+        let v: Value = serde_json::from_str(&w.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"welcome","conn_id":"c1","user_id":"u1","epoch":"e","seq":57,"resumed":false,"reset":true,"heartbeat_ms":25000})
+        );
+        let e = EventFrame {
+            seq: 3,
+            event: "agent_thinking".into(),
+            thread_id: Some("t1".into()),
+            run_id: None,
+            data: json!({"text":"hi"}),
+            ts: "2026-01-01T00:00:00Z".into(),
+        };
+        let v: Value = serde_json::from_str(&ServerFrame::Event(&e).to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"event","seq":3,"event":"agent_thinking","thread_id":"t1","data":{"text":"hi"},"ts":"2026-01-01T00:00:00Z"})
+        );
+    }
+}
