@@ -48,6 +48,8 @@ pub enum CloseReason {
     InvalidUtf8,
     /// An RFC 6455 violation (masking, reserved bits or opcodes, bad control frames).
     WebSocketViolation,
+    /// A binary frame; protocol v1 is JSON text only.
+    UnsupportedData,
     /// Abuse, such as a sustained flood over the rate limit.
     PolicyViolation,
     /// Closed through the HTTP API (`POST /api/v1/disconnect`).
@@ -62,7 +64,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for exhaustive tests and metric pre-registration.
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 18] = [
         CloseReason::ClientClose,
         CloseReason::PeerGone,
         CloseReason::IoError,
@@ -75,6 +77,7 @@ impl CloseReason {
         CloseReason::MessageTooBig,
         CloseReason::InvalidUtf8,
         CloseReason::WebSocketViolation,
+        CloseReason::UnsupportedData,
         CloseReason::PolicyViolation,
         CloseReason::Kicked,
         CloseReason::Shutdown,
@@ -99,6 +102,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => 1009,
             CloseReason::InvalidUtf8 => 1007,
             CloseReason::WebSocketViolation => 1002,
+            CloseReason::UnsupportedData => 1003,
             CloseReason::PolicyViolation => 1008,
             CloseReason::Kicked => 4409,
             CloseReason::Shutdown => 1012,
@@ -122,6 +126,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => "message_too_big",
             CloseReason::InvalidUtf8 => "invalid_utf8",
             CloseReason::WebSocketViolation => "websocket_violation",
+            CloseReason::UnsupportedData => "unsupported_data",
             CloseReason::PolicyViolation => "policy_violation",
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",

@@ -151,6 +151,7 @@ pub struct Connection<P> {
     hello_deadline: Instant,
     close_deadline: Option<Instant>,
     close_deadline_passed: bool,
+    token_expiry: Option<Instant>,
 }
 
 impl<P: Payload> Connection<P> {
@@ -167,6 +168,7 @@ impl<P: Payload> Connection<P> {
             close_received: false,
             close_deadline: None,
             close_deadline_passed: false,
+            token_expiry: None,
         }
     }
 
@@ -199,6 +201,12 @@ impl<P: Payload> Connection<P> {
         self.queued_bytes += welcome.wire_len();
         self.queue.push_front(welcome);
         Ok(())
+    }
+
+    /// Set when the connection's token expires (a `refresh` moves it). A
+    /// `Ready` connection still open at that instant closes with 4403.
+    pub fn set_token_expiry(&mut self, at: Option<Instant>) {
+        self.token_expiry = at;
     }
 
     /// Admit an outbound frame. Only `Ready` connections accept frames.
@@ -296,6 +304,7 @@ impl<P: Payload> Connection<P> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Handshaking => Some(self.hello_deadline),
+            State::Ready => self.token_expiry,
             State::Closing if !self.close_deadline_passed => self.close_deadline,
             _ => None,
         }
@@ -308,6 +317,12 @@ impl<P: Payload> Connection<P> {
                 self.close(
                     now,
                     CloseInfo::new(CloseReason::HelloTimeout, Initiator::Server, "no hello in time"),
+                );
+            }
+            State::Ready if self.token_expiry.is_some_and(|t| now >= t) => {
+                self.close(
+                    now,
+                    CloseInfo::new(CloseReason::TokenExpired, Initiator::Server, "token expired"),
                 );
             }
             State::Closing => {
@@ -494,6 +509,19 @@ mod tests {
         assert!(!c.should_drop_transport());
         assert_eq!(drain(&mut c), vec![Transmit::Close { code: 1012, reason: "".into() }]);
         assert!(c.should_drop_transport());
+    }
+
+    #[test]
+    fn token_expiry_closes_with_4403_unless_refreshed() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        c.set_token_expiry(Some(now + Duration::from_secs(5)));
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(5)));
+        c.set_token_expiry(Some(now + Duration::from_secs(60)));
+        c.handle_timeout(now + Duration::from_secs(5));
+        assert_eq!(c.state(), State::Ready);
+        c.handle_timeout(now + Duration::from_secs(60));
+        assert_eq!(c.close_info().map(|i| i.code), Some(4403));
     }
 
     #[test]

@@ -214,18 +214,24 @@ fn typed<T: serde::de::DeserializeOwned>(
     value: Value,
     id: Option<String>,
 ) -> Result<T, FrameError> {
+    deserialize_named(value).map_err(|(field, problem)| FrameError::InvalidField { kind, field, problem, id })
+}
+
+/// Deserialize `value` into `T`; on failure return the offending field's
+/// dotted path (e.g. `resume.seq`, `events[3].user_id`) and what is wrong.
+pub fn deserialize_named<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = e.path().to_string();
+        let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        // serde reports a missing field at the parent path (".") and names it in the message.
-        let (field, problem) = match inner.strip_prefix("missing field `") {
-            Some(rest) => (
-                rest.trim_end_matches('`').to_owned(),
-                "is required".to_owned(),
-            ),
-            None => (field, strip_position(&inner)),
-        };
-        FrameError::InvalidField { kind, field, problem, id }
+        // serde reports a missing field at the parent path and names it in the message.
+        match inner.strip_prefix("missing field `") {
+            Some(rest) => {
+                let name = rest.trim_end_matches('`');
+                let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+                (field, "is required".to_owned())
+            }
+            None => (path, strip_position(&inner)),
+        }
     })
 }
 
@@ -304,6 +310,9 @@ pub enum ServerFrame<'a> {
         id: &'a str,
         /// Machine-readable error code.
         error: &'a str,
+        /// Human-readable detail (names the offending field).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
         /// Suggested wait before retrying, if a retry makes sense.
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
@@ -352,6 +361,21 @@ pub struct EventFrame {
     pub data: Value,
     /// When the event was published, RFC 3339.
     pub ts: String,
+}
+
+/// The golden-path agent events; publishing one requires a `run_id`.
+pub const AGENT_EVENTS: [&str; 5] = [
+    "agent_started",
+    "agent_thinking",
+    "tool_executing",
+    "tool_completed",
+    "agent_completed",
+];
+
+/// Whether `name` is a valid event name: 1–64 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_valid_event_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// Error codes carried by `error` and `nack` frames.

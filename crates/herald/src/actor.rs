@@ -1,0 +1,356 @@
+//! The connection actor: one task per WebSocket that owns the socket and is the
+//! only code that writes to it.
+//!
+//! The loop is: write whatever the lifecycle ([`herald_core::Connection`])
+//! says to write, then wait for one of: a wake-up (someone queued a frame or
+//! decided a close), a lifecycle timer, or an inbound message. When the
+//! transport ends, the lifecycle hands out the cleanup token once and the
+//! actor runs the registry cleanup with it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
+use herald_core::protocol::{ClientFrame, FrameError, Hello, ServerFrame, codes, parse_client_frame};
+use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
+use tracing::Instrument;
+
+use crate::auth::{AuthError, unix_now};
+use crate::connection::{ConnShared, OutFrame};
+use crate::registry::RegisterError;
+use crate::server::App;
+use crate::telemetry::{self, Stats};
+
+/// Run one connection from upgrade to cleanup.
+pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
+    let conn = Arc::new(ConnShared::new(app.next_conn_id(), app.config.lifecycle.clone()));
+    app.registry.insert(conn.clone());
+    let span = tracing::info_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
+    let actor = Actor {
+        wire: Wire {
+            ws: socket,
+            close_seen: false,
+            stats: app.stats.clone(),
+        },
+        conn,
+        app,
+        header_token,
+        span: span.clone(),
+    };
+    actor.run().instrument(span).await
+}
+
+struct Actor {
+    wire: Wire,
+    conn: Arc<ConnShared>,
+    app: Arc<App>,
+    header_token: Option<String>,
+    span: tracing::Span,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        tracing::debug!("connection opened");
+        let end = self.drive().await;
+        // Dropping the socket closes the TCP connection.
+        drop(self.wire);
+        if let Some(info) = self.conn.with_core(|c| c.on_transport_closed(end)) {
+            self.app.registry.cleanup(&self.conn, &info);
+        }
+    }
+
+    /// Drive the connection until the transport ends; returns what ended it
+    /// (used only if no close had been decided).
+    async fn drive(&mut self) -> CloseInfo {
+        loop {
+            if let Err(end) = self.write_pending().await {
+                return end;
+            }
+            if self.conn.with_core(|c| c.should_drop_transport()) {
+                return gone(CloseReason::PeerGone, "close handshake timed out");
+            }
+            let deadline = self.conn.with_core(|c| c.poll_timeout());
+            let timer = async move {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.conn.woken() => {}
+                _ = timer => self.conn.with_core(|c| c.handle_timeout(Instant::now())),
+                msg = self.wire.ws.recv() => match msg {
+                    None => return gone(CloseReason::PeerGone, "eof"),
+                    Some(Err(e)) => match classify_read_error(e) {
+                        ReadEnd::Gone(info) => return info,
+                        ReadEnd::Close(info) => { self.conn.close(info); }
+                    },
+                    Some(Ok(m)) => self.on_message(m),
+                },
+            }
+        }
+    }
+
+    /// Write everything the lifecycle releases, then flush once.
+    async fn write_pending(&mut self) -> Result<(), CloseInfo> {
+        let limit = match self.conn.state() {
+            State::Closing => self.app.config.lifecycle.close_timeout,
+            _ => self.app.config.write_timeout,
+        };
+        let mut unflushed = false;
+        while let Some(t) = self.conn.with_core(|c| c.poll_transmit()) {
+            match t {
+                Transmit::Frame(f) => {
+                    self.wire.feed(f, limit).await?;
+                    unflushed = true;
+                }
+                Transmit::Close { code, reason } => {
+                    self.wire.close(code, reason, limit).await?;
+                    unflushed = false;
+                }
+            }
+        }
+        if unflushed {
+            self.wire.flush(limit).await?;
+        }
+        Ok(())
+    }
+
+    fn on_message(&mut self, msg: Message) {
+        match msg {
+            Message::Text(text) => self.on_text(text.as_str()),
+            Message::Binary(_) => {
+                self.close(CloseReason::UnsupportedData, Initiator::Client, "binary frames are not supported");
+            }
+            // tungstenite answers pings itself.
+            Message::Ping(_) | Message::Pong(_) => {}
+            Message::Close(frame) => {
+                self.wire.close_seen = true;
+                let code = frame.map(|f| f.code);
+                self.conn.with_core(|c| c.on_close_received(Instant::now(), code));
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let state = self.conn.state();
+        if state >= State::Closing {
+            return;
+        }
+        let frame = match parse_client_frame(text, &self.app.config.limits) {
+            Ok(f) => f,
+            Err(e) if e.is_fatal() || state == State::Handshaking => {
+                self.close(CloseReason::ProtocolError, Initiator::Client, &e.to_string());
+                return;
+            }
+            Err(e @ FrameError::InvalidField { .. }) => {
+                let message = e.to_string();
+                match e {
+                    FrameError::InvalidField { id: Some(id), kind: "user_message", .. } => {
+                        self.reply(ServerFrame::Nack {
+                            id: &id,
+                            error: codes::INVALID_FIELD,
+                            message: Some(&message),
+                            retry_after_ms: None,
+                        });
+                    }
+                    _ => self.reply(ServerFrame::Error { code: codes::INVALID_FIELD, message: &message }),
+                }
+                return;
+            }
+            Err(e) => {
+                self.close(CloseReason::ProtocolError, Initiator::Client, &e.to_string());
+                return;
+            }
+        };
+        match (state, frame) {
+            (State::Handshaking, ClientFrame::Hello(hello)) => self.on_hello(hello),
+            (State::Handshaking, _) => {
+                self.close(CloseReason::ProtocolError, Initiator::Client, "the first frame must be hello");
+            }
+            (_, ClientFrame::Hello(_)) => {
+                self.close(CloseReason::ProtocolError, Initiator::Client, "second hello");
+            }
+            (_, ClientFrame::Ping) => self.reply(ServerFrame::Pong),
+            (_, ClientFrame::Ack { seq }) => self.conn.record_ack(seq),
+            (_, ClientFrame::Refresh { token }) => self.on_refresh(&token),
+            (_, ClientFrame::UserMessage(m)) => self.reply(ServerFrame::Nack {
+                id: &m.id,
+                error: codes::NOT_AVAILABLE,
+                message: Some("no agent backend is connected to this server yet"),
+                retry_after_ms: None,
+            }),
+            (_, ClientFrame::Cancel { run_id }) => self.reply(ServerFrame::Error {
+                code: codes::UNKNOWN_RUN,
+                message: &format!("no open run `{run_id}` for this user"),
+            }),
+            (_, ClientFrame::Unknown { kind }) => self.reply(ServerFrame::Error {
+                code: codes::UNKNOWN_TYPE,
+                message: &format!("unknown frame type `{kind}`"),
+            }),
+        }
+    }
+
+    fn on_hello(&mut self, hello: Hello) {
+        let Some(token) = hello.token.or_else(|| self.header_token.take()) else {
+            self.close(CloseReason::Unauthorized, Initiator::Client, "missing token");
+            return;
+        };
+        let claims = match self.app.verifier.verify(&token) {
+            Ok(c) => c,
+            Err(AuthError::Expired) => {
+                self.close(CloseReason::TokenExpired, Initiator::Client, "token expired");
+                return;
+            }
+            Err(e) => {
+                self.close(CloseReason::Unauthorized, Initiator::Client, &e.to_string());
+                return;
+            }
+        };
+        let heartbeat_ms = self.app.config.heartbeat_interval.as_millis() as u64;
+        match self.app.registry.register(
+            &claims.sub,
+            &self.conn,
+            self.app.config.max_connections_per_user,
+            heartbeat_ms,
+            hello.resume.as_ref(),
+        ) {
+            Ok(()) => {
+                self.span.record("user_id", claims.sub.as_str());
+                self.set_expiry(claims.exp);
+                tracing::debug!("hello accepted");
+            }
+            Err(RegisterError::UserFull) => {
+                self.close(CloseReason::Capacity, Initiator::Server, "too many connections for this user");
+            }
+            // Closing already (e.g. shutdown raced the hello): nothing to do.
+            Err(RegisterError::NotHandshaking) => {}
+        }
+    }
+
+    fn on_refresh(&mut self, token: &str) {
+        let result = self.app.verifier.verify(token).and_then(|c| {
+            if Some(c.sub.as_str()) == self.conn.user() { Ok(c) } else { Err(AuthError::OtherSubject) }
+        });
+        match result {
+            Ok(claims) => self.set_expiry(claims.exp),
+            Err(e) => self.reply(ServerFrame::Error {
+                code: codes::INVALID_TOKEN,
+                message: &format!("refresh rejected: {e}"),
+            }),
+        }
+    }
+
+    fn set_expiry(&self, exp: u64) {
+        let left = Duration::from_secs(exp.saturating_sub(unix_now()));
+        self.conn.with_core(|c| c.set_token_expiry(Some(Instant::now() + left)));
+    }
+
+    fn reply(&self, frame: ServerFrame<'_>) {
+        // A refusal (closing, queue full) is counted by `send`; nothing else to do.
+        let _ = self.conn.send(OutFrame::from(frame.to_json()));
+    }
+
+    fn close(&self, reason: CloseReason, initiator: Initiator, detail: &str) {
+        self.conn.close(CloseInfo::new(reason, initiator, detail));
+    }
+}
+
+fn gone(reason: CloseReason, detail: &str) -> CloseInfo {
+    CloseInfo::new(reason, Initiator::Client, detail)
+}
+
+/// How a read error ends the connection.
+enum ReadEnd {
+    /// The transport is unusable: drop it.
+    Gone(CloseInfo),
+    /// The peer broke the rules: write a close frame with this reason, then drop.
+    Close(CloseInfo),
+}
+
+fn classify_read_error(e: axum::Error) -> ReadEnd {
+    use tungstenite::Error as WsError;
+    use tungstenite::error::ProtocolError;
+    let err = match e.into_inner().downcast::<WsError>() {
+        Ok(err) => *err,
+        Err(other) => return ReadEnd::Gone(CloseInfo::new(CloseReason::IoError, Initiator::Client, other.to_string())),
+    };
+    match err {
+        WsError::Capacity(c) => ReadEnd::Close(CloseInfo::new(CloseReason::MessageTooBig, Initiator::Client, c.to_string())),
+        WsError::Utf8(_) => ReadEnd::Close(CloseInfo::new(CloseReason::InvalidUtf8, Initiator::Client, "invalid UTF-8")),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => ReadEnd::Gone(gone(CloseReason::PeerGone, "reset")),
+        WsError::Protocol(p) => ReadEnd::Close(CloseInfo::new(CloseReason::WebSocketViolation, Initiator::Client, p.to_string())),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => ReadEnd::Gone(gone(CloseReason::PeerGone, "closed")),
+        WsError::Io(io) => ReadEnd::Gone(io_end(&io)),
+        other => ReadEnd::Gone(CloseInfo::new(CloseReason::IoError, Initiator::Client, other.to_string())),
+    }
+}
+
+/// Peer resets, broken pipes and EOFs are ordinary; anything else is not.
+fn io_end(io: &std::io::Error) -> CloseInfo {
+    use std::io::ErrorKind::*;
+    match io.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected => {
+            gone(CloseReason::PeerGone, &io.kind().to_string())
+        }
+        _ => CloseInfo::new(CloseReason::IoError, Initiator::Client, io.to_string()),
+    }
+}
+
+/// The socket's write side, with a last-line check of invariant I1: once a
+/// close frame was written or received, every further write is refused and
+/// counted in [`Stats::frames_after_close`] (which must stay 0).
+struct Wire {
+    ws: WebSocket,
+    close_seen: bool,
+    stats: Arc<Stats>,
+}
+
+impl Wire {
+    fn permit(&self) -> bool {
+        if self.close_seen {
+            self.stats.frames_after_close.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close").increment(1);
+            tracing::error!("refused a write after the close frame");
+            return false;
+        }
+        true
+    }
+
+    async fn feed(&mut self, frame: OutFrame, limit: Duration) -> Result<(), CloseInfo> {
+        if !self.permit() {
+            return Ok(());
+        }
+        let len = frame.0.len();
+        timed(limit, self.ws.feed(Message::Text(frame.0))).await?;
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::FRAMES_OUT).increment(1);
+        metrics::counter!(telemetry::BYTES_OUT).increment(len as u64);
+        Ok(())
+    }
+
+    async fn close(&mut self, code: u16, reason: String, limit: Duration) -> Result<(), CloseInfo> {
+        if !self.permit() {
+            return Ok(());
+        }
+        self.close_seen = true;
+        let frame = CloseFrame { code, reason: reason.into() };
+        timed(limit, self.ws.send(Message::Close(Some(frame)))).await
+    }
+
+    async fn flush(&mut self, limit: Duration) -> Result<(), CloseInfo> {
+        timed(limit, SinkExt::<Message>::flush(&mut self.ws)).await
+    }
+}
+
+async fn timed(limit: Duration, fut: impl Future<Output = Result<(), axum::Error>>) -> Result<(), CloseInfo> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(match classify_read_error(e) {
+            ReadEnd::Gone(info) | ReadEnd::Close(info) => info,
+        }),
+        Err(_) => Err(CloseInfo::new(CloseReason::SlowConsumer, Initiator::Server, "socket write timed out")),
+    }
+}

@@ -1,0 +1,216 @@
+//! Client authentication: JWT verification (HS256, RS256, ES256) and minting
+//! development tokens.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, JwtKey};
+
+/// The claims Herald uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+/// Why a token was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in hello, header or subprotocol.
+    #[error("missing token")]
+    Missing,
+    /// Longer than the token limit.
+    #[error("token too long")]
+    TooLong,
+    /// `exp` is in the past.
+    #[error("token expired")]
+    Expired,
+    /// Not a well-formed JWT, or a claim of the wrong type.
+    #[error("malformed token")]
+    Malformed,
+    /// Signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// `alg` is not the configured algorithm (this includes `none`).
+    #[error("algorithm not allowed")]
+    WrongAlgorithm,
+    /// A required claim is absent.
+    #[error("missing claim {0}")]
+    MissingClaim(String),
+    /// `sub` is empty or too long.
+    #[error("invalid sub")]
+    InvalidSub,
+    /// `aud` does not match.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// `iss` does not match.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// A `refresh` token names another user.
+    #[error("token is for another user")]
+    OtherSubject,
+}
+
+/// Verifies client tokens against the configured key and claims.
+#[derive(Clone)]
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    max_token_bytes: usize,
+    max_sub_bytes: usize,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish()
+    }
+}
+
+impl Verifier {
+    /// Build the verifier from the config. Fails when the public key is not a
+    /// PEM RSA or EC key.
+    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+        let (key, alg) = match &cfg.jwt_key {
+            JwtKey::Hs256(secret) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
+            JwtKey::PublicKeyPem(pem) => match DecodingKey::from_rsa_pem(pem) {
+                Ok(k) => (k, Algorithm::RS256),
+                Err(_) => match DecodingKey::from_ec_pem(pem) {
+                    Ok(k) => (k, Algorithm::ES256),
+                    Err(e) => return Err(format!("not a PEM RSA or EC public key: {e}")),
+                },
+            },
+        };
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = cfg.jwt_leeway.as_secs();
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &cfg.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &cfg.jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self {
+            key,
+            validation,
+            max_token_bytes: cfg.limits.max_token_bytes,
+            max_sub_bytes: cfg.limits.max_sub_bytes,
+        })
+    }
+
+    /// Verify `token` and return its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > self.max_token_bytes {
+            return Err(AuthError::TooLong);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::WrongAlgorithm
+            }
+            ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+            ErrorKind::InvalidAudience => AuthError::WrongAudience,
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            // A JSON error about `sub`/`exp` means a claim is absent or of the wrong type.
+            ErrorKind::Json(j) if j.to_string().contains("missing field") => {
+                AuthError::MissingClaim(missing_field(&j.to_string()))
+            }
+            _ => AuthError::Malformed,
+        })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() || claims.sub.len() > self.max_sub_bytes {
+            return Err(AuthError::InvalidSub);
+        }
+        Ok(claims)
+    }
+}
+
+fn missing_field(msg: &str) -> String {
+    msg.split('`').nth(1).unwrap_or("claim").to_owned()
+}
+
+/// Mint an HS256 token for `user` valid for `ttl` (for `herald token`, the dev
+/// endpoint and tests).
+pub fn mint_hs256(secret: &str, user: &str, ttl: Duration) -> Result<String, jsonwebtoken::errors::Error> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + ttl;
+    let claims = Claims {
+        sub: user.to_owned(),
+        exp: exp.as_secs(),
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn verifier() -> Verifier {
+        Verifier::from_config(&Config::for_tests("s3cret", "k")).unwrap()
+    }
+
+    fn b64(v: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    }
+
+    #[test]
+    fn valid_token_verifies() {
+        let t = mint_hs256("s3cret", "alice", Duration::from_secs(60)).unwrap();
+        assert_eq!(verifier().verify(&t).unwrap().sub, "alice");
+    }
+
+    #[test]
+    fn rejections_are_typed() {
+        let v = verifier();
+        let other = mint_hs256("other", "alice", Duration::from_secs(60)).unwrap();
+        assert_eq!(v.verify(&other), Err(AuthError::BadSignature));
+        assert_eq!(v.verify("not.a.jwt"), Err(AuthError::Malformed));
+        assert_eq!(v.verify(""), Err(AuthError::Missing));
+        assert_eq!(v.verify(&"a".repeat(9000)), Err(AuthError::TooLong));
+        let exp = unix_now() - 3600;
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"a","exp":{exp}}}"#)));
+        assert!(matches!(v.verify(&none), Err(AuthError::WrongAlgorithm | AuthError::Malformed)));
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims { sub: "a".into(), exp },
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&expired), Err(AuthError::Expired));
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &Claims { sub: "a".into(), exp: unix_now() + 60 },
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&hs384), Err(AuthError::WrongAlgorithm));
+        #[derive(Serialize)]
+        struct NoSub {
+            exp: u64,
+        }
+        let nosub = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &NoSub { exp: unix_now() + 60 },
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&nosub), Err(AuthError::MissingClaim("sub".into())));
+        let empty_sub = mint_hs256("s3cret", "", Duration::from_secs(60)).unwrap();
+        assert_eq!(v.verify(&empty_sub), Err(AuthError::InvalidSub));
+    }
+}

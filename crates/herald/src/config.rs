@@ -1,0 +1,416 @@
+//! Configuration: defaults, then a TOML file, then `HERALD_*` environment
+//! variables, then command-line flags — each layer overriding the one before.
+//!
+//! Every knob is one row of [`KEYS`]: its TOML key, its environment variable
+//! (`HERALD_` + the key in upper case), its flag (`--` + the key with dashes)
+//! and its default. Values of every layer are parsed by the same code, so an
+//! invalid value fails at start with a message naming the key and the layer.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use herald_core::LifecycleConfig;
+use herald_core::protocol::Limits;
+
+/// One configuration key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    /// TOML key (snake_case); the env var and flag are derived from it.
+    pub name: &'static str,
+    /// Default value as text; `None` means unset.
+    pub default: Option<&'static str>,
+    /// One-line meaning, shown in `--help` and docs/OPERATIONS.md.
+    pub doc: &'static str,
+}
+
+/// Every configuration key Herald reads.
+pub const KEYS: &[KeySpec] = &[
+    KeySpec { name: "addr", default: None, doc: "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set" },
+    KeySpec { name: "jwt_hs256_secret", default: None, doc: "HS256 secret for client tokens. Unset with no public key: a development secret is generated" },
+    KeySpec { name: "jwt_public_key_file", default: None, doc: "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens" },
+    KeySpec { name: "jwt_audience", default: None, doc: "Required `aud` claim, if set" },
+    KeySpec { name: "jwt_issuer", default: None, doc: "Required `iss` claim, if set" },
+    KeySpec { name: "jwt_leeway", default: Some("0s"), doc: "Clock skew tolerated when checking `exp`" },
+    KeySpec { name: "api_key", default: None, doc: "Bearer key of the HTTP API. Unset: a development key is generated" },
+    KeySpec { name: "webhook_url", default: None, doc: "Agent backend webhook for user messages (not yet used)" },
+    KeySpec { name: "hello_timeout", default: Some("10s"), doc: "Time allowed from upgrade to a valid hello (else close 4408)" },
+    KeySpec { name: "close_timeout", default: Some("2s"), doc: "Time allowed to flush, write the close frame and await the reply" },
+    KeySpec { name: "write_timeout", default: Some("10s"), doc: "A socket write blocked longer than this drops the connection" },
+    KeySpec { name: "heartbeat_interval", default: Some("25s"), doc: "Interval of WebSocket pings (advertised as heartbeat_ms)" },
+    KeySpec { name: "queue_max_frames", default: Some("1024"), doc: "Outbound queue bound in frames per connection (else close 4001)" },
+    KeySpec { name: "queue_max_bytes", default: Some("4194304"), doc: "Outbound queue bound in bytes per connection (else close 4001)" },
+    KeySpec { name: "max_message_bytes", default: Some("65536"), doc: "Largest inbound WebSocket message (else close 1009)" },
+    KeySpec { name: "max_connections", default: Some("100000"), doc: "Live WebSocket connections in total; further upgrades get HTTP 503" },
+    KeySpec { name: "max_connections_per_user", default: Some("32"), doc: "Live connections per user; a further hello is closed with 1013" },
+    KeySpec { name: "drain_window", default: Some("5s"), doc: "On SIGTERM, connections are closed (1012) staggered over this window" },
+    KeySpec { name: "log_format", default: Some("text"), doc: "`text` or `json`" },
+];
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// Built-in default.
+    Default,
+    /// The TOML file.
+    File,
+    /// A `HERALD_*` environment variable.
+    Env,
+    /// A command-line flag.
+    Flag,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The file names a key Herald does not know.
+    #[error("config file {path}: unknown key `{key}`")]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The unknown key.
+        key: String,
+    },
+    /// A value does not parse.
+    #[error("config key `{key}` (from {layer:?}): {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Which layer supplied the bad value.
+        layer: Layer,
+        /// What is wrong.
+        message: String,
+    },
+    /// The JWT public key file is unusable.
+    #[error("config key `jwt_public_key_file`: {0}")]
+    PublicKey(String),
+}
+
+/// Raw values per key with the layer each came from.
+#[derive(Debug, Default, Clone)]
+pub struct RawConfig {
+    values: BTreeMap<&'static str, (String, Layer)>,
+}
+
+impl RawConfig {
+    /// Defaults, overridden by the file (if any), then by `env`, then by `flags`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &BTreeMap<&'static str, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw = RawConfig::default();
+        for k in KEYS {
+            if let Some(d) = k.default {
+                raw.values.insert(k.name, (d.to_owned(), Layer::Default));
+            }
+        }
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Toml {
+                path: path.to_owned(),
+                message: e.message().to_owned(),
+            })?;
+            for (key, value) in table {
+                let spec = KEYS.iter().find(|k| k.name == key).ok_or_else(|| ConfigError::UnknownKey {
+                    path: path.to_owned(),
+                    key: key.clone(),
+                })?;
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    other => {
+                        return Err(ConfigError::Invalid {
+                            key: spec.name,
+                            layer: Layer::File,
+                            message: format!("expected a string or number, got {}", other.type_str()),
+                        });
+                    }
+                };
+                raw.values.insert(spec.name, (text, Layer::File));
+            }
+        }
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for k in KEYS {
+            if let Some(v) = env.get(&env_name(k.name)) {
+                raw.values.insert(k.name, (v.clone(), Layer::Env));
+            }
+        }
+        if !raw.values.contains_key("addr")
+            && let Some(port) = env.get("PORT")
+        {
+            raw.values.insert("addr", (format!("0.0.0.0:{port}"), Layer::Env));
+        }
+        for (k, v) in flags {
+            raw.values.insert(k, (v.clone(), Layer::Flag));
+        }
+        Ok(raw)
+    }
+
+    /// Set one key (used by tests and embedders); `key` must be in [`KEYS`].
+    pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        if let Some(spec) = KEYS.iter().find(|k| k.name == key) {
+            self.values.insert(spec.name, (value.into(), Layer::Flag));
+        }
+        self
+    }
+
+    fn get(&self, key: &'static str) -> Option<(&str, Layer)> {
+        self.values.get(key).map(|(v, l)| (v.as_str(), *l))
+    }
+
+    fn parse<T>(&self, key: &'static str, f: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some((v, layer)) => f(v).map(Some).map_err(|message| ConfigError::Invalid { key, layer, message }),
+        }
+    }
+
+    fn required<T>(&self, key: &'static str, f: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        self.parse(key, f)?.ok_or(ConfigError::Invalid {
+            key,
+            layer: Layer::Default,
+            message: "missing".to_owned(),
+        })
+    }
+}
+
+/// The environment variable of a key.
+pub fn env_name(key: &str) -> String {
+    format!("HERALD_{}", key.to_ascii_uppercase())
+}
+
+/// The command-line flag of a key (without the leading dashes).
+pub fn flag_name(key: &str) -> String {
+    key.replace('_', "-")
+}
+
+fn duration(v: &str) -> Result<Duration, String> {
+    humantime::parse_duration(v).map_err(|e| format!("`{v}` is not a duration like 10s or 500ms ({e})"))
+}
+
+fn positive(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("`{v}` is not a positive integer")),
+    }
+}
+
+fn non_empty(v: &str) -> Result<String, String> {
+    if v.is_empty() { Err("must not be empty".to_owned()) } else { Ok(v.to_owned()) }
+}
+
+/// How client tokens are verified.
+#[derive(Debug, Clone)]
+pub enum JwtKey {
+    /// HS256 with a shared secret.
+    Hs256(String),
+    /// RS256 or ES256 with a PEM public key (the algorithm follows the key type).
+    PublicKeyPem(Vec<u8>),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The typed, validated configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Client token verification key.
+    pub jwt_key: JwtKey,
+    /// Required `aud`, if any.
+    pub jwt_audience: Option<String>,
+    /// Required `iss`, if any.
+    pub jwt_issuer: Option<String>,
+    /// Tolerated clock skew for `exp`.
+    pub jwt_leeway: Duration,
+    /// API bearer key.
+    pub api_key: String,
+    /// Agent backend webhook, if configured.
+    pub webhook_url: Option<String>,
+    /// True when neither a JWT key nor an API key was configured: both were
+    /// generated for this run and development conveniences are on.
+    pub dev_mode: bool,
+    /// Lifecycle timeouts and queue bounds.
+    pub lifecycle: LifecycleConfig,
+    /// Inbound size limits.
+    pub limits: Limits,
+    /// Longest a socket write may block.
+    pub write_timeout: Duration,
+    /// WebSocket ping interval.
+    pub heartbeat_interval: Duration,
+    /// Total live connection limit.
+    pub max_connections: usize,
+    /// Per-user live connection limit.
+    pub max_connections_per_user: usize,
+    /// Drain window on shutdown.
+    pub drain_window: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validate raw values into a config. Missing secrets are generated (and
+    /// `dev_mode` set when both were missing).
+    pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
+        let addr = raw
+            .parse("addr", |v| v.parse::<SocketAddr>().map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080")))?
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let secret = raw.parse("jwt_hs256_secret", non_empty)?;
+        let key_file = raw.parse("jwt_public_key_file", |v| Ok(PathBuf::from(v)))?;
+        let api_key = raw.parse("api_key", non_empty)?;
+        let dev_mode = secret.is_none() && key_file.is_none() && api_key.is_none();
+        let jwt_key = match (secret, key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "jwt_public_key_file",
+                    layer: Layer::Default,
+                    message: "set either jwt_hs256_secret or jwt_public_key_file, not both".to_owned(),
+                });
+            }
+            (Some(s), None) => JwtKey::Hs256(s),
+            (None, Some(path)) => JwtKey::PublicKeyPem(
+                std::fs::read(&path).map_err(|e| ConfigError::PublicKey(format!("{}: {e}", path.display())))?,
+            ),
+            (None, None) => JwtKey::Hs256(random_secret()),
+        };
+        let limits = Limits {
+            max_message_bytes: raw.required("max_message_bytes", positive)?,
+            ..Limits::default()
+        };
+        let log_format = raw.required("log_format", |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{v}` is not `text` or `json`")),
+        })?;
+        Ok(Config {
+            addr,
+            jwt_key,
+            jwt_audience: raw.parse("jwt_audience", non_empty)?,
+            jwt_issuer: raw.parse("jwt_issuer", non_empty)?,
+            jwt_leeway: raw.required("jwt_leeway", duration)?,
+            api_key: api_key.unwrap_or_else(random_secret),
+            webhook_url: raw.parse("webhook_url", non_empty)?,
+            dev_mode,
+            lifecycle: LifecycleConfig {
+                hello_timeout: raw.required("hello_timeout", duration)?,
+                close_timeout: raw.required("close_timeout", duration)?,
+                max_queue_frames: raw.required("queue_max_frames", positive)?,
+                max_queue_bytes: raw.required("queue_max_bytes", positive)?,
+            },
+            limits,
+            write_timeout: raw.required("write_timeout", duration)?,
+            heartbeat_interval: raw.required("heartbeat_interval", duration)?,
+            max_connections: raw.required("max_connections", positive)?,
+            max_connections_per_user: raw.required("max_connections_per_user", positive)?,
+            drain_window: raw.required("drain_window", duration)?,
+            log_format,
+        })
+    }
+
+    /// A config for tests: loopback, port 0, fixed secret and API key.
+    pub fn for_tests(secret: &str, api_key: &str) -> Self {
+        let mut raw = RawConfig::load(None, [], &BTreeMap::new()).unwrap_or_default();
+        raw.set("addr", "127.0.0.1:0").set("jwt_hs256_secret", secret).set("api_key", api_key);
+        // The defaults are valid by construction (checked by a unit test).
+        match Config::from_raw(&raw) {
+            Ok(c) => c,
+            Err(e) => panic!("test config invalid: {e}"),
+        }
+    }
+}
+
+/// 32 random bytes, URL-safe base64.
+pub fn random_secret() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(pairs: &[(&'static str, &str)]) -> BTreeMap<&'static str, String> {
+        pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_zero_config_is_dev_mode() {
+        let raw = RawConfig::load(None, [], &BTreeMap::new()).unwrap();
+        let c = Config::from_raw(&raw).unwrap();
+        assert!(c.dev_mode);
+        assert_eq!(c.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.lifecycle.hello_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_message_bytes, 65536);
+    }
+
+    #[test]
+    fn port_env_listens_on_all_interfaces() {
+        let raw = RawConfig::load(None, [("PORT".to_owned(), "9000".to_owned())], &BTreeMap::new()).unwrap();
+        assert_eq!(Config::from_raw(&raw).unwrap().addr, "0.0.0.0:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("herald-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("h.toml");
+        std::fs::write(&file, "addr = \"127.0.0.1:1\"\napi_key = \"file\"\nhello_timeout = \"3s\"\n").unwrap();
+        let env = [("HERALD_API_KEY".to_owned(), "env".to_owned()), ("HERALD_ADDR".to_owned(), "127.0.0.1:2".to_owned())];
+        let raw = RawConfig::load(Some(&file), env, &flags(&[("addr", "127.0.0.1:3")])).unwrap();
+        let c = Config::from_raw(&raw).unwrap();
+        assert_eq!(c.addr, "127.0.0.1:3".parse().unwrap());
+        assert_eq!(c.api_key, "env");
+        assert_eq!(c.lifecycle.hello_timeout, Duration::from_secs(3));
+        assert!(!c.dev_mode);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let raw = RawConfig::load(None, [("HERALD_HELLO_TIMEOUT".to_owned(), "soon".to_owned())], &BTreeMap::new()).unwrap();
+        let err = Config::from_raw(&raw).unwrap_err().to_string();
+        assert!(err.contains("hello_timeout") && err.contains("Env"), "{err}");
+        let raw = RawConfig::load(None, [], &flags(&[("queue_max_frames", "0")])).unwrap();
+        assert!(Config::from_raw(&raw).unwrap_err().to_string().contains("queue_max_frames"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("herald-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("h.toml");
+        std::fs::write(&file, "adr = \"x\"\n").unwrap();
+        let err = RawConfig::load(Some(&file), [], &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("unknown key `adr`"), "{err}");
+    }
+}

@@ -1,0 +1,30 @@
+//! Herald: a WebSocket gateway that streams AI-agent events to users.
+//!
+//! The protocol and lifecycle logic live in the sans-IO crate `herald_core`;
+//! this crate drives it with tokio, axum and hyper.
+//!
+//! Layout (request path, top to bottom):
+//! - [`server`]: listener (large backlog), accept loop, shared [`server::App`], drain.
+//! - [`api`]: HTTP routes — publish, disconnect, connections, health, metrics.
+//! - [`ws`]: the `GET /ws` upgrade (limits, token from header or subprotocol).
+//! - [`actor`]: one task per socket, the only writer; drives the lifecycle.
+//! - [`connection`]: the shared handle others use to send to or close a connection.
+//! - [`registry`]: connections by id, users' streams and fan-out; cleanup.
+//! - [`auth`]: JWT verification and minting.
+//! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
+//! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
+
+#![forbid(unsafe_code)]
+
+pub mod actor;
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod registry;
+pub mod server;
+pub mod telemetry;
+pub mod ws;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,159 @@
+//! The `herald` binary: `serve` and `token`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+use herald::config::{Config, JwtKey, KEYS, RawConfig, env_name, flag_name};
+use herald::{Server, auth, telemetry};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "A WebSocket gateway for AI-agent chat products")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (zero configuration works: development keys are generated).
+    Serve(ConfigArgs),
+    /// Print a client JWT signed with the configured HS256 secret.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// `--config FILE` plus one flag per configuration key.
+struct ConfigArgs {
+    file: Option<PathBuf>,
+    flags: BTreeMap<&'static str, String>,
+}
+
+impl FromArgMatches for ConfigArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = BTreeMap::new();
+        for k in KEYS {
+            if let Some(v) = m.get_one::<String>(k.name) {
+                flags.insert(k.name, v.clone());
+            }
+        }
+        Ok(Self {
+            file: m.get_one::<PathBuf>("config").cloned(),
+            flags,
+        })
+    }
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for ConfigArgs {
+    fn augment_args(cmd: Command) -> Command {
+        let cmd = cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TOML configuration file"),
+        );
+        KEYS.iter().fold(cmd, |cmd, k| {
+            cmd.arg(
+                Arg::new(k.name)
+                    .long(flag_name(k.name))
+                    .value_name("VALUE")
+                    .help(format!("{} [env: {}]", k.doc, env_name(k.name))),
+            )
+        })
+    }
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let raw = RawConfig::load(self.file.as_deref(), std::env::vars(), &self.flags)?;
+        Ok(Config::from_raw(&raw)?)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve(args) => {
+            let config = args.load()?;
+            telemetry::init_logging(config.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?
+                .block_on(serve(config))
+        }
+        Cmd::Token { user, ttl, config } => {
+            let config = config.load()?;
+            let JwtKey::Hs256(secret) = &config.jwt_key else {
+                anyhow::bail!("`herald token` signs with HS256; configure jwt_hs256_secret (HERALD_JWT_HS256_SECRET)");
+            };
+            if config.dev_mode {
+                anyhow::bail!(
+                    "no secret configured: set HERALD_JWT_HS256_SECRET (the one `herald serve` printed, or your own)"
+                );
+            }
+            println!("{}", auth::mint_hs256(secret, &user, Duration::from(ttl))?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if config.dev_mode
+        && let JwtKey::Hs256(secret) = &config.jwt_key
+    {
+        let demo = auth::mint_hs256(secret, "demo", Duration::from_secs(24 * 3600))?;
+        tracing::warn!("DEVELOPMENT MODE: no secret or API key configured; generated ones for this run only");
+        eprintln!(
+            "\n  HERALD_JWT_HS256_SECRET={secret}\n  HERALD_API_KEY={}\n  a token for user `demo` (24h): {demo}\n",
+            config.api_key
+        );
+    }
+    let server = Server::start(config).await?;
+    eprintln!("herald listening on {}", server.local_addr());
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

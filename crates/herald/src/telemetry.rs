@@ -1,0 +1,130 @@
+//! Logs (`tracing`) and metrics (`metrics` with a Prometheus exporter).
+//!
+//! Metric names live here so the full set is visible in one place and in
+//! docs/OPERATIONS.md.
+
+use std::sync::OnceLock;
+
+use herald_core::{CloseInfo, SendRefused};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::LogFormat;
+
+/// Gauge: live WebSocket connections (any state but closed).
+pub const CONNECTIONS_LIVE: &str = "herald_connections_live";
+/// Counter: connections upgraded.
+pub const CONNECTIONS_OPENED: &str = "herald_connections_opened_total";
+/// Counter: connections closed, labelled `reason` and `initiator`.
+pub const CONNECTIONS_CLOSED: &str = "herald_connections_closed_total";
+/// Counter: sends refused, labelled `reason`.
+pub const SENDS_REFUSED: &str = "herald_sends_refused_total";
+/// Counter: frames written to sockets.
+pub const FRAMES_OUT: &str = "herald_frames_out_total";
+/// Counter: bytes of text frames written to sockets.
+pub const BYTES_OUT: &str = "herald_bytes_out_total";
+/// Counter: events published through the API.
+pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
+/// Counter: event deliveries queued to connections.
+pub const EVENTS_QUEUED: &str = "herald_event_deliveries_total";
+/// Counter: upgrades refused, labelled `reason` (`draining`, `capacity`).
+pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
+/// Counter: invariant violations detected at runtime (must stay 0), labelled `kind`.
+pub const INVARIANT_VIOLATIONS: &str = "herald_invariant_violations_total";
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide Prometheus recorder (once) and return its handle.
+/// Returns `None` if another recorder was installed first.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Install the tracing subscriber: level from `HERALD_LOG` or `RUST_LOG`
+/// (default `info`), text or JSON lines.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("HERALD_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+    };
+}
+
+/// Count a refused send.
+pub fn send_refused(reason: SendRefused) {
+    metrics::counter!(SENDS_REFUSED, "reason" => reason.as_str()).increment(1);
+}
+
+/// Count and log a finished connection; the log level follows whether the
+/// close was expected.
+pub fn connection_closed(info: &CloseInfo) {
+    metrics::counter!(
+        CONNECTIONS_CLOSED,
+        "reason" => info.reason.as_str(),
+        "initiator" => info.initiator.as_str()
+    )
+    .increment(1);
+    metrics::gauge!(CONNECTIONS_LIVE).decrement(1.0);
+    let (reason, initiator, code) = (info.reason.as_str(), info.initiator.as_str(), info.code);
+    if info.reason.is_expected() {
+        tracing::debug!(reason, initiator, code, detail = %info.detail, "connection closed");
+    } else if info.reason == herald_core::CloseReason::Internal {
+        tracing::error!(reason, initiator, code, detail = %info.detail, "connection closed");
+    } else {
+        tracing::warn!(reason, initiator, code, detail = %info.detail, "connection closed");
+    }
+}
+
+/// Per-server counters that back the invariant checks (I1, I2, I4). Unlike the
+/// process-wide Prometheus registry, one instance belongs to one server, so
+/// tests that run several servers in one process read exact figures.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections upgraded.
+    pub opened: std::sync::atomic::AtomicU64,
+    /// Cleanups run (registry removal, gauges). Equals `opened` once all are gone.
+    pub cleanups: std::sync::atomic::AtomicU64,
+    /// Cleanups attempted a second time for one connection (I2; must stay 0).
+    pub duplicate_cleanups: std::sync::atomic::AtomicU64,
+    /// Frames the writer was asked to write after a close frame was written or
+    /// received (I1; must stay 0). The writer refuses and counts them.
+    pub frames_after_close: std::sync::atomic::AtomicU64,
+    /// Frames written to sockets.
+    pub frames_out: std::sync::atomic::AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Connections upgraded.
+    pub opened: u64,
+    /// Cleanups run.
+    pub cleanups: u64,
+    /// Second cleanups of one connection (must be 0).
+    pub duplicate_cleanups: u64,
+    /// Frames refused after close (must be 0).
+    pub frames_after_close: u64,
+    /// Frames written.
+    pub frames_out: u64,
+}
+
+impl Stats {
+    /// Read all counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        StatsSnapshot {
+            opened: self.opened.load(Relaxed),
+            cleanups: self.cleanups.load(Relaxed),
+            duplicate_cleanups: self.duplicate_cleanups.load(Relaxed),
+            frames_after_close: self.frames_after_close.load(Relaxed),
+            frames_out: self.frames_out.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! `GET /ws`: the WebSocket upgrade. Refuses upgrades while draining or at
+//! capacity (HTTP 503), picks up a token from the `Authorization` header or a
+//! `bearer.<jwt>` subprotocol, and hands the socket to its actor.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use herald_core::protocol::{BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
+
+use crate::api::ApiError;
+use crate::server::App;
+use crate::{actor, telemetry};
+
+/// Read buffer per connection; tungstenite's default (128 KiB) is a memory trap.
+const READ_BUFFER: usize = 8 * 1024;
+/// Write buffer threshold per connection.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// The upgrade handler.
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rej) => return ApiError::new(rej.status(), "not_websocket", rej.body_text()).into_response(),
+    };
+    if app.is_draining() {
+        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "server is restarting; reconnect shortly")
+            .into_response();
+    }
+    if app.registry.len() >= app.config.max_connections {
+        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "capacity").increment(1);
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity", "server is at its connection limit")
+            .into_response();
+    }
+    let token = bearer_header(&headers).or_else(|| bearer_subprotocol(&headers));
+    let max = app.config.limits.max_message_bytes;
+    ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
+        .on_upgrade(move |socket| actor::run(socket, app, token))
+}
+
+fn bearer_header(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
+}
+
+fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(BEARER_SUBPROTOCOL_PREFIX).map(str::to_owned))
+}

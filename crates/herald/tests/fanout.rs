@@ -1,0 +1,120 @@
+//! Fan-out and the connection API over real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn two_connections_of_one_user_both_receive_and_others_do_not() {
+    let server = start().await;
+    let (mut a1, w1) = connect(&server, "alice").await;
+    let (mut a2, w2) = connect(&server, "alice").await;
+    let (mut b, _) = connect(&server, "bob").await;
+    assert_eq!(w1["user_id"], "alice");
+    assert_eq!(w1["epoch"], w2["epoch"]);
+    assert_ne!(w1["conn_id"], w2["conn_id"]);
+    assert_eq!(w1["resumed"], false);
+
+    let r = publish(&server, "alice", "agent_note", json!({"text": "hi"})).await;
+    assert_eq!(r["delivered"], 2);
+    assert_eq!(r["seq"], 1);
+    assert_eq!(r["epoch"], w1["epoch"]);
+    for ws in [&mut a1, &mut a2] {
+        let e = next_json(ws).await;
+        assert_eq!(e["type"], "event");
+        assert_eq!(e["seq"], 1);
+        assert_eq!(e["event"], "agent_note");
+        assert_eq!(e["data"]["text"], "hi");
+        assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+    }
+    // bob gets nothing: the next frame bob sees is the pong to his own ping.
+    send_json(&mut b, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut b).await["type"], "pong");
+
+    // A second event keeps the order and the seq increments.
+    publish(&server, "alice", "agent_note", json!({"n": 2})).await;
+    assert_eq!(next_json(&mut a1).await["seq"], 2);
+}
+
+#[tokio::test]
+async fn connections_api_lists_and_kick_closes_with_4409() {
+    let server = start().await;
+    let (mut a, _) = connect(&server, "alice").await;
+    send_json(&mut a, json!({"type": "ack", "seq": 7})).await;
+    send_json(&mut a, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut a).await["type"], "pong");
+    let (status, body) = get_json(&server, "/api/v1/connections?user_id=alice").await;
+    assert_eq!(status, 200);
+    let rows = body["connections"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["state"], "ready");
+    assert_eq!(rows[0]["user_id"], "alice");
+    assert_eq!(rows[0]["acked_seq"], 7);
+    assert!(rows[0]["queue_depth"].is_u64() && rows[0]["age_ms"].is_u64());
+
+    let (status, body) = post(&server, "/api/v1/disconnect", json!({"user_id": "alice"})).await;
+    assert_eq!((status, body["disconnected"].as_u64()), (200, Some(1)));
+    expect_close(&mut a, 4409).await;
+    wait_for_no_connections(&server).await;
+    let (_, body) = get_json(&server, "/api/v1/connections?user_id=alice").await;
+    assert_eq!(body["connections"].as_array().unwrap().len(), 0);
+    let s = server.stats();
+    assert_eq!((s.opened, s.cleanups, s.duplicate_cleanups, s.frames_after_close), (1, 1, 0, 0));
+}
+
+#[tokio::test]
+async fn token_in_header_or_subprotocol_is_accepted() {
+    let server = start().await;
+    let auth = format!("Bearer {}", token("carol"));
+    let mut ws = open(&server, &[], Some(&auth)).await;
+    send_json(&mut ws, json!({"type": "hello"})).await;
+    assert_eq!(next_json(&mut ws).await["user_id"], "carol");
+
+    let proto = format!("bearer.{}", token("dave"));
+    let mut ws = open(&server, &[&proto], None).await;
+    send_json(&mut ws, json!({"type": "hello"})).await;
+    assert_eq!(next_json(&mut ws).await["user_id"], "dave");
+}
+
+#[tokio::test]
+async fn resume_without_missed_events_is_honoured_otherwise_reset() {
+    let server = start().await;
+    let (mut a, w) = connect(&server, "erin").await;
+    publish(&server, "erin", "agent_note", json!({})).await;
+    assert_eq!(next_json(&mut a).await["seq"], 1);
+    let epoch = w["epoch"].as_str().unwrap().to_owned();
+
+    // Caught up: resumed.
+    let mut b = open(&server, &[], None).await;
+    send_json(&mut b, json!({"type":"hello","token":token("erin"),"resume":{"epoch":epoch,"seq":1}})).await;
+    let wb = next_json(&mut b).await;
+    assert_eq!((wb["resumed"].as_bool(), wb.get("reset")), (Some(true), None));
+
+    // Behind (events it never saw) or wrong epoch: reset, never a silent skip.
+    for resume in [json!({"epoch": epoch, "seq": 0}), json!({"epoch": "other", "seq": 1})] {
+        let mut c = open(&server, &[], None).await;
+        send_json(&mut c, json!({"type":"hello","token":token("erin"),"resume":resume})).await;
+        let wc = next_json(&mut c).await;
+        assert_eq!((wc["resumed"].as_bool(), wc["reset"].as_bool()), (Some(false), Some(true)), "{wc}");
+    }
+}
+
+#[tokio::test]
+async fn per_user_connection_limit_closes_with_1013() {
+    let mut cfg = config();
+    cfg.max_connections_per_user = 2;
+    let server = start_with(cfg).await;
+    let _a = connect(&server, "frank").await;
+    let _b = connect(&server, "frank").await;
+    let mut c = open(&server, &[], None).await;
+    send_json(&mut c, json!({"type":"hello","token":token("frank")})).await;
+    expect_close(&mut c, 1013).await;
+    // Another user is unaffected.
+    let _g = connect(&server, "grace").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.app().registry.len(), 3);
+}
