@@ -89,7 +89,27 @@ pub fn router(app: Arc<App>) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_headers))
         .with_state(app)
+}
+
+/// Total size of request headers allowed (names, values and separators).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// 431 when the request's headers exceed [`MAX_HEADER_BYTES`]. hyper's own
+/// buffer cap is coarser (it depends on how reads are chunked), so the limit
+/// is checked exactly here.
+async fn limit_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if size > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn healthz() -> Json<Value> {

@@ -25,8 +25,9 @@ use crate::telemetry::{self, Stats, StatsSnapshot};
 
 /// Listen backlog; tokio's default of 128 drops connection storms.
 const LISTEN_BACKLOG: u32 = 8192;
-/// Largest HTTP request head (headers); larger requests get 431.
-const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// hyper's read buffer cap: a hard stop for absurd request heads; the exact
+/// 16 KiB header limit (431) is enforced in [`crate::api`].
+const MAX_READ_BUFFER: usize = 64 * 1024;
 /// Extra time after the drain window for the last close handshakes.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
@@ -181,7 +182,7 @@ async fn accept_loop(listener: TcpListener, router: axum::Router, mut stop: watc
                     let _ = stream.set_nodelay(true);
                     let svc = router.clone().map_request(|req: Request<hyper::body::Incoming>| req.map(Body::new));
                     let conn = hyper::server::conn::http1::Builder::new()
-                        .max_buf_size(MAX_HEADER_BYTES)
+                        .max_buf_size(MAX_READ_BUFFER)
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                         .with_upgrades();
                     tokio::spawn(async move {
