@@ -225,11 +225,16 @@ impl<P: Payload> Connection<P> {
         let over_frames = self.queue.len() >= self.cfg.max_queue_frames;
         // A single frame larger than the byte bound is still admitted into an
         // empty queue; otherwise it could never be delivered at all.
-        let over_bytes = !self.queue.is_empty() && self.queued_bytes + len > self.cfg.max_queue_bytes;
+        let over_bytes =
+            !self.queue.is_empty() && self.queued_bytes + len > self.cfg.max_queue_bytes;
         if over_frames || over_bytes {
             self.close(
                 now,
-                CloseInfo::new(CloseReason::SlowConsumer, Initiator::Server, "outbound queue full"),
+                CloseInfo::new(
+                    CloseReason::SlowConsumer,
+                    Initiator::Server,
+                    "outbound queue full",
+                ),
             );
             return Err(SendRefused::QueueFull);
         }
@@ -316,20 +321,26 @@ impl<P: Payload> Connection<P> {
             State::Handshaking if now >= self.hello_deadline => {
                 self.close(
                     now,
-                    CloseInfo::new(CloseReason::HelloTimeout, Initiator::Server, "no hello in time"),
+                    CloseInfo::new(
+                        CloseReason::HelloTimeout,
+                        Initiator::Server,
+                        "no hello in time",
+                    ),
                 );
             }
             State::Ready if self.token_expiry.is_some_and(|t| now >= t) => {
                 self.close(
                     now,
-                    CloseInfo::new(CloseReason::TokenExpired, Initiator::Server, "token expired"),
+                    CloseInfo::new(
+                        CloseReason::TokenExpired,
+                        Initiator::Server,
+                        "token expired",
+                    ),
                 );
             }
-            State::Closing => {
-                if self.close_deadline.is_some_and(|d| now >= d) {
-                    self.close_deadline_passed = true;
-                    self.clear_queue();
-                }
+            State::Closing if self.close_deadline.is_some_and(|d| now >= d) => {
+                self.close_deadline_passed = true;
+                self.clear_queue();
             }
             _ => {}
         }
@@ -406,7 +417,10 @@ mod tests {
         c.send(now, "e1".into()).unwrap();
         assert_eq!(
             drain(&mut c),
-            vec![Transmit::Frame("welcome".into()), Transmit::Frame("e1".into())]
+            vec![
+                Transmit::Frame("welcome".into()),
+                Transmit::Frame("e1".into())
+            ]
         );
     }
 
@@ -431,7 +445,10 @@ mod tests {
         assert_eq!(c.state(), State::Closing);
         assert_eq!(
             drain(&mut c),
-            vec![Transmit::Close { code: 4408, reason: "no hello in time".into() }]
+            vec![Transmit::Close {
+                code: 4408,
+                reason: "no hello in time".into()
+            }]
         );
     }
 
@@ -441,14 +458,23 @@ mod tests {
         let mut c = ready(now);
         let _ = c.poll_transmit();
         c.send(now, "a".into()).unwrap();
-        assert!(c.close(now, CloseInfo::new(CloseReason::Kicked, Initiator::Server, "kicked")));
-        assert!(!c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "")));
+        assert!(c.close(
+            now,
+            CloseInfo::new(CloseReason::Kicked, Initiator::Server, "kicked")
+        ));
+        assert!(!c.close(
+            now,
+            CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "")
+        ));
         assert_eq!(c.send(now, "b".into()), Err(SendRefused::Closing));
         assert_eq!(
             drain(&mut c),
             vec![
                 Transmit::Frame("a".into()),
-                Transmit::Close { code: 4409, reason: "kicked".into() }
+                Transmit::Close {
+                    code: 4409,
+                    reason: "kicked".into()
+                }
             ]
         );
         assert_eq!(c.poll_transmit(), None);
@@ -462,15 +488,24 @@ mod tests {
         c.on_close_received(now, Some(1000));
         assert_eq!(c.poll_transmit(), None);
         let info = c.close_info().unwrap();
-        assert_eq!((info.reason, info.initiator, info.code), (CloseReason::ClientClose, Initiator::Client, 1000));
+        assert_eq!(
+            (info.reason, info.initiator, info.code),
+            (CloseReason::ClientClose, Initiator::Client, 1000)
+        );
     }
 
     #[test]
     fn close_received_after_server_close_keeps_server_reason() {
         let now = Instant::now();
         let mut c = ready(now);
-        c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "bye"));
-        assert!(matches!(drain(&mut c).last(), Some(Transmit::Close { code: 1012, .. })));
+        c.close(
+            now,
+            CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "bye"),
+        );
+        assert!(matches!(
+            drain(&mut c).last(),
+            Some(Transmit::Close { code: 1012, .. })
+        ));
         c.on_close_received(now, Some(1012));
         assert_eq!(c.close_info().unwrap().reason, CloseReason::Shutdown);
     }
@@ -486,7 +521,10 @@ mod tests {
         assert_eq!(c.queue_len(), 0);
         assert_eq!(
             drain(&mut c),
-            vec![Transmit::Close { code: 4001, reason: "outbound queue full".into() }]
+            vec![Transmit::Close {
+                code: 4001,
+                reason: "outbound queue full".into()
+            }]
         );
     }
 
@@ -504,10 +542,19 @@ mod tests {
         let now = Instant::now();
         let mut c = ready(now);
         c.send(now, "a".into()).unwrap();
-        c.close(now, CloseInfo::new(CloseReason::Shutdown, Initiator::Server, ""));
+        c.close(
+            now,
+            CloseInfo::new(CloseReason::Shutdown, Initiator::Server, ""),
+        );
         c.handle_timeout(now + Duration::from_secs(2));
         assert!(!c.should_drop_transport());
-        assert_eq!(drain(&mut c), vec![Transmit::Close { code: 1012, reason: "".into() }]);
+        assert_eq!(
+            drain(&mut c),
+            vec![Transmit::Close {
+                code: 1012,
+                reason: "".into()
+            }]
+        );
         assert!(c.should_drop_transport());
     }
 
@@ -534,6 +581,9 @@ mod tests {
         assert_eq!(c.on_transport_closed(gone), None);
         assert_eq!(c.state(), State::Closed);
         assert_eq!(c.send(now, "x".into()), Err(SendRefused::Closed));
-        assert!(!c.close(now, CloseInfo::new(CloseReason::Kicked, Initiator::Server, "")));
+        assert!(!c.close(
+            now,
+            CloseInfo::new(CloseReason::Kicked, Initiator::Server, "")
+        ));
     }
 }

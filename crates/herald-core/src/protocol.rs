@@ -166,7 +166,12 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, Fr
             if let Some(r) = &hello.resume
                 && r.epoch.len() > limits.max_epoch_bytes
             {
-                return Err(too_long("hello", "resume.epoch", limits.max_epoch_bytes, None));
+                return Err(too_long(
+                    "hello",
+                    "resume.epoch",
+                    limits.max_epoch_bytes,
+                    None,
+                ));
             }
             Ok(ClientFrame::Hello(hello))
         }
@@ -214,12 +219,19 @@ fn typed<T: serde::de::DeserializeOwned>(
     value: Value,
     id: Option<String>,
 ) -> Result<T, FrameError> {
-    deserialize_named(value).map_err(|(field, problem)| FrameError::InvalidField { kind, field, problem, id })
+    deserialize_named(value).map_err(|(field, problem)| FrameError::InvalidField {
+        kind,
+        field,
+        problem,
+        id,
+    })
 }
 
 /// Deserialize `value` into `T`; on failure return the offending field's
 /// dotted path (e.g. `resume.seq`, `events[3].user_id`) and what is wrong.
-pub fn deserialize_named<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+pub fn deserialize_named<T: serde::de::DeserializeOwned>(
+    value: Value,
+) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
@@ -227,7 +239,11 @@ pub fn deserialize_named<T: serde::de::DeserializeOwned>(value: Value) -> Result
         match inner.strip_prefix("missing field `") {
             Some(rest) => {
                 let name = rest.trim_end_matches('`');
-                let field = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+                let field = if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                };
                 (field, "is required".to_owned())
             }
             None => (path, strip_position(&inner)),
@@ -375,7 +391,9 @@ pub const AGENT_EVENTS: [&str; 5] = [
 /// Whether `name` is a valid event name: 1–64 characters of `[A-Za-z0-9_.:-]`.
 pub fn is_valid_event_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// Error codes carried by `error` and `nack` frames.
@@ -413,7 +431,10 @@ mod tests {
             f,
             ClientFrame::Hello(Hello {
                 token: Some("t".into()),
-                resume: Some(Resume { epoch: "e".into(), seq: 41 }),
+                resume: Some(Resume {
+                    epoch: "e".into(),
+                    seq: 41
+                }),
                 replay_active_runs: true
             })
         );
@@ -435,7 +456,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse(r#"{"type":"user_message","id":"m1","thread_id":"t"}"#) {
-            Err(FrameError::InvalidField { field, id, problem, .. }) => {
+            Err(FrameError::InvalidField {
+                field, id, problem, ..
+            }) => {
                 assert_eq!(field, "text");
                 assert_eq!(problem, "is required");
                 assert_eq!(id.as_deref(), Some("m1"));
@@ -455,14 +478,18 @@ mod tests {
         assert!(matches!(parse(&f), Err(FrameError::InvalidField { field, .. }) if field == "id"));
         let epoch = "e".repeat(65);
         let f = format!(r#"{{"type":"hello","resume":{{"epoch":"{epoch}","seq":1}}}}"#);
-        assert!(matches!(parse(&f), Err(FrameError::InvalidField { field, .. }) if field == "resume.epoch"));
+        assert!(
+            matches!(parse(&f), Err(FrameError::InvalidField { field, .. }) if field == "resume.epoch")
+        );
     }
 
     #[test]
     fn unknown_type_is_not_fatal() {
         assert_eq!(
             parse(r#"{"type":"typing"}"#),
-            Ok(ClientFrame::Unknown { kind: "typing".into() })
+            Ok(ClientFrame::Unknown {
+                kind: "typing".into()
+            })
         );
     }
 

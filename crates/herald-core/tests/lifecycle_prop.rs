@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use herald_core::{CloseInfo, CloseReason, Connection, Initiator, LifecycleConfig, State, Transmit};
+use herald_core::{
+    CloseInfo, CloseReason, Connection, Initiator, LifecycleConfig, State, Transmit,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

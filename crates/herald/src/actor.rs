@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use herald_core::protocol::{ClientFrame, FrameError, Hello, ServerFrame, codes, parse_client_frame};
+use herald_core::protocol::{
+    ClientFrame, FrameError, Hello, ServerFrame, codes, parse_client_frame,
+};
 use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
 use tracing::Instrument;
 
@@ -25,7 +27,10 @@ use crate::telemetry::{self, Stats};
 
 /// Run one connection from upgrade to cleanup.
 pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
-    let conn = Arc::new(ConnShared::new(app.next_conn_id(), app.config.lifecycle.clone()));
+    let conn = Arc::new(ConnShared::new(
+        app.next_conn_id(),
+        app.config.lifecycle.clone(),
+    ));
     app.registry.insert(conn.clone());
     let span = tracing::info_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
     let actor = Actor {
@@ -122,14 +127,19 @@ impl Actor {
         match msg {
             Message::Text(text) => self.on_text(text.as_str()),
             Message::Binary(_) => {
-                self.close(CloseReason::UnsupportedData, Initiator::Client, "binary frames are not supported");
+                self.close(
+                    CloseReason::UnsupportedData,
+                    Initiator::Client,
+                    "binary frames are not supported",
+                );
             }
             // tungstenite answers pings itself.
             Message::Ping(_) | Message::Pong(_) => {}
             Message::Close(frame) => {
                 self.wire.close_seen = true;
                 let code = frame.map(|f| f.code);
-                self.conn.with_core(|c| c.on_close_received(Instant::now(), code));
+                self.conn
+                    .with_core(|c| c.on_close_received(Instant::now(), code));
             }
         }
     }
@@ -142,13 +152,21 @@ impl Actor {
         let frame = match parse_client_frame(text, &self.app.config.limits) {
             Ok(f) => f,
             Err(e) if e.is_fatal() || state == State::Handshaking => {
-                self.close(CloseReason::ProtocolError, Initiator::Client, &e.to_string());
+                self.close(
+                    CloseReason::ProtocolError,
+                    Initiator::Client,
+                    &e.to_string(),
+                );
                 return;
             }
             Err(e @ FrameError::InvalidField { .. }) => {
                 let message = e.to_string();
                 match e {
-                    FrameError::InvalidField { id: Some(id), kind: "user_message", .. } => {
+                    FrameError::InvalidField {
+                        id: Some(id),
+                        kind: "user_message",
+                        ..
+                    } => {
                         self.reply(ServerFrame::Nack {
                             id: &id,
                             error: codes::INVALID_FIELD,
@@ -156,22 +174,37 @@ impl Actor {
                             retry_after_ms: None,
                         });
                     }
-                    _ => self.reply(ServerFrame::Error { code: codes::INVALID_FIELD, message: &message }),
+                    _ => self.reply(ServerFrame::Error {
+                        code: codes::INVALID_FIELD,
+                        message: &message,
+                    }),
                 }
                 return;
             }
             Err(e) => {
-                self.close(CloseReason::ProtocolError, Initiator::Client, &e.to_string());
+                self.close(
+                    CloseReason::ProtocolError,
+                    Initiator::Client,
+                    &e.to_string(),
+                );
                 return;
             }
         };
         match (state, frame) {
             (State::Handshaking, ClientFrame::Hello(hello)) => self.on_hello(hello),
             (State::Handshaking, _) => {
-                self.close(CloseReason::ProtocolError, Initiator::Client, "the first frame must be hello");
+                self.close(
+                    CloseReason::ProtocolError,
+                    Initiator::Client,
+                    "the first frame must be hello",
+                );
             }
             (_, ClientFrame::Hello(_)) => {
-                self.close(CloseReason::ProtocolError, Initiator::Client, "second hello");
+                self.close(
+                    CloseReason::ProtocolError,
+                    Initiator::Client,
+                    "second hello",
+                );
             }
             (_, ClientFrame::Ping) => self.reply(ServerFrame::Pong),
             (_, ClientFrame::Ack { seq }) => self.conn.record_ack(seq),
@@ -195,13 +228,21 @@ impl Actor {
 
     fn on_hello(&mut self, hello: Hello) {
         let Some(token) = hello.token.or_else(|| self.header_token.take()) else {
-            self.close(CloseReason::Unauthorized, Initiator::Client, "missing token");
+            self.close(
+                CloseReason::Unauthorized,
+                Initiator::Client,
+                "missing token",
+            );
             return;
         };
         let claims = match self.app.verifier.verify(&token) {
             Ok(c) => c,
             Err(AuthError::Expired) => {
-                self.close(CloseReason::TokenExpired, Initiator::Client, "token expired");
+                self.close(
+                    CloseReason::TokenExpired,
+                    Initiator::Client,
+                    "token expired",
+                );
                 return;
             }
             Err(e) => {
@@ -223,7 +264,11 @@ impl Actor {
                 tracing::debug!("hello accepted");
             }
             Err(RegisterError::UserFull) => {
-                self.close(CloseReason::Capacity, Initiator::Server, "too many connections for this user");
+                self.close(
+                    CloseReason::Capacity,
+                    Initiator::Server,
+                    "too many connections for this user",
+                );
             }
             // Closing already (e.g. shutdown raced the hello): nothing to do.
             Err(RegisterError::NotHandshaking) => {}
@@ -232,7 +277,11 @@ impl Actor {
 
     fn on_refresh(&mut self, token: &str) {
         let result = self.app.verifier.verify(token).and_then(|c| {
-            if Some(c.sub.as_str()) == self.conn.user() { Ok(c) } else { Err(AuthError::OtherSubject) }
+            if Some(c.sub.as_str()) == self.conn.user() {
+                Ok(c)
+            } else {
+                Err(AuthError::OtherSubject)
+            }
         });
         match result {
             Ok(claims) => self.set_expiry(claims.exp),
@@ -245,7 +294,8 @@ impl Actor {
 
     fn set_expiry(&self, exp: u64) {
         let left = Duration::from_secs(exp.saturating_sub(unix_now()));
-        self.conn.with_core(|c| c.set_token_expiry(Some(Instant::now() + left)));
+        self.conn
+            .with_core(|c| c.set_token_expiry(Some(Instant::now() + left)));
     }
 
     fn reply(&self, frame: ServerFrame<'_>) {
@@ -275,16 +325,42 @@ fn classify_read_error(e: axum::Error) -> ReadEnd {
     use tungstenite::error::ProtocolError;
     let err = match e.into_inner().downcast::<WsError>() {
         Ok(err) => *err,
-        Err(other) => return ReadEnd::Gone(CloseInfo::new(CloseReason::IoError, Initiator::Client, other.to_string())),
+        Err(other) => {
+            return ReadEnd::Gone(CloseInfo::new(
+                CloseReason::IoError,
+                Initiator::Client,
+                other.to_string(),
+            ));
+        }
     };
     match err {
-        WsError::Capacity(c) => ReadEnd::Close(CloseInfo::new(CloseReason::MessageTooBig, Initiator::Client, c.to_string())),
-        WsError::Utf8(_) => ReadEnd::Close(CloseInfo::new(CloseReason::InvalidUtf8, Initiator::Client, "invalid UTF-8")),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => ReadEnd::Gone(gone(CloseReason::PeerGone, "reset")),
-        WsError::Protocol(p) => ReadEnd::Close(CloseInfo::new(CloseReason::WebSocketViolation, Initiator::Client, p.to_string())),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => ReadEnd::Gone(gone(CloseReason::PeerGone, "closed")),
+        WsError::Capacity(c) => ReadEnd::Close(CloseInfo::new(
+            CloseReason::MessageTooBig,
+            Initiator::Client,
+            c.to_string(),
+        )),
+        WsError::Utf8(_) => ReadEnd::Close(CloseInfo::new(
+            CloseReason::InvalidUtf8,
+            Initiator::Client,
+            "invalid UTF-8",
+        )),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            ReadEnd::Gone(gone(CloseReason::PeerGone, "reset"))
+        }
+        WsError::Protocol(p) => ReadEnd::Close(CloseInfo::new(
+            CloseReason::WebSocketViolation,
+            Initiator::Client,
+            p.to_string(),
+        )),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            ReadEnd::Gone(gone(CloseReason::PeerGone, "closed"))
+        }
         WsError::Io(io) => ReadEnd::Gone(io_end(&io)),
-        other => ReadEnd::Gone(CloseInfo::new(CloseReason::IoError, Initiator::Client, other.to_string())),
+        other => ReadEnd::Gone(CloseInfo::new(
+            CloseReason::IoError,
+            Initiator::Client,
+            other.to_string(),
+        )),
     }
 }
 
@@ -311,8 +387,11 @@ struct Wire {
 impl Wire {
     fn permit(&self) -> bool {
         if self.close_seen {
-            self.stats.frames_after_close.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close").increment(1);
+            self.stats
+                .frames_after_close
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
+                .increment(1);
             tracing::error!("refused a write after the close frame");
             return false;
         }
@@ -336,7 +415,10 @@ impl Wire {
             return Ok(());
         }
         self.close_seen = true;
-        let frame = CloseFrame { code, reason: reason.into() };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
         timed(limit, self.ws.send(Message::Close(Some(frame)))).await
     }
 
@@ -345,12 +427,19 @@ impl Wire {
     }
 }
 
-async fn timed(limit: Duration, fut: impl Future<Output = Result<(), axum::Error>>) -> Result<(), CloseInfo> {
+async fn timed(
+    limit: Duration,
+    fut: impl Future<Output = Result<(), axum::Error>>,
+) -> Result<(), CloseInfo> {
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(match classify_read_error(e) {
             ReadEnd::Gone(info) | ReadEnd::Close(info) => info,
         }),
-        Err(_) => Err(CloseInfo::new(CloseReason::SlowConsumer, Initiator::Server, "socket write timed out")),
+        Err(_) => Err(CloseInfo::new(
+            CloseReason::SlowConsumer,
+            Initiator::Server,
+            "socket write timed out",
+        )),
     }
 }

@@ -86,7 +86,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/connections", get(connections))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(limit_headers))
@@ -100,7 +104,11 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// buffer cap is coarser (it depends on how reads are chunked), so the limit
 /// is checked exactly here.
 async fn limit_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
     if size > MAX_HEADER_BYTES {
         return ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -118,14 +126,22 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
     } else {
         Json(json!({"status": "ready"})).into_response()
     }
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let body = app.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
+    let body = app
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -138,7 +154,11 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
         .map(str::trim);
     match given {
         Some(key) if constant_time_eq(key.as_bytes(), app.config.api_key.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key")),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API key",
+        )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -155,11 +175,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = body.map_err(|rej| {
         let status = rej.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_body" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
         ApiError::new(status, code, rej.body_text())
     })?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("body is not valid JSON: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })
 }
 
 fn typed<T: serde::de::DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
@@ -195,13 +224,22 @@ struct ValidEvent {
 }
 
 fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
-    let name = |f: &str| if at.is_empty() { f.to_owned() } else { format!("{at}.{f}") };
+    let name = |f: &str| {
+        if at.is_empty() {
+            f.to_owned()
+        } else {
+            format!("{at}.{f}")
+        }
+    };
     let e: PublishEvent = typed(value, at)?;
     if e.user_id.is_empty() || e.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field(name("user_id"), "must be 1 to 256 bytes"));
     }
     if !is_valid_event_name(&e.event) {
-        return Err(ApiError::field(name("event"), "must be 1 to 64 characters of [A-Za-z0-9_.:-]"));
+        return Err(ApiError::field(
+            name("event"),
+            "must be 1 to 64 characters of [A-Za-z0-9_.:-]",
+        ));
     }
     for (field, v) in [("thread_id", &e.thread_id), ("run_id", &e.run_id)] {
         if let Some(v) = v
@@ -211,19 +249,27 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
         }
     }
     if AGENT_EVENTS.contains(&e.event.as_str()) && e.run_id.is_none() {
-        return Err(ApiError::field(name("run_id"), format!("is required for `{}`", e.event)));
+        return Err(ApiError::field(
+            name("run_id"),
+            format!("is required for `{}`", e.event),
+        ));
     }
     let data = match e.data {
         None | Some(Value::Null) => Value::Object(Map::new()),
         Some(v @ Value::Object(_)) => v,
         Some(_) => return Err(ApiError::field(name("data"), "must be an object")),
     };
-    let size = serde_json::to_vec(&data).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_DATA_BYTES {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             code: "data_too_large",
-            message: format!("`{}` is {size} bytes; the limit is {MAX_DATA_BYTES}", name("data")),
+            message: format!(
+                "`{}` is {size} bytes; the limit is {MAX_DATA_BYTES}",
+                name("data")
+            ),
             field: Some(name("data")),
         });
     }
@@ -254,7 +300,10 @@ async fn publish(
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "batch_too_large",
-                    format!("{} events in one batch; the limit is {MAX_BATCH}", list.len()),
+                    format!(
+                        "{} events in one batch; the limit is {MAX_BATCH}",
+                        list.len()
+                    ),
                 ));
             }
             list.into_iter()
@@ -263,7 +312,13 @@ async fn publish(
                 .collect::<Result<Vec<_>, _>>()?
         }
         v @ Value::Object(_) => vec![validate(v, "")?],
-        _ => return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", "body must be a JSON object")),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "body must be a JSON object",
+            ));
+        }
     };
     let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
     let results: Vec<Published> = events
@@ -298,7 +353,11 @@ async fn disconnect(
     if d.user_id.is_empty() || d.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
     }
-    let n = app.registry.close_user(&d.user_id, CloseReason::Kicked, "disconnected by the server");
+    let n = app.registry.close_user(
+        &d.user_id,
+        CloseReason::Kicked,
+        "disconnected by the server",
+    );
     Ok(Json(json!({ "disconnected": n })))
 }
 
@@ -314,7 +373,8 @@ async fn connections(
     query: Result<Query<ConnQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let rows = app.registry.list(q.user_id.as_deref());
     Ok(Json(json!({ "connections": rows })))
 }

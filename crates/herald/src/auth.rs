@@ -67,7 +67,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
     }
 }
 
@@ -76,7 +78,10 @@ impl Verifier {
     /// PEM RSA or EC key.
     pub fn from_config(cfg: &Config) -> Result<Self, String> {
         let (key, alg) = match &cfg.jwt_key {
-            JwtKey::Hs256(secret) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
+            JwtKey::Hs256(secret) => (
+                DecodingKey::from_secret(secret.as_bytes()),
+                Algorithm::HS256,
+            ),
             JwtKey::PublicKeyPem(pem) => match DecodingKey::from_rsa_pem(pem) {
                 Ok(k) => (k, Algorithm::RS256),
                 Err(_) => match DecodingKey::from_ec_pem(pem) {
@@ -112,21 +117,23 @@ impl Verifier {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::TooLong);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                AuthError::WrongAlgorithm
-            }
-            ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-            ErrorKind::InvalidAudience => AuthError::WrongAudience,
-            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-            // A JSON error about `sub`/`exp` means a claim is absent or of the wrong type.
-            ErrorKind::Json(j) if j.to_string().contains("missing field") => {
-                AuthError::MissingClaim(missing_field(&j.to_string()))
-            }
-            _ => AuthError::Malformed,
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::MissingAlgorithm
+                | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                // A JSON error about `sub`/`exp` means a claim is absent or of the wrong type.
+                ErrorKind::Json(j) if j.to_string().contains("missing field") => {
+                    AuthError::MissingClaim(missing_field(&j.to_string()))
+                }
+                _ => AuthError::Malformed,
+            },
+        )?;
         let claims = data.claims;
         if claims.sub.is_empty() || claims.sub.len() > self.max_sub_bytes {
             return Err(AuthError::InvalidSub);
@@ -141,18 +148,32 @@ fn missing_field(msg: &str) -> String {
 
 /// Mint an HS256 token for `user` valid for `ttl` (for `herald token`, the dev
 /// endpoint and tests).
-pub fn mint_hs256(secret: &str, user: &str, ttl: Duration) -> Result<String, jsonwebtoken::errors::Error> {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + ttl;
+pub fn mint_hs256(
+    secret: &str,
+    user: &str,
+    ttl: Duration,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        + ttl;
     let claims = Claims {
         sub: user.to_owned(),
         exp: exp.as_secs(),
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
 }
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 #[cfg(test)]
@@ -183,18 +204,31 @@ mod tests {
         assert_eq!(v.verify(""), Err(AuthError::Missing));
         assert_eq!(v.verify(&"a".repeat(9000)), Err(AuthError::TooLong));
         let exp = unix_now() - 3600;
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"a","exp":{exp}}}"#)));
-        assert!(matches!(v.verify(&none), Err(AuthError::WrongAlgorithm | AuthError::Malformed)));
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&format!(r#"{{"sub":"a","exp":{exp}}}"#))
+        );
+        assert!(matches!(
+            v.verify(&none),
+            Err(AuthError::WrongAlgorithm | AuthError::Malformed)
+        ));
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { sub: "a".into(), exp },
+            &Claims {
+                sub: "a".into(),
+                exp,
+            },
             &EncodingKey::from_secret(b"s3cret"),
         )
         .unwrap();
         assert_eq!(v.verify(&expired), Err(AuthError::Expired));
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
-            &Claims { sub: "a".into(), exp: unix_now() + 60 },
+            &Claims {
+                sub: "a".into(),
+                exp: unix_now() + 60,
+            },
             &EncodingKey::from_secret(b"s3cret"),
         )
         .unwrap();
@@ -205,7 +239,9 @@ mod tests {
         }
         let nosub = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &NoSub { exp: unix_now() + 60 },
+            &NoSub {
+                exp: unix_now() + 60,
+            },
             &EncodingKey::from_secret(b"s3cret"),
         )
         .unwrap();

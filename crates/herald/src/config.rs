@@ -27,25 +27,101 @@ pub struct KeySpec {
 
 /// Every configuration key Herald reads.
 pub const KEYS: &[KeySpec] = &[
-    KeySpec { name: "addr", default: None, doc: "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set" },
-    KeySpec { name: "jwt_hs256_secret", default: None, doc: "HS256 secret for client tokens. Unset with no public key: a development secret is generated" },
-    KeySpec { name: "jwt_public_key_file", default: None, doc: "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens" },
-    KeySpec { name: "jwt_audience", default: None, doc: "Required `aud` claim, if set" },
-    KeySpec { name: "jwt_issuer", default: None, doc: "Required `iss` claim, if set" },
-    KeySpec { name: "jwt_leeway", default: Some("0s"), doc: "Clock skew tolerated when checking `exp`" },
-    KeySpec { name: "api_key", default: None, doc: "Bearer key of the HTTP API. Unset: a development key is generated" },
-    KeySpec { name: "webhook_url", default: None, doc: "Agent backend webhook for user messages (not yet used)" },
-    KeySpec { name: "hello_timeout", default: Some("10s"), doc: "Time allowed from upgrade to a valid hello (else close 4408)" },
-    KeySpec { name: "close_timeout", default: Some("2s"), doc: "Time allowed to flush, write the close frame and await the reply" },
-    KeySpec { name: "write_timeout", default: Some("10s"), doc: "A socket write blocked longer than this drops the connection" },
-    KeySpec { name: "heartbeat_interval", default: Some("25s"), doc: "Interval of WebSocket pings (advertised as heartbeat_ms)" },
-    KeySpec { name: "queue_max_frames", default: Some("1024"), doc: "Outbound queue bound in frames per connection (else close 4001)" },
-    KeySpec { name: "queue_max_bytes", default: Some("4194304"), doc: "Outbound queue bound in bytes per connection (else close 4001)" },
-    KeySpec { name: "max_message_bytes", default: Some("65536"), doc: "Largest inbound WebSocket message (else close 1009)" },
-    KeySpec { name: "max_connections", default: Some("100000"), doc: "Live WebSocket connections in total; further upgrades get HTTP 503" },
-    KeySpec { name: "max_connections_per_user", default: Some("32"), doc: "Live connections per user; a further hello is closed with 1013" },
-    KeySpec { name: "drain_window", default: Some("5s"), doc: "On SIGTERM, connections are closed (1012) staggered over this window" },
-    KeySpec { name: "log_format", default: Some("text"), doc: "`text` or `json`" },
+    KeySpec {
+        name: "addr",
+        default: None,
+        doc: "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set",
+    },
+    KeySpec {
+        name: "jwt_hs256_secret",
+        default: None,
+        doc: "HS256 secret for client tokens. Unset with no public key: a development secret is generated",
+    },
+    KeySpec {
+        name: "jwt_public_key_file",
+        default: None,
+        doc: "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens",
+    },
+    KeySpec {
+        name: "jwt_audience",
+        default: None,
+        doc: "Required `aud` claim, if set",
+    },
+    KeySpec {
+        name: "jwt_issuer",
+        default: None,
+        doc: "Required `iss` claim, if set",
+    },
+    KeySpec {
+        name: "jwt_leeway",
+        default: Some("0s"),
+        doc: "Clock skew tolerated when checking `exp`",
+    },
+    KeySpec {
+        name: "api_key",
+        default: None,
+        doc: "Bearer key of the HTTP API. Unset: a development key is generated",
+    },
+    KeySpec {
+        name: "webhook_url",
+        default: None,
+        doc: "Agent backend webhook for user messages (not yet used)",
+    },
+    KeySpec {
+        name: "hello_timeout",
+        default: Some("10s"),
+        doc: "Time allowed from upgrade to a valid hello (else close 4408)",
+    },
+    KeySpec {
+        name: "close_timeout",
+        default: Some("2s"),
+        doc: "Time allowed to flush, write the close frame and await the reply",
+    },
+    KeySpec {
+        name: "write_timeout",
+        default: Some("10s"),
+        doc: "A socket write blocked longer than this drops the connection",
+    },
+    KeySpec {
+        name: "heartbeat_interval",
+        default: Some("25s"),
+        doc: "Interval of WebSocket pings (advertised as heartbeat_ms)",
+    },
+    KeySpec {
+        name: "queue_max_frames",
+        default: Some("1024"),
+        doc: "Outbound queue bound in frames per connection (else close 4001)",
+    },
+    KeySpec {
+        name: "queue_max_bytes",
+        default: Some("4194304"),
+        doc: "Outbound queue bound in bytes per connection (else close 4001)",
+    },
+    KeySpec {
+        name: "max_message_bytes",
+        default: Some("65536"),
+        doc: "Largest inbound WebSocket message (else close 1009)",
+    },
+    KeySpec {
+        name: "max_connections",
+        default: Some("100000"),
+        doc: "Live WebSocket connections in total; further upgrades get HTTP 503",
+    },
+    KeySpec {
+        name: "max_connections_per_user",
+        default: Some("32"),
+        doc: "Live connections per user; a further hello is closed with 1013",
+    },
+    KeySpec {
+        name: "drain_window",
+        default: Some("5s"),
+        doc: "On SIGTERM, connections are closed (1012) staggered over this window",
+    },
+    KeySpec {
+        name: "log_format",
+        default: Some("text"),
+        doc: "`text` or `json`",
+    },
 ];
 
 /// Where a value came from, for error messages.
@@ -127,15 +203,20 @@ impl RawConfig {
                 path: path.to_owned(),
                 source,
             })?;
-            let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Toml {
-                path: path.to_owned(),
-                message: e.message().to_owned(),
-            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Toml {
+                        path: path.to_owned(),
+                        message: e.message().to_owned(),
+                    })?;
             for (key, value) in table {
-                let spec = KEYS.iter().find(|k| k.name == key).ok_or_else(|| ConfigError::UnknownKey {
-                    path: path.to_owned(),
-                    key: key.clone(),
-                })?;
+                let spec =
+                    KEYS.iter()
+                        .find(|k| k.name == key)
+                        .ok_or_else(|| ConfigError::UnknownKey {
+                            path: path.to_owned(),
+                            key: key.clone(),
+                        })?;
                 let text = match value {
                     toml::Value::String(s) => s,
                     toml::Value::Integer(i) => i.to_string(),
@@ -145,7 +226,10 @@ impl RawConfig {
                         return Err(ConfigError::Invalid {
                             key: spec.name,
                             layer: Layer::File,
-                            message: format!("expected a string or number, got {}", other.type_str()),
+                            message: format!(
+                                "expected a string or number, got {}",
+                                other.type_str()
+                            ),
                         });
                     }
                 };
@@ -161,7 +245,8 @@ impl RawConfig {
         if !raw.values.contains_key("addr")
             && let Some(port) = env.get("PORT")
         {
-            raw.values.insert("addr", (format!("0.0.0.0:{port}"), Layer::Env));
+            raw.values
+                .insert("addr", (format!("0.0.0.0:{port}"), Layer::Env));
         }
         for (k, v) in flags {
             raw.values.insert(k, (v.clone(), Layer::Flag));
@@ -181,14 +266,26 @@ impl RawConfig {
         self.values.get(key).map(|(v, l)| (v.as_str(), *l))
     }
 
-    fn parse<T>(&self, key: &'static str, f: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
+    fn parse<T>(
+        &self,
+        key: &'static str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some((v, layer)) => f(v).map(Some).map_err(|message| ConfigError::Invalid { key, layer, message }),
+            Some((v, layer)) => f(v).map(Some).map_err(|message| ConfigError::Invalid {
+                key,
+                layer,
+                message,
+            }),
         }
     }
 
-    fn required<T>(&self, key: &'static str, f: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+    fn required<T>(
+        &self,
+        key: &'static str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
         self.parse(key, f)?.ok_or(ConfigError::Invalid {
             key,
             layer: Layer::Default,
@@ -208,7 +305,8 @@ pub fn flag_name(key: &str) -> String {
 }
 
 fn duration(v: &str) -> Result<Duration, String> {
-    humantime::parse_duration(v).map_err(|e| format!("`{v}` is not a duration like 10s or 500ms ({e})"))
+    humantime::parse_duration(v)
+        .map_err(|e| format!("`{v}` is not a duration like 10s or 500ms ({e})"))
 }
 
 fn positive(v: &str) -> Result<usize, String> {
@@ -219,7 +317,11 @@ fn positive(v: &str) -> Result<usize, String> {
 }
 
 fn non_empty(v: &str) -> Result<String, String> {
-    if v.is_empty() { Err("must not be empty".to_owned()) } else { Ok(v.to_owned()) }
+    if v.is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(v.to_owned())
+    }
 }
 
 /// How client tokens are verified.
@@ -283,7 +385,10 @@ impl Config {
     /// `dev_mode` set when both were missing).
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         let addr = raw
-            .parse("addr", |v| v.parse::<SocketAddr>().map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080")))?
+            .parse("addr", |v| {
+                v.parse::<SocketAddr>()
+                    .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080"))
+            })?
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
         let secret = raw.parse("jwt_hs256_secret", non_empty)?;
         let key_file = raw.parse("jwt_public_key_file", |v| Ok(PathBuf::from(v)))?;
@@ -294,12 +399,14 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key: "jwt_public_key_file",
                     layer: Layer::Default,
-                    message: "set either jwt_hs256_secret or jwt_public_key_file, not both".to_owned(),
+                    message: "set either jwt_hs256_secret or jwt_public_key_file, not both"
+                        .to_owned(),
                 });
             }
             (Some(s), None) => JwtKey::Hs256(s),
             (None, Some(path)) => JwtKey::PublicKeyPem(
-                std::fs::read(&path).map_err(|e| ConfigError::PublicKey(format!("{}: {e}", path.display())))?,
+                std::fs::read(&path)
+                    .map_err(|e| ConfigError::PublicKey(format!("{}: {e}", path.display())))?,
             ),
             (None, None) => JwtKey::Hs256(random_secret()),
         };
@@ -340,7 +447,9 @@ impl Config {
     /// A config for tests: loopback, port 0, fixed secret and API key.
     pub fn for_tests(secret: &str, api_key: &str) -> Self {
         let mut raw = RawConfig::load(None, [], &BTreeMap::new()).unwrap_or_default();
-        raw.set("addr", "127.0.0.1:0").set("jwt_hs256_secret", secret).set("api_key", api_key);
+        raw.set("addr", "127.0.0.1:0")
+            .set("jwt_hs256_secret", secret)
+            .set("api_key", api_key);
         // The defaults are valid by construction (checked by a unit test).
         match Config::from_raw(&raw) {
             Ok(c) => c,
@@ -376,8 +485,16 @@ mod tests {
 
     #[test]
     fn port_env_listens_on_all_interfaces() {
-        let raw = RawConfig::load(None, [("PORT".to_owned(), "9000".to_owned())], &BTreeMap::new()).unwrap();
-        assert_eq!(Config::from_raw(&raw).unwrap().addr, "0.0.0.0:9000".parse().unwrap());
+        let raw = RawConfig::load(
+            None,
+            [("PORT".to_owned(), "9000".to_owned())],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            Config::from_raw(&raw).unwrap().addr,
+            "0.0.0.0:9000".parse().unwrap()
+        );
     }
 
     #[test]
@@ -385,8 +502,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("herald-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("h.toml");
-        std::fs::write(&file, "addr = \"127.0.0.1:1\"\napi_key = \"file\"\nhello_timeout = \"3s\"\n").unwrap();
-        let env = [("HERALD_API_KEY".to_owned(), "env".to_owned()), ("HERALD_ADDR".to_owned(), "127.0.0.1:2".to_owned())];
+        std::fs::write(
+            &file,
+            "addr = \"127.0.0.1:1\"\napi_key = \"file\"\nhello_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        let env = [
+            ("HERALD_API_KEY".to_owned(), "env".to_owned()),
+            ("HERALD_ADDR".to_owned(), "127.0.0.1:2".to_owned()),
+        ];
         let raw = RawConfig::load(Some(&file), env, &flags(&[("addr", "127.0.0.1:3")])).unwrap();
         let c = Config::from_raw(&raw).unwrap();
         assert_eq!(c.addr, "127.0.0.1:3".parse().unwrap());
@@ -397,11 +521,24 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_key() {
-        let raw = RawConfig::load(None, [("HERALD_HELLO_TIMEOUT".to_owned(), "soon".to_owned())], &BTreeMap::new()).unwrap();
+        let raw = RawConfig::load(
+            None,
+            [("HERALD_HELLO_TIMEOUT".to_owned(), "soon".to_owned())],
+            &BTreeMap::new(),
+        )
+        .unwrap();
         let err = Config::from_raw(&raw).unwrap_err().to_string();
-        assert!(err.contains("hello_timeout") && err.contains("Env"), "{err}");
+        assert!(
+            err.contains("hello_timeout") && err.contains("Env"),
+            "{err}"
+        );
         let raw = RawConfig::load(None, [], &flags(&[("queue_max_frames", "0")])).unwrap();
-        assert!(Config::from_raw(&raw).unwrap_err().to_string().contains("queue_max_frames"));
+        assert!(
+            Config::from_raw(&raw)
+                .unwrap_err()
+                .to_string()
+                .contains("queue_max_frames")
+        );
     }
 
     #[test]
@@ -410,7 +547,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("h.toml");
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
-        let err = RawConfig::load(Some(&file), [], &BTreeMap::new()).unwrap_err().to_string();
+        let err = RawConfig::load(Some(&file), [], &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown key `adr`"), "{err}");
     }
 }

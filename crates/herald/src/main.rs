@@ -10,7 +10,11 @@ use herald::config::{Config, JwtKey, KEYS, RawConfig, env_name, flag_name};
 use herald::{Server, auth, telemetry};
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "A WebSocket gateway for AI-agent chat products")]
+#[command(
+    name = "herald",
+    version,
+    about = "A WebSocket gateway for AI-agent chat products"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -103,7 +107,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Token { user, ttl, config } => {
             let config = config.load()?;
             let JwtKey::Hs256(secret) = &config.jwt_key else {
-                anyhow::bail!("`herald token` signs with HS256; configure jwt_hs256_secret (HERALD_JWT_HS256_SECRET)");
+                anyhow::bail!(
+                    "`herald token` signs with HS256; configure jwt_hs256_secret (HERALD_JWT_HS256_SECRET)"
+                );
             };
             if config.dev_mode {
                 anyhow::bail!(
@@ -121,7 +127,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         && let JwtKey::Hs256(secret) = &config.jwt_key
     {
         let demo = auth::mint_hs256(secret, "demo", Duration::from_secs(24 * 3600))?;
-        tracing::warn!("DEVELOPMENT MODE: no secret or API key configured; generated ones for this run only");
+        tracing::warn!(
+            "DEVELOPMENT MODE: no secret or API key configured; generated ones for this run only"
+        );
         eprintln!(
             "\n  HERALD_JWT_HS256_SECRET={secret}\n  HERALD_API_KEY={}\n  a token for user `demo` (24h): {demo}\n",
             config.api_key

@@ -104,7 +104,8 @@ impl Registry {
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
         metrics::gauge!(telemetry::CONNECTIONS_LIVE).increment(1.0);
-        self.conns.insert(conn.id, (conn, Arc::new(AtomicBool::new(false))));
+        self.conns
+            .insert(conn.id, (conn, Arc::new(AtomicBool::new(false))));
     }
 
     fn entry(&self, user: &str) -> Arc<Mutex<UserEntry>> {
@@ -140,7 +141,8 @@ impl Registry {
         }
         // Without stored history a resume is honoured only when nothing was
         // missed; otherwise the client is told plainly (`reset`), never skipped.
-        let resumed = resume.is_some_and(|r| r.epoch == entry.stream.epoch() && r.seq == entry.stream.last_seq());
+        let resumed = resume
+            .is_some_and(|r| r.epoch == entry.stream.epoch() && r.seq == entry.stream.last_seq());
         let welcome = ServerFrame::Welcome {
             conn_id: &conn.id_str,
             user_id: user,
@@ -160,11 +162,7 @@ impl Registry {
 
     /// Append an event to `user`'s stream and queue it to every live connection
     /// of the user. The event is serialized once.
-    pub fn publish(
-        &self,
-        user: &str,
-        build: impl FnOnce(u64) -> EventFrame,
-    ) -> Published {
+    pub fn publish(&self, user: &str, build: impl FnOnce(u64) -> EventFrame) -> Published {
         let entry = self.entry(user);
         let mut entry = entry.lock();
         let seq = entry.stream.next_seq();
@@ -242,8 +240,11 @@ impl Registry {
             None => false,
         };
         if !first {
-            self.stats.duplicate_cleanups.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "duplicate_cleanup").increment(1);
+            self.stats
+                .duplicate_cleanups
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "duplicate_cleanup")
+                .increment(1);
             tracing::error!(conn_id = %conn.id_str, "cleanup ran twice for one connection");
             return;
         }

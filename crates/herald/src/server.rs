@@ -89,10 +89,16 @@ impl Server {
     /// Bind the listener and start accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         let verifier = Verifier::from_config(&config).map_err(ServerError::Key)?;
-        let listener = listen(config.addr).map_err(|source| ServerError::Listen { addr: config.addr, source })?;
+        let listener = listen(config.addr).map_err(|source| ServerError::Listen {
+            addr: config.addr,
+            source,
+        })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| ServerError::Listen { addr: config.addr, source })?;
+            .map_err(|source| ServerError::Listen {
+                addr: config.addr,
+                source,
+            })?;
         let stats = Arc::new(Stats::default());
         let app = Arc::new(App {
             registry: Registry::new(stats.clone()),
@@ -139,7 +145,11 @@ impl Server {
         app.draining.store(true, Ordering::Release);
         let window = app.config.drain_window;
         let conns = app.registry.all();
-        tracing::info!(connections = conns.len(), window_ms = window.as_millis() as u64, "draining");
+        tracing::info!(
+            connections = conns.len(),
+            window_ms = window.as_millis() as u64,
+            "draining"
+        );
         let start = tokio::time::Instant::now();
         let deadline = start + window + DRAIN_GRACE;
         // Leave the last fifth of the window for the last close handshakes.
@@ -148,10 +158,18 @@ impl Server {
         for (i, conn) in conns.iter().enumerate() {
             tokio::time::sleep_until(start + spread * i as u32 / n).await;
             let reconnect_after_ms = 250 + rand::random_range(0..=window.as_millis() as u64);
-            let closing = ServerFrame::Closing { reason: "shutdown", reconnect_after_ms }.to_json();
+            let closing = ServerFrame::Closing {
+                reason: "shutdown",
+                reconnect_after_ms,
+            }
+            .to_json();
             // Refused for connections still handshaking or already closing: fine.
             let _ = conn.send(OutFrame::from(closing));
-            conn.close(CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "server restarting"));
+            conn.close(CloseInfo::new(
+                CloseReason::Shutdown,
+                Initiator::Server,
+                "server restarting",
+            ));
         }
         while !app.registry.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -168,7 +186,11 @@ impl Server {
 
 /// Listen with a large backlog (tokio's `TcpListener::bind` uses 128).
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)

@@ -28,17 +28,27 @@ pub async fn upgrade(
 ) -> Response {
     let ws = match ws {
         Ok(ws) => ws,
-        Err(rej) => return ApiError::new(rej.status(), "not_websocket", rej.body_text()).into_response(),
+        Err(rej) => {
+            return ApiError::new(rej.status(), "not_websocket", rej.body_text()).into_response();
+        }
     };
     if app.is_draining() {
         metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "server is restarting; reconnect shortly")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "server is restarting; reconnect shortly",
+        )
+        .into_response();
     }
     if app.registry.len() >= app.config.max_connections {
         metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "capacity").increment(1);
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity", "server is at its connection limit")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "server is at its connection limit",
+        )
+        .into_response();
     }
     let token = bearer_header(&headers).or_else(|| bearer_subprotocol(&headers));
     let max = app.config.limits.max_message_bytes;
@@ -62,5 +72,9 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(BEARER_SUBPROTOCOL_PREFIX).map(str::to_owned))
+        .find_map(|p| {
+            p.trim()
+                .strip_prefix(BEARER_SUBPROTOCOL_PREFIX)
+                .map(str::to_owned)
+        })
 }

@@ -43,23 +43,57 @@ async fn bad_frames_before_and_after_hello() {
     first_frame_closes(&server, "[1,2,3]", 4000).await;
     first_frame_closes(&server, r#"{"no_type":1}"#, 4000).await;
     first_frame_closes(&server, r#"{"type":"ping"}"#, 4000).await;
-    first_frame_closes(&server, r#"{"type":"hello","resume":{"epoch":"e","seq":-1}}"#, 4000).await;
-    first_frame_closes(&server, r#"{"type":"hello","resume":{"epoch":5,"seq":1}}"#, 4000).await;
+    first_frame_closes(
+        &server,
+        r#"{"type":"hello","resume":{"epoch":"e","seq":-1}}"#,
+        4000,
+    )
+    .await;
+    first_frame_closes(
+        &server,
+        r#"{"type":"hello","resume":{"epoch":5,"seq":1}}"#,
+        4000,
+    )
+    .await;
     bystander_still_served(&server, &mut by, 1).await;
 
     // After hello: unknown type and invalid fields answer, connection stays.
     let (mut ws, _) = connect(&server, "u1").await;
     send_json(&mut ws, json!({"type": "typing"})).await;
     let e = next_json(&mut ws).await;
-    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unknown_type")));
-    send_json(&mut ws, json!({"type": "user_message", "id": "m1", "thread_id": "t1"})).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unknown_type"))
+    );
+    send_json(
+        &mut ws,
+        json!({"type": "user_message", "id": "m1", "thread_id": "t1"}),
+    )
+    .await;
     let n = next_json(&mut ws).await;
-    assert_eq!((n["type"].as_str(), n["id"].as_str(), n["error"].as_str()), (Some("nack"), Some("m1"), Some("invalid_field")));
+    assert_eq!(
+        (n["type"].as_str(), n["id"].as_str(), n["error"].as_str()),
+        (Some("nack"), Some("m1"), Some("invalid_field"))
+    );
     assert!(n["message"].as_str().unwrap().contains("`text`"), "{n}");
-    send_json(&mut ws, json!({"type": "user_message", "id": "m2", "thread_id": "t1", "text": "x", "data": [1]})).await;
-    assert!(next_json(&mut ws).await["message"].as_str().unwrap().contains("`data`"));
+    send_json(
+        &mut ws,
+        json!({"type": "user_message", "id": "m2", "thread_id": "t1", "text": "x", "data": [1]}),
+    )
+    .await;
+    assert!(
+        next_json(&mut ws).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("`data`")
+    );
     send_json(&mut ws, json!({"type": "user_message", "id": "m3", "thread_id": "t1", "text": "x".repeat(33 * 1024)})).await;
-    assert!(next_json(&mut ws).await["message"].as_str().unwrap().contains("`text`"));
+    assert!(
+        next_json(&mut ws).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("`text`")
+    );
     send_json(&mut ws, json!({"type": "ack", "seq": "seven"})).await;
     let e = next_json(&mut ws).await;
     assert_eq!(e["code"], "invalid_field");
@@ -91,7 +125,9 @@ async fn binary_oversized_and_invalid_utf8() {
     expect_close(&mut ws, 1003).await;
 
     let (mut ws, _) = connect(&server, "u2").await;
-    ws.send(Message::text("x".repeat(64 * 1024 + 1))).await.unwrap();
+    ws.send(Message::text("x".repeat(64 * 1024 + 1)))
+        .await
+        .unwrap();
     expect_close(&mut ws, 1009).await;
 
     // Invalid UTF-8 in a text frame needs a raw client (tungstenite will not send it).
@@ -114,7 +150,10 @@ async fn wait_until_only(server: &herald::Server, n: usize) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{} connections live, expected {n}", server.app().registry.len());
+    panic!(
+        "{} connections live, expected {n}",
+        server.app().registry.len()
+    );
 }
 
 /// A masked client frame with FIN set.
@@ -130,10 +169,10 @@ fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// Upgrade over a raw TCP socket, write `frames`, return everything the server
 /// sent after the 101 response until it closed the connection.
 async fn raw_frames(server: &herald::Server, frames: &[Vec<u8>]) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
+    let mut s = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -141,7 +180,11 @@ async fn raw_frames(server: &herald::Server, frames: &[Vec<u8>]) -> Vec<u8> {
         s.read_exact(&mut byte).await.unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     for f in frames {
         s.write_all(f).await.unwrap();
     }
@@ -163,8 +206,13 @@ async fn bad_tokens_close_with_4401_or_4403() {
     let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
     let exp = herald::auth::unix_now() + 3600;
 
-    let wrong_secret = herald::auth::mint_hs256("another-secret", "mallory", Duration::from_secs(60)).unwrap();
-    let none_alg = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"m","exp":{exp}}}"#)));
+    let wrong_secret =
+        herald::auth::mint_hs256("another-secret", "mallory", Duration::from_secs(60)).unwrap();
+    let none_alg = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&format!(r#"{{"sub":"m","exp":{exp}}}"#))
+    );
     let hs512 = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
         &json!({"sub": "m", "exp": exp}),
@@ -177,7 +225,8 @@ async fn bad_tokens_close_with_4401_or_4403() {
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
-    let long_sub = herald::auth::mint_hs256(SECRET, &"s".repeat(257), Duration::from_secs(60)).unwrap();
+    let long_sub =
+        herald::auth::mint_hs256(SECRET, &"s".repeat(257), Duration::from_secs(60)).unwrap();
     for (token, why) in [
         (wrong_secret.as_str(), "bad signature"),
         (none_alg.as_str(), ""),
@@ -221,7 +270,9 @@ async fn hello_timeout_closes_with_4408() {
 #[tokio::test]
 async fn token_expiry_closes_with_4403_and_refresh_extends() {
     let server = start().await;
-    let short = |user: &str, secs: u64| herald::auth::mint_hs256(SECRET, user, Duration::from_secs(secs)).unwrap();
+    let short = |user: &str, secs: u64| {
+        herald::auth::mint_hs256(SECRET, user, Duration::from_secs(secs)).unwrap()
+    };
 
     // Expires while connected: 4403.
     let mut ws = open(&server, &[], None).await;
@@ -234,9 +285,17 @@ async fn token_expiry_closes_with_4403_and_refresh_extends() {
     send_json(&mut ws, json!({"type": "hello", "token": short("jay", 1)})).await;
     assert_eq!(next_json(&mut ws).await["type"], "welcome");
     // A refresh for another user is refused and changes nothing.
-    send_json(&mut ws, json!({"type": "refresh", "token": short("kim", 60)})).await;
+    send_json(
+        &mut ws,
+        json!({"type": "refresh", "token": short("kim", 60)}),
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["code"], "invalid_token");
-    send_json(&mut ws, json!({"type": "refresh", "token": short("jay", 60)})).await;
+    send_json(
+        &mut ws,
+        json!({"type": "refresh", "token": short("jay", 60)}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(2200)).await;
     send_json(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
@@ -250,10 +309,21 @@ async fn api_bad_input() {
     let c = client();
 
     // Missing / wrong key: 401 with JSON.
-    let r = c.post(&url).json(&json!({"user_id":"u","event":"e"})).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .json(&json!({"user_id":"u","event":"e"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
-    let r = c.post(&url).bearer_auth("wrong").json(&json!({"user_id":"u","event":"e"})).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&json!({"user_id":"u","event":"e"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
     // Field errors name the field.
@@ -266,8 +336,14 @@ async fn api_bad_input() {
         (json!({"user_id": "u", "event": "e".repeat(65)}), "event"),
         (json!({"user_id": "u", "event": "agent_thinking"}), "run_id"),
         (json!({"user_id": "u", "event": "e", "data": [1]}), "data"),
-        (json!({"user_id": "u", "event": "e", "thread_id": 7}), "thread_id"),
-        (json!({"events": [{"user_id": "u", "event": "e"}, {"user_id": "u"}]}), "events[1].event"),
+        (
+            json!({"user_id": "u", "event": "e", "thread_id": 7}),
+            "thread_id",
+        ),
+        (
+            json!({"events": [{"user_id": "u", "event": "e"}, {"user_id": "u"}]}),
+            "events[1].event",
+        ),
         (json!({"events": {"user_id": "u"}}), "events"),
     ] {
         let (status, err) = post(&server, "/api/v1/events", body.clone()).await;
@@ -280,29 +356,59 @@ async fn api_bad_input() {
     assert!(body["connections"].as_array().unwrap().is_empty());
 
     // Not JSON / not an object.
-    let r = c.post(&url).bearer_auth(API_KEY).body("{oops").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_json");
     let (status, _) = post(&server, "/api/v1/events", json!([1])).await;
     assert_eq!(status, 400);
 
     // Sizes: body over 1 MiB, batch over 1000, data over 64 KiB → 413.
-    let r = c.post(&url).bearer_auth(API_KEY).body(vec![b' '; 1024 * 1024 + 1]).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(API_KEY)
+        .body(vec![b' '; 1024 * 1024 + 1])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "body_too_large");
-    let batch: Vec<Value> = (0..1001).map(|_| json!({"user_id": "u", "event": "e"})).collect();
+    let batch: Vec<Value> = (0..1001)
+        .map(|_| json!({"user_id": "u", "event": "e"}))
+        .collect();
     let (status, err) = post(&server, "/api/v1/events", json!({ "events": batch })).await;
-    assert_eq!((status, err["error"].as_str()), (413, Some("batch_too_large")));
-    let (status, err) = post(&server, "/api/v1/events", json!({"user_id":"u","event":"e","data":{"x":"y".repeat(65 * 1024)}})).await;
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (413, Some("batch_too_large"))
+    );
+    let (status, err) = post(
+        &server,
+        "/api/v1/events",
+        json!({"user_id":"u","event":"e","data":{"x":"y".repeat(65 * 1024)}}),
+    )
+    .await;
     assert_eq!((status, err["field"].as_str()), (413, Some("data")));
 
     // Wrong method, unknown route, oversized headers.
     let r = c.get(&url).bearer_auth(API_KEY).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "method_not_allowed");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "method_not_allowed"
+    );
     let r = c.get(http_url(&server, "/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.get(http_url(&server, "/healthz")).header("x-big", "a".repeat(17 * 1024)).send().await.unwrap();
+    let r = c
+        .get(http_url(&server, "/healthz"))
+        .header("x-big", "a".repeat(17 * 1024))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 431);
     // The disconnect endpoint validates too.
     let (status, err) = post(&server, "/api/v1/disconnect", json!({"user": "x"})).await;
@@ -314,9 +420,17 @@ async fn api_bad_input() {
 #[tokio::test]
 async fn health_and_readiness() {
     let server = start().await;
-    let r = client().get(http_url(&server, "/healthz")).send().await.unwrap();
+    let r = client()
+        .get(http_url(&server, "/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = client().get(http_url(&server, "/readyz")).send().await.unwrap();
+    let r = client()
+        .get(http_url(&server, "/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // A plain GET on /ws (no upgrade headers) is a JSON error, not a panic.
     let r = client().get(http_url(&server, "/ws")).send().await.unwrap();

@@ -63,7 +63,15 @@ async fn connections_api_lists_and_kick_closes_with_4409() {
     let (_, body) = get_json(&server, "/api/v1/connections?user_id=alice").await;
     assert_eq!(body["connections"].as_array().unwrap().len(), 0);
     let s = server.stats();
-    assert_eq!((s.opened, s.cleanups, s.duplicate_cleanups, s.frames_after_close), (1, 1, 0, 0));
+    assert_eq!(
+        (
+            s.opened,
+            s.cleanups,
+            s.duplicate_cleanups,
+            s.frames_after_close
+        ),
+        (1, 1, 0, 0)
+    );
 }
 
 #[tokio::test]
@@ -90,16 +98,34 @@ async fn resume_without_missed_events_is_honoured_otherwise_reset() {
 
     // Caught up: resumed.
     let mut b = open(&server, &[], None).await;
-    send_json(&mut b, json!({"type":"hello","token":token("erin"),"resume":{"epoch":epoch,"seq":1}})).await;
+    send_json(
+        &mut b,
+        json!({"type":"hello","token":token("erin"),"resume":{"epoch":epoch,"seq":1}}),
+    )
+    .await;
     let wb = next_json(&mut b).await;
-    assert_eq!((wb["resumed"].as_bool(), wb.get("reset")), (Some(true), None));
+    assert_eq!(
+        (wb["resumed"].as_bool(), wb.get("reset")),
+        (Some(true), None)
+    );
 
     // Behind (events it never saw) or wrong epoch: reset, never a silent skip.
-    for resume in [json!({"epoch": epoch, "seq": 0}), json!({"epoch": "other", "seq": 1})] {
+    for resume in [
+        json!({"epoch": epoch, "seq": 0}),
+        json!({"epoch": "other", "seq": 1}),
+    ] {
         let mut c = open(&server, &[], None).await;
-        send_json(&mut c, json!({"type":"hello","token":token("erin"),"resume":resume})).await;
+        send_json(
+            &mut c,
+            json!({"type":"hello","token":token("erin"),"resume":resume}),
+        )
+        .await;
         let wc = next_json(&mut c).await;
-        assert_eq!((wc["resumed"].as_bool(), wc["reset"].as_bool()), (Some(false), Some(true)), "{wc}");
+        assert_eq!(
+            (wc["resumed"].as_bool(), wc["reset"].as_bool()),
+            (Some(false), Some(true)),
+            "{wc}"
+        );
     }
 }
 

@@ -37,17 +37,27 @@ enum Ending {
     StopReadingThenDrop,
 }
 
-const ENDINGS: [Ending; PER_USER] =
-    [Ending::ClientClose, Ending::TcpDrop, Ending::AwaitKick, Ending::CloseRacingKick, Ending::StopReadingThenDrop];
+const ENDINGS: [Ending; PER_USER] = [
+    Ending::ClientClose,
+    Ending::TcpDrop,
+    Ending::AwaitKick,
+    Ending::CloseRacingKick,
+    Ending::StopReadingThenDrop,
+];
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_from_every_side_keeps_the_invariants() {
     let server = Arc::new(start().await);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let fd_baseline = open_fds();
 
     let total = USERS * PER_USER;
@@ -71,7 +81,12 @@ async fn churn_from_every_side_keeps_the_invariants() {
                 let mut closed_by_server = None;
                 loop {
                     let msg = match ending {
-                        Ending::AwaitKick => tokio::time::timeout(Duration::from_secs(10), ws.next()).await.ok().flatten(),
+                        Ending::AwaitKick => {
+                            tokio::time::timeout(Duration::from_secs(10), ws.next())
+                                .await
+                                .ok()
+                                .flatten()
+                        }
                         _ => match tokio::time::timeout_at(until, ws.next()).await {
                             Ok(m) => m,
                             Err(_) => break,
@@ -100,7 +115,12 @@ async fn churn_from_every_side_keeps_the_invariants() {
                 match (ending, closed_by_server) {
                     (_, Some(_)) => {}
                     (Ending::ClientClose | Ending::CloseRacingKick, None) => {
-                        let _ = ws.send(Message::Close(Some(CloseFrame { code: 1000.into(), reason: "bye".into() }))).await;
+                        let _ = ws
+                            .send(Message::Close(Some(CloseFrame {
+                                code: 1000.into(),
+                                reason: "bye".into(),
+                            })))
+                            .await;
                     }
                     (Ending::TcpDrop, None) => {
                         drop(ws);
@@ -201,10 +221,23 @@ async fn churn_from_every_side_keeps_the_invariants() {
 
     wait_for_no_connections(&server).await;
     let s = server.stats();
-    eprintln!("published {published}, events seen by clients {}, stats {s:?}", events_seen.load(Ordering::Relaxed));
-    assert!(published > 0 && events_seen.load(Ordering::Relaxed) > 0, "the load must actually run");
-    assert_eq!(s.frames_after_close, 0, "I1: writer asked to write after close");
-    assert_eq!(client_violations.load(Ordering::Relaxed), 0, "I1/I3 as seen by clients");
+    eprintln!(
+        "published {published}, events seen by clients {}, stats {s:?}",
+        events_seen.load(Ordering::Relaxed)
+    );
+    assert!(
+        published > 0 && events_seen.load(Ordering::Relaxed) > 0,
+        "the load must actually run"
+    );
+    assert_eq!(
+        s.frames_after_close, 0,
+        "I1: writer asked to write after close"
+    );
+    assert_eq!(
+        client_violations.load(Ordering::Relaxed),
+        0,
+        "I1/I3 as seen by clients"
+    );
     assert_eq!(s.opened, total as u64);
     assert_eq!(s.cleanups, total as u64, "I2: one cleanup per connection");
     assert_eq!(s.duplicate_cleanups, 0, "I2: no second cleanup");
@@ -219,6 +252,8 @@ async fn churn_from_every_side_keeps_the_invariants() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         fds = open_fds();
     }
-    assert!(fds <= fd_baseline, "open fds {fds} > baseline {fd_baseline}");
+    assert!(
+        fds <= fd_baseline,
+        "open fds {fds} > baseline {fd_baseline}"
+    );
 }
-

@@ -8,10 +8,10 @@ use futures_util::{SinkExt, StreamExt};
 use herald::{Config, Server};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789";
@@ -48,13 +48,21 @@ pub async fn open(server: &Server, extra_protocols: &[&str], auth_header: Option
     let mut req = ws_url(server).into_client_request().unwrap();
     let mut protocols = vec!["herald.v1".to_owned()];
     protocols.extend(extra_protocols.iter().map(|s| s.to_string()));
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(&protocols.join(", ")).unwrap());
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&protocols.join(", ")).unwrap(),
+    );
     if let Some(a) = auth_header {
-        req.headers_mut().insert("Authorization", HeaderValue::from_str(a).unwrap());
+        req.headers_mut()
+            .insert("Authorization", HeaderValue::from_str(a).unwrap());
     }
-    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("upgrade");
-    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "herald.v1");
+    let (ws, resp) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "herald.v1"
+    );
     ws
 }
 
@@ -92,13 +100,22 @@ pub async fn next_json(ws: &mut Ws) -> Value {
 pub async fn read_until_close(ws: &mut Ws) -> (Option<u16>, String, Vec<Value>) {
     let mut texts = Vec::new();
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("close within 10s");
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("close within 10s");
         match msg {
             Some(Ok(Message::Text(t))) => texts.push(serde_json::from_str(&t).unwrap()),
             Some(Ok(Message::Close(f))) => {
                 // Like a well-behaved client: keep polling so the close reply is sent.
-                let _ = tokio::time::timeout(Duration::from_secs(5), async { while ws.next().await.is_some() {} }).await;
-                return (f.as_ref().map(|f| u16::from(f.code)), f.map(|f| f.reason.to_string()).unwrap_or_default(), texts);
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while ws.next().await.is_some() {}
+                })
+                .await;
+                return (
+                    f.as_ref().map(|f| u16::from(f.code)),
+                    f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    texts,
+                );
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("error before close frame: {e}"),
@@ -135,13 +152,23 @@ pub async fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
 }
 
 pub async fn publish(server: &Server, user: &str, event: &str, data: Value) -> Value {
-    let (status, body) = post(server, "/api/v1/events", json!({"user_id": user, "event": event, "data": data})).await;
+    let (status, body) = post(
+        server,
+        "/api/v1/events",
+        json!({"user_id": user, "event": event, "data": data}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     body["results"][0].clone()
 }
 
 pub async fn get_json(server: &Server, path: &str) -> (u16, Value) {
-    let resp = client().get(http_url(server, path)).bearer_auth(API_KEY).send().await.unwrap();
+    let resp = client()
+        .get(http_url(server, path))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }

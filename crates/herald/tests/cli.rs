@@ -1,0 +1,154 @@
+//! The `herald` binary: zero-config `serve`, `token`, config errors, SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Start `herald serve` with `env` and read its stderr until it prints the
+/// listening address; returns the child, the address and what it printed.
+fn serve(env: &[(&str, &str)]) -> (Child, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("PORT")
+        .env_remove("HERALD_API_KEY")
+        .env_remove("HERALD_JWT_HS256_SECRET");
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(addr) = line.strip_prefix("herald listening on ") {
+            std::thread::spawn(move || for _ in lines {});
+            return (child, addr.trim().to_owned(), printed);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("no listening line: {printed}");
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn zero_config_serve_prints_dev_keys_and_serves() {
+    let (mut child, addr, printed) = serve(&[("HERALD_ADDR", "127.0.0.1:0")]);
+    assert!(printed.contains("DEVELOPMENT MODE"), "{printed}");
+    let secret = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HERALD_JWT_HS256_SECRET="))
+        .unwrap()
+        .to_owned();
+    let api_key = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HERALD_API_KEY="))
+        .unwrap()
+        .to_owned();
+
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("http://{addr}/api/v1/events"))
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!({"user_id": "demo", "event": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // `herald token` with the printed secret mints a token the server accepts.
+    let out = Command::new(BIN)
+        .args(["token", "--user", "alice", "--ttl", "10m"])
+        .env("HERALD_JWT_HS256_SECRET", &secret)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    use futures_util::{SinkExt, StreamExt};
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        serde_json::json!({"type": "hello", "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let welcome = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(welcome.contains("\"user_id\":\"alice\""), "{welcome}");
+
+    // SIGTERM: drain (closing + 1012) and exit 0.
+    let started = Instant::now();
+    sigterm(&child);
+    let mut saw_closing = false;
+    let mut code = None;
+    while let Some(Ok(m)) = ws.next().await {
+        match m {
+            tokio_tungstenite::tungstenite::Message::Text(t) if t.contains("\"closing\"") => {
+                saw_closing = true
+            }
+            tokio_tungstenite::tungstenite::Message::Close(f) => {
+                code = f.map(|f| u16::from(f.code))
+            }
+            _ => {}
+        }
+    }
+    assert!(saw_closing);
+    assert_eq!(code, Some(1012));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "drain took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_key() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("HERALD_HELLO_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hello_timeout"), "{err}");
+}
+
+#[test]
+fn token_without_a_secret_explains_what_to_set() {
+    let out = Command::new(BIN)
+        .args(["token", "--user", "a"])
+        .env_remove("HERALD_JWT_HS256_SECRET")
+        .env_remove("HERALD_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD_JWT_HS256_SECRET"));
+}
