@@ -49,6 +49,11 @@ pub struct LifecycleConfig {
     pub max_queue_frames: usize,
     /// Most bytes the outbound queue holds before the client counts as slow.
     pub max_queue_bytes: usize,
+    /// Interval of WebSocket pings to a `Ready` connection.
+    pub heartbeat_interval: Duration,
+    /// Inbound silence (no frame of any kind, pongs included) after which a
+    /// `Ready` connection closes as a heartbeat timeout.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for LifecycleConfig {
@@ -58,6 +63,8 @@ impl Default for LifecycleConfig {
             close_timeout: Duration::from_secs(2),
             max_queue_frames: 1024,
             max_queue_bytes: 4 * 1024 * 1024,
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -129,6 +136,8 @@ pub enum LifecycleError {
 pub enum Transmit<P> {
     /// An application frame.
     Frame(P),
+    /// A WebSocket ping (heartbeat).
+    Ping,
     /// The close frame; returned at most once per connection.
     Close {
         /// Close code.
@@ -152,6 +161,9 @@ pub struct Connection<P> {
     close_deadline: Option<Instant>,
     close_deadline_passed: bool,
     token_expiry: Option<Instant>,
+    last_inbound: Instant,
+    next_ping: Instant,
+    ping_due: bool,
 }
 
 impl<P: Payload> Connection<P> {
@@ -169,6 +181,9 @@ impl<P: Payload> Connection<P> {
             close_deadline: None,
             close_deadline_passed: false,
             token_expiry: None,
+            last_inbound: now,
+            next_ping: now,
+            ping_due: false,
         }
     }
 
@@ -192,12 +207,15 @@ impl<P: Payload> Connection<P> {
         self.queued_bytes
     }
 
-    /// `Handshaking → Ready`; `welcome` becomes the first frame written.
-    pub fn authenticate(&mut self, welcome: P) -> Result<(), LifecycleError> {
+    /// `Handshaking → Ready` at `now`; `welcome` becomes the first frame
+    /// written, and heartbeats start.
+    pub fn authenticate(&mut self, now: Instant, welcome: P) -> Result<(), LifecycleError> {
         if self.state != State::Handshaking {
             return Err(LifecycleError::NotHandshaking(self.state));
         }
         self.state = State::Ready;
+        self.last_inbound = now;
+        self.next_ping = now + self.cfg.heartbeat_interval;
         self.queued_bytes += welcome.wire_len();
         self.queue.push_front(welcome);
         Ok(())
@@ -258,6 +276,11 @@ impl<P: Payload> Connection<P> {
         true
     }
 
+    /// Any inbound frame (data, ping, pong) arrived: the peer is alive.
+    pub fn on_inbound(&mut self, now: Instant) {
+        self.last_inbound = now;
+    }
+
     /// The peer's close frame arrived (`code` is `None` for an empty close frame).
     ///
     /// Nothing more may be written except the transport's automatic close reply,
@@ -284,6 +307,10 @@ impl<P: Payload> Connection<P> {
     pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
         match self.state {
             State::Handshaking | State::Closed => None,
+            State::Ready if self.ping_due => {
+                self.ping_due = false;
+                Some(Transmit::Ping)
+            }
             State::Ready => self.pop(),
             State::Closing => {
                 if self.close_sent {
@@ -309,7 +336,11 @@ impl<P: Payload> Connection<P> {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Handshaking => Some(self.hello_deadline),
-            State::Ready => self.token_expiry,
+            State::Ready => {
+                let silence = self.last_inbound + self.cfg.heartbeat_timeout;
+                let next = silence.min(self.next_ping);
+                Some(self.token_expiry.map_or(next, |t| t.min(next)))
+            }
             State::Closing if !self.close_deadline_passed => self.close_deadline,
             _ => None,
         }
@@ -337,6 +368,20 @@ impl<P: Payload> Connection<P> {
                         "token expired",
                     ),
                 );
+            }
+            State::Ready if now >= self.last_inbound + self.cfg.heartbeat_timeout => {
+                self.close(
+                    now,
+                    CloseInfo::new(
+                        CloseReason::HeartbeatTimeout,
+                        Initiator::Server,
+                        "no heartbeat",
+                    ),
+                );
+            }
+            State::Ready if now >= self.next_ping => {
+                self.ping_due = true;
+                self.next_ping = now + self.cfg.heartbeat_interval;
             }
             State::Closing if self.close_deadline.is_some_and(|d| now >= d) => {
                 self.close_deadline_passed = true;
@@ -389,12 +434,14 @@ mod tests {
             close_timeout: Duration::from_secs(2),
             max_queue_frames: 4,
             max_queue_bytes: 100,
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(60),
         }
     }
 
     fn ready(now: Instant) -> Connection<String> {
         let mut c = Connection::new(now, cfg());
-        c.authenticate("welcome".into()).unwrap();
+        c.authenticate(now, "welcome".into()).unwrap();
         c
     }
 
@@ -429,7 +476,7 @@ mod tests {
         let now = Instant::now();
         let mut c = ready(now);
         assert_eq!(
-            c.authenticate("again".into()),
+            c.authenticate(now, "again".into()),
             Err(LifecycleError::NotHandshaking(State::Ready))
         );
     }
@@ -569,6 +616,32 @@ mod tests {
         assert_eq!(c.state(), State::Ready);
         c.handle_timeout(now + Duration::from_secs(60));
         assert_eq!(c.close_info().map(|i| i.code), Some(4403));
+    }
+
+    #[test]
+    fn heartbeat_pings_on_interval_and_times_out_on_silence() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        let _ = c.poll_transmit();
+        let s = Duration::from_secs;
+        assert_eq!(c.poll_timeout(), Some(now + s(25)));
+        c.handle_timeout(now + s(25));
+        assert_eq!(c.poll_transmit(), Some(Transmit::Ping));
+        assert_eq!(c.poll_transmit(), None);
+        c.on_inbound(now + s(30)); // the pong
+        c.handle_timeout(now + s(60));
+        assert_eq!(c.state(), State::Ready);
+        assert_eq!(c.poll_transmit(), Some(Transmit::Ping));
+        c.handle_timeout(now + s(90));
+        assert_eq!(
+            c.close_info().map(|i| i.reason),
+            Some(CloseReason::HeartbeatTimeout)
+        );
+        assert_eq!(
+            c.poll_transmit()
+                .map(|t| matches!(t, Transmit::Close { code: 1001, .. })),
+            Some(true)
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, PartialEq)]
 enum Wire {
     Data(String),
+    Ping,
     CloseSent(u16),
     CloseReceived,
 }
@@ -51,6 +52,8 @@ proptest! {
             close_timeout: Duration::from_millis(1000),
             max_queue_frames: 8,
             max_queue_bytes: 64,
+            heartbeat_interval: Duration::from_millis(700),
+            heartbeat_timeout: Duration::from_millis(2500),
         };
         let mut conn: Connection<String> = Connection::new(now, cfg);
         let mut wire = Vec::new();
@@ -63,7 +66,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Authenticate => {
-                    if conn.authenticate("welcome".to_owned()).is_ok() {
+                    if conn.authenticate(now, "welcome".to_owned()).is_ok() {
                         accepted.insert(0, "welcome".to_owned());
                     }
                 }
@@ -76,6 +79,7 @@ proptest! {
                 }
                 Op::WriterStep => match conn.poll_transmit() {
                     Some(Transmit::Frame(f)) => wire.push(Wire::Data(f)),
+                    Some(Transmit::Ping) => wire.push(Wire::Ping),
                     Some(Transmit::Close { code, .. }) => wire.push(Wire::CloseSent(code)),
                     None => {}
                 },
@@ -112,6 +116,7 @@ proptest! {
         while let Some(t) = conn.poll_transmit() {
             match t {
                 Transmit::Frame(f) => wire.push(Wire::Data(f)),
+                Transmit::Ping => wire.push(Wire::Ping),
                 Transmit::Close { code, .. } => wire.push(Wire::CloseSent(code)),
             }
         }
@@ -122,8 +127,8 @@ proptest! {
         prop_assert_eq!(conn.on_transport_closed(gone()), None);
 
         // I1: nothing after the first close frame, in either direction.
-        if let Some(first_close) = wire.iter().position(|w| !matches!(w, Wire::Data(_))) {
-            let after_data = wire[first_close..].iter().filter(|w| matches!(w, Wire::Data(_))).count();
+        if let Some(first_close) = wire.iter().position(|w| matches!(w, Wire::CloseSent(_) | Wire::CloseReceived)) {
+            let after_data = wire[first_close..].iter().filter(|w| matches!(w, Wire::Data(_) | Wire::Ping)).count();
             prop_assert_eq!(after_data, 0, "data written after close: {:?}", wire);
         }
         let closes_sent = wire.iter().filter(|w| matches!(w, Wire::CloseSent(_))).count();

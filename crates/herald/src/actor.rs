@@ -111,6 +111,10 @@ impl Actor {
                     self.wire.feed(f, limit).await?;
                     unflushed = true;
                 }
+                Transmit::Ping => {
+                    self.wire.ping(limit).await?;
+                    unflushed = true;
+                }
                 Transmit::Close { code, reason } => {
                     self.wire.close(code, reason, limit).await?;
                     unflushed = false;
@@ -124,6 +128,7 @@ impl Actor {
     }
 
     fn on_message(&mut self, msg: Message) {
+        self.conn.with_core(|c| c.on_inbound(Instant::now()));
         match msg {
             Message::Text(text) => self.on_text(text.as_str()),
             Message::Binary(_) => {
@@ -250,7 +255,7 @@ impl Actor {
                 return;
             }
         };
-        let heartbeat_ms = self.app.config.heartbeat_interval.as_millis() as u64;
+        let heartbeat_ms = self.app.config.lifecycle.heartbeat_interval.as_millis() as u64;
         match self.app.registry.register(
             &claims.sub,
             &self.conn,
@@ -408,6 +413,13 @@ impl Wire {
         metrics::counter!(telemetry::FRAMES_OUT).increment(1);
         metrics::counter!(telemetry::BYTES_OUT).increment(len as u64);
         Ok(())
+    }
+
+    async fn ping(&mut self, limit: Duration) -> Result<(), CloseInfo> {
+        if !self.permit() {
+            return Ok(());
+        }
+        timed(limit, self.ws.feed(Message::Ping(Default::default()))).await
     }
 
     async fn close(&mut self, code: u16, reason: String, limit: Duration) -> Result<(), CloseInfo> {

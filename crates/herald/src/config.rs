@@ -88,6 +88,11 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Interval of WebSocket pings (advertised as heartbeat_ms)",
     },
     KeySpec {
+        name: "heartbeat_timeout",
+        default: Some("60s"),
+        doc: "Inbound silence after which a connection closes (heartbeat timeout, 1001)",
+    },
+    KeySpec {
         name: "queue_max_frames",
         default: Some("1024"),
         doc: "Outbound queue bound in frames per connection (else close 4001)",
@@ -368,8 +373,6 @@ pub struct Config {
     pub limits: Limits,
     /// Longest a socket write may block.
     pub write_timeout: Duration,
-    /// WebSocket ping interval.
-    pub heartbeat_interval: Duration,
     /// Total live connection limit.
     pub max_connections: usize,
     /// Per-user live connection limit.
@@ -433,10 +436,11 @@ impl Config {
                 close_timeout: raw.required("close_timeout", duration)?,
                 max_queue_frames: raw.required("queue_max_frames", positive)?,
                 max_queue_bytes: raw.required("queue_max_bytes", positive)?,
+                heartbeat_interval: raw.required("heartbeat_interval", duration)?,
+                heartbeat_timeout: raw.required("heartbeat_timeout", duration)?,
             },
             limits,
             write_timeout: raw.required("write_timeout", duration)?,
-            heartbeat_interval: raw.required("heartbeat_interval", duration)?,
             max_connections: raw.required("max_connections", positive)?,
             max_connections_per_user: raw.required("max_connections_per_user", positive)?,
             drain_window: raw.required("drain_window", duration)?,

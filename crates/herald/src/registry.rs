@@ -153,8 +153,10 @@ impl Registry {
             heartbeat_ms,
         }
         .to_json();
-        conn.with_core(|core| core.authenticate(OutFrame::from(welcome)))
-            .map_err(|_| RegisterError::NotHandshaking)?;
+        conn.with_core(|core| {
+            core.authenticate(std::time::Instant::now(), OutFrame::from(welcome))
+        })
+        .map_err(|_| RegisterError::NotHandshaking)?;
         conn.set_user(user);
         entry.conns.push(conn.clone());
         Ok(())

@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Send one raw text frame as the first frame and expect a close code.
@@ -131,10 +130,10 @@ async fn binary_oversized_and_invalid_utf8() {
     expect_close(&mut ws, 1009).await;
 
     // Invalid UTF-8 in a text frame needs a raw client (tungstenite will not send it).
-    let reply = raw_frames(&server, &[frame(0x1, &[0xff, 0xfe, 0xfd])]).await;
+    let reply = raw_frames(&server, &[client_frame(0x1, &[0xff, 0xfe, 0xfd])]).await;
     assert_eq!(close_code_of(&reply), Some(1007));
     // A reserved opcode is an RFC 6455 violation: 1002.
-    let reply = raw_frames(&server, &[frame(0x3, b"x")]).await;
+    let reply = raw_frames(&server, &[client_frame(0x3, b"x")]).await;
     assert_eq!(close_code_of(&reply), Some(1002));
 
     bystander_still_served(&server, &mut by, 1).await;
@@ -154,48 +153,6 @@ async fn wait_until_only(server: &herald::Server, n: usize) {
         "{} connections live, expected {n}",
         server.app().registry.len()
     );
-}
-
-/// A masked client frame with FIN set.
-fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [1u8, 2, 3, 4];
-    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-/// Upgrade over a raw TCP socket, write `frames`, return everything the server
-/// sent after the 101 response until it closed the connection.
-async fn raw_frames(server: &herald::Server, frames: &[Vec<u8>]) -> Vec<u8> {
-    let mut s = tokio::net::TcpStream::connect(server.local_addr())
-        .await
-        .unwrap();
-    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    for f in frames {
-        s.write_all(f).await.unwrap();
-    }
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    out
-}
-
-/// The close code of the first server frame, if it is a close frame.
-fn close_code_of(bytes: &[u8]) -> Option<u16> {
-    (bytes.len() >= 4 && bytes[0] & 0x0f == 0x8).then(|| u16::from_be_bytes([bytes[2], bytes[3]]))
 }
 
 #[tokio::test]

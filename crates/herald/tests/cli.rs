@@ -1,51 +1,12 @@
 //! The `herald` binary: zero-config `serve`, `token`, config errors, SIGTERM.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{BIN, serve, sigterm};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-/// Start `herald serve` with `env` and read its stderr until it prints the
-/// listening address; returns the child, the address and what it printed.
-fn serve(env: &[(&str, &str)]) -> (Child, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.env_remove("PORT")
-        .env_remove("HERALD_API_KEY")
-        .env_remove("HERALD_JWT_HS256_SECRET");
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut printed = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
-        printed.push_str(&line);
-        printed.push('\n');
-        if let Some(addr) = line.strip_prefix("herald listening on ") {
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr.trim().to_owned(), printed);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("no listening line: {printed}");
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[tokio::test]
 async fn zero_config_serve_prints_dev_keys_and_serves() {

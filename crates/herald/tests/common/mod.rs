@@ -183,3 +183,134 @@ pub async fn wait_for_no_connections(server: &Server) {
     }
     panic!("{} connections still live", server.app().registry.len());
 }
+
+/// A masked client frame with FIN set.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Upgrade a raw TCP socket to a WebSocket (no subprotocol) and return it,
+/// positioned after the 101 response.
+pub async fn raw_upgrade(server: &Server) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// Upgrade over a raw TCP socket, write `frames`, return everything the server
+/// sent after the 101 response until it closed the connection.
+pub async fn raw_frames(server: &Server, frames: &[Vec<u8>]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = raw_upgrade(server).await;
+    for f in frames {
+        s.write_all(f).await.unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Split raw server bytes into (opcode, payload) frames (server frames are unmasked).
+pub fn parse_server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 2 {
+        let opcode = b[0] & 0x0f;
+        let (len, hdr) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 if b.len() >= 10 => (
+                u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n if n < 126 => (n as usize, 2),
+            _ => break,
+        };
+        if b.len() < hdr + len {
+            break;
+        }
+        out.push((opcode, b[hdr..hdr + len].to_vec()));
+        b = &b[hdr + len..];
+    }
+    out
+}
+
+/// The close code of the first close frame in raw server bytes.
+pub fn close_code_of(bytes: &[u8]) -> Option<u16> {
+    parse_server_frames(bytes)
+        .into_iter()
+        .find(|(op, _)| *op == 0x8)
+        .and_then(|(_, p)| (p.len() >= 2).then(|| u16::from_be_bytes([p[0], p[1]])))
+}
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Start `herald serve` with `env` and read its stderr until it prints the
+/// listening address; returns the child, the address and what it printed.
+pub fn serve(env: &[(&str, &str)]) -> (Child, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    cmd.env_remove("PORT")
+        .env_remove("HERALD_API_KEY")
+        .env_remove("HERALD_JWT_HS256_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut printed = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(addr) = line.strip_prefix("herald listening on ") {
+            std::thread::spawn(move || for _ in lines {});
+            return (child, addr.trim().to_owned(), printed);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("no listening line: {printed}");
+}
+
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
