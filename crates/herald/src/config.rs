@@ -557,3 +557,27 @@ mod tests {
         assert!(err.contains("unknown key `adr`"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// docs/OPERATIONS.md must list every key with its env var and flag.
+    #[test]
+    fn operations_doc_lists_every_key() {
+        let doc = include_str!("../../../docs/OPERATIONS.md");
+        for k in KEYS {
+            let row = format!(
+                "| `{}` | `{}` | `--{}` |",
+                k.name,
+                env_name(k.name),
+                flag_name(k.name)
+            );
+            assert!(
+                doc.contains(&row),
+                "docs/OPERATIONS.md lacks the row for `{}`",
+                k.name
+            );
+        }
+    }
+}
