@@ -154,6 +154,8 @@ pub struct Connection<P> {
     state: State,
     queue: VecDeque<P>,
     queued_bytes: usize,
+    replay: VecDeque<P>,
+    catching_up: bool,
     close: Option<CloseInfo>,
     close_sent: bool,
     close_received: bool,
@@ -175,6 +177,8 @@ impl<P: Payload> Connection<P> {
             state: State::Handshaking,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            replay: VecDeque::new(),
+            catching_up: false,
             close: None,
             close_sent: false,
             close_received: false,
@@ -197,9 +201,9 @@ impl<P: Payload> Connection<P> {
         self.close.as_ref()
     }
 
-    /// Frames waiting in the outbound queue.
+    /// Frames waiting to be written (live queue and replay).
     pub fn queue_len(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.replay.len()
     }
 
     /// Bytes waiting in the outbound queue.
@@ -209,16 +213,44 @@ impl<P: Payload> Connection<P> {
 
     /// `Handshaking → Ready` at `now`; `welcome` becomes the first frame
     /// written, and heartbeats start.
-    pub fn authenticate(&mut self, now: Instant, welcome: P) -> Result<(), LifecycleError> {
+    ///
+    /// With `catching_up`, the connection first replays history: live frames
+    /// are admitted to the queue (bounded as always) but held back until the
+    /// I/O layer has pushed the last replay page ([`Connection::push_replay`]
+    /// with `done`). Welcome, replay, live: one ordered sequence, no gap, no
+    /// duplicate, as long as the replay ends where the live frames begin.
+    pub fn authenticate(
+        &mut self,
+        now: Instant,
+        welcome: P,
+        catching_up: bool,
+    ) -> Result<(), LifecycleError> {
         if self.state != State::Handshaking {
             return Err(LifecycleError::NotHandshaking(self.state));
         }
         self.state = State::Ready;
         self.last_inbound = now;
         self.next_ping = now + self.cfg.heartbeat_interval;
-        self.queued_bytes += welcome.wire_len();
-        self.queue.push_front(welcome);
+        self.replay.push_back(welcome);
+        self.catching_up = catching_up;
         Ok(())
+    }
+
+    /// True when the I/O layer should fetch and push the next replay page.
+    pub fn wants_replay(&self) -> bool {
+        self.state == State::Ready && self.catching_up && self.replay.is_empty()
+    }
+
+    /// Add a page of replayed frames (ignored unless catching up); `done`
+    /// releases the held-back live frames after it.
+    pub fn push_replay(&mut self, frames: impl IntoIterator<Item = P>, done: bool) {
+        if self.state != State::Ready || !self.catching_up {
+            return;
+        }
+        self.replay.extend(frames);
+        if done {
+            self.catching_up = false;
+        }
     }
 
     /// Set when the connection's token expires (a `refresh` moves it). A
@@ -271,7 +303,11 @@ impl<P: Payload> Connection<P> {
         self.close_deadline = Some(now + self.cfg.close_timeout);
         if !info.reason.flushes_queue() {
             self.clear_queue();
+        } else if self.catching_up {
+            // The replay stops here; live frames after it would leave a gap.
+            self.clear_live();
         }
+        self.catching_up = false;
         self.close = Some(info);
         true
     }
@@ -413,12 +449,23 @@ impl<P: Payload> Connection<P> {
     }
 
     fn pop(&mut self) -> Option<Transmit<P>> {
+        if let Some(frame) = self.replay.pop_front() {
+            return Some(Transmit::Frame(frame));
+        }
+        if self.catching_up {
+            return None;
+        }
         let frame = self.queue.pop_front()?;
         self.queued_bytes -= frame.wire_len();
         Some(Transmit::Frame(frame))
     }
 
     fn clear_queue(&mut self) {
+        self.replay.clear();
+        self.clear_live();
+    }
+
+    fn clear_live(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
     }
@@ -441,7 +488,7 @@ mod tests {
 
     fn ready(now: Instant) -> Connection<String> {
         let mut c = Connection::new(now, cfg());
-        c.authenticate(now, "welcome".into()).unwrap();
+        c.authenticate(now, "welcome".into(), false).unwrap();
         c
     }
 
@@ -476,7 +523,7 @@ mod tests {
         let now = Instant::now();
         let mut c = ready(now);
         assert_eq!(
-            c.authenticate(now, "again".into()),
+            c.authenticate(now, "again".into(), false),
             Err(LifecycleError::NotHandshaking(State::Ready))
         );
     }
@@ -561,7 +608,7 @@ mod tests {
     fn queue_overflow_closes_as_slow_consumer_without_flushing() {
         let now = Instant::now();
         let mut c = ready(now);
-        for i in 0..3 {
+        for i in 0..4 {
             c.send(now, format!("f{i}")).unwrap();
         }
         assert_eq!(c.send(now, "x".into()), Err(SendRefused::QueueFull));
@@ -641,6 +688,54 @@ mod tests {
             c.poll_transmit()
                 .map(|t| matches!(t, Transmit::Close { code: 1001, .. })),
             Some(true)
+        );
+    }
+
+    #[test]
+    fn catch_up_holds_live_frames_until_the_replay_is_done() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.authenticate(now, "welcome".into(), true).unwrap();
+        c.send(now, "live3".into()).unwrap();
+        assert_eq!(c.poll_transmit(), Some(Transmit::Frame("welcome".into())));
+        assert_eq!(c.poll_transmit(), None, "live frames wait for the replay");
+        assert!(c.wants_replay());
+        c.push_replay(["r1".to_owned()], false);
+        assert!(!c.wants_replay());
+        assert_eq!(c.poll_transmit(), Some(Transmit::Frame("r1".into())));
+        assert!(c.wants_replay());
+        c.push_replay(["r2".to_owned()], true);
+        assert!(!c.wants_replay());
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Transmit::Frame("r2".into()),
+                Transmit::Frame("live3".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn close_during_catch_up_never_writes_live_frames_after_a_gap() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.authenticate(now, "welcome".into(), true).unwrap();
+        c.push_replay(["r1".to_owned()], false);
+        c.send(now, "live9".into()).unwrap();
+        c.close(
+            now,
+            CloseInfo::new(CloseReason::Kicked, Initiator::Server, "k"),
+        );
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Transmit::Frame("welcome".into()),
+                Transmit::Frame("r1".into()),
+                Transmit::Close {
+                    code: 4409,
+                    reason: "k".into()
+                }
+            ]
         );
     }
 

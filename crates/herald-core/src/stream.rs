@@ -1,23 +1,165 @@
-//! Per-user event streams: an `epoch` and a gap-free `seq` within it.
+//! Per-user event streams: numbering, bounded history, agent runs, resume.
 //!
-//! A stream numbers events `1, 2, 3, …` within an epoch. The epoch is chosen by
-//! the caller (the core has no randomness) and changes whenever the stream's
-//! history is lost, so a client can tell "I missed nothing" from "the server
-//! forgot".
+//! A stream numbers events `1, 2, 3, …` within an `epoch`. The epoch is chosen
+//! by the caller (the core has no randomness) and changes whenever the
+//! stream's history is lost, so a client can tell "I missed nothing" from
+//! "the server forgot".
+//!
+//! History layout:
+//! - `window`: the most recent events, **contiguous** in seq up to `last_seq`.
+//!   Eviction (count, age, global byte pressure) takes from its front.
+//! - `pinned`: events older than the window that belong to a run still open;
+//!   they are kept so a page opened mid-run can replay the whole run, and
+//!   dropped when the run closes.
+//!
+//! A resume from `seq = s` is honoured only if every event after `s` is still
+//! in the window; otherwise the answer is [`ResumeDecision::Reset`] — fail
+//! closed, never a silent gap.
 
-/// The numbering state of one user's stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stream {
-    epoch: String,
-    last_seq: u64,
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::lifecycle::Payload;
+
+/// Event names that open and close an agent run.
+pub mod runs {
+    /// Opens a run.
+    pub const STARTED: &str = "agent_started";
+    /// Closes a run (success).
+    pub const COMPLETED: &str = "agent_completed";
+    /// Closes a run (failure; also synthesized on run timeout).
+    pub const ERROR: &str = "agent_error";
+    /// Closes a run (cancelled).
+    pub const CANCELLED: &str = "agent_cancelled";
+
+    /// Whether `event` closes a run.
+    pub fn closes(event: &str) -> bool {
+        matches!(event, COMPLETED | ERROR | CANCELLED)
+    }
 }
 
-impl Stream {
-    /// An empty stream in `epoch`.
-    pub fn new(epoch: impl Into<String>) -> Self {
+/// Retention limits of one stream.
+#[derive(Debug, Clone)]
+pub struct StreamLimits {
+    /// Most events kept in the window.
+    pub max_events: usize,
+    /// Oldest event kept in the window.
+    pub max_age: Duration,
+    /// A run with no event for this long is timed out.
+    pub run_ttl: Duration,
+    /// How long a publish `idempotency_key` is remembered.
+    pub idempotency_window: Duration,
+    /// Most idempotency keys remembered per stream.
+    pub max_idempotency_keys: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_events: 1000,
+            max_age: Duration::from_secs(3600),
+            run_ttl: Duration::from_secs(600),
+            idempotency_window: Duration::from_secs(600),
+            max_idempotency_keys: 1000,
+        }
+    }
+}
+
+/// What a new event is, as far as retention cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMeta {
+    /// Event name.
+    pub event: String,
+    /// The agent run it belongs to, if any.
+    pub run_id: Option<String>,
+    /// The thread it belongs to, if any.
+    pub thread_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry<P> {
+    seq: u64,
+    at: Instant,
+    run_id: Option<String>,
+    payload: P,
+}
+
+/// An open agent run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenRun {
+    /// Seq of its `agent_started` (or first event).
+    pub first_seq: u64,
+    /// When its last event was appended.
+    pub last_at: Instant,
+    /// Its thread, if any.
+    pub thread_id: Option<String>,
+}
+
+/// Whether a resume point can be honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeDecision {
+    /// Every event after `after` up to the current seq is in history.
+    Resume {
+        /// The client's last seen seq.
+        after: u64,
+    },
+    /// Unknown epoch, a seq ahead of the stream, or events after it were evicted.
+    Reset,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// A new event with this seq.
+    New(u64),
+    /// The idempotency key was seen before: the original seq, nothing appended.
+    Duplicate(u64),
+}
+
+impl Appended {
+    /// The event's seq, new or original.
+    pub fn seq(self) -> u64 {
+        match self {
+            Appended::New(s) | Appended::Duplicate(s) => s,
+        }
+    }
+}
+
+/// Events after the requested point were evicted while being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("history after seq {after} is no longer available")]
+pub struct HistoryGone {
+    /// The requested point.
+    pub after: u64,
+}
+
+/// One user's stream.
+#[derive(Debug)]
+pub struct Stream<P> {
+    epoch: String,
+    last_seq: u64,
+    window: VecDeque<Entry<P>>,
+    pinned: BTreeMap<u64, Entry<P>>,
+    runs: HashMap<String, OpenRun>,
+    idempotency: HashMap<String, (u64, Instant)>,
+    idempotency_order: VecDeque<(String, Instant)>,
+    bytes: usize,
+    last_touch: Instant,
+}
+
+impl<P: Payload + Clone> Stream<P> {
+    /// An empty stream in `epoch`, created at `now`.
+    pub fn new(epoch: impl Into<String>, now: Instant) -> Self {
         Self {
             epoch: epoch.into(),
             last_seq: 0,
+            window: VecDeque::new(),
+            pinned: BTreeMap::new(),
+            runs: HashMap::new(),
+            idempotency: HashMap::new(),
+            idempotency_order: VecDeque::new(),
+            bytes: 0,
+            last_touch: now,
         }
     }
 
@@ -31,10 +173,223 @@ impl Stream {
         self.last_seq
     }
 
-    /// Assign the next seq to a new event.
-    pub fn next_seq(&mut self) -> u64 {
+    /// Payload bytes held (window and pinned).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Events held (window and pinned).
+    pub fn len(&self) -> usize {
+        self.window.len() + self.pinned.len()
+    }
+
+    /// True when no event is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The currently open runs.
+    pub fn open_runs(&self) -> &HashMap<String, OpenRun> {
+        &self.runs
+    }
+
+    /// True when the stream holds nothing worth keeping and was idle since
+    /// `idle_since`: no events, no open runs, no idempotency keys.
+    pub fn is_idle(&self, idle_since: Instant) -> bool {
+        self.is_empty()
+            && self.runs.is_empty()
+            && self.idempotency.is_empty()
+            && self.last_touch <= idle_since
+    }
+
+    /// The seq of an earlier publish with this idempotency key, if still remembered.
+    pub fn idempotent_seq(&self, key: &str) -> Option<u64> {
+        self.idempotency.get(key).map(|(seq, _)| *seq)
+    }
+
+    /// Append an event: assign the next seq, build its payload with it, track
+    /// runs and the idempotency key, then enforce the count bound.
+    pub fn append(
+        &mut self,
+        now: Instant,
+        meta: &EventMeta,
+        idempotency_key: Option<&str>,
+        limits: &StreamLimits,
+        build: impl FnOnce(u64) -> P,
+    ) -> Appended {
+        if let Some(seq) = idempotency_key.and_then(|k| self.idempotent_seq(k)) {
+            return Appended::Duplicate(seq);
+        }
+        self.last_touch = now;
         self.last_seq += 1;
-        self.last_seq
+        let seq = self.last_seq;
+        let payload = build(seq);
+        self.bytes += payload.wire_len();
+        if let Some(run) = &meta.run_id {
+            if runs::closes(&meta.event) {
+                self.close_run(run);
+            } else {
+                let open = self.runs.entry(run.clone()).or_insert_with(|| OpenRun {
+                    first_seq: seq,
+                    last_at: now,
+                    thread_id: meta.thread_id.clone(),
+                });
+                open.last_at = now;
+            }
+        }
+        // A closing event is not pinned: its run is closed now.
+        let run_id = meta.run_id.clone().filter(|r| self.runs.contains_key(r));
+        self.window.push_back(Entry {
+            seq,
+            at: now,
+            run_id,
+            payload,
+        });
+        if let Some(key) = idempotency_key {
+            self.remember_key(key, seq, now, limits);
+        }
+        while self.window.len() > limits.max_events {
+            self.evict_front();
+        }
+        Appended::New(seq)
+    }
+
+    fn remember_key(&mut self, key: &str, seq: u64, now: Instant, limits: &StreamLimits) {
+        self.idempotency.insert(key.to_owned(), (seq, now));
+        self.idempotency_order.push_back((key.to_owned(), now));
+        while self.idempotency_order.len() > limits.max_idempotency_keys {
+            self.forget_oldest_key();
+        }
+    }
+
+    fn forget_oldest_key(&mut self) {
+        if let Some((key, at)) = self.idempotency_order.pop_front()
+            && self.idempotency.get(&key).is_some_and(|(_, t)| *t == at)
+        {
+            self.idempotency.remove(&key);
+        }
+    }
+
+    fn close_run(&mut self, run: &str) {
+        if self.runs.remove(run).is_some() {
+            for e in self.window.iter_mut() {
+                if e.run_id.as_deref() == Some(run) {
+                    e.run_id = None;
+                }
+            }
+            let drop: Vec<u64> = self
+                .pinned
+                .iter()
+                .filter(|(_, e)| e.run_id.as_deref() == Some(run))
+                .map(|(s, _)| *s)
+                .collect();
+            for s in drop {
+                if let Some(e) = self.pinned.remove(&s) {
+                    self.bytes -= e.payload.wire_len();
+                }
+            }
+        }
+    }
+
+    /// Evict the oldest window event; events of open runs move to `pinned`.
+    /// Returns the payload bytes freed.
+    pub fn evict_front(&mut self) -> usize {
+        let Some(e) = self.window.pop_front() else {
+            return 0;
+        };
+        if e.run_id.is_some() {
+            self.pinned.insert(e.seq, e);
+            0
+        } else {
+            let len = e.payload.wire_len();
+            self.bytes -= len;
+            len
+        }
+    }
+
+    /// Seq of the oldest event in the window, if any (for global eviction order).
+    pub fn oldest(&self) -> Option<(u64, Instant)> {
+        self.window.front().map(|e| (e.seq, e.at))
+    }
+
+    /// Enforce the age bound, forget expired idempotency keys.
+    pub fn evict_expired(&mut self, now: Instant, limits: &StreamLimits) -> usize {
+        let mut freed = 0;
+        while self
+            .window
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > limits.max_age)
+        {
+            freed += self.evict_front();
+        }
+        while self
+            .idempotency_order
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > limits.idempotency_window)
+        {
+            self.forget_oldest_key();
+        }
+        freed
+    }
+
+    /// Runs with no event for longer than `run_ttl` (to be closed with a
+    /// synthesized `agent_error`).
+    pub fn expired_runs(
+        &self,
+        now: Instant,
+        limits: &StreamLimits,
+    ) -> Vec<(String, Option<String>)> {
+        let mut out: Vec<_> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| now.saturating_duration_since(r.last_at) > limits.run_ttl)
+            .map(|(id, r)| (id.clone(), r.thread_id.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Decide whether a client at (`epoch`, `seq`) can resume.
+    pub fn check_resume(&self, epoch: &str, seq: u64) -> ResumeDecision {
+        if epoch != self.epoch || seq > self.last_seq {
+            return ResumeDecision::Reset;
+        }
+        if seq == self.last_seq || self.window.front().is_some_and(|e| e.seq <= seq + 1) {
+            ResumeDecision::Resume { after: seq }
+        } else {
+            ResumeDecision::Reset
+        }
+    }
+
+    /// Up to `limit` payloads with `after < seq <= until`, in order. Fails if
+    /// any of them was evicted (the caller must not skip silently).
+    pub fn read(&self, after: u64, until: u64, limit: usize) -> Result<Vec<P>, HistoryGone> {
+        if after >= until {
+            return Ok(Vec::new());
+        }
+        match self.window.front() {
+            Some(first) if first.seq <= after + 1 => {}
+            _ => return Err(HistoryGone { after }),
+        }
+        let start = (after + 1 - self.window[0].seq) as usize;
+        Ok(self
+            .window
+            .range(start..)
+            .take_while(|e| e.seq <= until)
+            .take(limit)
+            .map(|e| e.payload.clone())
+            .collect())
+    }
+
+    /// Payloads of the open runs' events with `after < seq <= until`, in order
+    /// (for `replay_active_runs`).
+    pub fn active_run_events(&self, after: u64, until: u64) -> Vec<P> {
+        self.pinned
+            .values()
+            .chain(self.window.iter())
+            .filter(|e| e.seq > after && e.seq <= until && e.run_id.is_some())
+            .map(|e| e.payload.clone())
+            .collect()
     }
 }
 
@@ -42,12 +397,115 @@ impl Stream {
 mod tests {
     use super::*;
 
+    fn meta(event: &str, run: Option<&str>) -> EventMeta {
+        EventMeta {
+            event: event.into(),
+            run_id: run.map(Into::into),
+            thread_id: None,
+        }
+    }
+
+    fn limits(max: usize) -> StreamLimits {
+        StreamLimits {
+            max_events: max,
+            ..StreamLimits::default()
+        }
+    }
+
+    fn push(s: &mut Stream<String>, now: Instant, m: EventMeta, l: &StreamLimits) -> u64 {
+        s.append(now, &m, None, l, |seq| format!("e{seq}")).seq()
+    }
+
     #[test]
     fn seq_starts_at_one_and_increments() {
-        let mut s = Stream::new("e1");
+        let now = Instant::now();
+        let mut s = Stream::new("e1", now);
+        let l = limits(10);
         assert_eq!(s.last_seq(), 0);
-        assert_eq!(s.next_seq(), 1);
-        assert_eq!(s.next_seq(), 2);
-        assert_eq!(s.epoch(), "e1");
+        assert_eq!(push(&mut s, now, meta("x", None), &l), 1);
+        assert_eq!(push(&mut s, now, meta("x", None), &l), 2);
+        assert_eq!(s.read(0, 2, 10).unwrap(), vec!["e1", "e2"]);
+    }
+
+    #[test]
+    fn resume_inside_window_replays_exactly_the_missed_events() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = limits(5);
+        for _ in 0..8 {
+            push(&mut s, now, meta("x", None), &l);
+        }
+        // Window holds 4..=8.
+        assert_eq!(s.check_resume("ep", 3), ResumeDecision::Resume { after: 3 });
+        assert_eq!(
+            s.read(3, 8, 100).unwrap(),
+            vec!["e4", "e5", "e6", "e7", "e8"]
+        );
+        assert_eq!(s.check_resume("ep", 2), ResumeDecision::Reset);
+        assert_eq!(s.read(2, 8, 100), Err(HistoryGone { after: 2 }));
+        assert_eq!(s.check_resume("other", 8), ResumeDecision::Reset);
+        assert_eq!(s.check_resume("ep", 9), ResumeDecision::Reset);
+        assert_eq!(s.check_resume("ep", 8), ResumeDecision::Resume { after: 8 });
+    }
+
+    #[test]
+    fn open_run_events_survive_the_count_bound_until_the_run_closes() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = limits(3);
+        push(&mut s, now, meta("agent_started", Some("r1")), &l);
+        for _ in 0..5 {
+            push(&mut s, now, meta("note", None), &l);
+        }
+        push(&mut s, now, meta("agent_thinking", Some("r1")), &l);
+        assert_eq!(s.active_run_events(0, 7), vec!["e1", "e7"]);
+        assert!(s.open_runs().contains_key("r1"));
+        push(&mut s, now, meta("agent_completed", Some("r1")), &l);
+        assert!(s.open_runs().is_empty());
+        assert!(s.active_run_events(0, 8).is_empty());
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn age_bound_and_run_ttl() {
+        let t0 = Instant::now();
+        let mut s = Stream::new("ep", t0);
+        let l = StreamLimits {
+            max_age: Duration::from_secs(10),
+            run_ttl: Duration::from_secs(30),
+            ..limits(100)
+        };
+        push(&mut s, t0, meta("note", None), &l);
+        push(&mut s, t0, meta("agent_started", Some("r1")), &l);
+        s.evict_expired(t0 + Duration::from_secs(11), &l);
+        assert_eq!(s.len(), 1, "the run's event stays pinned");
+        assert_eq!(s.check_resume("ep", 0), ResumeDecision::Reset);
+        assert!(s.expired_runs(t0 + Duration::from_secs(29), &l).is_empty());
+        assert_eq!(
+            s.expired_runs(t0 + Duration::from_secs(31), &l),
+            vec![("r1".to_owned(), None)]
+        );
+    }
+
+    #[test]
+    fn idempotency_key_appends_once() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = limits(10);
+        let m = meta("x", None);
+        assert_eq!(
+            s.append(now, &m, Some("k"), &l, |q| format!("e{q}")),
+            Appended::New(1)
+        );
+        assert_eq!(
+            s.append(now, &m, Some("k"), &l, |q| format!("e{q}")),
+            Appended::Duplicate(1)
+        );
+        assert_eq!(s.last_seq(), 1);
+        s.evict_expired(now + Duration::from_secs(601), &l);
+        assert_eq!(
+            s.append(now, &m, Some("k"), &l, |q| format!("e{q}")),
+            Appended::New(2)
+        );
     }
 }

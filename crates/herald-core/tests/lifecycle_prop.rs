@@ -11,7 +11,8 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Authenticate,
+    Authenticate(bool),
+    PushReplay(bool),
     Send,
     WriterStep,
     ClientCloseFrame,
@@ -22,7 +23,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        1 => Just(Op::Authenticate),
+        1 => any::<bool>().prop_map(Op::Authenticate),
+        2 => any::<bool>().prop_map(Op::PushReplay),
         6 => Just(Op::Send),
         6 => Just(Op::WriterStep),
         1 => Just(Op::ClientCloseFrame),
@@ -58,6 +60,7 @@ proptest! {
         let mut conn: Connection<String> = Connection::new(now, cfg);
         let mut wire = Vec::new();
         let mut accepted = Vec::new();
+        let mut replayed: Vec<String> = Vec::new();
         let mut tokens = 0;
         let mut next = 0u32;
         let mut last_state = conn.state();
@@ -65,9 +68,17 @@ proptest! {
 
         for op in ops {
             match op {
-                Op::Authenticate => {
-                    if conn.authenticate(now, "welcome".to_owned()).is_ok() {
-                        accepted.insert(0, "welcome".to_owned());
+                Op::Authenticate(catching_up) => {
+                    if conn.authenticate(now, "welcome".to_owned(), catching_up).is_ok() {
+                        replayed.push("welcome".to_owned());
+                    }
+                }
+                Op::PushReplay(done) => {
+                    if conn.wants_replay() {
+                        let frame = format!("r{next}");
+                        next += 1;
+                        conn.push_replay([frame.clone()], done);
+                        replayed.push(frame);
                     }
                 }
                 Op::Send => {
@@ -133,7 +144,9 @@ proptest! {
         }
         let closes_sent = wire.iter().filter(|w| matches!(w, Wire::CloseSent(_))).count();
         prop_assert!(closes_sent <= 1, "close frame written twice: {:?}", wire);
-        // Written data is a prefix of the accepted frames, in order, no duplicates.
+        // Written data is a prefix of: welcome, the replayed frames, then the
+        // accepted live frames — in order, no duplicates, no gap.
+        let accepted: Vec<String> = replayed.into_iter().chain(accepted).collect();
         let written: Vec<_> = wire.iter().filter_map(|w| match w { Wire::Data(d) => Some(d.clone()), _ => None }).collect();
         prop_assert!(written.len() <= accepted.len());
         prop_assert_eq!(&accepted[..written.len()], &written[..]);

@@ -20,7 +20,7 @@ use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
 use tracing::Instrument;
 
 use crate::auth::{AuthError, unix_now};
-use crate::connection::{ConnShared, OutFrame};
+use crate::connection::{CatchUp, ConnShared, OutFrame};
 use crate::registry::RegisterError;
 use crate::server::App;
 use crate::telemetry::{self, Stats};
@@ -73,6 +73,10 @@ impl Actor {
             if let Err(end) = self.write_pending().await {
                 return end;
             }
+            if self.conn.with_core(|c| c.wants_replay()) {
+                self.replay_page().await;
+                continue;
+            }
             if self.conn.with_core(|c| c.should_drop_transport()) {
                 return gone(CloseReason::PeerGone, "close handshake timed out");
             }
@@ -92,7 +96,7 @@ impl Actor {
                         ReadEnd::Gone(info) => return info,
                         ReadEnd::Close(info) => { self.conn.close(info); }
                     },
-                    Some(Ok(m)) => self.on_message(m),
+                    Some(Ok(m)) => self.on_message(m).await,
                 },
             }
         }
@@ -127,10 +131,57 @@ impl Actor {
         Ok(())
     }
 
-    fn on_message(&mut self, msg: Message) {
+    /// Fetch the next page of the catch-up plan and hand it to the lifecycle.
+    /// History evicted mid-replay closes the connection (4001): the client
+    /// resumes again and is told `reset` — never a silent gap.
+    async fn replay_page(&mut self) {
+        const PAGE: usize = 256;
+        let (Some(user), Some(plan)) = (self.conn.user().map(str::to_owned), self.conn.catch_up())
+        else {
+            self.conn.with_core(|c| c.push_replay([], true));
+            return;
+        };
+        let store = self.app.registry.store();
+        let page = match plan {
+            CatchUp::Replay { after, until } => {
+                store.read(&user, after, until, PAGE).await.map(|frames| {
+                    let reached = after + frames.len() as u64;
+                    let done = frames.is_empty() || reached >= until;
+                    self.conn.set_catch_up(Some(CatchUp::Replay {
+                        after: reached,
+                        until,
+                    }));
+                    (frames, done)
+                })
+            }
+            CatchUp::Runs { until } => store
+                .active_run_events(&user, 0, until)
+                .await
+                .map(|f| (f, true)),
+        };
+        match page {
+            Ok((frames, done)) => {
+                metrics::counter!(telemetry::EVENTS_REPLAYED).increment(frames.len() as u64);
+                self.conn.with_core(|c| c.push_replay(frames, done));
+                if done {
+                    self.conn.set_catch_up(None);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "replay failed");
+                self.close(
+                    CloseReason::SlowConsumer,
+                    Initiator::Server,
+                    "history evicted during replay; resume again",
+                );
+            }
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) {
         self.conn.with_core(|c| c.on_inbound(Instant::now()));
         match msg {
-            Message::Text(text) => self.on_text(text.as_str()),
+            Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => {
                 self.close(
                     CloseReason::UnsupportedData,
@@ -149,7 +200,7 @@ impl Actor {
         }
     }
 
-    fn on_text(&mut self, text: &str) {
+    async fn on_text(&mut self, text: &str) {
         let state = self.conn.state();
         if state >= State::Closing {
             return;
@@ -196,7 +247,7 @@ impl Actor {
             }
         };
         match (state, frame) {
-            (State::Handshaking, ClientFrame::Hello(hello)) => self.on_hello(hello),
+            (State::Handshaking, ClientFrame::Hello(hello)) => self.on_hello(hello).await,
             (State::Handshaking, _) => {
                 self.close(
                     CloseReason::ProtocolError,
@@ -231,8 +282,8 @@ impl Actor {
         }
     }
 
-    fn on_hello(&mut self, hello: Hello) {
-        let Some(token) = hello.token.or_else(|| self.header_token.take()) else {
+    async fn on_hello(&mut self, hello: Hello) {
+        let Some(token) = hello.token.clone().or_else(|| self.header_token.take()) else {
             self.close(
                 CloseReason::Unauthorized,
                 Initiator::Client,
@@ -256,13 +307,18 @@ impl Actor {
             }
         };
         let heartbeat_ms = self.app.config.lifecycle.heartbeat_interval.as_millis() as u64;
-        match self.app.registry.register(
-            &claims.sub,
-            &self.conn,
-            self.app.config.max_connections_per_user,
-            heartbeat_ms,
-            hello.resume.as_ref(),
-        ) {
+        match self
+            .app
+            .registry
+            .register(
+                &claims.sub,
+                &self.conn,
+                &hello,
+                self.app.config.max_connections_per_user,
+                heartbeat_ms,
+            )
+            .await
+        {
             Ok(()) => {
                 self.span.record("user_id", claims.sub.as_str());
                 self.set_expiry(claims.exp);
@@ -277,6 +333,14 @@ impl Actor {
             }
             // Closing already (e.g. shutdown raced the hello): nothing to do.
             Err(RegisterError::NotHandshaking) => {}
+            Err(RegisterError::Store(e)) => {
+                tracing::error!(error = %e, "history store failed at hello");
+                self.close(
+                    CloseReason::Internal,
+                    Initiator::Server,
+                    "history unavailable",
+                );
+            }
         }
     }
 

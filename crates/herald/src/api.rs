@@ -18,6 +18,7 @@ use herald_core::protocol::{AGENT_EVENTS, EventFrame, deserialize_named, is_vali
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::history::NewEvent;
 use crate::registry::Published;
 use crate::server::App;
 
@@ -207,6 +208,8 @@ struct PublishEvent {
     user_id: String,
     event: String,
     #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
     thread_id: Option<String>,
     #[serde(default)]
     run_id: Option<String>,
@@ -218,6 +221,7 @@ struct PublishEvent {
 struct ValidEvent {
     user_id: String,
     event: String,
+    idempotency_key: Option<String>,
     thread_id: Option<String>,
     run_id: Option<String>,
     data: Value,
@@ -241,7 +245,11 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
             "must be 1 to 64 characters of [A-Za-z0-9_.:-]",
         ));
     }
-    for (field, v) in [("thread_id", &e.thread_id), ("run_id", &e.run_id)] {
+    for (field, v) in [
+        ("thread_id", &e.thread_id),
+        ("run_id", &e.run_id),
+        ("idempotency_key", &e.idempotency_key),
+    ] {
         if let Some(v) = v
             && (v.is_empty() || v.len() > MAX_REF_BYTES)
         {
@@ -276,6 +284,7 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
     Ok(ValidEvent {
         user_id: e.user_id,
         event: e.event,
+        idempotency_key: e.idempotency_key,
         thread_id: e.thread_id,
         run_id: e.run_id,
         data,
@@ -320,26 +329,45 @@ async fn publish(
             ));
         }
     };
-    let ts = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let results: Vec<Published> = events
-        .into_iter()
-        .map(|e| {
-            app.registry.publish(&e.user_id, |seq| EventFrame {
-                seq,
+    let ts = now_rfc3339();
+    let mut results: Vec<Published> = Vec::with_capacity(events.len());
+    for e in events {
+        let event = NewEvent {
+            frame: EventFrame {
+                seq: 0,
                 event: e.event,
                 thread_id: e.thread_id,
                 run_id: e.run_id,
                 data: e.data,
                 ts: ts.clone(),
-            })
-        })
-        .collect();
+            },
+            idempotency_key: e.idempotency_key,
+        };
+        let published = app
+            .registry
+            .publish(&e.user_id, event)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "history store failed on publish");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    err.to_string(),
+                )
+            })?;
+        results.push(published);
+    }
     Ok(Json(json!({ "results": results })))
 }
 
 #[derive(Debug, Deserialize)]
 struct Disconnect {
     user_id: String,
+}
+
+/// The current time as RFC 3339 with milliseconds (event `ts`).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 /// `POST /api/v1/disconnect`: close every connection of a user with 4409.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use herald_core::LifecycleConfig;
 use herald_core::protocol::Limits;
+use herald_core::stream::StreamLimits;
 
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +117,31 @@ pub const KEYS: &[KeySpec] = &[
         name: "max_connections_per_user",
         default: Some("32"),
         doc: "Live connections per user; a further hello is closed with 1013",
+    },
+    KeySpec {
+        name: "history_max_events",
+        default: Some("1000"),
+        doc: "Events kept per user stream for resume (events of open agent runs are kept beyond it)",
+    },
+    KeySpec {
+        name: "history_max_age",
+        default: Some("1h"),
+        doc: "Oldest event kept for resume",
+    },
+    KeySpec {
+        name: "history_max_bytes",
+        default: Some("268435456"),
+        doc: "Serialized event bytes kept in history in total; the oldest are evicted first",
+    },
+    KeySpec {
+        name: "run_ttl",
+        default: Some("10m"),
+        doc: "An agent run with no event for this long is closed with agent_error {reason: run_timeout}",
+    },
+    KeySpec {
+        name: "idempotency_window",
+        default: Some("10m"),
+        doc: "How long a publish idempotency_key is remembered",
     },
     KeySpec {
         name: "drain_window",
@@ -379,6 +405,10 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Drain window on shutdown.
     pub drain_window: Duration,
+    /// Per-stream history retention.
+    pub stream_limits: StreamLimits,
+    /// Total history bytes.
+    pub history_max_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -444,6 +474,14 @@ impl Config {
             max_connections: raw.required("max_connections", positive)?,
             max_connections_per_user: raw.required("max_connections_per_user", positive)?,
             drain_window: raw.required("drain_window", duration)?,
+            stream_limits: StreamLimits {
+                max_events: raw.required("history_max_events", positive)?,
+                max_age: raw.required("history_max_age", duration)?,
+                run_ttl: raw.required("run_ttl", duration)?,
+                idempotency_window: raw.required("idempotency_window", duration)?,
+                ..StreamLimits::default()
+            },
+            history_max_bytes: raw.required("history_max_bytes", positive)?,
             log_format,
         })
     }

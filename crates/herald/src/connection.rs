@@ -34,6 +34,23 @@ impl From<String> for OutFrame {
     }
 }
 
+/// What a connection still has to replay after its welcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Replay the stream's events with `after < seq <= until`, page by page.
+    Replay {
+        /// Last seq already sent (the client's resume point, then each page's end).
+        after: u64,
+        /// The stream's latest seq when the connection joined the fan-out set.
+        until: u64,
+    },
+    /// Replay the open runs' events up to `until` (`replay_active_runs`).
+    Runs {
+        /// The stream's latest seq when the connection joined the fan-out set.
+        until: u64,
+    },
+}
+
 /// The typed result of a send: queued, or refused with the reason.
 pub type SendOutcome = Result<(), SendRefused>;
 
@@ -50,6 +67,7 @@ pub struct ConnShared {
     core: Mutex<Connection<OutFrame>>,
     wake: Notify,
     acked_seq: AtomicU64,
+    catch_up: Mutex<Option<CatchUp>>,
 }
 
 impl ConnShared {
@@ -64,12 +82,21 @@ impl ConnShared {
             core: Mutex::new(Connection::new(now, cfg)),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
+            catch_up: Mutex::new(None),
         }
     }
 
     /// The authenticated user, once `hello` succeeded.
     pub fn user(&self) -> Option<&str> {
         self.user.get().map(String::as_str)
+    }
+
+    pub(crate) fn set_catch_up(&self, plan: Option<CatchUp>) {
+        *self.catch_up.lock() = plan;
+    }
+
+    pub(crate) fn catch_up(&self) -> Option<CatchUp> {
+        *self.catch_up.lock()
     }
 
     pub(crate) fn set_user(&self, user: &str) {

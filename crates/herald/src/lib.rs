@@ -9,7 +9,8 @@
 //! - [`ws`]: the `GET /ws` upgrade (limits, token from header or subprotocol).
 //! - [`actor`]: one task per socket, the only writer; drives the lifecycle.
 //! - [`connection`]: the shared handle others use to send to or close a connection.
-//! - [`registry`]: connections by id, users' streams and fan-out; cleanup.
+//! - [`registry`]: connections by id and by user; publish (append, then fan out); cleanup.
+//! - [`history`]: the history store trait and the in-memory store.
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
@@ -21,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod history;
 pub mod registry;
 pub mod server;
 pub mod telemetry;

@@ -1,32 +1,37 @@
-//! The registry: every live connection by id, and every user's stream and
-//! authenticated connections.
+//! The registry: every live connection by id, every user's authenticated
+//! connections, and the publish path (append to history, then fan out).
 //!
-//! Lock order is always user entry → connection state machine; cleanup takes
-//! the user entry lock without holding a connection lock, so there is no cycle.
-//! An event is serialized once and the same bytes are queued to every
-//! connection of the user.
+//! Each user has a *gate* (an async mutex). Publishing an event (append +
+//! fan-out) and registering a connection (resume decision + welcome + joining
+//! the fan-out set) both run under it, so a connection sees exactly the events
+//! after the point its replay ends — no gap and no duplicate, however many
+//! publishers race the resume. Lock order: user gate → user's connection list
+//! → connection state machine. Cleanup takes the connection list without the
+//! gate, so it never waits for a slow store.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use dashmap::DashMap;
-use herald_core::protocol::{EventFrame, Resume, ServerFrame};
-use herald_core::stream::Stream;
+use herald_core::protocol::{Hello, ServerFrame};
+use herald_core::stream::ResumeDecision;
 use herald_core::{CloseInfo, CloseReason, Initiator, State};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::connection::{ConnShared, OutFrame};
+use crate::connection::{CatchUp, ConnShared, OutFrame};
+use crate::history::{HistoryStore, NewEvent, StoreError};
 use crate::telemetry::{self, Stats};
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct UserEntry {
-    stream: Stream,
-    conns: Vec<Arc<ConnShared>>,
+    gate: tokio::sync::Mutex<()>,
+    conns: Mutex<Vec<Arc<ConnShared>>>,
 }
 
 /// Why a connection could not join its user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
     /// The user is at `max_connections_per_user`.
     #[error("too many connections for this user")]
@@ -34,6 +39,9 @@ pub enum RegisterError {
     /// The connection started closing before it could be registered.
     #[error("connection is no longer handshaking")]
     NotHandshaking,
+    /// The history store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Result of publishing one event.
@@ -45,6 +53,9 @@ pub struct Published {
     pub epoch: String,
     /// Live connections the event was queued to.
     pub delivered: usize,
+    /// True when the idempotency key was seen before (nothing appended).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 /// One row of `GET /api/v1/connections`.
@@ -58,35 +69,37 @@ pub struct ConnInfo {
     pub state: &'static str,
     /// Milliseconds since the upgrade.
     pub age_ms: u64,
-    /// Frames waiting in the outbound queue.
+    /// Frames waiting to be written.
     pub queue_depth: usize,
-    /// Bytes waiting in the outbound queue.
+    /// Bytes waiting in the live queue.
     pub queued_bytes: usize,
     /// Highest seq the client acknowledged.
     pub acked_seq: u64,
 }
 
-/// All connections and user streams of one server.
+/// All connections and users of one server.
 #[derive(Debug)]
 pub struct Registry {
     conns: DashMap<u64, (Arc<ConnShared>, Arc<AtomicBool>)>,
-    users: DashMap<String, Arc<Mutex<UserEntry>>>,
+    users: DashMap<String, Arc<UserEntry>>,
+    store: Arc<dyn HistoryStore>,
     stats: Arc<Stats>,
 }
 
-/// A random stream epoch (16 hex digits).
-pub fn new_epoch() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
 impl Registry {
-    /// An empty registry that counts into `stats`.
-    pub fn new(stats: Arc<Stats>) -> Self {
+    /// An empty registry over `store` that counts into `stats`.
+    pub fn new(store: Arc<dyn HistoryStore>, stats: Arc<Stats>) -> Self {
         Self {
             conns: DashMap::new(),
             users: DashMap::new(),
+            store,
             stats,
         }
+    }
+
+    /// The history store.
+    pub fn store(&self) -> &Arc<dyn HistoryStore> {
+        &self.store
     }
 
     /// Live connections (any state but closed).
@@ -108,81 +121,105 @@ impl Registry {
             .insert(conn.id, (conn, Arc::new(AtomicBool::new(false))));
     }
 
-    fn entry(&self, user: &str) -> Arc<Mutex<UserEntry>> {
+    fn entry(&self, user: &str) -> Arc<UserEntry> {
         if let Some(e) = self.users.get(user) {
             return e.clone();
         }
-        self.users
-            .entry(user.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(UserEntry {
-                    stream: Stream::new(new_epoch()),
-                    conns: Vec::new(),
-                }))
-            })
-            .clone()
+        self.users.entry(user.to_owned()).or_default().clone()
     }
 
-    /// Move `conn` to `Ready` as `user`: under the user's lock, build the
-    /// welcome from the stream position, queue it first, and join the user's
-    /// fan-out set. Any event published afterwards is queued after the welcome.
-    pub fn register(
+    /// Drop the user's entry when nobody holds it and it has no connection.
+    /// (Holding the shard lock, nobody can clone it concurrently.)
+    fn release(&self, user: &str, entry: Arc<UserEntry>) {
+        drop(entry);
+        self.users.remove_if(user, |_, e| {
+            Arc::strong_count(e) == 1 && e.conns.lock().is_empty()
+        });
+    }
+
+    /// Move `conn` to `Ready` as `user`, under the user's gate: decide the
+    /// resume, queue the welcome, plan the replay, and join the fan-out set.
+    pub async fn register(
         &self,
         user: &str,
         conn: &Arc<ConnShared>,
+        hello: &Hello,
         max_per_user: usize,
         heartbeat_ms: u64,
-        resume: Option<&Resume>,
     ) -> Result<(), RegisterError> {
         let entry = self.entry(user);
-        let mut entry = entry.lock();
-        if entry.conns.len() >= max_per_user {
-            return Err(RegisterError::UserFull);
+        let result = async {
+            let _gate = entry.gate.lock().await;
+            if entry.conns.lock().len() >= max_per_user {
+                return Err(RegisterError::UserFull);
+            }
+            let pos = self.store.position(user).await?;
+            let decision = match &hello.resume {
+                Some(r) => Some(self.store.check_resume(user, &r.epoch, r.seq).await?),
+                None => None,
+            };
+            let until = pos.last_seq;
+            let runs = hello.replay_active_runs.then_some(CatchUp::Runs { until });
+            let (resumed, reset, plan) = match decision {
+                Some(ResumeDecision::Resume { after }) if after == until => (true, false, None),
+                Some(ResumeDecision::Resume { after }) => {
+                    (true, false, Some(CatchUp::Replay { after, until }))
+                }
+                Some(ResumeDecision::Reset) => (false, true, runs),
+                None => (false, false, runs),
+            };
+            let welcome = ServerFrame::Welcome {
+                conn_id: &conn.id_str,
+                user_id: user,
+                epoch: &pos.epoch,
+                seq: until,
+                resumed,
+                reset,
+                heartbeat_ms,
+            }
+            .to_json();
+            conn.with_core(|c| {
+                c.authenticate(Instant::now(), OutFrame::from(welcome), plan.is_some())
+            })
+            .map_err(|_| RegisterError::NotHandshaking)?;
+            conn.set_user(user);
+            conn.set_catch_up(plan);
+            entry.conns.lock().push(conn.clone());
+            Ok(())
         }
-        // Without stored history a resume is honoured only when nothing was
-        // missed; otherwise the client is told plainly (`reset`), never skipped.
-        let resumed = resume
-            .is_some_and(|r| r.epoch == entry.stream.epoch() && r.seq == entry.stream.last_seq());
-        let welcome = ServerFrame::Welcome {
-            conn_id: &conn.id_str,
-            user_id: user,
-            epoch: entry.stream.epoch(),
-            seq: entry.stream.last_seq(),
-            resumed,
-            reset: resume.is_some() && !resumed,
-            heartbeat_ms,
-        }
-        .to_json();
-        conn.with_core(|core| {
-            core.authenticate(std::time::Instant::now(), OutFrame::from(welcome))
-        })
-        .map_err(|_| RegisterError::NotHandshaking)?;
-        conn.set_user(user);
-        entry.conns.push(conn.clone());
-        Ok(())
+        .await;
+        self.release(user, entry);
+        result
     }
 
-    /// Append an event to `user`'s stream and queue it to every live connection
-    /// of the user. The event is serialized once.
-    pub fn publish(&self, user: &str, build: impl FnOnce(u64) -> EventFrame) -> Published {
+    /// Append an event to `user`'s stream, then queue it to every live
+    /// connection of the user (serialized once). A repeated idempotency key
+    /// appends and delivers nothing and returns the original seq.
+    pub async fn publish(&self, user: &str, event: NewEvent) -> Result<Published, StoreError> {
         let entry = self.entry(user);
-        let mut entry = entry.lock();
-        let seq = entry.stream.next_seq();
-        let event = build(seq);
-        let frame = OutFrame::from(ServerFrame::Event(&event).to_json());
-        let mut delivered = 0;
-        for conn in &entry.conns {
-            if conn.send(frame.clone()).is_ok() {
-                delivered += 1;
+        let result = async {
+            let _gate = entry.gate.lock().await;
+            let appended = self.store.append(user, event).await?;
+            let mut delivered = 0;
+            if let Some(frame) = &appended.frame {
+                for conn in entry.conns.lock().iter() {
+                    if conn.send(frame.clone()).is_ok() {
+                        delivered += 1;
+                    }
+                }
+                metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
+                metrics::counter!(telemetry::EVENTS_QUEUED).increment(delivered as u64);
             }
+            Ok(Published {
+                seq: appended.seq,
+                epoch: appended.epoch,
+                delivered,
+                duplicate: appended.frame.is_none(),
+            })
         }
-        metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
-        metrics::counter!(telemetry::EVENTS_QUEUED).increment(delivered as u64);
-        Published {
-            seq,
-            epoch: entry.stream.epoch().to_owned(),
-            delivered,
-        }
+        .await;
+        self.release(user, entry);
+        result
     }
 
     /// Close every connection of `user` with `reason`; returns how many
@@ -191,7 +228,8 @@ impl Registry {
         let Some(entry) = self.users.get(user).map(|e| e.clone()) else {
             return 0;
         };
-        let conns = entry.lock().conns.clone();
+        let conns = entry.conns.lock().clone();
+        self.release(user, entry);
         conns
             .iter()
             .filter(|c| c.close(CloseInfo::new(reason, Initiator::Server, detail)))
@@ -209,7 +247,7 @@ impl Registry {
             Some(u) => self
                 .users
                 .get(u)
-                .map(|e| e.lock().conns.clone())
+                .map(|e| e.conns.lock().clone())
                 .unwrap_or_default(),
             None => self.all(),
         };
@@ -253,7 +291,8 @@ impl Registry {
         if let Some(user) = conn.user()
             && let Some(entry) = self.users.get(user).map(|e| e.clone())
         {
-            entry.lock().conns.retain(|c| c.id != conn.id);
+            entry.conns.lock().retain(|c| c.id != conn.id);
+            self.release(user, entry);
         }
         self.conns.remove(&conn.id);
         self.stats.cleanups.fetch_add(1, Ordering::Relaxed);

@@ -20,8 +20,11 @@ use tower::ServiceExt;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::connection::OutFrame;
+use crate::history::{MemoryStore, NewEvent};
 use crate::registry::Registry;
 use crate::telemetry::{self, Stats, StatsSnapshot};
+use herald_core::protocol::EventFrame;
+use herald_core::stream::runs;
 
 /// Listen backlog; tokio's default of 128 drops connection storms.
 const LISTEN_BACKLOG: u32 = 8192;
@@ -83,6 +86,7 @@ pub struct Server {
     local_addr: SocketAddr,
     stop_accepting: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Server {
@@ -101,7 +105,13 @@ impl Server {
             })?;
         let stats = Arc::new(Stats::default());
         let app = Arc::new(App {
-            registry: Registry::new(stats.clone()),
+            registry: Registry::new(
+                Arc::new(MemoryStore::new(
+                    config.stream_limits.clone(),
+                    config.history_max_bytes,
+                )),
+                stats.clone(),
+            ),
             stats,
             verifier,
             prometheus: telemetry::prometheus(),
@@ -112,13 +122,15 @@ impl Server {
         });
         let (stop_accepting, stop_rx) = watch::channel(false);
         let router = crate::api::router(app.clone());
-        let accept_task = tokio::spawn(accept_loop(listener, router, stop_rx));
+        let accept_task = tokio::spawn(accept_loop(listener, router, stop_rx.clone()));
+        let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx));
         tracing::info!(addr = %local_addr, "herald listening");
         Ok(Server {
             app,
             local_addr,
             stop_accepting,
             accept_task,
+            sweeper,
         })
     }
 
@@ -180,7 +192,44 @@ impl Server {
         }
         let _ = self.stop_accepting.send(true);
         let _ = self.accept_task.await;
+        let _ = self.sweeper.await;
         tracing::info!("drained");
+    }
+}
+
+/// Once a second: enforce history age bounds, close runs silent for
+/// `run_ttl` with a synthesized `agent_error` (published like any event, so
+/// live clients and later resumes see it), and update history gauges.
+async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let store = app.registry.store().clone();
+        for run in store.sweep(std::time::Instant::now()).await {
+            tracing::info!(user_id = %run.user, run_id = %run.run_id, "agent run timed out");
+            metrics::counter!(telemetry::RUNS_TIMED_OUT).increment(1);
+            let event = NewEvent {
+                frame: EventFrame {
+                    seq: 0,
+                    event: runs::ERROR.to_owned(),
+                    thread_id: run.thread_id,
+                    run_id: Some(run.run_id),
+                    data: serde_json::json!({"reason": "run_timeout"}),
+                    ts: crate::api::now_rfc3339(),
+                },
+                idempotency_key: None,
+            };
+            if let Err(e) = app.registry.publish(&run.user, event).await {
+                tracing::warn!(error = %e, "could not publish a run timeout");
+            }
+        }
+        let stats = store.stats();
+        metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
+        metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.bytes as f64);
     }
 }
 

@@ -26,6 +26,14 @@ pub const BYTES_OUT: &str = "herald_bytes_out_total";
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
 /// Counter: event deliveries queued to connections.
 pub const EVENTS_QUEUED: &str = "herald_event_deliveries_total";
+/// Counter: events written from history during catch-up (resume, run replay).
+pub const EVENTS_REPLAYED: &str = "herald_events_replayed_total";
+/// Gauge: events held in history.
+pub const HISTORY_EVENTS: &str = "herald_history_events";
+/// Gauge: bytes held in history.
+pub const HISTORY_BYTES: &str = "herald_history_bytes";
+/// Counter: runs closed by the server after `run_ttl` of silence.
+pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
 /// Counter: upgrades refused, labelled `reason` (`draining`, `capacity`).
 pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
 /// Counter: invariant violations detected at runtime (must stay 0), labelled `kind`.

@@ -89,47 +89,6 @@ async fn token_in_header_or_subprotocol_is_accepted() {
 }
 
 #[tokio::test]
-async fn resume_without_missed_events_is_honoured_otherwise_reset() {
-    let server = start().await;
-    let (mut a, w) = connect(&server, "erin").await;
-    publish(&server, "erin", "agent_note", json!({})).await;
-    assert_eq!(next_json(&mut a).await["seq"], 1);
-    let epoch = w["epoch"].as_str().unwrap().to_owned();
-
-    // Caught up: resumed.
-    let mut b = open(&server, &[], None).await;
-    send_json(
-        &mut b,
-        json!({"type":"hello","token":token("erin"),"resume":{"epoch":epoch,"seq":1}}),
-    )
-    .await;
-    let wb = next_json(&mut b).await;
-    assert_eq!(
-        (wb["resumed"].as_bool(), wb.get("reset")),
-        (Some(true), None)
-    );
-
-    // Behind (events it never saw) or wrong epoch: reset, never a silent skip.
-    for resume in [
-        json!({"epoch": epoch, "seq": 0}),
-        json!({"epoch": "other", "seq": 1}),
-    ] {
-        let mut c = open(&server, &[], None).await;
-        send_json(
-            &mut c,
-            json!({"type":"hello","token":token("erin"),"resume":resume}),
-        )
-        .await;
-        let wc = next_json(&mut c).await;
-        assert_eq!(
-            (wc["resumed"].as_bool(), wc["reset"].as_bool()),
-            (Some(false), Some(true)),
-            "{wc}"
-        );
-    }
-}
-
-#[tokio::test]
 async fn per_user_connection_limit_closes_with_1013() {
     let mut cfg = config();
     cfg.max_connections_per_user = 2;

@@ -1,0 +1,269 @@
+//! Streams that lose nothing: resume, replay racing live publishes, reset,
+//! agent runs, run timeouts, idempotent publish.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn hello(server: &herald::Server, body: Value) -> (Ws, Value) {
+    let mut ws = open(server, &[], None).await;
+    send_json(&mut ws, body).await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+async fn resume(server: &herald::Server, user: &str, epoch: &str, seq: u64) -> (Ws, Value) {
+    hello(
+        server,
+        json!({"type": "hello", "token": token(user), "resume": {"epoch": epoch, "seq": seq}}),
+    )
+    .await
+}
+
+async fn publish_n(server: &herald::Server, user: &str, n: usize) -> Value {
+    let events: Vec<Value> = (0..n)
+        .map(|_| json!({"user_id": user, "event": "agent_note"}))
+        .collect();
+    let (status, body) = post(server, "/api/v1/events", json!({ "events": events })).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+async fn next_event(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] == "event" {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn tcp_drop_then_resume_gets_exactly_the_missed_events_then_live() {
+    let server = start().await;
+    let (mut ws, welcome) = connect(&server, "ana").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    publish_n(&server, "ana", 10).await;
+    for want in 1..=10 {
+        assert_eq!(next_event(&mut ws).await["seq"], want);
+    }
+    drop(ws); // TCP gone, no close frame
+    publish_n(&server, "ana", 20).await;
+
+    let (mut ws, welcome) = resume(&server, "ana", &epoch, 10).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["seq"].as_u64()),
+        (Some(true), Some(30))
+    );
+    assert!(welcome.get("reset").is_none());
+    for want in 11..=30 {
+        let e = next_event(&mut ws).await;
+        assert_eq!(e["seq"], want);
+        assert_eq!(e["event"], "agent_note");
+    }
+    publish_n(&server, "ana", 2).await;
+    assert_eq!(next_event(&mut ws).await["seq"], 31);
+    assert_eq!(next_event(&mut ws).await["seq"], 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_from_zero_while_1000_events_are_published_concurrently() {
+    let mut cfg = config();
+    cfg.stream_limits.max_events = 5000;
+    let server = std::sync::Arc::new(start_with(cfg).await);
+    let first = publish_n(&server, "bea", 1).await;
+    let epoch = first["results"][0]["epoch"].as_str().unwrap().to_owned();
+
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        let server = server.clone();
+        publishers.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                publish_n(&server, "bea", 10).await;
+            }
+        }));
+    }
+    // Resume from 0 while the publishers run.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (mut ws, welcome) = resume(&server, "bea", &epoch, 0).await;
+    assert_eq!(welcome["resumed"], true);
+    eprintln!("resumed while publishing: welcome seq {}", welcome["seq"]);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = 1 + 4 * 25 * 10;
+    let mut last = 0;
+    for _ in 0..total {
+        let seq = next_event(&mut ws).await["seq"].as_u64().unwrap();
+        assert_eq!(
+            seq,
+            last + 1,
+            "gap or duplicate (welcome seq was {})",
+            welcome["seq"]
+        );
+        last = seq;
+    }
+    assert_eq!(last, total as u64);
+    // Nothing more is pending.
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn wrong_epoch_or_evicted_resume_point_resets() {
+    let mut cfg = config();
+    cfg.stream_limits.max_events = 5;
+    let server = start_with(cfg).await;
+    let first = publish_n(&server, "cy", 12).await;
+    let epoch = first["results"][0]["epoch"].as_str().unwrap().to_owned();
+
+    let (_ws, w) = resume(&server, "cy", "not-the-epoch", 3).await;
+    assert_eq!(
+        (
+            w["resumed"].as_bool(),
+            w["reset"].as_bool(),
+            w["seq"].as_u64()
+        ),
+        (Some(false), Some(true), Some(12))
+    );
+    // Events 1..=7 were evicted (count bound 5): a resume from 3 cannot be served.
+    let (mut ws, w) = resume(&server, "cy", &epoch, 3).await;
+    assert_eq!(
+        (w["resumed"].as_bool(), w["reset"].as_bool()),
+        (Some(false), Some(true))
+    );
+    // After a reset, the client is live from now: the next event is 13.
+    publish_n(&server, "cy", 1).await;
+    assert_eq!(next_event(&mut ws).await["seq"], 13);
+    // Resuming inside the window still works.
+    let (mut ws, w) = resume(&server, "cy", &epoch, 9).await;
+    assert_eq!(w["resumed"], true);
+    for want in 10..=13 {
+        assert_eq!(next_event(&mut ws).await["seq"], want);
+    }
+}
+
+#[tokio::test]
+async fn mid_run_connect_replays_the_run_and_abandoned_runs_time_out() {
+    let mut cfg = config();
+    cfg.stream_limits.max_events = 3;
+    cfg.stream_limits.run_ttl = Duration::from_millis(1500);
+    let server = start_with(cfg).await;
+    let ev = |event: &str, run: &str, data: Value| json!({"user_id": "dee", "event": event, "run_id": run, "thread_id": "t1", "data": data});
+    let batch = vec![
+        ev("agent_started", "r1", json!({})),
+        ev("agent_thinking", "r1", json!({"text": "a"})),
+        json!({"user_id": "dee", "event": "agent_note"}),
+        json!({"user_id": "dee", "event": "agent_note"}),
+        json!({"user_id": "dee", "event": "agent_note"}),
+        ev("tool_executing", "r1", json!({"tool": "search"})),
+    ];
+    let (status, _) = post(&server, "/api/v1/events", json!({ "events": batch })).await;
+    assert_eq!(status, 200);
+
+    // A page opened mid-run sees the run from agent_started (seq 1), even
+    // though the count bound (3) evicted it from the resume window.
+    let (mut ws, w) = hello(
+        &server,
+        json!({"type": "hello", "token": token("dee"), "replay_active_runs": true}),
+    )
+    .await;
+    assert_eq!(w["seq"], 6);
+    let got: Vec<(u64, String)> = [
+        next_event(&mut ws).await,
+        next_event(&mut ws).await,
+        next_event(&mut ws).await,
+    ]
+    .iter()
+    .map(|e| {
+        (
+            e["seq"].as_u64().unwrap(),
+            e["event"].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "agent_started".into()),
+            (2, "agent_thinking".into()),
+            (6, "tool_executing".into())
+        ]
+    );
+    // Without replay_active_runs, nothing is replayed.
+    let (mut plain, _) = connect(&server, "dee").await;
+
+    // The run goes silent: the server closes it with agent_error {reason: run_timeout}.
+    for ws in [&mut ws, &mut plain] {
+        let e = tokio::time::timeout(Duration::from_secs(6), next_event(ws))
+            .await
+            .expect("run timeout event");
+        assert_eq!(
+            (e["event"].as_str(), e["run_id"].as_str(), e["seq"].as_u64()),
+            (Some("agent_error"), Some("r1"), Some(7))
+        );
+        assert_eq!(e["data"]["reason"], "run_timeout");
+        assert_eq!(e["thread_id"], "t1");
+    }
+    // The run is closed: a new page has nothing to replay.
+    let (mut late, _) = hello(
+        &server,
+        json!({"type": "hello", "token": token("dee"), "replay_active_runs": true}),
+    )
+    .await;
+    send_json(&mut late, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut late).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn duplicate_idempotency_key_appends_once() {
+    let server = start().await;
+    let (mut ws, _) = connect(&server, "eve").await;
+    let body = json!({"user_id": "eve", "event": "agent_note", "idempotency_key": "k-1"});
+    let (_, first) = post(&server, "/api/v1/events", body.clone()).await;
+    let (_, again) = post(&server, "/api/v1/events", body).await;
+    assert_eq!(first["results"][0]["seq"], 1);
+    assert_eq!(first["results"][0]["delivered"], 1);
+    assert_eq!(again["results"][0]["seq"], 1);
+    assert_eq!(again["results"][0]["duplicate"], true);
+    assert_eq!(again["results"][0]["delivered"], 0);
+    publish_n(&server, "eve", 1).await;
+    assert_eq!(next_event(&mut ws).await["seq"], 1);
+    assert_eq!(
+        next_event(&mut ws).await["seq"],
+        2,
+        "the duplicate was not appended"
+    );
+}
+
+#[tokio::test]
+async fn events_for_an_offline_user_are_delivered_on_resume() {
+    let server = start().await;
+    let (ws, w) = connect(&server, "fay").await;
+    let epoch = w["epoch"].as_str().unwrap().to_owned();
+    drop(ws);
+    wait_for_no_connections(&server).await;
+    let r = publish_n(&server, "fay", 3).await;
+    assert_eq!(r["results"][0]["delivered"], 0);
+    let (mut ws, _) = resume(&server, "fay", &epoch, 0).await;
+    for want in 1..=3 {
+        assert_eq!(next_event(&mut ws).await["seq"], want);
+    }
+    // The ack is recorded per connection.
+    send_json(&mut ws, json!({"type": "ack", "seq": 3})).await;
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    while let Some(Ok(m)) = ws.next().await {
+        if matches!(m, Message::Text(ref t) if t.contains("pong")) {
+            break;
+        }
+    }
+    let (_, conns) = get_json(&server, "/api/v1/connections?user_id=fay").await;
+    assert_eq!(conns["connections"][0]["acked_seq"], 3);
+}
