@@ -17,6 +17,7 @@
 //! closed, never a silent gap.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::Payload;
@@ -80,7 +81,8 @@ pub struct EventMeta {
 struct Entry<P> {
     seq: u64,
     at: Instant,
-    run_id: Option<String>,
+    /// Set while the event's run is open (pins the event); shared with the run map.
+    run_id: Option<Arc<str>>,
     payload: P,
 }
 
@@ -140,7 +142,7 @@ pub struct Stream<P> {
     last_seq: u64,
     window: VecDeque<Entry<P>>,
     pinned: BTreeMap<u64, Entry<P>>,
-    runs: HashMap<String, OpenRun>,
+    runs: HashMap<Arc<str>, OpenRun>,
     idempotency: HashMap<String, (u64, Instant)>,
     idempotency_order: VecDeque<(String, Instant)>,
     bytes: usize,
@@ -189,7 +191,7 @@ impl<P: Payload + Clone> Stream<P> {
     }
 
     /// The currently open runs.
-    pub fn open_runs(&self) -> &HashMap<String, OpenRun> {
+    pub fn open_runs(&self) -> &HashMap<Arc<str>, OpenRun> {
         &self.runs
     }
 
@@ -225,20 +227,25 @@ impl<P: Payload + Clone> Stream<P> {
         let seq = self.last_seq;
         let payload = build(seq);
         self.bytes += payload.wire_len();
-        if let Some(run) = &meta.run_id {
+        let mut run_id = None;
+        if let Some(run) = meta.run_id.as_deref() {
             if runs::closes(&meta.event) {
+                // A closing event is not pinned: its run is closed now.
                 self.close_run(run);
             } else {
-                let open = self.runs.entry(run.clone()).or_insert_with(|| OpenRun {
+                let key = match self.runs.get_key_value(run) {
+                    Some((k, _)) => k.clone(),
+                    None => Arc::from(run),
+                };
+                let open = self.runs.entry(key.clone()).or_insert_with(|| OpenRun {
                     first_seq: seq,
                     last_at: now,
                     thread_id: meta.thread_id.clone(),
                 });
                 open.last_at = now;
+                run_id = Some(key);
             }
         }
-        // A closing event is not pinned: its run is closed now.
-        let run_id = meta.run_id.clone().filter(|r| self.runs.contains_key(r));
         self.window.push_back(Entry {
             seq,
             at: now,
@@ -343,7 +350,7 @@ impl<P: Payload + Clone> Stream<P> {
             .runs
             .iter()
             .filter(|(_, r)| now.saturating_duration_since(r.last_at) > limits.run_ttl)
-            .map(|(id, r)| (id.clone(), r.thread_id.clone()))
+            .map(|(id, r)| (id.to_string(), r.thread_id.clone()))
             .collect();
         out.sort();
         out

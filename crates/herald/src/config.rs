@@ -131,7 +131,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         name: "history_max_bytes",
         default: Some("268435456"),
-        doc: "Serialized event bytes kept in history in total; the oldest are evicted first",
+        doc: "Memory for history in total (payload + ~288 B per event); the oldest events are evicted first",
     },
     KeySpec {
         name: "run_ttl",

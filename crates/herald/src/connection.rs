@@ -29,7 +29,9 @@ impl Payload for OutFrame {
 }
 
 impl From<String> for OutFrame {
-    fn from(s: String) -> Self {
+    fn from(mut s: String) -> Self {
+        // Serializers over-allocate; frames kept in history should not.
+        s.shrink_to_fit();
         OutFrame(Utf8Bytes::from(s))
     }
 }
