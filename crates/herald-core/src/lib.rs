@@ -11,13 +11,16 @@
 //!   written and when, and hands out the cleanup token exactly once.
 //! - [`protocol`]: wire protocol v1 — client frames parsed and validated, server
 //!   frames serialized, limits.
-//! - [`stream`]: per-user event streams — `epoch`, `seq`.
+//! - [`stream`]: per-user event streams — `epoch`, `seq`, bounded history,
+//!   agent runs, resume decisions.
+//! - [`ratelimit`]: the per-connection inbound token bucket.
 
 #![forbid(unsafe_code)]
 
 pub mod close;
 pub mod lifecycle;
 pub mod protocol;
+pub mod ratelimit;
 pub mod stream;
 
 pub use close::{CloseInfo, CloseReason, Initiator};

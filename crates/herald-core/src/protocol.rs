@@ -408,8 +408,6 @@ pub mod codes {
     pub const UNKNOWN_RUN: &str = "unknown_run";
     /// The sender exceeded the inbound rate limit.
     pub const RATE_LIMITED: &str = "rate_limited";
-    /// The frame type is valid but not available on this server.
-    pub const NOT_AVAILABLE: &str = "not_available";
     /// A refresh token was rejected.
     pub const INVALID_TOKEN: &str = "invalid_token";
 }

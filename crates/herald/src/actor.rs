@@ -21,9 +21,11 @@ use tracing::Instrument;
 
 use crate::auth::{AuthError, unix_now};
 use crate::connection::{CatchUp, ConnShared, OutFrame};
+use crate::inbound::{CancelOut, MessageOut};
 use crate::registry::RegisterError;
 use crate::server::App;
 use crate::telemetry::{self, Stats};
+use herald_core::ratelimit::{Bucket, Verdict};
 
 /// Run one connection from upgrade to cleanup.
 pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
@@ -33,6 +35,7 @@ pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>)
     ));
     app.registry.insert(conn.clone());
     let span = tracing::info_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
+    let app_rate = app.config.rate_limit;
     let actor = Actor {
         wire: Wire {
             ws: socket,
@@ -43,6 +46,7 @@ pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>)
         app,
         header_token,
         span: span.clone(),
+        bucket: Bucket::new(app_rate, Instant::now()),
     };
     actor.run().instrument(span).await
 }
@@ -53,6 +57,7 @@ struct Actor {
     app: Arc<App>,
     header_token: Option<String>,
     span: tracing::Span,
+    bucket: Bucket,
 }
 
 impl Actor {
@@ -179,7 +184,34 @@ impl Actor {
     }
 
     async fn on_message(&mut self, msg: Message) {
-        self.conn.with_core(|c| c.on_inbound(Instant::now()));
+        let now = Instant::now();
+        self.conn.with_core(|c| c.on_inbound(now));
+        if matches!(
+            msg,
+            Message::Text(_) | Message::Binary(_) | Message::Ping(_)
+        ) {
+            match self.bucket.check(now) {
+                Verdict::Allow => {}
+                Verdict::Reject { notify } => {
+                    metrics::counter!(telemetry::RATE_LIMITED).increment(1);
+                    if notify {
+                        self.reply(ServerFrame::Error {
+                            code: codes::RATE_LIMITED,
+                            message: "too many frames; slow down",
+                        });
+                    }
+                    return;
+                }
+                Verdict::Close => {
+                    self.close(
+                        CloseReason::PolicyViolation,
+                        Initiator::Client,
+                        "rate limit exceeded",
+                    );
+                    return;
+                }
+            }
+        }
         match msg {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => {
@@ -265,16 +297,20 @@ impl Actor {
             (_, ClientFrame::Ping) => self.reply(ServerFrame::Pong),
             (_, ClientFrame::Ack { seq }) => self.conn.record_ack(seq),
             (_, ClientFrame::Refresh { token }) => self.on_refresh(&token),
-            (_, ClientFrame::UserMessage(m)) => self.reply(ServerFrame::Nack {
-                id: &m.id,
-                error: codes::NOT_AVAILABLE,
-                message: Some("no agent backend is connected to this server yet"),
-                retry_after_ms: None,
-            }),
-            (_, ClientFrame::Cancel { run_id }) => self.reply(ServerFrame::Error {
-                code: codes::UNKNOWN_RUN,
-                message: &format!("no open run `{run_id}` for this user"),
-            }),
+            (_, ClientFrame::UserMessage(m)) => {
+                let Some(user) = self.conn.user() else { return };
+                let msg = MessageOut {
+                    user_id: user.to_owned(),
+                    thread_id: m.thread_id,
+                    message_id: m.id,
+                    text: m.text,
+                    data: m.data,
+                    conn_id: self.conn.id_str.clone(),
+                    received_at: crate::api::now_rfc3339(),
+                };
+                self.app.inbound.submit_message(self.conn.clone(), msg);
+            }
+            (_, ClientFrame::Cancel { run_id }) => self.on_cancel(run_id).await,
             (_, ClientFrame::Unknown { kind }) => self.reply(ServerFrame::Error {
                 code: codes::UNKNOWN_TYPE,
                 message: &format!("unknown frame type `{kind}`"),
@@ -342,6 +378,33 @@ impl Actor {
                 );
             }
         }
+    }
+    /// Forward a cancel only for a run that is open in this user's own stream.
+    async fn on_cancel(&mut self, run_id: String) {
+        let Some(user) = self.conn.user().map(str::to_owned) else {
+            return;
+        };
+        let open = self
+            .app
+            .registry
+            .store()
+            .is_open_run(&user, &run_id)
+            .await
+            .unwrap_or(false);
+        if !open {
+            self.reply(ServerFrame::Error {
+                code: codes::UNKNOWN_RUN,
+                message: &format!("no open run `{run_id}` for this user"),
+            });
+            return;
+        }
+        let cancel = CancelOut {
+            user_id: user,
+            run_id,
+            conn_id: self.conn.id_str.clone(),
+            received_at: crate::api::now_rfc3339(),
+        };
+        self.app.inbound.submit_cancel(self.conn.clone(), cancel);
     }
 
     fn on_refresh(&mut self, token: &str) {

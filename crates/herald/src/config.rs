@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use herald_core::LifecycleConfig;
 use herald_core::protocol::Limits;
+use herald_core::ratelimit::RateLimit;
 use herald_core::stream::StreamLimits;
+
+use crate::webhook::WebhookConfig;
 
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +69,37 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec {
         name: "webhook_url",
         default: None,
-        doc: "Agent backend webhook for user messages (not yet used)",
+        doc: "Agent backend webhook for user messages and cancels. Unset: the built-in demo agent answers",
+    },
+    KeySpec {
+        name: "webhook_secret",
+        default: None,
+        doc: "HMAC-SHA256 key for the X-Herald-Signature header (required with webhook_url)",
+    },
+    KeySpec {
+        name: "webhook_timeout",
+        default: Some("5s"),
+        doc: "Timeout of one webhook attempt",
+    },
+    KeySpec {
+        name: "webhook_retries",
+        default: Some("3"),
+        doc: "Webhook retries after the first attempt (on 5xx, 429, timeouts, connection errors)",
+    },
+    KeySpec {
+        name: "message_dedupe_window",
+        default: Some("10m"),
+        doc: "A repeated user_message id within this window is acked again but forwarded once",
+    },
+    KeySpec {
+        name: "inbound_rate",
+        default: Some("10"),
+        doc: "Inbound frames per second per connection (token bucket refill)",
+    },
+    KeySpec {
+        name: "inbound_burst",
+        default: Some("20"),
+        doc: "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008",
     },
     KeySpec {
         name: "hello_timeout",
@@ -347,6 +380,14 @@ fn positive(v: &str) -> Result<usize, String> {
     }
 }
 
+fn url(v: &str) -> Result<String, String> {
+    if v.starts_with("http://") || v.starts_with("https://") {
+        Ok(v.to_owned())
+    } else {
+        Err(format!("`{v}` is not an http:// or https:// URL"))
+    }
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".to_owned())
@@ -388,8 +429,12 @@ pub struct Config {
     pub jwt_leeway: Duration,
     /// API bearer key.
     pub api_key: String,
-    /// Agent backend webhook, if configured.
-    pub webhook_url: Option<String>,
+    /// The webhook backend, if configured (else the demo agent answers).
+    pub webhook: Option<WebhookConfig>,
+    /// How long user message ids are remembered for deduplication.
+    pub message_dedupe_window: Duration,
+    /// Inbound rate limit per connection.
+    pub rate_limit: RateLimit,
     /// True when neither a JWT key nor an API key was configured: both were
     /// generated for this run and development conveniences are on.
     pub dev_mode: bool,
@@ -459,7 +504,31 @@ impl Config {
             jwt_issuer: raw.parse("jwt_issuer", non_empty)?,
             jwt_leeway: raw.required("jwt_leeway", duration)?,
             api_key: api_key.unwrap_or_else(random_secret),
-            webhook_url: raw.parse("webhook_url", non_empty)?,
+            webhook: match raw.parse("webhook_url", url)? {
+                None => None,
+                Some(url) => Some(WebhookConfig {
+                    url,
+                    secret: raw.parse("webhook_secret", non_empty)?.ok_or(
+                        ConfigError::Invalid {
+                            key: "webhook_secret",
+                            layer: Layer::Default,
+                            message: "required when webhook_url is set".to_owned(),
+                        },
+                    )?,
+                    timeout: raw.required("webhook_timeout", duration)?,
+                    retries: raw.required("webhook_retries", |v| {
+                        v.parse::<u32>()
+                            .map_err(|_| format!("`{v}` is not a non-negative integer"))
+                    })?,
+                    backoff: Duration::from_millis(200),
+                }),
+            },
+            message_dedupe_window: raw.required("message_dedupe_window", duration)?,
+            rate_limit: RateLimit {
+                per_second: raw.required("inbound_rate", positive)? as f64,
+                burst: raw.required("inbound_burst", positive)? as f64,
+                ..RateLimit::default()
+            },
             dev_mode,
             lifecycle: LifecycleConfig {
                 hello_timeout: raw.required("hello_timeout", duration)?,

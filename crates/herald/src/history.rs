@@ -115,6 +115,12 @@ pub trait HistoryStore: Send + Sync + Debug {
         until: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<OutFrame>, StoreError>>;
+    /// Whether `run_id` is an open run in `user`'s stream.
+    fn is_open_run<'a>(
+        &'a self,
+        user: &'a str,
+        run_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
     /// Frames of the user's open runs with `after < seq <= until`, in order.
     fn active_run_events<'a>(
         &'a self,
@@ -337,6 +343,20 @@ impl HistoryStore for MemoryStore {
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<OutFrame>, StoreError>> {
         Box::pin(async move { Ok(self.with_stream(user, |s| s.active_run_events(after, until))) })
+    }
+
+    fn is_open_run<'a>(
+        &'a self,
+        user: &'a str,
+        run_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            // Do not create a stream just to look.
+            Ok(self
+                .streams
+                .get(user)
+                .is_some_and(|s| s.lock().open_runs().contains_key(run_id)))
+        })
     }
 
     fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>> {

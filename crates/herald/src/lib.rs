@@ -11,6 +11,8 @@
 //! - [`connection`]: the shared handle others use to send to or close a connection.
 //! - [`registry`]: connections by id and by user; publish (append, then fan out); cleanup.
 //! - [`history`]: the history store trait and the in-memory store.
+//! - [`inbound`]: user messages and cancels to the agent backend (dedupe, ack/nack).
+//! - [`webhook`]: the signed, retrying webhook backend; [`demo`]: the built-in demo agent.
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
@@ -22,10 +24,13 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod history;
+pub mod inbound;
 pub mod registry;
 pub mod server;
 pub mod telemetry;
+pub mod webhook;
 pub mod ws;
 
 pub use config::Config;

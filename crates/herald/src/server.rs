@@ -20,9 +20,12 @@ use tower::ServiceExt;
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::connection::OutFrame;
+use crate::demo::DemoAgent;
 use crate::history::{MemoryStore, NewEvent};
+use crate::inbound::{AgentBackend, Inbound};
 use crate::registry::Registry;
 use crate::telemetry::{self, Stats, StatsSnapshot};
+use crate::webhook::Webhook;
 use herald_core::protocol::EventFrame;
 use herald_core::stream::runs;
 
@@ -48,6 +51,9 @@ pub enum ServerError {
     /// The JWT key is unusable.
     #[error("invalid JWT key: {0}")]
     Key(String),
+    /// The webhook client could not be built.
+    #[error("cannot set up the webhook client: {0}")]
+    Webhook(String),
 }
 
 /// State shared by every handler and connection of one server.
@@ -57,8 +63,10 @@ pub struct App {
     pub config: Config,
     /// Client token verifier.
     pub verifier: Verifier,
-    /// Connections and user streams.
-    pub registry: Registry,
+    /// Connections and users; the publish path.
+    pub registry: Arc<Registry>,
+    /// User messages and cancels to the agent backend.
+    pub inbound: Arc<Inbound>,
     /// Invariant counters of this server.
     pub stats: Arc<Stats>,
     /// Prometheus handle for `/metrics` (process-wide).
@@ -104,14 +112,22 @@ impl Server {
                 source,
             })?;
         let stats = Arc::new(Stats::default());
-        let app = Arc::new(App {
-            registry: Registry::new(
-                Arc::new(MemoryStore::new(
-                    config.stream_limits.clone(),
-                    config.history_max_bytes,
-                )),
-                stats.clone(),
+        let registry = Arc::new(Registry::new(
+            Arc::new(MemoryStore::new(
+                config.stream_limits.clone(),
+                config.history_max_bytes,
+            )),
+            stats.clone(),
+        ));
+        let backend: Arc<dyn AgentBackend> = match &config.webhook {
+            Some(cfg) => Arc::new(
+                Webhook::new(cfg.clone()).map_err(|e| ServerError::Webhook(e.to_string()))?,
             ),
+            None => Arc::new(DemoAgent::new(registry.clone())),
+        };
+        let app = Arc::new(App {
+            inbound: Arc::new(Inbound::new(backend, config.message_dedupe_window)),
+            registry,
             stats,
             verifier,
             prometheus: telemetry::prometheus(),

@@ -34,6 +34,12 @@ pub const HISTORY_EVENTS: &str = "herald_history_events";
 pub const HISTORY_BYTES: &str = "herald_history_bytes";
 /// Counter: runs closed by the server after `run_ttl` of silence.
 pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
+/// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`).
+pub const MESSAGES: &str = "herald_user_messages_total";
+/// Counter: webhook attempts, labelled `outcome` (`ok`, `rejected`, `retryable_failure`).
+pub const WEBHOOK_REQUESTS: &str = "herald_webhook_requests_total";
+/// Counter: inbound frames dropped by the rate limit.
+pub const RATE_LIMITED: &str = "herald_inbound_rate_limited_total";
 /// Counter: upgrades refused, labelled `reason` (`draining`, `capacity`).
 pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
 /// Counter: invariant violations detected at runtime (must stay 0), labelled `kind`.

@@ -1,0 +1,137 @@
+//! The built-in demo agent, used when no webhook is configured: it answers
+//! every message with the golden path — `agent_started`, `agent_thinking` (a
+//! few streamed chunks), `tool_executing` / `tool_completed` for a pretend
+//! tool, `agent_completed` with a `final_response` — over about a second,
+//! through the same publish path external backends use. A `cancel` ends the
+//! run with `agent_cancelled`, and nothing of that run follows it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use herald_core::protocol::EventFrame;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::history::{BoxFuture, NewEvent};
+use crate::inbound::{AgentBackend, BackendRequest, DeliveryError, MessageOut};
+use crate::registry::Registry;
+
+/// Pause between the demo agent's events.
+const STEP: Duration = Duration::from_millis(160);
+
+/// The demo agent.
+#[derive(Debug)]
+pub struct DemoAgent {
+    registry: Arc<Registry>,
+    /// Open runs: run id → (user, cancel signal).
+    runs: DashMap<String, (String, Arc<Notify>)>,
+}
+
+impl DemoAgent {
+    /// A demo agent publishing through `registry`.
+    pub fn new(registry: Arc<Registry>) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            runs: DashMap::new(),
+        })
+    }
+
+    async fn run(self: Arc<Self>, msg: MessageOut, run_id: String, cancel: Arc<Notify>) {
+        let words: Vec<&str> = msg.text.split_whitespace().collect();
+        let topic = if words.is_empty() {
+            "your message".to_owned()
+        } else {
+            words.iter().take(6).copied().collect::<Vec<_>>().join(" ")
+        };
+        let steps: Vec<(&str, Value)> = vec![
+            (
+                "agent_started",
+                json!({"message_id": msg.message_id, "agent": "herald-demo"}),
+            ),
+            ("agent_thinking", json!({"text": "Reading your message"})),
+            (
+                "agent_thinking",
+                json!({"text": format!("Thinking about \u{201c}{topic}\u{201d}")}),
+            ),
+            (
+                "tool_executing",
+                json!({"tool": "search", "input": {"query": topic}}),
+            ),
+            (
+                "tool_completed",
+                json!({"tool": "search", "output": {"results": 3, "summary": format!("3 notes found about \u{201c}{topic}\u{201d}")}}),
+            ),
+            ("agent_thinking", json!({"text": "Writing the answer"})),
+            (
+                "agent_completed",
+                json!({"final_response": format!(
+                    "You said: \u{201c}{}\u{201d}. I am Herald's built-in demo agent; set HERALD_WEBHOOK_URL to connect your own.",
+                    msg.text
+                )}),
+            ),
+        ];
+        for (i, (event, data)) in steps.into_iter().enumerate() {
+            if i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(STEP) => {}
+                    _ = cancel.notified() => {
+                        self.publish(&msg, &run_id, "agent_cancelled", json!({"reason": "cancelled by user"})).await;
+                        break;
+                    }
+                }
+            }
+            self.publish(&msg, &run_id, event, data).await;
+        }
+        self.runs.remove(&run_id);
+    }
+
+    async fn publish(&self, msg: &MessageOut, run_id: &str, event: &str, data: Value) {
+        let frame = EventFrame {
+            seq: 0,
+            event: event.to_owned(),
+            thread_id: Some(msg.thread_id.clone()),
+            run_id: Some(run_id.to_owned()),
+            data,
+            ts: crate::api::now_rfc3339(),
+        };
+        if let Err(e) = self
+            .registry
+            .publish(
+                &msg.user_id,
+                NewEvent {
+                    frame,
+                    idempotency_key: None,
+                },
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "demo agent could not publish");
+        }
+    }
+}
+
+impl AgentBackend for Arc<DemoAgent> {
+    fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            if let BackendRequest::Cancel(c) = req
+                && let Some(run) = self.runs.get(&c.run_id)
+                && run.0 == c.user_id
+            {
+                // notify_one stores a permit, so a cancel between steps is not lost.
+                run.1.notify_one();
+            }
+            Ok(())
+        })
+    }
+
+    fn after_ack(&self, req: BackendRequest) {
+        if let BackendRequest::UserMessage(msg) = req {
+            let run_id = format!("run_{:012x}", rand::random::<u64>() >> 16);
+            let cancel = Arc::new(Notify::new());
+            self.runs
+                .insert(run_id.clone(), (msg.user_id.clone(), cancel.clone()));
+            tokio::spawn(self.clone().run(msg, run_id, cancel));
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The webhook agent backend: a signed JSON POST per request, with a timeout
+//! and bounded retries (exponential backoff with full jitter) on 5xx, 429,
+//! timeouts and connection errors; no retry on other 4xx.
+//!
+//! Signature: `X-Herald-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`
+//! with `X-Herald-Timestamp: <unix seconds>`. A receiver recomputes it over the
+//! raw body and rejects timestamps outside its replay window ([`verify`]).
+//! `X-Herald-Delivery` is the same for every retry of one request, so a
+//! backend can deduplicate.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use sha2::Sha256;
+
+use crate::history::BoxFuture;
+use crate::inbound::{AgentBackend, BackendRequest, DeliveryError};
+
+/// Header carrying the signature.
+pub const SIGNATURE_HEADER: &str = "x-herald-signature";
+/// Header carrying the signing timestamp (unix seconds).
+pub const TIMESTAMP_HEADER: &str = "x-herald-timestamp";
+/// Header carrying the delivery id (stable across retries).
+pub const DELIVERY_HEADER: &str = "x-herald-delivery";
+
+/// Delivery settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// The URL to POST to.
+    pub url: String,
+    /// The HMAC secret.
+    pub secret: String,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// First backoff; doubles per retry (full jitter), capped at 5 s.
+    pub backoff: Duration,
+}
+
+/// The webhook backend.
+#[derive(Debug)]
+pub struct Webhook {
+    cfg: WebhookConfig,
+    client: reqwest::Client,
+}
+
+impl Webhook {
+    /// A webhook backend; fails if the HTTP client cannot be built.
+    pub fn new(cfg: WebhookConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder().timeout(cfg.timeout).build()?;
+        Ok(Self { cfg, client })
+    }
+}
+
+/// `hex(HMAC-SHA256(secret, "<timestamp>.<body>"))`.
+pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    let mut mac = mac(secret);
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn mac(secret: &str) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length, so this cannot fail.
+    match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC takes keys of any size"),
+    }
+}
+
+/// Why a webhook signature did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The timestamp header is missing or not a number.
+    #[error("missing or malformed timestamp")]
+    BadTimestamp,
+    /// The timestamp is outside the replay window.
+    #[error("timestamp outside the replay window")]
+    Stale,
+    /// The signature header is missing or not `v1=<hex>`.
+    #[error("missing or malformed signature")]
+    BadSignature,
+    /// The signature does not match.
+    #[error("signature mismatch")]
+    Mismatch,
+}
+
+/// Verify a webhook request as a backend would: `timestamp` and `signature`
+/// are the header values, `now` is the receiver's unix time, `window` the
+/// accepted clock difference.
+pub fn verify(
+    secret: &str,
+    timestamp: Option<&str>,
+    signature: Option<&str>,
+    body: &[u8],
+    now: u64,
+    window: Duration,
+) -> Result<(), VerifyError> {
+    let ts: u64 = timestamp
+        .and_then(|t| t.parse().ok())
+        .ok_or(VerifyError::BadTimestamp)?;
+    if now.abs_diff(ts) > window.as_secs() {
+        return Err(VerifyError::Stale);
+    }
+    let given = signature
+        .and_then(|s| s.strip_prefix("v1="))
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or(VerifyError::BadSignature)?;
+    let mut mac = mac(secret);
+    mac.update(ts.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac.verify_slice(&given).map_err(|_| VerifyError::Mismatch)
+}
+
+impl AgentBackend for Webhook {
+    fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(req).map_err(|e| DeliveryError::Unavailable {
+                detail: e.to_string(),
+            })?;
+            let delivery = format!("{:032x}", rand::random::<u128>());
+            let mut last = String::new();
+            for attempt in 0..=self.cfg.retries {
+                if attempt > 0 {
+                    let cap = self
+                        .cfg
+                        .backoff
+                        .saturating_mul(1 << (attempt - 1).min(16))
+                        .min(Duration::from_secs(5));
+                    let wait = rand::rng().random_range(Duration::ZERO..=cap);
+                    tokio::time::sleep(wait).await;
+                }
+                let ts = crate::auth::unix_now();
+                let sent = self
+                    .client
+                    .post(&self.cfg.url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header(TIMESTAMP_HEADER, ts.to_string())
+                    .header(
+                        SIGNATURE_HEADER,
+                        format!("v1={}", sign(&self.cfg.secret, ts, &body)),
+                    )
+                    .header(DELIVERY_HEADER, &delivery)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let outcome = match sent {
+                    Ok(resp) if resp.status().is_success() => {
+                        metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "ok")
+                            .increment(1);
+                        return Ok(());
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        if status.is_client_error() && status.as_u16() != 429 {
+                            metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "rejected").increment(1);
+                            return Err(DeliveryError::Rejected {
+                                status: status.as_u16(),
+                            });
+                        }
+                        format!("HTTP {status}")
+                    }
+                    Err(e) if e.is_timeout() => "timeout".to_owned(),
+                    Err(e) => format!("request failed: {e}"),
+                };
+                metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "retryable_failure").increment(1);
+                tracing::debug!(attempt, outcome = %outcome, "webhook attempt failed");
+                last = outcome;
+            }
+            tracing::warn!(last = %last, "webhook delivery failed after retries");
+            Err(DeliveryError::Unavailable { detail: last })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify_round_trip() {
+        let body = br#"{"type":"user_message"}"#;
+        let sig = format!("v1={}", sign("s", 1000, body));
+        let w = Duration::from_secs(300);
+        assert_eq!(verify("s", Some("1000"), Some(&sig), body, 1100, w), Ok(()));
+        assert_eq!(
+            verify("s", Some("1000"), Some(&sig), body, 2000, w),
+            Err(VerifyError::Stale)
+        );
+        assert_eq!(
+            verify("t", Some("1000"), Some(&sig), body, 1000, w),
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            verify("s", Some("1000"), Some(&sig), b"{}", 1000, w),
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            verify("s", None, Some(&sig), body, 1000, w),
+            Err(VerifyError::BadTimestamp)
+        );
+        assert_eq!(
+            verify("s", Some("1000"), Some("nope"), body, 1000, w),
+            Err(VerifyError::BadSignature)
+        );
+    }
+}

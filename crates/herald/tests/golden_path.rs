@@ -1,0 +1,417 @@
+//! The golden path: user messages to the agent backend, acks, cancel, the demo
+//! agent, the webhook backend, and the inbound rate limit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use common::*;
+use herald::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookConfig};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+const HOOK_SECRET: &str = "hook-secret";
+
+fn message(id: &str, text: &str) -> Value {
+    json!({"type": "user_message", "id": id, "thread_id": "t1", "text": text})
+}
+
+/// Read frames until one of `type` arrives (others are returned too).
+async fn until_type(ws: &mut Ws, kind: &str) -> (Value, Vec<Value>) {
+    let mut seen = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] == kind {
+            return (v, seen);
+        }
+        seen.push(v);
+    }
+}
+
+/// Events of one run until it closes (completed, error or cancelled).
+async fn run_events(ws: &mut Ws) -> Vec<Value> {
+    let mut events = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] != "event" {
+            continue;
+        }
+        let name = v["event"].as_str().unwrap().to_owned();
+        events.push(v);
+        if matches!(
+            name.as_str(),
+            "agent_completed" | "agent_error" | "agent_cancelled"
+        ) {
+            return events;
+        }
+    }
+}
+
+#[tokio::test]
+async fn demo_agent_answers_with_the_five_events_in_order() {
+    let server = start().await;
+    let (mut ws, _) = connect(&server, "gil").await;
+    send_json(&mut ws, message("m1", "what is the weather")).await;
+    let (ack, before) = until_type(&mut ws, "ack").await;
+    assert!(before.is_empty(), "the ack comes first: {before:?}");
+    assert_eq!(
+        (ack["id"].as_str(), ack["status"].as_str()),
+        (Some("m1"), Some("accepted"))
+    );
+
+    let events = run_events(&mut ws).await;
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    let mut distinct = names.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        vec![
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_thinking",
+            "agent_completed"
+        ]
+    );
+    let run = events[0]["run_id"].as_str().unwrap();
+    assert!(
+        events
+            .iter()
+            .all(|e| e["run_id"] == run && e["thread_id"] == "t1")
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let last = events.last().unwrap();
+    assert!(
+        last["data"]["final_response"]
+            .as_str()
+            .unwrap()
+            .contains("what is the weather")
+    );
+    assert_eq!(events[3]["data"]["tool"], "search");
+}
+
+#[tokio::test]
+async fn cancel_mid_run_ends_with_agent_cancelled_and_nothing_after() {
+    let server = start().await;
+    let (mut ws, _) = connect(&server, "hal").await;
+    send_json(&mut ws, message("m1", "long task")).await;
+    until_type(&mut ws, "ack").await;
+    let started = next_json(&mut ws).await;
+    assert_eq!(started["event"], "agent_started");
+    let run = started["run_id"].as_str().unwrap().to_owned();
+
+    // Another user may not cancel it; an unknown run is refused too.
+    let (mut other, _) = connect(&server, "ivan").await;
+    send_json(&mut other, json!({"type": "cancel", "run_id": run})).await;
+    assert_eq!(next_json(&mut other).await["code"], "unknown_run");
+    send_json(&mut ws, json!({"type": "cancel", "run_id": "run_nope"})).await;
+
+    send_json(&mut ws, json!({"type": "cancel", "run_id": run})).await;
+    let mut rest = Vec::new();
+    loop {
+        let v = next_json(&mut ws).await;
+        let done = v["event"] == "agent_cancelled";
+        rest.push(v);
+        if done {
+            break;
+        }
+    }
+    assert!(rest.iter().any(|v| v["code"] == "unknown_run"), "{rest:?}");
+    assert!(!rest.iter().any(|v| v["event"] == "agent_completed"));
+    // Nothing of that run after agent_cancelled (the demo run would take ~1 s).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    // And the run is closed: cancelling again is refused.
+    send_json(&mut ws, json!({"type": "cancel", "run_id": run})).await;
+    assert_eq!(next_json(&mut ws).await["code"], "unknown_run");
+}
+
+/// A scripted webhook receiver: verifies every signature and answers with the
+/// next status of `script` (the last one repeats).
+#[derive(Default)]
+struct Hook {
+    script: Vec<u16>,
+    attempts: Vec<Value>,
+    bad_signatures: usize,
+}
+
+async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
+    let hook = Arc::new(Mutex::new(Hook {
+        script,
+        ..Hook::default()
+    }));
+    let state = hook.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let state = state.clone();
+            async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let ok = herald::webhook::verify(
+                    HOOK_SECRET,
+                    h(TIMESTAMP_HEADER).as_deref(),
+                    h(SIGNATURE_HEADER).as_deref(),
+                    &body,
+                    herald::auth::unix_now(),
+                    Duration::from_secs(300),
+                )
+                .is_ok();
+                let mut s = state.lock();
+                if !ok {
+                    s.bad_signatures += 1;
+                }
+                s.attempts.push(serde_json::from_slice(&body).unwrap());
+                let i = (s.attempts.len() - 1).min(s.script.len() - 1);
+                StatusCode::from_u16(s.script[i]).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), hook)
+}
+
+async fn server_with_hook(url: String) -> herald::Server {
+    let mut cfg = config();
+    cfg.webhook = Some(WebhookConfig {
+        url,
+        secret: HOOK_SECRET.to_owned(),
+        timeout: Duration::from_secs(2),
+        retries: 3,
+        backoff: Duration::from_millis(10),
+    });
+    start_with(cfg).await
+}
+
+#[tokio::test]
+async fn webhook_retries_503_then_delivers_once_and_acks_once() {
+    let (url, hook) = start_hook(vec![503, 503, 200]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "jan").await;
+    send_json(&mut ws, json!({"type": "user_message", "id": "m1", "thread_id": "t9", "text": "hi", "data": {"k": 1}})).await;
+    let (ack, _) = until_type(&mut ws, "ack").await;
+    assert_eq!(ack["id"], "m1");
+    {
+        let h = hook.lock();
+        assert_eq!(h.attempts.len(), 3, "two 503s, then 200");
+        assert_eq!(h.bad_signatures, 0);
+        let body = &h.attempts[2];
+        assert_eq!(body["type"], "user_message");
+        assert_eq!(body["user_id"], "jan");
+        assert_eq!(body["thread_id"], "t9");
+        assert_eq!(body["message_id"], "m1");
+        assert_eq!(body["text"], "hi");
+        assert_eq!(body["data"]["k"], 1);
+        assert!(body["conn_id"].is_string() && body["received_at"].is_string());
+    }
+    // Exactly one ack: the next frame is the pong.
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn webhook_that_always_fails_yields_nack_and_4xx_is_not_retried() {
+    let (url, hook) = start_hook(vec![500]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "kai").await;
+    send_json(&mut ws, message("m1", "hi")).await;
+    let (nack, _) = until_type(&mut ws, "nack").await;
+    assert_eq!(
+        (nack["id"].as_str(), nack["error"].as_str()),
+        (Some("m1"), Some("backend_unavailable"))
+    );
+    assert!(nack["retry_after_ms"].as_u64().unwrap() > 0);
+    assert_eq!(hook.lock().attempts.len(), 4, "1 attempt + 3 retries");
+
+    let (url, hook) = start_hook(vec![400]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "kai").await;
+    send_json(&mut ws, message("m2", "hi")).await;
+    let (nack, _) = until_type(&mut ws, "nack").await;
+    assert_eq!(nack["error"], "backend_rejected");
+    assert_eq!(hook.lock().attempts.len(), 1, "no retry on 400");
+}
+
+#[tokio::test]
+async fn duplicate_message_id_is_forwarded_once_and_acked_twice() {
+    let (url, hook) = start_hook(vec![200]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "lea").await;
+    send_json(&mut ws, message("dup", "once")).await;
+    send_json(&mut ws, message("dup", "once")).await;
+    let (a1, _) = until_type(&mut ws, "ack").await;
+    let (a2, _) = until_type(&mut ws, "ack").await;
+    assert_eq!(
+        (a1["id"].as_str(), a2["id"].as_str()),
+        (Some("dup"), Some("dup"))
+    );
+    // Later, from another connection of the same user: acked, not forwarded.
+    let (mut ws2, _) = connect(&server, "lea").await;
+    send_json(&mut ws2, message("dup", "once")).await;
+    assert_eq!(until_type(&mut ws2, "ack").await.0["id"], "dup");
+    assert_eq!(hook.lock().attempts.len(), 1);
+}
+
+#[tokio::test]
+async fn cancel_is_forwarded_to_the_webhook_as_its_own_kind() {
+    let (url, hook) = start_hook(vec![200]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "max").await;
+    let (status, _) = post(
+        &server,
+        "/api/v1/events",
+        json!({"user_id": "max", "event": "agent_started", "run_id": "r7"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    until_type(&mut ws, "event").await;
+    send_json(&mut ws, json!({"type": "cancel", "run_id": "r7"})).await;
+    for _ in 0..200 {
+        if !hook.lock().attempts.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let h = hook.lock();
+    assert_eq!(h.attempts.len(), 1);
+    assert_eq!(h.attempts[0]["type"], "cancel");
+    assert_eq!(h.attempts[0]["run_id"], "r7");
+    assert_eq!(h.attempts[0]["user_id"], "max");
+}
+
+#[tokio::test]
+async fn flood_is_rate_limited_then_closed_and_others_are_unaffected() {
+    let mut cfg = config();
+    cfg.rate_limit.per_second = 5.0;
+    cfg.rate_limit.burst = 5.0;
+    let server = start_with(cfg).await;
+    let (mut calm, _) = connect(&server, "calm").await;
+    let (mut flood, _) = connect(&server, "flood").await;
+    for _ in 0..20 {
+        send_json(&mut flood, json!({"type": "ping"})).await;
+    }
+    // Collect what comes back for a moment: the burst is answered, the rest
+    // dropped with a single notice.
+    let mut texts = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures_util::StreamExt::next(&mut flood),
+    )
+    .await
+    {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+            texts.push(serde_json::from_str::<Value>(&t).unwrap());
+        }
+    }
+    let pongs = texts.iter().filter(|v| v["type"] == "pong").count();
+    assert!(
+        (4..=5).contains(&pongs),
+        "the burst (5, one spent on hello) is served: {texts:?}"
+    );
+    assert_eq!(
+        texts.iter().filter(|v| v["code"] == "rate_limited").count(),
+        1,
+        "one notice per burst: {texts:?}"
+    );
+
+    // The other client is served normally meanwhile.
+    send_json(&mut calm, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut calm).await["type"], "pong");
+    let r = publish(&server, "calm", "agent_note", json!({})).await;
+    assert_eq!(r["delivered"], 1);
+    assert_eq!(next_json(&mut calm).await["type"], "event");
+
+    // Sustained abuse closes with 1008.
+    for _ in 0..100 {
+        if futures_util::SinkExt::send(
+            &mut flood,
+            tokio_tungstenite::tungstenite::Message::text("{\"type\":\"ping\"}"),
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+    }
+    let (code, _, _) = read_until_close(&mut flood).await;
+    assert_eq!(code, Some(1008));
+}
+
+/// The example backend (`examples/agent_backend.rs`) against a real server:
+/// signature verified, events published back through the API.
+#[tokio::test]
+async fn example_agent_backend_round_trip() {
+    let bin = std::path::Path::new(BIN)
+        .with_file_name("examples")
+        .join("agent_backend");
+    assert!(
+        bin.exists(),
+        "cargo test builds examples; missing {}",
+        bin.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = config();
+    cfg.webhook = Some(WebhookConfig {
+        url: format!("http://127.0.0.1:{port}/webhook"),
+        secret: HOOK_SECRET.to_owned(),
+        timeout: Duration::from_secs(2),
+        retries: 5,
+        backoff: Duration::from_millis(100),
+    });
+    let server = start_with(cfg).await;
+    let mut child = std::process::Command::new(bin)
+        .env("LISTEN", format!("127.0.0.1:{port}"))
+        .env("HERALD_URL", format!("http://{}", server.local_addr()))
+        .env("HERALD_API_KEY", API_KEY)
+        .env("WEBHOOK_SECRET", HOOK_SECRET)
+        .spawn()
+        .unwrap();
+    let (mut ws, _) = connect(&server, "nia").await;
+    send_json(&mut ws, message("m1", "ping the backend")).await;
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        until_type(&mut ws, "ack").await;
+        run_events(&mut ws).await
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let events = result.expect("the example backend answered");
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_completed"
+        ]
+    );
+    assert_eq!(
+        events[4]["data"]["final_response"],
+        "Echo: ping the backend"
+    );
+}
