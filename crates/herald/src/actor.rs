@@ -41,6 +41,8 @@ pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>)
             ws: socket,
             close_seen: false,
             stats: app.stats.clone(),
+            metrics: WireMetrics::new(),
+            unflushed_published: Vec::new(),
         },
         conn,
         app,
@@ -514,6 +516,26 @@ struct Wire {
     ws: WebSocket,
     close_seen: bool,
     stats: Arc<Stats>,
+    metrics: WireMetrics,
+    /// Publish times of live events fed since the last flush.
+    unflushed_published: Vec<Instant>,
+}
+
+/// Metric handles resolved once per connection, not per frame.
+struct WireMetrics {
+    frames: metrics::Counter,
+    bytes: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl WireMetrics {
+    fn new() -> Self {
+        Self {
+            frames: metrics::counter!(telemetry::FRAMES_OUT),
+            bytes: metrics::counter!(telemetry::BYTES_OUT),
+            latency: metrics::histogram!(telemetry::PUBLISH_TO_WRITE),
+        }
+    }
 }
 
 impl Wire {
@@ -534,11 +556,14 @@ impl Wire {
         if !self.permit() {
             return Ok(());
         }
-        let len = frame.0.len();
-        timed(limit, self.ws.feed(Message::Text(frame.0))).await?;
+        let len = frame.text.len();
+        timed(limit, self.ws.feed(Message::Text(frame.text))).await?;
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(telemetry::FRAMES_OUT).increment(1);
-        metrics::counter!(telemetry::BYTES_OUT).increment(len as u64);
+        self.metrics.frames.increment(1);
+        self.metrics.bytes.increment(len as u64);
+        if let Some(at) = frame.published {
+            self.unflushed_published.push(at);
+        }
         Ok(())
     }
 
@@ -562,7 +587,14 @@ impl Wire {
     }
 
     async fn flush(&mut self, limit: Duration) -> Result<(), CloseInfo> {
-        timed(limit, SinkExt::<Message>::flush(&mut self.ws)).await
+        timed(limit, SinkExt::<Message>::flush(&mut self.ws)).await?;
+        let now = Instant::now();
+        for at in self.unflushed_published.drain(..) {
+            self.metrics
+                .latency
+                .record(now.saturating_duration_since(at).as_secs_f64());
+        }
+        Ok(())
     }
 }
 

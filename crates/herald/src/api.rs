@@ -138,6 +138,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.registry.observe_gauges();
     let body = app
         .prometheus
         .as_ref()

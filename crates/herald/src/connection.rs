@@ -20,11 +20,35 @@ use crate::telemetry;
 /// An outbound text frame. Cloning shares the bytes, so a fan-out serializes
 /// an event once for all connections.
 #[derive(Debug, Clone)]
-pub struct OutFrame(pub Utf8Bytes);
+pub struct OutFrame {
+    /// The JSON text.
+    pub text: Utf8Bytes,
+    /// When a live event was published (for the publish→write latency
+    /// histogram); `None` for replies and replayed history.
+    pub published: Option<Instant>,
+}
+
+impl OutFrame {
+    /// A live event frame published now.
+    pub fn live(text: String) -> Self {
+        Self {
+            published: Some(Instant::now()),
+            ..Self::from(text)
+        }
+    }
+
+    /// The same frame without a publish time (replayed from history).
+    pub fn replayed(&self) -> Self {
+        Self {
+            text: self.text.clone(),
+            published: None,
+        }
+    }
+}
 
 impl Payload for OutFrame {
     fn wire_len(&self) -> usize {
-        self.0.len()
+        self.text.len()
     }
 }
 
@@ -32,7 +56,10 @@ impl From<String> for OutFrame {
     fn from(mut s: String) -> Self {
         // Serializers over-allocate; frames kept in history should not.
         s.shrink_to_fit();
-        OutFrame(Utf8Bytes::from(s))
+        OutFrame {
+            text: Utf8Bytes::from(s),
+            published: None,
+        }
     }
 }
 

@@ -283,7 +283,7 @@ impl HistoryStore for MemoryStore {
                     &self.limits,
                     |seq| {
                         frame.seq = seq;
-                        let out = OutFrame::from(ServerFrame::Event(&frame).to_json());
+                        let out = OutFrame::live(ServerFrame::Event(&frame).to_json());
                         built = Some(out.clone());
                         out
                     },
@@ -332,6 +332,7 @@ impl HistoryStore for MemoryStore {
     ) -> BoxFuture<'a, Result<Vec<OutFrame>, StoreError>> {
         Box::pin(async move {
             self.with_stream(user, |s| s.read(after, until, limit))
+                .map(|frames| frames.iter().map(OutFrame::replayed).collect())
                 .map_err(|e| StoreError::Gone(e.after))
         })
     }
@@ -342,7 +343,13 @@ impl HistoryStore for MemoryStore {
         after: u64,
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<OutFrame>, StoreError>> {
-        Box::pin(async move { Ok(self.with_stream(user, |s| s.active_run_events(after, until))) })
+        Box::pin(async move {
+            Ok(self
+                .with_stream(user, |s| s.active_run_events(after, until))
+                .iter()
+                .map(OutFrame::replayed)
+                .collect())
+        })
     }
 
     fn is_open_run<'a>(

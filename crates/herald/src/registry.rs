@@ -236,6 +236,30 @@ impl Registry {
             .count()
     }
 
+    /// Set the scrape-time gauges: connections by state, queued frames, deepest queue.
+    pub fn observe_gauges(&self) {
+        let mut by_state = [0usize; 4];
+        let (mut queued, mut deepest) = (0, 0);
+        for e in self.conns.iter() {
+            let conn = &e.value().0;
+            let (depth, _) = conn.queue_depth();
+            by_state[conn.state() as usize] += 1;
+            queued += depth;
+            deepest = deepest.max(depth);
+        }
+        for state in [
+            State::Handshaking,
+            State::Ready,
+            State::Closing,
+            State::Closed,
+        ] {
+            metrics::gauge!(telemetry::CONNECTIONS_BY_STATE, "state" => state.as_str())
+                .set(by_state[state as usize] as f64);
+        }
+        metrics::gauge!(telemetry::QUEUED_FRAMES).set(queued as f64);
+        metrics::gauge!(telemetry::QUEUE_DEPTH_MAX).set(deepest as f64);
+    }
+
     /// Every live connection (for drain).
     pub fn all(&self) -> Vec<Arc<ConnShared>> {
         self.conns.iter().map(|e| e.value().0.clone()).collect()

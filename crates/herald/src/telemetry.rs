@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use herald_core::{CloseInfo, SendRefused};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
 
@@ -22,6 +22,14 @@ pub const SENDS_REFUSED: &str = "herald_sends_refused_total";
 pub const FRAMES_OUT: &str = "herald_frames_out_total";
 /// Counter: bytes of text frames written to sockets.
 pub const BYTES_OUT: &str = "herald_bytes_out_total";
+/// Histogram: seconds from an event's publish to its socket write being flushed.
+pub const PUBLISH_TO_WRITE: &str = "herald_publish_to_write_seconds";
+/// Gauge: connections by lifecycle state (label `state`), computed at scrape.
+pub const CONNECTIONS_BY_STATE: &str = "herald_connections";
+/// Gauge: frames waiting in all outbound queues, computed at scrape.
+pub const QUEUED_FRAMES: &str = "herald_queued_frames";
+/// Gauge: the deepest outbound queue, in frames, computed at scrape.
+pub const QUEUE_DEPTH_MAX: &str = "herald_queue_depth_max";
 /// Counter: events published through the API.
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
 /// Counter: event deliveries queued to connections.
@@ -51,7 +59,18 @@ static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// Returns `None` if another recorder was installed first.
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            // Latency buckets from 100 µs to 10 s.
+            const BUCKETS: [f64; 14] = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                2.5, 10.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_WRITE.to_owned()), &BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
         .clone()
 }
 

@@ -1,0 +1,111 @@
+//! `/metrics` after a scripted sequence: the counters equal what happened.
+//! (One test in this binary: the Prometheus registry is process-wide.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// Parse Prometheus text into `name{sorted labels}` → value.
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (key, value) = line.rsplit_once(' ').unwrap();
+        let key = match key.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => key.to_owned(),
+        };
+        out.insert(key, value.parse().unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn counters_equal_what_happened() {
+    let server = start().await;
+    let (mut a1, _) = connect(&server, "alice").await;
+    let (mut a2, _) = connect(&server, "alice").await;
+    let (mut b, _) = connect(&server, "bob").await;
+    let mut bad = open(&server, &[], None).await;
+    send_json(&mut bad, json!({"type": "hello", "token": "garbage"})).await;
+    expect_close(&mut bad, 4401).await;
+
+    for _ in 0..3 {
+        publish(&server, "alice", "agent_note", json!({})).await;
+    }
+    for ws in [&mut a1, &mut a2] {
+        for _ in 0..3 {
+            assert_eq!(next_json(ws).await["type"], "event");
+        }
+    }
+    // A publish to a user with no connection delivers nothing.
+    publish(&server, "nobody", "agent_note", json!({})).await;
+
+    let (status, _) = post(&server, "/api/v1/disconnect", json!({"user_id": "alice"})).await;
+    assert_eq!(status, 200);
+    expect_close(&mut a1, 4409).await;
+    expect_close(&mut a2, 4409).await;
+    b.send(Message::Close(Some(CloseFrame {
+        code: 1000.into(),
+        reason: "".into(),
+    })))
+    .await
+    .unwrap();
+    let _ = read_until_close(&mut b).await;
+    wait_for_no_connections(&server).await;
+
+    let text = client()
+        .get(http_url(&server, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = parse(&text);
+    let get = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in\n{text}"))
+    };
+    assert_eq!(get("herald_connections_opened_total"), 4.0);
+    assert_eq!(get("herald_connections_live"), 0.0);
+    assert_eq!(
+        get(r#"herald_connections_closed_total{initiator="server",reason="kicked"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"herald_connections_closed_total{initiator="client",reason="client_close"}"#),
+        1.0
+    );
+    assert_eq!(
+        get(r#"herald_connections_closed_total{initiator="client",reason="unauthorized"}"#),
+        1.0
+    );
+    assert_eq!(get("herald_events_published_total"), 4.0);
+    assert_eq!(get("herald_event_deliveries_total"), 6.0);
+    // 3 welcomes + 6 events.
+    assert_eq!(get("herald_frames_out_total"), 9.0);
+    assert_eq!(get("herald_publish_to_write_seconds_count"), 6.0);
+    assert_eq!(get(r#"herald_connections{state="ready"}"#), 0.0);
+    assert_eq!(get("herald_queued_frames"), 0.0);
+    assert!(
+        !text.contains("herald_invariant_violations_total"),
+        "no violations recorded"
+    );
+    let s = server.stats();
+    assert_eq!((s.opened, s.cleanups, s.frames_out), (4, 4, 9));
+}
