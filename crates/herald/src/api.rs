@@ -77,7 +77,14 @@ impl IntoResponse for ApiError {
 
 /// All routes of one server.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if app.config.dev_mode {
+        router = router
+            .route("/", get(crate::web::index))
+            .route("/dev/token", post(crate::web::dev_token));
+    }
+    router
+        .route("/herald.js", get(crate::web::client_js))
         .route("/ws", get(crate::ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

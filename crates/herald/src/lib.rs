@@ -15,6 +15,7 @@
 //! - [`webhook`]: the signed, retrying webhook backend; [`demo`]: the built-in demo agent.
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
+//! - [`web`]: the embedded demo page, `/herald.js` and the dev-only token endpoint.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
 
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod inbound;
 pub mod registry;
 pub mod server;
 pub mod telemetry;
+pub mod web;
 pub mod webhook;
 pub mod ws;
 

@@ -1,0 +1,71 @@
+// Types for herald.js (Herald protocol v1 browser client).
+
+export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
+
+export interface HeraldOptions {
+  /** WebSocket URL, e.g. `wss://chat.example.com/ws`. */
+  url: string;
+  /** A JWT. Either this or `getToken`. */
+  token?: string;
+  /** Called for the first token and after 4401/4403; return a fresh JWT. */
+  getToken?: () => Promise<string>;
+  /** Replay the events of open agent runs on a fresh connection (default true). */
+  replayActiveRuns?: boolean;
+  /** Persist the resume position (epoch, seq) under this key (sessionStorage by default). */
+  storageKey?: string;
+  /** Storage for the resume position (defaults to sessionStorage when `storageKey` is set). */
+  storage?: { getItem(k: string): string | null; setItem(k: string, v: string): void };
+  /** WebSocket constructor (defaults to the global one). */
+  WebSocket?: typeof WebSocket;
+  /** How long `sendMessage` waits for an ack (default 15000). */
+  ackTimeoutMs?: number;
+  /** First reconnect backoff cap in ms (default 500); doubles per attempt. */
+  backoffBaseMs?: number;
+  /** Largest reconnect backoff in ms (default 15000). */
+  backoffMaxMs?: number;
+}
+
+export interface HeraldEvent {
+  type: 'event';
+  seq: number;
+  event: string;
+  thread_id?: string;
+  run_id?: string;
+  data: Record<string, unknown>;
+  ts: string;
+}
+
+export interface Welcome {
+  type: 'welcome';
+  conn_id: string;
+  user_id: string;
+  epoch: string;
+  seq: number;
+  resumed: boolean;
+  reset?: boolean;
+  heartbeat_ms: number;
+}
+
+export interface HeraldError {
+  code: string;
+  message?: string;
+}
+
+export class HeraldClient {
+  constructor(options: HeraldOptions);
+  readonly state: ConnectionState;
+  /** Resume position: the stream epoch and the highest seq seen. */
+  position: { epoch: string | null; seq: number };
+  connId: string | null;
+  userId: string | null;
+  on(name: 'state', handler: (s: ConnectionState) => void): () => void;
+  on(name: 'welcome' | 'reset', handler: (w: Welcome) => void): () => void;
+  on(name: 'closing', handler: (f: { reason: string; reconnect_after_ms: number }) => void): () => void;
+  on(name: 'close', handler: (c: { code: number; reason: string }) => void): () => void;
+  on(name: 'error', handler: (e: HeraldError) => void): () => void;
+  on(name: string, handler: (e: HeraldEvent) => void): () => void;
+  connect(): void;
+  close(): void;
+  sendMessage(threadId: string, text: string, data?: Record<string, unknown>): Promise<{ id: string }>;
+  cancel(runId: string): void;
+}

@@ -1,0 +1,265 @@
+// Herald browser client: protocol v1 over WebSocket, with resume, automatic
+// reconnect (exponential backoff with jitter, honouring close codes), acked
+// messages and cancel. Dependency-free ES module; types in herald.d.ts.
+
+/** Close codes after which reconnecting with the same token is pointless. */
+const AUTH_CODES = new Set([4401, 4403]);
+/** Close codes that mean "the client is broken"; reconnecting would loop. */
+const FATAL_CODES = new Set([1002, 1003, 1007, 1009, 4000]);
+
+/**
+ * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} ConnectionState
+ */
+
+export class HeraldClient {
+  /**
+   * @param {import('./herald').HeraldOptions} options
+   */
+  constructor(options) {
+    if (!options || !options.url) throw new Error('HeraldClient: `url` is required');
+    if (!options.token && !options.getToken) throw new Error('HeraldClient: `token` or `getToken` is required');
+    this.url = options.url;
+    this._token = options.token || null;
+    this._getToken = options.getToken || null;
+    this._WebSocket = options.WebSocket || globalThis.WebSocket;
+    this._replayActiveRuns = options.replayActiveRuns !== false;
+    this._storageKey = options.storageKey || null;
+    this._storage = options.storage || (this._storageKey && globalThis.sessionStorage) || null;
+    this._ackTimeoutMs = options.ackTimeoutMs ?? 15000;
+    this._backoff = { baseMs: options.backoffBaseMs ?? 500, maxMs: options.backoffMaxMs ?? 15000 };
+    /** @type {Map<string, Set<Function>>} */
+    this._handlers = new Map();
+    /** @type {Map<string, {frame: object, resolve: Function, reject: Function, timer: any}>} */
+    this._pending = new Map();
+    this._ws = null;
+    this._state = /** @type {ConnectionState} */ ('idle');
+    this._attempt = 0;
+    this._retryTimer = null;
+    this._nextDelayMs = null;
+    this._stopped = false;
+    this.position = this._load() || { epoch: null, seq: 0 };
+    this.connId = null;
+    this.userId = null;
+  }
+
+  /** Current connection state. */
+  get state() { return this._state; }
+
+  /**
+   * Subscribe. Names: any event name (`agent_thinking`, …), `event` (every
+   * event), `state`, `welcome`, `reset`, `closing`, `error`, `close`.
+   * @returns {() => void} unsubscribe
+   */
+  on(name, handler) {
+    if (!this._handlers.has(name)) this._handlers.set(name, new Set());
+    this._handlers.get(name).add(handler);
+    return () => this._handlers.get(name)?.delete(handler);
+  }
+
+  /** Open the connection (idempotent). */
+  connect() {
+    this._stopped = false;
+    if (this._ws || this._retryTimer) return;
+    this._open();
+  }
+
+  /** Close for good (no reconnect). */
+  close() {
+    this._stopped = true;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    if (this._ws) this._ws.close(1000, 'client closed');
+    this._setState('closed');
+  }
+
+  /**
+   * Send a chat message; resolves with the ack, rejects on nack or timeout.
+   * Unacked messages are re-sent with the same id after a reconnect (the
+   * server forwards an id once).
+   * @returns {Promise<{id: string}>}
+   */
+  sendMessage(threadId, text, data = {}) {
+    const id = newId();
+    const frame = { type: 'user_message', id, thread_id: threadId, text, data };
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(Object.assign(new Error('no ack in time'), { code: 'timeout', id }));
+      }, this._ackTimeoutMs);
+      this._pending.set(id, { frame, resolve, reject, timer });
+      this._send(frame);
+    });
+  }
+
+  /** Ask the agent to stop a run. */
+  cancel(runId) {
+    this._send({ type: 'cancel', run_id: runId });
+  }
+
+  // -- internals ------------------------------------------------------------
+
+  async _open() {
+    this._setState(this._attempt === 0 ? 'connecting' : 'reconnecting');
+    let token = this._token;
+    if (this._getToken && (!token || this._needFreshToken)) {
+      try {
+        token = await this._getToken();
+        this._token = token;
+        this._needFreshToken = false;
+      } catch (err) {
+        this._emit('error', { code: 'token_unavailable', message: String(err) });
+        this._scheduleReconnect();
+        return;
+      }
+    }
+    if (this._stopped) return;
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url, ['herald.v1']);
+    } catch (err) {
+      this._emit('error', { code: 'connect_failed', message: String(err) });
+      this._scheduleReconnect();
+      return;
+    }
+    this._ws = ws;
+    ws.onopen = () => {
+      const hello = { type: 'hello', token, replay_active_runs: this._replayActiveRuns };
+      if (this.position.epoch) hello.resume = { epoch: this.position.epoch, seq: this.position.seq };
+      ws.send(JSON.stringify(hello));
+    };
+    ws.onmessage = (msg) => this._onFrame(msg.data);
+    ws.onerror = () => {};
+    ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
+  }
+
+  _onFrame(data) {
+    let f;
+    try { f = JSON.parse(data); } catch { return; }
+    switch (f.type) {
+      case 'welcome':
+        this._attempt = 0;
+        this._nextDelayMs = null;
+        this.connId = f.conn_id;
+        this.userId = f.user_id;
+        if (!f.resumed) {
+          // A fresh stream position: live from the welcome on.
+          if (f.reset) this._emit('reset', f);
+          this.position = { epoch: f.epoch, seq: f.seq };
+          this._save();
+        }
+        this._setState('open');
+        this._emit('welcome', f);
+        for (const p of this._pending.values()) this._send(p.frame);
+        break;
+      case 'event': {
+        // Replayed run events may be older than the position; everything else
+        // arrives in increasing seq order.
+        if (f.seq > this.position.seq) {
+          this.position = { epoch: this.position.epoch, seq: f.seq };
+          this._save();
+        }
+        this._emit(f.event, f);
+        this._emit('event', f);
+        break;
+      }
+      case 'ack': {
+        const p = this._pending.get(f.id);
+        if (p) { clearTimeout(p.timer); this._pending.delete(f.id); p.resolve({ id: f.id }); }
+        break;
+      }
+      case 'nack': {
+        const p = this._pending.get(f.id);
+        if (p) {
+          clearTimeout(p.timer);
+          this._pending.delete(f.id);
+          p.reject(Object.assign(new Error(f.message || f.error), { code: f.error, id: f.id, retryAfterMs: f.retry_after_ms }));
+        }
+        break;
+      }
+      case 'closing':
+        this._nextDelayMs = f.reconnect_after_ms;
+        this._emit('closing', f);
+        break;
+      case 'error':
+        this._emit('error', f);
+        break;
+      default:
+        break;
+    }
+  }
+
+  _onClose(ws, code, reason) {
+    if (this._ws !== ws) return;
+    this._ws = null;
+    this._emit('close', { code, reason });
+    if (this._stopped) { this._setState('closed'); return; }
+    if (AUTH_CODES.has(code)) {
+      if (!this._getToken) {
+        this._emit('error', { code: code === 4403 ? 'token_expired' : 'unauthorized', message: reason });
+        this._stopped = true;
+        this._setState('closed');
+        return;
+      }
+      this._needFreshToken = true;
+    }
+    if (FATAL_CODES.has(code)) {
+      this._emit('error', { code: 'protocol', message: `closed ${code}: ${reason}` });
+      this._stopped = true;
+      this._setState('closed');
+      return;
+    }
+    this._scheduleReconnect(code);
+  }
+
+  _scheduleReconnect(code) {
+    if (this._stopped) return;
+    this._setState('reconnecting');
+    let delay;
+    if (code === 1012 && this._nextDelayMs != null) {
+      delay = this._nextDelayMs; // the server's jittered drain hint
+    } else {
+      const cap = Math.min(this._backoff.maxMs, this._backoff.baseMs * 2 ** this._attempt);
+      delay = Math.random() * cap; // full jitter
+      if (code === 1008 || code === 1013) delay = Math.max(delay, 5000);
+    }
+    this._nextDelayMs = null;
+    this._attempt += 1;
+    this._retryTimer = setTimeout(() => { this._retryTimer = null; this._open(); }, delay);
+  }
+
+  _send(frame) {
+    if (this._ws && this._state === 'open' && this._ws.readyState === 1) {
+      this._ws.send(JSON.stringify(frame));
+    }
+    // Otherwise: pending messages are re-sent on the next welcome.
+  }
+
+  _setState(s) {
+    if (this._state === s) return;
+    this._state = s;
+    this._emit('state', s);
+  }
+
+  _emit(name, payload) {
+    const hs = this._handlers.get(name);
+    if (!hs) return;
+    for (const h of hs) {
+      try { h(payload); } catch (err) { console.error('herald handler failed', err); }
+    }
+  }
+
+  _load() {
+    if (!this._storage || !this._storageKey) return null;
+    try { return JSON.parse(this._storage.getItem(this._storageKey)); } catch { return null; }
+  }
+
+  _save() {
+    if (!this._storage || !this._storageKey) return;
+    try { this._storage.setItem(this._storageKey, JSON.stringify(this.position)); } catch { /* quota: ignore */ }
+  }
+}
+
+function newId() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return `m-${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}

@@ -1,0 +1,106 @@
+// Unit tests of the browser client against a real Herald (Node's test runner,
+// Node's WebSocket: run with --experimental-websocket on Node 20).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { HeraldClient } from '../herald.js';
+import { startHerald, mintToken, api, until } from './helpers.mjs';
+
+let h;
+before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret', HERALD_API_KEY: 'node-key' }); });
+after(async () => { await h.stop(); });
+
+const url = () => `ws://${h.addr}/ws`;
+
+test('connects, says hello, and reports state changes', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n1') });
+  const states = [];
+  c.on('state', (s) => states.push(s));
+  const welcome = new Promise((r) => c.on('welcome', r));
+  c.connect();
+  const w = await welcome;
+  assert.equal(w.user_id, 'n1');
+  assert.deepEqual(states, ['connecting', 'open']);
+  assert.equal(c.position.epoch, w.epoch);
+  c.close();
+  assert.equal(c.state, 'closed');
+});
+
+test('sendMessage resolves on ack and the demo agent run arrives in order', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n2') });
+  const events = [];
+  c.on('event', (e) => events.push(e));
+  const done = new Promise((r) => c.on('agent_completed', r));
+  c.connect();
+  await until(() => c.state === 'open');
+  const ack = await c.sendMessage('t1', 'hello agent');
+  assert.ok(ack.id);
+  const final = await done;
+  assert.match(final.data.final_response, /hello agent/);
+  const names = [...new Set(events.map((e) => e.event))];
+  assert.deepEqual(names, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+  const seqs = events.map((e) => e.seq);
+  assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i));
+  c.close();
+});
+
+test('reconnects after a kick and resumes with no lost or duplicated event', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n3'), backoffBaseMs: 50 });
+  const seqs = [];
+  const closes = [];
+  c.on('event', (e) => seqs.push(e.seq));
+  c.on('close', (e) => closes.push(e.code));
+  c.connect();
+  await until(() => c.state === 'open');
+  const pub = (n) => api(h, '/api/v1/events', { events: Array.from({ length: n }, () => ({ user_id: 'n3', event: 'note' })) });
+  await pub(3);
+  await until(() => seqs.length === 3, 5000, '3 events');
+  await api(h, '/api/v1/disconnect', { user_id: 'n3' });
+  await pub(4); // published while the client is away or reconnecting
+  await until(() => seqs.length === 7, 10000, '7 events');
+  assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7]);
+  assert.deepEqual(closes, [4409]);
+  assert.equal(c.state, 'open');
+  c.close();
+});
+
+test('stops on 4401 without a token callback', async () => {
+  const c = new HeraldClient({ url: url(), token: 'garbage' });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  c.connect();
+  await until(() => c.state === 'closed', 5000, 'closed');
+  assert.deepEqual(errors, ['unauthorized']);
+});
+
+test('asks the token callback again after 4403 and then connects', async () => {
+  let calls = 0;
+  const c = new HeraldClient({
+    url: url(),
+    getToken: async () => (++calls === 1 ? mintToken(h.secret, 'n4', -60) : mintToken(h.secret, 'n4')),
+    backoffBaseMs: 20,
+  });
+  const closes = [];
+  c.on('close', (e) => closes.push(e.code));
+  c.connect();
+  await until(() => c.state === 'open', 5000, 'open');
+  assert.equal(calls, 2);
+  assert.deepEqual(closes, [4403]);
+  c.close();
+});
+
+test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async () => {
+  const h2 = await startHerald({ HERALD_JWT_HS256_SECRET: 's2', HERALD_API_KEY: 'k2', HERALD_DRAIN_WINDOW: '1s' });
+  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken('s2', 'n5') });
+  const closing = new Promise((r) => c.on('closing', r));
+  const closed = new Promise((r) => c.on('close', r));
+  c.connect();
+  await until(() => c.state === 'open');
+  h2.proc.kill('SIGTERM');
+  const f = await closing;
+  assert.equal(f.reason, 'shutdown');
+  assert.ok(f.reconnect_after_ms >= 250);
+  assert.equal((await closed).code, 1012);
+  assert.equal(c.state, 'reconnecting');
+  c.close();
+  await h2.stop();
+});

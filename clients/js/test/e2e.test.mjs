@@ -1,0 +1,101 @@
+// End-to-end: the demo page served by a zero-config `herald serve`, driven in
+// Debian's headless Chromium with playwright-core (no browser download).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { startHerald, api } from './helpers.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const SHOTS = path.resolve(here, '../../../target/e2e');
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+let h, browser, page;
+
+before(async () => {
+  h = await startHerald({}); // zero config: dev secret, dev API key, demo page, demo agent
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
+  page.on('pageerror', (e) => console.error('page error:', e));
+});
+
+after(async () => {
+  await browser?.close();
+  await h?.stop();
+});
+
+const runCards = () => page.locator('.run');
+const lastRun = () => runCards().last();
+
+async function send(text) {
+  await page.fill('#text', text);
+  await page.press('#text', 'Enter');
+}
+
+test('type a message and see the five events rendered', async () => {
+  await page.goto(`http://${h.addr}/`);
+  await page.fill('#name', 'pat');
+  await page.press('#name', 'Enter');
+  await page.waitForSelector('#status[data-state="open"]');
+  await send('plan my trip to Lisbon');
+  await page.waitForSelector('.msg.user[data-pending="false"]'); // acked
+  await page.waitForSelector('.run[data-status="completed"]', { timeout: 10000 });
+  const run = lastRun();
+  assert.ok((await run.locator('[data-event="agent_thinking"]').count()) >= 2);
+  assert.equal(await run.locator('.tool[data-status="done"]').count(), 1);
+  assert.match(await run.locator('.final').innerText(), /plan my trip to Lisbon/);
+  assert.equal(await run.locator('.badge').innerText(), 'done');
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: path.join(SHOTS, 'demo-chat.png'), fullPage: true });
+});
+
+test('reload mid-run shows the whole run', async () => {
+  await send('a question to reload during');
+  await page.waitForSelector('.run[data-started="true"][data-status="running"] [data-event="agent_thinking"]');
+  const runId = await lastRun().getAttribute('data-run-id');
+  await page.reload();
+  await page.waitForSelector('#status[data-state="open"]');
+  const card = page.locator(`.run[data-run-id="${runId}"]`);
+  await card.waitFor();
+  // The run is rebuilt from agent_started: its first thinking line is there.
+  await page.waitForSelector(`.run[data-run-id="${runId}"][data-status="completed"]`, { timeout: 10000 });
+  assert.equal(await card.getAttribute('data-started'), 'true');
+  assert.match(await card.locator('.thinking').innerText(), /Reading your message/);
+  assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
+});
+
+test('a kick through the API reconnects with no lost events', async () => {
+  await send('keep going through a kick');
+  await page.waitForSelector('.run[data-status="running"] [data-event="agent_thinking"]');
+  const runId = await lastRun().getAttribute('data-run-id');
+  const before = await page.evaluate(() => window.__herald.seqs.length);
+  const kicked = await api(h, '/api/v1/disconnect', { user_id: 'pat' });
+  assert.equal(kicked.disconnected, 1);
+  await page.waitForSelector(`.run[data-run-id="${runId}"][data-status="completed"]`, { timeout: 10000 });
+  const { seqs, closes, state } = await page.evaluate(() => ({ seqs: window.__herald.seqs, closes: window.__herald.closes, state: window.__herald.client.state }));
+  assert.ok(closes.includes(4409), `closes: ${closes}`);
+  assert.equal(state, 'open');
+  // No duplicates, and the events since the kick are contiguous.
+  assert.equal(new Set(seqs).size, seqs.length);
+  const tail = seqs.slice(before - 1);
+  assert.deepEqual(tail, tail.map((_, i) => tail[0] + i), `seqs after the kick: ${tail}`);
+  const card = page.locator(`.run[data-run-id="${runId}"]`);
+  assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
+  assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
+});
+
+test('the Stop button cancels the run', async () => {
+  await send('stop me');
+  await page.waitForSelector('#stop:not([hidden])');
+  await page.waitForSelector('.run[data-status="running"][data-started="true"]');
+  await page.click('#stop');
+  await page.waitForSelector('.run[data-status="cancelled"]', { timeout: 5000 });
+  assert.equal(await lastRun().locator('.badge').innerText(), 'stopped');
+  await page.screenshot({ path: path.join(SHOTS, 'demo-chat-stopped.png'), fullPage: true });
+});
