@@ -47,16 +47,32 @@ struct TokenRequest {
 /// `POST /dev/token {"user":"alice"}` → `{"token":"…"}`: a 24 h token signed
 /// with the generated development secret. The route exists only in
 /// zero-config development mode, never when a secret or key is configured.
-pub async fn dev_token(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn dev_token(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let body = body.map_err(|r| ApiError::new(r.status(), "bad_body", r.body_text()))?;
-    let req: TokenRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("expected {{\"user\":\"name\"}}: {e}")))?;
+    let req: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("expected {{\"user\":\"name\"}}: {e}"),
+        )
+    })?;
     let user = req.user.trim();
     if user.is_empty() || user.len() > 64 {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", "`user` must be 1 to 64 bytes"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "`user` must be 1 to 64 bytes",
+        ));
     }
     let JwtKey::Hs256(secret) = &app.config.jwt_key else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route",
+        ));
     };
     let token = crate::auth::mint_hs256(secret, user, Duration::from_secs(24 * 3600))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;

@@ -389,6 +389,16 @@ async fn health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // With a configured secret there is no demo page and no dev token endpoint.
+    let r = client().get(http_url(&server, "/")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client()
+        .post(http_url(&server, "/dev/token"))
+        .json(&json!({"user": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     // A plain GET on /ws (no upgrade headers) is a JSON error, not a panic.
     let r = client().get(http_url(&server, "/ws")).send().await.unwrap();
     assert!(r.status().is_client_error());

@@ -39,6 +39,36 @@ async fn zero_config_serve_prints_dev_keys_and_serves() {
         .unwrap();
     assert_eq!(r.status(), 200);
 
+    // Dev mode serves the demo page, the client module and the dev token endpoint.
+    let page = http
+        .get(format!("http://{addr}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("import { HeraldClient } from '/herald.js'"));
+    let js = http
+        .get(format!("http://{addr}/herald.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        js.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    let t: serde_json::Value = http
+        .post(format!("http://{addr}/dev/token"))
+        .json(&serde_json::json!({"user": "pat"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(t["token"].as_str().unwrap().starts_with("ey"));
+
     // `herald token` with the printed secret mints a token the server accepts.
     let out = Command::new(BIN)
         .args(["token", "--user", "alice", "--ttl", "10m"])
