@@ -16,6 +16,7 @@
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
 //! - [`web`]: the embedded demo page, `/herald.js` and the dev-only token endpoint.
+//! - [`bench`]: `herald bench`, the load generator.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@
 pub mod actor;
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod config;
 pub mod connection;
 pub mod demo;

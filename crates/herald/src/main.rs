@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+
+/// mimalloc instead of glibc malloc: with thousands of connections glibc's
+/// arena consolidation (`_int_malloc`/`unlink_chunk`) was ~20 % of server CPU
+/// in `perf` profiles of `herald bench fanout` (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 use herald::config::{Config, JwtKey, KEYS, RawConfig, env_name, flag_name};
 use herald::{Server, auth, telemetry};
@@ -24,6 +30,8 @@ struct Cli {
 enum Cmd {
     /// Run the server (zero configuration works: development keys are generated).
     Serve(ConfigArgs),
+    /// Load-test a running Herald (fanout, connect, resume, idle).
+    Bench(herald::bench::BenchArgs),
     /// Print a client JWT signed with the configured HS256 secret.
     Token {
         /// The user id (`sub`).
@@ -104,6 +112,11 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the tokio runtime")?
                 .block_on(serve(config))
         }
+        Cmd::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?
+            .block_on(herald::bench::run(args)),
         Cmd::Token { user, ttl, config } => {
             let config = config.load()?;
             let JwtKey::Hs256(secret) = &config.jwt_key else {
