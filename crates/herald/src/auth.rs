@@ -93,14 +93,21 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.algorithms = vec![alg];
         validation.leeway = cfg.jwt_leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer is *required*: jsonwebtoken checks
+        // `aud`/`iss` only when present unless they are listed here.
+        let mut required = vec!["exp", "sub"];
         match &cfg.jwt_audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &cfg.jwt_issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Self {
             key,
             validation,

@@ -143,3 +143,66 @@ fn token_without_a_secret_explains_what_to_set() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD_JWT_HS256_SECRET"));
 }
+
+#[tokio::test]
+async fn json_logs_carry_conn_id_and_user_id() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("HERALD_ADDR", "127.0.0.1:0")
+        .env("HERALD_JWT_HS256_SECRET", "log-secret")
+        .env("HERALD_API_KEY", "log-key")
+        .env("HERALD_LOG_FORMAT", "json")
+        .env("HERALD_LOG", "herald=debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        if let Some(a) = line.strip_prefix("herald listening on ") {
+            break a.trim().to_owned();
+        }
+    };
+    use futures_util::{SinkExt, StreamExt};
+    let token = herald::auth::mint_hs256("log-secret", "logan", Duration::from_secs(60)).unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        serde_json::json!({"type": "hello", "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let _welcome = ws.next().await;
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    // The close is logged (debug, expected) as JSON with the connection's span fields.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut found = None;
+    while Instant::now() < deadline && found.is_none() {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200))
+            && line.contains("connection closed")
+        {
+            found = Some(line);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.expect("a `connection closed` log line");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+    assert_eq!(v["reason"], "client_close");
+    assert_eq!(v["level"], "DEBUG");
+    let span = &v["span"];
+    assert_eq!(span["user_id"], "logan", "{line}");
+    assert!(
+        span["conn_id"].as_str().is_some_and(|c| c.len() == 16),
+        "{line}"
+    );
+}
