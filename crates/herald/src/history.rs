@@ -194,25 +194,24 @@ impl MemoryStore {
         f: impl FnOnce(&mut Stream<OutFrame>) -> R,
     ) -> (Arc<str>, R) {
         let (key, stream) = self.stream(user);
-        let mut s = stream.lock();
-        let (bytes, events) = (s.bytes(), s.len());
-        let r = f(&mut s);
-        self.account(bytes, events, s.bytes(), s.len());
+        let r = self.accounted(&mut stream.lock(), f);
         (key, r)
     }
 
-    fn account(
+    /// Run `f` on a locked stream and carry the change in its size over to
+    /// the store's totals.
+    fn accounted<R>(
         &self,
-        bytes_before: usize,
-        events_before: usize,
-        bytes_after: usize,
-        events_after: usize,
-    ) {
-        self.total_bytes.fetch_add(bytes_after, Ordering::Relaxed);
-        self.total_bytes.fetch_sub(bytes_before, Ordering::Relaxed);
-        self.total_events.fetch_add(events_after, Ordering::Relaxed);
-        self.total_events
-            .fetch_sub(events_before, Ordering::Relaxed);
+        s: &mut Stream<OutFrame>,
+        f: impl FnOnce(&mut Stream<OutFrame>) -> R,
+    ) -> R {
+        let (bytes, events) = (s.bytes(), s.len());
+        let r = f(s);
+        self.total_bytes.fetch_add(s.bytes(), Ordering::Relaxed);
+        self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.total_events.fetch_add(s.len(), Ordering::Relaxed);
+        self.total_events.fetch_sub(events, Ordering::Relaxed);
+        r
     }
 
     /// Memory charged for the history: payload bytes plus a measured
@@ -232,12 +231,11 @@ impl MemoryStore {
             let Some(stream) = self.streams.get(&user).map(|s| s.clone()) else {
                 continue;
             };
-            let mut s = stream.lock();
-            let (bytes, events) = (s.bytes(), s.len());
-            while s.oldest().is_some_and(|(oldest, _)| oldest <= seq) {
-                s.evict_front();
-            }
-            self.account(bytes, events, s.bytes(), s.len());
+            self.accounted(&mut stream.lock(), |s| {
+                while s.oldest().is_some_and(|(oldest, _)| oldest <= seq) {
+                    s.evict_front();
+                }
+            });
         }
     }
 
@@ -376,9 +374,7 @@ impl HistoryStore for MemoryStore {
                 };
                 {
                     let mut s = stream.lock();
-                    let (bytes, events) = (s.bytes(), s.len());
-                    s.evict_expired(now, &self.limits);
-                    self.account(bytes, events, s.bytes(), s.len());
+                    self.accounted(&mut s, |s| s.evict_expired(now, &self.limits));
                     expired.extend(s.expired_runs(now, &self.limits).into_iter().map(
                         |(run_id, thread_id)| ExpiredRun {
                             user: user.to_string(),

@@ -146,30 +146,13 @@ fn token_without_a_secret_explains_what_to_set() {
 
 #[tokio::test]
 async fn json_logs_carry_conn_id_and_user_id() {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .env("HERALD_ADDR", "127.0.0.1:0")
-        .env("HERALD_JWT_HS256_SECRET", "log-secret")
-        .env("HERALD_API_KEY", "log-key")
-        .env("HERALD_LOG_FORMAT", "json")
-        .env("HERALD_LOG", "herald=debug")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-        if let Some(a) = line.strip_prefix("herald listening on ") {
-            break a.trim().to_owned();
-        }
-    };
+    let (mut child, addr, _, rx) = common::serve_with_logs(&[
+        ("HERALD_ADDR", "127.0.0.1:0"),
+        ("HERALD_JWT_HS256_SECRET", "log-secret"),
+        ("HERALD_API_KEY", "log-key"),
+        ("HERALD_LOG_FORMAT", "json"),
+        ("HERALD_LOG", "herald=debug"),
+    ]);
     use futures_util::{SinkExt, StreamExt};
     let token = herald::auth::mint_hs256("log-secret", "logan", Duration::from_secs(60)).unwrap();
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))

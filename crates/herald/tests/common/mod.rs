@@ -278,6 +278,15 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
 /// Start `herald serve` with `env` and read its stderr until it prints the
 /// listening address; returns the child, the address and what it printed.
 pub fn serve(env: &[(&str, &str)]) -> (Child, String, String) {
+    let (child, addr, printed, _later) = serve_with_logs(env);
+    (child, addr, printed)
+}
+
+/// Like [`serve`], and the stderr lines printed after the listening line
+/// arrive on the returned channel.
+pub fn serve_with_logs(
+    env: &[(&str, &str)],
+) -> (Child, String, String, std::sync::mpsc::Receiver<String>) {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve")
         .stderr(Stdio::piped())
@@ -297,8 +306,14 @@ pub fn serve(env: &[(&str, &str)]) -> (Child, String, String) {
         printed.push_str(&line);
         printed.push('\n');
         if let Some(addr) = line.strip_prefix("herald listening on ") {
-            std::thread::spawn(move || for _ in lines {});
-            return (child, addr.trim().to_owned(), printed);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in lines.map_while(Result::ok) {
+                    // Nobody listening any more is fine: keep draining the pipe.
+                    let _ = tx.send(line);
+                }
+            });
+            return (child, addr.trim().to_owned(), printed, rx);
         }
     }
     let _ = child.kill();
