@@ -132,9 +132,28 @@ async fn binary_oversized_and_invalid_utf8() {
     // Invalid UTF-8 in a text frame needs a raw client (tungstenite will not send it).
     let reply = raw_frames(&server, &[client_frame(0x1, &[0xff, 0xfe, 0xfd])]).await;
     assert_eq!(close_code_of(&reply), Some(1007));
-    // A reserved opcode is an RFC 6455 violation: 1002.
-    let reply = raw_frames(&server, &[client_frame(0x3, b"x")]).await;
-    assert_eq!(close_code_of(&reply), Some(1002));
+    // RFC 6455 violations: 1002.
+    let reserved_opcode = client_frame(0x3, b"x");
+    let mut rsv_bit = client_frame(0x1, b"{}");
+    rsv_bit[0] |= 0x40;
+    let mut unmasked = client_frame(0x1, b"{}");
+    unmasked[1] &= 0x7f;
+    unmasked.drain(2..6); // no mask key; payload left as sent
+    let oversized_ping = client_frame(0x9, &[0u8; 126]);
+    let bad_close_code = client_frame(0x8, &999u16.to_be_bytes());
+    let mut fragmented_ping = client_frame(0x9, b"p");
+    fragmented_ping[0] &= 0x7f; // FIN clear on a control frame
+    for (frame, what) in [
+        (reserved_opcode, "reserved opcode"),
+        (rsv_bit, "RSV1 without an extension"),
+        (unmasked, "unmasked client frame"),
+        (oversized_ping, "control frame over 125 bytes"),
+        (bad_close_code, "close code 999"),
+        (fragmented_ping, "fragmented control frame"),
+    ] {
+        let reply = raw_frames(&server, &[frame]).await;
+        assert_eq!(close_code_of(&reply), Some(1002), "{what}");
+    }
 
     bystander_still_served(&server, &mut by, 1).await;
     wait_until_only(&server, 1).await;
