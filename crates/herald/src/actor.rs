@@ -76,6 +76,10 @@ impl Actor {
     /// Drive the connection until the transport ends; returns what ended it
     /// (used only if no close had been decided).
     async fn drive(&mut self) -> CloseInfo {
+        // One timer for the connection's life, moved only when the lifecycle's
+        // next deadline changes (creating a timer per wake-up showed in profiles).
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
         loop {
             if let Err(end) = self.write_pending().await {
                 return end;
@@ -87,16 +91,18 @@ impl Actor {
             if self.conn.with_core(|c| c.should_drop_transport()) {
                 return gone(CloseReason::PeerGone, "close handshake timed out");
             }
-            let deadline = self.conn.with_core(|c| c.poll_timeout());
-            let timer = async move {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let deadline = self
+                .conn
+                .with_core(|c| c.poll_timeout())
+                .map(tokio::time::Instant::from_std);
+            if let Some(d) = deadline
+                && timer.deadline() != d
+            {
+                timer.as_mut().reset(d);
+            }
             tokio::select! {
                 _ = self.conn.woken() => {}
-                _ = timer => self.conn.with_core(|c| c.handle_timeout(Instant::now())),
+                _ = &mut timer, if deadline.is_some() => self.conn.with_core(|c| c.handle_timeout(Instant::now())),
                 msg = self.wire.ws.recv() => match msg {
                     None => return gone(CloseReason::PeerGone, "eof"),
                     Some(Err(e)) => match classify_read_error(e) {

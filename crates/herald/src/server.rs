@@ -215,7 +215,8 @@ impl Server {
 
 /// Once a second: enforce history age bounds, close runs silent for
 /// `run_ttl` with a synthesized `agent_error` (published like any event, so
-/// live clients and later resumes see it), and update history gauges.
+/// live clients and later resumes see it), drain the metrics recorder's
+/// buffers, and update history gauges.
 async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -242,6 +243,11 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             if let Err(e) = app.registry.publish(&run.user, event).await {
                 tracing::warn!(error = %e, "could not publish a run timeout");
             }
+        }
+        // The Prometheus recorder buffers histogram samples until drained;
+        // without this, an unscraped server would grow without bound.
+        if let Some(handle) = &app.prometheus {
+            handle.run_upkeep();
         }
         let stats = store.stats();
         metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
