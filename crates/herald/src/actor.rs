@@ -85,7 +85,9 @@ impl Actor {
                 return end;
             }
             if self.conn.with_core(|c| c.wants_replay()) {
-                self.replay_page().await;
+                // Boxed: rare, large futures would otherwise be part of every
+                // idle connection's task (the future is sized for its largest state).
+                Box::pin(self.replay_page()).await;
                 continue;
             }
             if self.conn.with_core(|c| c.should_drop_transport()) {
@@ -109,7 +111,7 @@ impl Actor {
                         ReadEnd::Gone(info) => return info,
                         ReadEnd::Close(info) => { self.conn.close(info); }
                     },
-                    Some(Ok(m)) => self.on_message(m).await,
+                    Some(Ok(m)) => Box::pin(self.on_message(m)).await,
                 },
             }
         }
