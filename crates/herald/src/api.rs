@@ -156,12 +156,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 /// Check `Authorization: Bearer <api key>` in constant time.
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
+    match crate::auth::bearer_token(headers) {
         Some(key) if constant_time_eq(key.as_bytes(), app.config.api_key.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,

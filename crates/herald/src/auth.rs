@@ -175,6 +175,17 @@ pub fn mint_hs256(
     )
 }
 
+/// The token of an `Authorization: Bearer <token>` header (scheme matched
+/// case-insensitively, as RFC 7235 says), if there is one.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -194,6 +205,20 @@ mod tests {
 
     fn b64(v: &str) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let mut h = axum::http::HeaderMap::new();
+        for (value, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer  abc ", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer", None),
+        ] {
+            h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+            assert_eq!(bearer_token(&h), want, "{value}");
+        }
     }
 
     #[test]

@@ -52,7 +52,9 @@ pub async fn upgrade(
         )
         .into_response();
     }
-    let token = bearer_header(&headers).or_else(|| bearer_subprotocol(&headers));
+    let token = crate::auth::bearer_token(&headers)
+        .map(str::to_owned)
+        .or_else(|| bearer_subprotocol(&headers));
     let max = app.config.limits.max_message_bytes;
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
@@ -61,11 +63,6 @@ pub async fn upgrade(
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
         .on_upgrade(move |socket| actor::run(socket, app, token))
-}
-
-fn bearer_header(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
 }
 
 fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
