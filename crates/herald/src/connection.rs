@@ -139,6 +139,7 @@ impl ConnShared {
             Ok(()) => self.wake.notify_one(),
             Err(refused) => {
                 telemetry::send_refused(refused);
+                tracing::debug!(conn_id = %self.id_str, reason = refused.as_str(), "send refused");
                 // A full queue just started a slow-consumer close: the actor must write it.
                 if refused == SendRefused::QueueFull {
                     self.wake.notify_one();
