@@ -16,6 +16,7 @@ use futures_util::SinkExt;
 use herald_core::protocol::{
     ClientFrame, FrameError, Hello, ServerFrame, codes, parse_client_frame,
 };
+use herald_core::ratelimit::{Bucket, Verdict};
 use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
 use tracing::Instrument;
 
@@ -25,7 +26,6 @@ use crate::inbound::{CancelOut, MessageOut};
 use crate::registry::RegisterError;
 use crate::server::App;
 use crate::telemetry::{self, Stats};
-use herald_core::ratelimit::{Bucket, Verdict};
 
 /// Run one connection from upgrade to cleanup.
 pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
