@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
-use herald_core::protocol::ServerFrame;
+use herald_core::protocol::{EventFrame, ServerFrame};
+use herald_core::stream::runs;
 use herald_core::{CloseInfo, CloseReason, Initiator};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -26,8 +27,6 @@ use crate::inbound::{AgentBackend, Inbound};
 use crate::registry::Registry;
 use crate::telemetry::{self, Stats, StatsSnapshot};
 use crate::webhook::Webhook;
-use herald_core::protocol::EventFrame;
-use herald_core::stream::runs;
 
 /// Listen backlog; tokio's default of 128 drops connection storms.
 const LISTEN_BACKLOG: u32 = 8192;
