@@ -66,9 +66,11 @@ impl Actor {
     async fn run(mut self) {
         tracing::debug!("connection opened");
         let end = self.drive().await;
-        // Dropping the socket closes the TCP connection.
+        // Closed first, so sends are refused from now on, then the socket
+        // goes (dropping it closes the TCP connection), then cleanup.
+        let token = self.conn.with_core(|c| c.on_transport_closed(end));
         drop(self.wire);
-        if let Some(info) = self.conn.with_core(|c| c.on_transport_closed(end)) {
+        if let Some(info) = token {
             self.app.registry.cleanup(&self.conn, &info);
         }
     }

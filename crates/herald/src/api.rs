@@ -395,9 +395,16 @@ async fn disconnect(
 #[derive(Debug, Deserialize)]
 struct ConnQuery {
     user_id: Option<String>,
+    limit: Option<usize>,
 }
 
-/// `GET /api/v1/connections[?user_id=]`.
+/// Rows returned by `GET /api/v1/connections` unless `limit` says otherwise.
+const DEFAULT_LIST_LIMIT: usize = 1000;
+/// Most rows `GET /api/v1/connections` returns.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `GET /api/v1/connections[?user_id=][&limit=]`: at most `limit` rows
+/// (default 1,000, at most 10,000) in conn_id order; `total` counts them all.
 async fn connections(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -406,6 +413,15 @@ async fn connections(
     authorize(&app, &headers)?;
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let rows = app.registry.list(q.user_id.as_deref());
-    Ok(Json(json!({ "connections": rows })))
+    let limit = match q.limit {
+        None => DEFAULT_LIST_LIMIT,
+        Some(n @ 1..=MAX_LIST_LIMIT) => n,
+        Some(_) => return Err(ApiError::field("limit", "must be 1 to 10000")),
+    };
+    let mut rows = app.registry.list(q.user_id.as_deref());
+    let total = rows.len();
+    rows.truncate(limit);
+    Ok(Json(
+        json!({ "connections": rows, "total": total, "truncated": total > limit }),
+    ))
 }

@@ -152,6 +152,11 @@ pub const KEYS: &[KeySpec] = &[
         doc: "Live connections per user; a further hello is closed with 1013",
     },
     KeySpec {
+        name: "inbound_abuse_limit",
+        default: Some("50"),
+        doc: "Frames dropped by the rate limit within 10 s that close the connection with 1008",
+    },
+    KeySpec {
         name: "history_max_events",
         default: Some("1000"),
         doc: "Events kept per user stream for resume (events of open agent runs are kept beyond it)",
@@ -527,6 +532,7 @@ impl Config {
             rate_limit: RateLimit {
                 per_second: raw.required("inbound_rate", positive)? as f64,
                 burst: raw.required("inbound_burst", positive)? as f64,
+                max_strikes: raw.required("inbound_abuse_limit", positive)? as u32,
                 ..RateLimit::default()
             },
             dev_mode,

@@ -24,6 +24,9 @@ pub const TIMESTAMP_HEADER: &str = "x-herald-timestamp";
 /// Header carrying the delivery id (stable across retries).
 pub const DELIVERY_HEADER: &str = "x-herald-delivery";
 
+/// Longest wait between two attempts (backoff or Retry-After).
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Delivery settings.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
@@ -124,14 +127,19 @@ impl AgentBackend for Webhook {
             })?;
             let delivery = format!("{:032x}", rand::random::<u128>());
             let mut last = String::new();
+            let mut retry_after: Option<Duration> = None;
             for attempt in 0..=self.cfg.retries {
                 if attempt > 0 {
                     let cap = self
                         .cfg
                         .backoff
                         .saturating_mul(1 << (attempt - 1).min(16))
-                        .min(Duration::from_secs(5));
-                    let wait = rand::rng().random_range(Duration::ZERO..=cap);
+                        .min(MAX_BACKOFF);
+                    // A Retry-After (seconds) from the backend wins over our backoff, capped.
+                    let wait = match retry_after.take() {
+                        Some(d) => d.min(MAX_BACKOFF),
+                        None => rand::rng().random_range(Duration::ZERO..=cap),
+                    };
                     tokio::time::sleep(wait).await;
                 }
                 let ts = crate::auth::unix_now();
@@ -156,6 +164,12 @@ impl AgentBackend for Webhook {
                     }
                     Ok(resp) => {
                         let status = resp.status();
+                        retry_after = resp
+                            .headers()
+                            .get(reqwest::header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(Duration::from_secs);
                         if status.is_client_error() && status.as_u16() != 429 {
                             metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "rejected").increment(1);
                             return Err(DeliveryError::Rejected {

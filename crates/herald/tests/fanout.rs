@@ -56,6 +56,14 @@ async fn connections_api_lists_and_kick_closes_with_4409() {
     assert_eq!(rows[0]["acked_seq"], 7);
     assert!(rows[0]["queue_depth"].is_u64() && rows[0]["age_ms"].is_u64());
 
+    let (_, all) = get_json(&server, "/api/v1/connections?limit=1").await;
+    assert_eq!(
+        (all["total"].as_u64(), all["truncated"].as_bool()),
+        (Some(1), Some(false))
+    );
+    let (status, err) = get_json(&server, "/api/v1/connections?limit=0").await;
+    assert_eq!((status, err["field"].as_str()), (400, Some("limit")));
+
     let (status, body) = post(&server, "/api/v1/disconnect", json!({"user_id": "alice"})).await;
     assert_eq!((status, body["disconnected"].as_u64()), (200, Some(1)));
     expect_close(&mut a, 4409).await;

@@ -177,7 +177,14 @@ async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
                 }
                 s.attempts.push(serde_json::from_slice(&body).unwrap());
                 let i = (s.attempts.len() - 1).min(s.script.len() - 1);
-                StatusCode::from_u16(s.script[i]).unwrap()
+                let status = StatusCode::from_u16(s.script[i]).unwrap();
+                // 429s ask for a one-second pause.
+                let retry_after = if status == StatusCode::TOO_MANY_REQUESTS {
+                    "1"
+                } else {
+                    "0"
+                };
+                (status, [("retry-after", retry_after)])
             }
         }),
     );
@@ -413,5 +420,23 @@ async fn example_agent_backend_round_trip() {
     assert_eq!(
         events[4]["data"]["final_response"],
         "Echo: ping the backend"
+    );
+}
+
+#[tokio::test]
+async fn webhook_honours_retry_after_on_429() {
+    let (url, hook) = start_hook(vec![429, 200]).await;
+    let server = server_with_hook(url).await;
+    let (mut ws, _) = connect(&server, "ola").await;
+    let started = std::time::Instant::now();
+    send_json(&mut ws, message("m1", "hi")).await;
+    let (ack, _) = until_type(&mut ws, "ack").await;
+    assert_eq!(ack["id"], "m1");
+    assert_eq!(hook.lock().attempts.len(), 2);
+    // Our own backoff would be ≤ 10 ms here; the backend asked for 1 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "retried after {:?}",
+        started.elapsed()
     );
 }
