@@ -34,7 +34,10 @@ pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>)
         app.config.lifecycle.clone(),
     ));
     app.registry.insert(conn.clone());
-    let span = tracing::info_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
+    // At error level so it is enabled whenever any log is: warn and error lines
+    // about a connection always carry its conn_id and user_id.
+    let span =
+        tracing::error_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
     let app_rate = app.config.rate_limit;
     let actor = Actor {
         wire: Wire {

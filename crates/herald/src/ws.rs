@@ -18,7 +18,7 @@ use crate::{actor, telemetry};
 /// Read buffer per connection. tungstenite's default (128 KiB) is a memory trap,
 /// and it zeroes this many bytes on every read attempt (each wake-up of the
 /// actor polls the socket), so it is kept small; larger messages take more reads.
-const READ_BUFFER: usize = 2 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Write buffer threshold per connection.
 const WRITE_BUFFER: usize = 16 * 1024;
 
