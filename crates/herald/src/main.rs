@@ -106,17 +106,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => {
             let config = args.load()?;
             telemetry::init_logging(config.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the tokio runtime")?
-                .block_on(serve(config))
+            runtime()?.block_on(serve(config))
         }
-        Cmd::Bench(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the tokio runtime")?
-            .block_on(herald::bench::run(args)),
+        Cmd::Bench(args) => runtime()?.block_on(herald::bench::run(args)),
         Cmd::Token { user, ttl, config } => {
             let config = config.load()?;
             let JwtKey::Hs256(secret) = &config.jwt_key else {
@@ -133,6 +125,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
