@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herald_core::CloseReason;
-use herald_core::protocol::{AGENT_EVENTS, EventFrame, deserialize_named, is_valid_event_name};
+use herald_core::protocol::{AGENT_EVENTS, deserialize_named, is_valid_event_name};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -336,15 +336,8 @@ async fn publish(
     let mut results: Vec<Published> = Vec::with_capacity(events.len());
     for e in events {
         let event = NewEvent {
-            frame: EventFrame {
-                seq: 0,
-                event: e.event,
-                thread_id: e.thread_id,
-                run_id: e.run_id,
-                data: e.data,
-                ts: ts.clone(),
-            },
             idempotency_key: e.idempotency_key,
+            ..NewEvent::new(e.event, e.thread_id, e.run_id, e.data, ts.clone())
         };
         let published = app
             .registry

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use herald_core::protocol::EventFrame;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -87,25 +86,14 @@ impl DemoAgent {
     }
 
     async fn publish(&self, msg: &MessageOut, run_id: &str, event: &str, data: Value) {
-        let frame = EventFrame {
-            seq: 0,
-            event: event.to_owned(),
-            thread_id: Some(msg.thread_id.clone()),
-            run_id: Some(run_id.to_owned()),
+        let event = NewEvent::new(
+            event.to_owned(),
+            Some(msg.thread_id.clone()),
+            Some(run_id.to_owned()),
             data,
-            ts: crate::api::now_rfc3339(),
-        };
-        if let Err(e) = self
-            .registry
-            .publish(
-                &msg.user_id,
-                NewEvent {
-                    frame,
-                    idempotency_key: None,
-                },
-            )
-            .await
-        {
+            crate::api::now_rfc3339(),
+        );
+        if let Err(e) = self.registry.publish(&msg.user_id, event).await {
             tracing::warn!(error = %e, "demo agent could not publish");
         }
     }

@@ -44,6 +44,29 @@ pub struct NewEvent {
     pub idempotency_key: Option<String>,
 }
 
+impl NewEvent {
+    /// An event to publish at `ts` (RFC 3339); the store assigns its seq.
+    pub fn new(
+        event: String,
+        thread_id: Option<String>,
+        run_id: Option<String>,
+        data: serde_json::Value,
+        ts: String,
+    ) -> Self {
+        Self {
+            frame: EventFrame {
+                seq: 0,
+                event,
+                thread_id,
+                run_id,
+                data,
+                ts,
+            },
+            idempotency_key: None,
+        }
+    }
+}
+
 /// The result of an append.
 #[derive(Debug, Clone)]
 pub struct AppendResult {

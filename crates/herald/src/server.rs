@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
-use herald_core::protocol::{EventFrame, ServerFrame};
+use herald_core::protocol::ServerFrame;
 use herald_core::stream::runs;
 use herald_core::{CloseInfo, CloseReason, Initiator};
 use hyper::Request;
@@ -228,17 +228,13 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         for run in store.sweep(std::time::Instant::now()).await {
             tracing::info!(user_id = %run.user, run_id = %run.run_id, "agent run timed out");
             metrics::counter!(telemetry::RUNS_TIMED_OUT).increment(1);
-            let event = NewEvent {
-                frame: EventFrame {
-                    seq: 0,
-                    event: runs::ERROR.to_owned(),
-                    thread_id: run.thread_id,
-                    run_id: Some(run.run_id),
-                    data: serde_json::json!({"reason": "run_timeout"}),
-                    ts: crate::api::now_rfc3339(),
-                },
-                idempotency_key: None,
-            };
+            let event = NewEvent::new(
+                runs::ERROR.to_owned(),
+                run.thread_id,
+                Some(run.run_id),
+                serde_json::json!({"reason": "run_timeout"}),
+                crate::api::now_rfc3339(),
+            );
             if let Err(e) = app.registry.publish(&run.user, event).await {
                 tracing::warn!(error = %e, "could not publish a run timeout");
             }
