@@ -84,6 +84,9 @@ pub struct Registry {
     users: DashMap<String, Arc<UserEntry>>,
     store: Arc<dyn HistoryStore>,
     stats: Arc<Stats>,
+    /// Publish-path counters, resolved once instead of per event.
+    events_published: metrics::Counter,
+    events_queued: metrics::Counter,
 }
 
 impl Registry {
@@ -94,6 +97,8 @@ impl Registry {
             users: DashMap::new(),
             store,
             stats,
+            events_published: metrics::counter!(telemetry::EVENTS_PUBLISHED),
+            events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
         }
     }
 
@@ -207,8 +212,8 @@ impl Registry {
                         delivered += 1;
                     }
                 }
-                metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
-                metrics::counter!(telemetry::EVENTS_QUEUED).increment(delivered as u64);
+                self.events_published.increment(1);
+                self.events_queued.increment(delivered as u64);
             }
             Ok(Published {
                 seq: appended.seq,

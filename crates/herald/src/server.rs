@@ -110,6 +110,9 @@ impl Server {
                 addr: config.addr,
                 source,
             })?;
+        // Install the recorder before anything resolves metric handles
+        // (handles taken earlier would be no-ops for the process's life).
+        let prometheus = telemetry::prometheus();
         let stats = Arc::new(Stats::default());
         let registry = Arc::new(Registry::new(
             Arc::new(MemoryStore::new(
@@ -129,7 +132,7 @@ impl Server {
             registry,
             stats,
             verifier,
-            prometheus: telemetry::prometheus(),
+            prometheus,
             draining: AtomicBool::new(false),
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
