@@ -81,17 +81,9 @@ async fn zero_config_serve_prints_dev_keys_and_serves() {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    use futures_util::{SinkExt, StreamExt};
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        serde_json::json!({"type": "hello", "token": token}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let welcome = ws.next().await.unwrap().unwrap().into_text().unwrap();
-    assert!(welcome.contains("\"user_id\":\"alice\""), "{welcome}");
+    use futures_util::StreamExt;
+    let (mut ws, welcome) = common::hello_at(&addr, &token).await;
+    assert_eq!(welcome["user_id"], "alice");
 
     // SIGTERM: drain (closing + 1012) and exit 0.
     let started = Instant::now();
@@ -153,17 +145,9 @@ async fn json_logs_carry_conn_id_and_user_id() {
         ("HERALD_LOG_FORMAT", "json"),
         ("HERALD_LOG", "herald=debug"),
     ]);
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     let token = herald::auth::mint_hs256("log-secret", "logan", Duration::from_secs(60)).unwrap();
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
-    ws.send(tokio_tungstenite::tungstenite::Message::text(
-        serde_json::json!({"type": "hello", "token": token}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let _welcome = ws.next().await;
+    let (mut ws, _) = common::hello_at(&addr, &token).await;
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
     // The close is logged (debug, expected) as JSON with the connection's span fields.

@@ -139,17 +139,7 @@ async fn sigterm_drains_300_clients_with_closing_and_1012() {
     for i in 0..CLIENTS {
         let (addr, barrier) = (addr.clone(), barrier.clone());
         clients.push(tokio::spawn(async move {
-            use futures_util::SinkExt;
-            let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-                .await
-                .unwrap();
-            let hello = json!({"type": "hello", "token": token(&format!("d{}", i % 50))});
-            ws.send(Message::text(hello.to_string())).await.unwrap();
-            let welcome: Value = match ws.next().await {
-                Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
-                other => panic!("no welcome: {other:?}"),
-            };
-            assert_eq!(welcome["type"], "welcome");
+            let (mut ws, _) = hello_at(&addr, &token(&format!("d{}", i % 50))).await;
             barrier.wait().await;
             // Expect `closing`, then close 1012, then nothing (tungstenite
             // reports any frame after the close as a protocol error).

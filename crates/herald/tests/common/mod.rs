@@ -75,6 +75,18 @@ pub async fn connect(server: &Server, user: &str) -> (Ws, Value) {
     (ws, welcome)
 }
 
+/// Connect to a server by address (e.g. a spawned binary), send hello with
+/// `token`, and return the socket and the welcome.
+pub async fn hello_at(addr: &str, token: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("upgrade");
+    send_json(&mut ws, json!({"type": "hello", "token": token})).await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
 pub async fn send_json(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.unwrap();
 }
