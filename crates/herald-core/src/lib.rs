@@ -11,16 +11,23 @@
 //!   written and when, and hands out the cleanup token exactly once.
 //! - [`protocol`]: wire protocol v1 — client frames parsed and validated, server
 //!   frames serialized, limits.
+//! - [`session`]: what an inbound client frame means in the connection's state
+//!   (close, reply, or an action for the I/O layer).
+//! - [`catchup`]: the join decision (resume or reset) and the merge-by-seq
+//!   catch-up that takes a connection from "subscribed" to "live" with no gap
+//!   and no duplicate.
 //! - [`stream`]: per-user event streams — `epoch`, `seq`, bounded history,
 //!   agent runs, resume decisions.
 //! - [`ratelimit`]: the per-connection inbound token bucket.
 
 #![forbid(unsafe_code)]
 
+pub mod catchup;
 pub mod close;
 pub mod lifecycle;
 pub mod protocol;
 pub mod ratelimit;
+pub mod session;
 pub mod stream;
 
 pub use close::{CloseInfo, CloseReason, Initiator};

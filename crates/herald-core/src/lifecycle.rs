@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::catchup::{Gap, HistoryRequest, LiveOutcome, Merge, Plan};
 use crate::close::{CloseInfo, CloseReason, Initiator};
 
 /// Something that can sit in the outbound queue: it knows its size on the wire.
@@ -154,8 +155,9 @@ pub struct Connection<P> {
     state: State,
     queue: VecDeque<P>,
     queued_bytes: usize,
-    replay: VecDeque<P>,
-    catching_up: bool,
+    /// Set by [`Connection::join`]: live events are accepted (held) before the welcome.
+    joining: bool,
+    merge: Merge<P>,
     close: Option<CloseInfo>,
     close_sent: bool,
     close_received: bool,
@@ -177,8 +179,8 @@ impl<P: Payload> Connection<P> {
             state: State::Handshaking,
             queue: VecDeque::new(),
             queued_bytes: 0,
-            replay: VecDeque::new(),
-            catching_up: false,
+            joining: false,
+            merge: Merge::joining(),
             close: None,
             close_sent: false,
             close_received: false,
@@ -201,9 +203,9 @@ impl<P: Payload> Connection<P> {
         self.close.as_ref()
     }
 
-    /// Frames waiting to be written (live queue and replay).
+    /// Frames waiting to be written, plus live events held by the catch-up.
     pub fn queue_len(&self) -> usize {
-        self.queue.len() + self.replay.len()
+        self.queue.len() + self.merge.held()
     }
 
     /// Bytes waiting in the outbound queue.
@@ -211,46 +213,136 @@ impl<P: Payload> Connection<P> {
         self.queued_bytes
     }
 
+    /// The highest event seq handed to the outbound queue.
+    pub fn sent_seq(&self) -> u64 {
+        self.merge.sent()
+    }
+
+    /// The connection joined its stream (subscribed) but its position is not
+    /// known yet: from now on live events are held (see [`crate::catchup`])
+    /// until [`Connection::authenticate`]. Only legal while handshaking.
+    pub fn join(&mut self) -> Result<(), LifecycleError> {
+        if self.state != State::Handshaking {
+            return Err(LifecycleError::NotHandshaking(self.state));
+        }
+        self.joining = true;
+        Ok(())
+    }
+
     /// `Handshaking → Ready` at `now`; `welcome` becomes the first frame
-    /// written, and heartbeats start.
+    /// written, heartbeats start, and the catch-up starts with `plan`.
     ///
-    /// With `catching_up`, the connection first replays history: live frames
-    /// are admitted to the queue (bounded as always) but held back until the
-    /// I/O layer has pushed the last replay page ([`Connection::push_replay`]
-    /// with `done`). Welcome, replay, live: one ordered sequence, no gap, no
-    /// duplicate, as long as the replay ends where the live frames begin.
+    /// Live events held since [`Connection::join`] and those that arrive
+    /// while history is replayed are merged with it on seq
+    /// ([`crate::catchup::Merge`]): welcome, replay, live is one ordered
+    /// sequence with no gap and no duplicate.
     pub fn authenticate(
         &mut self,
         now: Instant,
         welcome: P,
-        catching_up: bool,
+        plan: Plan,
     ) -> Result<(), LifecycleError> {
         if self.state != State::Handshaking {
             return Err(LifecycleError::NotHandshaking(self.state));
         }
         self.state = State::Ready;
+        self.joining = false;
         self.last_inbound = now;
         self.next_ping = now + self.cfg.heartbeat_interval;
-        self.replay.push_back(welcome);
-        self.catching_up = catching_up;
+        self.queued_bytes += welcome.wire_len();
+        self.queue.push_front(welcome);
+        let mut ready = Vec::new();
+        self.merge.start(plan, &mut ready);
+        self.admit_events(ready);
         Ok(())
     }
 
-    /// True when the I/O layer should fetch and push the next replay page.
-    pub fn wants_replay(&self) -> bool {
-        self.state == State::Ready && self.catching_up && self.replay.is_empty()
+    /// What history the I/O layer should read next, once what is queued was
+    /// written (a page at a time keeps the queue short).
+    pub fn wants_history(&self) -> Option<HistoryRequest> {
+        if self.state != State::Ready || !self.queue.is_empty() {
+            return None;
+        }
+        self.merge.wants_history()
     }
 
-    /// Add a page of replayed frames (ignored unless catching up); `done`
-    /// releases the held-back live frames after it.
-    pub fn push_replay(&mut self, frames: impl IntoIterator<Item = P>, done: bool) {
-        if self.state != State::Ready || !self.catching_up {
+    /// Add a page of history (events in seq order) for a
+    /// [`HistoryRequest::Range`]. A page that skips a seq is a [`Gap`]: the
+    /// caller must close the connection rather than write past it.
+    pub fn push_history(&mut self, page: impl IntoIterator<Item = (u64, P)>) -> Result<(), Gap> {
+        if self.state != State::Ready {
+            return Ok(());
+        }
+        let mut ready = Vec::new();
+        let result = self.merge.on_history(page, &mut ready);
+        self.admit_events(ready);
+        result
+    }
+
+    /// Add the open runs' events for a [`HistoryRequest::Runs`].
+    pub fn push_runs(&mut self, frames: impl IntoIterator<Item = P>) {
+        if self.state != State::Ready {
             return;
         }
-        self.replay.extend(frames);
-        if done {
-            self.catching_up = false;
+        let mut ready = Vec::new();
+        self.merge.on_runs(frames, &mut ready);
+        self.admit_events(ready);
+    }
+
+    /// Admit a live event with its stream `seq`: queued when it is the next
+    /// one, held while catching up, dropped when already sent. Refused like
+    /// [`Connection::send`] unless `Ready` (or joining).
+    pub fn send_event(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        frame: P,
+    ) -> Result<LiveOutcome, SendRefused> {
+        match self.state {
+            State::Handshaking if !self.joining => return Err(SendRefused::Handshaking),
+            State::Closing => return Err(SendRefused::Closing),
+            State::Closed => return Err(SendRefused::Closed),
+            State::Handshaking | State::Ready => {}
         }
+        if self.merge.held() >= self.cfg.max_queue_frames {
+            self.close_slow(now);
+            return Err(SendRefused::QueueFull);
+        }
+        let mut ready = Vec::with_capacity(1);
+        let outcome = self.merge.on_live(seq, frame, &mut ready);
+        if ready.len() == 1 && self.merge.is_live() {
+            // The common case: one frame, straight into the bounded queue.
+            if let Some(frame) = ready.pop() {
+                self.send(now, frame)?;
+            }
+        } else {
+            self.admit_events(ready);
+        }
+        Ok(outcome)
+    }
+
+    /// Queue frames released by the catch-up. They are not held to the
+    /// queue bound: history is read a page at a time into an empty queue, and
+    /// held live events are bounded by `max_queue_frames` already.
+    fn admit_events(&mut self, frames: Vec<P>) {
+        if self.state != State::Ready {
+            return;
+        }
+        for frame in frames {
+            self.queued_bytes += frame.wire_len();
+            self.queue.push_back(frame);
+        }
+    }
+
+    fn close_slow(&mut self, now: Instant) {
+        self.close(
+            now,
+            CloseInfo::new(
+                CloseReason::SlowConsumer,
+                Initiator::Server,
+                "outbound queue full",
+            ),
+        );
     }
 
     /// Set when the connection's token expires (a `refresh` moves it). A
@@ -278,14 +370,7 @@ impl<P: Payload> Connection<P> {
         let over_bytes =
             !self.queue.is_empty() && self.queued_bytes + len > self.cfg.max_queue_bytes;
         if over_frames || over_bytes {
-            self.close(
-                now,
-                CloseInfo::new(
-                    CloseReason::SlowConsumer,
-                    Initiator::Server,
-                    "outbound queue full",
-                ),
-            );
+            self.close_slow(now);
             return Err(SendRefused::QueueFull);
         }
         self.queued_bytes += len;
@@ -303,11 +388,10 @@ impl<P: Payload> Connection<P> {
         self.close_deadline = Some(now + self.cfg.close_timeout);
         if !info.reason.flushes_queue() {
             self.clear_queue();
-        } else if self.catching_up {
-            // The replay stops here; live frames after it would leave a gap.
-            self.clear_live();
         }
-        self.catching_up = false;
+        // Held events are never written: the queue is gap-free by construction.
+        self.merge = Merge::joining();
+        self.joining = false;
         self.close = Some(info);
         true
     }
@@ -449,23 +533,12 @@ impl<P: Payload> Connection<P> {
     }
 
     fn pop(&mut self) -> Option<Transmit<P>> {
-        if let Some(frame) = self.replay.pop_front() {
-            return Some(Transmit::Frame(frame));
-        }
-        if self.catching_up {
-            return None;
-        }
         let frame = self.queue.pop_front()?;
         self.queued_bytes -= frame.wire_len();
         Some(Transmit::Frame(frame))
     }
 
     fn clear_queue(&mut self) {
-        self.replay.clear();
-        self.clear_live();
-    }
-
-    fn clear_live(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
     }
@@ -488,7 +561,8 @@ mod tests {
 
     fn ready(now: Instant) -> Connection<String> {
         let mut c = Connection::new(now, cfg());
-        c.authenticate(now, "welcome".into(), false).unwrap();
+        c.authenticate(now, "welcome".into(), Plan::Live { after: 0 })
+            .unwrap();
         c
     }
 
@@ -523,7 +597,7 @@ mod tests {
         let now = Instant::now();
         let mut c = ready(now);
         assert_eq!(
-            c.authenticate(now, "again".into(), false),
+            c.authenticate(now, "again".into(), Plan::Live { after: 0 }),
             Err(LifecycleError::NotHandshaking(State::Ready))
         );
     }
@@ -608,6 +682,7 @@ mod tests {
     fn queue_overflow_closes_as_slow_consumer_without_flushing() {
         let now = Instant::now();
         let mut c = ready(now);
+        assert_eq!(c.poll_transmit(), Some(Transmit::Frame("welcome".into())));
         for i in 0..4 {
             c.send(now, format!("f{i}")).unwrap();
         }
@@ -692,36 +767,52 @@ mod tests {
     }
 
     #[test]
-    fn catch_up_holds_live_frames_until_the_replay_is_done() {
+    fn catch_up_holds_live_events_until_the_replay_is_done() {
         let now = Instant::now();
         let mut c: Connection<String> = Connection::new(now, cfg());
-        c.authenticate(now, "welcome".into(), true).unwrap();
-        c.send(now, "live3".into()).unwrap();
+        assert_eq!(
+            c.send_event(now, 3, "e3".into()),
+            Err(SendRefused::Handshaking)
+        );
+        c.join().unwrap();
+        assert_eq!(c.send_event(now, 3, "e3".into()), Ok(LiveOutcome::Held));
+        c.authenticate(now, "welcome".into(), Plan::Replay { after: 0, until: 2 })
+            .unwrap();
+        assert_eq!(c.send_event(now, 4, "e4".into()), Ok(LiveOutcome::Held));
+        assert_eq!(c.wants_history(), None, "the welcome goes first");
         assert_eq!(c.poll_transmit(), Some(Transmit::Frame("welcome".into())));
-        assert_eq!(c.poll_transmit(), None, "live frames wait for the replay");
-        assert!(c.wants_replay());
-        c.push_replay(["r1".to_owned()], false);
-        assert!(!c.wants_replay());
-        assert_eq!(c.poll_transmit(), Some(Transmit::Frame("r1".into())));
-        assert!(c.wants_replay());
-        c.push_replay(["r2".to_owned()], true);
-        assert!(!c.wants_replay());
+        assert_eq!(c.poll_transmit(), None, "live events wait for the replay");
+        assert_eq!(
+            c.wants_history(),
+            Some(HistoryRequest::Range { after: 0, until: 2 })
+        );
+        c.push_history([(1, "e1".to_owned())]).unwrap();
+        assert_eq!(c.wants_history(), None);
+        assert_eq!(c.poll_transmit(), Some(Transmit::Frame("e1".into())));
+        c.push_history([(2, "e2".to_owned())]).unwrap();
+        assert_eq!(
+            c.send_event(now, 3, "e3".into()),
+            Ok(LiveOutcome::Duplicate)
+        );
         assert_eq!(
             drain(&mut c),
-            vec![
-                Transmit::Frame("r2".into()),
-                Transmit::Frame("live3".into())
-            ]
+            ["e2", "e3", "e4"]
+                .map(|f| Transmit::Frame(f.to_owned()))
+                .to_vec()
         );
+        assert_eq!(c.sent_seq(), 4);
     }
 
     #[test]
-    fn close_during_catch_up_never_writes_live_frames_after_a_gap() {
+    fn close_during_catch_up_never_writes_live_events_after_a_gap() {
         let now = Instant::now();
         let mut c: Connection<String> = Connection::new(now, cfg());
-        c.authenticate(now, "welcome".into(), true).unwrap();
-        c.push_replay(["r1".to_owned()], false);
-        c.send(now, "live9".into()).unwrap();
+        c.join().unwrap();
+        c.authenticate(now, "welcome".into(), Plan::Replay { after: 0, until: 5 })
+            .unwrap();
+        let _ = c.poll_transmit();
+        c.push_history([(1, "e1".to_owned())]).unwrap();
+        c.send_event(now, 9, "e9".into()).unwrap();
         c.close(
             now,
             CloseInfo::new(CloseReason::Kicked, Initiator::Server, "k"),
@@ -729,14 +820,28 @@ mod tests {
         assert_eq!(
             drain(&mut c),
             vec![
-                Transmit::Frame("welcome".into()),
-                Transmit::Frame("r1".into()),
+                Transmit::Frame("e1".into()),
                 Transmit::Close {
                     code: 4409,
                     reason: "k".into()
                 }
             ]
         );
+    }
+
+    #[test]
+    fn too_many_held_events_close_as_slow_consumer() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.join().unwrap();
+        for seq in 1..=cfg().max_queue_frames as u64 {
+            assert_eq!(c.send_event(now, seq, "e".into()), Ok(LiveOutcome::Held));
+        }
+        assert_eq!(
+            c.send_event(now, 99, "e".into()),
+            Err(SendRefused::QueueFull)
+        );
+        assert_eq!(c.state(), State::Closing);
     }
 
     #[test]

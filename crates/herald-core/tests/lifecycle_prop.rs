@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use herald_core::catchup::Plan;
 use herald_core::{
     CloseInfo, CloseReason, Connection, Initiator, LifecycleConfig, State, Transmit,
 };
@@ -12,7 +13,7 @@ use proptest::prelude::*;
 #[derive(Debug, Clone)]
 enum Op {
     Authenticate(bool),
-    PushReplay(bool),
+    PushReplay,
     Send,
     WriterStep,
     ClientCloseFrame,
@@ -24,7 +25,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         1 => any::<bool>().prop_map(Op::Authenticate),
-        2 => any::<bool>().prop_map(Op::PushReplay),
+        2 => Just(Op::PushReplay),
         6 => Just(Op::Send),
         6 => Just(Op::WriterStep),
         1 => Just(Op::ClientCloseFrame),
@@ -63,29 +64,36 @@ proptest! {
         let mut replayed: Vec<String> = Vec::new();
         let mut tokens = 0;
         let mut next = 0u32;
+        let mut live_seq = 2u64;
+        conn.join().unwrap();
         let mut last_state = conn.state();
         let gone = || CloseInfo::new(CloseReason::PeerGone, Initiator::Client, "eof");
 
         for op in ops {
             match op {
                 Op::Authenticate(catching_up) => {
-                    if conn.authenticate(now, "welcome".to_owned(), catching_up).is_ok() {
+                    // With catching_up, one history event (seq 1) must be replayed first.
+                    let plan = if catching_up { Plan::Replay { after: 0, until: 1 } } else { Plan::Live { after: 1 } };
+                    if conn.authenticate(now, "welcome".to_owned(), plan).is_ok() {
                         replayed.push("welcome".to_owned());
                     }
                 }
-                Op::PushReplay(done) => {
-                    if conn.wants_replay() {
+                Op::PushReplay => {
+                    if conn.wants_history().is_some() {
                         let frame = format!("r{next}");
                         next += 1;
-                        conn.push_replay([frame.clone()], done);
-                        replayed.push(frame);
+                        if conn.push_history([(1, frame.clone())]).is_ok() {
+                            replayed.push(frame);
+                        }
                     }
                 }
                 Op::Send => {
+                    // Live events carry seq 2, 3, … (seq 1 is the history event).
                     let frame = format!("f{next}");
                     next += 1;
-                    if conn.send(now, frame.clone()).is_ok() {
+                    if conn.send_event(now, live_seq, frame.clone()).is_ok() {
                         accepted.push(frame);
+                        live_seq += 1;
                     }
                 }
                 Op::WriterStep => match conn.poll_transmit() {
