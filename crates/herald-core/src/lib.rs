@@ -30,5 +30,6 @@ pub mod ratelimit;
 pub mod session;
 pub mod stream;
 
+pub use catchup::LiveOutcome;
 pub use close::{CloseInfo, CloseReason, Initiator};
 pub use lifecycle::{Connection, LifecycleConfig, Payload, SendRefused, State, Transmit};

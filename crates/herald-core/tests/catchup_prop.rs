@@ -7,9 +7,7 @@
 
 use std::collections::VecDeque;
 
-use herald_core::catchup::{
-    HistoryRequest, LiveOutcome, Merge, Plan, StreamPosition, decide_join,
-};
+use herald_core::catchup::{HistoryRequest, LiveOutcome, Merge, Plan, StreamPosition, decide_join};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

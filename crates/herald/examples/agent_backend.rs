@@ -23,7 +23,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use herald::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
+use herald::agent::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 

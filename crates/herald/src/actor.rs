@@ -2,10 +2,12 @@
 //! only code that writes to it.
 //!
 //! The loop is: write whatever the lifecycle ([`herald_core::Connection`])
-//! says to write, then wait for one of: a wake-up (someone queued a frame or
-//! decided a close), a lifecycle timer, or an inbound message. When the
-//! transport ends, the lifecycle hands out the cleanup token once and the
-//! actor runs the registry cleanup with it.
+//! says to write, fetch the history page its catch-up asks for, then wait for
+//! one of: a wake-up (someone queued a frame or decided a close), a lifecycle
+//! timer, or an inbound message. What an inbound frame means is decided by
+//! the core ([`herald_core::session::on_text`]); the actor performs it. When
+//! the transport ends, the lifecycle hands out the cleanup token once and the
+//! actor runs the hub's cleanup with it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,37 +15,42 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use herald_core::protocol::{
-    ClientFrame, FrameError, Hello, ServerFrame, codes, parse_client_frame,
-};
+use herald_core::catchup::{HistoryRequest, decide_join};
+use herald_core::protocol::{Hello, ServerFrame, codes};
 use herald_core::ratelimit::{Bucket, Verdict};
+use herald_core::session::{self, Inbound, Reply};
 use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
 use tracing::Instrument;
 
-use crate::auth::{AuthError, unix_now};
-use crate::connection::{CatchUp, ConnShared, OutFrame};
-use crate::inbound::{CancelOut, MessageOut};
-use crate::registry::RegisterError;
-use crate::server::App;
+use crate::agent::{CancelOut, MessageOut};
+use crate::app::App;
+use crate::auth::AuthError;
+use crate::broker::{StoredEvent, user_stream};
+use crate::clock;
+use crate::connection::{ConnShared, OutFrame};
+use crate::hub::JoinError;
 use crate::telemetry::{self, Stats};
 
+/// Events read from history per page during a catch-up.
+const HISTORY_PAGE: usize = 256;
+
 /// Run one connection from upgrade to cleanup.
-pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
+pub(crate) async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
     let conn = Arc::new(ConnShared::new(
         app.next_conn_id(),
-        app.config.lifecycle.clone(),
+        app.config().lifecycle.clone(),
     ));
-    app.registry.insert(conn.clone());
+    app.hub().insert(conn.clone());
     // At error level so it is enabled whenever any log is: warn and error lines
     // about a connection always carry its conn_id and user_id.
     let span =
         tracing::error_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
-    let app_rate = app.config.rate_limit;
+    let rate = app.config().rate_limit;
     let actor = Actor {
         wire: Wire {
             ws: socket,
             close_seen: false,
-            stats: app.stats.clone(),
+            stats: app.stats().clone(),
             metrics: WireMetrics::new(),
             unflushed_published: Vec::new(),
         },
@@ -51,7 +58,7 @@ pub async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>)
         app,
         header_token,
         span: span.clone(),
-        bucket: Bucket::new(app_rate, Instant::now()),
+        bucket: Bucket::new(rate, clock::now()),
     };
     actor.run().instrument(span).await
 }
@@ -74,7 +81,7 @@ impl Actor {
         let token = self.conn.with_core(|c| c.on_transport_closed(end));
         drop(self.wire);
         if let Some(info) = token {
-            self.app.registry.cleanup(&self.conn, &info);
+            self.app.hub().cleanup(&self.conn, &info);
         }
     }
 
@@ -89,10 +96,10 @@ impl Actor {
             if let Err(end) = self.write_pending().await {
                 return end;
             }
-            if self.conn.with_core(|c| c.wants_replay()) {
+            if let Some(request) = self.conn.with_core(|c| c.wants_history()) {
                 // Boxed: rare, large futures would otherwise be part of every
                 // idle connection's task (the future is sized for its largest state).
-                Box::pin(self.replay_page()).await;
+                Box::pin(self.catch_up(request)).await;
                 continue;
             }
             if self.conn.with_core(|c| c.should_drop_transport()) {
@@ -109,7 +116,7 @@ impl Actor {
             }
             tokio::select! {
                 _ = self.conn.woken() => {}
-                _ = &mut timer, if deadline.is_some() => self.conn.with_core(|c| c.handle_timeout(Instant::now())),
+                _ = &mut timer, if deadline.is_some() => self.conn.with_core(|c| c.handle_timeout(clock::now())),
                 msg = self.wire.ws.recv() => match msg {
                     None => return gone(CloseReason::PeerGone, "eof"),
                     Some(Err(e)) => match classify_read_error(e) {
@@ -125,8 +132,8 @@ impl Actor {
     /// Write everything the lifecycle releases, then flush once.
     async fn write_pending(&mut self) -> Result<(), CloseInfo> {
         let limit = match self.conn.state() {
-            State::Closing => self.app.config.lifecycle.close_timeout,
-            _ => self.app.config.write_timeout,
+            State::Closing => self.app.config().lifecycle.close_timeout,
+            _ => self.app.config().write_timeout,
         };
         let mut unflushed = false;
         while let Some(t) = self.conn.with_core(|c| c.poll_transmit()) {
@@ -151,55 +158,49 @@ impl Actor {
         Ok(())
     }
 
-    /// Fetch the next page of the catch-up plan and hand it to the lifecycle.
-    /// History evicted mid-replay closes the connection (4001): the client
-    /// resumes again and is told `reset` — never a silent gap.
-    async fn replay_page(&mut self) {
-        const PAGE: usize = 256;
-        let (Some(user), Some(plan)) = (self.conn.user().map(str::to_owned), self.conn.catch_up())
-        else {
-            self.conn.with_core(|c| c.push_replay([], true));
+    /// Read what the catch-up asks for from the broker and hand it over. A
+    /// gap (history evicted mid-catch-up) closes the connection (4001): the
+    /// client resumes again and is told `reset` — never a silent gap.
+    async fn catch_up(&mut self, request: HistoryRequest) {
+        let Some(stream) = self.conn.stream().map(str::to_owned) else {
             return;
         };
-        let store = self.app.registry.store();
-        let page = match plan {
-            CatchUp::Replay { after, until } => {
-                store.read(&user, after, until, PAGE).await.map(|frames| {
-                    let reached = after + frames.len() as u64;
-                    let done = frames.is_empty() || reached >= until;
-                    self.conn.set_catch_up(Some(CatchUp::Replay {
-                        after: reached,
-                        until,
-                    }));
-                    (frames, done)
-                })
-            }
-            CatchUp::Runs { until } => store
-                .active_run_events(&user, 0, until)
-                .await
-                .map(|f| (f, true)),
-        };
-        match page {
-            Ok((frames, done)) => {
-                metrics::counter!(telemetry::EVENTS_REPLAYED).increment(frames.len() as u64);
-                self.conn.with_core(|c| c.push_replay(frames, done));
-                if done {
-                    self.conn.set_catch_up(None);
+        let broker = self.app.broker();
+        let result = match request {
+            HistoryRequest::Range { after, until } => {
+                match broker.history(&stream, after, until, HISTORY_PAGE).await {
+                    Ok(page) => {
+                        metrics::counter!(telemetry::EVENTS_REPLAYED).increment(page.len() as u64);
+                        let page = frames(page);
+                        self.conn
+                            .with_core(|c| c.push_history(page))
+                            .map_err(|gap| gap.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
                 }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "replay failed");
-                self.close(
-                    CloseReason::SlowConsumer,
-                    Initiator::Server,
-                    "history evicted during replay; resume again",
-                );
-            }
+            HistoryRequest::Runs { until } => match broker.open_run_events(&stream, until).await {
+                Ok(events) => {
+                    metrics::counter!(telemetry::EVENTS_REPLAYED).increment(events.len() as u64);
+                    let frames = frames(events).into_iter().map(|(_, f)| f);
+                    self.conn.with_core(|c| c.push_runs(frames));
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "catch-up failed");
+            self.close(
+                CloseReason::SlowConsumer,
+                Initiator::Server,
+                "history evicted during replay; resume again",
+            );
         }
     }
 
     async fn on_message(&mut self, msg: Message) {
-        let now = Instant::now();
+        let now = clock::now();
         self.conn.with_core(|c| c.on_inbound(now));
         if matches!(
             msg,
@@ -210,9 +211,9 @@ impl Actor {
                 Verdict::Reject { notify } => {
                     metrics::counter!(telemetry::RATE_LIMITED).increment(1);
                     if notify {
-                        self.reply(ServerFrame::Error {
+                        self.reply(&Reply::Error {
                             code: codes::RATE_LIMITED,
-                            message: "too many frames; slow down",
+                            message: "too many frames; slow down".to_owned(),
                         });
                     }
                     return;
@@ -228,7 +229,11 @@ impl Actor {
             }
         }
         match msg {
-            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Text(text) => {
+                let decision =
+                    session::on_text(self.conn.state(), text.as_str(), &self.app.config().limits);
+                self.perform(decision).await;
+            }
             Message::Binary(_) => {
                 self.close(
                     CloseReason::UnsupportedData,
@@ -242,77 +247,23 @@ impl Actor {
                 self.wire.close_seen = true;
                 let code = frame.map(|f| f.code);
                 self.conn
-                    .with_core(|c| c.on_close_received(Instant::now(), code));
+                    .with_core(|c| c.on_close_received(clock::now(), code));
             }
         }
     }
 
-    async fn on_text(&mut self, text: &str) {
-        let state = self.conn.state();
-        if state >= State::Closing {
-            return;
-        }
-        let frame = match parse_client_frame(text, &self.app.config.limits) {
-            Ok(f) => f,
-            Err(e) if e.is_fatal() || state == State::Handshaking => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    Initiator::Client,
-                    &e.to_string(),
-                );
-                return;
+    /// Carry out what the core decided an inbound frame means.
+    async fn perform(&mut self, decision: Inbound) {
+        match decision {
+            Inbound::Ignore => {}
+            Inbound::Close(info) => {
+                self.conn.close(info);
             }
-            Err(e @ FrameError::InvalidField { .. }) => {
-                let message = e.to_string();
-                match e {
-                    FrameError::InvalidField {
-                        id: Some(id),
-                        kind: "user_message",
-                        ..
-                    } => {
-                        self.reply(ServerFrame::Nack {
-                            id: &id,
-                            error: codes::INVALID_FIELD,
-                            message: Some(&message),
-                            retry_after_ms: None,
-                        });
-                    }
-                    _ => self.reply(ServerFrame::Error {
-                        code: codes::INVALID_FIELD,
-                        message: &message,
-                    }),
-                }
-                return;
-            }
-            Err(e) => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    Initiator::Client,
-                    &e.to_string(),
-                );
-                return;
-            }
-        };
-        match (state, frame) {
-            (State::Handshaking, ClientFrame::Hello(hello)) => self.on_hello(hello).await,
-            (State::Handshaking, _) => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    Initiator::Client,
-                    "the first frame must be hello",
-                );
-            }
-            (_, ClientFrame::Hello(_)) => {
-                self.close(
-                    CloseReason::ProtocolError,
-                    Initiator::Client,
-                    "second hello",
-                );
-            }
-            (_, ClientFrame::Ping) => self.reply(ServerFrame::Pong),
-            (_, ClientFrame::Ack { seq }) => self.conn.record_ack(seq),
-            (_, ClientFrame::Refresh { token }) => self.on_refresh(&token),
-            (_, ClientFrame::UserMessage(m)) => {
+            Inbound::Reply(reply) => self.reply(&reply),
+            Inbound::Hello(hello) => self.on_hello(hello).await,
+            Inbound::Ack { seq } => self.conn.record_ack(seq),
+            Inbound::Refresh { token } => self.on_refresh(&token),
+            Inbound::UserMessage(m) => {
                 let Some(user) = self.conn.user() else { return };
                 let msg = MessageOut {
                     user_id: user.to_owned(),
@@ -321,18 +272,17 @@ impl Actor {
                     text: m.text,
                     data: m.data,
                     conn_id: self.conn.id_str.clone(),
-                    received_at: crate::api::now_rfc3339(),
+                    received_at: clock::now_rfc3339(),
                 };
-                self.app.inbound.submit_message(self.conn.clone(), msg);
+                self.app.inbound().submit_message(self.conn.clone(), msg);
             }
-            (_, ClientFrame::Cancel { run_id }) => self.on_cancel(run_id).await,
-            (_, ClientFrame::Unknown { kind }) => self.reply(ServerFrame::Error {
-                code: codes::UNKNOWN_TYPE,
-                message: &format!("unknown frame type `{kind}`"),
-            }),
+            Inbound::Cancel { run_id } => self.on_cancel(run_id).await,
         }
     }
 
+    /// Authenticate, join the user's stream (live events are held from here
+    /// on), read its position, decide resume or reset, and queue the welcome;
+    /// the catch-up then replays history and merges it with the held events.
     async fn on_hello(&mut self, hello: Hello) {
         let Some(token) = hello.token.clone().or_else(|| self.header_token.take()) else {
             self.close(
@@ -342,7 +292,7 @@ impl Actor {
             );
             return;
         };
-        let claims = match self.app.verifier.verify(&token) {
+        let claims = match self.app.verifier().verify(&token) {
             Ok(c) => c,
             Err(AuthError::Expired) => {
                 self.close(
@@ -357,59 +307,91 @@ impl Actor {
                 return;
             }
         };
-        let heartbeat_ms = self.app.config.lifecycle.heartbeat_interval.as_millis() as u64;
-        match self
+        let user = claims.sub.as_str();
+        let stream = user_stream(user);
+        self.conn.set_user(user);
+        let joined = self
             .app
-            .registry
-            .register(
-                &claims.sub,
+            .hub()
+            .join(
+                &stream,
                 &self.conn,
-                &hello,
-                self.app.config.max_connections_per_user,
-                heartbeat_ms,
+                self.app.config().max_connections_per_user,
             )
-            .await
-        {
-            Ok(()) => {
-                self.span.record("user_id", claims.sub.as_str());
-                self.set_expiry(claims.exp);
-                tracing::debug!("hello accepted");
-            }
-            Err(RegisterError::UserFull) => {
+            .await;
+        let position = match joined {
+            Ok(()) => self
+                .app
+                .broker()
+                .position(&stream)
+                .await
+                .map_err(JoinError::from),
+            Err(e) => Err(e),
+        };
+        let pos = match position {
+            Ok(pos) => pos,
+            Err(JoinError::UserFull) => {
                 self.close(
                     CloseReason::Capacity,
                     Initiator::Server,
                     "too many connections for this user",
                 );
+                return;
             }
             // Closing already (e.g. shutdown raced the hello): nothing to do.
-            Err(RegisterError::NotHandshaking) => {}
-            Err(RegisterError::Store(e)) => {
-                tracing::error!(error = %e, "history store failed at hello");
+            Err(JoinError::NotHandshaking) => return,
+            Err(JoinError::Broker(e)) => {
+                tracing::error!(error = %e, "broker failed at hello");
                 self.close(
                     CloseReason::Internal,
                     Initiator::Server,
                     "history unavailable",
                 );
+                return;
             }
+        };
+        let resume = hello.resume.as_ref().map(|r| (r.epoch.as_str(), r.seq));
+        let decision = decide_join(&pos, resume, hello.replay_active_runs);
+        let welcome = ServerFrame::Welcome {
+            conn_id: &self.conn.id_str,
+            user_id: user,
+            epoch: &pos.epoch,
+            seq: pos.last_seq,
+            resumed: decision.resumed,
+            reset: decision.reset,
+            heartbeat_ms: self.app.config().lifecycle.heartbeat_interval.as_millis() as u64,
+        }
+        .to_json();
+        let now = clock::now();
+        let authenticated = self
+            .conn
+            .with_core(|c| c.authenticate(now, OutFrame::from(welcome), decision.plan));
+        if authenticated.is_ok() {
+            self.span.record("user_id", user);
+            self.set_expiry(claims.exp);
+            tracing::debug!("hello accepted");
         }
     }
+
     /// Forward a cancel only for a run that is open in this user's own stream.
     async fn on_cancel(&mut self, run_id: String) {
-        let Some(user) = self.conn.user().map(str::to_owned) else {
+        let (Some(user), Some(stream)) = (
+            self.conn.user().map(str::to_owned),
+            self.conn.stream().map(str::to_owned),
+        ) else {
             return;
         };
-        let open = self
-            .app
-            .registry
-            .store()
-            .is_open_run(&user, &run_id)
-            .await
-            .unwrap_or(false);
+        let open = match self.app.broker().is_open_run(&stream, &run_id).await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "broker failed on cancel");
+                false
+            }
+        };
         if !open {
-            self.reply(ServerFrame::Error {
+            self.reply(&Reply::Error {
                 code: codes::UNKNOWN_RUN,
-                message: &format!("no open run `{run_id}` for this user"),
+                message: format!("no open run `{run_id}` for this user"),
             });
             return;
         }
@@ -417,13 +399,13 @@ impl Actor {
             user_id: user,
             run_id,
             conn_id: self.conn.id_str.clone(),
-            received_at: crate::api::now_rfc3339(),
+            received_at: clock::now_rfc3339(),
         };
-        self.app.inbound.submit_cancel(self.conn.clone(), cancel);
+        self.app.inbound().submit_cancel(self.conn.clone(), cancel);
     }
 
     fn on_refresh(&mut self, token: &str) {
-        let result = self.app.verifier.verify(token).and_then(|c| {
+        let result = self.app.verifier().verify(token).and_then(|c| {
             if Some(c.sub.as_str()) == self.conn.user() {
                 Ok(c)
             } else {
@@ -432,27 +414,44 @@ impl Actor {
         });
         match result {
             Ok(claims) => self.set_expiry(claims.exp),
-            Err(e) => self.reply(ServerFrame::Error {
+            Err(e) => self.reply(&Reply::Error {
                 code: codes::INVALID_TOKEN,
-                message: &format!("refresh rejected: {e}"),
+                message: format!("refresh rejected: {e}"),
             }),
         }
     }
 
     fn set_expiry(&self, exp: u64) {
-        let left = Duration::from_secs(exp.saturating_sub(unix_now()));
-        self.conn
-            .with_core(|c| c.set_token_expiry(Some(Instant::now() + left)));
+        let left = Duration::from_secs(exp.saturating_sub(clock::unix_now()));
+        let at = clock::now() + left;
+        self.conn.with_core(|c| c.set_token_expiry(Some(at)));
     }
 
-    fn reply(&self, frame: ServerFrame<'_>) {
+    fn reply(&self, reply: &Reply) {
         // A refusal (closing, queue full) is counted by `send`; nothing else to do.
-        let _ = self.conn.send(OutFrame::from(frame.to_json()));
+        let _ = self.conn.send(OutFrame::from(reply.to_json()));
     }
 
     fn close(&self, reason: CloseReason, initiator: Initiator, detail: &str) {
         self.conn.close(CloseInfo::new(reason, initiator, detail));
     }
+}
+
+/// History events as wire frames, with their seqs.
+fn frames(events: Vec<StoredEvent>) -> Vec<(u64, OutFrame)> {
+    events
+        .into_iter()
+        .filter_map(|e| {
+            let seq = e.seq;
+            match OutFrame::replayed(e) {
+                Some(f) => Some((seq, f)),
+                None => {
+                    tracing::error!(seq, "stored event is not UTF-8; skipped");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 fn gone(reason: CloseReason, detail: &str) -> CloseInfo {
@@ -601,7 +600,7 @@ impl Wire {
 
     async fn flush(&mut self, limit: Duration) -> Result<(), CloseInfo> {
         timed(limit, SinkExt::<Message>::flush(&mut self.ws)).await?;
-        let now = Instant::now();
+        let now = clock::now();
         for at in self.unflushed_published.drain(..) {
             self.metrics
                 .latency

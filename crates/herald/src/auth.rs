@@ -18,6 +18,24 @@ pub struct Claims {
     pub exp: u64,
 }
 
+/// The claims as decoded, before Herald checks their presence and types
+/// (so a missing or mistyped claim is told apart without reading error text).
+#[derive(Deserialize)]
+struct RawClaims {
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
+}
+
+/// Why a JWT key could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The public key file is neither a PEM RSA nor a PEM EC key.
+    #[error("not a PEM RSA or EC public key: {0}")]
+    NotPem(String),
+}
+
 /// Why a token was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -76,7 +94,7 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Build the verifier from the config. Fails when the public key is not a
     /// PEM RSA or EC key.
-    pub fn from_config(cfg: &Config) -> Result<Self, String> {
+    pub fn from_config(cfg: &Config) -> Result<Self, KeyError> {
         let (key, alg) = match &cfg.jwt_key {
             JwtKey::Hs256(secret) => (
                 DecodingKey::from_secret(secret.as_bytes()),
@@ -86,7 +104,7 @@ impl Verifier {
                 Ok(k) => (k, Algorithm::RS256),
                 Err(_) => match DecodingKey::from_ec_pem(pem) {
                     Ok(k) => (k, Algorithm::ES256),
-                    Err(e) => return Err(format!("not a PEM RSA or EC public key: {e}")),
+                    Err(e) => return Err(KeyError::NotPem(e.to_string())),
                 },
             },
         };
@@ -124,33 +142,37 @@ impl Verifier {
         if token.len() > self.max_token_bytes {
             return Err(AuthError::TooLong);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm
-                | ErrorKind::MissingAlgorithm
-                | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
-                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-                ErrorKind::InvalidAudience => AuthError::WrongAudience,
-                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-                // A JSON error about `sub`/`exp` means a claim is absent or of the wrong type.
-                ErrorKind::Json(j) if j.to_string().contains("missing field") => {
-                    AuthError::MissingClaim(missing_field(&j.to_string()))
+        let data =
+            jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::InvalidSignature => AuthError::BadSignature,
+                    ErrorKind::InvalidAlgorithm
+                    | ErrorKind::MissingAlgorithm
+                    | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+                    ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
+                    ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                    ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                    _ => AuthError::Malformed,
                 }
-                _ => AuthError::Malformed,
+            })?;
+        let claims = match data.claims {
+            RawClaims { sub: None, .. } => return Err(AuthError::MissingClaim("sub".into())),
+            RawClaims { exp: None, .. } => return Err(AuthError::MissingClaim("exp".into())),
+            RawClaims {
+                sub: Some(serde_json::Value::String(sub)),
+                exp: Some(exp),
+            } => Claims {
+                sub,
+                exp: exp.as_u64().ok_or(AuthError::Malformed)?,
             },
-        )?;
-        let claims = data.claims;
+            RawClaims { .. } => return Err(AuthError::Malformed),
+        };
         if claims.sub.is_empty() || claims.sub.len() > self.max_sub_bytes {
             return Err(AuthError::InvalidSub);
         }
         Ok(claims)
     }
-}
-
-fn missing_field(msg: &str) -> String {
-    msg.split('`').nth(1).unwrap_or("claim").to_owned()
 }
 
 /// Mint an HS256 token for `user` valid for `ttl` (for `herald token`, the dev
@@ -186,13 +208,7 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
+pub use crate::clock::unix_now;
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,20 @@ use herald_core::protocol::Limits;
 use herald_core::ratelimit::RateLimit;
 use herald_core::stream::StreamLimits;
 
-use crate::webhook::WebhookConfig;
+/// Delivery settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// The URL to POST to.
+    pub url: String,
+    /// The HMAC secret.
+    pub secret: String,
+    /// Timeout of one attempt.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// First backoff; doubles per retry (full jitter), capped at 5 s.
+    pub backoff: Duration,
+}
 
 /// One configuration key.
 #[derive(Debug, Clone, Copy)]
@@ -226,12 +239,22 @@ pub enum ConfigError {
         message: String,
     },
     /// The file names a key Herald does not know.
-    #[error("config file {path}: unknown key `{key}`")]
+    #[error("config file {path}: unknown key `{key}`{}", did_you_mean(.suggestion))]
     UnknownKey {
         /// The file.
         path: PathBuf,
         /// The unknown key.
         key: String,
+        /// The nearest valid key, if one is close.
+        suggestion: Option<&'static str>,
+    },
+    /// A `HERALD_*` environment variable that is not a configuration key.
+    #[error("unknown environment variable `{var}`{}", did_you_mean(.suggestion))]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// The nearest valid variable, if one is close.
+        suggestion: Option<String>,
     },
     /// A value does not parse.
     #[error("config key `{key}` (from {layer:?}): {message}")]
@@ -284,6 +307,7 @@ impl RawConfig {
                         .find(|k| k.name == key)
                         .ok_or_else(|| ConfigError::UnknownKey {
                             path: path.to_owned(),
+                            suggestion: nearest_key(&key),
                             key: key.clone(),
                         })?;
                 let text = match value {
@@ -306,6 +330,18 @@ impl RawConfig {
             }
         }
         let env: BTreeMap<String, String> = env.into_iter().collect();
+        for var in env.keys().filter(|v| v.starts_with(ENV_PREFIX)) {
+            if NOT_CONFIG_ENV.contains(&var.as_str())
+                || KEYS.iter().any(|k| env_name(k.name) == *var)
+            {
+                continue;
+            }
+            let key = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+            return Err(ConfigError::UnknownEnv {
+                var: var.clone(),
+                suggestion: nearest_key(&key).map(env_name),
+            });
+        }
         for k in KEYS {
             if let Some(v) = env.get(&env_name(k.name)) {
                 raw.values.insert(k.name, (v.clone(), Layer::Env));
@@ -363,9 +399,49 @@ impl RawConfig {
     }
 }
 
+/// Prefix of Herald's environment variables.
+const ENV_PREFIX: &str = "HERALD_";
+
+/// `HERALD_*` variables that are not configuration keys: the log filter, and
+/// the variables Herald's test tools and example read.
+pub const NOT_CONFIG_ENV: &[&str] = &["HERALD_LOG", "HERALD_BIN", "HERALD_URL"];
+
 /// The environment variable of a key.
 pub fn env_name(key: &str) -> String {
-    format!("HERALD_{}", key.to_ascii_uppercase())
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())
+}
+
+fn did_you_mean<T: std::fmt::Display>(suggestion: &Option<T>) -> String {
+    match suggestion {
+        Some(s) => format!(" (did you mean `{s}`?)"),
+        None => String::new(),
+    }
+}
+
+/// The valid key nearest to `key` by edit distance, if it is close enough
+/// to be a typo (at most a third of its length).
+fn nearest_key(key: &str) -> Option<&'static str> {
+    KEYS.iter()
+        .map(|k| (edit_distance(key, k.name), k.name))
+        .min()
+        .filter(|(d, _)| *d <= key.len().div_ceil(3).max(1))
+        .map(|(_, name)| name)
+}
+
+/// Levenshtein distance (keys are short ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// The command-line flag of a key (without the leading dashes).
@@ -668,6 +744,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown key `adr`"), "{err}");
+        assert!(err.contains("did you mean `addr`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_vars_are_rejected_with_the_nearest_key() {
+        let env = [("HERALD_API_KYE".to_owned(), "k".to_owned())];
+        let err = RawConfig::load(None, env, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`HERALD_API_KYE`"), "{err}");
+        assert!(err.contains("did you mean `HERALD_API_KEY`"), "{err}");
+        let env = [("HERALD_ZZZZZZZZZZZZZZZ".to_owned(), "1".to_owned())];
+        let err = RawConfig::load(None, env, &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("did you mean"), "{err}");
+        // The log filter is not a config key and is allowed.
+        let env = [("HERALD_LOG".to_owned(), "debug".to_owned())];
+        assert!(RawConfig::load(None, env, &BTreeMap::new()).is_ok());
     }
 }
 

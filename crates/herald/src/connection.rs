@@ -1,5 +1,5 @@
 //! The shared half of a connection: what the rest of the server holds to send
-//! to it or close it. The socket itself is owned by the actor ([`crate::actor`]).
+//! to it or close it. The socket itself is owned by the actor (`crate::actor`).
 //!
 //! Every operation locks the connection's sans-IO [`Connection`] state machine
 //! briefly, so the state check and the enqueue are one atomic step (the race
@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
-use herald_core::{CloseInfo, Connection, LifecycleConfig, Payload, SendRefused, State};
+use herald_core::{
+    CloseInfo, Connection, LifecycleConfig, LiveOutcome, Payload, SendRefused, State,
+};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::broker::StoredEvent;
 use crate::telemetry;
 
 /// An outbound text frame. Cloning shares the bytes, so a fan-out serializes
@@ -29,20 +32,13 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// A live event frame published now.
-    pub fn live(text: String) -> Self {
-        Self {
-            published: Some(Instant::now()),
-            ..Self::from(text)
-        }
-    }
-
-    /// The same frame without a publish time (replayed from history).
-    pub fn replayed(&self) -> Self {
-        Self {
-            text: self.text.clone(),
+    /// A stored event read from history (no publish time); `None` if its
+    /// bytes are not UTF-8 (a broker fault).
+    pub fn replayed(event: StoredEvent) -> Option<Self> {
+        Some(Self {
+            text: Utf8Bytes::try_from(event.json).ok()?,
             published: None,
-        }
+        })
     }
 }
 
@@ -63,23 +59,6 @@ impl From<String> for OutFrame {
     }
 }
 
-/// What a connection still has to replay after its welcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CatchUp {
-    /// Replay the stream's events with `after < seq <= until`, page by page.
-    Replay {
-        /// Last seq already sent (the client's resume point, then each page's end).
-        after: u64,
-        /// The stream's latest seq when the connection joined the fan-out set.
-        until: u64,
-    },
-    /// Replay the open runs' events up to `until` (`replay_active_runs`).
-    Runs {
-        /// The stream's latest seq when the connection joined the fan-out set.
-        until: u64,
-    },
-}
-
 /// The typed result of a send: queued, or refused with the reason.
 pub type SendOutcome = Result<(), SendRefused>;
 
@@ -93,25 +72,25 @@ pub struct ConnShared {
     /// When the upgrade completed.
     pub opened_at: Instant,
     user: OnceLock<String>,
+    stream: OnceLock<String>,
     core: Mutex<Connection<OutFrame>>,
     wake: Notify,
     acked_seq: AtomicU64,
-    catch_up: Mutex<Option<CatchUp>>,
 }
 
 impl ConnShared {
     /// A new connection in `Handshaking`.
     pub fn new(id: u64, cfg: LifecycleConfig) -> Self {
-        let now = Instant::now();
+        let now = crate::clock::now();
         Self {
             id,
             id_str: format!("{id:016x}"),
             opened_at: now,
             user: OnceLock::new(),
+            stream: OnceLock::new(),
             core: Mutex::new(Connection::new(now, cfg)),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
-            catch_up: Mutex::new(None),
         }
     }
 
@@ -120,24 +99,38 @@ impl ConnShared {
         self.user.get().map(String::as_str)
     }
 
-    pub(crate) fn set_catch_up(&self, plan: Option<CatchUp>) {
-        *self.catch_up.lock() = plan;
-    }
-
-    pub(crate) fn catch_up(&self) -> Option<CatchUp> {
-        *self.catch_up.lock()
+    /// The stream the connection joined, once it did.
+    pub fn stream(&self) -> Option<&str> {
+        self.stream.get().map(String::as_str)
     }
 
     pub(crate) fn set_user(&self, user: &str) {
         let _ = self.user.set(user.to_owned());
     }
 
+    pub(crate) fn set_stream(&self, stream: &str) {
+        let _ = self.stream.set(stream.to_owned());
+    }
+
     /// Queue a frame for this connection (only `Ready` connections accept).
     pub fn send(&self, frame: OutFrame) -> SendOutcome {
-        let outcome = self.core.lock().send(Instant::now(), frame);
-        match outcome {
-            Ok(()) => self.wake.notify_one(),
-            Err(refused) => {
+        let outcome = self.core.lock().send(crate::clock::now(), frame);
+        self.after_send(outcome.err());
+        outcome
+    }
+
+    /// Hand a live event of the connection's stream to its catch-up merge:
+    /// queued, held, or dropped as a duplicate (see [`herald_core::catchup`]).
+    pub fn send_event(&self, seq: u64, frame: OutFrame) -> Result<LiveOutcome, SendRefused> {
+        let outcome = self.core.lock().send_event(crate::clock::now(), seq, frame);
+        self.after_send(outcome.err());
+        outcome
+    }
+
+    fn after_send(&self, refused: Option<SendRefused>) {
+        match refused {
+            None => self.wake.notify_one(),
+            Some(refused) => {
                 telemetry::send_refused(refused);
                 tracing::debug!(conn_id = %self.id_str, reason = refused.as_str(), "send refused");
                 // A full queue just started a slow-consumer close: the actor must write it.
@@ -146,12 +139,11 @@ impl ConnShared {
                 }
             }
         }
-        outcome
     }
 
     /// Decide to close. Idempotent: returns `true` only for the call that decided.
     pub fn close(&self, info: CloseInfo) -> bool {
-        let decided = self.core.lock().close(Instant::now(), info);
+        let decided = self.core.lock().close(crate::clock::now(), info);
         if decided {
             self.wake.notify_one();
         }

@@ -1,41 +1,53 @@
 //! Herald: a WebSocket gateway that streams AI-agent events to users.
 //!
 //! The protocol and lifecycle logic live in the sans-IO crate `herald_core`;
-//! this crate drives it with tokio, axum and hyper.
+//! this crate performs its decisions with tokio, axum and hyper.
 //!
-//! Layout (request path, top to bottom):
-//! - [`server`]: listener (large backlog), accept loop, shared [`server::App`], drain.
-//! - [`api`]: HTTP routes — publish, disconnect, connections, health, metrics.
-//! - [`ws`]: the `GET /ws` upgrade (limits, token from header or subprotocol).
-//! - [`actor`]: one task per socket, the only writer; drives the lifecycle.
+//! Layout, in the order a request travels (each module depends only on the
+//! ones below it):
+//! - [`server`]: listener (large backlog), accept loop, sweeper, drain.
+//! - [`http`]: the router — publish/kick/inspect API, health, metrics, the
+//!   `GET /ws` upgrade, the embedded demo page.
+//! - `actor`: one task per socket, the only writer; carries out what the core
+//!   decides (inbound frames, join and catch-up, timers).
+//! - `app`: the state one server shares (config, verifier, hub, broker, agent).
+//! - [`agent`]: user messages and cancels to the agent backend — dedupe,
+//!   ack/nack, the signed webhook, the built-in demo agent.
+//! - [`hub`]: this node's connections by id and by stream; receives the
+//!   broker's deliveries and hands them to connections.
+//! - [`broker`]: where events live and how they reach every node — the
+//!   [`broker::Broker`] trait and the in-memory broker.
 //! - [`connection`]: the shared handle others use to send to or close a connection.
-//! - [`registry`]: connections by id and by user; publish (append, then fan out); cleanup.
-//! - [`history`]: the history store trait and the in-memory store.
-//! - [`inbound`]: user messages and cancels to the agent backend (dedupe, ack/nack).
-//! - [`webhook`]: the signed, retrying webhook backend; [`demo`]: the built-in demo agent.
 //! - [`auth`]: JWT verification and minting.
-//! - [`config`]: defaults → TOML → `HERALD_*` env → flags.
-//! - [`web`]: the embedded demo page, `/herald.js` and the dev-only token endpoint.
-//! - [`bench`]: `herald bench`, the load generator.
+//! - [`config`]: defaults → TOML → `HERALD_*` env → flags, one key table.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
+//! - `clock` and `tasks`: time the tests can pause; spawned work the drain waits for.
+//!
+//! Data path: publish (HTTP) → broker (append + seq, then deliver) → hub
+//! (this node's sockets for the stream) → connection (state check + merge by
+//! seq + enqueue) → actor (the only writer) → socket.
 
 #![forbid(unsafe_code)]
 
-pub mod actor;
-pub mod api;
+use std::future::Future;
+use std::pin::Pin;
+
+mod actor;
+pub mod agent;
+mod app;
 pub mod auth;
-pub mod bench;
+pub mod broker;
+mod clock;
 pub mod config;
 pub mod connection;
-pub mod demo;
-pub mod history;
-pub mod inbound;
-pub mod registry;
+pub mod http;
+pub mod hub;
 pub mod server;
+mod tasks;
 pub mod telemetry;
-pub mod web;
-pub mod webhook;
-pub mod ws;
 
 pub use config::Config;
 pub use server::Server;
+
+/// A boxed, sendable future (keeps the broker and agent traits object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -30,8 +30,6 @@ struct Cli {
 enum Cmd {
     /// Run the server (zero configuration works: development keys are generated).
     Serve(ConfigArgs),
-    /// Load-test a running Herald (fanout, connect, resume, idle).
-    Bench(herald::bench::BenchArgs),
     /// Print a client JWT signed with the configured HS256 secret.
     Token {
         /// The user id (`sub`).
@@ -108,7 +106,6 @@ fn main() -> anyhow::Result<()> {
             telemetry::init_logging(config.log_format);
             runtime()?.block_on(serve(config))
         }
-        Cmd::Bench(args) => runtime()?.block_on(herald::bench::run(args)),
         Cmd::Token { user, ttl, config } => {
             let config = config.load()?;
             let JwtKey::Hs256(secret) = &config.jwt_key else {

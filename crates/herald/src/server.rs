@@ -1,8 +1,9 @@
-//! The server: shared state, the listener and accept loop, and the drain.
+//! The server: the listener and accept loop, the once-a-second sweeper, and
+//! the drain (closing every connection, then waiting for them and for the
+//! background tasks; nothing is polled).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,29 +13,29 @@ use herald_core::{CloseInfo, CloseReason, Initiator};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
-use crate::auth::Verifier;
+use crate::app::{App, AppError};
+use crate::broker::{NewEvent, stream_user};
 use crate::config::Config;
 use crate::connection::OutFrame;
-use crate::demo::DemoAgent;
-use crate::history::{MemoryStore, NewEvent};
-use crate::inbound::{AgentBackend, Inbound};
-use crate::registry::Registry;
-use crate::telemetry::{self, Stats, StatsSnapshot};
-use crate::webhook::Webhook;
+use crate::hub::{ConnInfo, Hub};
+use crate::tasks::Tasks;
+use crate::telemetry::{self, StatsSnapshot};
 
 /// Listen backlog; tokio's default of 128 drops connection storms.
 const LISTEN_BACKLOG: u32 = 8192;
 /// hyper's read buffer cap: a hard stop for absurd request heads; the exact
-/// 16 KiB header limit (431) is enforced in [`crate::api`].
+/// 16 KiB header limit (431) is enforced in [`crate::http`].
 const MAX_READ_BUFFER: usize = 64 * 1024;
 /// Extra time after the drain window for the last close handshakes.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// Time background tasks (webhook deliveries, demo runs) get to finish after
+/// the connections are gone, before they are cancelled.
+const TASK_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,43 +48,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The JWT key is unusable.
-    #[error("invalid JWT key: {0}")]
-    Key(String),
-    /// The webhook client could not be built.
-    #[error("cannot set up the webhook client: {0}")]
-    Webhook(String),
-}
-
-/// State shared by every handler and connection of one server.
-#[derive(Debug)]
-pub struct App {
-    /// The validated configuration.
-    pub config: Config,
-    /// Client token verifier.
-    pub verifier: Verifier,
-    /// Connections and users; the publish path.
-    pub registry: Arc<Registry>,
-    /// User messages and cancels to the agent backend.
-    pub inbound: Arc<Inbound>,
-    /// Invariant counters of this server.
-    pub stats: Arc<Stats>,
-    /// Prometheus handle for `/metrics` (process-wide).
-    pub prometheus: Option<PrometheusHandle>,
-    draining: AtomicBool,
-    conn_ids: AtomicU64,
-}
-
-impl App {
-    /// A fresh id for a new connection.
-    pub fn next_conn_id(&self) -> u64 {
-        self.conn_ids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// True once a drain started: `/readyz` is 503 and upgrades are refused.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
+    /// The shared state could not be built (JWT key, webhook client).
+    #[error(transparent)]
+    App(#[from] AppError),
 }
 
 /// A running server.
@@ -94,53 +61,28 @@ pub struct Server {
     stop_accepting: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
     sweeper: JoinHandle<()>,
+    /// HTTP connections (keep-alive ones are cancelled once drained).
+    http: Tasks,
 }
 
 impl Server {
     /// Bind the listener and start accepting.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
-        let verifier = Verifier::from_config(&config).map_err(ServerError::Key)?;
-        let listener = listen(config.addr).map_err(|source| ServerError::Listen {
+        let listen_err = |source| ServerError::Listen {
             addr: config.addr,
             source,
-        })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| ServerError::Listen {
-                addr: config.addr,
-                source,
-            })?;
+        };
+        let listener = listen(config.addr).map_err(listen_err)?;
+        let local_addr = listener.local_addr().map_err(listen_err)?;
         // Install the recorder before anything resolves metric handles
         // (handles taken earlier would be no-ops for the process's life).
         let prometheus = telemetry::prometheus();
-        let stats = Arc::new(Stats::default());
-        let registry = Arc::new(Registry::new(
-            Arc::new(MemoryStore::new(
-                config.stream_limits.clone(),
-                config.history_max_bytes,
-            )),
-            stats.clone(),
-        ));
-        let backend: Arc<dyn AgentBackend> = match &config.webhook {
-            Some(cfg) => Arc::new(
-                Webhook::new(cfg.clone()).map_err(|e| ServerError::Webhook(e.to_string()))?,
-            ),
-            None => Arc::new(DemoAgent::new(registry.clone())),
-        };
-        let app = Arc::new(App {
-            inbound: Arc::new(Inbound::new(backend, config.message_dedupe_window)),
-            registry,
-            stats,
-            verifier,
-            prometheus,
-            draining: AtomicBool::new(false),
-            // Random start, so ids are not reused across restarts.
-            conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
-            config,
-        });
+        let app = App::new(config, prometheus)?;
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let router = crate::api::router(app.clone());
-        let accept_task = tokio::spawn(accept_loop(listener, router, stop_rx.clone()));
+        let router = crate::http::router(app.clone());
+        let http = Tasks::default();
+        let accept_task =
+            tokio::spawn(accept_loop(listener, router, http.clone(), stop_rx.clone()));
         let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx));
         tracing::info!(addr = %local_addr, "herald listening");
         Ok(Server {
@@ -149,6 +91,7 @@ impl Server {
             stop_accepting,
             accept_task,
             sweeper,
+            http,
         })
     }
 
@@ -157,24 +100,31 @@ impl Server {
         self.local_addr
     }
 
-    /// The shared state (for tests and embedders).
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
+    /// This node's connections (for tests and embedders).
+    pub fn hub(&self) -> &Hub {
+        self.app.hub()
+    }
+
+    /// Describe this node's live connections (as `GET /api/v1/connections`).
+    pub fn connections(&self) -> Vec<ConnInfo> {
+        self.app.hub().list(None)
     }
 
     /// The invariant counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.app.stats.snapshot()
+        self.app.stats().snapshot()
     }
 
     /// Drain and stop: readiness turns 503, upgrades are refused, every
     /// connection gets `closing` and close 1012, staggered over the drain
-    /// window; returns once all are gone or the window plus a grace passed.
+    /// window; returns once all are gone (or the window plus a grace passed),
+    /// the background tasks finished (or were cancelled), and the accept loop
+    /// and sweeper stopped.
     pub async fn shutdown(self) {
         let app = &self.app;
-        app.draining.store(true, Ordering::Release);
-        let window = app.config.drain_window;
-        let conns = app.registry.all();
+        app.start_draining();
+        let window = app.config().drain_window;
+        let conns = app.hub().all();
         tracing::info!(
             connections = conns.len(),
             window_ms = window.as_millis() as u64,
@@ -201,16 +151,24 @@ impl Server {
                 "server restarting",
             ));
         }
-        while !app.registry.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = app.registry.len();
-        if left > 0 {
-            tracing::warn!(left, "drain window over with connections left");
+        if tokio::time::timeout_at(deadline, app.hub().wait_empty())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = app.hub().len(),
+                "drain window over with connections left"
+            );
         }
         let _ = self.stop_accepting.send(true);
         let _ = self.accept_task.await;
         let _ = self.sweeper.await;
+        // Idle keep-alive HTTP connections would wait for their timeout.
+        self.http.shutdown(Duration::ZERO).await;
+        let cancelled = app.tasks().shutdown(TASK_GRACE).await;
+        if cancelled > 0 {
+            tracing::warn!(cancelled, "background tasks cancelled at shutdown");
+        }
         tracing::info!("drained");
     }
 }
@@ -227,27 +185,28 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let store = app.registry.store().clone();
-        for run in store.sweep(std::time::Instant::now()).await {
-            tracing::info!(user_id = %run.user, run_id = %run.run_id, "agent run timed out");
+        let broker = app.broker();
+        for run in broker.sweep(crate::clock::now()).await {
+            let user = stream_user(&run.stream).unwrap_or(&run.stream);
+            tracing::info!(user_id = %user, run_id = %run.run_id, "agent run timed out");
             metrics::counter!(telemetry::RUNS_TIMED_OUT).increment(1);
             let event = NewEvent::new(
                 runs::ERROR.to_owned(),
                 run.thread_id,
                 Some(run.run_id),
                 serde_json::json!({"reason": "run_timeout"}),
-                crate::api::now_rfc3339(),
+                crate::clock::now_rfc3339(),
             );
-            if let Err(e) = app.registry.publish(&run.user, event).await {
+            if let Err(e) = broker.publish(&run.stream, vec![event]).await {
                 tracing::warn!(error = %e, "could not publish a run timeout");
             }
         }
         // The Prometheus recorder buffers histogram samples until drained;
         // without this, an unscraped server would grow without bound.
-        if let Some(handle) = &app.prometheus {
+        if let Some(handle) = app.prometheus() {
             handle.run_upkeep();
         }
-        let stats = store.stats();
+        let stats = broker.stats();
         metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
         metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.bytes as f64);
     }
@@ -265,7 +224,12 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-async fn accept_loop(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    router: axum::Router,
+    tasks: Tasks,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -276,7 +240,7 @@ async fn accept_loop(listener: TcpListener, router: axum::Router, mut stop: watc
                         .max_buf_size(MAX_READ_BUFFER)
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                         .with_upgrades();
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "http connection ended with an error");
                         }

@@ -163,15 +163,12 @@ async fn binary_oversized_and_invalid_utf8() {
 
 async fn wait_until_only(server: &herald::Server, n: usize) {
     for _ in 0..300 {
-        if server.app().registry.len() == n {
+        if server.hub().len() == n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!(
-        "{} connections live, expected {n}",
-        server.app().registry.len()
-    );
+    panic!("{} connections live, expected {n}", server.hub().len());
 }
 
 #[tokio::test]

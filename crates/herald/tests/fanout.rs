@@ -109,5 +109,5 @@ async fn per_user_connection_limit_closes_with_1013() {
     // Another user is unaffected.
     let _g = connect(&server, "grace").await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(server.app().registry.len(), 3);
+    assert_eq!(server.hub().len(), 3);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use common::*;
-use herald::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookConfig};
+use herald::agent::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookConfig};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -162,7 +162,7 @@ async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
                 };
-                let ok = herald::webhook::verify(
+                let ok = herald::agent::webhook::verify(
                     HOOK_SECRET,
                     h(TIMESTAMP_HEADER).as_deref(),
                     h(SIGNATURE_HEADER).as_deref(),

@@ -3,10 +3,23 @@
 //! Figures go to docs/ARCHITECTURE.md; nothing here is a timed assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use herald::history::{HistoryStore, MemoryStore, NewEvent};
+use std::sync::Weak;
+use std::time::Instant;
+
+use herald::broker::memory::MemoryBroker;
+use herald::broker::{Broker, EventSink, NewEvent, StoredEvent};
 use herald_core::protocol::EventFrame;
 use herald_core::stream::StreamLimits;
 use serde_json::json;
+
+/// No node listens: the broker only stores.
+#[derive(Debug)]
+struct NoSink;
+impl EventSink for NoSink {
+    fn deliver(&self, _: &str, _: &[StoredEvent], _: Instant) -> usize {
+        0
+    }
+}
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -24,7 +37,7 @@ fn rss_bytes() -> usize {
 async fn bytes_per_stored_event() {
     const USERS: usize = 10_000;
     const PER_USER: usize = 20;
-    let store = MemoryStore::new(StreamLimits::default(), usize::MAX);
+    let store = MemoryBroker::new(StreamLimits::default(), usize::MAX, Weak::<NoSink>::new());
     let before = rss_bytes();
     for i in 0..PER_USER {
         for u in 0..USERS {
@@ -41,12 +54,12 @@ async fn bytes_per_stored_event() {
                 ts: "2026-11-21T23:00:00.123Z".into(),
             };
             store
-                .append(
-                    &format!("user-{u}"),
-                    NewEvent {
+                .publish(
+                    &format!("user:user-{u}"),
+                    vec![NewEvent {
                         frame,
                         idempotency_key: None,
-                    },
+                    }],
                 )
                 .await
                 .unwrap();

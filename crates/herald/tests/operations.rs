@@ -40,7 +40,7 @@ async fn silent_client_is_pinged_then_closed_for_heartbeat_timeout() {
     while Instant::now() < until {
         let _ = tokio::time::timeout(Duration::from_millis(50), ws.next()).await;
     }
-    assert_eq!(server.app().registry.len(), 1);
+    assert_eq!(server.hub().len(), 1);
 }
 
 #[tokio::test]

@@ -188,12 +188,12 @@ pub async fn get_json(server: &Server, path: &str) -> (u16, Value) {
 /// Wait until the server has no live connection (bounded).
 pub async fn wait_for_no_connections(server: &Server) {
     for _ in 0..500 {
-        if server.app().registry.is_empty() {
+        if server.hub().is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{} connections still live", server.app().registry.len());
+    panic!("{} connections still live", server.hub().len());
 }
 
 /// A masked client frame with FIN set.

@@ -11,8 +11,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::protocol::{BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
 
-use crate::api::ApiError;
-use crate::server::App;
+use super::ApiError;
+use crate::app::App;
 use crate::{actor, telemetry};
 
 /// Read buffer per connection. tungstenite's default (128 KiB) is a memory trap,
@@ -23,7 +23,7 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// The upgrade handler.
-pub async fn upgrade(
+pub(super) async fn upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -43,7 +43,7 @@ pub async fn upgrade(
         )
         .into_response();
     }
-    if app.registry.len() >= app.config.max_connections {
+    if app.hub().len() >= app.config().max_connections {
         metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "capacity").increment(1);
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -55,7 +55,7 @@ pub async fn upgrade(
     let token = crate::auth::bearer_token(&headers)
         .map(str::to_owned)
         .or_else(|| bearer_subprotocol(&headers));
-    let max = app.config.limits.max_message_bytes;
+    let max = app.config().limits.max_message_bytes;
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)

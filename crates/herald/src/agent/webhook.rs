@@ -14,8 +14,9 @@ use hmac::{Hmac, Mac};
 use rand::Rng;
 use sha2::Sha256;
 
-use crate::history::BoxFuture;
-use crate::inbound::{AgentBackend, BackendRequest, DeliveryError};
+use super::{AgentBackend, BackendRequest, DeliveryError};
+use crate::BoxFuture;
+pub use crate::config::WebhookConfig;
 
 /// Header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "x-herald-signature";
@@ -26,21 +27,6 @@ pub const DELIVERY_HEADER: &str = "x-herald-delivery";
 
 /// Longest wait between two attempts (backoff or Retry-After).
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// Delivery settings.
-#[derive(Debug, Clone)]
-pub struct WebhookConfig {
-    /// The URL to POST to.
-    pub url: String,
-    /// The HMAC secret.
-    pub secret: String,
-    /// Timeout of one attempt.
-    pub timeout: Duration,
-    /// Retries after the first attempt.
-    pub retries: u32,
-    /// First backoff; doubles per retry (full jitter), capped at 5 s.
-    pub backoff: Duration,
-}
 
 /// The webhook backend.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
-//! Inbound: user messages and cancels travelling from clients to the agent
-//! backend (a webhook, or the built-in demo agent).
+//! The agent side: user messages and cancels travelling from clients to the
+//! agent backend — a signed webhook ([`webhook`]) or the built-in demo agent
+//! ([`demo`]).
 //!
 //! A `user_message` is forwarded at most once per (user, `id`) within the
 //! dedupe window: a repeat while the first is in flight waits for its outcome,
@@ -19,9 +20,13 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
+use crate::BoxFuture;
 use crate::connection::{ConnShared, OutFrame};
-use crate::history::BoxFuture;
+use crate::tasks::Tasks;
 use crate::telemetry;
+
+pub mod demo;
+pub mod webhook;
 
 /// A chat message for the agent backend.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -151,24 +156,27 @@ pub struct Inbound {
     backend: Arc<dyn AgentBackend>,
     seen: Mutex<Dedupe>,
     window: Duration,
+    tasks: Tasks,
 }
 
 impl Inbound {
-    /// A dispatcher over `backend`, deduplicating message ids for `window`.
-    pub fn new(backend: Arc<dyn AgentBackend>, window: Duration) -> Self {
+    /// A dispatcher over `backend`, deduplicating message ids for `window`,
+    /// running deliveries as tracked `tasks`.
+    pub(crate) fn new(backend: Arc<dyn AgentBackend>, window: Duration, tasks: Tasks) -> Self {
         Self {
             backend,
             seen: Mutex::new(Dedupe::default()),
             window,
+            tasks,
         }
     }
 
     /// Forward a user message (at most once per id and window) and answer the
     /// connection with `ack` or `nack`.
-    pub fn submit_message(self: &Arc<Self>, conn: Arc<ConnShared>, msg: MessageOut) {
+    pub(crate) fn submit_message(self: &Arc<Self>, conn: Arc<ConnShared>, msg: MessageOut) {
         let key = (msg.user_id.clone(), msg.message_id.clone());
         let id = msg.message_id.clone();
-        let now = Instant::now();
+        let now = crate::clock::now();
         let tx = {
             let mut seen = self.seen.lock();
             seen.expire(now, self.window);
@@ -181,7 +189,7 @@ impl Inbound {
                 Some((Seen::InFlight(tx), _)) => {
                     metrics::counter!(telemetry::MESSAGES, "outcome" => "duplicate").increment(1);
                     let mut rx = tx.subscribe();
-                    tokio::spawn(async move {
+                    self.tasks.spawn(async move {
                         let outcome = rx
                             .wait_for(Option::is_some)
                             .await
@@ -203,14 +211,14 @@ impl Inbound {
             }
         };
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let req = BackendRequest::UserMessage(msg);
             let outcome = this.backend.deliver(&req).await;
             {
                 let mut seen = this.seen.lock();
                 match &outcome {
                     Ok(()) => {
-                        let at = Instant::now();
+                        let at = crate::clock::now();
                         seen.map.insert(key.clone(), (Seen::Accepted, at));
                         seen.order.push_back((key, at));
                     }
@@ -231,9 +239,9 @@ impl Inbound {
 
     /// Forward a cancel (the caller checked that the run is open and the
     /// user's). A failure is answered with an `error` frame.
-    pub fn submit_cancel(self: &Arc<Self>, conn: Arc<ConnShared>, cancel: CancelOut) {
+    pub(crate) fn submit_cancel(self: &Arc<Self>, conn: Arc<ConnShared>, cancel: CancelOut) {
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let req = BackendRequest::Cancel(cancel);
             match this.backend.deliver(&req).await {
                 Ok(()) => this.backend.after_ack(req),

@@ -12,9 +12,10 @@ use dashmap::DashMap;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::history::{BoxFuture, NewEvent};
-use crate::inbound::{AgentBackend, BackendRequest, DeliveryError, MessageOut};
-use crate::registry::Registry;
+use super::{AgentBackend, BackendRequest, DeliveryError, MessageOut};
+use crate::BoxFuture;
+use crate::broker::{Broker, NewEvent, user_stream};
+use crate::tasks::Tasks;
 
 /// Pause between the demo agent's events.
 const STEP: Duration = Duration::from_millis(160);
@@ -22,16 +23,18 @@ const STEP: Duration = Duration::from_millis(160);
 /// The demo agent.
 #[derive(Debug)]
 pub struct DemoAgent {
-    registry: Arc<Registry>,
+    broker: Arc<dyn Broker>,
+    tasks: Tasks,
     /// Open runs: run id → (user, cancel signal).
     runs: DashMap<String, (String, Arc<Notify>)>,
 }
 
 impl DemoAgent {
-    /// A demo agent publishing through `registry`.
-    pub fn new(registry: Arc<Registry>) -> Arc<Self> {
+    /// A demo agent publishing through `broker`, running as tracked `tasks`.
+    pub(crate) fn new(broker: Arc<dyn Broker>, tasks: Tasks) -> Arc<Self> {
         Arc::new(Self {
-            registry,
+            broker,
+            tasks,
             runs: DashMap::new(),
         })
     }
@@ -91,9 +94,10 @@ impl DemoAgent {
             Some(msg.thread_id.clone()),
             Some(run_id.to_owned()),
             data,
-            crate::api::now_rfc3339(),
+            crate::clock::now_rfc3339(),
         );
-        if let Err(e) = self.registry.publish(&msg.user_id, event).await {
+        let stream = user_stream(&msg.user_id);
+        if let Err(e) = self.broker.publish(&stream, vec![event]).await {
             tracing::warn!(error = %e, "demo agent could not publish");
         }
     }
@@ -119,7 +123,7 @@ impl AgentBackend for Arc<DemoAgent> {
             let cancel = Arc::new(Notify::new());
             self.runs
                 .insert(run_id.clone(), (msg.user_id.clone(), cancel.clone()));
-            tokio::spawn(self.clone().run(msg, run_id, cancel));
+            self.tasks.spawn(self.clone().run(msg, run_id, cancel));
         }
     }
 }

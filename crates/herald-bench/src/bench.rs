@@ -1,4 +1,4 @@
-//! `herald bench`: a load generator for a running Herald.
+//! A load generator for a running Herald.
 //!
 //! Scenarios:
 //! - `fanout`: U users × K connections; events published through the HTTP
@@ -51,8 +51,13 @@ pub enum Scenario {
     Idle,
 }
 
-/// Options of `herald bench`.
-#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+/// Options of `herald-bench`.
+#[derive(Debug, Clone, clap::Parser, Serialize, Deserialize)]
+#[command(
+    name = "herald-bench",
+    version,
+    about = "Load-test a running Herald (fanout, connect, resume, idle)"
+)]
 pub struct BenchArgs {
     /// The scenario.
     #[arg(value_enum)]
@@ -202,7 +207,7 @@ fn server_addr(http: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--url must be http://IP:PORT, got {http}"))
 }
 
-/// Entry point of `herald bench`.
+/// Entry point of `herald-bench`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.worker.is_some() {
         return worker(args).await;
@@ -229,10 +234,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 fn token(secret: &str, user: &str) -> anyhow::Result<String> {
-    Ok(crate::auth::mint_hs256(
-        secret,
-        user,
-        Duration::from_secs(6 * 3600),
+    #[derive(Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+    }
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 6 * 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims { sub: user, exp },
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )?)
 }
 
@@ -531,7 +542,6 @@ impl Fleet {
             let mut a = args.clone();
             a.worker = Some(w);
             let mut child = tokio::process::Command::new(&exe)
-                .arg("bench")
                 .args(worker_argv(&a))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -1028,7 +1038,7 @@ fn finish(
     {
         std::fs::write(
             path,
-            plot_svg(&hist, &format!("herald bench {:?}", args.scenario)),
+            plot_svg(&hist, &format!("herald-bench {:?}", args.scenario)),
         )?;
         eprintln!("latency plot written to {}", path.display());
     }

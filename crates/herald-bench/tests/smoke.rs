@@ -1,16 +1,24 @@
-//! `herald bench` smoke tests: every scenario, tiny, against a real server;
+//! `herald-bench` smoke tests: every scenario, tiny, against a real server;
 //! the JSON summary must report what happened. (No timing assertions.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use herald::{Config, Server};
 use serde_json::Value;
+
+const SECRET: &str = "bench-secret-0123456789";
+const API_KEY: &str = "bench-api-key";
+const BIN: &str = env!("CARGO_BIN_EXE_herald-bench");
+
+async fn start() -> Server {
+    Server::start(Config::for_tests(SECRET, API_KEY))
+        .await
+        .expect("server starts")
+}
 
 async fn bench(server: &herald::Server, args: &[&str]) -> Value {
     let url = format!("http://{}", server.local_addr());
     let mut cmd = tokio::process::Command::new(BIN);
-    cmd.arg("bench").args(args).args([
+    cmd.args(args).args([
         "--url",
         &url,
         "--secret",

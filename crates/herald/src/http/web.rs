@@ -13,22 +13,22 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::ApiError;
+use super::ApiError;
+use crate::app::App;
 use crate::config::JwtKey;
-use crate::server::App;
 
 /// The demo chat page.
-pub const INDEX_HTML: &str = include_str!("web/index.html");
+pub const INDEX_HTML: &str = include_str!("index.html");
 /// The browser client (`clients/js/herald.js`).
-pub const CLIENT_JS: &str = include_str!("../../../clients/js/herald.js");
+pub const CLIENT_JS: &str = include_str!("../../../../clients/js/herald.js");
 
 /// `GET /`: the demo page (development mode only).
-pub async fn index() -> Html<&'static str> {
+pub(super) async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
 /// `GET /herald.js`: the browser client module.
-pub async fn client_js() -> Response {
+pub(super) async fn client_js() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
@@ -47,7 +47,7 @@ struct TokenRequest {
 /// `POST /dev/token {"user":"alice"}` → `{"token":"…"}`: a 24 h token signed
 /// with the generated development secret. The route exists only in
 /// zero-config development mode, never when a secret or key is configured.
-pub async fn dev_token(
+pub(super) async fn dev_token(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -67,7 +67,7 @@ pub async fn dev_token(
             "`user` must be 1 to 64 bytes",
         ));
     }
-    let JwtKey::Hs256(secret) = &app.config.jwt_key else {
+    let JwtKey::Hs256(secret) = &app.config().jwt_key else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -1,0 +1,141 @@
+//! The state one server shares between its HTTP handlers, connection actors
+//! and background tasks: configuration, the token verifier, the hub, the
+//! broker, the agent dispatcher and the tracked tasks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::agent::demo::DemoAgent;
+use crate::agent::webhook::Webhook;
+use crate::agent::{AgentBackend, Inbound};
+use crate::auth::{KeyError, Verifier};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, EventSink};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::tasks::Tasks;
+use crate::telemetry::Stats;
+
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The JWT key is unusable.
+    #[error("invalid JWT key: {0}")]
+    Key(#[from] KeyError),
+    /// The webhook client could not be built.
+    #[error("cannot set up the webhook client: {0}")]
+    Webhook(#[from] reqwest::Error),
+}
+
+/// State shared by every handler and connection of one server.
+#[derive(Debug)]
+pub(crate) struct App {
+    config: Config,
+    verifier: Verifier,
+    hub: Arc<Hub>,
+    inbound: Arc<Inbound>,
+    stats: Arc<Stats>,
+    prometheus: Option<PrometheusHandle>,
+    tasks: Tasks,
+    draining: AtomicBool,
+    conn_ids: AtomicU64,
+}
+
+impl App {
+    /// Wire a server's parts together: the broker delivers into the hub, the
+    /// agent backend (webhook or demo) publishes through the broker.
+    pub(crate) fn new(
+        config: Config,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Result<Arc<App>, AppError> {
+        let verifier = Verifier::from_config(&config)?;
+        let stats = Arc::new(Stats::default());
+        let tasks = Tasks::default();
+        let hub = Arc::new_cyclic(|hub: &Weak<Hub>| {
+            let sink: Weak<dyn EventSink> = hub.clone();
+            let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
+                config.stream_limits.clone(),
+                config.history_max_bytes,
+                sink,
+            ));
+            Hub::new(broker, stats.clone())
+        });
+        let backend: Arc<dyn AgentBackend> = match &config.webhook {
+            Some(cfg) => Arc::new(Webhook::new(cfg.clone())?),
+            None => Arc::new(DemoAgent::new(hub.broker().clone(), tasks.clone())),
+        };
+        Ok(Arc::new(App {
+            inbound: Arc::new(Inbound::new(
+                backend,
+                config.message_dedupe_window,
+                tasks.clone(),
+            )),
+            hub,
+            stats,
+            verifier,
+            prometheus,
+            tasks,
+            draining: AtomicBool::new(false),
+            // Random start, so ids are not reused across restarts.
+            conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
+            config,
+        }))
+    }
+
+    /// The validated configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Client token verifier.
+    pub(crate) fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// This node's connections.
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Where events live.
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        self.hub.broker()
+    }
+
+    /// User messages and cancels to the agent backend.
+    pub(crate) fn inbound(&self) -> &Arc<Inbound> {
+        &self.inbound
+    }
+
+    /// Invariant counters of this server.
+    pub(crate) fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Prometheus handle for `/metrics` (process-wide).
+    pub(crate) fn prometheus(&self) -> Option<&PrometheusHandle> {
+        self.prometheus.as_ref()
+    }
+
+    /// The server's tracked background tasks.
+    pub(crate) fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
+    /// A fresh id for a new connection.
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Start draining: `/readyz` turns 503 and upgrades are refused.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// True once a drain started.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,209 @@
+//! The broker: where events live and how they reach every node.
+//!
+//! A [`Broker`] owns the streams. Publishing appends to a stream and assigns
+//! `seq` within the stream's `epoch` **before** any delivery, then delivers
+//! the stored events to every node's hub through its [`EventSink`] — one
+//! delivery path, whatever the broker. Per stream, append and delivery are one
+//! atomic step, so deliveries of a stream reach a sink in seq order. A node
+//! declares interest in a stream with [`Broker::subscribe`] (confirmed before
+//! the future resolves) and withdraws it with [`Broker::unsubscribe`]; the
+//! hub issues both in order, under its own lock.
+//!
+//! Everything a broker hands out is plain data: [`StoredEvent`] is a seq and
+//! the event frame's JSON bytes; wire types are built at the hub.
+//!
+//! [`memory::MemoryBroker`] keeps everything in this process (the default).
+
+use std::fmt::Debug;
+use std::time::Instant;
+
+use bytes::Bytes;
+use herald_core::catchup::StreamPosition;
+use herald_core::lifecycle::Payload;
+use herald_core::protocol::EventFrame;
+use serde::Serialize;
+
+use crate::BoxFuture;
+
+pub mod memory;
+
+/// The stream of a user: `user:<sub>`.
+pub fn user_stream(user: &str) -> String {
+    format!("user:{user}")
+}
+
+/// The user a `user:<sub>` stream belongs to.
+pub fn stream_user(stream: &str) -> Option<&str> {
+    stream.strip_prefix("user:")
+}
+
+/// Why a broker operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Events the caller needs were evicted (the reader must fail closed).
+    #[error("history after seq {after} is no longer available")]
+    Gone {
+        /// The last seq the reader has.
+        after: u64,
+    },
+    /// The broker's backing store cannot be reached (remote brokers).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An event to publish; the broker assigns its seq.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The frame to store and send (`seq` is overwritten).
+    pub frame: EventFrame,
+    /// Publish idempotency key, if any.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewEvent {
+    /// An event to publish at `ts` (RFC 3339).
+    pub fn new(
+        event: String,
+        thread_id: Option<String>,
+        run_id: Option<String>,
+        data: serde_json::Value,
+        ts: String,
+    ) -> Self {
+        Self {
+            frame: EventFrame {
+                seq: 0,
+                event,
+                thread_id,
+                run_id,
+                data,
+                ts,
+            },
+            idempotency_key: None,
+        }
+    }
+}
+
+/// A stored event: its seq and the JSON text of its `event` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Position in the stream.
+    pub seq: u64,
+    /// The serialized `event` frame (UTF-8 JSON).
+    pub json: Bytes,
+}
+
+impl Payload for StoredEvent {
+    fn wire_len(&self) -> usize {
+        self.json.len()
+    }
+}
+
+/// The result of publishing one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Published {
+    /// The event's seq in the stream.
+    pub seq: u64,
+    /// The stream's epoch.
+    pub epoch: String,
+    /// Live connections on this node the event was queued to.
+    pub delivered: usize,
+    /// True when the idempotency key was seen before (nothing appended).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// A run closed by the sweeper because it was silent for `run_ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredRun {
+    /// The stream.
+    pub stream: String,
+    /// The run.
+    pub run_id: String,
+    /// Its thread, if any.
+    pub thread_id: Option<String>,
+}
+
+/// Size of what the broker holds, for metrics and docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BrokerStats {
+    /// Streams held.
+    pub streams: usize,
+    /// Events held.
+    pub events: usize,
+    /// Serialized event bytes held (payload only).
+    pub bytes: usize,
+    /// Memory charged against `history_max_bytes` (payload + per-event overhead).
+    pub charged_bytes: usize,
+}
+
+/// Where a broker delivers stored events: this node's hub.
+pub trait EventSink: Send + Sync + Debug {
+    /// Deliver `events` (in seq order) of `stream` to this node's connections;
+    /// returns how many connections they were queued to. `published_at` is
+    /// when the publish started (for the publish-to-write latency histogram).
+    fn deliver(&self, stream: &str, events: &[StoredEvent], published_at: Instant) -> usize;
+}
+
+/// Where events live and how they reach every node.
+pub trait Broker: Send + Sync + Debug {
+    /// Append `events` to `stream` in order (atomically for the stream),
+    /// assigning seqs, then deliver them through the sink of every node. A
+    /// repeated idempotency key appends and delivers nothing and returns the
+    /// original position.
+    fn publish<'a>(
+        &'a self,
+        stream: &'a str,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'a, Result<Vec<Published>, BrokerError>>;
+
+    /// The stream's epoch, latest seq and oldest seq still in history
+    /// (creating the stream if needed).
+    fn position<'a>(
+        &'a self,
+        stream: &'a str,
+    ) -> BoxFuture<'a, Result<StreamPosition, BrokerError>>;
+
+    /// Up to `limit` events with `after < seq <= until`, in order; `Gone` if
+    /// the first of them was evicted.
+    fn history<'a>(
+        &'a self,
+        stream: &'a str,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>>;
+
+    /// The events of the stream's open runs with `seq <= until`, in order.
+    fn open_run_events<'a>(
+        &'a self,
+        stream: &'a str,
+        until: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>>;
+
+    /// Whether `run_id` is an open run of `stream`.
+    fn is_open_run<'a>(
+        &'a self,
+        stream: &'a str,
+        run_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>>;
+
+    /// Declare this node's interest in `stream`. The call registers the
+    /// interest at once (calls are ordered); the future resolves once
+    /// deliveries for the stream are certain to reach this node's sink.
+    fn subscribe(&self, stream: &str) -> BoxFuture<'static, Result<(), BrokerError>>;
+
+    /// Withdraw this node's interest in `stream` (the last local connection left).
+    fn unsubscribe(&self, stream: &str);
+
+    /// Enforce age bounds, drop idle streams, and return the runs silent for
+    /// longer than `run_ttl` (to be closed with a synthesized `agent_error`).
+    fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>>;
+
+    /// Whether the broker can serve requests now (`/readyz`).
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// Current size.
+    fn stats(&self) -> BrokerStats;
+}

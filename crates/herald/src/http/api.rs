@@ -1,0 +1,247 @@
+//! The backend API: publish events, kick a user, list connections.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use herald_core::CloseReason;
+use herald_core::protocol::{AGENT_EVENTS, is_valid_event_name};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, authorize, json_body, typed};
+use crate::app::App;
+use crate::broker::{NewEvent, Published, user_stream};
+
+/// Largest API request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most events in one publish batch.
+pub const MAX_BATCH: usize = 1000;
+/// Largest event `data`, serialized.
+pub const MAX_DATA_BYTES: usize = 64 * 1024;
+/// Longest `user_id`, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Longest `thread_id` / `run_id`, in bytes.
+pub const MAX_REF_BYTES: usize = 128;
+
+#[derive(Debug, Deserialize)]
+struct PublishEvent {
+    user_id: String,
+    event: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    thread_id: Option<String>,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+/// A validated event, ready to publish.
+struct ValidEvent {
+    user_id: String,
+    event: String,
+    idempotency_key: Option<String>,
+    thread_id: Option<String>,
+    run_id: Option<String>,
+    data: Value,
+}
+
+fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
+    let name = |f: &str| {
+        if at.is_empty() {
+            f.to_owned()
+        } else {
+            format!("{at}.{f}")
+        }
+    };
+    let e: PublishEvent = typed(value, at)?;
+    if e.user_id.is_empty() || e.user_id.len() > MAX_USER_ID_BYTES {
+        return Err(ApiError::field(name("user_id"), "must be 1 to 256 bytes"));
+    }
+    if !is_valid_event_name(&e.event) {
+        return Err(ApiError::field(
+            name("event"),
+            "must be 1 to 64 characters of [A-Za-z0-9_.:-]",
+        ));
+    }
+    for (field, v) in [
+        ("thread_id", &e.thread_id),
+        ("run_id", &e.run_id),
+        ("idempotency_key", &e.idempotency_key),
+    ] {
+        if let Some(v) = v
+            && (v.is_empty() || v.len() > MAX_REF_BYTES)
+        {
+            return Err(ApiError::field(name(field), "must be 1 to 128 bytes"));
+        }
+    }
+    if AGENT_EVENTS.contains(&e.event.as_str()) && e.run_id.is_none() {
+        return Err(ApiError::field(
+            name("run_id"),
+            format!("is required for `{}`", e.event),
+        ));
+    }
+    let data = match e.data {
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => return Err(ApiError::field(name("data"), "must be an object")),
+    };
+    let size = serde_json::to_vec(&data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_DATA_BYTES {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "data_too_large",
+            message: format!(
+                "`{}` is {size} bytes; the limit is {MAX_DATA_BYTES}",
+                name("data")
+            ),
+            field: Some(name("data")),
+        });
+    }
+    Ok(ValidEvent {
+        user_id: e.user_id,
+        event: e.event,
+        idempotency_key: e.idempotency_key,
+        thread_id: e.thread_id,
+        run_id: e.run_id,
+        data,
+    })
+}
+
+/// `POST /api/v1/events`: one event, or `{"events": [...]}`. The whole body is
+/// validated before anything is published, so a bad batch publishes nothing.
+pub(super) async fn publish(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let value = json_body(body)?;
+    let events = match value {
+        Value::Object(mut obj) if obj.contains_key("events") => {
+            let Some(Value::Array(list)) = obj.remove("events") else {
+                return Err(ApiError::field("events", "must be an array"));
+            };
+            if list.len() > MAX_BATCH {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "batch_too_large",
+                    format!(
+                        "{} events in one batch; the limit is {MAX_BATCH}",
+                        list.len()
+                    ),
+                ));
+            }
+            list.into_iter()
+                .enumerate()
+                .map(|(i, v)| validate(v, &format!("events[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        v @ Value::Object(_) => vec![validate(v, "")?],
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "body must be a JSON object",
+            ));
+        }
+    };
+    let ts = crate::clock::now_rfc3339();
+    let mut results: Vec<Published> = Vec::with_capacity(events.len());
+    // Consecutive events of one user go to the broker as one atomic append.
+    let mut events = events.into_iter().peekable();
+    while let Some(first) = events.next() {
+        let user = first.user_id.clone();
+        let mut group = vec![first];
+        while let Some(next) = events.next_if(|e| e.user_id == user) {
+            group.push(next);
+        }
+        let group: Vec<NewEvent> = group
+            .into_iter()
+            .map(|e| NewEvent {
+                idempotency_key: e.idempotency_key,
+                ..NewEvent::new(e.event, e.thread_id, e.run_id, e.data, ts.clone())
+            })
+            .collect();
+        let published = app
+            .broker()
+            .publish(&user_stream(&user), group)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "broker failed on publish");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    err.to_string(),
+                )
+            })?;
+        results.extend(published);
+    }
+    Ok(Json(json!({ "results": results })))
+}
+
+#[derive(Debug, Deserialize)]
+struct Disconnect {
+    user_id: String,
+}
+
+/// `POST /api/v1/disconnect`: close every connection of a user with 4409.
+pub(super) async fn disconnect(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let d: Disconnect = typed(json_body(body)?, "")?;
+    if d.user_id.is_empty() || d.user_id.len() > MAX_USER_ID_BYTES {
+        return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
+    }
+    let n = app.hub().close_stream(
+        &user_stream(&d.user_id),
+        CloseReason::Kicked,
+        "disconnected by the server",
+    );
+    Ok(Json(json!({ "disconnected": n })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ConnQuery {
+    user_id: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Rows returned by `GET /api/v1/connections` unless `limit` says otherwise.
+const DEFAULT_LIST_LIMIT: usize = 1000;
+/// Most rows `GET /api/v1/connections` returns.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `GET /api/v1/connections[?user_id=][&limit=]`: at most `limit` rows
+/// (default 1,000, at most 10,000) in conn_id order; `total` counts them all.
+pub(super) async fn connections(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<ConnQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let limit = match q.limit {
+        None => DEFAULT_LIST_LIMIT,
+        Some(n @ 1..=MAX_LIST_LIMIT) => n,
+        Some(_) => return Err(ApiError::field("limit", "must be 1 to 10000")),
+    };
+    let stream = q.user_id.as_deref().map(user_stream);
+    let mut rows = app.hub().list(stream.as_deref());
+    let total = rows.len();
+    rows.truncate(limit);
+    Ok(Json(
+        json!({ "connections": rows, "total": total, "truncated": total > limit }),
+    ))
+}

@@ -1,0 +1,195 @@
+//! HTTP: the router and everything it serves — the publish/kick/inspect API
+//! ([`api`]), health and metrics, the WebSocket upgrade ([`ws`]) and the
+//! embedded demo page ([`web`]). Every error is JSON
+//! `{"error": "<code>", "message": "...", "field": "..."}` with a fitting status.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use herald_core::protocol::deserialize_named;
+use serde_json::{Value, json};
+
+use crate::app::App;
+
+mod api;
+mod web;
+mod ws;
+
+pub use api::{MAX_BATCH, MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_REF_BYTES, MAX_USER_ID_BYTES};
+pub use web::{CLIENT_JS, INDEX_HTML};
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    /// An error with `status`, machine code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        let message = format!("`{field}` {}", message.into());
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_field",
+            message,
+            field: Some(field),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let Some(f) = self.field {
+            body["field"] = Value::String(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// All routes of one server.
+pub(crate) fn router(app: Arc<App>) -> Router {
+    let mut router = Router::new();
+    if app.config().dev_mode {
+        router = router
+            .route("/", get(web::index))
+            .route("/dev/token", post(web::dev_token));
+    }
+    router
+        .route("/herald.js", get(web::client_js))
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/events", post(api::publish))
+        .route("/api/v1/disconnect", post(api::disconnect))
+        .route("/api/v1/connections", get(api::connections))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_headers))
+        .with_state(app)
+}
+
+/// Total size of request headers allowed (names, values and separators).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// 431 when the request's headers exceed [`MAX_HEADER_BYTES`]. hyper's own
+/// buffer cap is coarser (it depends on how reads are chunked), so the limit
+/// is checked exactly here.
+async fn limit_headers(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.is_draining() || !app.broker().is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response()
+    } else {
+        Json(json!({"status": "ready"})).into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.hub().observe_gauges();
+    let body = app.prometheus().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Check `Authorization: Bearer <api key>` in constant time.
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+    match crate::auth::bearer_token(headers) {
+        Some(key) if constant_time_eq(key.as_bytes(), app.config().api_key.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid API key",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <api key>` header",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Read a JSON body, mapping every failure to a JSON error (413 for size).
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "bad_body"
+        };
+        ApiError::new(status, code, rej.body_text())
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })
+}
+
+fn typed<T: serde::de::DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ApiError> {
+    deserialize_named(value).map_err(|(field, problem)| {
+        let field = match (prefix.is_empty(), field.as_str()) {
+            (true, f) => f.to_owned(),
+            (false, ".") => prefix.to_owned(),
+            (false, f) => format!("{prefix}.{f}"),
+        };
+        ApiError::field(field, problem)
+    })
+}

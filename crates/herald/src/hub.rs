@@ -1,0 +1,311 @@
+//! The hub: this node's connections, by id and by stream. It knows nothing of
+//! history or other nodes; the broker delivers stored events to it through
+//! [`EventSink`], and it hands each one to the stream's local connections.
+//!
+//! Lock order: a broker's stream lock (held while it delivers) → the hub's
+//! stream entry → a connection's state machine. The hub never calls into the
+//! broker while holding a lock except to register a subscription, which does
+//! not block.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::broker::{Broker, BrokerError, EventSink, StoredEvent};
+use crate::connection::{ConnShared, OutFrame};
+use crate::telemetry::{self, Stats};
+
+/// Why a connection could not join its stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The user is at `max_connections_per_user` on this node.
+    #[error("too many connections for this user")]
+    UserFull,
+    /// The connection started closing before it could join.
+    #[error("connection is no longer handshaking")]
+    NotHandshaking,
+    /// The broker could not confirm the subscription.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// One row of `GET /api/v1/connections`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnInfo {
+    /// Connection id.
+    pub conn_id: String,
+    /// User, once authenticated.
+    pub user_id: Option<String>,
+    /// Lifecycle state.
+    pub state: &'static str,
+    /// Milliseconds since the upgrade.
+    pub age_ms: u64,
+    /// Frames waiting to be written.
+    pub queue_depth: usize,
+    /// Bytes waiting in the live queue.
+    pub queued_bytes: usize,
+    /// Highest seq the client acknowledged.
+    pub acked_seq: u64,
+}
+
+/// One stream's local connections.
+type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
+
+/// This node's connections.
+#[derive(Debug)]
+pub struct Hub {
+    broker: Arc<dyn Broker>,
+    conns: DashMap<u64, (Arc<ConnShared>, Arc<AtomicBool>)>,
+    streams: DashMap<Arc<str>, StreamConns>,
+    stats: Arc<Stats>,
+    /// Signalled when the last connection is cleaned up (the drain waits on it).
+    empty: tokio::sync::Notify,
+    /// Deliveries queued, resolved once instead of per event.
+    events_queued: metrics::Counter,
+}
+
+impl Hub {
+    /// An empty hub subscribing through `broker` and counting into `stats`.
+    pub(crate) fn new(broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
+        Self {
+            broker,
+            conns: DashMap::new(),
+            streams: DashMap::new(),
+            stats,
+            empty: tokio::sync::Notify::new(),
+            events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
+        }
+    }
+
+    /// Live connections (any state but closed).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Track a freshly upgraded connection.
+    pub(crate) fn insert(&self, conn: Arc<ConnShared>) {
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::CONNECTIONS_OPENED).increment(1);
+        metrics::gauge!(telemetry::CONNECTIONS_LIVE).increment(1.0);
+        self.conns
+            .insert(conn.id, (conn, Arc::new(AtomicBool::new(false))));
+    }
+
+    /// Add `conn` to `stream`'s local connections (held events from now on,
+    /// see [`herald_core::catchup`]) and wait until the broker's deliveries
+    /// for the stream are certain to reach this node.
+    pub(crate) async fn join(
+        &self,
+        stream: &str,
+        conn: &Arc<ConnShared>,
+        max_per_user: usize,
+    ) -> Result<(), JoinError> {
+        let confirmed = loop {
+            let entry = match self.streams.get(stream) {
+                Some(e) => e.clone(),
+                None => self.streams.entry(Arc::from(stream)).or_default().clone(),
+            };
+            let mut list = entry.lock();
+            // The last connection may have left (and removed the entry) while
+            // we waited for its lock: start again on the current entry.
+            if !self
+                .streams
+                .get(stream)
+                .is_some_and(|e| Arc::ptr_eq(&e, &entry))
+            {
+                continue;
+            }
+            if list.len() >= max_per_user {
+                return Err(JoinError::UserFull);
+            }
+            conn.with_core(|c| c.join())
+                .map_err(|_| JoinError::NotHandshaking)?;
+            conn.set_stream(stream);
+            list.push(conn.clone());
+            // Registered under the lock, so subscribe/unsubscribe stay ordered.
+            break self.broker.subscribe(stream);
+        };
+        confirmed.await?;
+        Ok(())
+    }
+
+    /// Close every connection of `stream` with `reason`; returns how many
+    /// closes this call decided.
+    pub(crate) fn close_stream(&self, stream: &str, reason: CloseReason, detail: &str) -> usize {
+        let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
+            return 0;
+        };
+        let conns = entry.lock().clone();
+        conns
+            .iter()
+            .filter(|c| c.close(CloseInfo::new(reason, Initiator::Server, detail)))
+            .count()
+    }
+
+    /// Set the scrape-time gauges: connections by state, queued frames, deepest queue.
+    pub(crate) fn observe_gauges(&self) {
+        let mut by_state = [0usize; 4];
+        let (mut queued, mut deepest) = (0, 0);
+        for e in self.conns.iter() {
+            let conn = &e.value().0;
+            let (depth, _) = conn.queue_depth();
+            by_state[conn.state() as usize] += 1;
+            queued += depth;
+            deepest = deepest.max(depth);
+        }
+        for state in [
+            State::Handshaking,
+            State::Ready,
+            State::Closing,
+            State::Closed,
+        ] {
+            metrics::gauge!(telemetry::CONNECTIONS_BY_STATE, "state" => state.as_str())
+                .set(by_state[state as usize] as f64);
+        }
+        metrics::gauge!(telemetry::QUEUED_FRAMES).set(queued as f64);
+        metrics::gauge!(telemetry::QUEUE_DEPTH_MAX).set(deepest as f64);
+    }
+
+    /// Every live connection (for drain).
+    pub(crate) fn all(&self) -> Vec<Arc<ConnShared>> {
+        self.conns.iter().map(|e| e.value().0.clone()).collect()
+    }
+
+    /// Describe live connections, of one stream or all, in conn_id order.
+    pub fn list(&self, stream: Option<&str>) -> Vec<ConnInfo> {
+        let conns: Vec<Arc<ConnShared>> = match stream {
+            Some(s) => self
+                .streams
+                .get(s)
+                .map(|e| e.lock().clone())
+                .unwrap_or_default(),
+            None => self.all(),
+        };
+        let now = crate::clock::now();
+        let mut rows: Vec<ConnInfo> = conns
+            .iter()
+            .filter(|c| c.state() != State::Closed)
+            .map(|c| {
+                let (queue_depth, queued_bytes) = c.queue_depth();
+                ConnInfo {
+                    conn_id: c.id_str.clone(),
+                    user_id: c.user().map(str::to_owned),
+                    state: c.state().as_str(),
+                    age_ms: now.saturating_duration_since(c.opened_at).as_millis() as u64,
+                    queue_depth,
+                    queued_bytes,
+                    acked_seq: c.acked_seq(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
+        rows
+    }
+
+    /// Remove a finished connection everywhere and account for it. The actor
+    /// calls this only with the cleanup token the lifecycle hands out once;
+    /// a second call for the same connection is counted as an I2 violation.
+    pub(crate) fn cleanup(&self, conn: &ConnShared, info: &CloseInfo) {
+        let first = match self.conns.get(&conn.id) {
+            Some(e) => !e.value().1.swap(true, Ordering::AcqRel),
+            None => false,
+        };
+        if !first {
+            self.stats
+                .duplicate_cleanups
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "duplicate_cleanup")
+                .increment(1);
+            tracing::error!(conn_id = %conn.id_str, "cleanup ran twice for one connection");
+            return;
+        }
+        if let Some(stream) = conn.stream() {
+            self.leave(stream, conn.id);
+        }
+        self.conns.remove(&conn.id);
+        self.stats.cleanups.fetch_add(1, Ordering::Relaxed);
+        telemetry::connection_closed(info);
+        if self.conns.is_empty() {
+            self.empty.notify_waiters();
+        }
+    }
+
+    /// Wait until no connection is live.
+    pub(crate) async fn wait_empty(&self) {
+        loop {
+            let notified = self.empty.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.conns.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The broker this hub subscribes through.
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Take a connection out of its stream; the last one out unsubscribes.
+    fn leave(&self, stream: &str, id: u64) {
+        let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
+            return;
+        };
+        let mut list = entry.lock();
+        list.retain(|c| c.id != id);
+        if list.is_empty() {
+            self.broker.unsubscribe(stream);
+            // Still holding the entry's lock: a joiner waiting for it will
+            // see the entry gone and start on a fresh one (subscribing again).
+            self.streams
+                .remove_if(stream, |_, e| Arc::ptr_eq(e, &entry));
+        }
+    }
+}
+
+impl EventSink for Hub {
+    fn deliver(&self, stream: &str, events: &[StoredEvent], published_at: Instant) -> usize {
+        let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
+            return 0;
+        };
+        let conns = entry.lock();
+        let mut delivered = 0;
+        for event in events {
+            // Validated once per event, then shared by every connection.
+            let text = match Utf8Bytes::try_from(event.json.clone()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, seq = event.seq, "stored event is not UTF-8");
+                    continue;
+                }
+            };
+            let frame = OutFrame {
+                text,
+                published: Some(published_at),
+            };
+            delivered = 0;
+            for conn in conns.iter() {
+                if let Ok(LiveOutcome::Delivered | LiveOutcome::Held) =
+                    conn.send_event(event.seq, frame.clone())
+                {
+                    delivered += 1;
+                }
+            }
+            self.events_queued.increment(delivered as u64);
+        }
+        delivered
+    }
+}
