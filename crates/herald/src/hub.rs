@@ -309,3 +309,202 @@ impl EventSink for Hub {
         delivered
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A publisher races a resume through the real [`MemoryBroker`] and hub,
+    //! with the broker's deliveries held back and released out of step with
+    //! the joining connection's position and history reads: the connection
+    //! sees every seq once, in order — or a `reset`.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Weak;
+    use std::time::Instant;
+
+    use herald_core::catchup::{HistoryRequest, decide_join};
+    use herald_core::stream::StreamLimits;
+    use herald_core::{LifecycleConfig, Transmit};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::broker::NewEvent;
+    use crate::broker::memory::MemoryBroker;
+
+    /// Holds deliveries back until the test releases them (in order).
+    #[derive(Debug)]
+    struct Delayed {
+        hub: Weak<Hub>,
+        held: Mutex<Vec<(String, Vec<StoredEvent>, Instant)>>,
+    }
+
+    impl EventSink for Delayed {
+        fn deliver(&self, stream: &str, events: &[StoredEvent], at: Instant) -> usize {
+            self.held
+                .lock()
+                .push((stream.to_owned(), events.to_vec(), at));
+            0
+        }
+    }
+
+    impl Delayed {
+        fn release(&self, n: usize) {
+            let batch: Vec<_> = {
+                let mut held = self.held.lock();
+                let n = n.min(held.len());
+                held.drain(..n).collect()
+            };
+            if let Some(hub) = self.hub.upgrade() {
+                for (stream, events, at) in batch {
+                    hub.deliver(&stream, &events, at);
+                }
+            }
+        }
+    }
+
+    fn event() -> Vec<NewEvent> {
+        vec![NewEvent::new(
+            "note".into(),
+            None,
+            None,
+            serde_json::json!({}),
+            "2026-11-22T00:00:00Z".into(),
+        )]
+    }
+
+    fn seqs(conn: &ConnShared) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while let Some(Transmit::Frame(f)) = conn.with_core(|c| c.poll_transmit()) {
+            out.push(serde_json::from_str(f.text.as_str()).unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn resume_racing_publishes_with_delayed_deliveries() {
+        for seed in 0..300u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let max_events = rng.random_range(3..12);
+            let limits = StreamLimits {
+                max_events,
+                ..StreamLimits::default()
+            };
+            let mut delayed = None;
+            let hub = Arc::new_cyclic(|hub: &Weak<Hub>| {
+                let d = Arc::new(Delayed {
+                    hub: hub.clone(),
+                    held: Mutex::new(Vec::new()),
+                });
+                let sink: Weak<dyn EventSink> = Arc::downgrade(&d) as Weak<dyn EventSink>;
+                delayed = Some(d);
+                let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(limits, 1 << 30, sink));
+                Hub::new(broker, Arc::new(Stats::default()))
+            });
+            let delayed = delayed.unwrap();
+            let broker = hub.broker().clone();
+            let stream = "user:u";
+            // History before the client comes back; deliveries to nobody.
+            let before = rng.random_range(0..15);
+            for _ in 0..before {
+                broker.publish(stream, event()).await.unwrap();
+            }
+            delayed.release(usize::MAX);
+            let epoch = broker.position(stream).await.unwrap().epoch;
+            let resume = rng.random_range(0..=before);
+
+            let cfg = LifecycleConfig {
+                max_queue_frames: 10_000,
+                ..LifecycleConfig::default()
+            };
+            let conn = Arc::new(ConnShared::new(1, cfg));
+            hub.insert(conn.clone());
+            let mut written = Vec::new();
+            let mut step = 0;
+            let mut joined = false;
+            let mut welcomed = false;
+            let mut published = before;
+            // Interleave publishes, releases, join, position + welcome, pages.
+            while step < 400 && (published < before + 40 || !welcomed) {
+                step += 1;
+                match rng.random_range(0..6) {
+                    0 | 1 if published < before + 40 => {
+                        broker.publish(stream, event()).await.unwrap();
+                        published += 1;
+                    }
+                    2 => delayed.release(rng.random_range(1..4)),
+                    3 if !joined => {
+                        hub.join(stream, &conn, 32).await.unwrap();
+                        joined = true;
+                    }
+                    4 if joined && !welcomed => {
+                        let pos = broker.position(stream).await.unwrap();
+                        let d = decide_join(&pos, Some((&epoch, resume)), false);
+                        let welcome = serde_json::json!({
+                            "type": "welcome", "seq": pos.last_seq, "reset": d.reset,
+                        });
+                        conn.with_core(|c| {
+                            c.authenticate(
+                                crate::clock::now(),
+                                OutFrame::from(welcome.to_string()),
+                                d.plan,
+                            )
+                        })
+                        .unwrap();
+                        welcomed = true;
+                    }
+                    _ => {}
+                }
+                written.extend(seqs(&conn));
+                if let Some(HistoryRequest::Range { after, until }) =
+                    conn.with_core(|c| c.wants_history())
+                {
+                    let page = broker
+                        .history(stream, after, until, rng.random_range(1..5))
+                        .await
+                        .unwrap();
+                    let page = page
+                        .into_iter()
+                        .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))
+                        .collect::<Vec<_>>();
+                    conn.with_core(|c| c.push_history(page)).unwrap();
+                }
+            }
+            // Everything arrives in the end.
+            if !joined {
+                hub.join(stream, &conn, 32).await.unwrap();
+            }
+            assert!(welcomed || step >= 400, "seed {seed}");
+            if !welcomed {
+                continue;
+            }
+            delayed.release(usize::MAX);
+            loop {
+                written.extend(seqs(&conn));
+                let Some(HistoryRequest::Range { after, until }) =
+                    conn.with_core(|c| c.wants_history())
+                else {
+                    break;
+                };
+                let page = broker.history(stream, after, until, 3).await.unwrap();
+                let page = page
+                    .into_iter()
+                    .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))
+                    .collect::<Vec<_>>();
+                conn.with_core(|c| c.push_history(page)).unwrap();
+            }
+            let welcome = &written[0];
+            assert_eq!(welcome["type"], "welcome", "seed {seed}");
+            let got: Vec<u64> = written[1..]
+                .iter()
+                .map(|f| f["seq"].as_u64().unwrap())
+                .collect();
+            let first = if welcome["reset"] == true {
+                welcome["seq"].as_u64().unwrap()
+            } else {
+                resume
+            };
+            let expected: Vec<u64> = (first + 1..=published as u64).collect();
+            assert_eq!(got, expected, "seed {seed}: every seq once, in order");
+        }
+    }
+}
