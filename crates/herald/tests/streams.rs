@@ -200,7 +200,9 @@ async fn mid_run_connect_replays_the_run_and_abandoned_runs_time_out() {
     // Without replay_active_runs, nothing is replayed.
     let (mut plain, _) = connect(&server, "dee").await;
 
-    // The run goes silent: the server closes it with agent_error {reason: run_timeout}.
+    // The run goes silent (on tokio's paused clock, past run_ttl and a sweep):
+    // the server closes it with agent_error {reason: run_timeout}.
+    skip(Duration::from_millis(2600)).await;
     for ws in [&mut ws, &mut plain] {
         let e = tokio::time::timeout(Duration::from_secs(6), next_event(ws))
             .await

@@ -185,6 +185,26 @@ pub async fn get_json(server: &Server, path: &str) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Let `d` of server time pass without waiting for it: pause tokio's clock
+/// (the server's clock, see `herald::clock`), advance it in small steps so
+/// every timer due on the way fires in order, then let it run again. Needs
+/// the current-thread runtime (`#[tokio::test]`'s default). Sockets are not
+/// waited on while the clock is paused (tokio would auto-advance it).
+pub async fn skip(d: Duration) {
+    const STEP: Duration = Duration::from_millis(10);
+    tokio::time::pause();
+    let mut left = d;
+    while !left.is_zero() {
+        let step = left.min(STEP);
+        tokio::time::advance(step).await;
+        left -= step;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::resume();
+}
+
 /// Wait until the server has no live connection (bounded).
 pub async fn wait_for_no_connections(server: &Server) {
     for _ in 0..500 {
