@@ -2,21 +2,45 @@
 # Every test of the project: Rust (unit, property and integration tests against
 # the real server) and the browser client (Node unit tests and the Chromium
 # end-to-end test against a real `herald serve`).
+#
+# What the tests need and a fresh machine may lack is installed here: Debian's
+# chromium (as root, with apt-get) and the client's npm packages (into
+# clients/js/node_modules, which git ignores). Anywhere else the script says
+# exactly what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# apt_install PACKAGE BINARY: install a Debian package when BINARY is missing.
+apt_install() {
+  local package="$1" binary="$2"
+  [ -x "$binary" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "scripts/test.sh: installing $package (apt-get)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
+  fi
+  if [ ! -x "$binary" ]; then
+    echo "scripts/test.sh: $binary not found; install it (Debian: apt-get install $package)" >&2
+    exit 1
+  fi
+}
+
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "scripts/test.sh: Node.js >= 20 with npm is required for the client tests (Debian: apt-get install nodejs npm)" >&2
+  exit 1
+fi
+if [ -z "${CHROMIUM:-}" ]; then
+  apt_install chromium /usr/bin/chromium
+elif [ ! -x "$CHROMIUM" ]; then
+  echo "scripts/test.sh: CHROMIUM=$CHROMIUM is not an executable" >&2
+  exit 1
+fi
+if [ ! -d clients/js/node_modules/playwright-core ]; then
+  (cd clients/js && npm ci --no-audit --no-fund)
+fi
 
 cargo test --workspace --locked
 cargo build --locked -p herald --bin herald   # the binary the JS tests start
 
-if ! command -v node >/dev/null; then
-  echo "scripts/test.sh: node is required for the client tests" >&2
-  exit 1
-fi
-chromium_bin="${CHROMIUM:-/usr/bin/chromium}"
-if [ ! -x "$chromium_bin" ]; then
-  echo "scripts/test.sh: $chromium_bin not found (Debian: apt-get install chromium; or set CHROMIUM)" >&2
-  exit 1
-fi
 cd clients/js
-[ -d node_modules/playwright-core ] || npm ci --no-audit --no-fund
 npm test

@@ -42,169 +42,54 @@ pub struct KeySpec {
     pub doc: &'static str,
 }
 
-/// Every configuration key Herald reads.
-pub const KEYS: &[KeySpec] = &[
-    KeySpec {
-        name: "addr",
-        default: None,
-        doc: "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set",
-    },
-    KeySpec {
-        name: "jwt_hs256_secret",
-        default: None,
-        doc: "HS256 secret for client tokens. Unset with no public key: a development secret is generated",
-    },
-    KeySpec {
-        name: "jwt_public_key_file",
-        default: None,
-        doc: "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens",
-    },
-    KeySpec {
-        name: "jwt_audience",
-        default: None,
-        doc: "Required `aud` claim, if set",
-    },
-    KeySpec {
-        name: "jwt_issuer",
-        default: None,
-        doc: "Required `iss` claim, if set",
-    },
-    KeySpec {
-        name: "jwt_leeway",
-        default: Some("0s"),
-        doc: "Clock skew tolerated when checking `exp`",
-    },
-    KeySpec {
-        name: "api_key",
-        default: None,
-        doc: "Bearer key of the HTTP API. Unset: a development key is generated",
-    },
-    KeySpec {
-        name: "webhook_url",
-        default: None,
-        doc: "Agent backend webhook for user messages and cancels. Unset: the built-in demo agent answers",
-    },
-    KeySpec {
-        name: "webhook_secret",
-        default: None,
-        doc: "HMAC-SHA256 key for the X-Herald-Signature header (required with webhook_url)",
-    },
-    KeySpec {
-        name: "webhook_timeout",
-        default: Some("5s"),
-        doc: "Timeout of one webhook attempt",
-    },
-    KeySpec {
-        name: "webhook_retries",
-        default: Some("3"),
-        doc: "Webhook retries after the first attempt (on 5xx, 429, timeouts, connection errors)",
-    },
-    KeySpec {
-        name: "message_dedupe_window",
-        default: Some("10m"),
-        doc: "A repeated user_message id within this window is acked again but forwarded once",
-    },
-    KeySpec {
-        name: "inbound_rate",
-        default: Some("10"),
-        doc: "Inbound frames per second per connection (token bucket refill)",
-    },
-    KeySpec {
-        name: "inbound_burst",
-        default: Some("20"),
-        doc: "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008",
-    },
-    KeySpec {
-        name: "hello_timeout",
-        default: Some("10s"),
-        doc: "Time allowed from upgrade to a valid hello (else close 4408)",
-    },
-    KeySpec {
-        name: "close_timeout",
-        default: Some("2s"),
-        doc: "Time allowed to flush, write the close frame and await the reply",
-    },
-    KeySpec {
-        name: "write_timeout",
-        default: Some("10s"),
-        doc: "A socket write blocked longer than this drops the connection",
-    },
-    KeySpec {
-        name: "heartbeat_interval",
-        default: Some("25s"),
-        doc: "Interval of WebSocket pings (advertised as heartbeat_ms)",
-    },
-    KeySpec {
-        name: "heartbeat_timeout",
-        default: Some("60s"),
-        doc: "Inbound silence after which a connection closes (heartbeat timeout, 1001)",
-    },
-    KeySpec {
-        name: "queue_max_frames",
-        default: Some("1024"),
-        doc: "Outbound queue bound in frames per connection (else close 4001)",
-    },
-    KeySpec {
-        name: "queue_max_bytes",
-        default: Some("4194304"),
-        doc: "Outbound queue bound in bytes per connection (else close 4001)",
-    },
-    KeySpec {
-        name: "max_message_bytes",
-        default: Some("65536"),
-        doc: "Largest inbound WebSocket message (else close 1009)",
-    },
-    KeySpec {
-        name: "max_connections",
-        default: Some("100000"),
-        doc: "Live WebSocket connections in total; further upgrades get HTTP 503",
-    },
-    KeySpec {
-        name: "max_connections_per_user",
-        default: Some("32"),
-        doc: "Live connections per user; a further hello is closed with 1013",
-    },
-    KeySpec {
-        name: "inbound_abuse_limit",
-        default: Some("50"),
-        doc: "Frames dropped by the rate limit within 10 s that close the connection with 1008",
-    },
-    KeySpec {
-        name: "history_max_events",
-        default: Some("1000"),
-        doc: "Events kept per user stream for resume (events of open agent runs are kept beyond it)",
-    },
-    KeySpec {
-        name: "history_max_age",
-        default: Some("1h"),
-        doc: "Oldest event kept for resume",
-    },
-    KeySpec {
-        name: "history_max_bytes",
-        default: Some("268435456"),
-        doc: "Memory for history in total (payload + ~288 B per event); the oldest events are evicted first",
-    },
-    KeySpec {
-        name: "run_ttl",
-        default: Some("10m"),
-        doc: "An agent run with no event for this long is closed with agent_error {reason: run_timeout}",
-    },
-    KeySpec {
-        name: "idempotency_window",
-        default: Some("10m"),
-        doc: "How long a publish idempotency_key is remembered",
-    },
-    KeySpec {
-        name: "drain_window",
-        default: Some("5s"),
-        doc: "On SIGTERM, connections are closed (1012) staggered over this window",
-    },
-    KeySpec {
-        name: "log_format",
-        default: Some("text"),
-        doc: "`text` or `json`",
-    },
-];
+/// Declares every configuration key once: a constant in [`key`] (used by
+/// [`Config::from_raw`], so a misspelt key does not compile) and a row of
+/// [`KEYS`] (env var, flag, default, doc).
+macro_rules! declare_keys {
+    ($($ident:ident = $name:literal, $default:expr, $doc:literal;)*) => {
+        /// The name of every configuration key.
+        pub mod key {
+            $(#[doc = $doc] pub const $ident: &str = $name;)*
+        }
+        /// Every configuration key Herald reads.
+        pub const KEYS: &[KeySpec] = &[$(KeySpec { name: $name, default: $default, doc: $doc }),*];
+    };
+}
+
+declare_keys! {
+    ADDR = "addr", None, "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set";
+    JWT_HS256_SECRET = "jwt_hs256_secret", None, "HS256 secret for client tokens. Unset with no public key: a development secret is generated";
+    JWT_PUBLIC_KEY_FILE = "jwt_public_key_file", None, "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens";
+    JWT_AUDIENCE = "jwt_audience", None, "Required `aud` claim, if set";
+    JWT_ISSUER = "jwt_issuer", None, "Required `iss` claim, if set";
+    JWT_LEEWAY = "jwt_leeway", Some("0s"), "Clock skew tolerated when checking `exp`";
+    API_KEY = "api_key", None, "Bearer key of the HTTP API. Unset: a development key is generated";
+    WEBHOOK_URL = "webhook_url", None, "Agent backend webhook for user messages and cancels. Unset: the built-in demo agent answers";
+    WEBHOOK_SECRET = "webhook_secret", None, "HMAC-SHA256 key for the X-Herald-Signature header (required with webhook_url)";
+    WEBHOOK_TIMEOUT = "webhook_timeout", Some("5s"), "Timeout of one webhook attempt";
+    WEBHOOK_RETRIES = "webhook_retries", Some("3"), "Webhook retries after the first attempt (on 5xx, 429, timeouts, connection errors)";
+    MESSAGE_DEDUPE_WINDOW = "message_dedupe_window", Some("10m"), "A repeated user_message id within this window is acked again but forwarded once";
+    INBOUND_RATE = "inbound_rate", Some("10"), "Inbound frames per second per connection (token bucket refill)";
+    INBOUND_BURST = "inbound_burst", Some("20"), "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008";
+    HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
+    CLOSE_TIMEOUT = "close_timeout", Some("2s"), "Time allowed to flush, write the close frame and await the reply";
+    WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket write blocked longer than this drops the connection";
+    HEARTBEAT_INTERVAL = "heartbeat_interval", Some("25s"), "Interval of WebSocket pings (advertised as heartbeat_ms)";
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";
+    QUEUE_MAX_FRAMES = "queue_max_frames", Some("1024"), "Outbound queue bound in frames per connection (else close 4001)";
+    QUEUE_MAX_BYTES = "queue_max_bytes", Some("4194304"), "Outbound queue bound in bytes per connection (else close 4001)";
+    MAX_MESSAGE_BYTES = "max_message_bytes", Some("65536"), "Largest inbound WebSocket message (else close 1009)";
+    MAX_CONNECTIONS = "max_connections", Some("100000"), "Live WebSocket connections in total; further upgrades get HTTP 503";
+    MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
+    INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
+    HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
+    HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
+    HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event); the oldest events are evicted first";
+    RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
+    IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";
+    DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
+    LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
+}
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,11 +232,11 @@ impl RawConfig {
                 raw.values.insert(k.name, (v.clone(), Layer::Env));
             }
         }
-        if !raw.values.contains_key("addr")
+        if !raw.values.contains_key(key::ADDR)
             && let Some(port) = env.get("PORT")
         {
             raw.values
-                .insert("addr", (format!("0.0.0.0:{port}"), Layer::Env));
+                .insert(key::ADDR, (format!("0.0.0.0:{port}"), Layer::Env));
         }
         for (k, v) in flags {
             raw.values.insert(k, (v.clone(), Layer::Flag));
@@ -544,19 +429,19 @@ impl Config {
     /// `dev_mode` set when both were missing).
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         let addr = raw
-            .parse("addr", |v| {
+            .parse(key::ADDR, |v| {
                 v.parse::<SocketAddr>()
                     .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080"))
             })?
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-        let secret = raw.parse("jwt_hs256_secret", non_empty)?;
-        let key_file = raw.parse("jwt_public_key_file", |v| Ok(PathBuf::from(v)))?;
-        let api_key = raw.parse("api_key", non_empty)?;
+        let secret = raw.parse(key::JWT_HS256_SECRET, non_empty)?;
+        let key_file = raw.parse(key::JWT_PUBLIC_KEY_FILE, |v| Ok(PathBuf::from(v)))?;
+        let api_key = raw.parse(key::API_KEY, non_empty)?;
         let dev_mode = secret.is_none() && key_file.is_none() && api_key.is_none();
         let jwt_key = match (secret, key_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
-                    key: "jwt_public_key_file",
+                    key: key::JWT_PUBLIC_KEY_FILE,
                     layer: Layer::Default,
                     message: "set either jwt_hs256_secret or jwt_public_key_file, not both"
                         .to_owned(),
@@ -570,10 +455,10 @@ impl Config {
             (None, None) => JwtKey::Hs256(random_secret()),
         };
         let limits = Limits {
-            max_message_bytes: raw.required("max_message_bytes", positive)?,
+            max_message_bytes: raw.required(key::MAX_MESSAGE_BYTES, positive)?,
             ..Limits::default()
         };
-        let log_format = raw.required("log_format", |v| match v {
+        let log_format = raw.required(key::LOG_FORMAT, |v| match v {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("`{v}` is not `text` or `json`")),
@@ -581,58 +466,58 @@ impl Config {
         Ok(Config {
             addr,
             jwt_key,
-            jwt_audience: raw.parse("jwt_audience", non_empty)?,
-            jwt_issuer: raw.parse("jwt_issuer", non_empty)?,
-            jwt_leeway: raw.required("jwt_leeway", duration)?,
+            jwt_audience: raw.parse(key::JWT_AUDIENCE, non_empty)?,
+            jwt_issuer: raw.parse(key::JWT_ISSUER, non_empty)?,
+            jwt_leeway: raw.required(key::JWT_LEEWAY, duration)?,
             api_key: api_key.unwrap_or_else(random_secret),
-            webhook: match raw.parse("webhook_url", url)? {
+            webhook: match raw.parse(key::WEBHOOK_URL, url)? {
                 None => None,
                 Some(url) => Some(WebhookConfig {
                     url,
-                    secret: raw.parse("webhook_secret", non_empty)?.ok_or(
+                    secret: raw.parse(key::WEBHOOK_SECRET, non_empty)?.ok_or(
                         ConfigError::Invalid {
-                            key: "webhook_secret",
+                            key: key::WEBHOOK_SECRET,
                             layer: Layer::Default,
                             message: "required when webhook_url is set".to_owned(),
                         },
                     )?,
-                    timeout: raw.required("webhook_timeout", duration)?,
-                    retries: raw.required("webhook_retries", |v| {
+                    timeout: raw.required(key::WEBHOOK_TIMEOUT, duration)?,
+                    retries: raw.required(key::WEBHOOK_RETRIES, |v| {
                         v.parse::<u32>()
                             .map_err(|_| format!("`{v}` is not a non-negative integer"))
                     })?,
                     backoff: Duration::from_millis(200),
                 }),
             },
-            message_dedupe_window: raw.required("message_dedupe_window", duration)?,
+            message_dedupe_window: raw.required(key::MESSAGE_DEDUPE_WINDOW, duration)?,
             rate_limit: RateLimit {
-                per_second: raw.required("inbound_rate", positive)? as f64,
-                burst: raw.required("inbound_burst", positive)? as f64,
-                max_strikes: raw.required("inbound_abuse_limit", positive)? as u32,
+                per_second: raw.required(key::INBOUND_RATE, positive)? as f64,
+                burst: raw.required(key::INBOUND_BURST, positive)? as f64,
+                max_strikes: raw.required(key::INBOUND_ABUSE_LIMIT, positive)? as u32,
                 ..RateLimit::default()
             },
             dev_mode,
             lifecycle: LifecycleConfig {
-                hello_timeout: raw.required("hello_timeout", duration)?,
-                close_timeout: raw.required("close_timeout", duration)?,
-                max_queue_frames: raw.required("queue_max_frames", positive)?,
-                max_queue_bytes: raw.required("queue_max_bytes", positive)?,
-                heartbeat_interval: raw.required("heartbeat_interval", duration)?,
-                heartbeat_timeout: raw.required("heartbeat_timeout", duration)?,
+                hello_timeout: raw.required(key::HELLO_TIMEOUT, duration)?,
+                close_timeout: raw.required(key::CLOSE_TIMEOUT, duration)?,
+                max_queue_frames: raw.required(key::QUEUE_MAX_FRAMES, positive)?,
+                max_queue_bytes: raw.required(key::QUEUE_MAX_BYTES, positive)?,
+                heartbeat_interval: raw.required(key::HEARTBEAT_INTERVAL, duration)?,
+                heartbeat_timeout: raw.required(key::HEARTBEAT_TIMEOUT, duration)?,
             },
             limits,
-            write_timeout: raw.required("write_timeout", duration)?,
-            max_connections: raw.required("max_connections", positive)?,
-            max_connections_per_user: raw.required("max_connections_per_user", positive)?,
-            drain_window: raw.required("drain_window", duration)?,
+            write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
+            max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
+            max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
+            drain_window: raw.required(key::DRAIN_WINDOW, duration)?,
             stream_limits: StreamLimits {
-                max_events: raw.required("history_max_events", positive)?,
-                max_age: raw.required("history_max_age", duration)?,
-                run_ttl: raw.required("run_ttl", duration)?,
-                idempotency_window: raw.required("idempotency_window", duration)?,
+                max_events: raw.required(key::HISTORY_MAX_EVENTS, positive)?,
+                max_age: raw.required(key::HISTORY_MAX_AGE, duration)?,
+                run_ttl: raw.required(key::RUN_TTL, duration)?,
+                idempotency_window: raw.required(key::IDEMPOTENCY_WINDOW, duration)?,
                 ..StreamLimits::default()
             },
-            history_max_bytes: raw.required("history_max_bytes", positive)?,
+            history_max_bytes: raw.required(key::HISTORY_MAX_BYTES, positive)?,
             log_format,
         })
     }
@@ -640,9 +525,9 @@ impl Config {
     /// A config for tests: loopback, port 0, fixed secret and API key.
     pub fn for_tests(secret: &str, api_key: &str) -> Self {
         let mut raw = RawConfig::load(None, [], &BTreeMap::new()).unwrap_or_default();
-        raw.set("addr", "127.0.0.1:0")
-            .set("jwt_hs256_secret", secret)
-            .set("api_key", api_key);
+        raw.set(key::ADDR, "127.0.0.1:0")
+            .set(key::JWT_HS256_SECRET, secret)
+            .set(key::API_KEY, api_key);
         // The defaults are valid by construction (checked by a unit test).
         match Config::from_raw(&raw) {
             Ok(c) => c,

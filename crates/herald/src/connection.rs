@@ -1,5 +1,5 @@
 //! The shared half of a connection: what the rest of the server holds to send
-//! to it or close it. The socket itself is owned by the actor (`crate::actor`).
+//! to it or close it. The socket itself is owned by its actor task.
 //!
 //! Every operation locks the connection's sans-IO [`Connection`] state machine
 //! briefly, so the state check and the enqueue are one atomic step (the race

@@ -128,7 +128,7 @@ impl AgentBackend for Webhook {
                     };
                     tokio::time::sleep(wait).await;
                 }
-                let ts = crate::auth::unix_now();
+                let ts = crate::clock::unix_now();
                 let sent = self
                     .client
                     .post(&self.cfg.url)
