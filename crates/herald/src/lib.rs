@@ -6,22 +6,27 @@
 //! Layout, in the order a request travels (each module depends only on the
 //! ones below it):
 //! - [`server`]: listener (large backlog), accept loop, sweeper, drain.
-//! - [`http`]: the router — publish/kick/inspect API, health, metrics, the
+//! - `http`: the router — publish/kick/inspect API, health, metrics, the
 //!   `GET /ws` upgrade, the embedded demo page.
 //! - `actor`: one task per socket, the only writer; carries out what the core
 //!   decides (inbound frames, join and catch-up, timers).
 //! - `app`: the state one server shares (config, verifier, hub, broker, agent).
 //! - [`agent`]: user messages and cancels to the agent backend — dedupe,
 //!   ack/nack, the signed webhook, the built-in demo agent.
-//! - [`hub`]: this node's connections by id and by stream; receives the
+//! - `hub` ([`Hub`]): this node's connections by id and by stream; receives the
 //!   broker's deliveries and hands them to connections.
 //! - [`broker`]: where events live and how they reach every node — the
 //!   [`broker::Broker`] trait and the in-memory broker.
-//! - [`connection`]: the shared handle others use to send to or close a connection.
+//! - `connection`: the shared handle others use to send to or close a connection.
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags, one key table.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
 //! - `clock` and `tasks`: time the tests can pause; spawned work the drain waits for.
+//!
+//! The public surface is what the binary, the tests and embedders need:
+//! [`Server`] and [`Config`], token minting in [`auth`], the [`broker`]
+//! seam, webhook signature checks in [`agent::webhook`], metrics names in
+//! [`telemetry`]. Everything else is private.
 //!
 //! Data path: publish (HTTP) → broker (append + seq, then deliver) → hub
 //! (this node's sockets for the stream) → connection (state check + merge by
@@ -39,14 +44,15 @@ pub mod auth;
 pub mod broker;
 mod clock;
 pub mod config;
-pub mod connection;
-pub mod http;
-pub mod hub;
+mod connection;
+mod http;
+mod hub;
 pub mod server;
 mod tasks;
 pub mod telemetry;
 
 pub use config::Config;
+pub use hub::{ConnInfo, Hub};
 pub use server::Server;
 
 /// A boxed, sendable future (keeps the broker and agent traits object-safe).

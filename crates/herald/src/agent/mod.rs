@@ -25,7 +25,7 @@ use crate::connection::{ConnShared, OutFrame};
 use crate::tasks::Tasks;
 use crate::telemetry;
 
-pub mod demo;
+pub(crate) mod demo;
 pub mod webhook;
 
 /// A chat message for the agent backend.

@@ -22,8 +22,7 @@ mod api;
 mod web;
 mod ws;
 
-pub use api::{MAX_BATCH, MAX_BODY_BYTES, MAX_DATA_BYTES, MAX_REF_BYTES, MAX_USER_ID_BYTES};
-pub use web::{CLIENT_JS, INDEX_HTML};
+use api::MAX_BODY_BYTES;
 
 /// An API error response.
 #[derive(Debug)]
