@@ -245,6 +245,27 @@ impl<P> Merge<P> {
         }
     }
 
+    /// The stream is known to have reached `last_seq` (deliveries may have
+    /// been missed, e.g. the broker's connection dropped): whatever after
+    /// what was sent has not arrived is read from history.
+    pub fn expect(&mut self, last_seq: u64) {
+        match self.phase {
+            Phase::Live if last_seq > self.sent => {
+                self.phase = Phase::CatchingUp(HistoryRequest::Range {
+                    after: self.sent,
+                    until: last_seq,
+                });
+            }
+            Phase::CatchingUp(HistoryRequest::Range { after, until }) if last_seq > until => {
+                self.phase = Phase::CatchingUp(HistoryRequest::Range {
+                    after,
+                    until: last_seq,
+                });
+            }
+            _ => {}
+        }
+    }
+
     /// A page of history for a [`HistoryRequest::Range`], in seq order. An
     /// empty page, or one that skips a seq, is a [`Gap`].
     pub fn on_history(
@@ -391,6 +412,24 @@ mod tests {
         m.on_history([(2, 2), (3, 3), (4, 4)], &mut out).unwrap();
         assert!(m.is_live());
         assert_eq!(out, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_missed_tail_is_read_after_a_resync() {
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::Live { after: 0 }, &mut out);
+        m.on_live(1, 1, &mut out);
+        m.expect(1);
+        assert!(m.is_live(), "nothing missed");
+        m.expect(3);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range { after: 1, until: 3 })
+        );
+        m.on_history([(2, 2), (3, 3)], &mut out).unwrap();
+        assert!(m.is_live());
+        assert_eq!(out, vec![1, 2, 3]);
     }
 
     #[test]

@@ -279,6 +279,14 @@ impl<P: Payload> Connection<P> {
         result
     }
 
+    /// The stream reached `last_seq` (deliveries may have been missed): the
+    /// catch-up reads whatever is missing from history (see [`Merge::expect`]).
+    pub fn expect_seq(&mut self, last_seq: u64) {
+        if self.state == State::Ready {
+            self.merge.expect(last_seq);
+        }
+    }
+
     /// Add the open runs' events for a [`HistoryRequest::Runs`].
     pub fn push_runs(&mut self, frames: impl IntoIterator<Item = P>) {
         if self.state != State::Ready {

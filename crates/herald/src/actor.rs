@@ -162,13 +162,19 @@ impl Actor {
     /// gap (history evicted mid-catch-up) closes the connection (4001): the
     /// client resumes again and is told `reset` — never a silent gap.
     async fn catch_up(&mut self, request: HistoryRequest) {
-        let Some(stream) = self.conn.stream().map(str::to_owned) else {
+        let (Some(stream), Some(epoch)) = (
+            self.conn.stream().map(str::to_owned),
+            self.conn.epoch().map(str::to_owned),
+        ) else {
             return;
         };
         let broker = self.app.broker();
         let result = match request {
             HistoryRequest::Range { after, until } => {
-                match broker.history(&stream, after, until, HISTORY_PAGE).await {
+                match broker
+                    .history(&stream, &epoch, after, until, HISTORY_PAGE)
+                    .await
+                {
                     Ok(page) => {
                         metrics::counter!(telemetry::EVENTS_REPLAYED).increment(page.len() as u64);
                         let page = frames(page);
@@ -179,15 +185,18 @@ impl Actor {
                     Err(e) => Err(e.to_string()),
                 }
             }
-            HistoryRequest::Runs { until } => match broker.open_run_events(&stream, until).await {
-                Ok(events) => {
-                    metrics::counter!(telemetry::EVENTS_REPLAYED).increment(events.len() as u64);
-                    let frames = frames(events).into_iter().map(|(_, f)| f);
-                    self.conn.with_core(|c| c.push_runs(frames));
-                    Ok(())
+            HistoryRequest::Runs { until } => {
+                match broker.open_run_events(&stream, &epoch, until).await {
+                    Ok(events) => {
+                        metrics::counter!(telemetry::EVENTS_REPLAYED)
+                            .increment(events.len() as u64);
+                        let frames = frames(events).into_iter().map(|(_, f)| f);
+                        self.conn.with_core(|c| c.push_runs(frames));
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
                 }
-                Err(e) => Err(e.to_string()),
-            },
+            }
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "catch-up failed");
@@ -362,6 +371,7 @@ impl Actor {
             heartbeat_ms: self.app.config().lifecycle.heartbeat_interval.as_millis() as u64,
         }
         .to_json();
+        self.conn.set_epoch(&pos.epoch);
         let now = clock::now();
         let authenticated = self
             .conn

@@ -73,6 +73,7 @@ pub struct ConnShared {
     pub opened_at: Instant,
     user: OnceLock<String>,
     stream: OnceLock<String>,
+    epoch: OnceLock<String>,
     core: Mutex<Connection<OutFrame>>,
     wake: Notify,
     acked_seq: AtomicU64,
@@ -88,6 +89,7 @@ impl ConnShared {
             opened_at: now,
             user: OnceLock::new(),
             stream: OnceLock::new(),
+            epoch: OnceLock::new(),
             core: Mutex::new(Connection::new(now, cfg)),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
@@ -102,6 +104,21 @@ impl ConnShared {
     /// The stream the connection joined, once it did.
     pub fn stream(&self) -> Option<&str> {
         self.stream.get().map(String::as_str)
+    }
+
+    /// The stream epoch the connection was welcomed in.
+    pub fn epoch(&self) -> Option<&str> {
+        self.epoch.get().map(String::as_str)
+    }
+
+    pub(crate) fn set_epoch(&self, epoch: &str) {
+        let _ = self.epoch.set(epoch.to_owned());
+    }
+
+    /// Deliveries may have been missed up to `last_seq`: catch up from history.
+    pub(crate) fn expect_seq(&self, last_seq: u64) {
+        self.core.lock().expect_seq(last_seq);
+        self.wake.notify_one();
     }
 
     pub(crate) fn set_user(&self, user: &str) {

@@ -276,12 +276,33 @@ impl Hub {
     }
 }
 
+/// The close of a connection whose stream lost its history (new epoch): its
+/// client resumes and is told `reset`.
+fn epoch_changed() -> CloseInfo {
+    CloseInfo::new(
+        CloseReason::SlowConsumer,
+        Initiator::Server,
+        "stream history was lost; resume again",
+    )
+}
+
 impl EventSink for Hub {
-    fn deliver(&self, stream: &str, events: &[StoredEvent], published_at: Instant) -> usize {
+    fn deliver(
+        &self,
+        stream: &str,
+        epoch: &str,
+        events: &[StoredEvent],
+        published_at: Instant,
+    ) -> usize {
         let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
             return 0;
         };
         let conns = entry.lock();
+        for conn in conns.iter() {
+            if conn.epoch().is_some_and(|e| e != epoch) {
+                conn.close(epoch_changed());
+            }
+        }
         let mut delivered = 0;
         for event in events {
             // Validated once per event, then shared by every connection.
@@ -307,6 +328,22 @@ impl EventSink for Hub {
             self.events_queued.increment(delivered as u64);
         }
         delivered
+    }
+
+    fn resync(&self, stream: &str, epoch: &str, last_seq: u64) {
+        let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
+            return;
+        };
+        for conn in entry.lock().iter() {
+            match conn.epoch() {
+                Some(e) if e != epoch => {
+                    conn.close(epoch_changed());
+                }
+                Some(_) => conn.expect_seq(last_seq),
+                // Still joining: it reads the position after this.
+                None => {}
+            }
+        }
     }
 }
 
@@ -335,16 +372,18 @@ mod tests {
     #[derive(Debug)]
     struct Delayed {
         hub: Weak<Hub>,
-        held: Mutex<Vec<(String, Vec<StoredEvent>, Instant)>>,
+        held: Mutex<Vec<(String, String, Vec<StoredEvent>, Instant)>>,
     }
 
     impl EventSink for Delayed {
-        fn deliver(&self, stream: &str, events: &[StoredEvent], at: Instant) -> usize {
+        fn deliver(&self, stream: &str, epoch: &str, events: &[StoredEvent], at: Instant) -> usize {
             self.held
                 .lock()
-                .push((stream.to_owned(), events.to_vec(), at));
+                .push((stream.to_owned(), epoch.to_owned(), events.to_vec(), at));
             0
         }
+
+        fn resync(&self, _: &str, _: &str, _: u64) {}
     }
 
     impl Delayed {
@@ -355,8 +394,8 @@ mod tests {
                 held.drain(..n).collect()
             };
             if let Some(hub) = self.hub.upgrade() {
-                for (stream, events, at) in batch {
-                    hub.deliver(&stream, &events, at);
+                for (stream, epoch, events, at) in batch {
+                    hub.deliver(&stream, &epoch, &events, at);
                 }
             }
         }
@@ -439,6 +478,7 @@ mod tests {
                     4 if joined && !welcomed => {
                         let pos = broker.position(stream).await.unwrap();
                         let d = decide_join(&pos, Some((&epoch, resume)), false);
+                        conn.set_epoch(&pos.epoch);
                         let welcome = serde_json::json!({
                             "type": "welcome", "seq": pos.last_seq, "reset": d.reset,
                         });
@@ -459,7 +499,7 @@ mod tests {
                     conn.with_core(|c| c.wants_history())
                 {
                     let page = broker
-                        .history(stream, after, until, rng.random_range(1..5))
+                        .history(stream, &epoch, after, until, rng.random_range(1..5))
                         .await
                         .unwrap();
                     let page = page
@@ -485,7 +525,10 @@ mod tests {
                 else {
                     break;
                 };
-                let page = broker.history(stream, after, until, 3).await.unwrap();
+                let page = broker
+                    .history(stream, &epoch, after, until, 3)
+                    .await
+                    .unwrap();
                 let page = page
                     .into_iter()
                     .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))

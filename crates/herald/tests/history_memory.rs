@@ -16,9 +16,10 @@ use serde_json::json;
 #[derive(Debug)]
 struct NoSink;
 impl EventSink for NoSink {
-    fn deliver(&self, _: &str, _: &[StoredEvent], _: Instant) -> usize {
+    fn deliver(&self, _: &str, _: &str, _: &[StoredEvent], _: Instant) -> usize {
         0
     }
+    fn resync(&self, _: &str, _: &str, _: u64) {}
 }
 
 fn rss_bytes() -> usize {

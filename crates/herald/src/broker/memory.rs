@@ -213,7 +213,7 @@ impl Broker for MemoryBroker {
                 if !stored.is_empty()
                     && let Some(sink) = self.sink.upgrade()
                 {
-                    let delivered = sink.deliver(stream, &stored, published_at);
+                    let delivered = sink.deliver(stream, guard.epoch(), &stored, published_at);
                     for r in results.iter_mut().filter(|r| !r.duplicate) {
                         r.delivered = delivered;
                     }
@@ -249,22 +249,36 @@ impl Broker for MemoryBroker {
     fn history<'a>(
         &'a self,
         stream: &'a str,
+        epoch: &'a str,
         after: u64,
         until: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>> {
         Box::pin(async move {
-            self.with_stream(stream, |s| s.read(after, until, limit))
-                .map_err(|e| BrokerError::Gone { after: e.after })
+            self.with_stream(stream, |s| {
+                if s.epoch() != epoch {
+                    return Err(BrokerError::Gone { after });
+                }
+                s.read(after, until, limit)
+                    .map_err(|e| BrokerError::Gone { after: e.after })
+            })
         })
     }
 
     fn open_run_events<'a>(
         &'a self,
         stream: &'a str,
+        epoch: &'a str,
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>> {
-        Box::pin(async move { Ok(self.with_stream(stream, |s| s.active_run_events(0, until))) })
+        Box::pin(async move {
+            self.with_stream(stream, |s| {
+                if s.epoch() != epoch {
+                    return Err(BrokerError::Gone { after: 0 });
+                }
+                Ok(s.active_run_events(0, until))
+            })
+        })
     }
 
     fn is_open_run<'a>(
@@ -338,9 +352,10 @@ mod tests {
     #[derive(Debug)]
     struct NoSink;
     impl EventSink for NoSink {
-        fn deliver(&self, _: &str, _: &[StoredEvent], _: Instant) -> usize {
+        fn deliver(&self, _: &str, _: &str, _: &[StoredEvent], _: Instant) -> usize {
             0
         }
+        fn resync(&self, _: &str, _: &str, _: u64) {}
     }
 
     fn broker(limits: StreamLimits, max: usize) -> MemoryBroker {
@@ -375,10 +390,18 @@ mod tests {
         );
         assert!(stats.events < 20, "{stats:?}");
         // The newest events of both users survive, the oldest went first.
-        assert!(store.history("a", 9, 10, 10).await.is_ok());
-        assert!(store.history("b", 9, 10, 10).await.is_ok());
+        let (ea, eb) = (
+            store.position("a").await.unwrap().epoch,
+            store.position("b").await.unwrap().epoch,
+        );
+        assert!(store.history("a", &ea, 9, 10, 10).await.is_ok());
+        assert!(store.history("b", &eb, 9, 10, 10).await.is_ok());
         assert_eq!(
-            store.history("a", 0, 10, 10).await.err(),
+            store.history("a", "other-epoch", 9, 10, 10).await.err(),
+            Some(BrokerError::Gone { after: 9 })
+        );
+        assert_eq!(
+            store.history("a", &ea, 0, 10, 10).await.err(),
             Some(BrokerError::Gone { after: 0 })
         );
     }

@@ -138,10 +138,23 @@ pub struct BrokerStats {
 
 /// Where a broker delivers stored events: this node's hub.
 pub trait EventSink: Send + Sync + Debug {
-    /// Deliver `events` (in seq order) of `stream` to this node's connections;
-    /// returns how many connections they were queued to. `published_at` is
-    /// when the publish started (for the publish-to-write latency histogram).
-    fn deliver(&self, stream: &str, events: &[StoredEvent], published_at: Instant) -> usize;
+    /// Deliver `events` (in seq order) of `stream` in `epoch` to this node's
+    /// connections; returns how many connections they were queued to.
+    /// `published_at` is when the publish started, as well as this node
+    /// knows (for the publish-to-write latency histogram).
+    fn deliver(
+        &self,
+        stream: &str,
+        epoch: &str,
+        events: &[StoredEvent],
+        published_at: Instant,
+    ) -> usize;
+
+    /// Deliveries for `stream` may have been missed (the broker's connection
+    /// dropped and came back); the stream is now at `last_seq` in `epoch`.
+    /// Every local connection catches up from history, or — when the epoch
+    /// changed — is closed so its client resumes and is told `reset`.
+    fn resync(&self, stream: &str, epoch: &str, last_seq: u64);
 }
 
 /// Where events live and how they reach every node.
@@ -164,19 +177,22 @@ pub trait Broker: Send + Sync + Debug {
     ) -> BoxFuture<'a, Result<StreamPosition, BrokerError>>;
 
     /// Up to `limit` events with `after < seq <= until`, in order; `Gone` if
-    /// the first of them was evicted.
+    /// the first of them was evicted or the stream is no longer in `epoch`.
     fn history<'a>(
         &'a self,
         stream: &'a str,
+        epoch: &'a str,
         after: u64,
         until: u64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>>;
 
-    /// The events of the stream's open runs with `seq <= until`, in order.
+    /// The events of the stream's open runs with `seq <= until`, in order;
+    /// `Gone` if the stream is no longer in `epoch`.
     fn open_run_events<'a>(
         &'a self,
         stream: &'a str,
+        epoch: &'a str,
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>>;
 
