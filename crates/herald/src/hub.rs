@@ -368,11 +368,14 @@ mod tests {
     use crate::broker::NewEvent;
     use crate::broker::memory::MemoryBroker;
 
+    /// One held delivery: stream, epoch, events, publish time.
+    type Delivery = (String, String, Vec<StoredEvent>, Instant);
+
     /// Holds deliveries back until the test releases them (in order).
     #[derive(Debug)]
     struct Delayed {
         hub: Weak<Hub>,
-        held: Mutex<Vec<(String, String, Vec<StoredEvent>, Instant)>>,
+        held: Mutex<Vec<Delivery>>,
     }
 
     impl EventSink for Delayed {
