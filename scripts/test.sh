@@ -4,8 +4,8 @@
 # end-to-end test against a real `herald serve`).
 #
 # What the tests need and a fresh machine may lack is installed here: Debian's
-# chromium (as root, with apt-get) and the client's npm packages (into
-# clients/js/node_modules, which git ignores). Anywhere else the script says
+# chromium and redis-server (as root, with apt-get) and the client's npm
+# packages (into clients/js/node_modules, which git ignores). Anywhere else the script says
 # exactly what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,7 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   echo "scripts/test.sh: Node.js >= 20 with npm is required for the client tests (Debian: apt-get install nodejs npm)" >&2
   exit 1
 fi
+apt_install redis-server /usr/bin/redis-server
 if [ -z "${CHROMIUM:-}" ]; then
   apt_install chromium /usr/bin/chromium
 elif [ ! -x "$CHROMIUM" ]; then

@@ -58,13 +58,15 @@ pub enum CloseReason {
     Shutdown,
     /// The server or the user is at its connection limit.
     Capacity,
+    /// The broker (Redis) cannot serve the connection now; try again later.
+    BrokerUnavailable,
     /// A bug or an internal failure.
     Internal,
 }
 
 impl CloseReason {
     /// Every reason, for exhaustive tests and metric pre-registration.
-    pub const ALL: [CloseReason; 18] = [
+    pub const ALL: [CloseReason; 19] = [
         CloseReason::ClientClose,
         CloseReason::PeerGone,
         CloseReason::IoError,
@@ -82,6 +84,7 @@ impl CloseReason {
         CloseReason::Kicked,
         CloseReason::Shutdown,
         CloseReason::Capacity,
+        CloseReason::BrokerUnavailable,
         CloseReason::Internal,
     ];
 
@@ -106,7 +109,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => 1008,
             CloseReason::Kicked => 4409,
             CloseReason::Shutdown => 1012,
-            CloseReason::Capacity => 1013,
+            CloseReason::Capacity | CloseReason::BrokerUnavailable => 1013,
             CloseReason::Internal => 1011,
         }
     }
@@ -131,6 +134,7 @@ impl CloseReason {
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Capacity => "capacity",
+            CloseReason::BrokerUnavailable => "broker_unavailable",
             CloseReason::Internal => "internal",
         }
     }

@@ -350,11 +350,11 @@ impl Actor {
             // Closing already (e.g. shutdown raced the hello): nothing to do.
             Err(JoinError::NotHandshaking) => return,
             Err(JoinError::Broker(e)) => {
-                tracing::error!(error = %e, "broker failed at hello");
+                tracing::warn!(error = %e, "broker failed at hello");
                 self.close(
-                    CloseReason::Internal,
+                    CloseReason::BrokerUnavailable,
                     Initiator::Server,
-                    "history unavailable",
+                    "history unavailable; try again later",
                 );
                 return;
             }

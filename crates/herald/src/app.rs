@@ -12,7 +12,8 @@ use crate::agent::webhook::Webhook;
 use crate::agent::{AgentBackend, Inbound};
 use crate::auth::{KeyError, Verifier};
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, EventSink};
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, BrokerError, EventSink};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::tasks::Tasks;
@@ -27,6 +28,9 @@ pub enum AppError {
     /// The webhook client could not be built.
     #[error("cannot set up the webhook client: {0}")]
     Webhook(#[from] reqwest::Error),
+    /// The broker could not be set up (e.g. an unusable Redis URL).
+    #[error("cannot set up the broker: {0}")]
+    Broker(#[from] BrokerError),
 }
 
 /// State shared by every handler and connection of one server.
@@ -53,15 +57,25 @@ impl App {
         let verifier = Verifier::from_config(&config)?;
         let stats = Arc::new(Stats::default());
         let tasks = Tasks::default();
+        let mut broker_error = None;
         let hub = Arc::new_cyclic(|hub: &Weak<Hub>| {
             let sink: Weak<dyn EventSink> = hub.clone();
-            let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(
-                config.stream_limits.clone(),
-                config.history_max_bytes,
-                sink,
-            ));
+            let limits = config.stream_limits.clone();
+            let broker: Arc<dyn Broker> = match &config.redis {
+                Some(redis) => match RedisBroker::new(redis, limits.clone(), sink.clone()) {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => {
+                        broker_error = Some(e);
+                        Arc::new(MemoryBroker::new(limits, config.history_max_bytes, sink))
+                    }
+                },
+                None => Arc::new(MemoryBroker::new(limits, config.history_max_bytes, sink)),
+            };
             Hub::new(broker, stats.clone())
         });
+        if let Some(e) = broker_error {
+            return Err(e.into());
+        }
         let backend: Arc<dyn AgentBackend> = match &config.webhook {
             Some(cfg) => Arc::new(Webhook::new(cfg.clone())?),
             None => Arc::new(DemoAgent::new(hub.broker().clone(), tasks.clone())),

@@ -89,6 +89,8 @@ declare_keys! {
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
+    REDIS_URL = "redis_url", None, "redis:// or rediss:// URL (password in the URL) of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
+    REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels, so deployments can share a Redis";
 }
 
 /// Where a value came from, for error messages.
@@ -354,6 +356,22 @@ fn url(v: &str) -> Result<String, String> {
     }
 }
 
+fn redis_url(v: &str) -> Result<String, String> {
+    if v.starts_with("redis://") || v.starts_with("rediss://") {
+        Ok(v.to_owned())
+    } else {
+        Err("is not a redis:// or rediss:// URL".to_owned())
+    }
+}
+
+fn redis_prefix(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.contains(['{', '}']) || v.chars().any(char::is_whitespace) {
+        Err(format!("`{v}` must be non-empty, without braces or spaces"))
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".to_owned())
@@ -422,6 +440,8 @@ pub struct Config {
     pub history_max_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// The Redis broker, if configured (else the memory broker).
+    pub redis: Option<crate::broker::redis::RedisConfig>,
 }
 
 impl Config {
@@ -519,6 +539,13 @@ impl Config {
             },
             history_max_bytes: raw.required(key::HISTORY_MAX_BYTES, positive)?,
             log_format,
+            redis: match raw.parse(key::REDIS_URL, redis_url)? {
+                None => None,
+                Some(url) => Some(crate::broker::redis::RedisConfig {
+                    url,
+                    prefix: raw.required(key::REDIS_PREFIX, redis_prefix)?,
+                }),
+            },
         })
     }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use herald_core::protocol::ServerFrame;
-use herald_core::stream::runs;
 use herald_core::{CloseInfo, CloseReason, Initiator};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -19,7 +18,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::app::{App, AppError};
-use crate::broker::{NewEvent, stream_user};
+use crate::broker::stream_user;
 use crate::config::Config;
 use crate::connection::OutFrame;
 use crate::hub::{ConnInfo, Hub};
@@ -173,8 +172,8 @@ impl Server {
     }
 }
 
-/// Once a second: enforce history age bounds, close runs silent for
-/// `run_ttl` with a synthesized `agent_error` (published like any event, so
+/// Once a second: let the broker enforce history bounds and close runs
+/// silent for `run_ttl` (with an `agent_error` published like any event, so
 /// live clients and later resumes see it), drain the metrics recorder's
 /// buffers, and update history gauges.
 async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
@@ -190,16 +189,6 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             let user = stream_user(&run.stream).unwrap_or(&run.stream);
             tracing::info!(user_id = %user, run_id = %run.run_id, "agent run timed out");
             metrics::counter!(telemetry::RUNS_TIMED_OUT).increment(1);
-            let event = NewEvent::new(
-                runs::ERROR.to_owned(),
-                run.thread_id,
-                Some(run.run_id),
-                serde_json::json!({"reason": "run_timeout"}),
-                crate::clock::now_rfc3339(),
-            );
-            if let Err(e) = broker.publish(&run.stream, vec![event]).await {
-                tracing::warn!(error = %e, "could not publish a run timeout");
-            }
         }
         // The Prometheus recorder buffers histogram samples until drained;
         // without this, an unscraped server would grow without bound.

@@ -50,6 +50,14 @@ pub const WEBHOOK_REQUESTS: &str = "herald_webhook_requests_total";
 pub const RATE_LIMITED: &str = "herald_inbound_rate_limited_total";
 /// Counter: upgrades refused, labelled `reason` (`draining`, `capacity`).
 pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
+/// Counter: broker (Redis) command failures.
+pub const BROKER_ERRORS: &str = "herald_broker_errors_total";
+/// Histogram: seconds a broker publish took (the Redis script round trip).
+pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
+/// Counter: times the broker's pub/sub connection came back after a drop.
+pub const BROKER_PUBSUB_RECONNECTS: &str = "herald_broker_pubsub_reconnects_total";
+/// Counter: streams resynced (their connections caught up from history) after a pub/sub drop.
+pub const BROKER_CATCH_UPS: &str = "herald_broker_catch_ups_total";
 /// Counter: invariant violations detected at runtime (must stay 0), labelled `kind`.
 pub const INVARIANT_VIOLATIONS: &str = "herald_invariant_violations_total";
 

@@ -329,6 +329,12 @@ impl Broker for MemoryBroker {
                 });
             }
             self.prune_order();
+            for run in &expired {
+                let event = super::run_timeout_event(&run.run_id, run.thread_id.clone());
+                if let Err(e) = self.publish(&run.stream, vec![event]).await {
+                    tracing::warn!(error = %e, "could not publish a run timeout");
+                }
+            }
             expired
         })
     }

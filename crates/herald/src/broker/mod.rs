@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::BoxFuture;
 
 pub mod memory;
+pub mod redis;
 
 /// The stream of a user: `user:<sub>`.
 pub fn user_stream(user: &str) -> String {
@@ -110,6 +111,17 @@ pub struct Published {
     /// True when the idempotency key was seen before (nothing appended).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+}
+
+/// The `agent_error {reason: "run_timeout"}` that closes a silent run.
+pub fn run_timeout_event(run_id: &str, thread_id: Option<String>) -> NewEvent {
+    NewEvent::new(
+        herald_core::stream::runs::ERROR.to_owned(),
+        thread_id,
+        Some(run_id.to_owned()),
+        serde_json::json!({"reason": "run_timeout"}),
+        crate::clock::now_rfc3339(),
+    )
 }
 
 /// A run closed by the sweeper because it was silent for `run_ttl`.
@@ -211,8 +223,9 @@ pub trait Broker: Send + Sync + Debug {
     /// Withdraw this node's interest in `stream` (the last local connection left).
     fn unsubscribe(&self, stream: &str);
 
-    /// Enforce age bounds, drop idle streams, and return the runs silent for
-    /// longer than `run_ttl` (to be closed with a synthesized `agent_error`).
+    /// Enforce age bounds, drop idle streams, and close the runs silent for
+    /// longer than `run_ttl` by publishing [`run_timeout_event`] to them —
+    /// exactly once across nodes. Returns the runs it closed.
     fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>>;
 
     /// Whether the broker can serve requests now (`/readyz`).

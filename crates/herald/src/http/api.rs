@@ -178,7 +178,7 @@ pub(super) async fn publish(
                 tracing::error!(error = %err, "broker failed on publish");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
+                    "broker_unavailable",
                     err.to_string(),
                 )
             })?;

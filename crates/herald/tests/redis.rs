@@ -1,0 +1,348 @@
+//! Several Herald nodes on one real `redis-server` (started by the test on a
+//! free loopback port): fan-out across nodes, resume on another node,
+//! idempotency across nodes, run replay and run timeouts across the fleet,
+//! pub/sub connections killed under load, Redis stopped and restarted empty.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald::broker::redis::RedisConfig;
+use herald::{Config, Server};
+use serde_json::{Value, json};
+
+/// A `redis-server` of this test, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let redis = Redis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_config(redis: &Redis) -> Config {
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        url: redis.url(),
+        prefix: "t".into(),
+    });
+    cfg
+}
+
+async fn node(redis: &Redis) -> Server {
+    start_with(node_config(redis)).await
+}
+
+async fn event_of(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] == "event" {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_share_one_stream_in_publish_order() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis).await, node(&redis).await, node(&redis).await);
+    let (mut on_a, wa) = connect(&a, "ann").await;
+    let (mut on_b, wb) = connect(&b, "ann").await;
+    assert_eq!(wa["epoch"], wb["epoch"], "one stream, one epoch");
+
+    let r = publish(&c, "ann", "note", json!({"n": 0})).await;
+    assert_eq!(r["seq"], 1);
+    for ws in [&mut on_a, &mut on_b] {
+        let e = event_of(ws).await;
+        assert_eq!(
+            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+            (Some(1), Some(0))
+        );
+    }
+    let nodes = [&a, &b, &c];
+    for n in 1..=50u64 {
+        publish(nodes[n as usize % 3], "ann", "note", json!({ "n": n })).await;
+    }
+    for ws in [&mut on_a, &mut on_b] {
+        for n in 1..=50u64 {
+            let e = event_of(ws).await;
+            assert_eq!(
+                (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+                (Some(n + 1), Some(n))
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_on_another_node_gets_exactly_the_missed_events() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis).await, node(&redis).await, node(&redis).await);
+    let (mut ws, w) = connect(&a, "bo").await;
+    publish(&b, "bo", "note", json!({})).await;
+    let seen = event_of(&mut ws).await["seq"].as_u64().unwrap();
+    drop(ws);
+    for _ in 0..5 {
+        publish(&b, "bo", "note", json!({})).await;
+    }
+    let mut ws = open(&c, &[], None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "hello", "token": token("bo"), "resume": {"epoch": w["epoch"], "seq": seen}}),
+    )
+    .await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["seq"].as_u64()),
+        (Some(true), Some(6))
+    );
+    for seq in 2..=6 {
+        assert_eq!(event_of(&mut ws).await["seq"], seq);
+    }
+    publish(&a, "bo", "note", json!({})).await;
+    assert_eq!(event_of(&mut ws).await["seq"], 7, "then live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_and_run_replay_hold_across_nodes() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.stream_limits.max_events = 3;
+    let a = start_with(cfg.clone()).await;
+    let b = start_with(cfg).await;
+    let body = json!({"user_id": "cy", "event": "note", "idempotency_key": "k1"});
+    let (_, first) = post(&a, "/api/v1/events", body.clone()).await;
+    let (_, again) = post(&b, "/api/v1/events", body).await;
+    assert_eq!(first["results"][0]["seq"], 1);
+    assert_eq!(again["results"][0]["seq"], 1);
+    assert_eq!(again["results"][0]["duplicate"], true);
+
+    let ev =
+        |event: &str| json!({"user_id": "cy", "event": event, "run_id": "r1", "thread_id": "t"});
+    post(
+        &a,
+        "/api/v1/events",
+        json!({"events": [ev("agent_started"), ev("agent_thinking")]}),
+    )
+    .await;
+    for _ in 0..4 {
+        publish(&a, "cy", "note", json!({})).await;
+    }
+    // The count bound (3) evicted the run's start; a page opened on the other
+    // node still replays the whole open run.
+    let mut ws = open(&b, &[], None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "hello", "token": token("cy"), "replay_active_runs": true}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["seq"], 7);
+    let run: Vec<(Value, Value)> = vec![event_of(&mut ws).await, event_of(&mut ws).await]
+        .into_iter()
+        .map(|e| (e["seq"].clone(), e["event"].clone()))
+        .collect();
+    assert_eq!(
+        run,
+        vec![
+            (json!(2), json!("agent_started")),
+            (json!(3), json!("agent_thinking"))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_run_is_closed_once_across_the_fleet() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.stream_limits.run_ttl = Duration::from_millis(800);
+    let nodes = [
+        start_with(cfg.clone()).await,
+        start_with(cfg.clone()).await,
+        start_with(cfg).await,
+    ];
+    let (mut ws, _) = connect(&nodes[0], "di").await;
+    post(
+        &nodes[1],
+        "/api/v1/events",
+        json!({"user_id": "di", "event": "agent_started", "run_id": "r9", "thread_id": "t9"}),
+    )
+    .await;
+    assert_eq!(event_of(&mut ws).await["event"], "agent_started");
+    let e = event_of(&mut ws).await;
+    assert_eq!(
+        (
+            e["event"].as_str(),
+            e["run_id"].as_str(),
+            e["thread_id"].as_str()
+        ),
+        (Some("agent_error"), Some("r9"), Some("t9"))
+    );
+    assert_eq!(e["data"]["reason"], "run_timeout");
+    // Three sweepers, one close: the next event is seq 3.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = publish(&nodes[2], "di", "note", json!({})).await;
+    assert_eq!(r["seq"], 3);
+    assert_eq!(event_of(&mut ws).await["seq"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_pubsub_connections_under_load_loses_nothing() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (mut ws, _) = connect(&a, "ed").await;
+    const N: u64 = 300;
+    let publisher = {
+        let url = format!("http://{}/api/v1/events", b.local_addr());
+        tokio::spawn(async move {
+            let c = client();
+            for n in 1..=N {
+                let r = c
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&json!({"user_id": "ed", "event": "note", "data": {"n": n}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                if n % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    for kill in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        assert_ne!(
+            killed, "0",
+            "kill {kill}: the nodes' pub/sub connections exist"
+        );
+    }
+    publisher.await.unwrap();
+    for seq in 1..=N {
+        let e = event_of(&mut ws).await;
+        assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
+    let redis = Redis::start();
+    let a = node(&redis).await;
+    let (mut ws, w) = connect(&a, "flo").await;
+    publish(&a, "flo", "note", json!({})).await;
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+
+    let port = redis.stop();
+    let started = Instant::now();
+    let (status, body) = post(
+        &a,
+        "/api/v1/events",
+        json!({"user_id": "flo", "event": "note"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("broker_unavailable"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut ready = 200;
+    for _ in 0..50 {
+        ready = get_json(&a, "/readyz").await.0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, 503, "readyz reports the broker down");
+    assert_eq!(get_json(&a, "/healthz").await.0, 200);
+    // A new hello cannot be served: 1013.
+    let mut late = open(&a, &[], None).await;
+    send_json(&mut late, json!({"type": "hello", "token": token("gus")})).await;
+    expect_close(&mut late, 1013).await;
+
+    // Redis comes back empty: publishing works again by itself, in a new epoch.
+    let _redis = Redis::start_on(port);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = post(
+            &a,
+            "/api/v1/events",
+            json!({"user_id": "flo", "event": "note"}),
+        )
+        .await
+        .0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "recovers when Redis returns");
+    let mut again = open(&a, &[], None).await;
+    send_json(
+        &mut again,
+        json!({"type": "hello", "token": token("flo"), "resume": {"epoch": w["epoch"], "seq": 1}}),
+    )
+    .await;
+    let welcome = next_json(&mut again).await;
+    assert_eq!(welcome["reset"], true, "{welcome}");
+    assert_ne!(welcome["epoch"], w["epoch"]);
+}
