@@ -57,12 +57,13 @@ impl App {
         let verifier = Verifier::from_config(&config)?;
         let stats = Arc::new(Stats::default());
         let tasks = Tasks::default();
+        let node = crate::broker::new_node_id();
         let mut broker_error = None;
         let hub = Arc::new_cyclic(|hub: &Weak<Hub>| {
             let sink: Weak<dyn EventSink> = hub.clone();
             let limits = config.stream_limits.clone();
             let broker: Arc<dyn Broker> = match &config.redis {
-                Some(redis) => match RedisBroker::new(redis, limits.clone(), sink.clone()) {
+                Some(redis) => match RedisBroker::new(redis, &node, limits.clone(), sink.clone()) {
                     Ok(b) => Arc::new(b),
                     Err(e) => {
                         broker_error = Some(e);
@@ -71,7 +72,7 @@ impl App {
                 },
                 None => Arc::new(MemoryBroker::new(limits, config.history_max_bytes, sink)),
             };
-            Hub::new(broker, stats.clone())
+            Hub::new(node.clone(), broker, stats.clone())
         });
         if let Some(e) = broker_error {
             return Err(e.into());

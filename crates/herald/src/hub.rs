@@ -11,15 +11,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::broker::{
+    Broker, BrokerError, ConnInfo, EventSink, FleetReply, FleetRequest, StoredEvent,
+};
+use crate::connection::{ConnShared, OutFrame};
+use crate::telemetry::{self, Stats};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
 use parking_lot::Mutex;
-use serde::Serialize;
-
-use crate::broker::{Broker, BrokerError, EventSink, StoredEvent};
-use crate::connection::{ConnShared, OutFrame};
-use crate::telemetry::{self, Stats};
 
 /// Why a connection could not join its stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,31 +35,13 @@ pub enum JoinError {
     Broker(#[from] BrokerError),
 }
 
-/// One row of `GET /api/v1/connections`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConnInfo {
-    /// Connection id.
-    pub conn_id: String,
-    /// User, once authenticated.
-    pub user_id: Option<String>,
-    /// Lifecycle state.
-    pub state: &'static str,
-    /// Milliseconds since the upgrade.
-    pub age_ms: u64,
-    /// Frames waiting to be written.
-    pub queue_depth: usize,
-    /// Bytes waiting in the live queue.
-    pub queued_bytes: usize,
-    /// Highest seq the client acknowledged.
-    pub acked_seq: u64,
-}
-
 /// One stream's local connections.
 type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
 
 /// This node's connections.
 #[derive(Debug)]
 pub struct Hub {
+    node: String,
     broker: Arc<dyn Broker>,
     conns: DashMap<u64, (Arc<ConnShared>, Arc<AtomicBool>)>,
     streams: DashMap<Arc<str>, StreamConns>,
@@ -72,8 +54,9 @@ pub struct Hub {
 
 impl Hub {
     /// An empty hub subscribing through `broker` and counting into `stats`.
-    pub(crate) fn new(broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
+    pub(crate) fn new(node: String, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
         Self {
+            node,
             broker,
             conns: DashMap::new(),
             streams: DashMap::new(),
@@ -200,8 +183,9 @@ impl Hub {
                 let (queue_depth, queued_bytes) = c.queue_depth();
                 ConnInfo {
                     conn_id: c.id_str.clone(),
+                    node: self.node.clone(),
                     user_id: c.user().map(str::to_owned),
-                    state: c.state().as_str(),
+                    state: c.state().as_str().to_owned(),
                     age_ms: now.saturating_duration_since(c.opened_at).as_millis() as u64,
                     queue_depth,
                     queued_bytes,
@@ -345,6 +329,29 @@ impl EventSink for Hub {
             }
         }
     }
+
+    fn answer(&self, request: &FleetRequest) -> FleetReply {
+        match request {
+            FleetRequest::Kick { stream } => FleetReply {
+                closed: self.close_stream(
+                    stream,
+                    CloseReason::Kicked,
+                    "disconnected by the server",
+                ),
+                ..FleetReply::default()
+            },
+            FleetRequest::List { stream, limit } => {
+                let mut rows = self.list(stream.as_deref());
+                let total = rows.len();
+                rows.truncate(*limit);
+                FleetReply {
+                    closed: 0,
+                    rows,
+                    total,
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -387,6 +394,10 @@ mod tests {
         }
 
         fn resync(&self, _: &str, _: &str, _: u64) {}
+
+        fn answer(&self, _: &FleetRequest) -> FleetReply {
+            FleetReply::default()
+        }
     }
 
     impl Delayed {
@@ -440,7 +451,7 @@ mod tests {
                 let sink: Weak<dyn EventSink> = Arc::downgrade(&d) as Weak<dyn EventSink>;
                 delayed = Some(d);
                 let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(limits, 1 << 30, sink));
-                Hub::new(broker, Arc::new(Stats::default()))
+                Hub::new("test".into(), broker, Arc::new(Stats::default()))
             });
             let delayed = delayed.unwrap();
             let broker = hub.broker().clone();

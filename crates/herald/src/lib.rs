@@ -51,8 +51,9 @@ pub mod server;
 mod tasks;
 pub mod telemetry;
 
+pub use broker::ConnInfo;
 pub use config::Config;
-pub use hub::{ConnInfo, Hub};
+pub use hub::Hub;
 pub use server::Server;
 
 /// A boxed, sendable future (keeps the broker and agent traits object-safe).

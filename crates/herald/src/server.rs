@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::app::{App, AppError};
+use crate::broker::ConnInfo;
 use crate::broker::stream_user;
 use crate::config::Config;
 use crate::connection::OutFrame;
-use crate::hub::{ConnInfo, Hub};
+use crate::hub::Hub;
 use crate::tasks::Tasks;
 use crate::telemetry::{self, StatsSnapshot};
 

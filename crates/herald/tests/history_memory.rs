@@ -7,7 +7,7 @@ use std::sync::Weak;
 use std::time::Instant;
 
 use herald::broker::memory::MemoryBroker;
-use herald::broker::{Broker, EventSink, NewEvent, StoredEvent};
+use herald::broker::{Broker, EventSink, FleetReply, FleetRequest, NewEvent, StoredEvent};
 use herald_core::protocol::EventFrame;
 use herald_core::stream::StreamLimits;
 use serde_json::json;
@@ -20,6 +20,9 @@ impl EventSink for NoSink {
         0
     }
     fn resync(&self, _: &str, _: &str, _: u64) {}
+    fn answer(&self, _: &FleetRequest) -> FleetReply {
+        FleetReply::default()
+    }
 }
 
 fn rss_bytes() -> usize {

@@ -346,3 +346,32 @@ async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
     assert_eq!(welcome["reset"], true, "{welcome}");
     assert_ne!(welcome["epoch"], w["epoch"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kick_and_listing_reach_every_node() {
+    let redis = Redis::start();
+    let (a, b, c) = (node(&redis).await, node(&redis).await, node(&redis).await);
+    let (mut on_a, _) = connect(&a, "gil").await;
+    let (mut on_b, _) = connect(&b, "gil").await;
+    let (_other, _) = connect(&b, "hana").await;
+
+    // Listed from a node that holds none of them, each row naming its node.
+    let (status, list) = get_json(&c, "/api/v1/connections?user_id=gil").await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 2, "{list}");
+    let nodes: std::collections::BTreeSet<String> = list["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(nodes.len(), 2, "two nodes hold gil's sockets: {list}");
+    let (_, all) = get_json(&c, "/api/v1/connections").await;
+    assert_eq!(all["total"], 3, "{all}");
+
+    // Kicked through the third node: both sockets close with 4409.
+    let (status, body) = post(&c, "/api/v1/disconnect", json!({"user_id": "gil"})).await;
+    assert_eq!((status, body["disconnected"].as_u64()), (200, Some(2)));
+    expect_close(&mut on_a, 4409).await;
+    expect_close(&mut on_b, 4409).await;
+}

@@ -302,6 +302,15 @@ impl Broker for MemoryBroker {
 
     fn unsubscribe(&self, _stream: &str) {}
 
+    fn ask_fleet(
+        &self,
+        request: super::FleetRequest,
+    ) -> BoxFuture<'_, Result<Vec<super::FleetReply>, BrokerError>> {
+        // One process, one node.
+        let reply = self.sink.upgrade().map(|sink| sink.answer(&request));
+        Box::pin(async move { Ok(reply.into_iter().collect()) })
+    }
+
     fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>> {
         Box::pin(async move {
             let names: Vec<Arc<str>> = self.streams.iter().map(|e| e.key().clone()).collect();
@@ -352,6 +361,7 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::{FleetReply, FleetRequest};
     use herald_core::protocol::EventFrame;
     use serde_json::json;
 
@@ -362,6 +372,9 @@ mod tests {
             0
         }
         fn resync(&self, _: &str, _: &str, _: u64) {}
+        fn answer(&self, _: &FleetRequest) -> FleetReply {
+            FleetReply::default()
+        }
     }
 
     fn broker(limits: StreamLimits, max: usize) -> MemoryBroker {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
 use herald_core::lifecycle::Payload;
 use herald_core::protocol::EventFrame;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::BoxFuture;
 
@@ -148,6 +148,68 @@ pub struct BrokerStats {
     pub charged_bytes: usize,
 }
 
+/// One row of `GET /api/v1/connections`: a connection as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnInfo {
+    /// Connection id.
+    pub conn_id: String,
+    /// The node holding it.
+    pub node: String,
+    /// User, once authenticated.
+    pub user_id: Option<String>,
+    /// Lifecycle state.
+    pub state: String,
+    /// Milliseconds since the upgrade.
+    pub age_ms: u64,
+    /// Frames waiting to be written.
+    pub queue_depth: usize,
+    /// Bytes waiting in the live queue.
+    pub queued_bytes: usize,
+    /// Highest seq the client acknowledged.
+    pub acked_seq: u64,
+}
+
+/// A question every node's hub answers (through the broker, so a request to
+/// any node reaches the connections on all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FleetRequest {
+    /// Close every connection of `stream` with 4409.
+    Kick {
+        /// The stream.
+        stream: String,
+    },
+    /// Describe the connections of `stream` (or all), at most `limit` rows.
+    List {
+        /// The stream, or every connection.
+        stream: Option<String>,
+        /// Most rows per node.
+        limit: usize,
+    },
+}
+
+/// One node's answer to a [`FleetRequest`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetReply {
+    /// Connections this node closed (`Kick`).
+    pub closed: usize,
+    /// Connections this node describes (`List`), in conn_id order.
+    pub rows: Vec<ConnInfo>,
+    /// Connections this node has that match (`List`), before the limit.
+    pub total: usize,
+}
+
+/// A random id for this process's node (shown in connection listings).
+pub fn new_node_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    if host.is_empty() {
+        suffix
+    } else {
+        format!("{host}-{suffix}")
+    }
+}
+
 /// Where a broker delivers stored events: this node's hub.
 pub trait EventSink: Send + Sync + Debug {
     /// Deliver `events` (in seq order) of `stream` in `epoch` to this node's
@@ -167,6 +229,9 @@ pub trait EventSink: Send + Sync + Debug {
     /// Every local connection catches up from history, or — when the epoch
     /// changed — is closed so its client resumes and is told `reset`.
     fn resync(&self, stream: &str, epoch: &str, last_seq: u64);
+
+    /// Answer a request of some node (this one included).
+    fn answer(&self, request: &FleetRequest) -> FleetReply;
 }
 
 /// Where events live and how they reach every node.
@@ -227,6 +292,13 @@ pub trait Broker: Send + Sync + Debug {
     /// longer than `run_ttl` by publishing [`run_timeout_event`] to them —
     /// exactly once across nodes. Returns the runs it closed.
     fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>>;
+
+    /// Ask every node's hub (this one included) and collect the answers;
+    /// nodes that do not answer in time are left out.
+    fn ask_fleet(
+        &self,
+        request: FleetRequest,
+    ) -> BoxFuture<'_, Result<Vec<FleetReply>, BrokerError>>;
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn is_ready(&self) -> bool {

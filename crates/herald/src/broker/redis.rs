@@ -28,7 +28,7 @@
 //! its connections catch up from the log (or are reset on a new epoch).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,8 +40,12 @@ use herald_core::stream::{StreamLimits, runs};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{OnceCell, mpsc, oneshot};
 
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
 use super::{
-    Broker, BrokerError, BrokerStats, EventSink, ExpiredRun, NewEvent, Published, StoredEvent,
+    Broker, BrokerError, BrokerStats, EventSink, ExpiredRun, FleetReply, FleetRequest, NewEvent,
+    Published, StoredEvent,
 };
 use crate::BoxFuture;
 
@@ -53,6 +57,23 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// Runs the sweeper closes per pass at most.
 const SWEEP_BATCH: isize = 200;
+/// How long a fleet request waits for every node's answer.
+const FLEET_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A fleet request on the control channel.
+#[derive(Debug, Serialize, Deserialize)]
+struct FleetAsk {
+    id: u64,
+    from: String,
+    request: FleetRequest,
+}
+
+/// A node's answer on the asker's reply channel.
+#[derive(Debug, Serialize, Deserialize)]
+struct FleetAnswer {
+    id: u64,
+    reply: FleetReply,
+}
 
 /// Where the Redis broker connects and how it names its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,6 +243,10 @@ enum SubCmd {
 #[derive(Debug)]
 struct Shared {
     prefix: String,
+    node: String,
+    /// Fleet requests of this node waiting for answers, by id.
+    pending: Mutex<HashMap<u64, mpsc::UnboundedSender<FleetReply>>>,
+    next_request: AtomicU64,
     client: redis::Client,
     scripts: Scripts,
     limits: StreamLimits,
@@ -257,12 +282,16 @@ impl RedisBroker {
     /// called inside a tokio runtime (it spawns its pub/sub task).
     pub fn new(
         cfg: &RedisConfig,
+        node: &str,
         limits: StreamLimits,
         sink: Weak<dyn EventSink>,
     ) -> Result<Self, BrokerError> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(unavailable)?;
         let shared = Arc::new(Shared {
             prefix: cfg.prefix.clone(),
+            node: node.to_owned(),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
             client,
             scripts: Scripts::new(),
             limits,
@@ -288,6 +317,27 @@ impl Shared {
 
     fn channel(&self, stream: &str) -> String {
         format!("{}:ch", self.base(stream))
+    }
+
+    /// Where fleet requests go (every node listens).
+    fn control_channel(&self) -> String {
+        format!("{}:ctl", self.prefix)
+    }
+
+    /// Where answers to `node`'s fleet requests go.
+    fn reply_channel(&self, node: &str) -> String {
+        format!("{}:reply:{node}", self.prefix)
+    }
+
+    /// PUBLISH through the command connection; returns the receivers.
+    async fn publish_raw(&self, channel: String, payload: String) -> Result<usize, BrokerError> {
+        let mut conn = self.conn().await?;
+        let sent: Result<usize, _> = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await;
+        sent.map_err(|e| self.failed(e))
     }
 
     /// The stream a channel belongs to.
@@ -594,6 +644,53 @@ impl Broker for RedisBroker {
         let _ = self.subs.send(SubCmd::Unsubscribe(stream.to_owned()));
     }
 
+    fn ask_fleet(
+        &self,
+        request: FleetRequest,
+    ) -> BoxFuture<'_, Result<Vec<FleetReply>, BrokerError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            shared.pending.lock().insert(id, tx);
+            let ask = FleetAsk {
+                id,
+                from: shared.node.clone(),
+                request,
+            };
+            let payload = serde_json::to_string(&ask).map_err(unavailable);
+            let sent = match payload {
+                Ok(p) => shared.publish_raw(shared.control_channel(), p).await,
+                Err(e) => Err(e),
+            };
+            let nodes = match sent {
+                Ok(n) => n,
+                Err(e) => {
+                    shared.pending.lock().remove(&id);
+                    return Err(e);
+                }
+            };
+            // Every subscriber of the control channel is a node that answers.
+            let mut replies = Vec::with_capacity(nodes);
+            let deadline = tokio::time::Instant::now() + FLEET_TIMEOUT;
+            while replies.len() < nodes {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(reply)) => replies.push(reply),
+                    _ => {
+                        tracing::warn!(
+                            answered = replies.len(),
+                            nodes,
+                            "not every node answered a fleet request in time"
+                        );
+                        break;
+                    }
+                }
+            }
+            shared.pending.lock().remove(&id);
+            Ok(replies)
+        })
+    }
+
     fn sweep(&self, _now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>> {
         Box::pin(async move {
             let shared = &self.shared;
@@ -707,12 +804,12 @@ async fn pubsub_task(
             };
         delay = Duration::from_millis(50);
         let (mut subscriber, mut messages) = pubsub.split();
-        if !wanted.is_empty() {
-            let channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
-            if let Err(e) = subscriber.subscribe(&channels).await {
-                tracing::warn!(error = %e, "redis resubscribe failed");
-                continue;
-            }
+        let mut channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
+        channels.push(shared.control_channel());
+        channels.push(shared.reply_channel(&shared.node));
+        if let Err(e) = subscriber.subscribe(&channels).await {
+            tracing::warn!(error = %e, "redis resubscribe failed");
+            continue;
         }
         shared.pubsub_up.store(true, Ordering::Release);
         if reconnect {
@@ -796,9 +893,27 @@ async fn flush(
     result
 }
 
-/// Hand one pub/sub message to the hub.
-fn deliver(shared: &Shared, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
-    let Some(stream) = shared.stream_of(msg.get_channel_name()) else {
+/// Handle one pub/sub message: a stream's event goes to the hub; a fleet
+/// request is answered on the asker's reply channel; an answer goes to the
+/// request waiting for it.
+fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
+    let channel = msg.get_channel_name();
+    if channel == shared.control_channel() {
+        answer(shared, sink, msg.get_payload_bytes());
+        return;
+    }
+    if channel == shared.reply_channel(&shared.node) {
+        match serde_json::from_slice::<FleetAnswer>(msg.get_payload_bytes()) {
+            Ok(a) => {
+                if let Some(tx) = shared.pending.lock().get(&a.id) {
+                    let _ = tx.send(a.reply);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "malformed fleet answer"),
+        }
+        return;
+    }
+    let Some(stream) = shared.stream_of(channel) else {
         return;
     };
     let payload = msg.get_payload_bytes();
@@ -821,6 +936,33 @@ fn deliver(shared: &Shared, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
         };
         sink.deliver(stream, epoch, &[event], crate::clock::now());
     }
+}
+
+/// Answer a fleet request from the hub and send the answer (off the reader).
+fn answer(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, payload: &[u8]) {
+    let ask: FleetAsk = match serde_json::from_slice(payload) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "malformed fleet request");
+            return;
+        }
+    };
+    let Some(sink) = sink.upgrade() else { return };
+    let reply = sink.answer(&ask.request);
+    let payload = match serde_json::to_string(&FleetAnswer { id: ask.id, reply }) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a fleet answer");
+            return;
+        }
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let channel = shared.reply_channel(&ask.from);
+        if let Err(e) = shared.publish_raw(channel, payload).await {
+            tracing::warn!(error = %e, "cannot send a fleet answer");
+        }
+    });
 }
 
 /// After a pub/sub reconnect: tell the hub where every stream is, so its

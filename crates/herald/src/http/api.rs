@@ -7,14 +7,24 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use herald_core::CloseReason;
 use herald_core::protocol::{AGENT_EVENTS, is_valid_event_name};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, authorize, json_body, typed};
 use crate::app::App;
-use crate::broker::{NewEvent, Published, user_stream};
+use crate::broker::{BrokerError, ConnInfo, FleetRequest, NewEvent, Published, user_stream};
+
+/// 503 `broker_unavailable`: the broker could not do the work (never a success
+/// for work that was not done).
+fn unavailable(err: BrokerError) -> ApiError {
+    tracing::error!(error = %err, "broker failed");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        err.to_string(),
+    )
+}
 
 /// Largest API request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -174,14 +184,7 @@ pub(super) async fn publish(
             .broker()
             .publish(&user_stream(&user), group)
             .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "broker failed on publish");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "broker_unavailable",
-                    err.to_string(),
-                )
-            })?;
+            .map_err(unavailable)?;
         results.extend(published);
     }
     Ok(Json(json!({ "results": results })))
@@ -203,11 +206,14 @@ pub(super) async fn disconnect(
     if d.user_id.is_empty() || d.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
     }
-    let n = app.hub().close_stream(
-        &user_stream(&d.user_id),
-        CloseReason::Kicked,
-        "disconnected by the server",
-    );
+    let replies = app
+        .broker()
+        .ask_fleet(FleetRequest::Kick {
+            stream: user_stream(&d.user_id),
+        })
+        .await
+        .map_err(unavailable)?;
+    let n: usize = replies.iter().map(|r| r.closed).sum();
     Ok(Json(json!({ "disconnected": n })))
 }
 
@@ -238,8 +244,14 @@ pub(super) async fn connections(
         Some(_) => return Err(ApiError::field("limit", "must be 1 to 10000")),
     };
     let stream = q.user_id.as_deref().map(user_stream);
-    let mut rows = app.hub().list(stream.as_deref());
-    let total = rows.len();
+    let replies = app
+        .broker()
+        .ask_fleet(FleetRequest::List { stream, limit })
+        .await
+        .map_err(unavailable)?;
+    let total: usize = replies.iter().map(|r| r.total).sum();
+    let mut rows: Vec<ConnInfo> = replies.into_iter().flat_map(|r| r.rows).collect();
+    rows.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));
     rows.truncate(limit);
     Ok(Json(
         json!({ "connections": rows, "total": total, "truncated": total > limit }),
