@@ -79,11 +79,16 @@ impl App {
         }
         let backend: Arc<dyn AgentBackend> = match &config.webhook {
             Some(cfg) => Arc::new(Webhook::new(cfg.clone())?),
-            None => Arc::new(DemoAgent::new(hub.broker().clone(), tasks.clone())),
+            None => {
+                let demo = DemoAgent::new(hub.broker().clone(), tasks.clone());
+                hub.set_local_runs(demo.clone());
+                Arc::new(demo)
+            }
         };
         Ok(Arc::new(App {
             inbound: Arc::new(Inbound::new(
                 backend,
+                hub.broker().clone(),
                 config.message_dedupe_window,
                 tasks.clone(),
             )),

@@ -35,6 +35,13 @@ pub enum JoinError {
     Broker(#[from] BrokerError),
 }
 
+/// Agent runs executed on this node (the built-in demo agent's), which a
+/// fleet request can stop.
+pub(crate) trait LocalRuns: Send + Sync + std::fmt::Debug {
+    /// Stop `run_id` of `user` if it runs here; true if it did.
+    fn cancel(&self, user: &str, run_id: &str) -> bool;
+}
+
 /// One stream's local connections.
 type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
 
@@ -42,6 +49,7 @@ type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
 #[derive(Debug)]
 pub struct Hub {
     node: String,
+    local_runs: std::sync::OnceLock<Arc<dyn LocalRuns>>,
     broker: Arc<dyn Broker>,
     conns: DashMap<u64, (Arc<ConnShared>, Arc<AtomicBool>)>,
     streams: DashMap<Arc<str>, StreamConns>,
@@ -57,6 +65,7 @@ impl Hub {
     pub(crate) fn new(node: String, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
         Self {
             node,
+            local_runs: std::sync::OnceLock::new(),
             broker,
             conns: DashMap::new(),
             streams: DashMap::new(),
@@ -238,6 +247,11 @@ impl Hub {
         }
     }
 
+    /// Let fleet requests stop the agent runs executed on this node.
+    pub(crate) fn set_local_runs(&self, runs: Arc<dyn LocalRuns>) {
+        let _ = self.local_runs.set(runs);
+    }
+
     /// The broker this hub subscribes through.
     pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
@@ -337,6 +351,14 @@ impl EventSink for Hub {
                     stream,
                     CloseReason::Kicked,
                     "disconnected by the server",
+                ),
+                ..FleetReply::default()
+            },
+            FleetRequest::CancelRun { user, run_id } => FleetReply {
+                closed: usize::from(
+                    self.local_runs
+                        .get()
+                        .is_some_and(|runs| runs.cancel(user, run_id)),
                 ),
                 ..FleetReply::default()
             },

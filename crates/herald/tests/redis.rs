@@ -375,3 +375,43 @@ async fn kick_and_listing_reach_every_node() {
     expect_close(&mut on_a, 4409).await;
     expect_close(&mut on_b, 4409).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_dedupe_and_demo_cancel_hold_across_nodes() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis).await, node(&redis).await);
+    let (mut on_a, _) = connect(&a, "ivo").await;
+    let (mut on_b, _) = connect(&b, "ivo").await;
+    let msg = json!({"type": "user_message", "id": "m1", "thread_id": "t1", "text": "hello"});
+    send_json(&mut on_a, msg.clone()).await;
+    // The demo agent on node A answers; both sockets see the run start.
+    let run_id = loop {
+        let v = next_json(&mut on_a).await;
+        if v["event"] == "agent_started" {
+            break v["run_id"].as_str().unwrap().to_owned();
+        }
+    };
+    // The same id again, through the other node: acked, not forwarded again.
+    send_json(&mut on_b, msg).await;
+    let mut started = 0;
+    let mut acked = false;
+    loop {
+        let v = next_json(&mut on_b).await;
+        if v["type"] == "ack" && v["id"] == "m1" {
+            acked = true;
+            // Cancel through node B a run that executes on node A.
+            send_json(&mut on_b, json!({"type": "cancel", "run_id": run_id})).await;
+        }
+        if v["event"] == "agent_started" {
+            started += 1;
+        }
+        if v["event"] == "agent_completed" {
+            panic!("the run should have been cancelled: {v}");
+        }
+        if v["event"] == "agent_cancelled" {
+            break;
+        }
+    }
+    assert!(acked);
+    assert_eq!(started, 1, "one run for one message id");
+}

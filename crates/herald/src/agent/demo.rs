@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 
 use super::{AgentBackend, BackendRequest, DeliveryError, MessageOut};
 use crate::BoxFuture;
-use crate::broker::{Broker, NewEvent, user_stream};
+use crate::broker::{Broker, FleetRequest, NewEvent, user_stream};
+use crate::hub::LocalRuns;
 use crate::tasks::Tasks;
 
 /// Pause between the demo agent's events.
@@ -103,15 +104,35 @@ impl DemoAgent {
     }
 }
 
+impl LocalRuns for DemoAgent {
+    fn cancel(&self, user: &str, run_id: &str) -> bool {
+        match self.runs.get(run_id) {
+            Some(run) if run.0 == user => {
+                // notify_one stores a permit, so a cancel between steps is not lost.
+                run.1.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl AgentBackend for Arc<DemoAgent> {
     fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
         Box::pin(async move {
             if let BackendRequest::Cancel(c) = req
-                && let Some(run) = self.runs.get(&c.run_id)
-                && run.0 == c.user_id
+                && !self.cancel(&c.user_id, &c.run_id)
             {
-                // notify_one stores a permit, so a cancel between steps is not lost.
-                run.1.notify_one();
+                // The run may be executing on another node.
+                let ask = FleetRequest::CancelRun {
+                    user: c.user_id.clone(),
+                    run_id: c.run_id.clone(),
+                };
+                if let Err(e) = self.broker.ask_fleet(ask).await {
+                    return Err(DeliveryError::Unavailable {
+                        detail: e.to_string(),
+                    });
+                }
             }
             Ok(())
         })

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::BoxFuture;
+use crate::broker::{Broker, MessageClaim, user_stream};
 use crate::connection::{ConnShared, OutFrame};
 use crate::tasks::Tasks;
 use crate::telemetry;
@@ -154,20 +155,71 @@ impl Dedupe {
 #[derive(Debug)]
 pub struct Inbound {
     backend: Arc<dyn AgentBackend>,
+    broker: Arc<dyn Broker>,
     seen: Mutex<Dedupe>,
     window: Duration,
     tasks: Tasks,
 }
 
+/// How often a node polls a message another node is forwarding.
+const FOREIGN_POLL: Duration = Duration::from_millis(100);
+/// Longest a node waits for another node's forwarding before it nacks.
+const FOREIGN_WAIT: Duration = Duration::from_secs(30);
+
 impl Inbound {
-    /// A dispatcher over `backend`, deduplicating message ids for `window`,
-    /// running deliveries as tracked `tasks`.
-    pub(crate) fn new(backend: Arc<dyn AgentBackend>, window: Duration, tasks: Tasks) -> Self {
+    /// A dispatcher over `backend`, deduplicating message ids for `window`
+    /// (on this node by itself, across nodes through `broker`), running
+    /// deliveries as tracked `tasks`.
+    pub(crate) fn new(
+        backend: Arc<dyn AgentBackend>,
+        broker: Arc<dyn Broker>,
+        window: Duration,
+        tasks: Tasks,
+    ) -> Self {
         Self {
             backend,
+            broker,
             seen: Mutex::new(Dedupe::default()),
             window,
             tasks,
+        }
+    }
+
+    /// Claim the message across nodes and forward it when this node won the
+    /// claim; when another node forwards it, wait for that outcome. Returns
+    /// the outcome and whether this node forwarded it.
+    async fn forward_once(&self, req: &BackendRequest, stream: &str, id: &str) -> (Outcome, bool) {
+        let deadline = tokio::time::Instant::now() + FOREIGN_WAIT;
+        loop {
+            match self.broker.claim_message(stream, id, self.window).await {
+                Ok(MessageClaim::New) => {
+                    let outcome = self.backend.deliver(req).await;
+                    self.broker
+                        .settle_message(stream, id, outcome.is_ok(), self.window)
+                        .await;
+                    return (outcome, true);
+                }
+                Ok(MessageClaim::Accepted) => return (Ok(()), false),
+                Ok(MessageClaim::InFlight) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(FOREIGN_POLL).await;
+                }
+                Ok(MessageClaim::InFlight) => {
+                    return (
+                        Err(DeliveryError::Unavailable {
+                            detail: "another node is still forwarding this message".to_owned(),
+                        }),
+                        false,
+                    );
+                }
+                Err(e) => {
+                    return (
+                        Err(DeliveryError::Unavailable {
+                            detail: e.to_string(),
+                        }),
+                        false,
+                    );
+                }
+            }
         }
     }
 
@@ -212,8 +264,9 @@ impl Inbound {
         };
         let this = self.clone();
         self.tasks.spawn(async move {
+            let stream = user_stream(&msg.user_id);
             let req = BackendRequest::UserMessage(msg);
-            let outcome = this.backend.deliver(&req).await;
+            let (outcome, forwarded) = this.forward_once(&req, &stream, &id).await;
             {
                 let mut seen = this.seen.lock();
                 match &outcome {
@@ -228,10 +281,14 @@ impl Inbound {
                 }
             }
             tx.send_replace(Some(outcome.clone()));
-            let label = if outcome.is_ok() { "accepted" } else { "nack" };
+            let label = match (&outcome, forwarded) {
+                (Ok(()), true) => "accepted",
+                (Ok(()), false) => "duplicate",
+                (Err(_), _) => "nack",
+            };
             metrics::counter!(telemetry::MESSAGES, "outcome" => label).increment(1);
             reply(&conn, &id, &outcome);
-            if outcome.is_ok() {
+            if outcome.is_ok() && forwarded {
                 this.backend.after_ack(req);
             }
         });

@@ -15,7 +15,7 @@
 //! [`memory::MemoryBroker`] keeps everything in this process (the default).
 
 use std::fmt::Debug;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
@@ -179,6 +179,13 @@ pub enum FleetRequest {
         /// The stream.
         stream: String,
     },
+    /// Stop agent run `run_id` of `user` wherever the built-in demo agent runs it.
+    CancelRun {
+        /// The run's user.
+        user: String,
+        /// The run.
+        run_id: String,
+    },
     /// Describe the connections of `stream` (or all), at most `limit` rows.
     List {
         /// The stream, or every connection.
@@ -191,12 +198,23 @@ pub enum FleetRequest {
 /// One node's answer to a [`FleetRequest`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetReply {
-    /// Connections this node closed (`Kick`).
+    /// Connections this node closed (`Kick`), or runs it stopped (`CancelRun`).
     pub closed: usize,
     /// Connections this node describes (`List`), in conn_id order.
     pub rows: Vec<ConnInfo>,
     /// Connections this node has that match (`List`), before the limit.
     pub total: usize,
+}
+
+/// Who forwards a `user_message` id (deduplication across nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageClaim {
+    /// This call claimed the id: forward it, then settle the claim.
+    New,
+    /// Another node is forwarding it now.
+    InFlight,
+    /// It was forwarded and accepted within the window.
+    Accepted,
 }
 
 /// A random id for this process's node (shown in connection listings).
@@ -299,6 +317,30 @@ pub trait Broker: Send + Sync + Debug {
         &self,
         request: FleetRequest,
     ) -> BoxFuture<'_, Result<Vec<FleetReply>, BrokerError>>;
+
+    /// Claim `user_message` `id` of `stream` for forwarding, remembered for
+    /// `window`. One process deduplicates by itself, so the memory broker
+    /// always answers `New`; the Redis broker answers for the whole fleet.
+    fn claim_message<'a>(
+        &'a self,
+        _stream: &'a str,
+        _id: &'a str,
+        _window: Duration,
+    ) -> BoxFuture<'a, Result<MessageClaim, BrokerError>> {
+        Box::pin(async { Ok(MessageClaim::New) })
+    }
+
+    /// Settle a claim: `accepted` keeps the id as accepted for `window`;
+    /// otherwise the claim is released so a retry is forwarded again.
+    fn settle_message<'a>(
+        &'a self,
+        _stream: &'a str,
+        _id: &'a str,
+        _accepted: bool,
+        _window: Duration,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn is_ready(&self) -> bool {

@@ -752,6 +752,68 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn claim_message<'a>(
+        &'a self,
+        stream: &'a str,
+        id: &'a str,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<super::MessageClaim, BrokerError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let mut conn = shared.conn().await?;
+            let key = format!("{}:msg:{id}", shared.base(stream));
+            let claimed: Result<Option<String>, _> = redis::cmd("SET")
+                .arg(&key)
+                .arg("inflight")
+                .arg("NX")
+                .arg("PX")
+                .arg(window.as_millis() as u64)
+                .query_async(&mut conn)
+                .await;
+            if claimed.map_err(|e| shared.failed(e))?.is_some() {
+                return Ok(super::MessageClaim::New);
+            }
+            let state: Result<Option<String>, _> =
+                redis::cmd("GET").arg(&key).query_async(&mut conn).await;
+            Ok(match state.map_err(|e| shared.failed(e))?.as_deref() {
+                Some("accepted") => super::MessageClaim::Accepted,
+                Some(_) => super::MessageClaim::InFlight,
+                // Released between the two commands: the caller tries again.
+                None => super::MessageClaim::InFlight,
+            })
+        })
+    }
+
+    fn settle_message<'a>(
+        &'a self,
+        stream: &'a str,
+        id: &'a str,
+        accepted: bool,
+        window: Duration,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let Ok(mut conn) = shared.conn().await else {
+                return;
+            };
+            let key = format!("{}:msg:{id}", shared.base(stream));
+            let done: Result<(), _> = if accepted {
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg("accepted")
+                    .arg("PX")
+                    .arg(window.as_millis() as u64)
+                    .query_async(&mut conn)
+                    .await
+            } else {
+                redis::cmd("DEL").arg(&key).query_async(&mut conn).await
+            };
+            if let Err(e) = done {
+                shared.failed(e);
+            }
+        })
+    }
+
     fn is_ready(&self) -> bool {
         self.shared.commands_ok.load(Ordering::Acquire)
             && self.shared.pubsub_up.load(Ordering::Acquire)
