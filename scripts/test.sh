@@ -30,6 +30,7 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   exit 1
 fi
 apt_install redis-server /usr/bin/redis-server
+apt_install openssl /usr/bin/openssl
 if [ -z "${CHROMIUM:-}" ]; then
   apt_install chromium /usr/bin/chromium
 elif [ ! -x "$CHROMIUM" ]; then

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 struct Redis {
     port: u16,
     child: Child,
+    cli_args: Vec<String>,
 }
 
 impl Redis {
@@ -31,14 +32,31 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[], &[])
+    }
+
+    /// Start with extra server `args`; `cli` are the redis-cli flags that
+    /// reach it (password, TLS).
+    fn start_with(port: u16, args: &[&str], cli: &[&str]) -> Redis {
+        let listen = if args.contains(&"--tls-port") {
+            vec!["--port".to_owned(), "0".to_owned()]
+        } else {
+            vec!["--port".to_owned(), port.to_string()]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(&listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
-        let redis = Redis { port, child };
+        let redis = Redis {
+            port,
+            child,
+            cli_args: cli.iter().map(|s| s.to_string()).collect(),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis.cli(&["PING"]) != "PONG" {
             assert!(Instant::now() < deadline, "redis-server did not start");
@@ -54,6 +72,7 @@ impl Redis {
     fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
             .args(args)
             .output()
             .expect("redis-cli is installed");
@@ -414,4 +433,92 @@ async fn message_dedupe_and_demo_cancel_hold_across_nodes() {
     }
     assert!(acked);
     assert_eq!(started, 1, "one run for one message id");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn node_at(url: String) -> Server {
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        url,
+        prefix: "t".into(),
+    });
+    start_with(cfg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_in_the_url_authenticates() {
+    let port = free_port();
+    let _redis = Redis::start_with(
+        port,
+        &["--requirepass", "s3cret-pw"],
+        &["-a", "s3cret-pw", "--no-auth-warning"],
+    );
+    let a = node_at(format!("redis://:s3cret-pw@127.0.0.1:{port}")).await;
+    let (mut ws, _) = connect(&a, "jo").await;
+    publish(&a, "jo", "note", json!({})).await;
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+    // A wrong password is an honest 503, not a success.
+    let wrong = node_at(format!("redis://:nope@127.0.0.1:{port}")).await;
+    let (status, body) = post(
+        &wrong,
+        "/api/v1/events",
+        json!({"user_id": "jo", "event": "note"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("broker_unavailable"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_connects_over_tls() {
+    let dir = std::env::temp_dir().join(format!("herald-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(made.success());
+    let port = free_port();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let _redis = Redis::start_with(
+        port,
+        &[
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            cert,
+            "--tls-auth-clients",
+            "no",
+        ],
+        &["--tls", "--cacert", cert],
+    );
+    // A self-signed certificate: `#insecure` skips verification (tests and
+    // development only; real deployments use a CA-signed certificate).
+    let a = node_at(format!("rediss://127.0.0.1:{port}/#insecure")).await;
+    let b = node_at(format!("rediss://127.0.0.1:{port}/#insecure")).await;
+    let (mut ws, _) = connect(&a, "kit").await;
+    publish(&b, "kit", "note", json!({})).await;
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
 }
