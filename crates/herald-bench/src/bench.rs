@@ -95,9 +95,16 @@ pub struct BenchArgs {
     /// Worker processes holding the connections (each binds 127.0.0.<2+i>).
     #[arg(long, default_value_t = 1)]
     pub procs: usize,
-    /// The server's PID, to read its RSS and CPU from /proc (idle).
+    /// Publish through this Herald instead of `--url` (fanout across nodes).
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub publish_url: Option<String>,
+    /// PIDs of the server processes (repeat for several nodes), to read RSS
+    /// (idle: the first) and CPU (fanout: all, over the publish phase) from /proc.
+    #[arg(long)]
+    pub server_pid: Vec<u32>,
+    /// PID of a Redis server, to report its CPU per 1,000 publishes (fanout).
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -641,9 +648,22 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
         .build()?;
-    let endpoint = format!("{}/api/v1/events", args.url);
+    let endpoint = format!(
+        "{}/api/v1/events",
+        args.publish_url.as_deref().unwrap_or(&args.url)
+    );
+    let per_user = args.per_user.max(1);
+    // Connections of user `u` (the last user may have fewer).
+    let conns_of = |u: usize| per_user.min(args.connections.saturating_sub(u * per_user)) as u64;
+    let cpu_start: Vec<u64> = args
+        .server_pid
+        .iter()
+        .map(|p| cpu_ticks(*p))
+        .collect::<anyhow::Result<_>>()?;
+    let redis_start = args.redis_pid.map(cpu_ticks).transpose()?;
     let published = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let pad = "x".repeat(args.event_size);
     let ticks_per_sec = 50u64;
@@ -662,20 +682,23 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             let n = remaining.min(1000);
             remaining -= n;
             let t = now_ns();
+            let mut batch_expected = 0;
             let events: Vec<_> = (0..n)
                 .map(|_| {
                     next_user = (next_user + 1) % users;
+                    batch_expected += conns_of(next_user);
                     json!({"user_id": format!("bench-u{next_user}"), "event": "bench", "data": {"t": t, "pad": pad}})
                 })
                 .collect();
             let body = json!({ "events": events });
             let permit = inflight.clone().acquire_owned().await?;
-            let (http, endpoint, key, published, delivered, errors) = (
+            let (http, endpoint, key, published, delivered, expected, errors) = (
                 http.clone(),
                 endpoint.clone(),
                 args.api_key.clone(),
                 published.clone(),
                 delivered.clone(),
+                expected.clone(),
                 errors.clone(),
             );
             tokio::spawn(async move {
@@ -694,6 +717,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                 };
                 match parsed.as_ref().map(|v| v["results"].as_array()) {
                     Ok(Some(results)) => {
+                        expected.fetch_add(batch_expected, Ordering::Relaxed);
                         published.fetch_add(results.len() as u64, Ordering::Relaxed);
                         let d: u64 = results.iter().filter_map(|r| r["delivered"].as_u64()).sum();
                         delivered.fetch_add(d, Ordering::Relaxed);
@@ -715,9 +739,19 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
     }
     let _ = inflight.acquire_many(64).await?;
     let publish_secs = started.elapsed().as_secs_f64();
+    let cpu_ticks_used: u64 = args
+        .server_pid
+        .iter()
+        .zip(&cpu_start)
+        .map(|(p, t0)| cpu_ticks(*p).map(|t| t.saturating_sub(*t0)))
+        .sum::<anyhow::Result<u64>>()?;
+    let redis_ticks = match (args.redis_pid, redis_start) {
+        (Some(p), Some(t0)) => Some(cpu_ticks(p)?.saturating_sub(t0)),
+        _ => None,
+    };
     b.finish_and_clear();
     // Let the last deliveries land.
-    let target = delivered.load(Ordering::Relaxed);
+    let target = expected.load(Ordering::Relaxed);
     let wait_until = Instant::now() + Duration::from_secs(10);
     while fleet.received().is_some_and(|r| r < target) && Instant::now() < wait_until {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -741,7 +775,11 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             "events published".into(),
             format!("{published} ({:.0}/s)", published as f64 / elapsed),
         ),
-        ("deliveries queued by server".into(), target.to_string()),
+        (
+            "deliveries queued (as the API reports)".into(),
+            delivered.load(Ordering::Relaxed).to_string(),
+        ),
+        ("deliveries expected".into(), target.to_string()),
         (
             "deliveries received".into(),
             format!(
@@ -751,7 +789,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             ),
         ),
         (
-            "lost (queued − received)".into(),
+            "lost (expected − received)".into(),
             target.saturating_sub(report.received).to_string(),
         ),
         ("seq gaps".into(), report.gaps.to_string()),
@@ -764,6 +802,28 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             errors.load(Ordering::Relaxed).to_string(),
         ),
     ];
+    let mut figures = figures;
+    if !args.server_pid.is_empty() {
+        let cpu_secs = cpu_ticks_used as f64 / 100.0; // USER_HZ
+        figures.push((
+            "server CPU over the publish phase".into(),
+            format!(
+                "{cpu_secs:.2} s ({:.0} % of one core)",
+                100.0 * cpu_secs / elapsed
+            ),
+        ));
+        figures.push((
+            "server CPU per delivery".into(),
+            format!("{:.2} µs", cpu_secs * 1e6 / report.received.max(1) as f64),
+        ));
+    }
+    if let Some(ticks) = redis_ticks {
+        let secs = ticks as f64 / 100.0;
+        figures.push((
+            "Redis CPU per 1,000 publishes".into(),
+            format!("{:.1} ms", secs * 1e3 * 1000.0 / published.max(1) as f64),
+        ));
+    }
     finish(args, report, hist, figures)
 }
 
@@ -966,8 +1026,9 @@ async fn resume(args: &BenchArgs) -> anyhow::Result<Summary> {
 }
 
 async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
-    let pid = args
+    let pid = *args
         .server_pid
+        .first()
         .context("the idle scenario needs --server-pid to read /proc")?;
     let rss_before = rss_of(pid)?;
     let fleet = Fleet::start(args).await?;

@@ -66,7 +66,7 @@ async fn every_scenario_runs_and_reports() {
     )
     .await;
     assert_eq!(s["connections"], 40);
-    assert_eq!(figure(&s, "lost (queued − received)"), "0");
+    assert_eq!(figure(&s, "lost (expected − received)"), "0");
     assert_eq!(figure(&s, "seq gaps"), "0");
     assert!(s["latency_us"]["count"].as_u64().unwrap() > 0);
 
@@ -88,7 +88,7 @@ async fn every_scenario_runs_and_reports() {
     )
     .await;
     assert_eq!(s["connections"], 40, "two worker processes hold 20 each");
-    assert_eq!(figure(&s, "lost (queued − received)"), "0");
+    assert_eq!(figure(&s, "lost (expected − received)"), "0");
 
     let s = bench(&server, &["connect", "-n", "50"]).await;
     assert_eq!(s["latency_us"]["count"], 50);

@@ -84,16 +84,18 @@ pub struct RedisConfig {
     pub prefix: String,
 }
 
-/// The Lua helper that trims a stream's log by age (entries older than
-/// `max_age_ms` before `now`, looked at 64 at a time from the front).
+/// The Lua helpers: trim a stream's log by age (one read when the oldest
+/// entry is young enough, else up to 64 entries dropped per call), Redis's
+/// clock in ms, and the stream's epoch (created on first use).
 const TRIM_LUA: &str = r#"
 local function trim_age(log, max_age, now)
   local cutoff = now - max_age
-  local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 64)
-  if #head == 0 then return end
+  local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  if #head == 0 or tonumber(head[1][2][4]) >= cutoff then return end
+  head = redis.call('XRANGE', log, '-', '+', 'COUNT', 64)
   for _, e in ipairs(head) do
     if tonumber(e[2][4]) >= cutoff then
-      if e[1] ~= head[1][1] then redis.call('XTRIM', log, 'MINID', e[1]) end
+      redis.call('XTRIM', log, 'MINID', e[1])
       return
     end
   end

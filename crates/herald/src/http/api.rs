@@ -1,5 +1,6 @@
 //! The backend API: publish events, kick a user, list connections.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -164,29 +165,37 @@ pub(super) async fn publish(
         }
     };
     let ts = crate::clock::now_rfc3339();
-    let mut results: Vec<Published> = Vec::with_capacity(events.len());
-    // Consecutive events of one user go to the broker as one atomic append.
-    let mut events = events.into_iter().peekable();
-    while let Some(first) = events.next() {
-        let user = first.user_id.clone();
-        let mut group = vec![first];
-        while let Some(next) = events.next_if(|e| e.user_id == user) {
-            group.push(next);
-        }
-        let group: Vec<NewEvent> = group
-            .into_iter()
-            .map(|e| NewEvent {
-                idempotency_key: e.idempotency_key,
-                ..NewEvent::new(e.event, e.thread_id, e.run_id, e.data, ts.clone())
-            })
-            .collect();
-        let published = app
-            .broker()
-            .publish(&user_stream(&user), group)
-            .await
-            .map_err(unavailable)?;
-        results.extend(published);
+    // One broker call per user (one atomic append each, in the batch's order
+    // for that user); the users' calls run concurrently, and the results go
+    // back in the order of the request.
+    let mut groups: Vec<(String, Vec<usize>, Vec<NewEvent>)> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
+    let count = events.len();
+    for (i, e) in events.into_iter().enumerate() {
+        let g = *group_of.entry(e.user_id.clone()).or_insert_with(|| {
+            groups.push((e.user_id.clone(), Vec::new(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(i);
+        groups[g].2.push(NewEvent {
+            idempotency_key: e.idempotency_key,
+            ..NewEvent::new(e.event, e.thread_id, e.run_id, e.data, ts.clone())
+        });
     }
+    let broker = app.broker();
+    let calls = groups
+        .into_iter()
+        .map(|(user, positions, events)| async move {
+            let stream = user_stream(&user);
+            (positions, broker.publish(&stream, events).await)
+        });
+    let mut results: Vec<Option<Published>> = vec![None; count];
+    for (positions, published) in futures_util::future::join_all(calls).await {
+        for (i, p) in positions.into_iter().zip(published.map_err(unavailable)?) {
+            results[i] = Some(p);
+        }
+    }
+    let results: Vec<Published> = results.into_iter().flatten().collect();
     Ok(Json(json!({ "results": results })))
 }
 
