@@ -4,8 +4,9 @@
 # end-to-end test against a real `herald serve`).
 #
 # What the tests need and a fresh machine may lack is installed here: Debian's
-# chromium and redis-server (as root, with apt-get) and the client's npm
-# packages (into clients/js/node_modules, which git ignores). Anywhere else the script says
+# chromium and redis-server (as root, with apt-get), the JS client's npm
+# packages (into clients/js/node_modules) and the Python SDK with its test
+# dependencies (into clients/python/.venv); git ignores both folders. Anywhere else the script says
 # exactly what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,5 +45,16 @@ fi
 cargo test --workspace --locked
 cargo build --locked -p herald --bin herald   # the binary the JS tests start
 
-cd clients/js
-npm test
+(cd clients/js && npm test)
+
+# The Python SDK (clients/python) against the same binary.
+if ! command -v python3 >/dev/null; then
+  echo "scripts/test.sh: python3 (>= 3.9, with venv) is required for the Python SDK tests" >&2
+  exit 1
+fi
+venv=clients/python/.venv
+if [ ! -x "$venv/bin/pytest" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q -e 'clients/python[test]'
+fi
+HERALD_BIN="$PWD/target/debug/herald" "$venv/bin/python" -m pytest -q clients/python

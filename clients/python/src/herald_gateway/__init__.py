@@ -1,0 +1,32 @@
+"""Herald SDK for agent backends.
+
+- :class:`Herald` / :class:`AsyncHerald`: publish events (retried with an
+  idempotency key, so never twice), kick users, list connections, and run
+  agent runs as context managers that are never left open.
+- :func:`verify_webhook`: check and parse Herald's signed webhook requests
+  (:class:`UserMessage`, :class:`Cancel`).
+- :func:`mint_token`: HS256 browser tokens for development.
+"""
+
+from ._client import AsyncHerald, Herald, Published
+from ._errors import HeraldError, InvalidSignature
+from ._runs import AsyncRun, AsyncToolCall, Run, ToolCall
+from ._tokens import mint_token
+from ._webhook import Cancel, UserMessage, WebhookEvent, verify_webhook
+
+__all__ = [
+    "AsyncHerald",
+    "AsyncRun",
+    "AsyncToolCall",
+    "Cancel",
+    "Herald",
+    "HeraldError",
+    "InvalidSignature",
+    "Published",
+    "Run",
+    "ToolCall",
+    "UserMessage",
+    "WebhookEvent",
+    "mint_token",
+    "verify_webhook",
+]

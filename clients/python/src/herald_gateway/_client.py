@@ -1,0 +1,279 @@
+"""The HTTP clients: :class:`Herald` (blocking) and :class:`AsyncHerald` (asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import httpx
+
+from ._errors import HeraldError
+from ._runs import AsyncRun, Run
+
+#: Attempts of one request: the first and this many retries.
+RETRIES = 4
+#: First backoff; doubles per retry, capped at MAX_BACKOFF.
+BACKOFF = 0.2
+MAX_BACKOFF = 2.0
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a published event landed."""
+
+    seq: int
+    epoch: str
+    delivered: int
+    duplicate: bool = False
+
+
+def _event(
+    user_id: str,
+    event: str,
+    data: Optional[Mapping[str, Any]],
+    thread_id: Optional[str],
+    run_id: Optional[str],
+    idempotency_key: Optional[str],
+) -> Dict[str, Any]:
+    body: Dict[str, Any] = {
+        "user_id": user_id,
+        "event": event,
+        # Every publish carries a key, so a retry never appends twice.
+        "idempotency_key": idempotency_key or uuid.uuid4().hex,
+    }
+    if data is not None:
+        body["data"] = dict(data)
+    if thread_id is not None:
+        body["thread_id"] = thread_id
+    if run_id is not None:
+        body["run_id"] = run_id
+    return body
+
+
+def _retryable(response: Optional[httpx.Response]) -> bool:
+    return response is None or response.status_code >= 500 or response.status_code == 429
+
+
+def _error_of(response: httpx.Response) -> HeraldError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    return HeraldError(
+        response.status_code,
+        str(body.get("error", "http_error")),
+        str(body.get("message", response.text)),
+        body.get("field"),
+    )
+
+
+def _published(body: Any) -> List[Published]:
+    return [
+        Published(
+            seq=int(r["seq"]),
+            epoch=str(r["epoch"]),
+            delivered=int(r.get("delivered", 0)),
+            duplicate=bool(r.get("duplicate", False)),
+        )
+        for r in body["results"]
+    ]
+
+
+def _delay(attempt: int) -> float:
+    return min(BACKOFF * (2 ** attempt), MAX_BACKOFF)
+
+
+class Herald:
+    """A blocking client of Herald's HTTP API.
+
+    ``transport`` is an optional httpx transport (tests use it to inject faults).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        transport: Optional[httpx.BaseTransport] = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> "Herald":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        last: Optional[BaseException] = None
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                time.sleep(_delay(attempt - 1))
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = e
+                continue
+            if response.status_code < 400:
+                return response.json()
+            if not _retryable(response):
+                raise _error_of(response)
+            last = _error_of(response)
+        if isinstance(last, HeraldError):
+            raise last
+        raise HeraldError(0, "unreachable", f"Herald did not answer: {last!r}")
+
+    def publish(
+        self,
+        user_id: str,
+        event: str,
+        *,
+        data: Optional[Mapping[str, Any]] = None,
+        thread_id: Optional[str] = None,
+        run_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Published:
+        """Publish one event to ``user_id``'s stream (retried safely)."""
+        body = _event(user_id, event, data, thread_id, run_id, idempotency_key)
+        return _published(self._request("POST", "/api/v1/events", json=body))[0]
+
+    def publish_many(self, events: Iterable[Mapping[str, Any]]) -> List[Published]:
+        """Publish a batch: each item has the keys of :meth:`publish`'s arguments."""
+        batch = [
+            _event(
+                e["user_id"],
+                e["event"],
+                e.get("data"),
+                e.get("thread_id"),
+                e.get("run_id"),
+                e.get("idempotency_key"),
+            )
+            for e in events
+        ]
+        return _published(self._request("POST", "/api/v1/events", json={"events": batch}))
+
+    def disconnect(self, user_id: str) -> int:
+        """Close every connection of ``user_id`` (4409); returns how many."""
+        body = self._request("POST", "/api/v1/disconnect", json={"user_id": user_id})
+        return int(body["disconnected"])
+
+    def connections(self, user_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Describe live connections, of one user or all."""
+        params = {"user_id": user_id} if user_id is not None else None
+        return list(self._request("GET", "/api/v1/connections", params=params)["connections"])
+
+    def run(
+        self, user_id: str, *, thread_id: Optional[str] = None, run_id: Optional[str] = None
+    ) -> Run:
+        """An agent run, as a context manager that is never left open."""
+        return Run(self, user_id, thread_id, run_id)
+
+
+class AsyncHerald:
+    """An asyncio client of Herald's HTTP API (same methods, awaitable)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 10.0,
+        transport: Optional[httpx.AsyncBaseTransport] = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> "AsyncHerald":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        last: Optional[BaseException] = None
+        for attempt in range(RETRIES + 1):
+            if attempt:
+                await asyncio.sleep(_delay(attempt - 1))
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = e
+                continue
+            if response.status_code < 400:
+                return response.json()
+            if not _retryable(response):
+                raise _error_of(response)
+            last = _error_of(response)
+        if isinstance(last, HeraldError):
+            raise last
+        raise HeraldError(0, "unreachable", f"Herald did not answer: {last!r}")
+
+    async def publish(
+        self,
+        user_id: str,
+        event: str,
+        *,
+        data: Optional[Mapping[str, Any]] = None,
+        thread_id: Optional[str] = None,
+        run_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Published:
+        """Publish one event to ``user_id``'s stream (retried safely)."""
+        body = _event(user_id, event, data, thread_id, run_id, idempotency_key)
+        return _published(await self._request("POST", "/api/v1/events", json=body))[0]
+
+    async def publish_many(self, events: Iterable[Mapping[str, Any]]) -> List[Published]:
+        """Publish a batch: each item has the keys of :meth:`publish`'s arguments."""
+        batch = [
+            _event(
+                e["user_id"],
+                e["event"],
+                e.get("data"),
+                e.get("thread_id"),
+                e.get("run_id"),
+                e.get("idempotency_key"),
+            )
+            for e in events
+        ]
+        body = await self._request("POST", "/api/v1/events", json={"events": batch})
+        return _published(body)
+
+    async def disconnect(self, user_id: str) -> int:
+        """Close every connection of ``user_id`` (4409); returns how many."""
+        body = await self._request("POST", "/api/v1/disconnect", json={"user_id": user_id})
+        return int(body["disconnected"])
+
+    async def connections(self, user_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Describe live connections, of one user or all."""
+        params = {"user_id": user_id} if user_id is not None else None
+        body = await self._request("GET", "/api/v1/connections", params=params)
+        return list(body["connections"])
+
+    def run(
+        self, user_id: str, *, thread_id: Optional[str] = None, run_id: Optional[str] = None
+    ) -> AsyncRun:
+        """An agent run, as an async context manager that is never left open."""
+        return AsyncRun(self, user_id, thread_id, run_id)

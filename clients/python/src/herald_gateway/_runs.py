@@ -1,0 +1,148 @@
+"""Agent runs as context managers: opened with ``agent_started``, closed with
+exactly one of ``agent_completed``, ``agent_error`` or ``agent_cancelled`` —
+whatever happens in the block."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING, Any, Dict, Optional, Type
+
+if TYPE_CHECKING:
+    from ._client import AsyncHerald, Herald
+
+_CANCELLED = (KeyboardInterrupt, asyncio.CancelledError)
+
+
+def _closing(
+    exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], final: Any
+) -> "tuple[str, Dict[str, Any]]":
+    """The event that closes a run, for how its block ended."""
+    if exc_type is None:
+        data: Dict[str, Any] = {}
+        if final is not None:
+            data["final_response"] = final
+        return "agent_completed", data
+    if issubclass(exc_type, _CANCELLED):
+        return "agent_cancelled", {"reason": exc_type.__name__}
+    return "agent_error", {"error": exc_type.__name__, "message": str(exc)}
+
+
+def _tool_done(
+    name: str, result: Any, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException]
+) -> Dict[str, Any]:
+    if exc_type is None:
+        return {"tool": name, "output": result}
+    return {"tool": name, "error": {"type": exc_type.__name__, "message": str(exc)}}
+
+
+class ToolCall:
+    """One tool call inside a run: ``tool_executing`` on entry, ``tool_completed``
+    on exit with :attr:`result` (or the error, when the block raised)."""
+
+    def __init__(self, run: "Run", name: str, args: Any) -> None:
+        self._run, self.name, self.args = run, name, args
+        #: Set this to the tool's output before the block ends.
+        self.result: Any = None
+
+    def __enter__(self) -> "ToolCall":
+        self._run._emit("tool_executing", {"tool": self.name, "input": self.args})
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._run._emit("tool_completed", _tool_done(self.name, self.result, exc_type, exc))
+
+
+class Run:
+    """A blocking agent run (see :meth:`Herald.run`)."""
+
+    def __init__(
+        self, client: "Herald", user_id: str, thread_id: Optional[str], run_id: Optional[str]
+    ) -> None:
+        self._client, self.user_id, self.thread_id = client, user_id, thread_id
+        #: The run's id (generated when not given).
+        self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
+        self._final: Any = None
+
+    def _emit(self, event: str, data: Dict[str, Any]) -> None:
+        self._client.publish(
+            self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
+        )
+
+    def __enter__(self) -> "Run":
+        self._emit("agent_started", {})
+        return self
+
+    def thinking(self, text: str) -> None:
+        """Publish ``agent_thinking`` with ``text``."""
+        self._emit("agent_thinking", {"text": text})
+
+    def tool(self, name: str, args: Any = None) -> ToolCall:
+        """A tool call, as a context manager."""
+        return ToolCall(self, name, args)
+
+    def complete(self, final_response: Any) -> None:
+        """Set the final answer sent with ``agent_completed``."""
+        self._final = final_response
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        event, data = _closing(exc_type, exc, self._final)
+        self._emit(event, data)
+
+
+class AsyncToolCall:
+    """One tool call inside an async run (see :class:`ToolCall`)."""
+
+    def __init__(self, run: "AsyncRun", name: str, args: Any) -> None:
+        self._run, self.name, self.args = run, name, args
+        #: Set this to the tool's output before the block ends.
+        self.result: Any = None
+
+    async def __aenter__(self) -> "AsyncToolCall":
+        await self._run._emit("tool_executing", {"tool": self.name, "input": self.args})
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self._run._emit("tool_completed", _tool_done(self.name, self.result, exc_type, exc))
+
+
+class AsyncRun:
+    """An asyncio agent run (see :meth:`AsyncHerald.run`)."""
+
+    def __init__(
+        self,
+        client: "AsyncHerald",
+        user_id: str,
+        thread_id: Optional[str],
+        run_id: Optional[str],
+    ) -> None:
+        self._client, self.user_id, self.thread_id = client, user_id, thread_id
+        #: The run's id (generated when not given).
+        self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
+        self._final: Any = None
+
+    async def _emit(self, event: str, data: Dict[str, Any]) -> None:
+        await self._client.publish(
+            self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
+        )
+
+    async def __aenter__(self) -> "AsyncRun":
+        await self._emit("agent_started", {})
+        return self
+
+    async def thinking(self, text: str) -> None:
+        """Publish ``agent_thinking`` with ``text``."""
+        await self._emit("agent_thinking", {"text": text})
+
+    def tool(self, name: str, args: Any = None) -> AsyncToolCall:
+        """A tool call, as an async context manager."""
+        return AsyncToolCall(self, name, args)
+
+    def complete(self, final_response: Any) -> None:
+        """Set the final answer sent with ``agent_completed``."""
+        self._final = final_response
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        event, data = _closing(exc_type, exc, self._final)
+        # Shielded: a cancelled task still gets its closing event out.
+        await asyncio.shield(self._emit(event, data))

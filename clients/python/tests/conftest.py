@@ -1,0 +1,92 @@
+"""Fixtures: a real `herald serve` (the binary built by cargo) on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+from herald_gateway import mint_token
+
+ROOT = Path(__file__).resolve().parents[3]
+BIN = os.environ.get("HERALD_BIN", str(ROOT / "target" / "debug" / "herald"))
+SECRET = "py-test-secret-0123456789abcdef0123"
+API_KEY = "py-test-api-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HeraldProcess:
+    """A running `herald serve`; `url` is its HTTP base URL."""
+
+    def __init__(self, env: Dict[str, str]) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+        full.update(
+            {
+                "HERALD_ADDR": "127.0.0.1:0",
+                "HERALD_JWT_HS256_SECRET": SECRET,
+                "HERALD_API_KEY": API_KEY,
+            }
+        )
+        full.update(env)
+        self.proc = subprocess.Popen(
+            [BIN, "serve"], env=full, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self.addr: Optional[str] = None
+        deadline = time.time() + 20
+        assert self.proc.stderr is not None
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            if line.startswith("herald listening on "):
+                self.addr = line.split()[-1]
+                break
+        assert self.addr, "herald did not start"
+        # Keep draining stderr so the server never blocks on a full pipe.
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        self.url = f"http://{self.addr}"
+
+    def ws(self, user: str) -> ClientConnection:
+        """A WebSocket that completed hello as `user` (the welcome is consumed)."""
+        ws = connect(f"ws://{self.addr}/ws", subprotocols=["herald.v1"])  # type: ignore[list-item]
+        ws.send(json.dumps({"type": "hello", "token": mint_token(SECRET, user)}))
+        welcome = json.loads(ws.recv(timeout=10))
+        assert welcome["type"] == "welcome", welcome
+        return ws
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def herald_server() -> Iterator[HeraldProcess]:
+    server = HeraldProcess({})
+    yield server
+    server.stop()
+
+
+def events(ws: ClientConnection, n: int) -> list:
+    """The next `n` event frames (other frames skipped)."""
+    out = []
+    while len(out) < n:
+        frame = json.loads(ws.recv(timeout=10))
+        if frame["type"] == "event":
+            out.append(frame)
+    return out

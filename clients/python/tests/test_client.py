@@ -1,0 +1,148 @@
+"""The clients against a real Herald: publish, batches, kick, listing, runs,
+bad input, retries that reuse the idempotency key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from herald_gateway import AsyncHerald, Herald, HeraldError
+
+from conftest import API_KEY, events
+
+
+def test_publish_batch_kick_and_listing(herald_server):
+    ws = herald_server.ws("alice")
+    with Herald(herald_server.url, API_KEY) as h:
+        p = h.publish("alice", "note", data={"n": 1}, thread_id="t1")
+        assert (p.seq, p.delivered, p.duplicate) == (1, 1, False)
+        got = events(ws, 1)[0]
+        assert (got["seq"], got["event"], got["data"], got["thread_id"]) == (1, "note", {"n": 1}, "t1")
+
+        many = h.publish_many(
+            [{"user_id": "alice", "event": "a"}, {"user_id": "alice", "event": "b"}]
+        )
+        assert [m.seq for m in many] == [2, 3]
+        assert [e["event"] for e in events(ws, 2)] == ["a", "b"]
+
+        rows = h.connections("alice")
+        assert len(rows) == 1 and rows[0]["user_id"] == "alice"
+        assert h.disconnect("alice") == 1
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4409
+
+
+def test_a_run_streams_the_golden_path(herald_server):
+    ws = herald_server.ws("bob")
+    with Herald(herald_server.url, API_KEY) as h:
+        with h.run("bob", thread_id="t1") as run:
+            run.thinking("hmm")
+            with run.tool("search", {"q": "x"}) as call:
+                call.result = {"hits": 2}
+            run.complete("the answer")
+    got = events(ws, 5)
+    assert [e["event"] for e in got] == [
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "agent_completed",
+    ]
+    assert {e["run_id"] for e in got} == {run.run_id}
+    assert got[3]["data"] == {"tool": "search", "output": {"hits": 2}}
+    assert got[4]["data"] == {"final_response": "the answer"}
+
+
+def test_a_run_that_raises_ends_with_agent_error(herald_server):
+    ws = herald_server.ws("cy")
+    with Herald(herald_server.url, API_KEY) as h:
+        with pytest.raises(ValueError, match="boom"):
+            with h.run("cy") as run:
+                with run.tool("calc") as call:
+                    raise ValueError("boom")
+    got = events(ws, 4)
+    assert [e["event"] for e in got] == [
+        "agent_started",
+        "tool_executing",
+        "tool_completed",
+        "agent_error",
+    ]
+    assert got[2]["data"]["error"] == {"type": "ValueError", "message": "boom"}
+    assert got[3]["data"] == {"error": "ValueError", "message": "boom"}
+    assert call.result is None
+
+
+def test_a_cancelled_async_run_ends_with_agent_cancelled(herald_server):
+    ws = herald_server.ws("dee")
+
+    async def main() -> None:
+        async with AsyncHerald(herald_server.url, API_KEY) as h:
+            started = asyncio.Event()
+
+            async def agent() -> None:
+                async with h.run("dee") as run:
+                    await run.thinking("working")
+                    started.set()
+                    await asyncio.sleep(30)
+
+            task = asyncio.create_task(agent())
+            await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert [e["event"] for e in events(ws, 3)] == [
+        "agent_started",
+        "agent_thinking",
+        "agent_cancelled",
+    ]
+
+
+def test_bad_input_names_the_field(herald_server):
+    with Herald(herald_server.url, API_KEY) as h:
+        with pytest.raises(HeraldError) as e:
+            h.publish("u", "")
+        assert (e.value.status, e.value.code, e.value.field) == (400, "invalid_field", "event")
+        with pytest.raises(HeraldError) as e:
+            h.publish("u", "note", thread_id=5)  # type: ignore[arg-type]
+        assert (e.value.status, e.value.field) == (400, "thread_id")
+    with Herald(herald_server.url, "wrong-key") as h:
+        with pytest.raises(HeraldError) as e:
+            h.publish("u", "note")
+        assert (e.value.status, e.value.code) == (401, "unauthorized")
+
+
+class TimesOutOnce(httpx.BaseTransport):
+    """Delivers the first request to the server, then reports a timeout (the
+    answer was lost on the way back); later requests pass through."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.bodies: list = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.bodies.append(json.loads(request.content))
+        response = self.inner.handle_request(request)
+        if len(self.bodies) == 1:
+            response.read()
+            raise httpx.ReadTimeout("lost answer", request=request)
+        return response
+
+
+def test_a_retry_after_a_lost_answer_does_not_duplicate(herald_server):
+    transport = TimesOutOnce()
+    ws = herald_server.ws("eve")
+    with Herald(herald_server.url, API_KEY, transport=transport) as h:
+        p = h.publish("eve", "note")
+        assert (p.seq, p.duplicate) == (1, True), "the retry found the stored event"
+        assert transport.bodies[0]["idempotency_key"] == transport.bodies[1]["idempotency_key"]
+        assert h.publish("eve", "note").seq == 2, "one seq was used, not two"
+    assert [e["seq"] for e in events(ws, 2)] == [1, 2]
