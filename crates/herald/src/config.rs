@@ -90,6 +90,7 @@ declare_keys! {
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "redis:// or rediss:// URL (password in the URL) of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
+    REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated redis:// URLs of Redis Cluster seed nodes (instead of redis_url): streams are spread over the cluster's masters";
     REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels, so deployments can share a Redis";
 }
 
@@ -539,12 +540,34 @@ impl Config {
             },
             history_max_bytes: raw.required(key::HISTORY_MAX_BYTES, positive)?,
             log_format,
-            redis: match raw.parse(key::REDIS_URL, redis_url)? {
-                None => None,
-                Some(url) => Some(crate::broker::redis::RedisConfig {
-                    url,
-                    prefix: raw.required(key::REDIS_PREFIX, redis_prefix)?,
-                }),
+            redis: {
+                use crate::broker::redis::{RedisConfig, RedisNodes};
+                let single = raw.parse(key::REDIS_URL, redis_url)?;
+                let cluster = raw.parse(key::REDIS_CLUSTER_URLS, |v| {
+                    v.split(',')
+                        .map(|u| redis_url(u.trim()))
+                        .collect::<Result<Vec<_>, _>>()
+                })?;
+                let nodes = match (single, cluster) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::Invalid {
+                            key: key::REDIS_CLUSTER_URLS,
+                            layer: Layer::Default,
+                            message: "set either redis_url or redis_cluster_urls, not both"
+                                .to_owned(),
+                        });
+                    }
+                    (Some(url), None) => Some(RedisNodes::Single(url)),
+                    (None, Some(urls)) => Some(RedisNodes::Cluster(urls)),
+                    (None, None) => None,
+                };
+                match nodes {
+                    None => None,
+                    Some(nodes) => Some(RedisConfig {
+                        nodes,
+                        prefix: raw.required(key::REDIS_PREFIX, redis_prefix)?,
+                    }),
+                }
             },
         })
     }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use herald::broker::redis::RedisConfig;
+use herald::broker::redis::{RedisConfig, RedisNodes};
 use herald::{Config, Server};
 use serde_json::{Value, json};
 
@@ -96,7 +96,7 @@ impl Drop for Redis {
 fn node_config(redis: &Redis) -> Config {
     let mut cfg = config();
     cfg.redis = Some(RedisConfig {
-        url: redis.url(),
+        nodes: RedisNodes::Single(redis.url()),
         prefix: "t".into(),
     });
     cfg
@@ -446,7 +446,7 @@ fn free_port() -> u16 {
 async fn node_at(url: String) -> Server {
     let mut cfg = config();
     cfg.redis = Some(RedisConfig {
-        url,
+        nodes: RedisNodes::Single(url),
         prefix: "t".into(),
     });
     start_with(cfg).await

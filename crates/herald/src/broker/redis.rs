@@ -19,8 +19,10 @@
 //! bookkeeping, refreshes TTLs and PUBLISHes each stored event — atomically,
 //! so the channel carries a stream's events in seq order.
 //!
-//! Each node holds one command connection (redis-rs `ConnectionManager`,
-//! reconnecting by itself) and one pub/sub connection driven by a task. The
+//! Each node holds one command connection (redis-rs `ConnectionManager`, or
+//! a `ClusterConnection` routing by slot, both reconnecting by themselves)
+//! and one pub/sub connection driven by a task (on a Cluster: RESP3 pushes,
+//! sharded subscriptions per stream, `SPUBLISH` in the script). The
 //! task subscribes and unsubscribes in the order the hub asks, batching what
 //! is queued; its reader hands messages to the hub without blocking (an
 //! unbounded channel in redis-rs, so nothing is dropped). When the pub/sub
@@ -75,13 +77,70 @@ struct FleetAnswer {
     reply: FleetReply,
 }
 
+/// Which Redis the broker uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisNodes {
+    /// One Redis (or a primary): `redis://[user:password@]host:port[/db]` or `rediss://…`.
+    Single(String),
+    /// A Redis Cluster, by its seed nodes' URLs.
+    Cluster(Vec<String>),
+}
+
 /// Where the Redis broker connects and how it names its keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…`.
-    pub url: String,
+    /// The Redis to use.
+    pub nodes: RedisNodes,
     /// Key and channel prefix, so deployments can share a Redis.
     pub prefix: String,
+}
+
+/// The command connection: one Redis (reconnecting by itself) or a Cluster
+/// (routing each command by its key's slot, following slot moves).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conn::Single(_) => "Conn::Single",
+            Conn::Cluster(_) => "Conn::Cluster",
+        })
+    }
 }
 
 /// The Lua helpers: trim a stream's log by age (one read when the oldest
@@ -116,16 +175,17 @@ local function get_epoch(meta, new_epoch)
 end
 "#;
 
-/// KEYS: meta, log, runs, global runs zset.
+/// KEYS: meta, log, runs (one hash tag, so one Cluster slot).
 /// ARGV: new_epoch, max_events, max_age_ms, ttl_ms, idem_ms, channel, base,
-/// stream, cond_run, run_ttl_ms, n, then n × (idem, run, closes, thread, tail).
+/// publish command (`PUBLISH`, or `SPUBLISH` on Cluster), cond_run,
+/// run_ttl_ms, n, then n × (idem, run, closes, thread, tail).
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
 /// Returns {epoch, receivers, seq1, dup1, seq2, dup2, …}.
 const PUBLISH_LUA: &str = r#"
 local now = now_ms()
 local epoch = get_epoch(KEYS[1], ARGV[1])
-local base, stream, channel = ARGV[7], ARGV[8], ARGV[6]
+local base, publish, channel = ARGV[7], ARGV[8], ARGV[6]
 local cond_run = ARGV[9]
 if cond_run ~= '' then
   local v = redis.call('HGET', KEYS[3], cond_run)
@@ -155,15 +215,13 @@ for i = 0, n - 1 do
       if closes == '1' then
         redis.call('DEL', rk)
         redis.call('HDEL', KEYS[3], run)
-        redis.call('ZREM', KEYS[4], stream .. '\n' .. run)
       else
         redis.call('RPUSH', rk, seq, json)
         redis.call('PEXPIRE', rk, ARGV[4])
         redis.call('HSET', KEYS[3], run, now .. '\t' .. thread)
-        redis.call('ZADD', KEYS[4], now, stream .. '\n' .. run)
       end
     end
-    receivers = redis.call('PUBLISH', channel, epoch .. '\n' .. seq .. '\n' .. json)
+    receivers = redis.call(publish, channel, epoch .. '\n' .. seq .. '\n' .. json)
     table.insert(out, seq)
     table.insert(out, 0)
   end
@@ -249,10 +307,10 @@ struct Shared {
     /// Fleet requests of this node waiting for answers, by id.
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<FleetReply>>>,
     next_request: AtomicU64,
-    client: redis::Client,
+    nodes: RedisNodes,
     scripts: Scripts,
     limits: StreamLimits,
-    conn: OnceCell<ConnectionManager>,
+    conn: OnceCell<Conn>,
     /// The last command succeeded.
     commands_ok: AtomicBool,
     /// The pub/sub connection is up and its subscriptions confirmed.
@@ -288,13 +346,22 @@ impl RedisBroker {
         limits: StreamLimits,
         sink: Weak<dyn EventSink>,
     ) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(unavailable)?;
+        // Parse the URLs now, so a bad one stops start-up.
+        let single = match &cfg.nodes {
+            RedisNodes::Single(url) => {
+                Some(redis::Client::open(url.as_str()).map_err(unavailable)?)
+            }
+            RedisNodes::Cluster(urls) => {
+                redis::cluster::ClusterClient::new(urls.clone()).map_err(unavailable)?;
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             prefix: cfg.prefix.clone(),
             node: node.to_owned(),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
-            client,
+            nodes: cfg.nodes.clone(),
             scripts: Scripts::new(),
             limits,
             conn: OnceCell::new(),
@@ -302,7 +369,10 @@ impl RedisBroker {
             pubsub_up: AtomicBool::new(false),
         });
         let (subs, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(pubsub_task(shared.clone(), sink, rx));
+        let task = match single {
+            Some(client) => tokio::spawn(pubsub_task(shared.clone(), client, sink, rx)),
+            None => tokio::spawn(cluster_pubsub_task(shared.clone(), sink, rx)),
+        };
         Ok(Self {
             shared,
             subs,
@@ -331,6 +401,42 @@ impl Shared {
         format!("{}:reply:{node}", self.prefix)
     }
 
+    /// Nodes that sent a heartbeat within the last 5 s (Cluster mode).
+    async fn live_nodes(&self) -> Result<usize, BrokerError> {
+        let mut conn = self.conn().await?;
+        let seen: Result<HashMap<String, u64>, _> = redis::cmd("HGETALL")
+            .arg(format!("{}:nodes", self.prefix))
+            .query_async(&mut conn)
+            .await;
+        let now = crate::clock::unix_now_ms();
+        Ok(seen
+            .map_err(|e| self.failed(e))?
+            .values()
+            .filter(|t| now.saturating_sub(**t) < 5_000)
+            .count())
+    }
+
+    /// Record this node as alive (each sweep) and forget nodes silent for a minute.
+    async fn heartbeat(&self) {
+        let Ok(mut conn) = self.conn().await else {
+            return;
+        };
+        let key = format!("{}:nodes", self.prefix);
+        let now = crate::clock::unix_now_ms();
+        let seen: Result<HashMap<String, u64>, _> =
+            redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET").arg(&key).arg(&self.node).arg(now).ignore();
+        for (node, t) in seen.unwrap_or_default() {
+            if now.saturating_sub(t) > 60_000 {
+                pipe.cmd("HDEL").arg(&key).arg(node).ignore();
+            }
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            self.failed(e);
+        }
+    }
+
     /// PUBLISH through the command connection; returns the receivers.
     async fn publish_raw(&self, channel: String, payload: String) -> Result<usize, BrokerError> {
         let mut conn = self.conn().await?;
@@ -357,16 +463,36 @@ impl Shared {
         (longest + Duration::from_secs(60)).as_millis() as u64
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, BrokerError> {
+    fn is_cluster(&self) -> bool {
+        matches!(self.nodes, RedisNodes::Cluster(_))
+    }
+
+    async fn conn(&self) -> Result<Conn, BrokerError> {
         let conn = self
             .conn
             .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_max_delay(MAX_RECONNECT_DELAY);
-                ConnectionManager::new_with_config(self.client.clone(), config).await
+                match &self.nodes {
+                    RedisNodes::Single(url) => {
+                        let client = redis::Client::open(url.as_str())?;
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                            .set_response_timeout(Some(COMMAND_TIMEOUT))
+                            .set_number_of_retries(1)
+                            .set_max_delay(MAX_RECONNECT_DELAY);
+                        Ok(Conn::Single(
+                            ConnectionManager::new_with_config(client, config).await?,
+                        ))
+                    }
+                    RedisNodes::Cluster(urls) => {
+                        let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                            .connection_timeout(COMMAND_TIMEOUT)
+                            .response_timeout(COMMAND_TIMEOUT)
+                            .build()?;
+                        Ok::<_, redis::RedisError>(Conn::Cluster(
+                            client.get_async_connection().await?,
+                        ))
+                    }
+                }
             })
             .await
             .map_err(|e| self.failed(e))?;
@@ -441,7 +567,6 @@ impl Shared {
             .key(format!("{base}:meta"))
             .key(format!("{base}:log"))
             .key(format!("{base}:runs"))
-            .key(format!("{}:runs", self.prefix))
             .arg(super::memory::new_epoch())
             .arg(self.limits.max_events)
             .arg(self.limits.max_age.as_millis() as u64)
@@ -449,7 +574,11 @@ impl Shared {
             .arg(self.limits.idempotency_window.as_millis() as u64)
             .arg(self.channel(stream))
             .arg(&base)
-            .arg(stream)
+            .arg(if self.is_cluster() {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            })
             .arg(cond_run.unwrap_or(""))
             .arg(self.limits.run_ttl.as_millis() as u64)
             .arg(events.len());
@@ -472,7 +601,38 @@ impl Shared {
             let dup: u8 = next_as(&mut it)?;
             results.push((seq, dup == 1));
         }
+        self.index_runs(stream, events, &results).await;
         Ok((epoch, receivers, results))
+    }
+
+    /// Keep `<prefix>:runs` (open runs by last event time, for the sweeper)
+    /// in step with what was appended. It is an index, outside the stream's
+    /// slot, so it is written after the script: a stale entry is skipped by
+    /// the sweeper's re-check, a missing one is re-added by the run's next event.
+    async fn index_runs(&self, stream: &str, events: &[NewEvent], results: &[(u64, bool)]) {
+        let mut pipe = redis::pipe();
+        let now = crate::clock::unix_now_ms();
+        let index = format!("{}:runs", self.prefix);
+        for (e, (_, dup)) in events.iter().zip(results) {
+            let (Some(run), false) = (e.frame.run_id.as_deref(), *dup) else {
+                continue;
+            };
+            let member = format!("{stream}\n{run}");
+            if runs::closes(&e.frame.event) {
+                pipe.cmd("ZREM").arg(&index).arg(member).ignore();
+            } else {
+                pipe.cmd("ZADD").arg(&index).arg(now).arg(member).ignore();
+            }
+        }
+        if pipe.is_empty() {
+            return;
+        }
+        let Ok(mut conn) = self.conn().await else {
+            return;
+        };
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            tracing::warn!(error = %e, "could not update the runs index");
+        }
     }
 
     async fn pairs(
@@ -672,7 +832,14 @@ impl Broker for RedisBroker {
                     return Err(e);
                 }
             };
-            // Every subscriber of the control channel is a node that answers.
+            // Every subscriber of the control channel is a node that answers
+            // (on a Cluster, PUBLISH counts one shard's subscribers only, so
+            // the nodes that sent a heartbeat lately are counted instead).
+            let nodes = if shared.is_cluster() {
+                shared.live_nodes().await.unwrap_or(nodes).max(1)
+            } else {
+                nodes
+            };
             let mut replies = Vec::with_capacity(nodes);
             let deadline = tokio::time::Instant::now() + FLEET_TIMEOUT;
             while replies.len() < nodes {
@@ -696,6 +863,9 @@ impl Broker for RedisBroker {
     fn sweep(&self, _now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>> {
         Box::pin(async move {
             let shared = &self.shared;
+            if shared.is_cluster() {
+                shared.heartbeat().await;
+            }
             let Ok(mut conn) = shared.conn().await else {
                 return Vec::new();
             };
@@ -723,6 +893,8 @@ impl Broker for RedisBroker {
                 let Some((stream, run_id)) = member.split_once('\n') else {
                     continue;
                 };
+                let (stream, run_id) = (stream.to_owned(), run_id.to_owned());
+                let (stream, run_id) = (stream.as_str(), run_id.as_str());
                 let key = format!("{}:runs", shared.base(stream));
                 let value: Option<String> = redis::cmd("HGET")
                     .arg(&key)
@@ -745,8 +917,17 @@ impl Broker for RedisBroker {
                             thread_id,
                         });
                     }
-                    // Closed meanwhile (by its agent or by another node).
-                    Ok(_) => {}
+                    // Not silent any more, or closed meanwhile (by its agent or
+                    // another node): drop the index entry if the run is gone.
+                    Ok(_) => {
+                        if value.is_none() {
+                            let _: Result<(), _> = redis::cmd("ZREM")
+                                .arg(format!("{}:runs", shared.prefix))
+                                .arg(&member)
+                                .query_async(&mut conn)
+                                .await;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "could not close a silent run"),
                 }
             }
@@ -831,6 +1012,7 @@ impl Broker for RedisBroker {
 /// hub, reconnect after a drop and resync every stream.
 async fn pubsub_task(
     shared: Arc<Shared>,
+    client: redis::Client,
     sink: Weak<dyn EventSink>,
     mut cmds: mpsc::UnboundedReceiver<SubCmd>,
 ) {
@@ -838,34 +1020,33 @@ async fn pubsub_task(
     let mut delay = Duration::from_millis(50);
     let mut reconnect = false;
     loop {
-        let pubsub =
-            match tokio::time::timeout(COMMAND_TIMEOUT, shared.client.get_async_pubsub()).await {
-                Ok(Ok(p)) => p,
-                failure => {
-                    let detail = match failure {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "connect timed out".to_owned(),
-                    };
-                    tracing::debug!(error = %detail, "redis pub/sub connect failed");
-                    shared.pubsub_up.store(false, Ordering::Release);
-                    // Answer what is waiting, so hellos fail fast instead of hanging.
-                    while let Ok(cmd) = cmds.try_recv() {
-                        match cmd {
-                            SubCmd::Subscribe(s, tx) => {
-                                wanted.insert(s);
-                                let _ = tx.send(Err(unavailable(&detail)));
-                            }
-                            SubCmd::Unsubscribe(s) => {
-                                wanted.remove(&s);
-                            }
+        let pubsub = match tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
+            Ok(Ok(p)) => p,
+            failure => {
+                let detail = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "connect timed out".to_owned(),
+                };
+                tracing::debug!(error = %detail, "redis pub/sub connect failed");
+                shared.pubsub_up.store(false, Ordering::Release);
+                // Answer what is waiting, so hellos fail fast instead of hanging.
+                while let Ok(cmd) = cmds.try_recv() {
+                    match cmd {
+                        SubCmd::Subscribe(s, tx) => {
+                            wanted.insert(s);
+                            let _ = tx.send(Err(unavailable(&detail)));
+                        }
+                        SubCmd::Unsubscribe(s) => {
+                            wanted.remove(&s);
                         }
                     }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-                    reconnect = true;
-                    continue;
                 }
-            };
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                reconnect = true;
+                continue;
+            }
+        };
         delay = Duration::from_millis(50);
         let (mut subscriber, mut messages) = pubsub.split();
         let mut channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
@@ -901,7 +1082,7 @@ async fn pubsub_task(
                 }
                 msg = messages.next() => {
                     let Some(msg) = msg else { break };
-                    deliver(&shared, &sink, &msg);
+                    deliver(&shared, &sink, msg.get_channel_name(), msg.get_payload_bytes());
                 }
             }
         }
@@ -960,14 +1141,13 @@ async fn flush(
 /// Handle one pub/sub message: a stream's event goes to the hub; a fleet
 /// request is answered on the asker's reply channel; an answer goes to the
 /// request waiting for it.
-fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
-    let channel = msg.get_channel_name();
+fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, channel: &str, payload: &[u8]) {
     if channel == shared.control_channel() {
-        answer(shared, sink, msg.get_payload_bytes());
+        answer(shared, sink, payload);
         return;
     }
     if channel == shared.reply_channel(&shared.node) {
-        match serde_json::from_slice::<FleetAnswer>(msg.get_payload_bytes()) {
+        match serde_json::from_slice::<FleetAnswer>(payload) {
             Ok(a) => {
                 if let Some(tx) = shared.pending.lock().get(&a.id) {
                     let _ = tx.send(a.reply);
@@ -980,7 +1160,6 @@ fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
     let Some(stream) = shared.stream_of(channel) else {
         return;
     };
-    let payload = msg.get_payload_bytes();
     let mut parts = payload.splitn(3, |b| *b == b'\n');
     let (Some(epoch), Some(seq), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
         tracing::error!(stream, "malformed message on a herald channel");
@@ -999,6 +1178,131 @@ fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, msg: &redis::Msg) {
             json: Bytes::copy_from_slice(json),
         };
         sink.deliver(stream, epoch, &[event], crate::clock::now());
+    }
+}
+
+/// The pub/sub side on a Redis Cluster: one RESP3 cluster connection whose
+/// pushes arrive on a channel. Stream channels are sharded (SSUBSCRIBE on the
+/// slot's master; redis-rs resubscribes after reconnects and slot moves); the
+/// control and reply channels are ordinary (cluster-wide). A disconnection
+/// push resyncs every stream, once right after and once a little later.
+async fn cluster_pubsub_task(
+    shared: Arc<Shared>,
+    sink: Weak<dyn EventSink>,
+    mut cmds: mpsc::UnboundedReceiver<SubCmd>,
+) {
+    let RedisNodes::Cluster(urls) = &shared.nodes else {
+        return;
+    };
+    let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+    let client = match redis::cluster::ClusterClientBuilder::new(urls.clone())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(push_tx)
+        .connection_timeout(COMMAND_TIMEOUT)
+        .response_timeout(COMMAND_TIMEOUT)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "redis cluster client");
+            return;
+        }
+    };
+    let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut delay = Duration::from_millis(50);
+    let mut conn = loop {
+        let connected = async {
+            let mut c = client.get_async_connection().await?;
+            c.subscribe(&[shared.control_channel(), shared.reply_channel(&shared.node)])
+                .await?;
+            Ok::<_, redis::RedisError>(c)
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT * 2, connected).await {
+            Ok(Ok(c)) => break c,
+            failure => {
+                let detail = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "connect timed out".to_owned(),
+                };
+                tracing::debug!(error = %detail, "redis cluster pub/sub connect failed");
+                while let Ok(cmd) = cmds.try_recv() {
+                    match cmd {
+                        SubCmd::Subscribe(s, tx) => {
+                            wanted.insert(s);
+                            let _ = tx.send(Err(unavailable(&detail)));
+                        }
+                        SubCmd::Unsubscribe(s) => {
+                            wanted.remove(&s);
+                        }
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+            }
+        }
+    };
+    shared.heartbeat().await;
+    for stream in &wanted {
+        if let Err(e) = conn.ssubscribe(shared.channel(stream)).await {
+            tracing::warn!(error = %e, "redis ssubscribe failed");
+        }
+    }
+    shared.pubsub_up.store(true, Ordering::Release);
+    loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                None => return,
+                Some(SubCmd::Subscribe(stream, tx)) => {
+                    if wanted.contains(&stream) {
+                        let _ = tx.send(Ok(()));
+                        continue;
+                    }
+                    // One slot per channel: sharded subscriptions go one by one.
+                    let done = conn.ssubscribe(shared.channel(&stream)).await;
+                    if done.is_ok() {
+                        wanted.insert(stream);
+                    }
+                    let _ = tx.send(done.map_err(unavailable));
+                }
+                Some(SubCmd::Unsubscribe(stream)) => {
+                    if wanted.remove(&stream)
+                        && let Err(e) = conn.sunsubscribe(shared.channel(&stream)).await
+                    {
+                        tracing::warn!(error = %e, "redis sunsubscribe failed");
+                    }
+                }
+            },
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                match push.kind {
+                    redis::PushKind::Message | redis::PushKind::SMessage => {
+                        let mut data = push.data.into_iter();
+                        let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                            continue;
+                        };
+                        let (Ok(channel), Ok(payload)) = (
+                            redis::from_redis_value::<String>(channel),
+                            redis::from_redis_value::<Vec<u8>>(payload),
+                        ) else {
+                            continue;
+                        };
+                        deliver(&shared, &sink, &channel, &payload);
+                    }
+                    redis::PushKind::Disconnection => {
+                        metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
+                        tracing::warn!("a redis cluster pub/sub connection dropped; resyncing");
+                        let (shared, sink, streams) = (shared.clone(), sink.clone(), wanted.clone());
+                        tokio::spawn(async move {
+                            for wait in [Duration::from_millis(500), Duration::from_secs(2)] {
+                                tokio::time::sleep(wait).await;
+                                resync_all(&shared, &sink, &streams).await;
+                            }
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 }
 

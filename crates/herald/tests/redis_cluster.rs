@@ -1,0 +1,263 @@
+//! Herald on a three-master Redis Cluster (real `redis-server --cluster-enabled
+//! yes` processes joined by `redis-cli --cluster create`): fan-out across
+//! nodes, resume on another node, kick and listing across nodes, a silent run
+//! closed once — and streams spread over every master.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald::Server;
+use herald::broker::redis::{RedisConfig, RedisNodes};
+use serde_json::{Value, json};
+
+/// Three masters, killed on drop.
+struct Cluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let children = ports
+            .iter()
+            .map(|p| {
+                Command::new("redis-server")
+                    .current_dir(&dir)
+                    .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server is installed (scripts/test.sh installs it)")
+            })
+            .collect();
+        let cluster = Cluster {
+            ports,
+            children,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for p in &cluster.ports {
+            while cli(*p, &["PING"]) != "PONG" {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli is installed");
+        assert!(created.success(), "cluster create");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &cluster.ports {
+            while !cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn node(cluster: &Cluster) -> Server {
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Cluster(cluster.urls()),
+        prefix: "c".into(),
+    });
+    cfg.stream_limits.run_ttl = Duration::from_millis(800);
+    start_with(cfg).await
+}
+
+async fn event_of(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] == "event" {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_a_redis_cluster() {
+    let cluster = Cluster::start();
+    let (a, b, c) = (
+        node(&cluster).await,
+        node(&cluster).await,
+        node(&cluster).await,
+    );
+
+    // Fan-out across nodes, in publish order.
+    let (mut on_a, w) = connect(&a, "ann").await;
+    let (mut on_b, _) = connect(&b, "ann").await;
+    let nodes = [&a, &b, &c];
+    for n in 1..=30u64 {
+        publish(nodes[n as usize % 3], "ann", "note", json!({ "n": n })).await;
+    }
+    for ws in [&mut on_a, &mut on_b] {
+        for n in 1..=30u64 {
+            let e = event_of(ws).await;
+            assert_eq!(
+                (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+                (Some(n), Some(n))
+            );
+        }
+    }
+
+    // Resume on another node: exactly the missed events, then live.
+    drop(on_a);
+    for _ in 0..5 {
+        publish(&b, "ann", "note", json!({})).await;
+    }
+    let mut again = open(&c, &[], None).await;
+    send_json(
+        &mut again,
+        json!({"type": "hello", "token": token("ann"), "resume": {"epoch": w["epoch"], "seq": 30}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut again).await["resumed"], true);
+    for seq in 31..=35 {
+        assert_eq!(event_of(&mut again).await["seq"], seq);
+    }
+    publish(&a, "ann", "note", json!({})).await;
+    assert_eq!(event_of(&mut again).await["seq"], 36);
+
+    // Streams spread over every master.
+    for u in 0..30 {
+        publish(&a, &format!("spread-{u}"), "note", json!({})).await;
+    }
+    for p in &cluster.ports {
+        let keys: u64 = cli(*p, &["DBSIZE"]).parse().unwrap();
+        assert!(keys > 0, "master {p} holds streams");
+    }
+
+    // Kick and listing from a node that holds none of the sockets.
+    tokio::time::sleep(Duration::from_millis(1500)).await; // every node's heartbeat is in
+    let (_, list) = get_json(&a, "/api/v1/connections?user_id=ann").await;
+    assert_eq!(list["total"], 2, "{list}");
+    let (status, body) = post(&a, "/api/v1/disconnect", json!({"user_id": "ann"})).await;
+    assert_eq!(
+        (status, body["disconnected"].as_u64()),
+        (200, Some(2)),
+        "{body}"
+    );
+    expect_close(&mut on_b, 4409).await;
+    expect_close(&mut again, 4409).await;
+
+    // A silent run is closed once by the fleet's three sweepers.
+    let (mut ws, _) = connect(&b, "dee").await;
+    post(
+        &c,
+        "/api/v1/events",
+        json!({"user_id": "dee", "event": "agent_started", "run_id": "r9"}),
+    )
+    .await;
+    assert_eq!(event_of(&mut ws).await["event"], "agent_started");
+    let e = event_of(&mut ws).await;
+    assert_eq!(
+        (e["event"].as_str(), e["seq"].as_u64()),
+        (Some("agent_error"), Some(2))
+    );
+    assert_eq!(e["data"]["reason"], "run_timeout");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(publish(&a, "dee", "note", json!({})).await["seq"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_cluster_pubsub_connections_under_load_loses_nothing() {
+    let cluster = Cluster::start();
+    let (a, b) = (node(&cluster).await, node(&cluster).await);
+    let (mut ws, _) = connect(&a, "ed").await;
+    const N: u64 = 200;
+    let publisher = {
+        let url = format!("http://{}/api/v1/events", b.local_addr());
+        tokio::spawn(async move {
+            let c = client();
+            for n in 1..=N {
+                let r = c
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&json!({"user_id": "ed", "event": "note", "data": {"n": n}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                if n % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let mut killed = 0;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for p in &cluster.ports {
+            killed += cli(*p, &["CLIENT", "KILL", "TYPE", "pubsub"])
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    assert!(killed > 0, "the nodes' pub/sub connections were killed");
+    publisher.await.unwrap();
+    for seq in 1..=N {
+        let e = event_of(&mut ws).await;
+        assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
+    }
+}
