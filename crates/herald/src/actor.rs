@@ -200,6 +200,7 @@ impl Actor {
         };
         if let Err(e) = result {
             tracing::debug!(error = %e, "catch-up failed");
+            metrics::counter!(telemetry::RESETS, "cause" => "history_gone").increment(1);
             self.close(
                 CloseReason::SlowConsumer,
                 Initiator::Server,
@@ -361,6 +362,18 @@ impl Actor {
         };
         let resume = hello.resume.as_ref().map(|r| (r.epoch.as_str(), r.seq));
         let decision = decide_join(&pos, resume, hello.replay_active_runs);
+        if decision.reset
+            && let Some((epoch, seq)) = resume
+        {
+            let cause = if epoch != pos.epoch {
+                "unknown_epoch"
+            } else if seq > pos.last_seq {
+                "ahead"
+            } else {
+                "evicted"
+            };
+            metrics::counter!(telemetry::RESETS, "cause" => cause).increment(1);
+        }
         let welcome = ServerFrame::Welcome {
             conn_id: &self.conn.id_str,
             user_id: user,

@@ -277,6 +277,7 @@ impl Hub {
 /// The close of a connection whose stream lost its history (new epoch): its
 /// client resumes and is told `reset`.
 fn epoch_changed() -> CloseInfo {
+    metrics::counter!(telemetry::RESETS, "cause" => "epoch_changed").increment(1);
     CloseInfo::new(
         CloseReason::SlowConsumer,
         Initiator::Server,

@@ -58,6 +58,9 @@ pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
 pub const BROKER_PUBSUB_RECONNECTS: &str = "herald_broker_pubsub_reconnects_total";
 /// Counter: streams resynced (their connections caught up from history) after a pub/sub drop.
 pub const BROKER_CATCH_UPS: &str = "herald_broker_catch_ups_total";
+/// Counter: resumes answered with `reset` and catch-ups ended by a gap,
+/// labelled `cause` (`unknown_epoch`, `ahead`, `evicted`, `history_gone`, `epoch_changed`).
+pub const RESETS: &str = "herald_resets_total";
 /// Counter: invariant violations detected at runtime (must stay 0), labelled `kind`.
 pub const INVARIANT_VIOLATIONS: &str = "herald_invariant_violations_total";
 

@@ -333,6 +333,9 @@ async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
     }
     assert_eq!(ready, 503, "readyz reports the broker down");
     assert_eq!(get_json(&a, "/healthz").await.0, 200);
+    // Live sockets stay open.
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
     // A new hello cannot be served: 1013.
     let mut late = open(&a, &[], None).await;
     send_json(&mut late, json!({"type": "hello", "token": token("gus")})).await;
@@ -364,6 +367,18 @@ async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
     let welcome = next_json(&mut again).await;
     assert_eq!(welcome["reset"], true, "{welcome}");
     assert_ne!(welcome["epoch"], w["epoch"]);
+    let metrics = client()
+        .get(http_url(&a, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"herald_resets_total{cause="unknown_epoch"}"#),
+        "the reset is counted by cause"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
