@@ -6,92 +6,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis_server::*;
 use common::*;
 use herald::broker::redis::{RedisConfig, RedisNodes};
 use herald::{Config, Server};
 use serde_json::{Value, json};
-
-/// A `redis-server` of this test, killed on drop.
-struct Redis {
-    port: u16,
-    child: Child,
-    cli_args: Vec<String>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Redis {
-        Self::start_with(port, &[], &[])
-    }
-
-    /// Start with extra server `args`; `cli` are the redis-cli flags that
-    /// reach it (password, TLS).
-    fn start_with(port: u16, args: &[&str], cli: &[&str]) -> Redis {
-        let listen = if args.contains(&"--tls-port") {
-            vec!["--port".to_owned(), "0".to_owned()]
-        } else {
-            vec!["--port".to_owned(), port.to_string()]
-        };
-        let child = Command::new("redis-server")
-            .args(&listen)
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        let redis = Redis {
-            port,
-            child,
-            cli_args: cli.iter().map(|s| s.to_string()).collect(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.cli(&["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(&self.cli_args)
-            .args(args)
-            .output()
-            .expect("redis-cli is installed");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    fn stop(mut self) -> u16 {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.port
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn node_config(redis: &Redis) -> Config {
     let mut cfg = config();
@@ -104,15 +26,6 @@ fn node_config(redis: &Redis) -> Config {
 
 async fn node(redis: &Redis) -> Server {
     start_with(node_config(redis)).await
-}
-
-async fn event_of(ws: &mut Ws) -> Value {
-    loop {
-        let v = next_json(ws).await;
-        if v["type"] == "event" {
-            return v;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,25 +177,7 @@ async fn killing_pubsub_connections_under_load_loses_nothing() {
     let (a, b) = (node(&redis).await, node(&redis).await);
     let (mut ws, _) = connect(&a, "ed").await;
     const N: u64 = 300;
-    let publisher = {
-        let url = format!("http://{}/api/v1/events", b.local_addr());
-        tokio::spawn(async move {
-            let c = client();
-            for n in 1..=N {
-                let r = c
-                    .post(&url)
-                    .bearer_auth(API_KEY)
-                    .json(&json!({"user_id": "ed", "event": "note", "data": {"n": n}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                if n % 20 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        })
-    };
+    let publisher = publish_in_background(b.local_addr(), "ed", N);
     for kill in 0..3 {
         tokio::time::sleep(Duration::from_millis(60)).await;
         let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
@@ -292,10 +187,7 @@ async fn killing_pubsub_connections_under_load_loses_nothing() {
         );
     }
     publisher.await.unwrap();
-    for seq in 1..=N {
-        let e = event_of(&mut ws).await;
-        assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
-    }
+    expect_seqs(&mut ws, N).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,14 +340,6 @@ async fn message_dedupe_and_demo_cancel_hold_across_nodes() {
     }
     assert!(acked);
     assert_eq!(started, 1, "one run for one message id");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn node_at(url: String) -> Server {

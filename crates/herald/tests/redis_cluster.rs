@@ -9,33 +9,17 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::redis_server::{cli, event_of, expect_seqs, free_port, publish_in_background};
 use common::*;
 use herald::Server;
 use herald::broker::redis::{RedisConfig, RedisNodes};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Three masters, killed on drop.
 struct Cluster {
     ports: Vec<u16>,
     children: Vec<Child>,
     dir: std::path::PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is installed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 impl Cluster {
@@ -124,15 +108,6 @@ async fn node(cluster: &Cluster) -> Server {
     });
     cfg.stream_limits.run_ttl = Duration::from_millis(800);
     start_with(cfg).await
-}
-
-async fn event_of(ws: &mut Ws) -> Value {
-    loop {
-        let v = next_json(ws).await;
-        if v["type"] == "event" {
-            return v;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,25 +201,7 @@ async fn killing_cluster_pubsub_connections_under_load_loses_nothing() {
     let (a, b) = (node(&cluster).await, node(&cluster).await);
     let (mut ws, _) = connect(&a, "ed").await;
     const N: u64 = 200;
-    let publisher = {
-        let url = format!("http://{}/api/v1/events", b.local_addr());
-        tokio::spawn(async move {
-            let c = client();
-            for n in 1..=N {
-                let r = c
-                    .post(&url)
-                    .bearer_auth(API_KEY)
-                    .json(&json!({"user_id": "ed", "event": "note", "data": {"n": n}}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                if n % 20 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        })
-    };
+    let publisher = publish_in_background(b.local_addr(), "ed", N);
     let mut killed = 0;
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(60)).await;
@@ -256,8 +213,5 @@ async fn killing_cluster_pubsub_connections_under_load_loses_nothing() {
     }
     assert!(killed > 0, "the nodes' pub/sub connections were killed");
     publisher.await.unwrap();
-    for seq in 1..=N {
-        let e = event_of(&mut ws).await;
-        assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
-    }
+    expect_seqs(&mut ws, N).await;
 }

@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::redis_server::Redis;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -20,48 +21,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const USERS: usize = 6;
 const ROUNDS: u64 = 150;
-
-struct Redis {
-    port: u16,
-    child: Child,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "PING"])
-                .output()
-                .expect("redis-cli is installed");
-            if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis { port, child }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The fleet: node processes and the addresses currently serving.
 struct Fleet {
@@ -73,7 +32,7 @@ struct Fleet {
 impl Fleet {
     fn start(redis: &Redis, n: usize) -> Fleet {
         let mut fleet = Fleet {
-            redis_url: format!("redis://127.0.0.1:{}", redis.port),
+            redis_url: redis.url(),
             nodes: Vec::new(),
             addrs: Arc::new(Mutex::new(Vec::new())),
         };

@@ -1020,27 +1020,12 @@ async fn pubsub_task(
     let mut delay = Duration::from_millis(50);
     let mut reconnect = false;
     loop {
-        let pubsub = match tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await {
-            Ok(Ok(p)) => p,
-            failure => {
-                let detail = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timed out".to_owned(),
-                };
-                tracing::debug!(error = %detail, "redis pub/sub connect failed");
+        let connected = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await;
+        let pubsub = match connected.unwrap_or_else(|_| Err(timed_out())) {
+            Ok(p) => p,
+            Err(e) => {
                 shared.pubsub_up.store(false, Ordering::Release);
-                // Answer what is waiting, so hellos fail fast instead of hanging.
-                while let Ok(cmd) = cmds.try_recv() {
-                    match cmd {
-                        SubCmd::Subscribe(s, tx) => {
-                            wanted.insert(s);
-                            let _ = tx.send(Err(unavailable(&detail)));
-                        }
-                        SubCmd::Unsubscribe(s) => {
-                            wanted.remove(&s);
-                        }
-                    }
-                }
+                refuse_waiting(&mut cmds, &mut wanted, &e.to_string());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
                 reconnect = true;
@@ -1088,6 +1073,32 @@ async fn pubsub_task(
         }
         shared.pubsub_up.store(false, Ordering::Release);
         tracing::warn!("redis pub/sub connection lost; reconnecting");
+    }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "connect timed out"))
+}
+
+/// While the pub/sub connection is down: answer every waiting subscription
+/// with `detail` (so hellos fail fast instead of hanging), keeping `wanted`
+/// in step with the hub's requests.
+fn refuse_waiting(
+    cmds: &mut mpsc::UnboundedReceiver<SubCmd>,
+    wanted: &mut BTreeSet<String>,
+    detail: &str,
+) {
+    tracing::debug!(error = %detail, "redis pub/sub connect failed");
+    while let Ok(cmd) = cmds.try_recv() {
+        match cmd {
+            SubCmd::Subscribe(s, tx) => {
+                wanted.insert(s);
+                let _ = tx.send(Err(unavailable(detail)));
+            }
+            SubCmd::Unsubscribe(s) => {
+                wanted.remove(&s);
+            }
+        }
     }
 }
 
@@ -1217,25 +1228,11 @@ async fn cluster_pubsub_task(
                 .await?;
             Ok::<_, redis::RedisError>(c)
         };
-        match tokio::time::timeout(COMMAND_TIMEOUT * 2, connected).await {
-            Ok(Ok(c)) => break c,
-            failure => {
-                let detail = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timed out".to_owned(),
-                };
-                tracing::debug!(error = %detail, "redis cluster pub/sub connect failed");
-                while let Ok(cmd) = cmds.try_recv() {
-                    match cmd {
-                        SubCmd::Subscribe(s, tx) => {
-                            wanted.insert(s);
-                            let _ = tx.send(Err(unavailable(&detail)));
-                        }
-                        SubCmd::Unsubscribe(s) => {
-                            wanted.remove(&s);
-                        }
-                    }
-                }
+        let connected = tokio::time::timeout(COMMAND_TIMEOUT * 2, connected).await;
+        match connected.unwrap_or_else(|_| Err(timed_out())) {
+            Ok(c) => break c,
+            Err(e) => {
+                refuse_waiting(&mut cmds, &mut wanted, &e.to_string());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
             }

@@ -2,6 +2,8 @@
 //! real WebSocket / HTTP clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis_server;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};

@@ -1,0 +1,146 @@
+//! Real `redis-server` processes for the tests (on free loopback ports), and
+//! helpers the Redis tests share.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{API_KEY, Ws, client, next_json};
+
+/// A `redis-server` of this test, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+    cli_args: Vec<String>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[], &[])
+    }
+
+    /// Start with extra server `args`; `cli` are the redis-cli flags that
+    /// reach it (password, TLS).
+    pub fn start_with(port: u16, args: &[&str], cli: &[&str]) -> Redis {
+        let listen = if args.contains(&"--tls-port") {
+            vec!["--port".to_owned(), "0".to_owned()]
+        } else {
+            vec!["--port".to_owned(), port.to_string()]
+        };
+        let child = Command::new("redis-server")
+            .args(&listen)
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let redis = Redis {
+            port,
+            child,
+            cli_args: cli.iter().map(|s| s.to_string()).collect(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.cli(&["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(&self.cli_args)
+            .args(args)
+            .output()
+            .expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `redis-cli -p port args…`, trimmed stdout.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The next `event` frame (other frames skipped).
+pub async fn event_of(ws: &mut Ws) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] == "event" {
+            return v;
+        }
+    }
+}
+
+/// Publish events `1..=n` (data `{"n": i}`) to `user` through the node at
+/// `addr`, one request at a time, in a task; every publish must succeed.
+pub fn publish_in_background(
+    addr: std::net::SocketAddr,
+    user: &'static str,
+    n: u64,
+) -> tokio::task::JoinHandle<()> {
+    let url = format!("http://{addr}/api/v1/events");
+    tokio::spawn(async move {
+        let c = client();
+        for i in 1..=n {
+            let r = c
+                .post(&url)
+                .bearer_auth(API_KEY)
+                .json(&json!({"user_id": user, "event": "note", "data": {"n": i}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    })
+}
+
+/// The next `n` events on `ws` are seqs `1..=n`, in order, each once.
+pub async fn expect_seqs(ws: &mut Ws, n: u64) {
+    for seq in 1..=n {
+        let e = event_of(ws).await;
+        assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
+    }
+}
