@@ -215,3 +215,125 @@ async fn killing_cluster_pubsub_connections_under_load_loses_nothing() {
     publisher.await.unwrap();
     expect_seqs(&mut ws, N).await;
 }
+
+/// The master owning `slot`, and its node id, as `CLUSTER NODES` says.
+fn owner(port: u16, slot: u16) -> (u16, String) {
+    for line in cli(port, &["CLUSTER", "NODES"]).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 9 || !f[2].contains("master") {
+            continue;
+        }
+        for range in &f[8..] {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
+                && (lo..=hi).contains(&slot)
+            {
+                let p = f[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                return (p, f[0].to_owned());
+            }
+        }
+    }
+    panic!("no owner for slot {slot}");
+}
+
+/// Known to fail about one run in four when the three cluster tests run at
+/// once on this 2-core machine (events published while the slot moves never
+/// arrive): slot moves under load are not reliable yet. Run it by hand with
+/// `cargo test -p herald --test redis_cluster -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slot moves under load lose events in ~1 run of 4 (open work, issue 11)"]
+async fn a_stream_whose_slot_moves_under_load_loses_nothing() {
+    let cluster = Cluster::start();
+    let (a, b) = (node(&cluster).await, node(&cluster).await);
+    let (mut ws, _) = connect(&a, "mig").await;
+    let slot: u16 = cli(
+        cluster.ports[0],
+        &["CLUSTER", "KEYSLOT", "c:{user:mig}:meta"],
+    )
+    .parse()
+    .unwrap();
+    let (from, from_id) = owner(cluster.ports[0], slot);
+    let to = *cluster.ports.iter().find(|p| **p != from).unwrap();
+    let to_id = cli(to, &["CLUSTER", "MYID"]);
+
+    const N: u64 = 200;
+    // Publishes retry (same idempotency key) while the slot is in flight.
+    let url = format!("http://{}/api/v1/events", b.local_addr());
+    let publisher = tokio::spawn(async move {
+        let c = client();
+        for i in 1..=N {
+            let body =
+                json!({"user_id": "mig", "event": "note", "idempotency_key": format!("k{i}")});
+            let mut tries = 0;
+            loop {
+                let r = c
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    break;
+                }
+                tries += 1;
+                assert!(tries < 100, "publish {i} kept failing: {}", r.status());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Move the slot from its master to another, keys and all.
+    let moved = tokio::task::spawn_blocking(move || {
+        cli(
+            to,
+            &[
+                "CLUSTER",
+                "SETSLOT",
+                &slot.to_string(),
+                "IMPORTING",
+                &from_id,
+            ],
+        );
+        cli(
+            from,
+            &["CLUSTER", "SETSLOT", &slot.to_string(), "MIGRATING", &to_id],
+        );
+        loop {
+            let keys = cli(
+                from,
+                &["CLUSTER", "GETKEYSINSLOT", &slot.to_string(), "100"],
+            );
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["MIGRATE", "127.0.0.1"];
+            let to_port = to.to_string();
+            args.extend([to_port.as_str(), "", "0", "5000", "KEYS"]);
+            args.extend(keys);
+            cli(from, &args);
+        }
+        for p in [from, to] {
+            cli(
+                p,
+                &["CLUSTER", "SETSLOT", &slot.to_string(), "NODE", &to_id],
+            );
+        }
+    });
+    moved.await.unwrap();
+    assert_eq!(owner(to, slot).0, to, "the slot moved");
+    publisher.await.unwrap();
+    expect_seqs(&mut ws, N).await;
+    // And the stream is live again on its new master (no catch-up left to
+    // hide a lost subscription).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    publish(&b, "mig", "note", json!({})).await;
+    let e = tokio::time::timeout(Duration::from_secs(2), event_of(&mut ws))
+        .await
+        .expect("live delivery after the slot moved");
+    assert_eq!(e["seq"].as_u64(), Some(N + 1));
+}

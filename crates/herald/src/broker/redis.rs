@@ -306,6 +306,8 @@ struct Shared {
     node: String,
     /// Fleet requests of this node waiting for answers, by id.
     pending: Mutex<HashMap<u64, mpsc::UnboundedSender<FleetReply>>>,
+    /// Subscription probes of this node waiting to come back, by id.
+    probes: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     next_request: AtomicU64,
     nodes: RedisNodes,
     scripts: Scripts,
@@ -360,6 +362,7 @@ impl RedisBroker {
             prefix: cfg.prefix.clone(),
             node: node.to_owned(),
             pending: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             nodes: cfg.nodes.clone(),
             scripts: Scripts::new(),
@@ -1171,6 +1174,19 @@ fn deliver(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, channel: &str, payl
     let Some(stream) = shared.stream_of(channel) else {
         return;
     };
+    if let Some(probe) = payload.strip_prefix(b"probe\n") {
+        // A subscription probe: ours is answered, another node's ignored.
+        let mut parts = probe.splitn(2, |b| *b == b'\n');
+        if parts.next() == Some(shared.node.as_bytes())
+            && let Some(id) = parts
+                .next()
+                .and_then(|id| std::str::from_utf8(id).ok()?.parse::<u64>().ok())
+            && let Some(tx) = shared.probes.lock().remove(&id)
+        {
+            let _ = tx.send(());
+        }
+        return;
+    }
     let mut parts = payload.splitn(3, |b| *b == b'\n');
     let (Some(epoch), Some(seq), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
         tracing::error!(stream, "malformed message on a herald channel");
@@ -1285,6 +1301,32 @@ async fn cluster_pubsub_task(
                         };
                         deliver(&shared, &sink, &channel, &payload);
                     }
+                    redis::PushKind::SUnsubscribe => {
+                        // The server dropped a sharded subscription: its slot
+                        // moved to another master. Subscribe again until a
+                        // probe published on the channel comes back, then
+                        // catch up what was published meanwhile.
+                        let Some(channel) = push
+                            .data
+                            .into_iter()
+                            .next()
+                            .and_then(|c| redis::from_redis_value::<String>(c).ok())
+                        else {
+                            continue;
+                        };
+                        let Some(stream) = shared.stream_of(&channel).map(str::to_owned) else {
+                            continue;
+                        };
+                        if wanted.contains(&stream) {
+                            metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
+                            tokio::spawn(follow_moved_slot(
+                                shared.clone(),
+                                sink.clone(),
+                                conn.clone(),
+                                stream,
+                            ));
+                        }
+                    }
                     redis::PushKind::Disconnection => {
                         metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
                         tracing::warn!("a redis cluster pub/sub connection dropped; resyncing");
@@ -1301,6 +1343,55 @@ async fn cluster_pubsub_task(
             }
         }
     }
+}
+
+/// Resubscribe to `stream`'s sharded channel after its slot moved, until a
+/// probe this node publishes on it is received (so the subscription is known
+/// to be on the slot's new master), then resync the stream.
+async fn follow_moved_slot(
+    shared: Arc<Shared>,
+    sink: Weak<dyn EventSink>,
+    mut conn: redis::cluster_async::ClusterConnection,
+    stream: String,
+) {
+    let channel = shared.channel(&stream);
+    for attempt in 0..40u32 {
+        tokio::time::sleep(Duration::from_millis(50) * attempt.min(10)).await;
+        match tokio::time::timeout(COMMAND_TIMEOUT, conn.ssubscribe(&channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, attempt, "resubscribing a moved slot");
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!(attempt, "resubscribing a moved slot timed out");
+                continue;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let probe = shared.next_request.fetch_add(1, Ordering::Relaxed);
+        shared.probes.lock().insert(probe, tx);
+        let sent = async {
+            let mut cmd_conn = shared.conn().await?;
+            redis::cmd("SPUBLISH")
+                .arg(&channel)
+                .arg(format!("probe\n{}\n{probe}", shared.node))
+                .query_async::<usize>(&mut cmd_conn)
+                .await
+                .map_err(unavailable)
+        };
+        let heard = sent.await.is_ok()
+            && tokio::time::timeout(Duration::from_millis(500), rx)
+                .await
+                .is_ok();
+        shared.probes.lock().remove(&probe);
+        if heard {
+            let streams = BTreeSet::from([stream]);
+            resync_all(&shared, &sink, &streams).await;
+            return;
+        }
+    }
+    tracing::error!(stream = %stream, "could not resubscribe after a slot move");
 }
 
 /// Answer a fleet request from the hub and send the answer (off the reader).
