@@ -212,10 +212,10 @@ impl Actor {
     async fn on_message(&mut self, msg: Message) {
         let now = clock::now();
         self.conn.with_core(|c| c.on_inbound(now));
-        if matches!(
-            msg,
-            Message::Text(_) | Message::Binary(_) | Message::Ping(_)
-        ) {
+        // Every frame counts against the inbound rate, control frames
+        // included (unsolicited pongs are a flood like any other); only the
+        // close frame is exempt, since it ends the connection anyway.
+        if !matches!(msg, Message::Close(_)) {
             match self.bucket.check(now) {
                 Verdict::Allow => {}
                 Verdict::Reject { notify } => {

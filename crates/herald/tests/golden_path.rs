@@ -361,6 +361,28 @@ async fn flood_is_rate_limited_then_closed_and_others_are_unaffected() {
     assert_eq!(code, Some(1008));
 }
 
+/// Unsolicited pong frames count against the rate limit too: a pong flood
+/// closes with 1008, before `hello` as after it (issue 14, finding 3).
+#[tokio::test]
+async fn a_pong_flood_is_rate_limited_and_closed() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = start().await;
+    let (ready, _) = connect(&server, "pongy").await;
+    let before_hello = open(&server, &[], None).await;
+    for mut ws in [ready, before_hello] {
+        for _ in 0..500 {
+            if futures_util::SinkExt::send(&mut ws, Message::Pong(Default::default()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let (code, _, _) = read_until_close(&mut ws).await;
+        assert_eq!(code, Some(1008));
+    }
+}
+
 /// The example backend (`examples/agent_backend.rs`) against a real server:
 /// signature verified, events published back through the API.
 #[tokio::test]
