@@ -456,6 +456,29 @@ mod tests {
         out
     }
 
+    /// Read the page of history the connection's catch-up asks for, as the
+    /// actor does; false when it asks for none.
+    async fn read_page(
+        broker: &Arc<dyn Broker>,
+        conn: &ConnShared,
+        epoch: &str,
+        limit: usize,
+    ) -> bool {
+        let Some(HistoryRequest::Range { after, until }) = conn.with_core(|c| c.wants_history())
+        else {
+            return false;
+        };
+        let page = broker
+            .history("user:u", epoch, after, until, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))
+            .collect::<Vec<_>>();
+        conn.with_core(|c| c.push_history(page)).unwrap();
+        true
+    }
+
     #[tokio::test]
     async fn resume_racing_publishes_with_delayed_deliveries() {
         for seed in 0..300u64 {
@@ -532,19 +555,7 @@ mod tests {
                     _ => {}
                 }
                 written.extend(seqs(&conn));
-                if let Some(HistoryRequest::Range { after, until }) =
-                    conn.with_core(|c| c.wants_history())
-                {
-                    let page = broker
-                        .history(stream, &epoch, after, until, rng.random_range(1..5))
-                        .await
-                        .unwrap();
-                    let page = page
-                        .into_iter()
-                        .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))
-                        .collect::<Vec<_>>();
-                    conn.with_core(|c| c.push_history(page)).unwrap();
-                }
+                read_page(&broker, &conn, &epoch, rng.random_range(1..5)).await;
             }
             // Everything arrives in the end.
             if !joined {
@@ -557,20 +568,9 @@ mod tests {
             delayed.release(usize::MAX);
             loop {
                 written.extend(seqs(&conn));
-                let Some(HistoryRequest::Range { after, until }) =
-                    conn.with_core(|c| c.wants_history())
-                else {
+                if !read_page(&broker, &conn, &epoch, 3).await {
                     break;
-                };
-                let page = broker
-                    .history(stream, &epoch, after, until, 3)
-                    .await
-                    .unwrap();
-                let page = page
-                    .into_iter()
-                    .map(|e| (e.seq, OutFrame::replayed(e).unwrap()))
-                    .collect::<Vec<_>>();
-                conn.with_core(|c| c.push_history(page)).unwrap();
+                }
             }
             let welcome = &written[0];
             assert_eq!(welcome["type"], "welcome", "seed {seed}");

@@ -67,14 +67,7 @@ async fn counters_equal_what_happened() {
     let _ = read_until_close(&mut b).await;
     wait_for_no_connections(&server).await;
 
-    let text = client()
-        .get(http_url(&server, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&server).await;
     let m = parse(&text);
     let get = |k: &str| {
         m.get(k)

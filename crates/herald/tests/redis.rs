@@ -259,14 +259,7 @@ async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
     let welcome = next_json(&mut again).await;
     assert_eq!(welcome["reset"], true, "{welcome}");
     assert_ne!(welcome["epoch"], w["epoch"]);
-    let metrics = client()
-        .get(http_url(&a, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&a).await;
     assert!(
         metrics.contains(r#"herald_resets_total{cause="unknown_epoch"}"#),
         "the reset is counted by cause"

@@ -207,6 +207,18 @@ pub async fn skip(d: Duration) {
     tokio::time::resume();
 }
 
+/// The server's `/metrics` text.
+pub async fn metrics_text(server: &Server) -> String {
+    client()
+        .get(http_url(server, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Wait until the server has no live connection (bounded).
 pub async fn wait_for_no_connections(server: &Server) {
     for _ in 0..500 {
