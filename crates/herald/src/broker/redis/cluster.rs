@@ -7,16 +7,25 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::pubsub::{deliver, refuse_waiting, resync_all, timed_out};
 use super::{COMMAND_TIMEOUT, MAX_RECONNECT_DELAY, RedisNodes, Shared, SubCmd, unavailable};
 use crate::broker::EventSink;
 
+/// Attempts to follow a moved slot before the connection is rebuilt.
+const FOLLOW_ATTEMPTS: u32 = 8;
+
 /// The pub/sub side on a Redis Cluster: one RESP3 cluster connection whose
 /// pushes arrive on a channel. Stream channels are sharded (SSUBSCRIBE on the
-/// slot's master; redis-rs resubscribes after reconnects and slot moves); the
-/// control and reply channels are ordinary (cluster-wide). A disconnection
-/// push resyncs every stream, once right after and once a little later.
+/// slot's master); the control and reply channels are ordinary
+/// (cluster-wide). A sharded subscription the server drops (its slot moved)
+/// is followed to the new master; when that cannot be confirmed, or a
+/// connection of the cluster drops, the whole connection is rebuilt: a new
+/// one subscribes to everything again and every stream is resynced. redis-rs
+/// repairs its cluster connection by itself too, but not always (concurrent
+/// slot refreshes can leave it with no connection at all), so Herald trusts
+/// only subscriptions it has seen confirmed.
 pub(super) async fn cluster_pubsub_task(
     shared: Arc<Shared>,
     sink: Weak<dyn EventSink>,
@@ -25,126 +34,160 @@ pub(super) async fn cluster_pubsub_task(
     let RedisNodes::Cluster(urls) = &shared.nodes else {
         return;
     };
-    let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
-    let client = match redis::cluster::ClusterClientBuilder::new(urls.clone())
-        .use_protocol(redis::ProtocolVersion::RESP3)
-        .push_sender(push_tx)
-        .connection_timeout(COMMAND_TIMEOUT)
-        .response_timeout(COMMAND_TIMEOUT)
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "redis cluster client");
-            return;
-        }
-    };
+    let (broken_tx, mut broken) = mpsc::unbounded_channel::<()>();
     let mut wanted: BTreeSet<String> = BTreeSet::new();
+    let mut rebuilt = false;
+    loop {
+        // A new client each time, so pushes of the old connection (its
+        // drops included) do not reach the new one.
+        let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+        let client = match redis::cluster::ClusterClientBuilder::new(urls.clone())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_tx)
+            .connection_timeout(COMMAND_TIMEOUT)
+            .response_timeout(COMMAND_TIMEOUT)
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "redis cluster client");
+                return;
+            }
+        };
+        let mut conn = connect(&client, &shared, &mut cmds, &mut wanted).await;
+        // Followers of the previous connection stop with it.
+        let generation = CancellationToken::new();
+        shared.pubsub_up.store(true, Ordering::Release);
+        if rebuilt {
+            metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
+            tracing::info!(
+                streams = wanted.len(),
+                "redis cluster pub/sub rebuilt; resyncing"
+            );
+            resync_all(&shared, &sink, &wanted).await;
+        } else {
+            shared.heartbeat().await;
+        }
+        rebuilt = true;
+        // Reports of the previous connection are stale.
+        while broken.try_recv().is_ok() {}
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => return,
+                    Some(SubCmd::Subscribe(stream, tx)) => {
+                        if wanted.contains(&stream) {
+                            let _ = tx.send(Ok(()));
+                            continue;
+                        }
+                        // One slot per channel: sharded subscriptions go one by one.
+                        let done = conn.ssubscribe(shared.channel(&stream)).await;
+                        if done.is_ok() {
+                            wanted.insert(stream);
+                        }
+                        let _ = tx.send(done.map_err(unavailable));
+                    }
+                    Some(SubCmd::Unsubscribe(stream)) => {
+                        if wanted.remove(&stream)
+                            && let Err(e) = conn.sunsubscribe(shared.channel(&stream)).await
+                        {
+                            tracing::warn!(error = %e, "redis sunsubscribe failed");
+                        }
+                    }
+                },
+                _ = broken.recv() => break,
+                push = pushes.recv() => {
+                    let Some(push) = push else { return };
+                    match push.kind {
+                        redis::PushKind::Message | redis::PushKind::SMessage => {
+                            let mut data = push.data.into_iter();
+                            let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                                continue;
+                            };
+                            let (Ok(channel), Ok(payload)) = (
+                                redis::from_redis_value::<String>(channel),
+                                redis::from_redis_value::<Vec<u8>>(payload),
+                            ) else {
+                                continue;
+                            };
+                            deliver(&shared, &sink, &channel, &payload);
+                        }
+                        redis::PushKind::SUnsubscribe => {
+                            // The server dropped a sharded subscription: its
+                            // slot moved to another master.
+                            let Some(channel) = push
+                                .data
+                                .into_iter()
+                                .next()
+                                .and_then(|c| redis::from_redis_value::<String>(c).ok())
+                            else {
+                                continue;
+                            };
+                            let Some(stream) = shared.stream_of(&channel).map(str::to_owned) else {
+                                continue;
+                            };
+                            tracing::debug!(stream = %stream, "sharded subscription dropped by the server");
+                            if wanted.contains(&stream) {
+                                metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
+                                let follow = follow_moved_slot(
+                                    shared.clone(),
+                                    sink.clone(),
+                                    conn.clone(),
+                                    stream,
+                                    broken_tx.clone(),
+                                );
+                                let generation = generation.clone();
+                                tokio::spawn(async move {
+                                    tokio::select! {
+                                        () = follow => {}
+                                        () = generation.cancelled() => {}
+                                    }
+                                });
+                            }
+                        }
+                        redis::PushKind::Disconnection => {
+                            tracing::warn!("a redis cluster pub/sub connection dropped; rebuilding");
+                            break;
+                        }
+                        other => tracing::debug!(kind = ?other, "redis push"),
+                    }
+                }
+            }
+        }
+        generation.cancel();
+        shared.pubsub_up.store(false, Ordering::Release);
+    }
+}
+
+/// A new cluster connection subscribed to the control and reply channels and
+/// to every wanted stream, retried with backoff until it is; subscriptions
+/// asked for meanwhile are refused (the hub fails those hellos fast).
+async fn connect(
+    client: &redis::cluster::ClusterClient,
+    shared: &Shared,
+    cmds: &mut mpsc::UnboundedReceiver<SubCmd>,
+    wanted: &mut BTreeSet<String>,
+) -> redis::cluster_async::ClusterConnection {
     let mut delay = Duration::from_millis(50);
-    let mut conn = loop {
+    loop {
         let connected = async {
             let mut c = client.get_async_connection().await?;
             c.subscribe(&[shared.control_channel(), shared.reply_channel(&shared.node)])
                 .await?;
+            for stream in wanted.iter() {
+                tokio::time::timeout(COMMAND_TIMEOUT, c.ssubscribe(shared.channel(stream)))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))?;
+            }
             Ok::<_, redis::RedisError>(c)
         };
-        let connected = tokio::time::timeout(COMMAND_TIMEOUT * 2, connected).await;
-        match connected.unwrap_or_else(|_| Err(timed_out())) {
-            Ok(c) => break c,
+        match connected.await {
+            Ok(c) => return c,
             Err(e) => {
-                refuse_waiting(&mut cmds, &mut wanted, &e.to_string());
+                shared.pubsub_up.store(false, Ordering::Release);
+                refuse_waiting(cmds, wanted, &e.to_string());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
-            }
-        }
-    };
-    shared.heartbeat().await;
-    for stream in &wanted {
-        if let Err(e) = conn.ssubscribe(shared.channel(stream)).await {
-            tracing::warn!(error = %e, "redis ssubscribe failed");
-        }
-    }
-    shared.pubsub_up.store(true, Ordering::Release);
-    loop {
-        tokio::select! {
-            cmd = cmds.recv() => match cmd {
-                None => return,
-                Some(SubCmd::Subscribe(stream, tx)) => {
-                    if wanted.contains(&stream) {
-                        let _ = tx.send(Ok(()));
-                        continue;
-                    }
-                    // One slot per channel: sharded subscriptions go one by one.
-                    let done = conn.ssubscribe(shared.channel(&stream)).await;
-                    if done.is_ok() {
-                        wanted.insert(stream);
-                    }
-                    let _ = tx.send(done.map_err(unavailable));
-                }
-                Some(SubCmd::Unsubscribe(stream)) => {
-                    if wanted.remove(&stream)
-                        && let Err(e) = conn.sunsubscribe(shared.channel(&stream)).await
-                    {
-                        tracing::warn!(error = %e, "redis sunsubscribe failed");
-                    }
-                }
-            },
-            push = pushes.recv() => {
-                let Some(push) = push else { return };
-                match push.kind {
-                    redis::PushKind::Message | redis::PushKind::SMessage => {
-                        let mut data = push.data.into_iter();
-                        let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
-                            continue;
-                        };
-                        let (Ok(channel), Ok(payload)) = (
-                            redis::from_redis_value::<String>(channel),
-                            redis::from_redis_value::<Vec<u8>>(payload),
-                        ) else {
-                            continue;
-                        };
-                        deliver(&shared, &sink, &channel, &payload);
-                    }
-                    redis::PushKind::SUnsubscribe => {
-                        // The server dropped a sharded subscription: its slot
-                        // moved to another master. Subscribe again until a
-                        // probe published on the channel comes back, then
-                        // catch up what was published meanwhile.
-                        let Some(channel) = push
-                            .data
-                            .into_iter()
-                            .next()
-                            .and_then(|c| redis::from_redis_value::<String>(c).ok())
-                        else {
-                            continue;
-                        };
-                        let Some(stream) = shared.stream_of(&channel).map(str::to_owned) else {
-                            continue;
-                        };
-                        tracing::debug!(stream = %stream, "sharded subscription dropped by the server");
-                        if wanted.contains(&stream) {
-                            metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
-                            tokio::spawn(follow_moved_slot(
-                                shared.clone(),
-                                sink.clone(),
-                                conn.clone(),
-                                stream,
-                            ));
-                        }
-                    }
-                    redis::PushKind::Disconnection => {
-                        metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
-                        tracing::warn!("a redis cluster pub/sub connection dropped; resyncing");
-                        let (shared, sink, streams) = (shared.clone(), sink.clone(), wanted.clone());
-                        tokio::spawn(async move {
-                            for wait in [Duration::from_millis(500), Duration::from_secs(2)] {
-                                tokio::time::sleep(wait).await;
-                                resync_all(&shared, &sink, &streams).await;
-                            }
-                        });
-                    }
-                    other => tracing::debug!(kind = ?other, "redis push"),
-                }
             }
         }
     }
@@ -152,16 +195,19 @@ pub(super) async fn cluster_pubsub_task(
 
 /// Resubscribe to `stream`'s sharded channel after its slot moved, until a
 /// probe this node publishes on it is received (so the subscription is known
-/// to be on the slot's new master), then resync the stream.
+/// to be on the slot's new master), then resync the stream. When that does
+/// not happen within a few attempts (about 2 s), the connection is reported
+/// `broken` and rebuilt.
 async fn follow_moved_slot(
     shared: Arc<Shared>,
     sink: Weak<dyn EventSink>,
     mut conn: redis::cluster_async::ClusterConnection,
     stream: String,
+    broken: mpsc::UnboundedSender<()>,
 ) {
     let channel = shared.channel(&stream);
-    for attempt in 0..40u32 {
-        tokio::time::sleep(Duration::from_millis(50) * attempt.min(10)).await;
+    for attempt in 0..FOLLOW_ATTEMPTS {
+        tokio::time::sleep(Duration::from_millis(50) * attempt).await;
         match tokio::time::timeout(COMMAND_TIMEOUT, conn.ssubscribe(&channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -197,5 +243,6 @@ async fn follow_moved_slot(
             return;
         }
     }
-    tracing::error!(stream = %stream, "could not resubscribe after a slot move");
+    tracing::warn!(stream = %stream, "could not resubscribe after a slot move; rebuilding");
+    let _ = broken.send(());
 }
