@@ -58,6 +58,14 @@ def test_real_deliveries_verify_and_tampering_does_not():
             verify_webhook("another-secret", headers, body)
         with pytest.raises(InvalidSignature):
             verify_webhook(HOOK_SECRET, headers, body, now=time.time() + 3600)
+        # The delivery id is signed: a replay under a new id, or without
+        # one, does not verify.
+        replayed = {**lower, "x-herald-delivery": "0" * 32}
+        with pytest.raises(InvalidSignature):
+            verify_webhook(HOOK_SECRET, replayed, body)
+        missing = {k: v for k, v in lower.items() if k != "x-herald-delivery"}
+        with pytest.raises(InvalidSignature):
+            verify_webhook(HOOK_SECRET, missing, body)
     finally:
         server.stop()
         hook.shutdown()

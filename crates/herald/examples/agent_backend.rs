@@ -23,7 +23,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use herald::agent::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, verify};
+use herald::agent::webhook::{
+    DELIVERY_HEADER, SIGNATURE_HEADER, SignedHeaders, TIMESTAMP_HEADER, verify,
+};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -57,11 +59,16 @@ async fn main() -> anyhow::Result<()> {
 async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let now = herald::auth::unix_now();
-    // 1. Verify the signature over the raw body, with a 5-minute replay window.
+    // 1. Verify the signature over the raw body and the delivery id, with a
+    //    5-minute replay window. (A backend that must not act twice on one
+    //    request also remembers delivery ids for that window.)
     if let Err(e) = verify(
         &b.secret,
-        header(TIMESTAMP_HEADER),
-        header(SIGNATURE_HEADER),
+        SignedHeaders {
+            timestamp: header(TIMESTAMP_HEADER),
+            delivery: header(DELIVERY_HEADER),
+            signature: header(SIGNATURE_HEADER),
+        },
         &body,
         now,
         Duration::from_secs(300),

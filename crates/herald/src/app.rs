@@ -90,6 +90,7 @@ impl App {
                 backend,
                 hub.broker().clone(),
                 config.message_dedupe_window,
+                config.in_flight,
                 tasks.clone(),
             )),
             hub,

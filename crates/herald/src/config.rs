@@ -68,6 +68,8 @@ declare_keys! {
     WEBHOOK_SECRET = "webhook_secret", None, "HMAC-SHA256 key for the X-Herald-Signature header (required with webhook_url)";
     WEBHOOK_TIMEOUT = "webhook_timeout", Some("5s"), "Timeout of one webhook attempt";
     WEBHOOK_RETRIES = "webhook_retries", Some("3"), "Webhook retries after the first attempt (on 5xx, 429, timeouts, connection errors)";
+    WEBHOOK_MAX_IN_FLIGHT = "webhook_max_in_flight", Some("1024"), "Agent backend requests in flight on this node; a user_message beyond it gets nack backend_busy at once";
+    WEBHOOK_MAX_IN_FLIGHT_PER_USER = "webhook_max_in_flight_per_user", Some("8"), "Agent backend requests in flight per user on this node; beyond it, nack backend_busy";
     MESSAGE_DEDUPE_WINDOW = "message_dedupe_window", Some("10m"), "A repeated user_message id within this window is acked again but forwarded once";
     INBOUND_RATE = "inbound_rate", Some("10"), "Inbound frames per second per connection (token bucket refill)";
     INBOUND_BURST = "inbound_burst", Some("20"), "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008";
@@ -399,6 +401,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// Bounds on agent backend requests in flight on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlightLimits {
+    /// In total.
+    pub total: usize,
+    /// Per user.
+    pub per_user: usize,
+}
+
 /// The typed, validated configuration of a server.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -418,6 +429,8 @@ pub struct Config {
     pub webhook: Option<WebhookConfig>,
     /// How long user message ids are remembered for deduplication.
     pub message_dedupe_window: Duration,
+    /// Bounds on agent backend requests in flight.
+    pub in_flight: InFlightLimits,
     /// Inbound rate limit per connection.
     pub rate_limit: RateLimit,
     /// True when neither a JWT key nor an API key was configured: both were
@@ -511,6 +524,10 @@ impl Config {
                 }),
             },
             message_dedupe_window: raw.required(key::MESSAGE_DEDUPE_WINDOW, duration)?,
+            in_flight: InFlightLimits {
+                total: raw.required(key::WEBHOOK_MAX_IN_FLIGHT, positive)?,
+                per_user: raw.required(key::WEBHOOK_MAX_IN_FLIGHT_PER_USER, positive)?,
+            },
             rate_limit: RateLimit {
                 per_second: raw.required(key::INBOUND_RATE, positive)? as f64,
                 burst: raw.required(key::INBOUND_BURST, positive)? as f64,

@@ -175,8 +175,8 @@ impl Server {
 
 /// Once a second: let the broker enforce history bounds and close runs
 /// silent for `run_ttl` (with an `agent_error` published like any event, so
-/// live clients and later resumes see it), drain the metrics recorder's
-/// buffers, and update history gauges.
+/// live clients and later resumes see it), forget expired message ids, drain
+/// the metrics recorder's buffers, and update gauges.
 async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -196,6 +196,10 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         if let Some(handle) = app.prometheus() {
             handle.run_upkeep();
         }
+        let inbound = app.inbound();
+        inbound.sweep(crate::clock::now());
+        metrics::gauge!(telemetry::MESSAGE_IDS_REMEMBERED).set(inbound.remembered() as f64);
+        metrics::gauge!(telemetry::BACKEND_IN_FLIGHT).set(inbound.in_flight() as f64);
         let stats = broker.stats();
         metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
         metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.bytes as f64);

@@ -42,8 +42,12 @@ pub const HISTORY_EVENTS: &str = "herald_history_events";
 pub const HISTORY_BYTES: &str = "herald_history_bytes";
 /// Counter: runs closed by the server after `run_ttl` of silence.
 pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
-/// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`).
+/// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`, `busy`).
 pub const MESSAGES: &str = "herald_user_messages_total";
+/// Gauge: user message ids remembered for deduplication on this node.
+pub const MESSAGE_IDS_REMEMBERED: &str = "herald_message_ids_remembered";
+/// Gauge: agent backend requests in flight on this node.
+pub const BACKEND_IN_FLIGHT: &str = "herald_backend_requests_in_flight";
 /// Counter: webhook attempts, labelled `outcome` (`ok`, `rejected`, `retryable_failure`).
 pub const WEBHOOK_REQUESTS: &str = "herald_webhook_requests_total";
 /// Counter: inbound frames dropped by the rate limit.

@@ -10,7 +10,11 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use common::*;
-use herald::agent::webhook::{SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookConfig};
+use herald::agent::webhook::Webhook;
+use herald::agent::webhook::{
+    DELIVERY_HEADER, SIGNATURE_HEADER, SignedHeaders, TIMESTAMP_HEADER, WebhookConfig,
+};
+use herald::agent::{AgentBackend, BackendRequest, CancelOut};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -165,8 +169,11 @@ async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
                 };
                 let ok = herald::agent::webhook::verify(
                     HOOK_SECRET,
-                    h(TIMESTAMP_HEADER).as_deref(),
-                    h(SIGNATURE_HEADER).as_deref(),
+                    SignedHeaders {
+                        timestamp: h(TIMESTAMP_HEADER).as_deref(),
+                        delivery: h(DELIVERY_HEADER).as_deref(),
+                        signature: h(SIGNATURE_HEADER).as_deref(),
+                    },
                     &body,
                     herald::auth::unix_now(),
                     Duration::from_secs(300),
@@ -254,6 +261,121 @@ async fn webhook_that_always_fails_yields_nack_and_4xx_is_not_retried() {
     let (nack, _) = until_type(&mut ws, "nack").await;
     assert_eq!(nack["error"], "backend_rejected");
     assert_eq!(hook.lock().attempts.len(), 1, "no retry on 400");
+}
+
+/// Issue 14, finding 2: a webhook URL with a secret in its userinfo and
+/// query reaches neither the client's `nack` nor the failure detail that is
+/// logged.
+#[tokio::test]
+async fn webhook_url_secrets_reach_neither_clients_nor_logs() {
+    // A port with nothing listening: every attempt is a connection error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://agent:PASSWORD@127.0.0.1:{port}/hook?token=BACKEND-SECRET");
+    let server = server_with_hook(url.clone()).await;
+    let (mut ws, _) = connect(&server, "liv").await;
+    send_json(&mut ws, message("m1", "hi")).await;
+    let (nack, _) = until_type(&mut ws, "nack").await;
+    assert_eq!(nack["error"], "backend_unavailable");
+    let text = nack.to_string();
+    for secret in ["BACKEND-SECRET", "PASSWORD", "/hook", &port.to_string()] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked to the client: {text}"
+        );
+    }
+
+    // What the log line carries: the failure detail, and the redacted URL.
+    let hook = Webhook::new(WebhookConfig {
+        url: url.clone(),
+        secret: HOOK_SECRET.to_owned(),
+        timeout: Duration::from_secs(1),
+        retries: 0,
+        backoff: Duration::from_millis(1),
+    })
+    .unwrap();
+    let req = BackendRequest::Cancel(CancelOut {
+        user_id: "liv".into(),
+        run_id: "r".into(),
+        conn_id: "c".into(),
+        received_at: "now".into(),
+    });
+    let err = hook.deliver(&req).await.unwrap_err().to_string();
+    assert!(err.contains("request failed"), "{err}");
+    assert!(
+        !err.contains("BACKEND-SECRET") && !err.contains("PASSWORD"),
+        "{err}"
+    );
+    let shown = herald::agent::webhook::redact(&url);
+    assert_eq!(shown, format!("http://127.0.0.1:{port}/hook"));
+}
+
+/// Issue 14, finding 4: a backend that never answers holds at most
+/// `webhook_max_in_flight_per_user` requests of one user and
+/// `webhook_max_in_flight` in total; further messages get `nack
+/// backend_busy` at once, and the places come back when requests end.
+#[tokio::test]
+async fn webhook_requests_in_flight_are_bounded_per_user_and_in_total() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            keep.lock().push(sock);
+        }
+    });
+    let mut cfg = config();
+    cfg.webhook = Some(WebhookConfig {
+        url: format!("http://{addr}/hook"),
+        secret: HOOK_SECRET.to_owned(),
+        timeout: Duration::from_secs(3),
+        retries: 0,
+        backoff: Duration::from_millis(1),
+    });
+    cfg.in_flight = herald::config::InFlightLimits {
+        total: 3,
+        per_user: 2,
+    };
+    let server = start_with(cfg).await;
+    let (mut a, _) = connect(&server, "ann").await;
+    for id in ["a1", "a2", "a3"] {
+        send_json(&mut a, message(id, "hi")).await;
+    }
+    // The third of ann's is refused at once (the first two hang for 3 s).
+    let nack = tokio::time::timeout(Duration::from_secs(1), until_type(&mut a, "nack"))
+        .await
+        .expect("busy is answered at once")
+        .0;
+    assert_eq!(
+        (nack["id"].as_str(), nack["error"].as_str()),
+        (Some("a3"), Some("backend_busy"))
+    );
+    assert!(nack["retry_after_ms"].as_u64().unwrap() > 0);
+    // Bob takes the last place in total; Cy finds none.
+    let (mut b, _) = connect(&server, "bob").await;
+    send_json(&mut b, message("b1", "hi")).await;
+    let (mut c, _) = connect(&server, "cy").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send_json(&mut c, message("c1", "hi")).await;
+    let nack = tokio::time::timeout(Duration::from_secs(1), until_type(&mut c, "nack"))
+        .await
+        .expect("busy is answered at once")
+        .0;
+    assert_eq!(nack["error"], "backend_busy");
+    // A busy id was not remembered: once the hung requests time out, the
+    // same id is forwarded (and fails as the backend does, not as busy).
+    let (first, _) = until_type(&mut a, "nack").await;
+    assert_eq!(first["error"], "backend_unavailable");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send_json(&mut c, message("c1", "hi")).await;
+    let (again, _) = until_type(&mut c, "nack").await;
+    assert_eq!(again["error"], "backend_unavailable", "{again}");
+    assert!(held.lock().len() >= 4, "the requests reached the backend");
 }
 
 #[tokio::test]

@@ -71,20 +71,29 @@ def verify_webhook(
     ``headers`` is any mapping of the request's headers (looked up
     case-insensitively) and ``body`` the raw request body, byte for byte as
     received. Raises :class:`InvalidSignature` when the signature is missing or
-    wrong (compared in constant time) or the timestamp is more than
-    ``tolerance`` seconds away from ``now``.
+    wrong (compared in constant time), the delivery id is missing, or the
+    timestamp is more than ``tolerance`` seconds away from ``now``.
+
+    The signature (``v2=``) covers the timestamp, the delivery id and the
+    body, so deduplicating on ``delivery_id`` is safe: a captured request
+    replayed under a new delivery id does not verify.
     """
     timestamp = _header(headers, TIMESTAMP_HEADER)
     signature = _header(headers, SIGNATURE_HEADER)
+    delivery = _header(headers, DELIVERY_HEADER)
     if timestamp is None or not timestamp.isdigit():
         raise InvalidSignature("missing or malformed X-Herald-Timestamp")
     current = time.time() if now is None else now
     if abs(current - int(timestamp)) > tolerance:
         raise InvalidSignature("timestamp outside the tolerance window")
-    if signature is None or not signature.startswith("v1="):
+    if delivery is None:
+        raise InvalidSignature("missing X-Herald-Delivery")
+    if signature is None or not signature.startswith("v2="):
         raise InvalidSignature("missing or malformed X-Herald-Signature")
     expected = hmac.new(
-        secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256
+        secret.encode(),
+        timestamp.encode() + b"." + delivery.encode() + b"." + body,
+        hashlib.sha256,
     ).hexdigest()
     if not hmac.compare_digest(expected, signature[3:]):
         raise InvalidSignature("signature mismatch")
@@ -92,7 +101,6 @@ def verify_webhook(
         payload = json.loads(body)
     except ValueError as e:
         raise InvalidSignature(f"signed body is not JSON: {e}") from e
-    delivery = _header(headers, DELIVERY_HEADER)
     kind = payload.get("type")
     if kind == "user_message":
         return UserMessage(

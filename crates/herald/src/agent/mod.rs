@@ -5,9 +5,17 @@
 //! A `user_message` is forwarded at most once per (user, `id`) within the
 //! dedupe window: a repeat while the first is in flight waits for its outcome,
 //! a repeat after it was accepted is acked at once, and a repeat after it
-//! failed is forwarded again. The ack (or nack) goes to the connection that
-//! sent the frame; delivery runs in its own task so a slow backend never
-//! stalls the connection.
+//! failed is forwarded again. Ids are remembered per user (at most
+//! [`MAX_REMEMBERED_PER_USER`] accepted ids each, one slot per id), so one
+//! busy user cannot push another's ids out of the window. The ack (or nack)
+//! goes to the connection that sent the frame; delivery runs in its own task
+//! so a slow backend never stalls the connection. Requests in flight are
+//! bounded per node and per user ([`InFlightLimits`]); beyond the bounds a
+//! message is answered `nack backend_busy` at once.
+//!
+//! Clients never see why the backend failed (the detail may name the
+//! webhook's URL or a Redis error): they get a fixed message per error code,
+//! and the detail goes to the log.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
@@ -22,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::BoxFuture;
 use crate::broker::{Broker, MessageClaim, user_stream};
+pub use crate::config::InFlightLimits;
 use crate::connection::{ConnShared, OutFrame};
 use crate::tasks::Tasks;
 use crate::telemetry;
@@ -86,6 +95,9 @@ pub enum DeliveryError {
         /// The last failure.
         detail: String,
     },
+    /// Too many requests are in flight (on this node, or for this user).
+    #[error("agent backend busy: too many requests in flight")]
+    Busy,
 }
 
 impl DeliveryError {
@@ -94,6 +106,19 @@ impl DeliveryError {
         match self {
             DeliveryError::Rejected { .. } => "backend_rejected",
             DeliveryError::Unavailable { .. } => "backend_unavailable",
+            DeliveryError::Busy => "backend_busy",
+        }
+    }
+
+    /// What the client is told (`nack.message`): fixed per code, without
+    /// the detail, which may carry the backend's URL or a Redis error.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            DeliveryError::Rejected { .. } => "the agent backend rejected the request",
+            DeliveryError::Unavailable { .. } => "the agent backend is unavailable; retry later",
+            DeliveryError::Busy => {
+                "too many requests are waiting for the agent backend; retry later"
+            }
         }
     }
 
@@ -102,6 +127,7 @@ impl DeliveryError {
         match self {
             DeliveryError::Rejected { .. } => None,
             DeliveryError::Unavailable { .. } => Some(5000),
+            DeliveryError::Busy => Some(1000),
         }
     }
 }
@@ -124,29 +150,95 @@ enum Seen {
     Accepted,
 }
 
+/// The message ids one user sent within the window.
 #[derive(Debug, Default)]
-struct Dedupe {
-    map: HashMap<(String, String), (Seen, Instant)>,
-    order: VecDeque<((String, String), Instant)>,
+struct UserSeen {
+    map: HashMap<String, (Seen, Instant)>,
+    /// Accepted ids, oldest first: one slot per id (in-flight ids are bounded
+    /// by the in-flight limits instead).
+    accepted: VecDeque<(String, Instant)>,
 }
 
-/// Most message ids remembered for deduplication.
-const MAX_REMEMBERED: usize = 200_000;
+/// Remembered message ids, per user.
+#[derive(Debug, Default)]
+struct Dedupe {
+    users: HashMap<String, UserSeen>,
+}
 
-impl Dedupe {
+/// Most accepted message ids remembered per user within the window; older
+/// ones are forgotten first (a retry of one would be forwarded again).
+pub const MAX_REMEMBERED_PER_USER: usize = 1024;
+
+impl UserSeen {
+    /// Forget accepted ids older than `window` or beyond the per-user bound.
     fn expire(&mut self, now: Instant, window: Duration) {
-        while let Some((key, at)) = self.order.front() {
-            if now.saturating_duration_since(*at) <= window && self.order.len() <= MAX_REMEMBERED {
+        while let Some((id, at)) = self.accepted.front() {
+            if now.saturating_duration_since(*at) <= window
+                && self.accepted.len() <= MAX_REMEMBERED_PER_USER
+            {
                 break;
             }
-            // Only forget the entry this order slot was for (not a later re-insert),
-            // and never an in-flight one.
-            if let Some((Seen::Accepted, t)) = self.map.get(key)
+            if let Some((Seen::Accepted, t)) = self.map.get(id)
                 && t == at
             {
-                self.map.remove(key);
+                self.map.remove(id);
             }
-            self.order.pop_front();
+            self.accepted.pop_front();
+        }
+    }
+
+    fn accept(&mut self, id: String, at: Instant) {
+        self.map.insert(id.clone(), (Seen::Accepted, at));
+        self.accepted.push_back((id, at));
+    }
+}
+
+impl Dedupe {
+    /// The user's record, expired first.
+    fn user(&mut self, user: &str, now: Instant, window: Duration) -> &mut UserSeen {
+        let seen = self.users.entry(user.to_owned()).or_default();
+        seen.expire(now, window);
+        seen
+    }
+
+    /// Drop what every user's window no longer covers, and users with
+    /// nothing left.
+    fn sweep(&mut self, now: Instant, window: Duration) {
+        self.users.retain(|_, seen| {
+            seen.expire(now, window);
+            !seen.map.is_empty()
+        });
+    }
+
+    /// Ids remembered in total (accepted and in flight).
+    fn len(&self) -> usize {
+        self.users.values().map(|s| s.map.len()).sum()
+    }
+}
+
+/// Requests in flight to the backend, in total and per user.
+#[derive(Debug, Default)]
+struct InFlight {
+    total: usize,
+    per_user: HashMap<String, usize>,
+}
+
+/// One request's place in [`InFlight`], given back on drop.
+#[derive(Debug)]
+struct Permit {
+    inbound: Arc<Inbound>,
+    user: String,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut f = self.inbound.in_flight.lock();
+        f.total = f.total.saturating_sub(1);
+        if let Some(n) = f.per_user.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                f.per_user.remove(&self.user);
+            }
         }
     }
 }
@@ -158,6 +250,8 @@ pub struct Inbound {
     broker: Arc<dyn Broker>,
     seen: Mutex<Dedupe>,
     window: Duration,
+    limits: InFlightLimits,
+    in_flight: Mutex<InFlight>,
     tasks: Tasks,
 }
 
@@ -174,6 +268,7 @@ impl Inbound {
         backend: Arc<dyn AgentBackend>,
         broker: Arc<dyn Broker>,
         window: Duration,
+        limits: InFlightLimits,
         tasks: Tasks,
     ) -> Self {
         Self {
@@ -181,8 +276,42 @@ impl Inbound {
             broker,
             seen: Mutex::new(Dedupe::default()),
             window,
+            limits,
+            in_flight: Mutex::new(InFlight::default()),
             tasks,
         }
+    }
+
+    /// A place for one request of `user`, or `None` when the node's or the
+    /// user's bound is reached.
+    fn permit(self: &Arc<Self>, user: &str) -> Option<Permit> {
+        let mut f = self.in_flight.lock();
+        let mine = f.per_user.get(user).copied().unwrap_or(0);
+        if f.total >= self.limits.total || mine >= self.limits.per_user {
+            return None;
+        }
+        f.total += 1;
+        *f.per_user.entry(user.to_owned()).or_default() += 1;
+        Some(Permit {
+            inbound: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// Forget message ids the window no longer covers (called by the
+    /// server's once-a-second sweep), so users who went quiet cost nothing.
+    pub(crate) fn sweep(&self, now: Instant) {
+        self.seen.lock().sweep(now, self.window);
+    }
+
+    /// Message ids remembered in total.
+    pub(crate) fn remembered(&self) -> usize {
+        self.seen.lock().len()
+    }
+
+    /// Backend requests in flight on this node.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.lock().total
     }
 
     /// Claim the message across nodes and forward it when this node won the
@@ -226,13 +355,12 @@ impl Inbound {
     /// Forward a user message (at most once per id and window) and answer the
     /// connection with `ack` or `nack`.
     pub(crate) fn submit_message(self: &Arc<Self>, conn: Arc<ConnShared>, msg: MessageOut) {
-        let key = (msg.user_id.clone(), msg.message_id.clone());
         let id = msg.message_id.clone();
         let now = crate::clock::now();
-        let tx = {
+        let (tx, permit) = {
             let mut seen = self.seen.lock();
-            seen.expire(now, self.window);
-            match seen.map.get(&key) {
+            let user = seen.user(&msg.user_id, now, self.window);
+            match user.map.get(&id) {
                 Some((Seen::Accepted, _)) => {
                     metrics::counter!(telemetry::MESSAGES, "outcome" => "duplicate").increment(1);
                     reply(&conn, &id, &Ok(()));
@@ -254,29 +382,33 @@ impl Inbound {
                     return;
                 }
                 None => {
+                    let Some(permit) = self.permit(&msg.user_id) else {
+                        metrics::counter!(telemetry::MESSAGES, "outcome" => "busy").increment(1);
+                        reply(&conn, &id, &Err(DeliveryError::Busy));
+                        return;
+                    };
                     let (tx, _) = watch::channel(None);
-                    seen.map
-                        .insert(key.clone(), (Seen::InFlight(tx.clone()), now));
-                    seen.order.push_back((key.clone(), now));
-                    tx
+                    user.map
+                        .insert(id.clone(), (Seen::InFlight(tx.clone()), now));
+                    (tx, permit)
                 }
             }
         };
         let this = self.clone();
         self.tasks.spawn(async move {
-            let stream = user_stream(&msg.user_id);
+            let user_id = msg.user_id.clone();
+            let stream = user_stream(&user_id);
             let req = BackendRequest::UserMessage(msg);
             let (outcome, forwarded) = this.forward_once(&req, &stream, &id).await;
+            drop(permit);
             {
                 let mut seen = this.seen.lock();
+                let at = crate::clock::now();
+                let user = seen.user(&user_id, at, this.window);
                 match &outcome {
-                    Ok(()) => {
-                        let at = crate::clock::now();
-                        seen.map.insert(key.clone(), (Seen::Accepted, at));
-                        seen.order.push_back((key, at));
-                    }
+                    Ok(()) => user.accept(id.clone(), at),
                     Err(_) => {
-                        seen.map.remove(&key);
+                        user.map.remove(&id);
                     }
                 }
             }
@@ -287,6 +419,9 @@ impl Inbound {
                 (Err(_), _) => "nack",
             };
             metrics::counter!(telemetry::MESSAGES, "outcome" => label).increment(1);
+            if let Err(e) = &outcome {
+                tracing::warn!(message_id = %id, error = %e, "user message not forwarded");
+            }
             reply(&conn, &id, &outcome);
             if outcome.is_ok() && forwarded {
                 this.backend.after_ack(req);
@@ -297,21 +432,32 @@ impl Inbound {
     /// Forward a cancel (the caller checked that the run is open and the
     /// user's). A failure is answered with an `error` frame.
     pub(crate) fn submit_cancel(self: &Arc<Self>, conn: Arc<ConnShared>, cancel: CancelOut) {
+        let Some(permit) = self.permit(&cancel.user_id) else {
+            send_error(&conn, &DeliveryError::Busy);
+            return;
+        };
         let this = self.clone();
         self.tasks.spawn(async move {
             let req = BackendRequest::Cancel(cancel);
-            match this.backend.deliver(&req).await {
+            let outcome = this.backend.deliver(&req).await;
+            drop(permit);
+            match outcome {
                 Ok(()) => this.backend.after_ack(req),
                 Err(e) => {
-                    let frame = ServerFrame::Error {
-                        code: e.code(),
-                        message: &e.to_string(),
-                    };
-                    let _ = conn.send(OutFrame::from(frame.to_json()));
+                    tracing::warn!(error = %e, "cancel not forwarded");
+                    send_error(&conn, &e);
                 }
             }
         });
     }
+}
+
+fn send_error(conn: &ConnShared, e: &DeliveryError) {
+    let frame = ServerFrame::Error {
+        code: e.code(),
+        message: e.client_message(),
+    };
+    let _ = conn.send(OutFrame::from(frame.to_json()));
 }
 
 fn reply(conn: &ConnShared, id: &str, outcome: &Outcome) {
@@ -324,7 +470,7 @@ fn reply(conn: &ConnShared, id: &str, outcome: &Outcome) {
         Err(e) => ServerFrame::Nack {
             id,
             error: e.code(),
-            message: Some(&e.to_string()),
+            message: Some(e.client_message()),
             retry_after_ms: e.retry_after_ms(),
         }
         .to_json(),
@@ -332,4 +478,70 @@ fn reply(conn: &ConnShared, id: &str, outcome: &Outcome) {
     // Refused if the connection is gone: the client resends the same id on
     // its next connection and is acked from the dedupe record.
     let _ = conn.send(OutFrame::from(frame));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(600);
+
+    /// Issue 14, finding 11: one busy user no longer evicts another user's
+    /// ids before the window ends (the old shared 200,000-slot queue did
+    /// after 100,000 messages of anyone).
+    #[test]
+    fn a_busy_user_does_not_evict_another_users_ids() {
+        let t0 = Instant::now();
+        let mut d = Dedupe::default();
+        d.user("quiet", t0, WINDOW).accept("m1".into(), t0);
+        for i in 0..250_000 {
+            let at = t0 + Duration::from_millis(i / 1000);
+            d.user("busy", at, WINDOW).accept(format!("b{i}"), at);
+        }
+        let later = t0 + Duration::from_secs(300);
+        assert!(
+            matches!(
+                d.user("quiet", later, WINDOW).map.get("m1"),
+                Some((Seen::Accepted, _))
+            ),
+            "the quiet user's id is still remembered inside the window"
+        );
+        // The busy user keeps only its own bound, one slot per id.
+        let busy = d.user("busy", later, WINDOW);
+        assert_eq!(busy.map.len(), MAX_REMEMBERED_PER_USER);
+        assert_eq!(busy.accepted.len(), MAX_REMEMBERED_PER_USER);
+        assert!(busy.map.contains_key("b249999") && !busy.map.contains_key("b0"));
+    }
+
+    #[test]
+    fn ids_expire_with_the_window_and_quiet_users_are_swept() {
+        let t0 = Instant::now();
+        let mut d = Dedupe::default();
+        d.user("a", t0, WINDOW).accept("m1".into(), t0);
+        d.user("b", t0, WINDOW)
+            .accept("m1".into(), t0 + Duration::from_secs(200));
+        d.sweep(t0 + WINDOW, WINDOW);
+        assert_eq!(d.len(), 2, "nothing is older than the window yet");
+        d.sweep(t0 + WINDOW + Duration::from_secs(1), WINDOW);
+        assert_eq!(d.len(), 1);
+        assert!(
+            !d.users.contains_key("a"),
+            "a user with nothing left is dropped"
+        );
+        d.sweep(t0 + WINDOW + Duration::from_secs(201), WINDOW);
+        assert!(d.users.is_empty());
+    }
+
+    /// An id accepted again (after it was forgotten) is one slot, and the
+    /// older slot of the same id does not forget the newer record.
+    #[test]
+    fn a_re_accepted_id_keeps_its_newer_record() {
+        let t0 = Instant::now();
+        let mut u = UserSeen::default();
+        u.accept("m".into(), t0);
+        u.accept("m".into(), t0 + Duration::from_secs(500));
+        u.expire(t0 + WINDOW + Duration::from_secs(1), WINDOW);
+        assert!(u.map.contains_key("m"));
+        assert_eq!(u.accepted.len(), 1);
+    }
 }

@@ -2,11 +2,15 @@
 //! and bounded retries (exponential backoff with full jitter) on 5xx, 429,
 //! timeouts and connection errors; no retry on other 4xx.
 //!
-//! Signature: `X-Herald-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`
-//! with `X-Herald-Timestamp: <unix seconds>`. A receiver recomputes it over the
-//! raw body and rejects timestamps outside its replay window ([`verify`]).
-//! `X-Herald-Delivery` is the same for every retry of one request, so a
-//! backend can deduplicate.
+//! Signature: `X-Herald-Signature: v2=<hex HMAC-SHA256(secret, "<timestamp>.<delivery>.<body>")>`
+//! with `X-Herald-Timestamp: <unix seconds>` and `X-Herald-Delivery: <id>`. A
+//! receiver recomputes it over the raw body and rejects timestamps outside its
+//! replay window ([`verify`]). The delivery id is the same for every retry of
+//! one request and is signed, so a backend can deduplicate on it: a captured
+//! request replayed with another id does not verify.
+//!
+//! The webhook URL may carry secrets (userinfo, a query token): it never
+//! reaches clients, and logs show it [`redact`]ed.
 
 use std::time::Duration;
 
@@ -43,13 +47,38 @@ impl Webhook {
     }
 }
 
-/// `hex(HMAC-SHA256(secret, "<timestamp>.<body>"))`.
-pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
+/// `hex(HMAC-SHA256(secret, "<timestamp>.<delivery>.<body>"))`.
+pub fn sign(secret: &str, timestamp: u64, delivery: &str, body: &[u8]) -> String {
+    hex::encode(
+        signed(secret, timestamp, delivery, body)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+fn signed(secret: &str, timestamp: u64, delivery: &str, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = mac(secret);
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
+    mac.update(delivery.as_bytes());
+    mac.update(b".");
     mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    mac
+}
+
+/// `url` without userinfo, query or fragment, for logs (the webhook URL may
+/// carry a backend's secret there).
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "<unparsable url>".to_owned(),
+    }
 }
 
 fn mac(secret: &str) -> Hmac<Sha256> {
@@ -69,7 +98,10 @@ pub enum VerifyError {
     /// The timestamp is outside the replay window.
     #[error("timestamp outside the replay window")]
     Stale,
-    /// The signature header is missing or not `v1=<hex>`.
+    /// The delivery id header is missing.
+    #[error("missing delivery id")]
+    MissingDelivery,
+    /// The signature header is missing or not `v2=<hex>`.
     #[error("missing or malformed signature")]
     BadSignature,
     /// The signature does not match.
@@ -77,32 +109,43 @@ pub enum VerifyError {
     Mismatch,
 }
 
-/// Verify a webhook request as a backend would: `timestamp` and `signature`
-/// are the header values, `now` is the receiver's unix time, `window` the
-/// accepted clock difference.
+/// The three signing headers of a webhook request, as received.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SignedHeaders<'a> {
+    /// `X-Herald-Timestamp`.
+    pub timestamp: Option<&'a str>,
+    /// `X-Herald-Delivery`.
+    pub delivery: Option<&'a str>,
+    /// `X-Herald-Signature`.
+    pub signature: Option<&'a str>,
+}
+
+/// Verify a webhook request as a backend would: `headers` are the signing
+/// headers, `now` is the receiver's unix time, `window` the accepted clock
+/// difference. Deduplicate on the delivery id afterwards: it is signed.
 pub fn verify(
     secret: &str,
-    timestamp: Option<&str>,
-    signature: Option<&str>,
+    headers: SignedHeaders<'_>,
     body: &[u8],
     now: u64,
     window: Duration,
 ) -> Result<(), VerifyError> {
-    let ts: u64 = timestamp
+    let ts: u64 = headers
+        .timestamp
         .and_then(|t| t.parse().ok())
         .ok_or(VerifyError::BadTimestamp)?;
     if now.abs_diff(ts) > window.as_secs() {
         return Err(VerifyError::Stale);
     }
-    let given = signature
-        .and_then(|s| s.strip_prefix("v1="))
+    let delivery = headers.delivery.ok_or(VerifyError::MissingDelivery)?;
+    let given = headers
+        .signature
+        .and_then(|s| s.strip_prefix("v2="))
         .and_then(|h| hex::decode(h).ok())
         .ok_or(VerifyError::BadSignature)?;
-    let mut mac = mac(secret);
-    mac.update(ts.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&given).map_err(|_| VerifyError::Mismatch)
+    signed(secret, ts, delivery, body)
+        .verify_slice(&given)
+        .map_err(|_| VerifyError::Mismatch)
 }
 
 impl AgentBackend for Webhook {
@@ -136,7 +179,7 @@ impl AgentBackend for Webhook {
                     .header(TIMESTAMP_HEADER, ts.to_string())
                     .header(
                         SIGNATURE_HEADER,
-                        format!("v1={}", sign(&self.cfg.secret, ts, &body)),
+                        format!("v2={}", sign(&self.cfg.secret, ts, &delivery, &body)),
                     )
                     .header(DELIVERY_HEADER, &delivery)
                     .body(body.clone())
@@ -165,13 +208,18 @@ impl AgentBackend for Webhook {
                         format!("HTTP {status}")
                     }
                     Err(e) if e.is_timeout() => "timeout".to_owned(),
-                    Err(e) => format!("request failed: {e}"),
+                    // Without the URL: it may hold the backend's secret.
+                    Err(e) => format!("request failed: {}", e.without_url()),
                 };
                 metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "retryable_failure").increment(1);
                 tracing::debug!(attempt, outcome = %outcome, "webhook attempt failed");
                 last = outcome;
             }
-            tracing::warn!(last = %last, "webhook delivery failed after retries");
+            tracing::warn!(
+                url = %redact(&self.cfg.url),
+                last = %last,
+                "webhook delivery failed after retries"
+            );
             Err(DeliveryError::Unavailable { detail: last })
         })
     }
@@ -184,28 +232,76 @@ mod tests {
     #[test]
     fn sign_and_verify_round_trip() {
         let body = br#"{"type":"user_message"}"#;
-        let sig = format!("v1={}", sign("s", 1000, body));
+        let sig = format!("v2={}", sign("s", 1000, "d1", body));
+        let h = SignedHeaders {
+            timestamp: Some("1000"),
+            delivery: Some("d1"),
+            signature: Some(&sig),
+        };
         let w = Duration::from_secs(300);
-        assert_eq!(verify("s", Some("1000"), Some(&sig), body, 1100, w), Ok(()));
+        assert_eq!(verify("s", h, body, 1100, w), Ok(()));
+        assert_eq!(verify("s", h, body, 2000, w), Err(VerifyError::Stale));
+        assert_eq!(verify("t", h, body, 1000, w), Err(VerifyError::Mismatch));
+        assert_eq!(verify("s", h, b"{}", 1000, w), Err(VerifyError::Mismatch));
+        let no_ts = SignedHeaders {
+            timestamp: None,
+            ..h
+        };
         assert_eq!(
-            verify("s", Some("1000"), Some(&sig), body, 2000, w),
-            Err(VerifyError::Stale)
-        );
-        assert_eq!(
-            verify("t", Some("1000"), Some(&sig), body, 1000, w),
-            Err(VerifyError::Mismatch)
-        );
-        assert_eq!(
-            verify("s", Some("1000"), Some(&sig), b"{}", 1000, w),
-            Err(VerifyError::Mismatch)
-        );
-        assert_eq!(
-            verify("s", None, Some(&sig), body, 1000, w),
+            verify("s", no_ts, body, 1000, w),
             Err(VerifyError::BadTimestamp)
         );
+        let bad_sig = SignedHeaders {
+            signature: Some("nope"),
+            ..h
+        };
         assert_eq!(
-            verify("s", Some("1000"), Some("nope"), body, 1000, w),
+            verify("s", bad_sig, body, 1000, w),
             Err(VerifyError::BadSignature)
         );
+        // The old scheme (timestamp and body only) is refused.
+        let v1 = SignedHeaders {
+            signature: Some("v1=00"),
+            ..h
+        };
+        assert_eq!(
+            verify("s", v1, body, 1000, w),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    /// A captured request replayed with a fresh delivery id (so that a
+    /// receiver deduplicating on it would take it again) does not verify.
+    #[test]
+    fn the_delivery_id_is_signed() {
+        let body = br#"{"type":"user_message"}"#;
+        let sig = format!("v2={}", sign("s", 1000, "d1", body));
+        let replay = SignedHeaders {
+            timestamp: Some("1000"),
+            delivery: Some("d2"),
+            signature: Some(&sig),
+        };
+        let w = Duration::from_secs(300);
+        assert_eq!(
+            verify("s", replay, body, 1000, w),
+            Err(VerifyError::Mismatch)
+        );
+        let missing = SignedHeaders {
+            delivery: None,
+            ..replay
+        };
+        assert_eq!(
+            verify("s", missing, body, 1000, w),
+            Err(VerifyError::MissingDelivery)
+        );
+    }
+
+    #[test]
+    fn redact_drops_userinfo_query_and_fragment() {
+        assert_eq!(
+            redact("https://user:pw@agent.example:8443/hook?token=SECRET#x"),
+            "https://agent.example:8443/hook"
+        );
+        assert_eq!(redact("not a url"), "<unparsable url>");
     }
 }
