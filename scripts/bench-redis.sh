@@ -6,7 +6,7 @@
 # redis-server; writes mem.json, redis1.json, redis2.json, redismem.txt to $PWD.
 set -euo pipefail
 B="$(cd "$(dirname "$0")/.." && pwd)/target/release"
-export HERALD_JWT_HS256_SECRET=bench-secret-0123456789abcdef HERALD_API_KEY=bench-api-key-0123
+export HERALD_JWT_HS256_SECRET=bench-secret-0123456789abcdefghijkl HERALD_API_KEY=bench-api-key-0123456789
 redis-server --port 6390 --save "" --appendonly no --bind 127.0.0.1 >/dev/null 2>&1 &
 RP=$!
 sleep 0.5

@@ -6,7 +6,7 @@ import { HeraldClient } from '../herald.js';
 import { startHerald, mintToken, api, until } from './helpers.mjs';
 
 let h;
-before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret', HERALD_API_KEY: 'node-key' }); });
+before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret-0123456789-abcdefghijklmn', HERALD_API_KEY: 'node-key-0123456789ab' }); });
 after(async () => { await h.stop(); });
 
 const url = () => `ws://${h.addr}/ws`;
@@ -89,7 +89,7 @@ test('asks the token callback again after 4403 and then connects', async () => {
 });
 
 test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async () => {
-  const h2 = await startHerald({ HERALD_JWT_HS256_SECRET: 's2', HERALD_API_KEY: 'k2', HERALD_DRAIN_WINDOW: '1s' });
+  const h2 = await startHerald({ HERALD_JWT_HS256_SECRET: 's2-0123456789-abcdefghijklmnopqrst', HERALD_API_KEY: 'k2-0123456789abcdef', HERALD_DRAIN_WINDOW: '1s' });
   const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken('s2', 'n5') });
   const closing = new Promise((r) => c.on('closing', r));
   const closed = new Promise((r) => c.on('close', r));

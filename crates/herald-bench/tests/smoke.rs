@@ -5,8 +5,8 @@
 use herald::{Config, Server};
 use serde_json::Value;
 
-const SECRET: &str = "bench-secret-0123456789";
-const API_KEY: &str = "bench-api-key";
+const SECRET: &str = "bench-secret-0123456789-abcdefghijklm";
+const API_KEY: &str = "bench-api-key-0123456789";
 const BIN: &str = env!("CARGO_BIN_EXE_herald-bench");
 
 async fn start() -> Server {

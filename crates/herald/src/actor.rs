@@ -391,7 +391,7 @@ impl Actor {
             .with_core(|c| c.authenticate(now, OutFrame::from(welcome), decision.plan));
         if authenticated.is_ok() {
             self.span.record("user_id", user);
-            self.set_expiry(claims.exp);
+            self.set_expiry(self.app.verifier().expires_at(&claims));
             tracing::debug!("hello accepted");
         }
     }
@@ -436,7 +436,7 @@ impl Actor {
             }
         });
         match result {
-            Ok(claims) => self.set_expiry(claims.exp),
+            Ok(claims) => self.set_expiry(self.app.verifier().expires_at(&claims)),
             Err(e) => self.reply(&Reply::Error {
                 code: codes::INVALID_TOKEN,
                 message: format!("refresh rejected: {e}"),

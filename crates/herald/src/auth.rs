@@ -45,9 +45,12 @@ pub enum AuthError {
     /// Longer than the token limit.
     #[error("token too long")]
     TooLong,
-    /// `exp` is in the past.
+    /// `exp` is in the past (beyond the leeway).
     #[error("token expired")]
     Expired,
+    /// `nbf` is in the future (beyond the leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
     /// Not a well-formed JWT, or a claim of the wrong type.
     #[error("malformed token")]
     Malformed,
@@ -111,6 +114,8 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.algorithms = vec![alg];
         validation.leeway = cfg.jwt_leeway.as_secs();
+        // `nbf`, when present, is checked with the same leeway as `exp`.
+        validation.validate_nbf = true;
         // A configured audience or issuer is *required*: jsonwebtoken checks
         // `aud`/`iss` only when present unless they are listed here.
         let mut required = vec!["exp", "sub"];
@@ -146,6 +151,7 @@ impl Verifier {
             jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                     ErrorKind::InvalidSignature => AuthError::BadSignature,
                     ErrorKind::InvalidAlgorithm
                     | ErrorKind::MissingAlgorithm
@@ -164,7 +170,7 @@ impl Verifier {
                 exp: Some(exp),
             } => Claims {
                 sub,
-                exp: exp.as_u64().ok_or(AuthError::Malformed)?,
+                exp: numeric_date(&exp).ok_or(AuthError::Malformed)?,
             },
             RawClaims { .. } => return Err(AuthError::Malformed),
         };
@@ -173,6 +179,24 @@ impl Verifier {
         }
         Ok(claims)
     }
+}
+
+impl Verifier {
+    /// When a verified token stops being accepted: its `exp` plus the
+    /// configured leeway (the connection's expiry timer fires then).
+    pub fn expires_at(&self, claims: &Claims) -> u64 {
+        claims.exp.saturating_add(self.validation.leeway)
+    }
+}
+
+/// A NumericDate (RFC 7519 §2): seconds since the epoch, integer or not;
+/// a fraction is dropped (the earlier second, never a later expiry).
+fn numeric_date(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f.floor() as u64)
+    })
 }
 
 /// Mint an HS256 token for `user` valid for `ttl` (for `herald token`, the dev
@@ -215,8 +239,57 @@ mod tests {
     use super::*;
     use base64::Engine;
 
+    const S: &str = "s3cret-0123456789-abcdefghijklmnop";
+
     fn verifier() -> Verifier {
-        Verifier::from_config(&Config::for_tests("s3cret", "k")).unwrap()
+        Verifier::from_config(&Config::for_tests(S, "k-0123456789abcdef")).unwrap()
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(S.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn with_leeway(secs: u64) -> Verifier {
+        let mut cfg = Config::for_tests(S, "k-0123456789abcdef");
+        cfg.jwt_leeway = Duration::from_secs(secs);
+        Verifier::from_config(&cfg).unwrap()
+    }
+
+    /// Issue 14, finding 9: `nbf` is enforced (with the leeway), a
+    /// fractional NumericDate `exp` is accepted, and the expiry the
+    /// connection's timer uses includes the leeway.
+    #[test]
+    fn time_claims_follow_rfc_7519() {
+        let now = unix_now();
+        let v = verifier();
+        let later = signed(serde_json::json!({"sub": "a", "exp": now + 7200, "nbf": now + 3600}));
+        assert_eq!(v.verify(&later), Err(AuthError::NotYetValid));
+        let soon = signed(serde_json::json!({"sub": "a", "exp": now + 7200, "nbf": now + 30}));
+        assert_eq!(v.verify(&soon), Err(AuthError::NotYetValid));
+        assert!(
+            with_leeway(60).verify(&soon).is_ok(),
+            "nbf within the leeway"
+        );
+        let started = signed(serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now - 1}));
+        assert!(v.verify(&started).is_ok());
+
+        let float = signed(serde_json::json!({"sub": "a", "exp": (now + 60) as f64 + 0.75}));
+        assert_eq!(v.verify(&float).map(|c| c.exp), Ok(now + 60));
+        for bad in [serde_json::json!(-5.0), serde_json::json!("soon")] {
+            let t = signed(serde_json::json!({"sub": "a", "exp": bad}));
+            assert!(v.verify(&t).is_err(), "{bad}");
+        }
+
+        let lenient = with_leeway(120);
+        let recent = signed(serde_json::json!({"sub": "a", "exp": now - 30}));
+        let claims = lenient.verify(&recent).unwrap();
+        assert_eq!(lenient.expires_at(&claims), now + 90);
+        assert_eq!(v.expires_at(&claims), now - 30);
     }
 
     fn b64(v: &str) -> String {
@@ -239,7 +312,7 @@ mod tests {
 
     #[test]
     fn valid_token_verifies() {
-        let t = mint_hs256("s3cret", "alice", Duration::from_secs(60)).unwrap();
+        let t = mint_hs256(S, "alice", Duration::from_secs(60)).unwrap();
         assert_eq!(verifier().verify(&t).unwrap().sub, "alice");
     }
 
@@ -267,7 +340,7 @@ mod tests {
                 sub: "a".into(),
                 exp,
             },
-            &EncodingKey::from_secret(b"s3cret"),
+            &EncodingKey::from_secret(S.as_bytes()),
         )
         .unwrap();
         assert_eq!(v.verify(&expired), Err(AuthError::Expired));
@@ -277,7 +350,7 @@ mod tests {
                 sub: "a".into(),
                 exp: unix_now() + 60,
             },
-            &EncodingKey::from_secret(b"s3cret"),
+            &EncodingKey::from_secret(S.as_bytes()),
         )
         .unwrap();
         assert_eq!(v.verify(&hs384), Err(AuthError::WrongAlgorithm));
@@ -290,11 +363,11 @@ mod tests {
             &NoSub {
                 exp: unix_now() + 60,
             },
-            &EncodingKey::from_secret(b"s3cret"),
+            &EncodingKey::from_secret(S.as_bytes()),
         )
         .unwrap();
         assert_eq!(v.verify(&nosub), Err(AuthError::MissingClaim("sub".into())));
-        let empty_sub = mint_hs256("s3cret", "", Duration::from_secs(60)).unwrap();
+        let empty_sub = mint_hs256(S, "", Duration::from_secs(60)).unwrap();
         assert_eq!(v.verify(&empty_sub), Err(AuthError::InvalidSub));
     }
 }

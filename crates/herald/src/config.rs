@@ -58,14 +58,14 @@ macro_rules! declare_keys {
 
 declare_keys! {
     ADDR = "addr", None, "Listen address. Default 127.0.0.1:8080, or 0.0.0.0:$PORT when PORT is set";
-    JWT_HS256_SECRET = "jwt_hs256_secret", None, "HS256 secret for client tokens. Unset with no public key: a development secret is generated";
+    JWT_HS256_SECRET = "jwt_hs256_secret", None, "HS256 secret for client tokens, at least 32 bytes. Required (or jwt_public_key_file) unless nothing is configured (development mode)";
     JWT_PUBLIC_KEY_FILE = "jwt_public_key_file", None, "PEM public key (RSA or EC P-256) for RS256/ES256 client tokens";
     JWT_AUDIENCE = "jwt_audience", None, "Required `aud` claim, if set";
     JWT_ISSUER = "jwt_issuer", None, "Required `iss` claim, if set";
-    JWT_LEEWAY = "jwt_leeway", Some("0s"), "Clock skew tolerated when checking `exp`";
-    API_KEY = "api_key", None, "Bearer key of the HTTP API. Unset: a development key is generated";
+    JWT_LEEWAY = "jwt_leeway", Some("0s"), "Clock skew tolerated when checking `exp` and `nbf` (the connection expires at exp + leeway)";
+    API_KEY = "api_key", None, "Bearer key of the HTTP API, at least 16 bytes. Required unless nothing is configured (development mode)";
     WEBHOOK_URL = "webhook_url", None, "Agent backend webhook for user messages and cancels. Unset: the built-in demo agent answers";
-    WEBHOOK_SECRET = "webhook_secret", None, "HMAC-SHA256 key for the X-Herald-Signature header (required with webhook_url)";
+    WEBHOOK_SECRET = "webhook_secret", None, "HMAC-SHA256 key for the X-Herald-Signature header, at least 16 bytes (required with webhook_url)";
     WEBHOOK_TIMEOUT = "webhook_timeout", Some("5s"), "Timeout of one webhook attempt";
     WEBHOOK_RETRIES = "webhook_retries", Some("3"), "Webhook retries after the first attempt (on 5xx, 429, timeouts, connection errors)";
     WEBHOOK_MAX_IN_FLIGHT = "webhook_max_in_flight", Some("1024"), "Agent backend requests in flight on this node; a user_message beyond it gets nack backend_busy at once";
@@ -159,6 +159,56 @@ pub enum ConfigError {
     /// The JWT public key file is unusable.
     #[error("config key `jwt_public_key_file`: {0}")]
     PublicKey(String),
+    /// A secret outside development mode is missing.
+    #[error(
+        "config key `{key}` is required: `{because}` is set, so this is not development mode \
+         (which runs only with none of {PRODUCTION_KEYS:?} set). {GENERATE}"
+    )]
+    Missing {
+        /// The missing key.
+        key: &'static str,
+        /// The configured key that rules development mode out.
+        because: &'static str,
+    },
+    /// `herald token` without a configured HS256 secret.
+    #[error(
+        "`herald token` signs with jwt_hs256_secret: set HERALD_JWT_HS256_SECRET to the \
+         server's (the one `herald serve` printed in development mode, or your own). {GENERATE}"
+    )]
+    NoTokenSecret,
+}
+
+/// How to make a strong secret, said wherever one is missing or weak.
+const GENERATE: &str = "Generate one with `openssl rand -base64 32`.";
+
+/// Keys that only a real deployment sets: with any of them, Herald does not
+/// generate secrets or serve the development token route.
+pub const PRODUCTION_KEYS: [&str; 7] = [
+    key::JWT_HS256_SECRET,
+    key::JWT_PUBLIC_KEY_FILE,
+    key::API_KEY,
+    key::WEBHOOK_URL,
+    key::WEBHOOK_SECRET,
+    key::REDIS_URL,
+    key::REDIS_CLUSTER_URLS,
+];
+
+/// Shortest HS256 secret accepted: the hash's output size (RFC 7518 §3.2).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+/// Shortest API key or webhook secret accepted.
+pub const MIN_KEY_BYTES: usize = 16;
+
+fn at_least(min: usize) -> impl Fn(&str) -> Result<String, String> {
+    move |v: &str| {
+        if v.len() < min {
+            Err(format!(
+                "{} bytes is too short to be secret: at least {min} are required. {GENERATE}",
+                v.len()
+            ))
+        } else {
+            Ok(v.to_owned())
+        }
+    }
 }
 
 /// Raw values per key with the layer each came from.
@@ -459,8 +509,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// Validate raw values into a config. Missing secrets are generated (and
-    /// `dev_mode` set when both were missing).
+    /// Validate raw values into a config. With none of [`PRODUCTION_KEYS`]
+    /// set, secrets are generated and `dev_mode` is on; with any of them, a
+    /// JWT key and an API key are required. Weak secrets are refused.
     pub fn from_raw(raw: &RawConfig) -> Result<Self, ConfigError> {
         let addr = raw
             .parse(key::ADDR, |v| {
@@ -468,10 +519,25 @@ impl Config {
                     .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080"))
             })?
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-        let secret = raw.parse(key::JWT_HS256_SECRET, non_empty)?;
+        let secret = raw.parse(key::JWT_HS256_SECRET, at_least(MIN_HS256_SECRET_BYTES))?;
         let key_file = raw.parse(key::JWT_PUBLIC_KEY_FILE, |v| Ok(PathBuf::from(v)))?;
-        let api_key = raw.parse(key::API_KEY, non_empty)?;
-        let dev_mode = secret.is_none() && key_file.is_none() && api_key.is_none();
+        let api_key = raw.parse(key::API_KEY, at_least(MIN_KEY_BYTES))?;
+        let production = PRODUCTION_KEYS.into_iter().find(|k| raw.get(k).is_some());
+        let dev_mode = production.is_none();
+        if let Some(because) = production {
+            if secret.is_none() && key_file.is_none() {
+                return Err(ConfigError::Missing {
+                    key: key::JWT_HS256_SECRET,
+                    because,
+                });
+            }
+            if api_key.is_none() {
+                return Err(ConfigError::Missing {
+                    key: key::API_KEY,
+                    because,
+                });
+            }
+        }
         let jwt_key = match (secret, key_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid {
@@ -508,13 +574,13 @@ impl Config {
                 None => None,
                 Some(url) => Some(WebhookConfig {
                     url,
-                    secret: raw.parse(key::WEBHOOK_SECRET, non_empty)?.ok_or(
-                        ConfigError::Invalid {
+                    secret: raw
+                        .parse(key::WEBHOOK_SECRET, at_least(MIN_KEY_BYTES))?
+                        .ok_or(ConfigError::Invalid {
                             key: key::WEBHOOK_SECRET,
                             layer: Layer::Default,
                             message: "required when webhook_url is set".to_owned(),
-                        },
-                    )?,
+                        })?,
                     timeout: raw.required(key::WEBHOOK_TIMEOUT, duration)?,
                     retries: raw.required(key::WEBHOOK_RETRIES, |v| {
                         v.parse::<u32>()
@@ -603,6 +669,13 @@ impl Config {
     }
 }
 
+/// The HS256 secret `herald token` signs with: `jwt_hs256_secret`, required
+/// and as strong as the server requires (nothing else is needed to mint).
+pub fn token_secret(raw: &RawConfig) -> Result<String, ConfigError> {
+    raw.parse(key::JWT_HS256_SECRET, at_least(MIN_HS256_SECRET_BYTES))?
+        .ok_or(ConfigError::NoTokenSecret)
+}
+
 /// 32 random bytes, URL-safe base64.
 pub fn random_secret() -> String {
     use base64::Engine;
@@ -649,19 +722,154 @@ mod tests {
         let file = dir.join("h.toml");
         std::fs::write(
             &file,
-            "addr = \"127.0.0.1:1\"\napi_key = \"file\"\nhello_timeout = \"3s\"\n",
+            "addr = \"127.0.0.1:1\"\napi_key = \"file-0123456789abcdef\"\nhello_timeout = \"3s\"\n",
         )
         .unwrap();
         let env = [
-            ("HERALD_API_KEY".to_owned(), "env".to_owned()),
+            (
+                "HERALD_API_KEY".to_owned(),
+                "env-0123456789abcdef".to_owned(),
+            ),
+            ("HERALD_JWT_HS256_SECRET".to_owned(), STRONG.to_owned()),
             ("HERALD_ADDR".to_owned(), "127.0.0.1:2".to_owned()),
         ];
         let raw = RawConfig::load(Some(&file), env, &flags(&[("addr", "127.0.0.1:3")])).unwrap();
         let c = Config::from_raw(&raw).unwrap();
         assert_eq!(c.addr, "127.0.0.1:3".parse().unwrap());
-        assert_eq!(c.api_key, "env");
+        assert_eq!(c.api_key, "env-0123456789abcdef");
         assert_eq!(c.lifecycle.hello_timeout, Duration::from_secs(3));
         assert!(!c.dev_mode);
+    }
+
+    const STRONG: &str = "0123456789abcdef0123456789abcdef";
+
+    fn from_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_raw(&RawConfig::load(None, env, &BTreeMap::new())?)
+    }
+
+    /// Issue 14, findings 6 and 7: development mode (generated secrets, the
+    /// token route) only when nothing production-like is configured; any
+    /// partial configuration names the missing key instead of generating a
+    /// secret nobody knows.
+    #[test]
+    fn partial_configuration_is_refused_naming_the_missing_key() {
+        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+            (
+                &[("HERALD_API_KEY", "k-0123456789abcdef")],
+                "jwt_hs256_secret",
+                "api_key",
+            ),
+            (
+                &[("HERALD_JWT_HS256_SECRET", STRONG)],
+                "api_key",
+                "jwt_hs256_secret",
+            ),
+            (
+                &[
+                    ("HERALD_WEBHOOK_URL", "http://agent.internal/hook"),
+                    ("HERALD_WEBHOOK_SECRET", "w-0123456789abcdef"),
+                ],
+                "jwt_hs256_secret",
+                "webhook_url",
+            ),
+            (
+                &[("HERALD_REDIS_URL", "redis://r:6379")],
+                "jwt_hs256_secret",
+                "redis_url",
+            ),
+        ];
+        for (env, missing, because) in cases {
+            let err = from_env(env).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Missing { key, because: b } if key == missing && b == because),
+                "{env:?}: {err}"
+            );
+            assert!(err.to_string().contains("openssl rand"), "{err}");
+        }
+        // A public key instead of the HS256 secret is enough.
+        let pem = std::env::temp_dir().join(format!("herald-pk-{}.pem", std::process::id()));
+        std::fs::write(&pem, "not checked here").unwrap();
+        let pem = pem.to_string_lossy().into_owned();
+        let c = from_env(&[
+            ("HERALD_JWT_PUBLIC_KEY_FILE", &pem),
+            ("HERALD_API_KEY", "k-0123456789abcdef"),
+        ])
+        .unwrap();
+        assert!(!c.dev_mode);
+        // Nothing at all, even listening on every interface: development mode.
+        let c = from_env(&[("PORT", "9000")]).unwrap();
+        assert!(c.dev_mode);
+        let full = from_env(&[
+            ("HERALD_JWT_HS256_SECRET", STRONG),
+            ("HERALD_API_KEY", "k-0123456789abcdef"),
+            ("HERALD_WEBHOOK_URL", "http://agent.internal/hook"),
+            ("HERALD_WEBHOOK_SECRET", "w-0123456789abcdef"),
+        ])
+        .unwrap();
+        assert!(!full.dev_mode);
+    }
+
+    /// Issue 14, finding 10: short secrets are refused, saying how to make one.
+    #[test]
+    fn weak_secrets_are_refused() {
+        let ok_key = ("HERALD_API_KEY", "k-0123456789abcdef");
+        let ok_jwt = ("HERALD_JWT_HS256_SECRET", STRONG);
+        let short_jwt = &STRONG[..31];
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("HERALD_JWT_HS256_SECRET", "x"), ok_key],
+                "jwt_hs256_secret",
+            ),
+            (
+                &[("HERALD_JWT_HS256_SECRET", short_jwt), ok_key],
+                "jwt_hs256_secret",
+            ),
+            (&[ok_jwt, ("HERALD_API_KEY", "k")], "api_key"),
+            (&[ok_jwt, ("HERALD_API_KEY", "0123456789abcde")], "api_key"),
+            (
+                &[
+                    ok_jwt,
+                    ok_key,
+                    ("HERALD_WEBHOOK_URL", "http://a/h"),
+                    ("HERALD_WEBHOOK_SECRET", "s"),
+                ],
+                "webhook_secret",
+            ),
+        ];
+        for (env, weak) in cases {
+            let err = from_env(env).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid { key, .. } if key == weak),
+                "{env:?}: {err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("too short") && text.contains("openssl rand"),
+                "{text}"
+            );
+        }
+        // Exactly the minimum passes.
+        from_env(&[
+            ("HERALD_JWT_HS256_SECRET", STRONG),
+            ("HERALD_API_KEY", "0123456789abcdef"),
+        ])
+        .unwrap();
+        let raw = RawConfig::load(
+            None,
+            [("HERALD_JWT_HS256_SECRET".to_owned(), "short".to_owned())],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(
+            token_secret(&raw).is_err(),
+            "herald token refuses a weak secret"
+        );
+        let raw = RawConfig::load(None, [], &BTreeMap::new()).unwrap();
+        assert!(matches!(
+            token_secret(&raw),
+            Err(ConfigError::NoTokenSecret)
+        ));
     }
 
     #[test]

@@ -107,17 +107,8 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(serve(config))
         }
         Cmd::Token { user, ttl, config } => {
-            let config = config.load()?;
-            let JwtKey::Hs256(secret) = &config.jwt_key else {
-                anyhow::bail!(
-                    "`herald token` signs with HS256; configure jwt_hs256_secret (HERALD_JWT_HS256_SECRET)"
-                );
-            };
-            if config.dev_mode {
-                anyhow::bail!(
-                    "no secret configured: set HERALD_JWT_HS256_SECRET (the one `herald serve` printed, or your own)"
-                );
-            }
+            let raw = RawConfig::load(config.file.as_deref(), std::env::vars(), &config.flags)?;
+            let secret = &herald::config::token_secret(&raw)?;
             println!("{}", auth::mint_hs256(secret, &user, Duration::from(ttl))?);
             Ok(())
         }
@@ -137,7 +128,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     {
         let demo = auth::mint_hs256(secret, "demo", Duration::from_secs(24 * 3600))?;
         tracing::warn!(
-            "DEVELOPMENT MODE: no secret or API key configured; generated ones for this run only"
+            "DEVELOPMENT MODE: nothing configured; a JWT secret and an API key were generated for this run only, and POST /dev/token mints tokens for loopback clients"
         );
         eprintln!(
             "\n  HERALD_JWT_HS256_SECRET={secret}\n  HERALD_API_KEY={}\n  a token for user `demo` (24h): {demo}\n",

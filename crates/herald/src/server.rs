@@ -227,9 +227,13 @@ async fn accept_loop(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let svc = router.clone().map_request(|req: Request<hyper::body::Incoming>| req.map(Body::new));
+                    // The peer address, for handlers that extract `ConnectInfo`.
+                    let svc = router.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                        req.map(Body::new)
+                    });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .max_buf_size(MAX_READ_BUFFER)
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))

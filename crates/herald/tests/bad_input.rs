@@ -200,6 +200,13 @@ async fn bad_tokens_close_with_4401_or_4403() {
     .unwrap();
     let long_sub =
         herald::auth::mint_hs256(SECRET, &"s".repeat(257), Duration::from_secs(60)).unwrap();
+    // Valid only in an hour (issue 14, finding 9).
+    let not_before = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "m", "exp": exp + 3600, "nbf": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     for (token, why) in [
         (wrong_secret.as_str(), "bad signature"),
         (none_alg.as_str(), ""),
@@ -207,6 +214,7 @@ async fn bad_tokens_close_with_4401_or_4403() {
         (no_exp.as_str(), "missing claim exp"),
         ("garbage", "malformed token"),
         (long_sub.as_str(), "invalid sub"),
+        (not_before.as_str(), "token not yet valid"),
         (&"x".repeat(9000), "token too long"),
     ] {
         let (code, reason) = hello_with(&server, token).await;
@@ -277,6 +285,36 @@ async fn token_expiry_closes_with_4403_and_refresh_extends() {
     skip(Duration::from_millis(2200)).await;
     send_json(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
+}
+
+/// Issue 14, finding 9: with a leeway, a token that expired less than the
+/// leeway ago is welcomed *and stays open* until `exp + leeway` (the expiry
+/// timer used to fire at `exp`, closing it 4403 right after the welcome);
+/// a fractional `exp` is accepted. On tokio's paused clock.
+#[tokio::test]
+async fn the_expiry_timer_honours_the_leeway() {
+    let mut cfg = config();
+    cfg.jwt_leeway = Duration::from_secs(120);
+    let server = start_with(cfg).await;
+    let now = herald::auth::unix_now();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "lee", "exp": (now - 30) as f64 + 0.5}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut ws = open(&server, &[], None).await;
+    send_json(&mut ws, json!({"type": "hello", "token": token})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    skip(Duration::from_secs(60)).await;
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(
+        next_json(&mut ws).await["type"],
+        "pong",
+        "open inside the leeway"
+    );
+    skip(Duration::from_secs(40)).await;
+    assert_eq!(expect_close(&mut ws, 4403).await, "token expired");
 }
 
 #[tokio::test]

@@ -136,17 +136,84 @@ fn token_without_a_secret_explains_what_to_set() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD_JWT_HS256_SECRET"));
 }
 
+/// Issue 14, findings 6 and 7, end to end: a webhook configured without a
+/// JWT secret or API key (the setup that used to serve an open token minter
+/// on 0.0.0.0), or only an API key, or only a secret, stops start-up naming
+/// what is missing; `herald token` with a secret but no API key still mints.
+#[test]
+fn partial_configuration_stops_the_server_naming_the_missing_key() {
+    let strong = "0123456789abcdef0123456789abcdef";
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[
+                ("PORT", "0"),
+                ("HERALD_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+                ("HERALD_WEBHOOK_SECRET", "w-0123456789abcdef"),
+            ],
+            "`jwt_hs256_secret` is required",
+        ),
+        (
+            &[("HERALD_API_KEY", "k-0123456789abcdef")],
+            "`jwt_hs256_secret` is required",
+        ),
+        (
+            &[("HERALD_JWT_HS256_SECRET", strong)],
+            "`api_key` is required",
+        ),
+        (
+            &[
+                ("HERALD_JWT_HS256_SECRET", "short"),
+                ("HERALD_API_KEY", "k-0123456789abcdef"),
+            ],
+            "too short",
+        ),
+    ];
+    for (env, says) in cases {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .env_remove("HERALD_JWT_HS256_SECRET")
+            .env_remove("HERALD_API_KEY")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{env:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{env:?}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["token", "--user", "a"])
+        .env_remove("HERALD_API_KEY")
+        .env("HERALD_JWT_HS256_SECRET", strong)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(token.trim().split('.').count(), 3, "{token}");
+}
+
 #[tokio::test]
 async fn json_logs_carry_conn_id_and_user_id() {
     let (mut child, addr, _, rx) = common::serve_with_logs(&[
         ("HERALD_ADDR", "127.0.0.1:0"),
-        ("HERALD_JWT_HS256_SECRET", "log-secret"),
-        ("HERALD_API_KEY", "log-key"),
+        (
+            "HERALD_JWT_HS256_SECRET",
+            "log-secret-0123456789-abcdefghijklmnop",
+        ),
+        ("HERALD_API_KEY", "log-key-0123456789abc"),
         ("HERALD_LOG_FORMAT", "json"),
         ("HERALD_LOG", "herald=debug"),
     ]);
     use futures_util::StreamExt;
-    let token = herald::auth::mint_hs256("log-secret", "logan", Duration::from_secs(60)).unwrap();
+    let token = herald::auth::mint_hs256(
+        "log-secret-0123456789-abcdefghijklmnop",
+        "logan",
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let (mut ws, _) = common::hello_at(&addr, &token).await;
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}

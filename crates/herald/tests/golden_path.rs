@@ -18,7 +18,7 @@ use herald::agent::{AgentBackend, BackendRequest, CancelOut};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
-const HOOK_SECRET: &str = "hook-secret";
+const HOOK_SECRET: &str = "hook-secret-0123456789";
 
 fn message(id: &str, text: &str) -> Value {
     json!({"type": "user_message", "id": id, "thread_id": "t1", "text": text})

@@ -1,13 +1,14 @@
 //! The embedded demo page, the browser client module, and the development
 //! token endpoint. Nothing is read from the file system.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
@@ -46,11 +47,21 @@ struct TokenRequest {
 
 /// `POST /dev/token {"user":"alice"}` → `{"token":"…"}`: a 24 h token signed
 /// with the generated development secret. The route exists only in
-/// zero-config development mode, never when a secret or key is configured.
+/// zero-config development mode, never when a secret or key is configured,
+/// and answers loopback peers only (403 otherwise), even when development
+/// mode listens on every interface (`PORT` set).
 pub(super) async fn dev_token(
     State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    if !is_loopback(peer.ip()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the development token route answers loopback clients only",
+        ));
+    }
     let body = body.map_err(|r| ApiError::new(r.status(), "bad_body", r.body_text()))?;
     let req: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -77,4 +88,30 @@ pub(super) async fn dev_token(
     let token = crate::auth::mint_hs256(secret, user, Duration::from_secs(24 * 3600))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(Json(json!({ "token": token })))
+}
+
+/// 127.0.0.0/8, ::1, and IPv4-mapped loopback (`::ffff:127.0.0.1`).
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn only_loopback_peers_may_mint_development_tokens() {
+        for ip in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "10.0.0.7",
+            "192.168.1.2",
+            "0.0.0.0",
+            "::ffff:10.0.0.7",
+            "2001:db8::1",
+        ] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
 }

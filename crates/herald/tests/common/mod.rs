@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SECRET: &str = "test-secret-0123456789";
-pub const API_KEY: &str = "test-api-key";
+pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
+pub const API_KEY: &str = "test-api-key-0123456789";
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
