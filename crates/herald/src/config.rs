@@ -754,7 +754,8 @@ mod tests {
     /// secret nobody knows.
     #[test]
     fn partial_configuration_is_refused_naming_the_missing_key() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        type Env<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Env, &str, &str)] = &[
             (
                 &[("HERALD_API_KEY", "k-0123456789abcdef")],
                 "jwt_hs256_secret",
