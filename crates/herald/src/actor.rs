@@ -22,20 +22,26 @@ use herald_core::session::{self, Inbound, Reply};
 use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
 use tracing::Instrument;
 
+use crate::admission::Slot;
 use crate::agent::{CancelOut, MessageOut};
 use crate::app::App;
 use crate::auth::AuthError;
 use crate::broker::{StoredEvent, user_stream};
 use crate::clock;
 use crate::connection::{ConnShared, OutFrame};
-use crate::hub::JoinError;
+use crate::hub::{JoinError, KICKED};
 use crate::telemetry::{self, Stats};
 
 /// Events read from history per page during a catch-up.
 const HISTORY_PAGE: usize = 256;
 
 /// Run one connection from upgrade to cleanup.
-pub(crate) async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<String>) {
+pub(crate) async fn run(
+    socket: WebSocket,
+    app: Arc<App>,
+    header_token: Option<String>,
+    slot: Slot,
+) {
     let conn = Arc::new(ConnShared::new(
         app.next_conn_id(),
         app.config().lifecycle.clone(),
@@ -57,6 +63,7 @@ pub(crate) async fn run(socket: WebSocket, app: Arc<App>, header_token: Option<S
         conn,
         app,
         header_token,
+        slot,
         span: span.clone(),
         bucket: Bucket::new(rate, clock::now()),
     };
@@ -68,6 +75,8 @@ struct Actor {
     conn: Arc<ConnShared>,
     app: Arc<App>,
     header_token: Option<String>,
+    /// This connection's place under the admission bounds (freed on drop).
+    slot: Slot,
     span: tracing::Span,
     bucket: Bucket,
 }
@@ -294,6 +303,8 @@ impl Actor {
     /// on), read its position, decide resume or reset, and queue the welcome;
     /// the catch-up then replays history and merges it with the held events.
     async fn on_hello(&mut self, hello: Hello) {
+        // A kick from now on reaches this connection, joined or not yet.
+        let kick_mark = self.app.hub().kick_mark();
         let Some(token) = hello.token.clone().or_else(|| self.header_token.take()) else {
             self.close(
                 CloseReason::Unauthorized,
@@ -327,6 +338,7 @@ impl Actor {
                 &stream,
                 &self.conn,
                 self.app.config().max_connections_per_user,
+                kick_mark,
             )
             .await;
         let position = match joined {
@@ -350,6 +362,10 @@ impl Actor {
             }
             // Closing already (e.g. shutdown raced the hello): nothing to do.
             Err(JoinError::NotHandshaking) => return,
+            Err(JoinError::Kicked) => {
+                self.close(CloseReason::Kicked, Initiator::Server, KICKED);
+                return;
+            }
             Err(JoinError::Broker(e)) => {
                 tracing::warn!(error = %e, "broker failed at hello");
                 self.close(
@@ -390,6 +406,7 @@ impl Actor {
             .conn
             .with_core(|c| c.authenticate(now, OutFrame::from(welcome), decision.plan));
         if authenticated.is_ok() {
+            self.slot.authenticated();
             self.span.record("user_id", user);
             self.set_expiry(self.app.verifier().expires_at(&claims));
             tracing::debug!("hello accepted");

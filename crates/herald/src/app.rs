@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::admission::Admission;
 use crate::agent::demo::DemoAgent;
 use crate::agent::webhook::Webhook;
 use crate::agent::{AgentBackend, Inbound};
@@ -39,6 +40,7 @@ pub(crate) struct App {
     config: Config,
     verifier: Verifier,
     hub: Arc<Hub>,
+    admission: Arc<Admission>,
     inbound: Arc<Inbound>,
     stats: Arc<Stats>,
     prometheus: Option<PrometheusHandle>,
@@ -94,6 +96,10 @@ impl App {
                 tasks.clone(),
             )),
             hub,
+            admission: Arc::new(Admission::new(
+                config.max_connections,
+                config.max_pending_connections,
+            )),
             stats,
             verifier,
             prometheus,
@@ -118,6 +124,11 @@ impl App {
     /// This node's connections.
     pub(crate) fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// The bounds on live and unauthenticated connections.
+    pub(crate) fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Where events live.

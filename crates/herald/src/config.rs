@@ -82,6 +82,7 @@ declare_keys! {
     QUEUE_MAX_BYTES = "queue_max_bytes", Some("4194304"), "Outbound queue bound in bytes per connection (else close 4001)";
     MAX_MESSAGE_BYTES = "max_message_bytes", Some("65536"), "Largest inbound WebSocket message (else close 1009)";
     MAX_CONNECTIONS = "max_connections", Some("100000"), "Live WebSocket connections in total; further upgrades get HTTP 503";
+    MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
     MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
     INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
     HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
@@ -496,6 +497,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Per-user live connection limit.
     pub max_connections_per_user: usize,
+    /// Limit on connections before their `hello` is accepted.
+    pub max_pending_connections: usize,
     /// Drain window on shutdown.
     pub drain_window: Duration,
     /// Per-stream history retention.
@@ -613,6 +616,7 @@ impl Config {
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
+            max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,
             drain_window: raw.required(key::DRAIN_WINDOW, duration)?,
             stream_limits: StreamLimits {
                 max_events: raw.required(key::HISTORY_MAX_EVENTS, positive)?,

@@ -8,7 +8,7 @@
 //! not block.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::broker::{
@@ -30,6 +30,9 @@ pub enum JoinError {
     /// The connection started closing before it could join.
     #[error("connection is no longer handshaking")]
     NotHandshaking,
+    /// The user was kicked while this connection was registering.
+    #[error("the user was disconnected while this connection registered")]
+    Kicked,
     /// The broker could not confirm the subscription.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -41,6 +44,13 @@ pub(crate) trait LocalRuns: Send + Sync + std::fmt::Debug {
     /// Stop `run_id` of `user` if it runs here; true if it did.
     fn cancel(&self, user: &str, run_id: &str) -> bool;
 }
+
+/// The close detail of a kicked connection.
+pub(crate) const KICKED: &str = "disconnected by the server";
+
+/// How long a kick is remembered for connections that were registering when
+/// it happened (far longer than the step from hello to join takes).
+const KICK_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One stream's local connections.
 type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
@@ -58,6 +68,10 @@ pub struct Hub {
     empty: tokio::sync::Notify,
     /// Deliveries queued, resolved once instead of per event.
     events_queued: metrics::Counter,
+    /// Kicks so far (each kick's number is the count after it).
+    kick_seq: AtomicU64,
+    /// The last kick of each recently kicked stream: its number and time.
+    kicks: DashMap<Arc<str>, (u64, Instant)>,
 }
 
 impl Hub {
@@ -72,7 +86,34 @@ impl Hub {
             stats,
             empty: tokio::sync::Notify::new(),
             events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
+            kick_seq: AtomicU64::new(0),
+            kicks: DashMap::new(),
         }
+    }
+
+    /// The kick count now: read when a hello arrives, before the token is
+    /// verified, and handed to [`Hub::join`], which refuses the connection if
+    /// its user was kicked since.
+    pub(crate) fn kick_mark(&self) -> u64 {
+        self.kick_seq.load(Ordering::Acquire)
+    }
+
+    /// Kick `stream`: close its joined connections, and make connections
+    /// registering right now fail their join. Returns how many closes this
+    /// call decided.
+    pub(crate) fn kick(&self, stream: &str) -> usize {
+        let n = self.kick_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        // Recorded before the list is read: a join either sees the kick or
+        // was already in the list.
+        self.kicks
+            .insert(Arc::from(stream), (n, crate::clock::now()));
+        self.close_stream(stream, CloseReason::Kicked, KICKED)
+    }
+
+    /// Forget kicks older than [`KICK_MEMORY`] (from the once-a-second sweep).
+    pub(crate) fn prune_kicks(&self, now: Instant) {
+        self.kicks
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < KICK_MEMORY);
     }
 
     /// Live connections (any state but closed).
@@ -96,12 +137,14 @@ impl Hub {
 
     /// Add `conn` to `stream`'s local connections (held events from now on,
     /// see [`herald_core::catchup`]) and wait until the broker's deliveries
-    /// for the stream are certain to reach this node.
+    /// for the stream are certain to reach this node. Refused when the user
+    /// was kicked after `kick_mark` was read.
     pub(crate) async fn join(
         &self,
         stream: &str,
         conn: &Arc<ConnShared>,
         max_per_user: usize,
+        kick_mark: u64,
     ) -> Result<(), JoinError> {
         let confirmed = loop {
             let entry = match self.streams.get(stream) {
@@ -117,6 +160,13 @@ impl Hub {
                 .is_some_and(|e| Arc::ptr_eq(&e, &entry))
             {
                 continue;
+            }
+            if self
+                .kicks
+                .get(stream)
+                .is_some_and(|k| k.value().0 > kick_mark)
+            {
+                return Err(JoinError::Kicked);
             }
             if list.len() >= max_per_user {
                 return Err(JoinError::UserFull);
@@ -348,11 +398,7 @@ impl EventSink for Hub {
     fn answer(&self, request: &FleetRequest) -> FleetReply {
         match request {
             FleetRequest::Kick { stream } => FleetReply {
-                closed: self.close_stream(
-                    stream,
-                    CloseReason::Kicked,
-                    "disconnected by the server",
-                ),
+                closed: self.kick(stream),
                 ..FleetReply::default()
             },
             FleetRequest::CancelRun { user, run_id } => FleetReply {
@@ -494,6 +540,58 @@ mod tests {
         }
     }
 
+    fn memory_hub() -> Arc<Hub> {
+        Arc::new_cyclic(|hub: &Weak<Hub>| {
+            let sink: Weak<dyn EventSink> = hub.clone();
+            let broker: Arc<dyn Broker> =
+                Arc::new(MemoryBroker::new(StreamLimits::default(), 1 << 20, sink));
+            Hub::new("test".into(), broker, Arc::new(Stats::default()))
+        })
+    }
+
+    /// Issue 14, finding 14: a kick closes the user's connections that are
+    /// joined *and* those registering at that moment (hello read, token
+    /// verified, not yet joined); a connection whose hello comes after the
+    /// kick is not affected. Before the fix, the registering one joined and
+    /// stayed open.
+    #[tokio::test]
+    async fn a_kick_reaches_connections_in_the_middle_of_hello() {
+        let hub = memory_hub();
+        let stream = "user:k";
+        let cfg = LifecycleConfig::default();
+        let joined = Arc::new(ConnShared::new(1, cfg.clone()));
+        let registering = Arc::new(ConnShared::new(2, cfg.clone()));
+        let later = Arc::new(ConnShared::new(3, cfg));
+        for c in [&joined, &registering, &later] {
+            hub.insert(c.clone());
+        }
+        hub.join(stream, &joined, 32, hub.kick_mark())
+            .await
+            .unwrap();
+        // `registering` read its mark (its hello arrived), then the kick came.
+        let mark = hub.kick_mark();
+        assert_eq!(hub.kick(stream), 1, "the joined connection is closed");
+        assert_eq!(joined.state(), State::Closing);
+        assert_eq!(
+            hub.join(stream, &registering, 32, mark).await,
+            Err(JoinError::Kicked)
+        );
+        // A hello after the kick joins normally.
+        hub.join(stream, &later, 32, hub.kick_mark()).await.unwrap();
+        // Kicking a user with no connection here still reaches registrations.
+        let other = Arc::new(ConnShared::new(4, LifecycleConfig::default()));
+        hub.insert(other.clone());
+        let mark = hub.kick_mark();
+        assert_eq!(hub.kick("user:nobody"), 0);
+        assert_eq!(
+            hub.join("user:nobody", &other, 32, mark).await,
+            Err(JoinError::Kicked)
+        );
+        // Kicks are forgotten after a while.
+        hub.prune_kicks(crate::clock::now() + KICK_MEMORY);
+        assert!(hub.kicks.is_empty());
+    }
+
     #[tokio::test]
     async fn resume_racing_publishes_with_delayed_deliveries() {
         let mut closed_seeds = 0;
@@ -557,7 +655,7 @@ mod tests {
                     }
                     2 => delayed.release(rng.random_range(1..4)),
                     3 if !joined => {
-                        hub.join(stream, &conn, 32).await.unwrap();
+                        hub.join(stream, &conn, 32, hub.kick_mark()).await.unwrap();
                         joined = true;
                     }
                     // The position read and the welcome are separate steps,
@@ -593,7 +691,7 @@ mod tests {
             }
             // Everything arrives in the end.
             if !joined {
-                hub.join(stream, &conn, 32).await.unwrap();
+                hub.join(stream, &conn, 32, hub.kick_mark()).await.unwrap();
             }
             assert!(welcomed || step >= 400, "seed {seed}");
             if !welcomed {

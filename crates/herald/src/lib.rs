@@ -8,6 +8,7 @@
 //! - [`server`]: listener (large backlog), accept loop, sweeper, drain.
 //! - `http`: the router — publish/kick/inspect API, health, metrics, the
 //!   `GET /ws` upgrade, the embedded demo page.
+//! - `admission`: the bounds on live and not-yet-authenticated sockets.
 //! - `actor`: one task per socket, the only writer; carries out what the core
 //!   decides (inbound frames, join and catch-up, timers).
 //! - `app`: the state one server shares (config, verifier, hub, broker, agent).
@@ -38,6 +39,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 mod actor;
+mod admission;
 pub mod agent;
 mod app;
 pub mod auth;

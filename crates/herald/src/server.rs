@@ -196,6 +196,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         if let Some(handle) = app.prometheus() {
             handle.run_upkeep();
         }
+        app.hub().prune_kicks(crate::clock::now());
         let inbound = app.inbound();
         inbound.sweep(crate::clock::now());
         metrics::gauge!(telemetry::MESSAGE_IDS_REMEMBERED).set(inbound.remembered() as f64);

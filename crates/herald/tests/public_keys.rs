@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::*;
 use herald::config::JwtKey;
@@ -160,4 +161,59 @@ async fn total_connection_limit_refuses_upgrades_with_503() {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
         other => panic!("expected 503, got {other:?}"),
     }
+}
+
+/// Issue 14, finding 8: sockets that never say `hello` have their own,
+/// smaller bound, so they cannot take the places of authenticated users;
+/// the places come back when the hello timeout closes them.
+#[tokio::test]
+async fn sockets_before_hello_have_their_own_bound() {
+    let mut cfg = config();
+    cfg.max_connections = 20;
+    cfg.max_pending_connections = 5;
+    cfg.lifecycle.hello_timeout = Duration::from_millis(500);
+    let server = start_with(cfg).await;
+    let mut users = Vec::new();
+    for i in 0..10 {
+        users.push(connect(&server, &format!("u{i}")).await.0);
+    }
+    let mut anonymous = Vec::new();
+    for _ in 0..5 {
+        anonymous.push(open(&server, &[], None).await);
+    }
+    let refused = |r| match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body =
+                String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned();
+            (resp.status().as_u16(), body)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (status, body) = refused(tokio_tungstenite::connect_async(ws_url(&server)).await);
+    assert_eq!(status, 503);
+    assert!(body.contains("\"pending\""), "{body}");
+    assert_eq!(
+        server.hub().len(),
+        15,
+        "the total bound (20) is not what refused it"
+    );
+    // The connected users are unaffected.
+    send_json(&mut users[0], json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut users[0]).await["type"], "pong");
+    // The hello timeout frees the places; a new user gets in.
+    for ws in &mut anonymous {
+        expect_close(ws, 4408).await;
+    }
+    let mut ok = false;
+    for _ in 0..50 {
+        if tokio_tungstenite::connect_async(ws_url(&server))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "places before hello come back");
 }

@@ -1,5 +1,5 @@
-//! `GET /ws`: the WebSocket upgrade. Refuses upgrades while draining or at
-//! capacity (HTTP 503), picks up a token from the `Authorization` header or a
+//! `GET /ws`: the WebSocket upgrade. Refuses upgrades while draining, at
+//! capacity or with too many connections before `hello` (HTTP 503), picks up a token from the `Authorization` header or a
 //! `bearer.<jwt>` subprotocol, and hands the socket to its actor.
 
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use herald_core::protocol::{BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
 
 use super::ApiError;
+use crate::admission::Refusal;
 use crate::app::App;
 use crate::{actor, telemetry};
 
@@ -43,15 +44,19 @@ pub(super) async fn upgrade(
         )
         .into_response();
     }
-    if app.hub().len() >= app.config().max_connections {
-        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "capacity").increment(1);
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "capacity",
-            "server is at its connection limit",
-        )
-        .into_response();
-    }
+    // Checked and taken in one step; held by the connection until it ends.
+    let slot = match app.admission().admit() {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::Capacity => "capacity",
+                Refusal::Pending => "pending",
+            };
+            metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => code).increment(1);
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, refusal.to_string())
+                .into_response();
+        }
+    };
     let token = crate::auth::bearer_token(&headers)
         .map(str::to_owned)
         .or_else(|| bearer_subprotocol(&headers));
@@ -62,7 +67,7 @@ pub(super) async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| actor::run(socket, app, token))
+        .on_upgrade(move |socket| actor::run(socket, app, token, slot))
 }
 
 fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
