@@ -10,7 +10,12 @@
 //!   Eviction (count, age, global byte pressure) takes from its front.
 //! - `pinned`: events older than the window that belong to a run still open;
 //!   they are kept so a page opened mid-run can replay the whole run, and
-//!   dropped when the run closes.
+//!   dropped when the run closes. Each open run indexes its events' seqs, so
+//!   closing a run costs its own events, not the stream's.
+//! - Runs are bounded: a run holding more than `max_run_bytes`, or open runs
+//!   together holding more than `max_runs_bytes` of a stream, are reported
+//!   by [`Stream::oversized_runs`]; the broker closes them with `agent_error
+//!   {reason: "run_too_large"}`, which unpins their events.
 //!
 //! A resume from `seq = s` is honoured only if every event after `s` is still
 //! in the window; otherwise the answer is [`ResumeDecision::Reset`] — fail
@@ -52,6 +57,10 @@ pub struct StreamLimits {
     pub idempotency_window: Duration,
     /// Most idempotency keys remembered per stream.
     pub max_idempotency_keys: usize,
+    /// Most payload bytes one open run may hold (window and pinned).
+    pub max_run_bytes: usize,
+    /// Most payload bytes the open runs of one stream may hold together.
+    pub max_runs_bytes: usize,
 }
 
 impl Default for StreamLimits {
@@ -62,6 +71,8 @@ impl Default for StreamLimits {
             run_ttl: Duration::from_secs(600),
             idempotency_window: Duration::from_secs(600),
             max_idempotency_keys: 1000,
+            max_run_bytes: 4 << 20,
+            max_runs_bytes: 16 << 20,
         }
     }
 }
@@ -95,6 +106,17 @@ pub struct OpenRun {
     pub last_at: Instant,
     /// Its thread, if any.
     pub thread_id: Option<String>,
+    /// Seqs of its events still held (window or pinned), ascending.
+    seqs: VecDeque<u64>,
+    /// Payload bytes of those events.
+    bytes: usize,
+}
+
+impl OpenRun {
+    /// Payload bytes of the run's events still held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// Whether a resume point can be honoured.
@@ -143,6 +165,8 @@ pub struct Stream<P> {
     window: VecDeque<Entry<P>>,
     pinned: BTreeMap<u64, Entry<P>>,
     runs: HashMap<Arc<str>, OpenRun>,
+    /// Payload bytes held by open runs, together.
+    run_bytes: usize,
     idempotency: HashMap<String, (u64, Instant)>,
     idempotency_order: VecDeque<(String, Instant)>,
     bytes: usize,
@@ -158,6 +182,7 @@ impl<P: Payload + Clone> Stream<P> {
             window: VecDeque::new(),
             pinned: BTreeMap::new(),
             runs: HashMap::new(),
+            run_bytes: 0,
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             bytes: 0,
@@ -226,7 +251,8 @@ impl<P: Payload + Clone> Stream<P> {
         self.last_seq += 1;
         let seq = self.last_seq;
         let payload = build(seq);
-        self.bytes += payload.wire_len();
+        let len = payload.wire_len();
+        self.bytes += len;
         let mut run_id = None;
         if let Some(run) = meta.run_id.as_deref() {
             if runs::closes(&meta.event) {
@@ -241,8 +267,13 @@ impl<P: Payload + Clone> Stream<P> {
                     first_seq: seq,
                     last_at: now,
                     thread_id: meta.thread_id.clone(),
+                    seqs: VecDeque::new(),
+                    bytes: 0,
                 });
                 open.last_at = now;
+                open.seqs.push_back(seq);
+                open.bytes += len;
+                self.run_bytes += len;
                 run_id = Some(key);
             }
         }
@@ -277,25 +308,54 @@ impl<P: Payload + Clone> Stream<P> {
         }
     }
 
+    /// Close `run`: its window events are no longer pinned, its pinned
+    /// events are dropped. Costs the run's own events (indexed by seq).
     fn close_run(&mut self, run: &str) {
-        if self.runs.remove(run).is_some() {
-            for e in self.window.iter_mut() {
-                if e.run_id.as_deref() == Some(run) {
-                    e.run_id = None;
-                }
-            }
-            let drop: Vec<u64> = self
-                .pinned
-                .iter()
-                .filter(|(_, e)| e.run_id.as_deref() == Some(run))
-                .map(|(s, _)| *s)
-                .collect();
-            for s in drop {
-                if let Some(e) = self.pinned.remove(&s) {
+        let Some(open) = self.runs.remove(run) else {
+            return;
+        };
+        self.run_bytes -= open.bytes;
+        let front = self.window.front().map_or(u64::MAX, |e| e.seq);
+        for seq in open.seqs {
+            if seq < front {
+                if let Some(e) = self.pinned.remove(&seq) {
                     self.bytes -= e.payload.wire_len();
                 }
+            } else if let Some(e) = self.window.get_mut((seq - front) as usize) {
+                e.run_id = None;
             }
         }
+    }
+
+    /// Open runs over their bounds, to be closed with `run_too_large`: each
+    /// run holding more than `max_run_bytes`, then the largest runs until the
+    /// rest hold at most `max_runs_bytes` together. Sorted by run id.
+    pub fn oversized_runs(&self, limits: &StreamLimits) -> Vec<(String, Option<String>)> {
+        let mut by_size: Vec<(&Arc<str>, &OpenRun)> = self.runs.iter().collect();
+        by_size.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
+        let mut left = self.run_bytes;
+        let mut out = Vec::new();
+        for (id, run) in by_size {
+            if run.bytes > limits.max_run_bytes || left > limits.max_runs_bytes {
+                left -= run.bytes;
+                out.push((id.to_string(), run.thread_id.clone()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The open run holding the most bytes (ties: the smallest id), if any.
+    pub fn largest_run(&self) -> Option<(String, Option<String>)> {
+        self.runs
+            .iter()
+            .max_by(|a, b| a.1.bytes.cmp(&b.1.bytes).then(b.0.cmp(a.0)))
+            .map(|(id, r)| (id.to_string(), r.thread_id.clone()))
+    }
+
+    /// Payload bytes held by open runs (window and pinned), together.
+    pub fn run_bytes(&self) -> usize {
+        self.run_bytes
     }
 
     /// Evict the oldest window event; events of open runs move to `pinned`.
@@ -410,6 +470,84 @@ mod tests {
             run_id: run.map(Into::into),
             thread_id: None,
         }
+    }
+
+    /// Issue 14, finding 12: closing runs costs the run's own events, not a
+    /// scan of the stream; closing 20,000 runs of a stream holding them all
+    /// leaves nothing pinned and the bytes balanced.
+    #[test]
+    fn closing_many_runs_is_linear_and_exact() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = StreamLimits {
+            max_runs_bytes: usize::MAX,
+            ..limits(100)
+        };
+        const N: usize = 20_000;
+        for i in 0..N {
+            push(
+                &mut s,
+                now,
+                meta("agent_started", Some(&format!("r{i}"))),
+                &l,
+            );
+        }
+        assert_eq!(s.open_runs().len(), N);
+        let started = std::time::Instant::now();
+        for i in 0..N {
+            push(
+                &mut s,
+                now,
+                meta("agent_completed", Some(&format!("r{i}"))),
+                &l,
+            );
+        }
+        // Generous: the old scan took ~1 s here, the index takes ~10 ms.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(s.open_runs().is_empty());
+        assert_eq!(s.len(), 100, "only the window is left");
+        assert_eq!(s.run_bytes(), 0);
+        let window: usize = s
+            .read(s.last_seq() - 100, s.last_seq(), 1000)
+            .unwrap()
+            .iter()
+            .map(|p| p.len())
+            .sum();
+        assert_eq!(s.bytes(), window);
+    }
+
+    /// Issue 14, finding 1: runs are bounded per run and per stream.
+    #[test]
+    fn oversized_runs_are_reported_for_closing() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = StreamLimits {
+            max_run_bytes: 100,
+            max_runs_bytes: 250,
+            ..limits(3)
+        };
+        let big = |s: &mut Stream<String>, run: &str, n: usize| {
+            for _ in 0..n {
+                s.append(now, &meta("agent_thinking", Some(run)), None, &l, |_| {
+                    "x".repeat(10)
+                });
+            }
+        };
+        big(&mut s, "a", 9);
+        assert!(s.oversized_runs(&l).is_empty(), "90 bytes fit");
+        big(&mut s, "a", 2);
+        assert_eq!(s.oversized_runs(&l), vec![("a".to_owned(), None)]);
+        push(&mut s, now, meta("agent_error", Some("a")), &l);
+        assert!(s.oversized_runs(&l).is_empty());
+        assert_eq!(s.run_bytes(), 0);
+        // 90 + 90 + 80 = 260 > 250 together: the largest (first by id) goes.
+        big(&mut s, "b", 9);
+        big(&mut s, "c", 9);
+        big(&mut s, "d", 8);
+        assert_eq!(s.run_bytes(), 260);
+        assert_eq!(s.oversized_runs(&l), vec![("b".to_owned(), None)]);
+        push(&mut s, now, meta("agent_cancelled", Some("b")), &l);
+        assert!(s.oversized_runs(&l).is_empty());
     }
 
     fn limits(max: usize) -> StreamLimits {

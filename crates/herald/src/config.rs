@@ -88,6 +88,7 @@ declare_keys! {
     HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
     HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
     HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event); the oldest events are evicted first";
+    RUN_MAX_BYTES = "run_max_bytes", Some("4194304"), "Payload bytes one open agent run may hold in history (its events are kept until it closes); a run outgrowing it, or a stream's open runs outgrowing 4x it together, is closed with agent_error {reason: run_too_large}";
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
@@ -622,6 +623,10 @@ impl Config {
                 max_events: raw.required(key::HISTORY_MAX_EVENTS, positive)?,
                 max_age: raw.required(key::HISTORY_MAX_AGE, duration)?,
                 run_ttl: raw.required(key::RUN_TTL, duration)?,
+                max_run_bytes: raw.required(key::RUN_MAX_BYTES, positive)?,
+                max_runs_bytes: raw
+                    .required(key::RUN_MAX_BYTES, positive)?
+                    .saturating_mul(4),
                 idempotency_window: raw.required(key::IDEMPOTENCY_WINDOW, duration)?,
                 ..StreamLimits::default()
             },

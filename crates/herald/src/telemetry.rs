@@ -40,6 +40,8 @@ pub const EVENTS_REPLAYED: &str = "herald_events_replayed_total";
 pub const HISTORY_EVENTS: &str = "herald_history_events";
 /// Gauge: bytes held in history.
 pub const HISTORY_BYTES: &str = "herald_history_bytes";
+/// Counter: runs closed by the server because they outgrew `run_max_bytes`.
+pub const RUNS_TOO_LARGE: &str = "herald_runs_too_large_total";
 /// Counter: runs closed by the server after `run_ttl` of silence.
 pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
 /// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`, `busy`).

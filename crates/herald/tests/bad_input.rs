@@ -295,6 +295,9 @@ async fn token_expiry_closes_with_4403_and_refresh_extends() {
 async fn the_expiry_timer_honours_the_leeway() {
     let mut cfg = config();
     cfg.jwt_leeway = Duration::from_secs(120);
+    // The skips below are longer than the default heartbeat timeout.
+    cfg.lifecycle.heartbeat_timeout = Duration::from_secs(600);
+    cfg.lifecycle.heartbeat_interval = Duration::from_secs(300);
     let server = start_with(cfg).await;
     let now = herald::auth::unix_now();
     let token = jsonwebtoken::encode(

@@ -269,3 +269,70 @@ async fn events_for_an_offline_user_are_delivered_on_resume() {
     let (_, conns) = get_json(&server, "/api/v1/connections?user_id=fay").await;
     assert_eq!(conns["connections"][0]["acked_seq"], 3);
 }
+
+/// Issue 14, finding 1: an open run's events used to escape every history
+/// bound and, past `history_max_bytes`, every append emptied every other
+/// user's window. Now a run outgrowing `run_max_bytes` is closed with
+/// `agent_error {reason: "run_too_large"}`, the history gauge stays under the
+/// bound, and another user's offline events survive.
+#[tokio::test]
+async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
+    let mut cfg = config();
+    cfg.history_max_bytes = 2_000_000;
+    cfg.stream_limits.max_run_bytes = 1_000_000;
+    cfg.stream_limits.max_runs_bytes = 4_000_000;
+    let server = start_with(cfg).await;
+    let (_, bob) = connect(&server, "bob").await;
+    let epoch = bob["epoch"].as_str().unwrap().to_owned();
+    publish_n(&server, "bob", 5).await;
+    let (mut alice, _) = connect(&server, "alice").await;
+    let blob = "x".repeat(8_000);
+    let (status, _) = post(
+        &server,
+        "/api/v1/events",
+        json!({"user_id": "alice", "event": "agent_started", "run_id": "r1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for _ in 0..20 {
+        let events: Vec<Value> = (0..50)
+            .map(|_| json!({"user_id": "alice", "event": "agent_thinking", "run_id": "r1", "data": {"t": blob}}))
+            .collect();
+        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Alice sees her run closed as too large, once, in order.
+    let mut closes = 0;
+    let mut last = 0;
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(2), next_event(&mut alice)).await;
+        let Ok(e) = e else { break };
+        let seq = e["seq"].as_u64().unwrap();
+        assert!(seq > last, "in order");
+        last = seq;
+        if e["event"] == "agent_error" {
+            assert_eq!(e["run_id"], "r1");
+            assert_eq!(e["data"]["reason"], "run_too_large");
+            closes += 1;
+        }
+    }
+    assert!(closes >= 1, "the run was closed as too large");
+    let stats = metrics_text(&server).await;
+    let bytes: f64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_history_bytes "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        bytes <= 2_000_000.0,
+        "history gauge {bytes} within the bound"
+    );
+    // Bob's five offline events are all still there.
+    let (mut ws, welcome) = resume(&server, "bob", &epoch, 0).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+    for seq in 1..=5 {
+        assert_eq!(next_event(&mut ws).await["seq"], seq);
+    }
+}

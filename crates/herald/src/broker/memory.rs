@@ -24,15 +24,20 @@ use super::{
 };
 use crate::BoxFuture;
 
+/// One stream under its lock, shared by the map and its users.
+type SharedStream = Arc<Mutex<Stream<StoredEvent>>>;
+
 /// The in-memory broker.
 #[derive(Debug)]
 pub struct MemoryBroker {
     sink: Weak<dyn EventSink>,
-    streams: DashMap<Arc<str>, Arc<Mutex<Stream<StoredEvent>>>>,
+    streams: DashMap<Arc<str>, SharedStream>,
     limits: StreamLimits,
     max_total_bytes: usize,
     total_bytes: AtomicUsize,
     total_events: AtomicUsize,
+    /// Payload bytes held by open runs, all streams together.
+    run_bytes: AtomicUsize,
     /// Append order across all streams, for "evict the oldest" under byte
     /// pressure. The stream name is shared with the stream map's key.
     order: Mutex<VecDeque<(Arc<str>, u64)>>,
@@ -61,12 +66,13 @@ impl MemoryBroker {
             max_total_bytes,
             total_bytes: AtomicUsize::new(0),
             total_events: AtomicUsize::new(0),
+            run_bytes: AtomicUsize::new(0),
             order: Mutex::new(VecDeque::new()),
             published: metrics::counter!(crate::telemetry::EVENTS_PUBLISHED),
         }
     }
 
-    fn stream(&self, name: &str) -> (Arc<str>, Arc<Mutex<Stream<StoredEvent>>>) {
+    fn stream(&self, name: &str) -> (Arc<str>, SharedStream) {
         if let Some(s) = self.streams.get(name) {
             return (s.key().clone(), s.value().clone());
         }
@@ -99,8 +105,10 @@ impl MemoryBroker {
         s: &mut Stream<StoredEvent>,
         f: impl FnOnce(&mut Stream<StoredEvent>) -> R,
     ) -> R {
-        let (bytes, events) = (s.bytes(), s.len());
+        let (bytes, events, run_bytes) = (s.bytes(), s.len(), s.run_bytes());
         let r = f(s);
+        self.run_bytes.fetch_add(s.run_bytes(), Ordering::Relaxed);
+        self.run_bytes.fetch_sub(run_bytes, Ordering::Relaxed);
         self.total_bytes.fetch_add(s.bytes(), Ordering::Relaxed);
         self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.total_events.fetch_add(s.len(), Ordering::Relaxed);
@@ -115,21 +123,83 @@ impl MemoryBroker {
             + self.total_events.load(Ordering::Relaxed) * EVENT_OVERHEAD_BYTES
     }
 
-    /// Evict the globally oldest events until the byte bound holds. Called
-    /// with no stream locked.
+    /// Evict the globally oldest events until the byte bound holds, taking
+    /// first from streams over their fair share (the bound divided by the
+    /// streams held), so one busy stream cannot push every other stream's
+    /// history out. Called with no stream locked. Events of open runs cannot be evicted, and may
+    /// take at most half the bound (see [`Self::enforce_run_budget`]): the
+    /// windows keep the rest, so one stream's runs never empty the others'.
     fn enforce_total_bytes(&self) {
-        while self.charged_bytes() > self.max_total_bytes {
+        let fair_share = self.max_total_bytes / self.streams.len().max(1);
+        let mut skips = self.order.lock().len();
+        loop {
+            let runs = self.run_bytes.load(Ordering::Relaxed);
+            // What the windows hold, against what runs leave them.
+            let windows = self.charged_bytes().saturating_sub(runs);
+            if windows <= self.max_total_bytes - runs.min(self.max_total_bytes / 2) {
+                return;
+            }
             let Some((user, seq)) = self.order.lock().pop_front() else {
                 return;
             };
             let Some(stream) = self.streams.get(&user).map(|s| s.clone()) else {
                 continue;
             };
-            self.accounted(&mut stream.lock(), |s| {
+            let mut stream = stream.lock();
+            // A stream within its fair share keeps its events while others
+            // are over theirs: its entry goes to the back, once per pass.
+            if skips > 0 && stream.bytes() + stream.len() * EVENT_OVERHEAD_BYTES <= fair_share {
+                skips -= 1;
+                let held = stream.oldest().is_some_and(|(oldest, _)| oldest <= seq);
+                // The order lock is never taken under a stream's.
+                drop(stream);
+                if held {
+                    self.order.lock().push_back((user, seq));
+                }
+                continue;
+            }
+            self.accounted(&mut stream, |s| {
                 while s.oldest().is_some_and(|(oldest, _)| oldest <= seq) {
                     s.evict_front();
                 }
             });
+        }
+    }
+
+    /// Keep open runs, all streams together, within half the byte bound:
+    /// while they hold more, the largest run of the stream holding the most
+    /// is closed with `agent_error {reason: "run_too_large"}` (which unpins
+    /// its events). Called with no stream locked.
+    async fn enforce_run_budget(&self) {
+        let budget = self.max_total_bytes / 2;
+        // Bounded: each pass closes one run.
+        for _ in 0..64 {
+            if self.run_bytes.load(Ordering::Relaxed) <= budget {
+                return;
+            }
+            let streams: Vec<(Arc<str>, SharedStream)> = self
+                .streams
+                .iter()
+                .map(|e| (e.key().clone(), e.value().clone()))
+                .collect();
+            let Some((name, run)) = streams
+                .iter()
+                .map(|(name, s)| {
+                    let s = s.lock();
+                    (s.run_bytes(), name, s.largest_run())
+                })
+                .max_by_key(|(bytes, _, _)| *bytes)
+                .and_then(|(_, name, run)| Some((name.clone(), run?)))
+            else {
+                return;
+            };
+            tracing::warn!(stream = %name, run_id = %run.0, "runs outgrew half the history bound; closing the largest");
+            metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
+            let close = super::run_closed_event(&run.0, run.1, "run_too_large");
+            if let Err(e) = self.publish(&name, vec![close]).await {
+                tracing::warn!(error = %e, "could not close an oversized run");
+                return;
+            }
         }
     }
 
@@ -176,7 +246,13 @@ impl Broker for MemoryBroker {
                 let mut guard = stream_lock.lock();
                 let mut stored = Vec::with_capacity(events.len());
                 self.accounted(&mut guard, |s| {
-                    for event in events {
+                    // The caller's events, then any `run_too_large` closes
+                    // they make necessary (right after the event that
+                    // outgrew the bound, so the close is in seq order).
+                    let mut queue: VecDeque<(NewEvent, bool)> =
+                        events.into_iter().map(|e| (e, true)).collect();
+                    while let Some((event, from_caller)) = queue.pop_front() {
+                        let in_run = event.frame.run_id.is_some();
                         let meta = EventMeta {
                             event: event.frame.event.clone(),
                             run_id: event.frame.run_id.clone(),
@@ -198,14 +274,24 @@ impl Broker for MemoryBroker {
                                 e
                             },
                         );
-                        results.push(Published {
-                            seq: appended.seq(),
-                            epoch: s.epoch().to_owned(),
-                            delivered: 0,
-                            duplicate: matches!(appended, Appended::Duplicate(_)),
-                        });
+                        if from_caller {
+                            results.push(Published {
+                                seq: appended.seq(),
+                                epoch: s.epoch().to_owned(),
+                                delivered: 0,
+                                duplicate: matches!(appended, Appended::Duplicate(_)),
+                            });
+                        }
                         if let Appended::New(seq) = appended {
                             appended_seqs.push(seq);
+                            if in_run {
+                                for (run, thread) in s.oversized_runs(&self.limits).into_iter().rev() {
+                                    tracing::warn!(stream, run_id = %run, "run outgrew its bound; closing it");
+                                    metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
+                                    let close = super::run_closed_event(&run, thread, "run_too_large");
+                                    queue.push_front((close, false));
+                                }
+                            }
                         }
                     }
                 });
@@ -225,6 +311,9 @@ impl Broker for MemoryBroker {
                     .lock()
                     .extend(appended_seqs.into_iter().map(|seq| (key.clone(), seq)));
                 self.enforce_total_bytes();
+                if self.run_bytes.load(Ordering::Relaxed) > self.max_total_bytes / 2 {
+                    self.enforce_run_budget().await;
+                }
                 if self.order.lock().len() > 2 * self.total_events.load(Ordering::Relaxed) + 1024 {
                     self.prune_order();
                 }

@@ -115,11 +115,17 @@ pub struct Published {
 
 /// The `agent_error {reason: "run_timeout"}` that closes a silent run.
 pub fn run_timeout_event(run_id: &str, thread_id: Option<String>) -> NewEvent {
+    run_closed_event(run_id, thread_id, "run_timeout")
+}
+
+/// The `agent_error {reason}` that closes a run on the server's decision
+/// (`run_timeout`, `run_too_large`).
+pub fn run_closed_event(run_id: &str, thread_id: Option<String>, reason: &str) -> NewEvent {
     NewEvent::new(
         herald_core::stream::runs::ERROR.to_owned(),
         thread_id,
         Some(run_id.to_owned()),
-        serde_json::json!({"reason": "run_timeout"}),
+        serde_json::json!({ "reason": reason }),
         crate::clock::now_rfc3339(),
     )
 }
