@@ -169,6 +169,8 @@ pub struct Stream<P> {
     run_bytes: usize,
     idempotency: HashMap<String, (u64, Instant)>,
     idempotency_order: VecDeque<(String, Instant)>,
+    /// Bytes of the remembered idempotency keys (each held twice).
+    key_bytes: usize,
     bytes: usize,
     last_touch: Instant,
 }
@@ -185,6 +187,7 @@ impl<P: Payload + Clone> Stream<P> {
             run_bytes: 0,
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
+            key_bytes: 0,
             bytes: 0,
             last_touch: now,
         }
@@ -293,7 +296,14 @@ impl<P: Payload + Clone> Stream<P> {
     }
 
     fn remember_key(&mut self, key: &str, seq: u64, now: Instant, limits: &StreamLimits) {
-        self.idempotency.insert(key.to_owned(), (seq, now));
+        if self
+            .idempotency
+            .insert(key.to_owned(), (seq, now))
+            .is_none()
+        {
+            self.key_bytes += key.len();
+        }
+        self.key_bytes += key.len();
         self.idempotency_order.push_back((key.to_owned(), now));
         while self.idempotency_order.len() > limits.max_idempotency_keys {
             self.forget_oldest_key();
@@ -301,10 +311,25 @@ impl<P: Payload + Clone> Stream<P> {
     }
 
     fn forget_oldest_key(&mut self) {
-        if let Some((key, at)) = self.idempotency_order.pop_front()
-            && self.idempotency.get(&key).is_some_and(|(_, t)| *t == at)
-        {
-            self.idempotency.remove(&key);
+        if let Some((key, at)) = self.idempotency_order.pop_front() {
+            self.key_bytes -= key.len();
+            if self.idempotency.get(&key).is_some_and(|(_, t)| *t == at) {
+                self.idempotency.remove(&key);
+                self.key_bytes -= key.len();
+            }
+        }
+    }
+
+    /// Idempotency keys remembered, and their bytes (map and order together).
+    pub fn keys(&self) -> (usize, usize) {
+        (self.idempotency_order.len(), self.key_bytes)
+    }
+
+    /// Forget every idempotency key (under memory pressure, for a stream
+    /// about to be dropped).
+    pub fn forget_keys(&mut self) {
+        while !self.idempotency_order.is_empty() {
+            self.forget_oldest_key();
         }
     }
 

@@ -87,7 +87,7 @@ declare_keys! {
     INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
     HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
     HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
-    HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event); the oldest events are evicted first";
+    HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event + ~640 B per user stream + idempotency keys); the oldest events are evicted first, from users over their fair share";
     RUN_MAX_BYTES = "run_max_bytes", Some("4194304"), "Payload bytes one open agent run may hold in history (its events are kept until it closes); a run outgrowing it, or a stream's open runs outgrowing 4x it together, is closed with agent_error {reason: run_too_large}";
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";

@@ -203,7 +203,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         metrics::gauge!(telemetry::BACKEND_IN_FLIGHT).set(inbound.in_flight() as f64);
         let stats = broker.stats();
         metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
-        metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.bytes as f64);
+        metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.charged_bytes as f64);
     }
 }
 

@@ -38,7 +38,7 @@ pub const EVENTS_QUEUED: &str = "herald_event_deliveries_total";
 pub const EVENTS_REPLAYED: &str = "herald_events_replayed_total";
 /// Gauge: events held in history.
 pub const HISTORY_EVENTS: &str = "herald_history_events";
-/// Gauge: bytes held in history.
+/// Gauge: memory charged to `history_max_bytes` (payload, per-event, per-stream and idempotency-key overheads).
 pub const HISTORY_BYTES: &str = "herald_history_bytes";
 /// Counter: runs closed by the server because they outgrew `run_max_bytes`.
 pub const RUNS_TOO_LARGE: &str = "herald_runs_too_large_total";

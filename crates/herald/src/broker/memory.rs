@@ -38,6 +38,12 @@ pub struct MemoryBroker {
     total_events: AtomicUsize,
     /// Payload bytes held by open runs, all streams together.
     run_bytes: AtomicUsize,
+    /// Idempotency keys remembered, all streams together: count and bytes.
+    keys: AtomicUsize,
+    key_bytes: AtomicUsize,
+    /// Streams some local connection is subscribed to (never dropped for
+    /// memory: their connections would see a new epoch).
+    subscribed: DashMap<Arc<str>, ()>,
     /// Append order across all streams, for "evict the oldest" under byte
     /// pressure. The stream name is shared with the stream map's key.
     order: Mutex<VecDeque<(Arc<str>, u64)>>,
@@ -49,6 +55,16 @@ pub struct MemoryBroker {
 /// buffer header, allocator), measured by `tests/history_memory.rs` (≈ 263 B
 /// on x86_64) and rounded up.
 pub const EVENT_OVERHEAD_BYTES: usize = 288;
+
+/// Memory per stream beyond its events (map entry, lock, the stream's own
+/// queues and maps, its epoch), estimated from the review's measurement
+/// (200,000 one-event streams: ≈ 1 KiB each, events included) and rounded up.
+pub const STREAM_OVERHEAD_BYTES: usize = 640;
+
+/// Memory per remembered idempotency key beyond its bytes (held twice: map
+/// and expiry queue), estimated from the review's measurement (100,000
+/// 128-byte keys: ≈ 700 B each) and rounded up.
+pub const KEY_OVERHEAD_BYTES: usize = 448;
 
 /// A random stream epoch (16 hex digits).
 pub fn new_epoch() -> String {
@@ -67,6 +83,9 @@ impl MemoryBroker {
             total_bytes: AtomicUsize::new(0),
             total_events: AtomicUsize::new(0),
             run_bytes: AtomicUsize::new(0),
+            keys: AtomicUsize::new(0),
+            key_bytes: AtomicUsize::new(0),
+            subscribed: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
             published: metrics::counter!(crate::telemetry::EVENTS_PUBLISHED),
         }
@@ -106,7 +125,13 @@ impl MemoryBroker {
         f: impl FnOnce(&mut Stream<StoredEvent>) -> R,
     ) -> R {
         let (bytes, events, run_bytes) = (s.bytes(), s.len(), s.run_bytes());
+        let (keys, key_bytes) = s.keys();
         let r = f(s);
+        let (keys_after, key_bytes_after) = s.keys();
+        self.keys.fetch_add(keys_after, Ordering::Relaxed);
+        self.keys.fetch_sub(keys, Ordering::Relaxed);
+        self.key_bytes.fetch_add(key_bytes_after, Ordering::Relaxed);
+        self.key_bytes.fetch_sub(key_bytes, Ordering::Relaxed);
         self.run_bytes.fetch_add(s.run_bytes(), Ordering::Relaxed);
         self.run_bytes.fetch_sub(run_bytes, Ordering::Relaxed);
         self.total_bytes.fetch_add(s.bytes(), Ordering::Relaxed);
@@ -116,11 +141,64 @@ impl MemoryBroker {
         r
     }
 
-    /// Memory charged for the history: payload bytes plus a measured
-    /// per-event bookkeeping overhead, so `history_max_bytes` bounds memory.
+    /// Memory charged for the history: payload bytes, a measured per-event
+    /// overhead, every stream's own overhead and its idempotency keys, so
+    /// `history_max_bytes` bounds memory.
     fn charged_bytes(&self) -> usize {
         self.total_bytes.load(Ordering::Relaxed)
             + self.total_events.load(Ordering::Relaxed) * EVENT_OVERHEAD_BYTES
+            + self.streams.len() * STREAM_OVERHEAD_BYTES
+            + self.key_bytes.load(Ordering::Relaxed)
+            + self.keys.load(Ordering::Relaxed) * KEY_OVERHEAD_BYTES
+    }
+
+    /// Under memory pressure with no event left to evict: drop streams that
+    /// hold no event and no open run and that no local connection follows,
+    /// keys and all (a later publish starts a new epoch; a resume gets
+    /// `reset`). Called with no stream locked.
+    fn drop_empty_streams(&self) {
+        // Bounded passes: a candidate may be in use and stay.
+        for _ in 0..64 {
+            if self.charged_bytes() <= self.max_total_bytes {
+                return;
+            }
+            // A few candidates at a time (the map's shard lock, then the
+            // stream's: the order used everywhere).
+            let candidates: Vec<(Arc<str>, SharedStream)> = self
+                .streams
+                .iter()
+                .filter(|e| !self.subscribed.contains_key(e.key()))
+                .filter(|e| {
+                    e.value()
+                        .try_lock()
+                        .is_some_and(|s| s.is_empty() && s.open_runs().is_empty())
+                })
+                .map(|e| (e.key().clone(), e.value().clone()))
+                .take(32)
+                .collect();
+            if candidates.is_empty() {
+                return;
+            }
+            for (name, stream) in candidates {
+                {
+                    let mut s = stream.lock();
+                    if !(s.is_empty() && s.open_runs().is_empty()) {
+                        continue;
+                    }
+                    self.accounted(&mut s, |s| s.forget_keys());
+                }
+                drop(stream);
+                self.streams.remove_if(&name, |_, s| {
+                    Arc::strong_count(s) == 1 && {
+                        let s = s.lock();
+                        s.is_empty() && s.open_runs().is_empty()
+                    }
+                });
+                if self.charged_bytes() <= self.max_total_bytes {
+                    return;
+                }
+            }
+        }
     }
 
     /// Evict the globally oldest events until the byte bound holds, taking
@@ -140,6 +218,7 @@ impl MemoryBroker {
                 return;
             }
             let Some((user, seq)) = self.order.lock().pop_front() else {
+                self.drop_empty_streams();
                 return;
             };
             let Some(stream) = self.streams.get(&user).map(|s| s.clone()) else {
@@ -384,12 +463,16 @@ impl Broker for MemoryBroker {
         })
     }
 
-    fn subscribe(&self, _stream: &str) -> BoxFuture<'static, Result<(), BrokerError>> {
-        // In one process every publish reaches the sink directly.
+    fn subscribe(&self, stream: &str) -> BoxFuture<'static, Result<(), BrokerError>> {
+        // In one process every publish reaches the sink directly; the
+        // subscription only keeps the stream from being dropped for memory.
+        self.subscribed.insert(Arc::from(stream), ());
         Box::pin(async { Ok(()) })
     }
 
-    fn unsubscribe(&self, _stream: &str) {}
+    fn unsubscribe(&self, stream: &str) {
+        self.subscribed.remove(stream);
+    }
 
     fn ask_fleet(
         &self,
@@ -482,6 +565,46 @@ mod tests {
             },
             idempotency_key: key.map(Into::into),
         }]
+    }
+
+    /// Issue 14, finding 5: the bound covers what streams cost beyond their
+    /// events, and idempotency keys. 20,000 users with one event each under
+    /// a 1 MB bound used to keep all 20,000 streams (the gauge counting only
+    /// payload); now the charge includes them and stays within the bound.
+    #[tokio::test]
+    async fn many_streams_and_keys_are_charged_to_the_bound() {
+        const BOUND: usize = 1_000_000;
+        let store = broker(StreamLimits::default(), BOUND);
+        for i in 0..20_000 {
+            let key = format!("{i:0>128}");
+            store
+                .publish(&format!("user:{i}"), ev("note", None, Some(&key)))
+                .await
+                .unwrap();
+        }
+        let stats = store.stats();
+        assert!(stats.charged_bytes <= BOUND, "{stats:?}");
+        assert!(
+            stats.streams * (STREAM_OVERHEAD_BYTES + KEY_OVERHEAD_BYTES + 256) <= BOUND,
+            "streams are dropped once their events are gone: {stats:?}"
+        );
+        // A stream someone follows is kept even when empty (its epoch must
+        // not change under its connections).
+        let store = broker(StreamLimits::default(), 50_000);
+        store.subscribe("user:kept").await.unwrap();
+        store
+            .publish("user:kept", ev("note", None, None))
+            .await
+            .unwrap();
+        let epoch = store.position("user:kept").await.unwrap().epoch;
+        for i in 0..200 {
+            store
+                .publish(&format!("user:{i}"), ev("note", None, None))
+                .await
+                .unwrap();
+        }
+        assert!(store.stats().charged_bytes <= 50_000);
+        assert_eq!(store.position("user:kept").await.unwrap().epoch, epoch);
     }
 
     #[tokio::test]
