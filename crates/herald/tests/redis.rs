@@ -171,6 +171,52 @@ async fn a_silent_run_is_closed_once_across_the_fleet() {
     assert_eq!(event_of(&mut ws).await["seq"], 3);
 }
 
+/// Issue 14, finding 1, on Redis: a run outgrowing `run_max_bytes` is
+/// closed with `agent_error {reason: "run_too_large"}` right after the event
+/// that crossed the bound, and its events are no longer kept as a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_outgrowing_its_bound_is_closed_on_redis() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.stream_limits.max_run_bytes = 20_000;
+    let node = start_with(cfg).await;
+    let (mut ws, _) = connect(&node, "ron").await;
+    let blob = "x".repeat(4_000);
+    post(
+        &node,
+        "/api/v1/events",
+        json!({"user_id": "ron", "event": "agent_started", "run_id": "big", "thread_id": "tb"}),
+    )
+    .await;
+    for _ in 0..6 {
+        post(
+            &node,
+            "/api/v1/events",
+            json!({"user_id": "ron", "event": "agent_thinking", "run_id": "big", "data": {"t": blob}}),
+        )
+        .await;
+    }
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        seen.push(event_of(&mut ws).await);
+    }
+    let close = seen
+        .iter()
+        .position(|e| e["event"] == "agent_error")
+        .expect("the run was closed");
+    assert_eq!(seen[close]["data"]["reason"], "run_too_large");
+    assert_eq!(seen[close]["thread_id"], "tb");
+    // agent_started, then 4 KB events: the fifth pushes the run past 20,000 bytes.
+    assert_eq!(
+        close, 6,
+        "closed right after the event that crossed the bound"
+    );
+    let runs = redis.cli(&["HLEN", "t:{user:ron}:runs"]);
+    assert!(runs == "1" || runs == "0", "{runs}");
+    let bytes = redis.cli(&["HGET", "t:{user:ron}:runbytes", "*"]);
+    assert!(bytes.parse::<u64>().unwrap_or(0) < 20_000, "{bytes}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_pubsub_connections_under_load_loses_nothing() {
     let redis = Redis::start();

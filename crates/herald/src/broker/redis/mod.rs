@@ -9,6 +9,7 @@
 //! | `…:meta` | hash | `epoch`, `seq` |
 //! | `…:log` | stream | one entry per event, id `<seq>-0`, fields `d` (frame JSON), `t` (ms) |
 //! | `…:runs` | hash | open run → `<last event ms>\t<thread_id>` |
+//! | `…:runbytes` | hash | open run → bytes of its held events; `*` → all open runs together |
 //! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs) |
 //! | `…:idem:<key>` | string | the seq of a publish idempotency key (expires) |
 //! | `…:ch` | channel | `<epoch>\n<seq>\n<json>` per stored event |
@@ -159,6 +160,17 @@ impl std::fmt::Debug for Conn {
 enum SubCmd {
     Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(String),
+}
+
+/// What the publish script answered.
+#[derive(Debug)]
+struct PublishReply {
+    epoch: String,
+    receivers: usize,
+    /// Per event: its seq, and whether its idempotency key was a duplicate.
+    results: Vec<(u64, bool)>,
+    /// Runs over their bounds, with their threads, for the caller to close.
+    oversized: Vec<(String, Option<String>)>,
 }
 
 /// What the pub/sub task shares with the broker.
@@ -425,13 +437,14 @@ impl Shared {
         stream: &str,
         events: &[NewEvent],
         cond_run: Option<&str>,
-    ) -> Result<(String, usize, Vec<(u64, bool)>), BrokerError> {
+    ) -> Result<PublishReply, BrokerError> {
         let base = self.base(stream);
         let mut script = self.scripts.publish.prepare_invoke();
         script
             .key(format!("{base}:meta"))
             .key(format!("{base}:log"))
             .key(format!("{base}:runs"))
+            .key(format!("{base}:runbytes"))
             .arg(super::memory::new_epoch())
             .arg(self.limits.max_events)
             .arg(self.limits.max_age.as_millis() as u64)
@@ -446,7 +459,9 @@ impl Shared {
             })
             .arg(cond_run.unwrap_or(""))
             .arg(self.limits.run_ttl.as_millis() as u64)
-            .arg(events.len());
+            .arg(events.len())
+            .arg(self.limits.max_run_bytes)
+            .arg(self.limits.max_runs_bytes);
         for e in events {
             let closes = e.frame.run_id.is_some() && runs::closes(&e.frame.event);
             script
@@ -460,6 +475,13 @@ impl Shared {
         let mut it = reply.into_iter();
         let epoch: String = next_as(&mut it)?;
         let receivers: usize = next_as(&mut it)?;
+        let k: usize = next_as(&mut it)?;
+        let mut oversized = Vec::with_capacity(k);
+        for _ in 0..k {
+            let run: String = next_as(&mut it)?;
+            let thread: String = next_as(&mut it)?;
+            oversized.push((run, (!thread.is_empty()).then_some(thread)));
+        }
         let mut results = Vec::new();
         while let Some(seq) = it.next() {
             let seq: u64 = redis::from_redis_value(seq).map_err(unavailable)?;
@@ -467,7 +489,12 @@ impl Shared {
             results.push((seq, dup == 1));
         }
         self.index_runs(stream, events, &results).await;
-        Ok((epoch, receivers, results))
+        Ok(PublishReply {
+            epoch,
+            receivers,
+            results,
+            oversized,
+        })
     }
 
     /// Keep `<prefix>:runs` (open runs by last event time, for the sweeper)
@@ -551,9 +578,24 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'a, Result<Vec<Published>, BrokerError>> {
         Box::pin(async move {
             let started = crate::clock::now();
-            let (epoch, receivers, results) = self.shared.publish(stream, &events, None).await?;
+            let PublishReply {
+                epoch,
+                receivers,
+                results,
+                oversized,
+            } = self.shared.publish(stream, &events, None).await?;
             metrics::histogram!(crate::telemetry::BROKER_PUBLISH_SECONDS)
                 .record(started.elapsed().as_secs_f64());
+            // Runs that outgrew their bound are closed right after (a close
+            // does not grow a run, so this does not repeat).
+            for (run, thread) in oversized {
+                tracing::warn!(stream, run_id = %run, "run outgrew its bound; closing it");
+                metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
+                let close = super::run_closed_event(&run, thread, "run_too_large");
+                if let Err(e) = self.shared.publish(stream, &[close], None).await {
+                    tracing::warn!(error = %e, run_id = %run, "could not close an oversized run");
+                }
+            }
             let new = results.iter().filter(|(_, dup)| !dup).count();
             self.published.increment(new as u64);
             Ok(results
@@ -774,7 +816,7 @@ impl Broker for RedisBroker {
                     .filter(|t| !t.is_empty());
                 let event = super::run_timeout_event(run_id, thread_id.clone());
                 match shared.publish(stream, &[event], Some(run_id)).await {
-                    Ok((_, _, results)) if !results.is_empty() => {
+                    Ok(PublishReply { results, .. }) if !results.is_empty() => {
                         self.published.increment(1);
                         closed.push(ExpiredRun {
                             stream: stream.to_owned(),

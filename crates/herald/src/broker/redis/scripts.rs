@@ -33,13 +33,16 @@ local function get_epoch(meta, new_epoch)
 end
 "#;
 
-/// KEYS: meta, log, runs (one hash tag, so one Cluster slot).
+/// KEYS: meta, log, runs, run bytes (one hash tag, so one Cluster slot).
 /// ARGV: new_epoch, max_events, max_age_ms, ttl_ms, idem_ms, channel, base,
 /// publish command (`PUBLISH`, or `SPUBLISH` on Cluster), cond_run,
-/// run_ttl_ms, n, then n × (idem, run, closes, thread, tail).
+/// run_ttl_ms, n, max_run_bytes, max_runs_bytes, then n × (idem, run,
+/// closes, thread, tail).
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
-/// Returns {epoch, receivers, seq1, dup1, seq2, dup2, …}.
+/// Returns {epoch, receivers, k, k × (oversized run, its thread), seq1, dup1, …}:
+/// the oversized runs (over max_run_bytes, or the largest while the stream's
+/// runs hold more than max_runs_bytes) are for the caller to close.
 const PUBLISH_LUA: &str = r#"
 local now = now_ms()
 local epoch = get_epoch(KEYS[1], ARGV[1])
@@ -47,16 +50,18 @@ local base, publish, channel = ARGV[7], ARGV[8], ARGV[6]
 local cond_run = ARGV[9]
 if cond_run ~= '' then
   local v = redis.call('HGET', KEYS[3], cond_run)
-  if not v then return {epoch, 0} end
+  if not v then return {epoch, 0, 0} end
   local last = tonumber(string.match(v, '^(%d+)'))
-  if now - last <= tonumber(ARGV[10]) then return {epoch, 0} end
+  if now - last <= tonumber(ARGV[10]) then return {epoch, 0, 0} end
 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local n = tonumber(ARGV[11])
-local out = {epoch, 0}
+local max_run, max_runs = tonumber(ARGV[12]), tonumber(ARGV[13])
+local out = {}
 local receivers = 0
+local grew = false
 for i = 0, n - 1 do
-  local a = 12 + i * 5
+  local a = 14 + i * 5
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local prev = false
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
@@ -73,10 +78,19 @@ for i = 0, n - 1 do
       if closes == '1' then
         redis.call('DEL', rk)
         redis.call('HDEL', KEYS[3], run)
+        local held = tonumber(redis.call('HGET', KEYS[4], run) or '0')
+        redis.call('HDEL', KEYS[4], run)
+        redis.call('HINCRBY', KEYS[4], '*', -held)
       else
         redis.call('RPUSH', rk, seq, json)
         redis.call('PEXPIRE', rk, ARGV[4])
+        -- The run keeps the thread its first event named.
+        local held = redis.call('HGET', KEYS[3], run)
+        if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
         redis.call('HSET', KEYS[3], run, now .. '\t' .. thread)
+        redis.call('HINCRBY', KEYS[4], run, #json)
+        redis.call('HINCRBY', KEYS[4], '*', #json)
+        grew = true
       end
     end
     receivers = redis.call(publish, channel, epoch .. '\n' .. seq .. '\n' .. json)
@@ -84,11 +98,33 @@ for i = 0, n - 1 do
     table.insert(out, 0)
   end
 end
-out[2] = receivers
+local oversized = {}
+if grew then
+  local sizes = redis.call('HGETALL', KEYS[4])
+  local runs, total = {}, 0
+  for j = 1, #sizes, 2 do
+    if sizes[j] == '*' then total = tonumber(sizes[j + 1])
+    else table.insert(runs, {sizes[j], tonumber(sizes[j + 1])}) end
+  end
+  table.sort(runs, function(x, y) if x[2] ~= y[2] then return x[2] > y[2] end return x[1] < y[1] end)
+  for _, r in ipairs(runs) do
+    if r[2] > max_run or total > max_runs then
+      table.insert(oversized, r[1])
+      total = total - r[2]
+    end
+  end
+end
+local head = {epoch, receivers, #oversized}
+for _, r in ipairs(oversized) do
+  local v = redis.call('HGET', KEYS[3], r) or ''
+  table.insert(head, r)
+  table.insert(head, string.match(v, '^%d+\t(.*)$') or '')
+end
+for _, v in ipairs(out) do table.insert(head, v) end
 redis.call('HSET', KEYS[1], 'seq', seq)
 trim_age(KEYS[2], tonumber(ARGV[3]), now)
-for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ARGV[4]) end
-return out
+for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ARGV[4]) end
+return head
 "#;
 
 /// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms.
