@@ -90,7 +90,7 @@ test('asks the token callback again after 4403 and then connects', async () => {
 
 test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async () => {
   const h2 = await startHerald({ HERALD_JWT_HS256_SECRET: 's2-0123456789-abcdefghijklmnopqrst', HERALD_API_KEY: 'k2-0123456789abcdef', HERALD_DRAIN_WINDOW: '1s' });
-  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken('s2', 'n5') });
+  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken(h2.secret, 'n5') });
   const closing = new Promise((r) => c.on('closing', r));
   const closed = new Promise((r) => c.on('close', r));
   c.connect();
