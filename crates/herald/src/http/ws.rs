@@ -1,6 +1,7 @@
 //! `GET /ws`: the WebSocket upgrade. Refuses upgrades while draining, at
-//! capacity or with too many connections before `hello` (HTTP 503), picks up a token from the `Authorization` header or a
-//! `bearer.<jwt>` subprotocol, and hands the socket to its actor.
+//! capacity or with too many connections before `hello` (HTTP 503), picks up
+//! a token from the `Authorization` header or a `bearer.<jwt>` subprotocol,
+//! and hands the socket to its actor.
 
 use std::sync::Arc;
 
