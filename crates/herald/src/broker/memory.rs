@@ -602,6 +602,17 @@ mod tests {
             stats.streams * STREAM_OVERHEAD_BYTES <= BOUND && stats.streams < 2_000,
             "streams are dropped once their events are gone: {stats:?}"
         );
+        // Without keys, the streams' own cost alone is charged: empty ones go.
+        let store = broker(StreamLimits::default(), BOUND);
+        for i in 0..20_000 {
+            store
+                .publish(&format!("user:{i}"), ev("note", None, None))
+                .await
+                .unwrap();
+        }
+        let stats = store.stats();
+        assert!(stats.charged_bytes <= BOUND, "{stats:?}");
+        assert!(stats.streams * STREAM_OVERHEAD_BYTES <= BOUND, "{stats:?}");
         // A stream someone follows is kept even when empty (its epoch must
         // not change under its connections).
         let store = broker(StreamLimits::default(), 50_000);
