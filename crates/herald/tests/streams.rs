@@ -291,7 +291,9 @@ async fn events_for_an_offline_user_are_delivered_on_resume() {
 async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
     let mut cfg = config();
     cfg.history_max_bytes = 2_000_000;
-    cfg.stream_limits.max_run_bytes = 1_000_000;
+    // Below half the history bound (1 MB, where the total rule would close
+    // it), so this pins the per-run bound.
+    cfg.stream_limits.max_run_bytes = 400_000;
     cfg.stream_limits.max_runs_bytes = 4_000_000;
     let server = start_with(cfg).await;
     let (_, bob) = connect(&server, "bob").await;
@@ -313,8 +315,10 @@ async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
         let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
         assert_eq!(status, 200, "{body}");
     }
-    // Alice sees her run closed as too large, once, in order.
+    // Alice sees her run closed as too large (the first time right after
+    // the event that took it past 400 KB: ~50 events of 8 KB), in order.
     let mut closes = 0;
+    let mut first_close = None;
     let mut last = 0;
     loop {
         let e = tokio::time::timeout(Duration::from_secs(2), next_event(&mut alice)).await;
@@ -325,10 +329,16 @@ async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
         if e["event"] == "agent_error" {
             assert_eq!(e["run_id"], "r1");
             assert_eq!(e["data"]["reason"], "run_too_large");
+            first_close.get_or_insert(seq);
             closes += 1;
         }
     }
     assert!(closes >= 1, "the run was closed as too large");
+    let first_close = first_close.unwrap();
+    assert!(
+        (50..=55).contains(&first_close),
+        "closed at the per-run bound, not later: seq {first_close}"
+    );
     let stats = metrics_text(&server).await;
     let bytes: f64 = stats
         .lines()
