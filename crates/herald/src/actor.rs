@@ -55,7 +55,7 @@ pub(crate) async fn run(
     let actor = Actor {
         wire: Wire {
             ws: socket,
-            close_seen: false,
+            after_close: AfterClose::new(app.stats().clone()),
             stats: app.stats().clone(),
             metrics: WireMetrics::new(),
             unflushed_published: Vec::new(),
@@ -263,7 +263,7 @@ impl Actor {
             // tungstenite answers pings itself.
             Message::Ping(_) | Message::Pong(_) => {}
             Message::Close(frame) => {
-                self.wire.close_seen = true;
+                self.wire.after_close.close_seen();
                 let code = frame.map(|f| f.code);
                 self.conn
                     .with_core(|c| c.on_close_received(clock::now(), code));
@@ -561,12 +561,46 @@ fn io_end(io: &std::io::Error) -> CloseInfo {
     }
 }
 
-/// The socket's write side, with a last-line check of invariant I1: once a
-/// close frame was written or received, every further write is refused and
-/// counted in [`Stats::frames_after_close`] (which must stay 0).
+/// The last-line check of invariant I1: once a close frame was written or
+/// received, every further write is refused and counted in
+/// [`Stats::frames_after_close`] (which must stay 0).
+struct AfterClose {
+    close_seen: bool,
+    stats: Arc<Stats>,
+}
+
+impl AfterClose {
+    fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            close_seen: false,
+            stats,
+        }
+    }
+
+    /// A close frame was written or received.
+    fn close_seen(&mut self) {
+        self.close_seen = true;
+    }
+
+    /// Whether a frame may still be written; counts the violation if not.
+    fn permit(&self) -> bool {
+        if self.close_seen {
+            self.stats
+                .frames_after_close
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
+                .increment(1);
+            tracing::error!("refused a write after the close frame");
+            return false;
+        }
+        true
+    }
+}
+
+/// The socket's write side; every write passes [`AfterClose::permit`].
 struct Wire {
     ws: WebSocket,
-    close_seen: bool,
+    after_close: AfterClose,
     stats: Arc<Stats>,
     metrics: WireMetrics,
     /// Publish times of live events fed since the last flush.
@@ -592,16 +626,7 @@ impl WireMetrics {
 
 impl Wire {
     fn permit(&self) -> bool {
-        if self.close_seen {
-            self.stats
-                .frames_after_close
-                .fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
-                .increment(1);
-            tracing::error!("refused a write after the close frame");
-            return false;
-        }
-        true
+        self.after_close.permit()
     }
 
     async fn feed(&mut self, frame: OutFrame, limit: Duration) -> Result<(), CloseInfo> {
@@ -630,7 +655,7 @@ impl Wire {
         if !self.permit() {
             return Ok(());
         }
-        self.close_seen = true;
+        self.after_close.close_seen();
         let frame = CloseFrame {
             code,
             reason: reason.into(),
@@ -664,5 +689,26 @@ async fn timed(
             Initiator::Server,
             "socket write timed out",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17, finding 4: the I1 counter counts. Every other test asserts
+    /// it stays 0; this one shows a write after the close is refused and
+    /// counted, so those zeros mean something.
+    #[test]
+    fn a_write_after_the_close_frame_is_refused_and_counted() {
+        let stats = Arc::new(Stats::default());
+        let mut guard = AfterClose::new(stats.clone());
+        assert!(guard.permit(), "writes before the close pass");
+        assert!(guard.permit());
+        assert_eq!(stats.snapshot().frames_after_close, 0);
+        guard.close_seen();
+        assert!(!guard.permit(), "a write after the close is refused");
+        assert!(!guard.permit());
+        assert_eq!(stats.snapshot().frames_after_close, 2);
     }
 }

@@ -549,6 +549,47 @@ mod tests {
         })
     }
 
+    /// Issue 17, finding 4: the I2 counter counts. A second cleanup of one
+    /// connection (or one the hub never held) is refused and counted, and
+    /// does not run again: the stream and hub lose the connection once.
+    #[tokio::test]
+    async fn a_second_cleanup_is_refused_and_counted() {
+        let stats = Arc::new(Stats::default());
+        let hub = Arc::new_cyclic(|hub: &Weak<Hub>| {
+            let sink: Weak<dyn EventSink> = hub.clone();
+            let broker: Arc<dyn Broker> =
+                Arc::new(MemoryBroker::new(StreamLimits::default(), 1 << 20, sink));
+            Hub::new("test".into(), broker, stats.clone())
+        });
+        let info = CloseInfo::new(CloseReason::PeerGone, Initiator::Client, "gone");
+        let conn = Arc::new(ConnShared::new(1, LifecycleConfig::default()));
+        let other = Arc::new(ConnShared::new(2, LifecycleConfig::default()));
+        for c in [&conn, &other] {
+            hub.insert(c.clone());
+            hub.join("user:c", c, 32, hub.kick_mark()).await.unwrap();
+        }
+        hub.cleanup(&conn, &info);
+        let after_first = stats.snapshot();
+        assert_eq!(after_first.duplicate_cleanups, 0);
+        hub.cleanup(&conn, &info);
+        let never_held = Arc::new(ConnShared::new(3, LifecycleConfig::default()));
+        hub.cleanup(&never_held, &info);
+        let s = stats.snapshot();
+        assert_eq!(s.duplicate_cleanups, 2);
+        assert_eq!(s.cleanups, after_first.cleanups, "cleanup ran once");
+        let left: Vec<String> = hub
+            .list(Some("user:c"))
+            .into_iter()
+            .map(|c| c.conn_id)
+            .collect();
+        assert_eq!(
+            left,
+            vec![other.id_str.to_string()],
+            "the other connection stays"
+        );
+        assert_eq!(hub.len(), 1);
+    }
+
     /// Issue 14, finding 14: a kick closes the user's connections that are
     /// joined *and* those registering at that moment (hello read, token
     /// verified, not yet joined); a connection whose hello comes after the
