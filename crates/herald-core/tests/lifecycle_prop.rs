@@ -1,6 +1,15 @@
-//! Property test: random interleavings of sends, writer steps, client closes,
-//! I/O errors, timeouts, kicks and shutdown never write a frame after a close
-//! frame (I1) and hand out the cleanup token exactly once (I2).
+//! Property test: random interleavings of sends, replays, writer steps,
+//! inbound traffic, client closes (with and without a code), I/O errors, time
+//! passing, token expiry, kicks and shutdown:
+//! - never write a frame after a close frame (I1) and hand out the cleanup
+//!   token exactly once (I2);
+//! - write frames in the order they were accepted, with no gap;
+//! - on an orderly close (kick, shutdown, token expiry, capacity) write every
+//!   frame queued at the decision before the close frame, unless the client
+//!   closed, the transport broke or the close deadline passed first; on any
+//!   other close drop the queue at once;
+//! - close for the reason that fired first: token expiry before the heartbeat
+//!   timeout, the heartbeat timeout only after a silence that long.
 
 use std::time::{Duration, Instant};
 
@@ -16,10 +25,12 @@ enum Op {
     PushReplay,
     Send,
     WriterStep,
-    ClientCloseFrame,
+    ClientCloseFrame(Option<u16>),
     TransportError,
     Advance(u64),
     ServerClose(usize),
+    Inbound,
+    TokenExpiresIn(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -28,10 +39,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::PushReplay),
         6 => Just(Op::Send),
         6 => Just(Op::WriterStep),
-        1 => Just(Op::ClientCloseFrame),
+        1 => proptest::option::of(prop_oneof![Just(1000u16), Just(1001), 3000u16..5000]).prop_map(Op::ClientCloseFrame),
         1 => Just(Op::TransportError),
-        1 => (0u64..3000).prop_map(Op::Advance),
+        2 => (0u64..3000).prop_map(Op::Advance),
         2 => (0usize..CloseReason::ALL.len()).prop_map(Op::ServerClose),
+        2 => Just(Op::Inbound),
+        1 => (0u64..4000).prop_map(Op::TokenExpiresIn),
     ]
 }
 
@@ -52,7 +65,7 @@ proptest! {
         let mut now = t0;
         let cfg = LifecycleConfig {
             hello_timeout: Duration::from_millis(5000),
-            close_timeout: Duration::from_millis(1000),
+            close_timeout: cfg_close_timeout(),
             max_queue_frames: 8,
             max_queue_bytes: 64,
             heartbeat_interval: Duration::from_millis(700),
@@ -68,14 +81,24 @@ proptest! {
         conn.join().unwrap();
         let mut last_state = conn.state();
         let gone = || CloseInfo::new(CloseReason::PeerGone, Initiator::Client, "eof");
+        // Model of the timers: last inbound frame, token expiry.
+        let mut last_inbound = t0;
+        let mut token_expiry: Option<Instant> = None;
+        // An orderly close: when it was decided and how many data frames must
+        // be on the wire before its close frame (None once excused).
+        let mut flushing: Option<(Instant, Option<usize>)> = None;
 
         for op in ops {
+            let data_written = wire.iter().filter(|w| matches!(w, Wire::Data(_))).count();
+            let bytes_before = conn.queued_bytes();
+            let state_before = conn.state();
             match op {
                 Op::Authenticate(catching_up) => {
                     // With catching_up, one history event (seq 1) must be replayed first.
                     let plan = if catching_up { Plan::Replay { after: 0, until: 1 } } else { Plan::Live { after: 1 } };
                     if conn.authenticate(now, "welcome".to_owned(), plan).is_ok() {
                         replayed.push("welcome".to_owned());
+                        last_inbound = now;
                     }
                 }
                 Op::PushReplay => {
@@ -102,28 +125,75 @@ proptest! {
                     Some(Transmit::Close { code, .. }) => wire.push(Wire::CloseSent(code)),
                     None => {}
                 },
-                Op::ClientCloseFrame => {
+                Op::ClientCloseFrame(code) => {
                     // A peer only sends once; the transport surfaces it once.
                     if !wire.contains(&Wire::CloseReceived) && conn.state() != State::Closed {
                         wire.push(Wire::CloseReceived);
-                        conn.on_close_received(now, Some(1000));
+                        conn.on_close_received(now, code);
+                        if let Some((_, promised)) = &mut flushing { *promised = None; }
+                        if matches!(state_before, State::Handshaking | State::Ready) {
+                            let info = conn.close_info().expect("a close frame decides the close");
+                            prop_assert_eq!(info.reason, CloseReason::ClientClose);
+                            prop_assert_eq!(info.code, code.unwrap_or(1005), "an empty close frame is 1005");
+                        }
+                        prop_assert_eq!(conn.queue_len(), 0, "nothing is written after a received close");
                     }
                 }
                 Op::TransportError => {
                     if conn.on_transport_closed(gone()).is_some() {
                         tokens += 1;
                     }
+                    if let Some((_, promised)) = &mut flushing { *promised = None; }
                 }
                 Op::Advance(ms) => {
                     now += Duration::from_millis(ms);
                     conn.handle_timeout(now);
+                    if let Some((at, promised)) = &mut flushing
+                        && now >= *at + cfg_close_timeout()
+                    {
+                        *promised = None;
+                    }
+                    if state_before == State::Ready {
+                        let expired = token_expiry.is_some_and(|t| now >= t);
+                        let silent = now >= last_inbound + Duration::from_millis(2500);
+                        let reason = conn.close_info().map(|i| i.reason);
+                        if expired {
+                            prop_assert_eq!(reason, Some(CloseReason::TokenExpired));
+                        } else if silent {
+                            prop_assert_eq!(reason, Some(CloseReason::HeartbeatTimeout));
+                        } else {
+                            prop_assert_eq!(conn.state(), State::Ready, "closed with no timer due");
+                        }
+                    }
                     if conn.should_drop_transport() && conn.on_transport_closed(gone()).is_some() {
                         tokens += 1;
                     }
                 }
                 Op::ServerClose(i) => {
                     let reason = CloseReason::ALL[i];
-                    conn.close(now, CloseInfo::new(reason, Initiator::Server, reason.as_str()));
+                    let decided = conn.close(now, CloseInfo::new(reason, Initiator::Server, reason.as_str()));
+                    prop_assert_eq!(decided, matches!(state_before, State::Handshaking | State::Ready));
+                }
+                Op::Inbound => {
+                    conn.on_inbound(now);
+                    last_inbound = now;
+                }
+                Op::TokenExpiresIn(ms) => {
+                    let at = now + Duration::from_millis(ms);
+                    conn.set_token_expiry(Some(at));
+                    token_expiry = Some(at);
+                }
+            }
+            // A close decided by this step: orderly closes keep the queue for
+            // the writer, the others drop it.
+            if matches!(state_before, State::Handshaking | State::Ready) && conn.state() == State::Closing {
+                let reason = conn.close_info().expect("closing has a reason").reason;
+                if reason.flushes_queue() && !wire.contains(&Wire::CloseReceived) {
+                    prop_assert_eq!(conn.queued_bytes(), bytes_before, "an orderly close dropped queued frames");
+                    flushing = Some((now, Some(data_written + conn.queue_len())));
+                } else {
+                    prop_assert_eq!(conn.queue_len(), 0, "{:?} kept its queue", reason);
+                    prop_assert_eq!(conn.queued_bytes(), 0);
                 }
             }
             // States only move forward.
@@ -158,6 +228,16 @@ proptest! {
         let written: Vec<_> = wire.iter().filter_map(|w| match w { Wire::Data(d) => Some(d.clone()), _ => None }).collect();
         prop_assert!(written.len() <= accepted.len());
         prop_assert_eq!(&accepted[..written.len()], &written[..]);
+        // An orderly close wrote its whole queue, then the close frame.
+        if let Some((_, Some(promised))) = flushing {
+            prop_assert_eq!(written.len(), promised, "orderly close lost queued frames: {:?}", wire);
+            prop_assert!(matches!(wire.last(), Some(Wire::CloseSent(_))), "no close frame after the flush: {:?}", wire);
+        }
         prop_assert_eq!(conn.state(), State::Closed);
     }
+}
+
+/// The close timeout of the configuration above.
+fn cfg_close_timeout() -> Duration {
+    Duration::from_millis(1000)
 }
