@@ -632,34 +632,95 @@ mod tests {
         assert_eq!(store.position("user:kept").await.unwrap().epoch, epoch);
     }
 
+    /// The seqs `stream` still holds, read back through `history` (which
+    /// must refuse a resume from just before the oldest of them).
+    async fn held(store: &MemoryBroker, stream: &str) -> Vec<u64> {
+        let pos = store.position(stream).await.unwrap();
+        let Ok(events) = store
+            .history(stream, &pos.epoch, 0, pos.last_seq, 1000)
+            .await
+        else {
+            // Evicted from the front: find the first seq still readable.
+            for after in 1..pos.last_seq {
+                if let Ok(events) = store
+                    .history(stream, &pos.epoch, after, pos.last_seq, 1000)
+                    .await
+                {
+                    assert_eq!(
+                        store
+                            .history(stream, &pos.epoch, after - 1, pos.last_seq, 1000)
+                            .await
+                            .err(),
+                        Some(BrokerError::Gone { after: after - 1 })
+                    );
+                    return events.iter().map(|e| e.seq).collect();
+                }
+            }
+            return Vec::new();
+        };
+        events.iter().map(|e| e.seq).collect()
+    }
+
+    /// A bound that holds exactly `events` events of two streams (half an
+    /// event of slack: a two-digit seq makes an event a byte longer).
+    async fn bound_for(events: usize) -> (usize, usize) {
+        // What one event is charged: payload plus overhead.
+        let probe = broker(StreamLimits::default(), 1 << 20);
+        probe.publish("p", ev("note", None, None)).await.unwrap();
+        let per_event = probe.stats().charged_bytes - STREAM_OVERHEAD_BYTES;
+        (
+            2 * STREAM_OVERHEAD_BYTES + events * per_event + per_event / 2,
+            per_event,
+        )
+    }
+
+    /// Issue 17, finding 7: the byte bound evicts the globally oldest events
+    /// of the streams over their share, not the publishing user's own: `a`
+    /// publishes 10, then `b` 5, under a bound of 10 events — `a` loses
+    /// exactly its 5 oldest, `b` keeps all 5.
     #[tokio::test]
-    async fn total_byte_bound_evicts_the_oldest_first() {
-        let store = broker(StreamLimits::default(), 2000 + 10 * EVENT_OVERHEAD_BYTES);
-        for i in 0..20 {
-            let user = if i % 2 == 0 { "a" } else { "b" };
-            store.publish(user, ev("note", None, None)).await.unwrap();
+    async fn total_byte_bound_evicts_the_globally_oldest_first() {
+        let (bound, per_event) = bound_for(10).await;
+        assert!(
+            per_event > STREAM_OVERHEAD_BYTES / 2,
+            "one stream alone holds 11"
+        );
+        let store = broker(StreamLimits::default(), bound);
+        for _ in 0..10 {
+            store.publish("a", ev("note", None, None)).await.unwrap();
+        }
+        assert_eq!(store.stats().events, 10, "one stream: all fit");
+        for _ in 0..5 {
+            store.publish("b", ev("note", None, None)).await.unwrap();
         }
         let stats = store.stats();
-        assert!(
-            stats.charged_bytes <= 2000 + 10 * EVENT_OVERHEAD_BYTES,
-            "{stats:?}"
-        );
-        assert!(stats.events < 20, "{stats:?}");
-        // The newest events of both users survive, the oldest went first.
-        let (ea, eb) = (
-            store.position("a").await.unwrap().epoch,
-            store.position("b").await.unwrap().epoch,
-        );
-        assert!(store.history("a", &ea, 9, 10, 10).await.is_ok());
-        assert!(store.history("b", &eb, 9, 10, 10).await.is_ok());
+        assert_eq!(stats.events, 10, "{stats:?}");
+        assert!(stats.charged_bytes <= bound, "{stats:?}");
+        assert_eq!(held(&store, "a").await, (6..=10).collect::<Vec<_>>());
+        assert_eq!(held(&store, "b").await, (1..=5).collect::<Vec<_>>());
         assert_eq!(
             store.history("a", "other-epoch", 9, 10, 10).await.err(),
             Some(BrokerError::Gone { after: 9 })
         );
-        assert_eq!(
-            store.history("a", &ea, 0, 10, 10).await.err(),
-            Some(BrokerError::Gone { after: 0 })
-        );
+    }
+
+    /// Within its fair share (the bound ÷ streams) a quiet stream keeps its
+    /// older events while a busy one evicts its own: `b` publishes 3, then
+    /// `a` 12 under a bound of 10 events — `b` keeps 1..=3 although they are
+    /// the oldest, `a` keeps its newest 7.
+    #[tokio::test]
+    async fn a_stream_within_its_share_is_evicted_last() {
+        let (bound, _) = bound_for(10).await;
+        let store = broker(StreamLimits::default(), bound);
+        for _ in 0..3 {
+            store.publish("b", ev("note", None, None)).await.unwrap();
+        }
+        for _ in 0..12 {
+            store.publish("a", ev("note", None, None)).await.unwrap();
+        }
+        assert_eq!(store.stats().events, 10);
+        assert_eq!(held(&store, "b").await, vec![1, 2, 3]);
+        assert_eq!(held(&store, "a").await, (6..=12).collect::<Vec<_>>());
     }
 
     #[tokio::test]
