@@ -89,18 +89,43 @@ test('asks the token callback again after 4403 and then connects', async () => {
 });
 
 test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async () => {
-  const h2 = await startHerald({ HERALD_JWT_HS256_SECRET: 's2-0123456789-abcdefghijklmnopqrst', HERALD_API_KEY: 'k2-0123456789abcdef', HERALD_DRAIN_WINDOW: '1s' });
-  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken(h2.secret, 'n5') });
+  const env = { HERALD_JWT_HS256_SECRET: 's2-0123456789-abcdefghijklmnopqrst', HERALD_API_KEY: 'k2-0123456789abcdef', HERALD_DRAIN_WINDOW: '1s' };
+  const h2 = await startHerald(env);
+  // Record when each connection attempt starts.
+  const attempts = [];
+  class Recording extends globalThis.WebSocket {
+    constructor(...args) { super(...args); attempts.push(Date.now()); }
+  }
+  // backoffBaseMs: 1 — were the hint ignored, the retry would come at once.
+  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken(h2.secret, 'n5'), WebSocket: Recording, backoffBaseMs: 1 });
+  const welcomes = [];
+  c.on('welcome', (w) => welcomes.push(w));
   const closing = new Promise((r) => c.on('closing', r));
-  const closed = new Promise((r) => c.on('close', r));
+  let closedAt = 0;
+  const closed = new Promise((r) => c.on('close', (e) => { closedAt = Date.now(); r(e); }));
   c.connect();
   await until(() => c.state === 'open');
   h2.proc.kill('SIGTERM');
   const f = await closing;
   assert.equal(f.reason, 'shutdown');
-  assert.ok(f.reconnect_after_ms >= 250);
+  const hint = f.reconnect_after_ms;
+  assert.ok(hint >= 250 && hint <= 1250, `hint ${hint}`);
   assert.equal((await closed).code, 1012);
   assert.equal(c.state, 'reconnecting');
-  c.close();
+  // The redeployed server comes up on the same address.
   await h2.stop();
+  const h3 = await startHerald({ ...env, HERALD_ADDR: h2.addr });
+  try {
+    await until(() => welcomes.length === 2 && c.state === 'open', 10000, 'reconnected to the new server');
+    assert.equal(attempts.length >= 2, true);
+    const waited = attempts[1] - closedAt;
+    assert.ok(waited >= hint - 1, `retried after ${waited} ms, before the ${hint} ms hint`);
+    assert.ok(waited < hint + 1000, `retried after ${waited} ms, long after the ${hint} ms hint`);
+    // The new server has no history: the client is told it starts over.
+    assert.equal(welcomes[1].reset, true);
+    assert.notEqual(welcomes[1].epoch, welcomes[0].epoch);
+  } finally {
+    c.close();
+    await h3.stop();
+  }
 });
