@@ -156,19 +156,9 @@ async fn binary_oversized_and_invalid_utf8() {
     }
 
     bystander_still_served(&server, &mut by, 1).await;
-    wait_until_only(&server, 1).await;
+    wait_for_connections(&server, 1).await;
     let s = server.stats();
     assert_eq!((s.duplicate_cleanups, s.frames_after_close), (0, 0));
-}
-
-async fn wait_until_only(server: &herald::Server, n: usize) {
-    for _ in 0..300 {
-        if server.hub().len() == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{} connections live, expected {n}", server.hub().len());
 }
 
 #[tokio::test]

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use serde_json::json;
 
@@ -108,6 +106,17 @@ async fn per_user_connection_limit_closes_with_1013() {
     expect_close(&mut c, 1013).await;
     // Another user is unaffected.
     let _g = connect(&server, "grace").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(server.hub().len(), 3);
+    // The refused one is cleaned up; frank keeps exactly his two.
+    wait_for_connections(&server, 3).await;
+    let mut users: Vec<Option<String>> = server
+        .hub()
+        .list(None)
+        .into_iter()
+        .map(|c| c.user_id)
+        .collect();
+    users.sort();
+    assert_eq!(
+        users,
+        [Some("frank"), Some("frank"), Some("grace")].map(|u| u.map(str::to_owned))
+    );
 }

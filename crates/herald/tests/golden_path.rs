@@ -360,7 +360,14 @@ async fn webhook_requests_in_flight_are_bounded_per_user_and_in_total() {
     let (mut b, _) = connect(&server, "bob").await;
     send_json(&mut b, message("b1", "hi")).await;
     let (mut c, _) = connect(&server, "cy").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until all three requests hang at the backend (their places taken).
+    for _ in 0..500 {
+        if held.lock().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(held.lock().len(), 3, "a1, a2 and b1 reached the backend");
     send_json(&mut c, message("c1", "hi")).await;
     let nack = tokio::time::timeout(Duration::from_secs(1), until_type(&mut c, "nack"))
         .await
@@ -369,9 +376,13 @@ async fn webhook_requests_in_flight_are_bounded_per_user_and_in_total() {
     assert_eq!(nack["error"], "backend_busy");
     // A busy id was not remembered: once the hung requests time out, the
     // same id is forwarded (and fails as the backend does, not as busy).
-    let (first, _) = until_type(&mut a, "nack").await;
-    assert_eq!(first["error"], "backend_unavailable");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each place is given back before its nack is sent.
+    for ws in [&mut a, &mut b] {
+        let (nack, _) = until_type(ws, "nack").await;
+        assert_eq!(nack["error"], "backend_unavailable");
+    }
+    let (nack, _) = until_type(&mut a, "nack").await;
+    assert_eq!(nack["error"], "backend_unavailable");
     send_json(&mut c, message("c1", "hi")).await;
     let (again, _) = until_type(&mut c, "nack").await;
     assert_eq!(again["error"], "backend_unavailable", "{again}");

@@ -221,13 +221,18 @@ pub async fn metrics_text(server: &Server) -> String {
 
 /// Wait until the server has no live connection (bounded).
 pub async fn wait_for_no_connections(server: &Server) {
+    wait_for_connections(server, 0).await;
+}
+
+/// Wait until the server holds exactly `n` connections (bounded: 10 s).
+pub async fn wait_for_connections(server: &Server, n: usize) {
     for _ in 0..500 {
-        if server.hub().is_empty() {
+        if server.hub().len() == n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{} connections still live", server.hub().len());
+    panic!("{} connections live, expected {n}", server.hub().len());
 }
 
 /// A masked client frame with FIN set.
