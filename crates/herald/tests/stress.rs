@@ -23,7 +23,7 @@ const USERS: usize = 40;
 const PER_USER: usize = 5;
 const PUBLISHERS: usize = 4;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
     /// The client sends a close frame.
     ClientClose,
@@ -67,6 +67,16 @@ async fn churn_from_every_side_keeps_the_invariants() {
     let barrier = Arc::new(Barrier::new(total + 1));
     let client_violations = Arc::new(AtomicU64::new(0));
     let events_seen = Arc::new(AtomicU64::new(0));
+    // When each user is kicked, after the start: the CloseRacingKick client
+    // sends its close frame within 20 ms after that instant, so its close and
+    // the kick cross (issue 17, finding 11).
+    let kick_at: Arc<Vec<Duration>> = Arc::new(
+        (0..USERS)
+            .map(|_| Duration::from_millis(rand::rng().random_range(0..400)))
+            .collect(),
+    );
+    // Racing closes the kick reached first / the client's close reached first.
+    let races = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let mut clients = Vec::new();
     for u in 0..USERS {
         for (k, ending) in ENDINGS.iter().copied().enumerate() {
@@ -74,11 +84,18 @@ async fn churn_from_every_side_keeps_the_invariants() {
             let barrier = barrier.clone();
             let violations = client_violations.clone();
             let seen = events_seen.clone();
+            let (kick_at, races) = (kick_at.clone(), races.clone());
             clients.push(tokio::spawn(async move {
                 let (mut ws, welcome) = connect(&server, &format!("user{u}")).await;
                 let mut last = welcome["seq"].as_u64().unwrap();
                 barrier.wait().await;
-                let delay = Duration::from_millis(rand::rng().random_range(0..400) + 7 * k as u64);
+                let delay = match ending {
+                    // Around the kick's arrival (its HTTP request takes a few ms).
+                    Ending::CloseRacingKick => {
+                        kick_at[u] + Duration::from_millis(rand::rng().random_range(0..20))
+                    }
+                    _ => Duration::from_millis(rand::rng().random_range(0..400) + 7 * k as u64),
+                };
                 let until = tokio::time::Instant::now() + delay;
                 // Read live events until it is time to end this connection.
                 let mut closed_by_server = None;
@@ -114,6 +131,9 @@ async fn churn_from_every_side_keeps_the_invariants() {
                         Some(Ok(_)) => {}
                         Some(Err(_)) | None => break,
                     }
+                }
+                if ending == Ending::CloseRacingKick {
+                    races[usize::from(closed_by_server.is_none())].fetch_add(1, Ordering::Relaxed);
                 }
                 match (ending, closed_by_server) {
                     (_, Some(_)) => {}
@@ -196,9 +216,8 @@ async fn churn_from_every_side_keeps_the_invariants() {
     // Kicks race the clients' own closes.
     let mut kicks = Vec::new();
     for u in 0..USERS {
-        let (http, addr) = (http.clone(), server.local_addr());
+        let (http, addr, delay) = (http.clone(), server.local_addr(), kick_at[u]);
         kicks.push(tokio::spawn(async move {
-            let delay = Duration::from_millis(rand::rng().random_range(0..400));
             tokio::time::sleep(delay).await;
             let r = http
                 .post(format!("http://{addr}/api/v1/disconnect"))
@@ -225,8 +244,16 @@ async fn churn_from_every_side_keeps_the_invariants() {
     wait_for_no_connections(&server).await;
     let s = server.stats();
     eprintln!(
-        "published {published}, events seen by clients {}, stats {s:?}",
-        events_seen.load(Ordering::Relaxed)
+        "published {published}, events seen by clients {}, closes racing the kick: \
+         {} reached by the kick first, {} sent first, stats {s:?}",
+        events_seen.load(Ordering::Relaxed),
+        races[0].load(Ordering::Relaxed),
+        races[1].load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        races[0].load(Ordering::Relaxed) + races[1].load(Ordering::Relaxed),
+        USERS as u64,
+        "every racing close ran"
     );
     assert!(
         published > 0 && events_seen.load(Ordering::Relaxed) > 0,
