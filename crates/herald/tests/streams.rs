@@ -358,3 +358,64 @@ async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
         assert_eq!(next_event(&mut ws).await["seq"], seq);
     }
 }
+
+/// Issue 17, finding 12: history evicted in the middle of a catch-up closes
+/// the connection with 4001 (never a silent gap), and the next resume is
+/// told `reset`. The client stops reading while its first page (256 events
+/// of 60 KB, more than the socket buffers hold) is being written; meanwhile
+/// 300 new events push the rest of its backlog out of the 300-event window.
+#[tokio::test]
+async fn history_evicted_during_the_catch_up_closes_4001_then_resets() {
+    let mut cfg = config();
+    cfg.stream_limits.max_events = 300;
+    cfg.history_max_bytes = 256 << 20;
+    let server = start_with(cfg).await;
+    let (ws, welcome) = connect(&server, "rex").await;
+    let epoch = welcome["epoch"].as_str().unwrap().to_owned();
+    drop(ws);
+    let big = "x".repeat(60 * 1024);
+    let publish_big = |n: usize| {
+        let events: Vec<Value> = (0..n)
+            .map(|_| json!({"user_id": "rex", "event": "agent_note", "data": {"pad": big}}))
+            .collect();
+        post(&server, "/api/v1/events", json!({ "events": events }))
+    };
+    for _ in 0..30 {
+        assert_eq!(publish_big(10).await.0, 200);
+    }
+    // Resume from 0 and do not read: the first page blocks in the socket.
+    let mut ws = open(&server, &[], None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "hello", "token": token("rex"), "resume": {"epoch": epoch, "seq": 0}}),
+    )
+    .await;
+    let mut stuck = false;
+    for _ in 0..500 {
+        if server.hub().list(None).iter().any(|c| c.queue_depth > 0) {
+            stuck = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stuck, "the first page is waiting in the queue");
+    for _ in 0..30 {
+        assert_eq!(publish_big(10).await.0, 200);
+    }
+    // Now read: the welcome, the first page in order, then the close.
+    let (code, reason, frames) = read_until_close(&mut ws).await;
+    assert_eq!(frames[0]["type"], "welcome");
+    let seqs: Vec<u64> = frames[1..]
+        .iter()
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=256).collect::<Vec<_>>());
+    assert_eq!(code, Some(4001));
+    assert_eq!(reason, "history evicted during replay; resume again");
+    let (_ws, welcome) = resume(&server, "rex", &epoch, 256).await;
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reset"].as_bool()),
+        (Some(false), Some(true)),
+        "{welcome}"
+    );
+}
