@@ -147,6 +147,8 @@ async fn cancel_mid_run_ends_with_agent_cancelled_and_nothing_after() {
 struct Hook {
     script: Vec<u16>,
     attempts: Vec<Value>,
+    /// The `X-Herald-Delivery` of each attempt.
+    deliveries: Vec<String>,
     bad_signatures: usize,
 }
 
@@ -184,15 +186,20 @@ async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
                     s.bad_signatures += 1;
                 }
                 s.attempts.push(serde_json::from_slice(&body).unwrap());
+                s.deliveries.push(h(DELIVERY_HEADER).unwrap_or_default());
                 let i = (s.attempts.len() - 1).min(s.script.len() - 1);
                 let status = StatusCode::from_u16(s.script[i]).unwrap();
-                // 429s ask for a one-second pause.
-                let retry_after = if status == StatusCode::TOO_MANY_REQUESTS {
-                    "1"
-                } else {
-                    "0"
+                // 429s ask for a one-second pause; 503s leave the wait to
+                // Herald's backoff; the rest ask for none.
+                let mut headers = HeaderMap::new();
+                match status {
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        headers.insert("retry-after", "1".parse().unwrap())
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => None,
+                    _ => headers.insert("retry-after", "0".parse().unwrap()),
                 };
-                (status, [("retry-after", retry_after)])
+                (status, headers)
             }
         }),
     );
@@ -226,6 +233,13 @@ async fn webhook_retries_503_then_delivers_once_and_acks_once() {
         let h = hook.lock();
         assert_eq!(h.attempts.len(), 3, "two 503s, then 200");
         assert_eq!(h.bad_signatures, 0);
+        // One delivery id for every attempt of one request.
+        assert_eq!(h.deliveries[0].len(), 32, "{:?}", h.deliveries);
+        assert!(
+            h.deliveries.iter().all(|d| *d == h.deliveries[0]),
+            "{:?}",
+            h.deliveries
+        );
         let body = &h.attempts[2];
         assert_eq!(body["type"], "user_message");
         assert_eq!(body["user_id"], "jan");
@@ -238,6 +252,12 @@ async fn webhook_retries_503_then_delivers_once_and_acks_once() {
     // Exactly one ack: the next frame is the pong.
     send_json(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
+    // Another message is another delivery.
+    send_json(&mut ws, message("m2", "again")).await;
+    until_type(&mut ws, "ack").await;
+    let h = hook.lock();
+    assert_eq!(h.deliveries.len(), 4);
+    assert_ne!(h.deliveries[3], h.deliveries[0]);
 }
 
 #[tokio::test]
@@ -253,6 +273,8 @@ async fn webhook_that_always_fails_yields_nack_and_4xx_is_not_retried() {
     );
     assert!(nack["retry_after_ms"].as_u64().unwrap() > 0);
     assert_eq!(hook.lock().attempts.len(), 4, "1 attempt + 3 retries");
+    let d = hook.lock().deliveries.clone();
+    assert!(d.iter().all(|x| *x == d[0]), "{d:?}");
 
     let (url, hook) = start_hook(vec![400]).await;
     let server = server_with_hook(url).await;

@@ -148,6 +148,24 @@ pub fn verify(
         .map_err(|_| VerifyError::Mismatch)
 }
 
+/// How long to wait before retry number `attempt` (from 1): the backend's
+/// `Retry-After` when it sent one, else full jitter — uniform in
+/// `[0, base × 2^(attempt-1)]`; both capped at [`MAX_BACKOFF`].
+fn retry_wait(
+    attempt: u32,
+    base: Duration,
+    retry_after: Option<Duration>,
+    rng: &mut impl Rng,
+) -> Duration {
+    if let Some(d) = retry_after {
+        return d.min(MAX_BACKOFF);
+    }
+    let cap = base
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    rng.random_range(Duration::ZERO..=cap)
+}
+
 impl AgentBackend for Webhook {
     fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
         Box::pin(async move {
@@ -159,16 +177,12 @@ impl AgentBackend for Webhook {
             let mut retry_after: Option<Duration> = None;
             for attempt in 0..=self.cfg.retries {
                 if attempt > 0 {
-                    let cap = self
-                        .cfg
-                        .backoff
-                        .saturating_mul(1 << (attempt - 1).min(16))
-                        .min(MAX_BACKOFF);
-                    // A Retry-After (seconds) from the backend wins over our backoff, capped.
-                    let wait = match retry_after.take() {
-                        Some(d) => d.min(MAX_BACKOFF),
-                        None => rand::rng().random_range(Duration::ZERO..=cap),
-                    };
+                    let wait = retry_wait(
+                        attempt,
+                        self.cfg.backoff,
+                        retry_after.take(),
+                        &mut rand::rng(),
+                    );
                     tokio::time::sleep(wait).await;
                 }
                 let ts = crate::clock::unix_now();
@@ -228,6 +242,43 @@ impl AgentBackend for Webhook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
+
+    /// Issue 17, finding 12: the backoff is full jitter over a doubling cap
+    /// (seeded, so exact), capped; a Retry-After wins, capped too.
+    #[test]
+    fn retries_wait_with_full_jitter_or_as_the_backend_asks() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let base = Duration::from_millis(100);
+        for (attempt, cap_ms) in [(1, 100), (2, 200), (3, 400), (7, 5000), (40, 5000)] {
+            let cap = Duration::from_millis(cap_ms);
+            let waits: Vec<Duration> = (0..2000)
+                .map(|_| retry_wait(attempt, base, None, &mut rng))
+                .collect();
+            let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+            assert!(*max <= cap, "attempt {attempt}: {max:?} over {cap:?}");
+            // Spread over the whole range, not a fixed delay.
+            assert!(
+                *min < cap / 20 && *max > cap * 19 / 20,
+                "attempt {attempt}: {min:?}..{max:?}"
+            );
+            let mean = waits.iter().sum::<Duration>() / waits.len() as u32;
+            assert!(
+                mean > cap * 2 / 5 && mean < cap * 3 / 5,
+                "attempt {attempt}: mean {mean:?}"
+            );
+        }
+        let asked = Some(Duration::from_secs(2));
+        assert_eq!(retry_wait(1, base, asked, &mut rng), Duration::from_secs(2));
+        assert_eq!(
+            retry_wait(1, base, Some(Duration::ZERO), &mut rng),
+            Duration::ZERO
+        );
+        assert_eq!(
+            retry_wait(1, base, Some(Duration::from_secs(3600)), &mut rng),
+            MAX_BACKOFF
+        );
+    }
 
     #[test]
     fn sign_and_verify_round_trip() {
