@@ -38,7 +38,7 @@ async function send(text) {
   await page.press('#text', 'Enter');
 }
 
-test('type a message and see the five events rendered', async () => {
+test('type a message and see the seven events rendered', async () => {
   await page.goto(`http://${h.addr}/`);
   await page.fill('#name', 'pat');
   await page.press('#name', 'Enter');
@@ -47,7 +47,9 @@ test('type a message and see the five events rendered', async () => {
   await page.waitForSelector('.msg.user[data-pending="false"]'); // acked
   await page.waitForSelector('.run[data-status="completed"]', { timeout: 10000 });
   const run = lastRun();
-  assert.ok((await run.locator('[data-event="agent_thinking"]').count()) >= 2);
+  // started, 3 × thinking, tool executing + completed, completed: seqs 1..7.
+  assert.deepEqual(await page.evaluate(() => window.__herald.seqs), [1, 2, 3, 4, 5, 6, 7]);
+  assert.equal(await run.locator('[data-event="agent_thinking"]').count(), 3);
   assert.equal(await run.locator('.tool[data-status="done"]').count(), 1);
   assert.match(await run.locator('.final').innerText(), /plan my trip to Lisbon/);
   assert.equal(await run.locator('.badge').innerText(), 'done');
