@@ -93,9 +93,9 @@ declare_keys! {
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
-    REDIS_URL = "redis_url", None, "redis:// or rediss:// URL (password in the URL) of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
-    REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated redis:// URLs of Redis Cluster seed nodes (instead of redis_url): streams are spread over the cluster's masters";
-    REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels, so deployments can share a Redis";
+    REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
+    REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
+    REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels (no braces or spaces), so deployments can share a Redis";
 }
 
 /// Where a value came from, for error messages.
@@ -940,22 +940,33 @@ mod tests {
 mod doc_tests {
     use super::*;
 
-    /// docs/OPERATIONS.md must list every key with its env var and flag.
+    /// docs/OPERATIONS.md must list every key with its env var, flag,
+    /// default and description, exactly as the code declares them (issue 17:
+    /// the guard used to check names only, so a changed default went unseen).
     #[test]
     fn operations_doc_lists_every_key() {
         let doc = include_str!("../../../docs/OPERATIONS.md");
+        let mut wrong = Vec::new();
         for k in KEYS {
+            let default = k.default.map_or("—".to_owned(), |d| format!("`{d}`"));
             let row = format!(
-                "| `{}` | `{}` | `--{}` |",
+                "| `{}` | `{}` | `--{}` | {} | {} |",
                 k.name,
                 env_name(k.name),
-                flag_name(k.name)
+                flag_name(k.name),
+                default,
+                k.doc
             );
-            assert!(
-                doc.contains(&row),
-                "docs/OPERATIONS.md lacks the row for `{}`",
-                k.name
-            );
+            let prefix = format!("| `{}` |", k.name);
+            let found = doc.lines().find(|l| l.starts_with(&prefix));
+            if found != Some(row.as_str()) {
+                wrong.push(format!("docs: {found:?}\ncode: {row}"));
+            }
         }
+        assert!(
+            wrong.is_empty(),
+            "docs/OPERATIONS.md differs from the code:\n{}",
+            wrong.join("\n")
+        );
     }
 }
