@@ -454,4 +454,69 @@ mod tests {
         assert!(m.is_live());
         assert_eq!(out, vec![2, 7, 10]);
     }
+
+    /// Mutation testing (issue 17): nothing to replay reads nothing.
+    #[test]
+    fn an_empty_stream_with_replay_asked_goes_live_at_once() {
+        let d = decide_join(&pos("e", 1, 0), None, true);
+        assert_eq!(d.plan, Plan::Live { after: 0 });
+    }
+
+    /// A catch-up told the stream moved on reads up to the new end, in the
+    /// same range; a smaller end does not shrink it.
+    #[test]
+    fn expect_extends_a_running_catch_up_and_never_shrinks_it() {
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::Replay { after: 0, until: 5 }, &mut out);
+        m.expect(8);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range { after: 0, until: 8 })
+        );
+        m.expect(6);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range { after: 0, until: 8 })
+        );
+        m.on_history((1..=8).map(|s| (s, s)), &mut out).unwrap();
+        assert_eq!(out, (1..=8).collect::<Vec<_>>());
+        assert!(m.is_live());
+        // Live and told of events it has not seen: read exactly those.
+        m.expect(8);
+        assert!(m.is_live(), "nothing missed");
+        m.expect(11);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range {
+                after: 8,
+                until: 11
+            })
+        );
+    }
+
+    /// A page that ends exactly at the range's end finishes the catch-up
+    /// (no empty read after it, which would be taken for a gap).
+    #[test]
+    fn a_page_ending_at_the_range_end_goes_live() {
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::Replay { after: 2, until: 5 }, &mut out);
+        m.on_history([(3, 3), (4, 4), (5, 5)], &mut out).unwrap();
+        assert!(m.is_live());
+        assert_eq!(m.wants_history(), None);
+    }
+
+    /// A held event beyond a gap asks for exactly the missing seqs.
+    #[test]
+    fn a_gap_before_a_held_event_reads_only_the_gap() {
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        assert_eq!(m.on_live(6, 6, &mut out), LiveOutcome::Held);
+        m.start(Plan::Live { after: 2 }, &mut out);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range { after: 2, until: 5 })
+        );
+    }
 }

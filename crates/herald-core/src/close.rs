@@ -242,4 +242,28 @@ mod tests {
         assert!(info.detail.len() <= MAX_CLOSE_DETAIL);
         assert!(info.detail.chars().all(|c| c == 'é'));
     }
+
+    /// Mutation testing (issue 17): the names are a contract (metric
+    /// labels, logs, the API), and so is which closes are ordinary.
+    #[test]
+    fn names_and_expected_closes_are_stable() {
+        assert_eq!(Initiator::Client.as_str(), "client");
+        assert_eq!(Initiator::Server.as_str(), "server");
+        assert_eq!(CloseReason::SlowConsumer.to_string(), "slow_consumer");
+        for r in CloseReason::ALL {
+            assert_eq!(r.to_string(), r.as_str());
+            let alarming = matches!(
+                r,
+                CloseReason::IoError | CloseReason::SlowConsumer | CloseReason::Internal
+            );
+            assert_eq!(r.is_expected(), !alarming, "{r}");
+        }
+    }
+
+    #[test]
+    fn truncation_keeps_what_fits() {
+        assert_eq!(truncate_utf8("abc".into(), 3), "abc");
+        assert_eq!(truncate_utf8("abcd".into(), 3), "abc");
+        assert_eq!(truncate_utf8("aé".into(), 2), "a");
+    }
 }

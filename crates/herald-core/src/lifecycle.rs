@@ -32,12 +32,6 @@ impl Payload for String {
     }
 }
 
-impl Payload for Vec<u8> {
-    fn wire_len(&self) -> usize {
-        self.len()
-    }
-}
-
 /// Tunables of the lifecycle.
 #[derive(Debug, Clone)]
 pub struct LifecycleConfig {
@@ -866,5 +860,112 @@ mod tests {
             now,
             CloseInfo::new(CloseReason::Kicked, Initiator::Server, "")
         ));
+    }
+
+    /// Mutation testing (issue 17): the byte bound admits a queue exactly at
+    /// it and refuses one byte more; written frames give their bytes back.
+    #[test]
+    fn the_byte_bound_is_exact_and_pops_give_bytes_back() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        drain(&mut c);
+        assert_eq!(c.queued_bytes(), 0);
+        c.send(now, "a".repeat(60)).unwrap();
+        c.send(now, "b".repeat(40)).unwrap();
+        assert_eq!((c.queue_len(), c.queued_bytes()), (2, 100));
+        c.poll_transmit();
+        assert_eq!(c.queued_bytes(), 40);
+        c.send(now, "c".repeat(60)).unwrap();
+        assert_eq!(c.send(now, "d".into()), Err(SendRefused::QueueFull));
+        assert_eq!(c.state(), State::Closing);
+    }
+
+    /// The close deadline is `close_timeout` after the decision: until then
+    /// the queue is flushed, at it the rest is dropped and the timer stops.
+    #[test]
+    fn the_close_deadline_is_close_timeout_after_the_decision() {
+        let t0 = Instant::now();
+        let mut c = ready(t0);
+        drain(&mut c);
+        c.send(t0, "e1".into()).unwrap();
+        let info = CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "bye");
+        assert!(c.close(t0, info));
+        assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+        c.handle_timeout(t0 + Duration::from_millis(1999));
+        assert_eq!(c.queue_len(), 1, "still flushing");
+        c.handle_timeout(t0 + Duration::from_secs(2));
+        assert_eq!(c.queue_len(), 0, "the deadline drops the rest");
+        assert_eq!(c.poll_timeout(), None);
+        assert!(matches!(
+            c.poll_transmit(),
+            Some(Transmit::Close { code: 1012, .. })
+        ));
+        assert!(c.should_drop_transport());
+    }
+
+    /// Heartbeats: a ping at each interval, not before; the next one an
+    /// interval later.
+    #[test]
+    fn pings_are_due_each_interval() {
+        let t0 = Instant::now();
+        let mut c = ready(t0);
+        drain(&mut c);
+        let interval = Duration::from_secs(25);
+        assert_eq!(c.poll_timeout(), Some(t0 + interval));
+        c.handle_timeout(t0 + interval - Duration::from_millis(1));
+        assert_eq!(c.poll_transmit(), None);
+        c.handle_timeout(t0 + interval);
+        assert_eq!(c.poll_transmit(), Some(Transmit::Ping));
+        assert_eq!(c.poll_transmit(), None);
+        c.on_inbound(t0 + interval);
+        assert_eq!(c.poll_timeout(), Some(t0 + 2 * interval));
+    }
+
+    /// A live connection told its stream moved past what it sent reads the
+    /// rest from history; closing connections ignore it.
+    #[test]
+    fn expect_seq_starts_a_catch_up_only_while_ready() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        drain(&mut c);
+        c.expect_seq(3);
+        assert_eq!(
+            c.wants_history(),
+            Some(HistoryRequest::Range { after: 0, until: 3 })
+        );
+        let mut closing = ready(now);
+        closing.close(
+            now,
+            CloseInfo::new(CloseReason::Kicked, Initiator::Server, "k"),
+        );
+        closing.expect_seq(3);
+        drain(&mut closing);
+        assert_eq!(closing.wants_history(), None);
+    }
+
+    /// The open runs' events are queued after the welcome, then live events
+    /// follow the position they were read at.
+    #[test]
+    fn run_replay_is_queued_then_live_follows() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.join().unwrap();
+        c.authenticate(now, "welcome".into(), Plan::Runs { until: 3 })
+            .unwrap();
+        drain(&mut c);
+        assert_eq!(c.wants_history(), Some(HistoryRequest::Runs { until: 3 }));
+        c.push_runs(["r1".to_owned(), "r3".to_owned()]);
+        assert_eq!(
+            c.send_event(now, 4, "e4".into()),
+            Ok(LiveOutcome::Delivered)
+        );
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                Transmit::Frame("r1".into()),
+                Transmit::Frame("r3".into()),
+                Transmit::Frame("e4".into())
+            ]
+        );
     }
 }

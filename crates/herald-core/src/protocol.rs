@@ -521,4 +521,24 @@ mod tests {
             json!({"type":"event","seq":3,"event":"agent_thinking","thread_id":"t1","data":{"text":"hi"},"ts":"2026-01-01T00:00:00Z"})
         );
     }
+
+    /// Mutation testing (issue 17): event names, and error texts without
+    /// serde's position noise.
+    #[test]
+    fn event_names_and_error_texts() {
+        for ok in ["a", "agent_started", "x.y:z-1", &"a".repeat(64)] {
+            assert!(is_valid_event_name(ok), "{ok}");
+        }
+        for bad in ["", "has space", "é", "a/b", &"a".repeat(65)] {
+            assert!(!is_valid_event_name(bad), "{bad}");
+        }
+        let Err(FrameError::InvalidField { field, problem, .. }) =
+            parse_client_frame(r#"{"type":"ack","seq":"x"}"#, &Limits::default())
+        else {
+            panic!("a string seq is refused");
+        };
+        assert_eq!(field, "seq");
+        assert!(problem.starts_with("invalid type"), "{problem}");
+        assert!(!problem.contains(" at line "), "{problem}");
+    }
 }

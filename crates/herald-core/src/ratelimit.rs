@@ -133,4 +133,23 @@ mod tests {
         assert_eq!(b.check(t1), Verdict::Allow);
         assert!(matches!(b.check(t1), Verdict::Reject { .. }));
     }
+
+    /// Mutation testing (issue 17): a strike exactly one window after the
+    /// first still counts (the window is inclusive).
+    #[test]
+    fn strikes_at_the_window_edge_still_count() {
+        let t0 = Instant::now();
+        let cfg = RateLimit {
+            per_second: 0.0001,
+            burst: 1.0,
+            max_strikes: 3,
+            strike_window: Duration::from_secs(1),
+        };
+        let mut b = Bucket::new(cfg, t0);
+        assert_eq!(b.check(t0), Verdict::Allow);
+        assert_eq!(b.check(t0), Verdict::Reject { notify: true });
+        let edge = t0 + Duration::from_secs(1);
+        assert_eq!(b.check(edge), Verdict::Reject { notify: false });
+        assert_eq!(b.check(edge), Verdict::Close);
+    }
 }

@@ -200,4 +200,27 @@ mod tests {
         ));
         assert_eq!(decide(State::Closing, "nope"), Inbound::Ignore);
     }
+
+    /// Mutation testing (issue 17): replies are the documented frames.
+    #[test]
+    fn replies_serialize_as_documented() {
+        assert_eq!(Reply::Pong.to_json(), r#"{"type":"pong"}"#);
+        let e = Reply::Error {
+            code: "unknown_type",
+            message: "nope".into(),
+        };
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&e.to_json()).unwrap(),
+            serde_json::json!({"type": "error", "code": "unknown_type", "message": "nope"})
+        );
+        let n = Reply::Nack {
+            id: "m1".into(),
+            error: "invalid_message",
+            message: "bad".into(),
+        };
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&n.to_json()).unwrap(),
+            serde_json::json!({"type": "nack", "id": "m1", "error": "invalid_message", "message": "bad"})
+        );
+    }
 }

@@ -678,4 +678,132 @@ mod tests {
             Appended::New(2)
         );
     }
+
+    /// Mutation testing (issue 17): key accounting, emptiness and idleness.
+    #[test]
+    fn keys_are_counted_in_bytes_and_forgotten() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = StreamLimits {
+            max_idempotency_keys: 2,
+            ..limits(10)
+        };
+        let m = meta("x", None);
+        s.append(now, &m, Some("k1"), &l, |q| format!("e{q}"));
+        s.append(now, &m, Some("key2"), &l, |q| format!("e{q}"));
+        assert_eq!(s.keys(), (2, 2 * (2 + 4)));
+        s.append(now, &m, Some("k3"), &l, |q| format!("e{q}"));
+        assert_eq!(s.keys(), (2, 2 * (4 + 2)), "k1 forgotten");
+        assert_eq!(s.idempotent_seq("k1"), None);
+        s.forget_keys();
+        assert_eq!(s.keys(), (0, 0));
+        assert_eq!(s.idempotent_seq("k3"), None);
+    }
+
+    #[test]
+    fn emptiness_and_idleness() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut s: Stream<String> = Stream::new("ep", t0);
+        assert_eq!(s.epoch(), "ep");
+        assert!(s.is_empty() && s.is_idle(t0));
+        let l = limits(10);
+        push(&mut s, t1, meta("x", None), &l);
+        assert!(!s.is_empty() && !s.is_idle(t1));
+        s.evict_front();
+        assert!(s.is_empty());
+        assert!(!s.is_idle(t0), "touched after t0");
+        assert!(s.is_idle(t1));
+        s.append(t1, &meta("x", None), Some("k"), &l, |q| format!("e{q}"));
+        s.evict_front();
+        assert!(!s.is_idle(t1), "a remembered key keeps it");
+        s.forget_keys();
+        push(&mut s, t1, meta("agent_started", Some("r")), &l);
+        s.evict_front();
+        assert!(s.is_empty() || !s.open_runs().is_empty());
+        assert!(!s.is_idle(t1), "an open run keeps it");
+    }
+
+    /// Run bounds are inclusive; several runs close when one is not enough.
+    #[test]
+    fn run_bounds_are_exact() {
+        let now = Instant::now();
+        let mut s = Stream::new("ep", now);
+        let l = StreamLimits {
+            max_run_bytes: 100,
+            max_runs_bytes: 150,
+            ..limits(100)
+        };
+        let grow = |s: &mut Stream<String>, run: &str, bytes: usize| {
+            let m = EventMeta {
+                event: "agent_thinking".into(),
+                run_id: Some(run.into()),
+                thread_id: Some(format!("t-{run}")),
+            };
+            s.append(now, &m, None, &l, |_| "x".repeat(bytes));
+        };
+        grow(&mut s, "a", 100);
+        assert!(s.oversized_runs(&l).is_empty(), "exactly at the run bound");
+        assert_eq!(s.open_runs()["a"].bytes(), 100);
+        grow(&mut s, "b", 50);
+        assert!(
+            s.oversized_runs(&l).is_empty(),
+            "exactly at the total bound"
+        );
+        grow(&mut s, "c", 100);
+        // 250 together: a (100, first by id among the largest) is enough
+        // for 150; for 90, c must go too.
+        assert_eq!(
+            s.oversized_runs(&l),
+            vec![("a".to_owned(), Some("t-a".to_owned()))]
+        );
+        let l90 = StreamLimits {
+            max_runs_bytes: 90,
+            ..l.clone()
+        };
+        assert_eq!(
+            s.oversized_runs(&l90),
+            vec![
+                ("a".to_owned(), Some("t-a".to_owned())),
+                ("c".to_owned(), Some("t-c".to_owned()))
+            ]
+        );
+        assert_eq!(
+            s.largest_run(),
+            Some(("a".to_owned(), Some("t-a".to_owned())))
+        );
+        grow(&mut s, "b", 60);
+        assert_eq!(
+            s.largest_run(),
+            Some(("b".to_owned(), Some("t-b".to_owned())))
+        );
+    }
+
+    /// Age eviction reports what it freed; run expiry and run replay bounds.
+    #[test]
+    fn expiry_bounds_and_run_replay_ranges() {
+        let t0 = Instant::now();
+        let mut s = Stream::new("ep", t0);
+        let l = StreamLimits {
+            max_age: Duration::from_secs(10),
+            run_ttl: Duration::from_secs(30),
+            ..limits(100)
+        };
+        push(&mut s, t0, meta("agent_started", Some("r")), &l);
+        push(&mut s, t0, meta("note", None), &l);
+        push(&mut s, t0, meta("agent_thinking", Some("r")), &l);
+        push(&mut s, t0, meta("note", None), &l);
+        push(&mut s, t0, meta("agent_thinking", Some("r")), &l);
+        assert_eq!(s.active_run_events(0, 5), vec!["e1", "e3", "e5"]);
+        assert_eq!(s.active_run_events(1, 5), vec!["e3", "e5"]);
+        assert_eq!(s.active_run_events(1, 4), vec!["e3"]);
+        assert_eq!(s.evict_expired(t0 + Duration::from_secs(10), &l), 0);
+        // Only the two notes are freed; the run's events stay pinned.
+        assert_eq!(s.evict_expired(t0 + Duration::from_secs(11), &l), 4);
+        assert!(s.expired_runs(t0 + Duration::from_secs(30), &l).is_empty());
+        assert_eq!(
+            s.expired_runs(t0 + Duration::from_secs(30) + Duration::from_nanos(1), &l),
+            vec![("r".to_owned(), None)]
+        );
+    }
 }
