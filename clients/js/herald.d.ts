@@ -51,6 +51,13 @@ export interface HeraldError {
   message?: string;
 }
 
+/** A send rejected because `close()` was called before its ack came. */
+export class HeraldClosedError extends Error {
+  readonly code: 'closed';
+  /** The message id. */
+  readonly id: string;
+}
+
 export class HeraldClient {
   constructor(options: HeraldOptions);
   readonly state: ConnectionState;
@@ -64,7 +71,9 @@ export class HeraldClient {
   on(name: 'close', handler: (c: { code: number; reason: string }) => void): () => void;
   on(name: 'error', handler: (e: HeraldError) => void): () => void;
   on(name: string, handler: (e: HeraldEvent) => void): () => void;
+  /** Open the connection (idempotent; at most one socket per client, whatever the timing). */
   connect(): void;
+  /** Close for good; pending sends are rejected with `HeraldClosedError`. */
   close(): void;
   sendMessage(threadId: string, text: string, data?: Record<string, unknown>): Promise<{ id: string }>;
   cancel(runId: string): void;

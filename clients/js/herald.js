@@ -37,6 +37,10 @@ export class HeraldClient {
     this._retryTimer = null;
     this._nextDelayMs = null;
     this._stopped = false;
+    /** Bumped by `close()`: opens of an older generation give up. */
+    this._generation = 0;
+    /** An open is in progress (fetching a token, before the socket exists). */
+    this._opening = false;
     this.position = this._load() || { epoch: null, seq: 0 };
     this.connId = null;
     this.userId = null;
@@ -56,19 +60,37 @@ export class HeraldClient {
     return () => this._handlers.get(name)?.delete(handler);
   }
 
-  /** Open the connection (idempotent). */
+  /**
+   * Open the connection (idempotent): whatever the order and timing of
+   * `connect()`, `close()` and token fetches, a client holds at most one socket.
+   */
   connect() {
     this._stopped = false;
-    if (this._ws || this._retryTimer) return;
+    if (this._ws || this._retryTimer || this._opening) return;
     this._open();
   }
 
-  /** Close for good (no reconnect). */
+  /**
+   * Close for good (no reconnect). Sends still waiting for their ack are
+   * rejected with a `HeraldClosedError` (code `closed`).
+   */
   close() {
     this._stopped = true;
+    // Orphans any open in progress (a token fetch that resolves later).
+    this._generation += 1;
+    this._opening = false;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
-    if (this._ws) this._ws.close(1000, 'client closed');
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      try { ws.close(1000, 'client closed'); } catch { /* already closing */ }
+    }
+    for (const [id, p] of this._pending) {
+      clearTimeout(p.timer);
+      p.reject(new HeraldClosedError(id));
+    }
+    this._pending.clear();
     this._setState('closed');
   }
 
@@ -99,19 +121,27 @@ export class HeraldClient {
   // -- internals ------------------------------------------------------------
 
   async _open() {
+    // Each open belongs to a generation; `close()` starts a new one, so an
+    // open that resumes after it (its token fetch was slow) gives up.
+    const generation = this._generation;
+    this._opening = true;
     this._setState(this._attempt === 0 ? 'connecting' : 'reconnecting');
     let token = this._token;
     if (this._getToken && (!token || this._needFreshToken)) {
       try {
         token = await this._getToken();
-        this._token = token;
-        this._needFreshToken = false;
       } catch (err) {
+        if (generation !== this._generation) return;
+        this._opening = false;
         this._emit('error', { code: 'token_unavailable', message: String(err) });
         this._scheduleReconnect();
         return;
       }
+      if (generation !== this._generation) return;
+      this._token = token;
+      this._needFreshToken = false;
     }
+    this._opening = false;
     if (this._stopped) return;
     let ws;
     try {
@@ -122,12 +152,14 @@ export class HeraldClient {
       return;
     }
     this._ws = ws;
+    // Only the client's current socket may speak to it.
     ws.onopen = () => {
+      if (this._ws !== ws) return;
       const hello = { type: 'hello', token, replay_active_runs: this._replayActiveRuns };
       if (this.position.epoch) hello.resume = { epoch: this.position.epoch, seq: this.position.seq };
       ws.send(JSON.stringify(hello));
     };
-    ws.onmessage = (msg) => this._onFrame(msg.data);
+    ws.onmessage = (msg) => { if (this._ws === ws) this._onFrame(msg.data); };
     ws.onerror = () => {};
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
   }
@@ -256,6 +288,16 @@ export class HeraldClient {
   _save() {
     if (!this._storage || !this._storageKey) return;
     try { this._storage.setItem(this._storageKey, JSON.stringify(this.position)); } catch { /* quota: ignore */ }
+  }
+}
+
+/** A send rejected because the client was closed before its ack came. */
+export class HeraldClosedError extends Error {
+  constructor(id) {
+    super('client closed before the message was acknowledged');
+    this.name = 'HeraldClosedError';
+    this.code = 'closed';
+    this.id = id;
   }
 }
 

@@ -2,7 +2,7 @@
 // Node's WebSocket: run with --experimental-websocket on Node 20).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { HeraldClient } from '../herald.js';
+import { HeraldClient, HeraldClosedError } from '../herald.js';
 import { startHerald, mintToken, api, until } from './helpers.mjs';
 
 let h;
@@ -128,4 +128,52 @@ test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async
     c.close();
     await h3.stop();
   }
+});
+
+/** The server's live connections of `user`. */
+async function connectionsOf(user) {
+  const r = await fetch(`http://${h.addr}/api/v1/connections?user_id=${user}`, { headers: { authorization: `Bearer ${h.apiKey}` } });
+  return (await r.json()).connections;
+}
+
+test('connect/close churn with a slow getToken leaves exactly one socket', async () => {
+  let fetches = 0;
+  const getToken = async () => {
+    fetches += 1;
+    await new Promise((r) => setTimeout(r, 150));
+    return mintToken(h.secret, 'n7');
+  };
+  const c = new HeraldClient({ url: url(), getToken });
+  const seqs = [];
+  const welcomes = [];
+  c.on('event', (e) => seqs.push(e.seq));
+  c.on('welcome', (w) => welcomes.push(w));
+  // React StrictMode's double mount, and then some: every token fetch of an
+  // earlier generation resolves after the close that orphaned it.
+  c.connect();
+  c.connect();
+  c.close();
+  c.connect();
+  await new Promise((r) => setTimeout(r, 50));
+  c.close();
+  c.connect();
+  await until(() => c.state === 'open', 5000, 'open');
+  await new Promise((r) => setTimeout(r, 400)); // every orphaned fetch has resolved
+  assert.equal(fetches, 3, 'one fetch per connect after a close');
+  assert.equal(welcomes.length, 1);
+  assert.equal((await connectionsOf('n7')).length, 1, 'exactly one server-side connection');
+  await api(h, '/api/v1/events', { events: [1, 2, 3].map(() => ({ user_id: 'n7', event: 'note' })) });
+  await until(() => seqs.length >= 3, 5000, '3 events');
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(seqs, [1, 2, 3], 'each event once');
+  c.close();
+  await until(async () => (await connectionsOf('n7')).length === 0, 5000, 'the server sees the close');
+});
+
+test('close() rejects sends still waiting for their ack', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n8'), ackTimeoutMs: 60000 });
+  // Not connected: the send waits (it would be sent on the next welcome).
+  const pending = c.sendMessage('t1', 'never acked');
+  c.close();
+  await assert.rejects(pending, (e) => e instanceof HeraldClosedError && e.code === 'closed' && typeof e.id === 'string');
 });
