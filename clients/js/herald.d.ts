@@ -75,6 +75,17 @@ export class HeraldClient {
   connect(): void;
   /** Close for good; pending sends are rejected with `HeraldClosedError`. */
   close(): void;
-  sendMessage(threadId: string, text: string, data?: Record<string, unknown>): Promise<{ id: string }>;
-  cancel(runId: string): void;
+  /**
+   * Send a chat message; resolves on ack, rejects on nack, timeout (counted
+   * only while on an open socket) or `close()`. Pass `options.id` to retry a
+   * message with the same id: the server forwards an id once.
+   */
+  sendMessage(
+    threadId: string,
+    text: string,
+    data?: Record<string, unknown>,
+    options?: { id?: string },
+  ): Promise<{ id: string }>;
+  /** Ask the agent to stop a run; queued while disconnected, resolves once sent. */
+  cancel(runId: string): Promise<void>;
 }

@@ -29,8 +29,10 @@ export class HeraldClient {
     this._backoff = { baseMs: options.backoffBaseMs ?? 500, maxMs: options.backoffMaxMs ?? 15000 };
     /** @type {Map<string, Set<Function>>} */
     this._handlers = new Map();
-    /** @type {Map<string, {frame: object, resolve: Function, reject: Function, timer: any}>} */
+    /** @type {Map<string, {frame: object, resolve: Function, reject: Function, timer: any, promise: Promise<{id: string}>}>} */
     this._pending = new Map();
+    /** @type {Map<string, {resolve: Function, reject: Function, promise: Promise<void>}>} */
+    this._cancels = new Map();
     this._ws = null;
     this._state = /** @type {ConnectionState} */ ('idle');
     this._attempt = 0;
@@ -91,31 +93,55 @@ export class HeraldClient {
       p.reject(new HeraldClosedError(id));
     }
     this._pending.clear();
+    for (const [runId, c] of this._cancels) c.reject(new HeraldClosedError(runId));
+    this._cancels.clear();
     this._setState('closed');
   }
 
   /**
    * Send a chat message; resolves with the ack, rejects on nack or timeout.
-   * Unacked messages are re-sent with the same id after a reconnect (the
-   * server forwards an id once).
+   * `options.id` sets the message id (the server forwards an id once, so a
+   * retry after a timeout or a nack with the same id cannot reach the agent
+   * twice); one is generated when absent. Unacked messages are re-sent with
+   * the same id after a reconnect. The ack timeout counts only while the
+   * message is actually on an open socket.
    * @returns {Promise<{id: string}>}
    */
-  sendMessage(threadId, text, data = {}) {
-    const id = newId();
+  sendMessage(threadId, text, data = {}, options = {}) {
+    const id = options.id ?? newId();
+    const existing = this._pending.get(id);
+    if (existing) return existing.promise;
     const frame = { type: 'user_message', id, thread_id: threadId, text, data };
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this._pending.delete(id);
-        reject(Object.assign(new Error('no ack in time'), { code: 'timeout', id }));
-      }, this._ackTimeoutMs);
-      this._pending.set(id, { frame, resolve, reject, timer });
-      this._send(frame);
+    const entry = { frame, resolve: null, reject: null, timer: null, promise: null };
+    entry.promise = new Promise((resolve, reject) => {
+      entry.resolve = resolve;
+      entry.reject = reject;
     });
+    this._pending.set(id, entry);
+    this._transmit(id, entry);
+    return entry.promise;
   }
 
-  /** Ask the agent to stop a run. */
+  /**
+   * Ask the agent to stop a run. Sent at once when connected, else queued
+   * and sent after the next welcome; resolves once written to the socket,
+   * rejects with `HeraldClosedError` if `close()` comes first.
+   * @returns {Promise<void>}
+   */
   cancel(runId) {
-    this._send({ type: 'cancel', run_id: runId });
+    if (this._isOpen()) {
+      this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
+      return Promise.resolve();
+    }
+    const queued = this._cancels.get(runId);
+    if (queued) return queued.promise;
+    const entry = { resolve: null, reject: null, promise: null };
+    entry.promise = new Promise((resolve, reject) => {
+      entry.resolve = resolve;
+      entry.reject = reject;
+    });
+    this._cancels.set(runId, entry);
+    return entry.promise;
   }
 
   // -- internals ------------------------------------------------------------
@@ -181,7 +207,12 @@ export class HeraldClient {
         }
         this._setState('open');
         this._emit('welcome', f);
-        for (const p of this._pending.values()) this._send(p.frame);
+        for (const [runId, c] of this._cancels) {
+          this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
+          c.resolve();
+        }
+        this._cancels.clear();
+        for (const [id, p] of this._pending) this._transmit(id, p);
         break;
       case 'event': {
         // Replayed run events may be older than the position; everything else
@@ -223,6 +254,8 @@ export class HeraldClient {
   _onClose(ws, code, reason) {
     if (this._ws !== ws) return;
     this._ws = null;
+    // Messages in flight are not any more: their ack timers stop until resent.
+    for (const p of this._pending.values()) { clearTimeout(p.timer); p.timer = null; }
     this._emit('close', { code, reason });
     if (this._stopped) { this._setState('closed'); return; }
     if (AUTH_CODES.has(code)) {
@@ -259,11 +292,20 @@ export class HeraldClient {
     this._retryTimer = setTimeout(() => { this._retryTimer = null; this._open(); }, delay);
   }
 
-  _send(frame) {
-    if (this._ws && this._state === 'open' && this._ws.readyState === 1) {
-      this._ws.send(JSON.stringify(frame));
-    }
-    // Otherwise: pending messages are re-sent on the next welcome.
+  _isOpen() {
+    return this._ws && this._state === 'open' && this._ws.readyState === 1;
+  }
+
+  /** Put a pending message on the socket, if open, and start its ack timer. */
+  _transmit(id, p) {
+    if (!this._isOpen()) return; // re-sent on the next welcome
+    this._ws.send(JSON.stringify(p.frame));
+    if (p.timer) return;
+    p.timer = setTimeout(() => {
+      if (this._pending.get(id) !== p) return;
+      this._pending.delete(id);
+      p.reject(Object.assign(new Error('no ack in time'), { code: 'timeout', id }));
+    }, this._ackTimeoutMs);
   }
 
   _setState(s) {

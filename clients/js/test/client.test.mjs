@@ -1,6 +1,7 @@
 // Unit tests of the browser client against a real Herald (Node's test runner,
 // Node's WebSocket: run with --experimental-websocket on Node 20).
 import { test, before, after } from 'node:test';
+import http from 'node:http';
 import assert from 'node:assert/strict';
 import { HeraldClient, HeraldClosedError } from '../herald.js';
 import { startHerald, mintToken, api, until } from './helpers.mjs';
@@ -176,4 +177,63 @@ test('close() rejects sends still waiting for their ack', async () => {
   const pending = c.sendMessage('t1', 'never acked');
   c.close();
   await assert.rejects(pending, (e) => e instanceof HeraldClosedError && e.code === 'closed' && typeof e.id === 'string');
+});
+
+test('a caller-chosen id retried after a timeout reaches the backend once', async () => {
+  // A backend that takes 1.5 s to answer, counting what it receives.
+  const seen = [];
+  const backend = http.createServer((req, res) => {
+    let body = '';
+    req.on('data', (d) => { body += d; });
+    req.on('end', () => {
+      seen.push(JSON.parse(body).message_id);
+      setTimeout(() => { res.writeHead(200); res.end(); }, 1500);
+    });
+  });
+  await new Promise((r) => backend.listen(0, '127.0.0.1', r));
+  const hw = await startHerald({
+    HERALD_JWT_HS256_SECRET: 'w-secret-0123456789-abcdefghijklmnop', HERALD_API_KEY: 'w-key-0123456789abcd',
+    HERALD_WEBHOOK_URL: `http://127.0.0.1:${backend.address().port}/hook`, HERALD_WEBHOOK_SECRET: 'w-hook-0123456789abcd',
+  });
+  const c = new HeraldClient({ url: `ws://${hw.addr}/ws`, token: mintToken(hw.secret, 'n9'), ackTimeoutMs: 300 });
+  try {
+    c.connect();
+    await until(() => c.state === 'open');
+    await assert.rejects(c.sendMessage('t1', 'slow', {}, { id: 'my-id-1' }), (e) => e.code === 'timeout' && e.id === 'my-id-1');
+    // The app retries with the same id once the backend has answered: acked
+    // as a duplicate, not forwarded again.
+    await new Promise((r) => setTimeout(r, 1500));
+    assert.deepEqual(await c.sendMessage('t1', 'slow', {}, { id: 'my-id-1' }), { id: 'my-id-1' });
+    assert.deepEqual(seen, ['my-id-1']);
+  } finally {
+    c.close();
+    await hw.stop();
+    backend.close();
+  }
+});
+
+test('the ack timer runs only while the message is on a socket', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n10'), ackTimeoutMs: 300 });
+  // Sent while disconnected, longer ago than the timeout: not a timeout.
+  const sent = c.sendMessage('t1', 'queued while offline', {}, { id: 'offline-1' });
+  await new Promise((r) => setTimeout(r, 500));
+  c.connect();
+  assert.deepEqual(await sent, { id: 'offline-1' });
+  c.close();
+});
+
+test('cancel while disconnected is sent after the welcome, or rejected by close()', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n11') });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  const cancelled = c.cancel('run_nope');
+  c.connect();
+  await cancelled;
+  // The server got it: an unknown run is answered with an error frame.
+  await until(() => errors.includes('unknown_run'), 5000, 'unknown_run');
+  c.close();
+  const later = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n11') });
+  const dropped = later.cancel('run_x');
+  later.close();
+  await assert.rejects(dropped, (e) => e instanceof HeraldClosedError);
 });
