@@ -519,4 +519,18 @@ mod tests {
             Some(HistoryRequest::Range { after: 2, until: 5 })
         );
     }
+
+    /// A page that skips a seq is a gap at once, even when the seq after
+    /// the hole is the range's last.
+    #[test]
+    fn a_hole_in_a_page_is_a_gap_at_once() {
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::Replay { after: 0, until: 3 }, &mut out);
+        assert_eq!(
+            m.on_history([(1, 1), (3, 3)], &mut out),
+            Err(Gap { after: 1 })
+        );
+        assert_eq!(out, vec![1]);
+    }
 }

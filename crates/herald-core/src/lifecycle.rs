@@ -968,4 +968,39 @@ mod tests {
             ]
         );
     }
+
+    /// Mutation testing (issue 17): state and refusal names are metric
+    /// labels and API values; held events count in the queue length.
+    #[test]
+    fn names_and_queue_length_with_held_events() {
+        let names: Vec<&str> = [
+            State::Handshaking,
+            State::Ready,
+            State::Closing,
+            State::Closed,
+        ]
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+        assert_eq!(names, ["handshaking", "ready", "closing", "closed"]);
+        let refusals: Vec<&str> = [
+            SendRefused::Handshaking,
+            SendRefused::Closing,
+            SendRefused::Closed,
+            SendRefused::QueueFull,
+        ]
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+        assert_eq!(refusals, ["handshaking", "closing", "closed", "queue_full"]);
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.join().unwrap();
+        assert_eq!(c.send_event(now, 5, "e5".into()), Ok(LiveOutcome::Held));
+        assert_eq!(c.send_event(now, 6, "e6".into()), Ok(LiveOutcome::Held));
+        assert_eq!(c.queue_len(), 2, "held events count");
+        c.authenticate(now, "welcome".into(), Plan::Replay { after: 2, until: 4 })
+            .unwrap();
+        assert_eq!(c.queue_len(), 3, "the welcome and the two held");
+    }
 }
