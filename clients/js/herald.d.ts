@@ -7,8 +7,13 @@ export interface HeraldOptions {
   url: string;
   /** A JWT. Either this or `getToken`. */
   token?: string;
-  /** Called for the first token and after 4401/4403; return a fresh JWT. */
-  getToken?: () => Promise<string>;
+  /**
+   * Fetches a token, at connect and before the current one expires (the
+   * client sends `refresh`, so the connection never ends for expiry).
+   * Resolve `null` to stop: the client closes and emits `error` with code
+   * `unauthorized`. A rejection is retried.
+   */
+  getToken?: () => Promise<string | null>;
   /** Replay the events of open agent runs on a fresh connection (default true). */
   replayActiveRuns?: boolean;
   /** Persist the resume position (epoch, seq) under this key (sessionStorage by default). */

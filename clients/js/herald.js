@@ -43,6 +43,8 @@ export class HeraldClient {
     this._generation = 0;
     /** An open is in progress (fetching a token, before the socket exists). */
     this._opening = false;
+    /** When the current token is refreshed (with `getToken`). */
+    this._refreshTimer = null;
     this.position = this._load() || { epoch: null, seq: 0 };
     this.connId = null;
     this.userId = null;
@@ -83,6 +85,8 @@ export class HeraldClient {
     this._opening = false;
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -164,6 +168,10 @@ export class HeraldClient {
         return;
       }
       if (generation !== this._generation) return;
+      if (token == null) {
+        this._stopForToken();
+        return;
+      }
       this._token = token;
       this._needFreshToken = false;
     }
@@ -206,6 +214,7 @@ export class HeraldClient {
           this._save();
         }
         this._setState('open');
+        this._scheduleRefresh();
         this._emit('welcome', f);
         for (const [runId, c] of this._cancels) {
           this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
@@ -254,6 +263,8 @@ export class HeraldClient {
   _onClose(ws, code, reason) {
     if (this._ws !== ws) return;
     this._ws = null;
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
     // Messages in flight are not any more: their ack timers stop until resent.
     for (const p of this._pending.values()) { clearTimeout(p.timer); p.timer = null; }
     this._emit('close', { code, reason });
@@ -290,6 +301,51 @@ export class HeraldClient {
     this._nextDelayMs = null;
     this._attempt += 1;
     this._retryTimer = setTimeout(() => { this._retryTimer = null; this._open(); }, delay);
+  }
+
+  /**
+   * With `getToken`: fetch a fresh token before the current one expires (a
+   * fifth of its remaining lifetime before, between 1 s and 60 s) and send
+   * `refresh`, so the connection never ends for expiry.
+   */
+  _scheduleRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    if (!this._getToken) return;
+    const exp = tokenExpiry(this._token);
+    if (exp == null) return;
+    const left = exp * 1000 - Date.now();
+    const margin = Math.min(60000, Math.max(1000, left / 5));
+    this._refreshTimer = setTimeout(() => this._refresh(), Math.max(0, left - margin));
+  }
+
+  async _refresh() {
+    this._refreshTimer = null;
+    const ws = this._ws;
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (err) {
+      if (this._ws !== ws || this._stopped) return;
+      this._emit('error', { code: 'token_unavailable', message: String(err) });
+      // Try again shortly; the server closes with 4403 at expiry otherwise.
+      this._refreshTimer = setTimeout(() => this._refresh(), 1000);
+      return;
+    }
+    if (this._ws !== ws || this._stopped) return;
+    if (token == null) {
+      this._stopForToken();
+      return;
+    }
+    this._token = token;
+    if (this._isOpen()) this._ws.send(JSON.stringify({ type: 'refresh', token }));
+    this._scheduleRefresh();
+  }
+
+  /** `getToken` returned null: the user is gone; stop for good. */
+  _stopForToken() {
+    this.close();
+    this._emit('error', { code: 'unauthorized', message: 'getToken returned null: stopped' });
   }
 
   _isOpen() {
@@ -330,6 +386,18 @@ export class HeraldClient {
   _save() {
     if (!this._storage || !this._storageKey) return;
     try { this._storage.setItem(this._storageKey, JSON.stringify(this.position)); } catch { /* quota: ignore */ }
+  }
+}
+
+/** The `exp` claim (seconds) of a JWT, or null when it has none or cannot be read. */
+function tokenExpiry(token) {
+  try {
+    const part = String(token).split('.')[1];
+    const json = atob(part.replace(/-/g, '+').replace(/_/g, '/'));
+    const exp = JSON.parse(json).exp;
+    return typeof exp === 'number' ? exp : null;
+  } catch {
+    return null;
   }
 }
 

@@ -237,3 +237,40 @@ test('cancel while disconnected is sent after the welcome, or rejected by close(
   later.close();
   await assert.rejects(dropped, (e) => e instanceof HeraldClosedError);
 });
+
+test('with getToken, a 5-second token is refreshed: one connection outlives three lifetimes', async () => {
+  let fetches = 0;
+  const getToken = async () => { fetches += 1; return mintToken(h.secret, 'n12', 5); };
+  const c = new HeraldClient({ url: url(), getToken });
+  const welcomes = [];
+  const closes = [];
+  c.on('welcome', (w) => welcomes.push(w.conn_id));
+  c.on('close', (e) => closes.push(e.code));
+  c.connect();
+  await until(() => c.state === 'open');
+  await new Promise((r) => setTimeout(r, 16000));
+  assert.deepEqual(closes, [], 'no 4403');
+  assert.equal(welcomes.length, 1, 'the same connection');
+  assert.ok(fetches >= 4, `${fetches} token fetches`);
+  // Still served.
+  const seqs = [];
+  c.on('event', (e) => seqs.push(e.seq));
+  await api(h, '/api/v1/events', { user_id: 'n12', event: 'note' });
+  await until(() => seqs.length === 1, 5000, 'an event');
+  c.close();
+});
+
+test('getToken returning null stops the client with an error', async () => {
+  let calls = 0;
+  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return calls === 1 ? mintToken(h.secret, 'n13', 2) : null; } });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  c.connect();
+  await until(() => c.state === 'open');
+  // The refresh (about 1 s before expiry) gets null: stop, no reconnect.
+  await until(() => c.state === 'closed', 5000, 'stopped');
+  assert.deepEqual(errors, ['unauthorized']);
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(calls, 2, 'no further fetches');
+  assert.equal(c.state, 'closed');
+});
