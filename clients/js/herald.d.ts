@@ -24,6 +24,20 @@ export interface HeraldOptions {
   WebSocket?: typeof WebSocket;
   /** How long `sendMessage` waits for an ack (default 15000). */
   ackTimeoutMs?: number;
+  /**
+   * With nothing received for this long, send an app-level `ping` (browsers
+   * cannot see WebSocket pings); default 20000, below the server's
+   * heartbeat. 0 turns liveness checks off.
+   */
+  livenessMs?: number;
+  /** No frame this long after that ping: the socket is dead; reconnect with resume (default 5000). */
+  pongTimeoutMs?: number;
+  /**
+   * Source of `online`/`offline` events (default: the global object when it
+   * has `addEventListener`, i.e. the window). Reconnects at once on
+   * `online`; makes no attempt while offline. `null` turns this off.
+   */
+  network?: EventTarget | null;
   /** First reconnect backoff cap in ms (default 500); doubles per attempt. */
   backoffBaseMs?: number;
   /** Largest reconnect backoff in ms (default 15000). */

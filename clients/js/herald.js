@@ -45,6 +45,16 @@ export class HeraldClient {
     this._opening = false;
     /** When the current token is refreshed (with `getToken`). */
     this._refreshTimer = null;
+    this._livenessMs = options.livenessMs ?? 20000;
+    this._pongTimeoutMs = options.pongTimeoutMs ?? 5000;
+    this._livenessTimer = null;
+    /** Where `online`/`offline` events come from (the window in a browser). */
+    this._network = options.network !== undefined
+      ? options.network
+      : (typeof globalThis.addEventListener === 'function' ? globalThis : null);
+    this._offline = false;
+    this._onOnline = () => this._networkChanged(true);
+    this._onOffline = () => this._networkChanged(false);
     this.position = this._load() || { epoch: null, seq: 0 };
     this.connId = null;
     this.userId = null;
@@ -70,6 +80,11 @@ export class HeraldClient {
    */
   connect() {
     this._stopped = false;
+    if (this._network && !this._listening) {
+      this._network.addEventListener('online', this._onOnline);
+      this._network.addEventListener('offline', this._onOffline);
+      this._listening = true;
+    }
     if (this._ws || this._retryTimer || this._opening) return;
     this._open();
   }
@@ -87,6 +102,13 @@ export class HeraldClient {
     this._retryTimer = null;
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+    clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
+    if (this._listening) {
+      this._network.removeEventListener('online', this._onOnline);
+      this._network.removeEventListener('offline', this._onOffline);
+      this._listening = false;
+    }
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -193,7 +215,11 @@ export class HeraldClient {
       if (this.position.epoch) hello.resume = { epoch: this.position.epoch, seq: this.position.seq };
       ws.send(JSON.stringify(hello));
     };
-    ws.onmessage = (msg) => { if (this._ws === ws) this._onFrame(msg.data); };
+    ws.onmessage = (msg) => {
+      if (this._ws !== ws) return;
+      this._armLiveness();
+      this._onFrame(msg.data);
+    };
     ws.onerror = () => {};
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
   }
@@ -215,6 +241,7 @@ export class HeraldClient {
         }
         this._setState('open');
         this._scheduleRefresh();
+        this._armLiveness();
         this._emit('welcome', f);
         for (const [runId, c] of this._cancels) {
           this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
@@ -265,6 +292,8 @@ export class HeraldClient {
     this._ws = null;
     clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+    clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
     // Messages in flight are not any more: their ack timers stop until resent.
     for (const p of this._pending.values()) { clearTimeout(p.timer); p.timer = null; }
     this._emit('close', { code, reason });
@@ -290,6 +319,8 @@ export class HeraldClient {
   _scheduleReconnect(code) {
     if (this._stopped) return;
     this._setState('reconnecting');
+    // Offline: no attempts until the network is back (`online` opens at once).
+    if (this._offline) return;
     let delay;
     if (code === 1012 && this._nextDelayMs != null) {
       delay = this._nextDelayMs; // the server's jittered drain hint
@@ -340,6 +371,45 @@ export class HeraldClient {
     this._token = token;
     if (this._isOpen()) this._ws.send(JSON.stringify({ type: 'refresh', token }));
     this._scheduleRefresh();
+  }
+
+  /**
+   * Liveness: after `livenessMs` with nothing received, send an app-level
+   * `ping`; no frame within `pongTimeoutMs` means the socket is half-open
+   * (sleep, network switch): drop it and reconnect with resume.
+   */
+  _armLiveness() {
+    clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
+    if (!this._livenessMs) return;
+    this._livenessTimer = setTimeout(() => {
+      if (!this._isOpen()) return;
+      this._ws.send(JSON.stringify({ type: 'ping' }));
+      this._livenessTimer = setTimeout(() => this._dropDeadSocket(), this._pongTimeoutMs);
+    }, this._livenessMs);
+  }
+
+  _dropDeadSocket() {
+    this._livenessTimer = null;
+    const ws = this._ws;
+    if (!ws) return;
+    // Do not wait for a close handshake the peer will never answer.
+    this._onClose(ws, 1006, 'no pong in time');
+    try { ws.close(); } catch { /* already closing */ }
+  }
+
+  _networkChanged(online) {
+    this._offline = !online;
+    if (!online) {
+      // Stop retrying; an open socket stays (liveness tells if it died).
+      if (this._retryTimer) { clearTimeout(this._retryTimer); this._retryTimer = null; }
+      return;
+    }
+    if (this._stopped || this._ws || this._opening) return;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._attempt = 0;
+    this._open();
   }
 
   /** `getToken` returned null: the user is gone; stop for good. */

@@ -2,6 +2,7 @@
 // Node's WebSocket: run with --experimental-websocket on Node 20).
 import { test, before, after } from 'node:test';
 import http from 'node:http';
+import net from 'node:net';
 import assert from 'node:assert/strict';
 import { HeraldClient, HeraldClosedError } from '../herald.js';
 import { startHerald, mintToken, api, until } from './helpers.mjs';
@@ -273,4 +274,76 @@ test('getToken returning null stops the client with an error', async () => {
   await new Promise((r) => setTimeout(r, 1500));
   assert.equal(calls, 2, 'no further fetches');
   assert.equal(c.state, 'closed');
+});
+
+/** A TCP proxy to Herald whose open connections can be frozen: nothing moves
+ * either way and nothing is closed (a half-open socket); new connections
+ * pass. */
+async function freezableProxy(target) {
+  const [host, port] = target.split(':');
+  const live = new Set();
+  const server = net.createServer((down) => {
+    const up = net.connect(Number(port), host);
+    const pair = { down, up, frozen: false };
+    live.add(pair);
+    down.on('data', (d) => { if (!pair.frozen) up.write(d); });
+    up.on('data', (d) => { if (!pair.frozen) down.write(d); });
+    const end = () => { live.delete(pair); down.destroy(); up.destroy(); };
+    down.on('error', end); up.on('error', end); down.on('close', end); up.on('close', end);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    freeze: () => { for (const p of live) p.frozen = true; },
+    close: () => { for (const p of live) { p.down.destroy(); p.up.destroy(); } server.close(); },
+  };
+}
+
+test('a half-open socket is detected by app-level ping and resumed with nothing lost', async () => {
+  const proxy = await freezableProxy(h.addr);
+  const c = new HeraldClient({ url: `ws://${proxy.addr}/ws`, token: mintToken(h.secret, 'n14'), livenessMs: 400, pongTimeoutMs: 400, backoffBaseMs: 50, network: null });
+  const seqs = [];
+  const welcomes = [];
+  c.on('event', (e) => seqs.push(e.seq));
+  c.on('welcome', (w) => welcomes.push(w));
+  try {
+    c.connect();
+    await until(() => c.state === 'open');
+    const pub = (n) => api(h, '/api/v1/events', { events: Array.from({ length: n }, () => ({ user_id: 'n14', event: 'note' })) });
+    await pub(2);
+    await until(() => seqs.length === 2, 5000, '2 events');
+    // Idle pings are answered: the connection stays.
+    await new Promise((r) => setTimeout(r, 1200));
+    assert.equal(welcomes.length, 1, 'answered pings keep the connection');
+    proxy.freeze();
+    const frozenAt = Date.now();
+    await pub(3); // never reaches the frozen socket
+    await until(() => welcomes.length === 2, 5000, 'reconnected');
+    const detectedIn = Date.now() - frozenAt;
+    assert.ok(detectedIn < 400 + 400 + 1000, `detected after ${detectedIn} ms`);
+    assert.equal(welcomes[1].resumed, true);
+    await until(() => seqs.length === 5, 5000, 'the 3 missed events');
+    assert.deepEqual(seqs, [1, 2, 3, 4, 5]);
+  } finally {
+    c.close();
+    proxy.close();
+  }
+});
+
+test('offline stops reconnect attempts; online reconnects at once', async () => {
+  const network = new EventTarget();
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n15'), backoffBaseMs: 60000, network });
+  const welcomes = [];
+  c.on('welcome', (w) => welcomes.push(w));
+  c.connect();
+  await until(() => c.state === 'open');
+  network.dispatchEvent(new Event('offline'));
+  await api(h, '/api/v1/disconnect', { user_id: 'n15' });
+  await until(() => c.state === 'reconnecting', 5000, 'reconnecting');
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(welcomes.length, 1, 'no attempt while offline');
+  // A 60 s backoff would apply; online reconnects now.
+  network.dispatchEvent(new Event('online'));
+  await until(() => welcomes.length === 2, 3000, 'reconnected on online');
+  c.close();
 });
