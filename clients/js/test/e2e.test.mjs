@@ -101,3 +101,22 @@ test('the Stop button cancels the run', async () => {
   assert.equal(await lastRun().locator('.badge').innerText(), 'stopped');
   await page.screenshot({ path: path.join(SHOTS, 'demo-chat-stopped.png'), fullPage: true });
 });
+
+test('parallel calls of one tool are paired by tool_call_id', async () => {
+  const ev = (event, data) => ({ user_id: 'pat', event, run_id: 'run_par', thread_id: 'demo-thread', data });
+  await api(h, '/api/v1/events', { events: [
+    ev('agent_started', {}),
+    ev('tool_executing', { tool: 'search', tool_call_id: 'call_a', input: { q: 'a' } }),
+    ev('tool_executing', { tool: 'search', tool_call_id: 'call_b', input: { q: 'b' } }),
+    ev('tool_completed', { tool: 'search', tool_call_id: 'call_b', output: { summary: 'b done' } }),
+  ] });
+  const card = page.locator('.run[data-run-id="run_par"]');
+  await card.locator('.tool[data-status="done"]').first().waitFor();
+  assert.equal(await card.locator('.tool').count(), 2);
+  assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
+  assert.match(await card.locator('.tool').nth(1).innerText(), /b done/, 'the second call is the one done');
+  await api(h, '/api/v1/events', { events: [ev('tool_completed', { tool: 'search', tool_call_id: 'call_a', output: { summary: 'a done' } }), ev('agent_completed', { final_response: 'ok' })] });
+  await page.waitForSelector('.run[data-run-id="run_par"][data-status="completed"]');
+  assert.equal(await card.locator('.tool[data-status="done"]').count(), 2);
+  assert.match(await card.locator('.tool').nth(0).innerText(), /a done/);
+});

@@ -55,8 +55,29 @@ def test_a_run_streams_the_golden_path(herald_server):
         "agent_completed",
     ]
     assert {e["run_id"] for e in got} == {run.run_id}
-    assert got[3]["data"] == {"tool": "search", "output": {"hits": 2}}
+    assert got[3]["data"] == {"tool": "search", "tool_call_id": call.id, "output": {"hits": 2}}
+    assert got[2]["data"]["tool_call_id"] == call.id and call.id.startswith("call_")
     assert got[4]["data"] == {"final_response": "the answer"}
+
+
+def test_parallel_calls_of_one_tool_are_paired_by_tool_call_id(herald_server):
+    ws = herald_server.ws("dee")
+    with Herald(herald_server.url, API_KEY) as h:
+        with h.run("dee") as run:
+            with run.tool("search", {"q": "a"}) as first:
+                with run.tool("search", {"q": "b"}, call_id="mine") as second:
+                    second.result = "b"
+                first.result = "a"
+    got = events(ws, 6)
+    ids = [(e["event"], e["data"].get("tool_call_id")) for e in got[1:5]]
+    assert ids == [
+        ("tool_executing", first.id),
+        ("tool_executing", "mine"),
+        ("tool_completed", "mine"),
+        ("tool_completed", first.id),
+    ]
+    assert first.id != "mine"
+    assert got[4]["data"]["output"] == "a"
 
 
 def test_a_run_that_raises_ends_with_agent_error(herald_server):

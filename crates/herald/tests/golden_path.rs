@@ -100,6 +100,10 @@ async fn demo_agent_answers_with_its_seven_events_in_order() {
             .contains("what is the weather")
     );
     assert_eq!(events[3]["data"]["tool"], "search");
+    // The tool call's two events are paired by their id.
+    let call = events[3]["data"]["tool_call_id"].as_str().unwrap();
+    assert!(call.starts_with("call_"), "{call}");
+    assert_eq!(events[4]["data"]["tool_call_id"], call);
 }
 
 /// The wait after the cancel passes on tokio's paused clock, not in real time.

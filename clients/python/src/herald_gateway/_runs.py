@@ -29,28 +29,41 @@ def _closing(
 
 
 def _tool_done(
-    name: str, result: Any, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException]
+    call: "ToolCall | AsyncToolCall",
+    exc_type: Optional[Type[BaseException]],
+    exc: Optional[BaseException],
 ) -> Dict[str, Any]:
+    done: Dict[str, Any] = {"tool": call.name, "tool_call_id": call.id}
     if exc_type is None:
-        return {"tool": name, "output": result}
-    return {"tool": name, "error": {"type": exc_type.__name__, "message": str(exc)}}
+        done["output"] = call.result
+    else:
+        done["error"] = {"type": exc_type.__name__, "message": str(exc)}
+    return done
+
+
+def _call_id(given: Optional[str]) -> str:
+    return given or f"call_{uuid.uuid4().hex[:16]}"
 
 
 class ToolCall:
     """One tool call inside a run: ``tool_executing`` on entry, ``tool_completed``
     on exit with :attr:`result` (or the error, when the block raised)."""
 
-    def __init__(self, run: "Run", name: str, args: Any) -> None:
+    def __init__(self, run: "Run", name: str, args: Any, call_id: Optional[str]) -> None:
         self._run, self.name, self.args = run, name, args
+        #: The call's id, sent as ``tool_call_id`` on both events (generated when not given).
+        self.id = _call_id(call_id)
         #: Set this to the tool's output before the block ends.
         self.result: Any = None
 
     def __enter__(self) -> "ToolCall":
-        self._run._emit("tool_executing", {"tool": self.name, "input": self.args})
+        self._run._emit(
+            "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
+        )
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._run._emit("tool_completed", _tool_done(self.name, self.result, exc_type, exc))
+        self._run._emit("tool_completed", _tool_done(self, exc_type, exc))
 
 
 class Run:
@@ -77,9 +90,10 @@ class Run:
         """Publish ``agent_thinking`` with ``text``."""
         self._emit("agent_thinking", {"text": text})
 
-    def tool(self, name: str, args: Any = None) -> ToolCall:
-        """A tool call, as a context manager."""
-        return ToolCall(self, name, args)
+    def tool(self, name: str, args: Any = None, call_id: Optional[str] = None) -> ToolCall:
+        """A tool call, as a context manager; ``call_id`` pairs its two events
+        (generated when not given)."""
+        return ToolCall(self, name, args, call_id)
 
     def complete(self, final_response: Any) -> None:
         """Set the final answer sent with ``agent_completed``."""
@@ -93,17 +107,21 @@ class Run:
 class AsyncToolCall:
     """One tool call inside an async run (see :class:`ToolCall`)."""
 
-    def __init__(self, run: "AsyncRun", name: str, args: Any) -> None:
+    def __init__(self, run: "AsyncRun", name: str, args: Any, call_id: Optional[str]) -> None:
         self._run, self.name, self.args = run, name, args
+        #: The call's id, sent as ``tool_call_id`` on both events (generated when not given).
+        self.id = _call_id(call_id)
         #: Set this to the tool's output before the block ends.
         self.result: Any = None
 
     async def __aenter__(self) -> "AsyncToolCall":
-        await self._run._emit("tool_executing", {"tool": self.name, "input": self.args})
+        await self._run._emit(
+            "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
+        )
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        await self._run._emit("tool_completed", _tool_done(self.name, self.result, exc_type, exc))
+        await self._run._emit("tool_completed", _tool_done(self, exc_type, exc))
 
 
 class AsyncRun:
@@ -134,9 +152,11 @@ class AsyncRun:
         """Publish ``agent_thinking`` with ``text``."""
         await self._emit("agent_thinking", {"text": text})
 
-    def tool(self, name: str, args: Any = None) -> AsyncToolCall:
-        """A tool call, as an async context manager."""
-        return AsyncToolCall(self, name, args)
+    def tool(
+        self, name: str, args: Any = None, call_id: Optional[str] = None
+    ) -> AsyncToolCall:
+        """A tool call, as an async context manager (see :meth:`Run.tool`)."""
+        return AsyncToolCall(self, name, args, call_id)
 
     def complete(self, final_response: Any) -> None:
         """Set the final answer sent with ``agent_completed``."""

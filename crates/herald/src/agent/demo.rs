@@ -47,6 +47,8 @@ impl DemoAgent {
         } else {
             words.iter().take(6).copied().collect::<Vec<_>>().join(" ")
         };
+        // Pairs the tool call's two events (`tool_call_id`, see docs/PROTOCOL.md).
+        let call_id = format!("call_{}", run_id.trim_start_matches("run_"));
         let steps: Vec<(&str, Value)> = vec![
             (
                 "agent_started",
@@ -59,11 +61,11 @@ impl DemoAgent {
             ),
             (
                 "tool_executing",
-                json!({"tool": "search", "input": {"query": topic}}),
+                json!({"tool": "search", "tool_call_id": call_id, "input": {"query": topic}}),
             ),
             (
                 "tool_completed",
-                json!({"tool": "search", "output": {"results": 3, "summary": format!("3 notes found about \u{201c}{topic}\u{201d}")}}),
+                json!({"tool": "search", "tool_call_id": call_id, "output": {"results": 3, "summary": format!("3 notes found about \u{201c}{topic}\u{201d}")}}),
             ),
             ("agent_thinking", json!({"text": "Writing the answer"})),
             (
