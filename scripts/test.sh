@@ -38,7 +38,7 @@ elif [ ! -x "$CHROMIUM" ]; then
   echo "scripts/test.sh: CHROMIUM=$CHROMIUM is not an executable" >&2
   exit 1
 fi
-if [ ! -d clients/js/node_modules/playwright-core ]; then
+if [ ! -d clients/js/node_modules/playwright-core ] || [ ! -x clients/js/node_modules/.bin/tsc ]; then
   (cd clients/js && npm ci --no-audit --no-fund)
 fi
 

@@ -44,14 +44,32 @@ export interface HeraldOptions {
   backoffMaxMs?: number;
 }
 
-export interface HeraldEvent {
+/** An event frame; `D` is the shape of its `data`. */
+export interface HeraldEvent<D = Record<string, unknown>> {
   type: 'event';
   seq: number;
   event: string;
   thread_id?: string;
   run_id?: string;
-  data: Record<string, unknown>;
+  data: D;
   ts: string;
+}
+
+/** The agent events of docs/PROTOCOL.md, by name: the default event map. */
+export interface AgentEvents {
+  agent_started: HeraldEvent<{ message_id?: string; agent?: string; [k: string]: unknown }>;
+  agent_thinking: HeraldEvent<{ text?: string; [k: string]: unknown }>;
+  tool_executing: HeraldEvent<{ tool: string; tool_call_id?: string; input?: unknown; [k: string]: unknown }>;
+  tool_completed: HeraldEvent<{
+    tool: string;
+    tool_call_id?: string;
+    output?: unknown;
+    error?: { type: string; message: string };
+    [k: string]: unknown;
+  }>;
+  agent_completed: HeraldEvent<{ final_response?: unknown; [k: string]: unknown }>;
+  agent_error: HeraldEvent<{ error?: string; message?: string; reason?: string; [k: string]: unknown }>;
+  agent_cancelled: HeraldEvent<{ reason?: string; [k: string]: unknown }>;
 }
 
 export interface Welcome {
@@ -77,7 +95,11 @@ export class HeraldClosedError extends Error {
   readonly id: string;
 }
 
-export class HeraldClient {
+/**
+ * The client. `Events` maps event names to their frames: the agent events by
+ * default; extend it with your own (`HeraldClient<AgentEvents & MyEvents>`).
+ */
+export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any> } = AgentEvents> {
   constructor(options: HeraldOptions);
   readonly state: ConnectionState;
   /** Resume position: the stream epoch and the highest seq seen. */
@@ -89,7 +111,10 @@ export class HeraldClient {
   on(name: 'closing', handler: (f: { reason: string; reconnect_after_ms: number }) => void): () => void;
   on(name: 'close', handler: (c: { code: number; reason: string }) => void): () => void;
   on(name: 'error', handler: (e: HeraldError) => void): () => void;
-  on(name: string, handler: (e: HeraldEvent) => void): () => void;
+  /** Every event, whatever its name. */
+  on(name: 'event', handler: (e: Events[keyof Events] | HeraldEvent) => void): () => void;
+  /** Events by name, typed by the event map. */
+  on<K extends keyof Events & string>(name: K, handler: (e: Events[K]) => void): () => void;
   /** Open the connection (idempotent; at most one socket per client, whatever the timing). */
   connect(): void;
   /** Close for good; pending sends are rejected with `HeraldClosedError`. */

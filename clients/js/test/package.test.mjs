@@ -1,0 +1,28 @@
+// The npm package: importable by its name through the `exports` map, and
+// `npm pack` ships the module, its types and the README — nothing else.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { gzipSync } from 'node:zlib';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+
+test('imports by package name', async () => {
+  const pkg = await import('herald-gateway'); // self-reference through `exports`
+  assert.equal(typeof pkg.HeraldClient, 'function');
+  assert.equal(typeof pkg.HeraldClosedError, 'function');
+  const json = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8'));
+  assert.equal(json.name, 'herald-gateway');
+  assert.deepEqual(json.exports['.'], { types: './herald.d.ts', default: './herald.js' });
+});
+
+test('npm pack ships the module, its types and the README', () => {
+  const out = execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: root, encoding: 'utf8' });
+  const files = JSON.parse(out)[0].files.map((f) => f.path).sort();
+  assert.deepEqual(files, ['README.md', 'herald.d.ts', 'herald.js', 'package.json']);
+  const js = readFileSync(path.join(root, 'herald.js'));
+  console.log(`herald.js: ${js.length} bytes, ${gzipSync(js, { level: 9 }).length} gzipped`);
+});

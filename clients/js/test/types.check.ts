@@ -1,0 +1,43 @@
+// Compiled by `tsc --noEmit` in `npm test`: the .d.ts must type real use,
+// and must refuse wrong use (each @ts-expect-error fails the check if the
+// line below it compiles).
+import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldEvent } from '../herald.js';
+
+const c = new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null });
+c.on('agent_thinking', (e) => {
+  const text: string | undefined = e.data.text;
+  const seq: number = e.seq;
+  void text; void seq;
+});
+c.on('tool_completed', (e) => {
+  const tool: string = e.data.tool;
+  const id: string | undefined = e.data.tool_call_id;
+  void tool; void id;
+});
+c.on('event', (e) => { const name: string = e.event; void name; });
+c.on('closing', (f) => { const ms: number = f.reconnect_after_ms; void ms; });
+// @ts-expect-error: not an event of the map
+c.on('agent_thinkin', () => {});
+// @ts-expect-error: agent_thinking's text is a string
+c.on('agent_thinking', (e) => { const n: number = e.data.text; void n; });
+
+// A custom event map extends the default one.
+interface MyEvents { note: HeraldEvent<{ body: string }> }
+const mine = new HeraldClient<AgentEvents & MyEvents>({ url: 'ws://localhost/ws', token: 't' });
+mine.on('note', (e) => { const body: string = e.data.body; void body; });
+mine.on('agent_completed', (e) => { void e.data.final_response; });
+
+async function sends(): Promise<void> {
+  const ack: { id: string } = await c.sendMessage('t1', 'hi', {}, { id: 'm1' });
+  void ack;
+  const done: Promise<void> = c.cancel('run_1');
+  void done;
+  try {
+    await c.sendMessage('t1', 'hi');
+  } catch (err) {
+    if (err instanceof HeraldClosedError) { const code: 'closed' = err.code; void code; }
+  }
+  // @ts-expect-error: options is an object
+  await c.sendMessage('t1', 'hi', {}, 'm1');
+}
+void sends;
