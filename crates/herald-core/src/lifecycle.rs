@@ -1003,4 +1003,28 @@ mod tests {
             .unwrap();
         assert_eq!(c.queue_len(), 3, "the welcome and the two held");
     }
+
+    /// Live events are held to the queue bound like any frame: the one past
+    /// it is refused and starts a slow-consumer close.
+    #[test]
+    fn live_events_respect_the_queue_bound() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        drain(&mut c);
+        for seq in 1..=4 {
+            assert_eq!(
+                c.send_event(now, seq, format!("e{seq}")),
+                Ok(LiveOutcome::Delivered)
+            );
+        }
+        assert_eq!(
+            c.send_event(now, 5, "e5".into()),
+            Err(SendRefused::QueueFull)
+        );
+        assert_eq!(c.state(), State::Closing);
+        assert_eq!(
+            c.close_info().map(|i| i.reason),
+            Some(CloseReason::SlowConsumer)
+        );
+    }
 }
