@@ -53,6 +53,8 @@ export interface HeraldEvent<D = Record<string, unknown>> {
   run_id?: string;
   data: D;
   ts: string;
+  /** Present on events replayed from history (missed, or an open run's), not on live ones. */
+  replayed?: true;
 }
 
 /** The agent events of docs/PROTOCOL.md, by name: the default event map. */
@@ -81,6 +83,8 @@ export interface Welcome {
   resumed: boolean;
   reset?: boolean;
   heartbeat_ms: number;
+  /** Replayed events follow; `caught_up` marks their end. */
+  replaying?: boolean;
 }
 
 export interface HeraldError {
@@ -108,6 +112,8 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   userId: string | null;
   on(name: 'state', handler: (s: ConnectionState) => void): () => void;
   on(name: 'welcome' | 'reset', handler: (w: Welcome) => void): () => void;
+  /** After each welcome, once replayed events (if any) are all delivered. */
+  on(name: 'caught_up', handler: (c: { seq: number }) => void): () => void;
   on(name: 'closing', handler: (f: { reason: string; reconnect_after_ms: number }) => void): () => void;
   on(name: 'close', handler: (c: { code: number; reason: string }) => void): () => void;
   on(name: 'error', handler: (e: HeraldError) => void): () => void;

@@ -39,6 +39,8 @@ export class HeraldClient {
     this._retryTimer = null;
     this._nextDelayMs = null;
     this._stopped = false;
+    /** A welcome was received (later hellos do not ask for run replay). */
+    this._welcomed = false;
     /** Bumped by `close()`: opens of an older generation give up. */
     this._generation = 0;
     /** An open is in progress (fetching a token, before the socket exists). */
@@ -65,7 +67,8 @@ export class HeraldClient {
 
   /**
    * Subscribe. Names: any event name (`agent_thinking`, …), `event` (every
-   * event), `state`, `welcome`, `reset`, `closing`, `error`, `close`.
+   * event), `state`, `welcome`, `reset`, `caught_up` (after each welcome,
+   * once the replay is over), `closing`, `error`, `close`.
    * @returns {() => void} unsubscribe
    */
   on(name, handler) {
@@ -211,7 +214,10 @@ export class HeraldClient {
     // Only the client's current socket may speak to it.
     ws.onopen = () => {
       if (this._ws !== ws) return;
-      const hello = { type: 'hello', token, replay_active_runs: this._replayActiveRuns };
+      // Open runs are replayed on the first hello of this client (a fresh or
+      // reloaded page, which shows nothing yet); a reconnect of a page that
+      // still shows them only resumes.
+      const hello = { type: 'hello', token, replay_active_runs: this._replayActiveRuns && !this._welcomed };
       if (this.position.epoch) hello.resume = { epoch: this.position.epoch, seq: this.position.seq };
       ws.send(JSON.stringify(hello));
     };
@@ -239,10 +245,12 @@ export class HeraldClient {
           this.position = { epoch: f.epoch, seq: f.seq };
           this._save();
         }
+        this._welcomed = true;
         this._setState('open');
         this._scheduleRefresh();
         this._armLiveness();
         this._emit('welcome', f);
+        if (!f.replaying) this._emit('caught_up', { seq: f.seq });
         for (const [runId, c] of this._cancels) {
           this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
           c.resolve();
@@ -275,6 +283,11 @@ export class HeraldClient {
         }
         break;
       }
+      case 'caught_up':
+        // The replay announced by the welcome is over (replayed events carry
+        // `replayed: true`); live events follow.
+        this._emit('caught_up', { seq: f.seq });
+        break;
       case 'closing':
         this._nextDelayMs = f.reconnect_after_ms;
         this._emit('closing', f);

@@ -263,11 +263,13 @@ test('with getToken, a 5-second token is refreshed: one connection outlives thre
 
 test('getToken returning null stops the client with an error', async () => {
   let calls = 0;
-  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return calls === 1 ? mintToken(h.secret, 'n13', 2) : null; } });
+  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return calls === 1 ? mintToken(h.secret, 'n13', 3) : null; } });
   const errors = [];
+  let welcomed = false;
   c.on('error', (e) => errors.push(e.code));
+  c.on('welcome', () => { welcomed = true; });
   c.connect();
-  await until(() => c.state === 'open');
+  await until(() => welcomed, 5000, 'welcome');
   // The refresh (about 1 s before expiry) gets null: stop, no reconnect.
   await until(() => c.state === 'closed', 5000, 'stopped');
   assert.deepEqual(errors, ['unauthorized']);
@@ -346,4 +348,36 @@ test('offline stops reconnect attempts; online reconnects at once', async () => 
   network.dispatchEvent(new Event('online'));
   await until(() => welcomes.length === 2, 3000, 'reconnected on online');
   c.close();
+});
+
+test('a client reloaded mid-run with storageKey shows the whole run once, marked replayed, then caught_up', async () => {
+  const storage = new Map();
+  const store = { getItem: (k) => storage.get(k) ?? null, setItem: (k, v) => storage.set(k, v) };
+  const ev = (event) => ({ user_id: 'n16', event, run_id: 'r1', thread_id: 't1' });
+  const first = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n16'), storageKey: 'k', storage: store });
+  const seen1 = [];
+  first.on('event', (e) => seen1.push(e.seq));
+  first.connect();
+  await until(() => first.state === 'open');
+  await api(h, '/api/v1/events', { events: [ev('agent_started'), { user_id: 'n16', event: 'note' }, ev('agent_thinking')] });
+  await until(() => seen1.length === 3, 5000, '3 events');
+  first.close(); // the page goes away; its position (seq 3) is stored
+  await api(h, '/api/v1/events', { events: [ev('tool_executing')] });
+  // The reloaded page: a new client on the same storage.
+  const page = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n16'), storageKey: 'k', storage: store });
+  const got = [];
+  const order = [];
+  page.on('event', (e) => { got.push([e.seq, e.event, e.replayed === true]); order.push('event'); });
+  page.on('caught_up', (c) => order.push(`caught_up:${c.seq}`));
+  page.connect();
+  await until(() => order.includes('caught_up:4'), 5000, 'caught_up');
+  assert.deepEqual(got, [[1, 'agent_started', true], [3, 'agent_thinking', true], [4, 'tool_executing', true]]);
+  assert.deepEqual(order, ['event', 'event', 'event', 'caught_up:4']);
+  // A reconnect of the same page does not replay the run again.
+  await api(h, '/api/v1/disconnect', { user_id: 'n16' });
+  await until(() => order.filter((o) => o.startsWith('caught_up')).length === 2, 10000, 'second caught_up');
+  await api(h, '/api/v1/events', { events: [ev('agent_completed')] });
+  await until(() => got.length === 4, 5000, 'live event');
+  assert.deepEqual(got[3], [5, 'agent_completed', false]);
+  page.close();
 });

@@ -70,6 +70,11 @@ test('reload mid-run shows the whole run', async () => {
   assert.equal(await card.getAttribute('data-started'), 'true');
   assert.match(await card.locator('.thinking').innerText(), /Reading your message/);
   assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
+  // The reload resumed from the stored position (storageKey) and still got
+  // the whole run, each event once.
+  assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
+  const seqs = await page.evaluate(() => window.__herald.seqs);
+  assert.equal(new Set(seqs).size, seqs.length, `duplicates after reload: ${seqs}`);
 });
 
 test('a kick through the API reconnects with no lost events', async () => {

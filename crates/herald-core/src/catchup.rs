@@ -30,7 +30,7 @@ pub enum HistoryRequest {
         until: u64,
     },
     /// Read the events of the stream's open runs with `seq <= until`
-    /// (`replay_active_runs` without a resume point).
+    /// (`replay_active_runs`: on a fresh join, or up to the resume point).
     Runs {
         /// The stream's position when the connection joined.
         until: u64,
@@ -54,6 +54,15 @@ pub enum Plan {
     },
     /// Replay the open runs' events up to `until`, then go live.
     Runs {
+        /// The stream's position when the connection joined.
+        until: u64,
+    },
+    /// A page reloaded mid-run: replay the open runs' events up to the
+    /// resume point `after` (the page saw them but lost them), then history
+    /// after it up to `until`, then go live — each event once.
+    RunsThenReplay {
+        /// The client's resume point.
+        after: u64,
         /// The stream's position when the connection joined.
         until: u64,
     },
@@ -84,7 +93,9 @@ pub struct JoinDecision {
 
 /// Decide a join: honour `resume` (epoch, seq) when every event after it is
 /// still in history, else `reset`; without a usable resume point, replay the
-/// open runs when asked to.
+/// open runs when asked to. A resume with `replay_active_runs` (a page
+/// reloaded mid-run, which lost what it had shown) replays the open runs'
+/// events up to the resume point first, then the history after it.
 pub fn decide_join(
     pos: &StreamPosition,
     resume: Option<(&str, u64)>,
@@ -105,7 +116,9 @@ pub fn decide_join(
         Some((epoch, seq))
             if epoch == pos.epoch && seq <= until && (seq == until || pos.first_seq <= seq + 1) =>
         {
-            let plan = if seq == until {
+            let plan = if replay_active_runs && seq > 0 {
+                Plan::RunsThenReplay { after: seq, until }
+            } else if seq == until {
                 Plan::Live { after: until }
             } else {
                 Plan::Replay { after: seq, until }
@@ -159,6 +172,9 @@ pub struct Merge<P> {
     sent: u64,
     phase: Phase,
     held: BTreeMap<u64, P>,
+    /// After a runs replay, history up to here is read before going live
+    /// ([`Plan::RunsThenReplay`]; 0 when none).
+    then_until: u64,
 }
 
 impl<P> Default for Merge<P> {
@@ -174,6 +190,7 @@ impl<P> Merge<P> {
             sent: 0,
             phase: Phase::Joining,
             held: BTreeMap::new(),
+            then_until: 0,
         }
     }
 
@@ -214,6 +231,11 @@ impl<P> Merge<P> {
             }
             Plan::Runs { until } => {
                 self.phase = Phase::CatchingUp(HistoryRequest::Runs { until });
+            }
+            Plan::RunsThenReplay { after, until } => {
+                self.sent = after;
+                self.then_until = until;
+                self.phase = Phase::CatchingUp(HistoryRequest::Runs { until: after });
             }
         }
     }
@@ -312,6 +334,15 @@ impl<P> Merge<P> {
         };
         out.extend(frames);
         self.sent = until;
+        if self.then_until > self.sent {
+            self.phase = Phase::CatchingUp(HistoryRequest::Range {
+                after: self.sent,
+                until: self.then_until,
+            });
+            self.then_until = 0;
+            return;
+        }
+        self.then_until = 0;
         self.go_live(out);
     }
 
@@ -532,5 +563,41 @@ mod tests {
             Err(Gap { after: 1 })
         );
         assert_eq!(out, vec![1]);
+    }
+
+    /// A reloaded page: the open runs up to the resume point, then history
+    /// after it, then live — each seq once, held live events merged.
+    #[test]
+    fn runs_then_replay_for_a_reloaded_page() {
+        let p = pos("e", 1, 8);
+        let d = decide_join(&p, Some(("e", 5)), true);
+        assert_eq!((d.resumed, d.reset), (true, false));
+        assert_eq!(d.plan, Plan::RunsThenReplay { after: 5, until: 8 });
+        assert_eq!(
+            decide_join(&p, Some(("e", 0)), true).plan,
+            Plan::Replay { after: 0, until: 8 },
+            "from 0 the history holds the runs already"
+        );
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        assert_eq!(m.on_live(9, 9, &mut out), LiveOutcome::Held);
+        m.start(d.plan, &mut out);
+        assert_eq!(m.wants_history(), Some(HistoryRequest::Runs { until: 5 }));
+        // The open run's events up to 5 (not contiguous by nature).
+        m.on_runs([2, 4], &mut out);
+        assert_eq!(
+            m.wants_history(),
+            Some(HistoryRequest::Range { after: 5, until: 8 })
+        );
+        m.on_history([(6, 6), (7, 7), (8, 8)], &mut out).unwrap();
+        assert!(m.is_live());
+        assert_eq!(out, vec![2, 4, 6, 7, 8, 9]);
+        // Resumed at the stream's end: the runs, then live.
+        let mut m: Merge<u64> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::RunsThenReplay { after: 8, until: 8 }, &mut out);
+        m.on_runs([3], &mut out);
+        assert!(m.is_live());
+        assert_eq!(out, vec![3]);
     }
 }

@@ -212,6 +212,11 @@ impl<P: Payload> Connection<P> {
         self.merge.sent()
     }
 
+    /// True while a `Ready` connection still replays history or runs.
+    pub fn catching_up(&self) -> bool {
+        self.state == State::Ready && !self.merge.is_live()
+    }
+
     /// The connection joined its stream (subscribed) but its position is not
     /// known yet: from now on live events are held (see [`crate::catchup`])
     /// until [`Connection::authenticate`]. Only legal while handshaking.

@@ -310,6 +310,15 @@ pub enum ServerFrame<'a> {
         reset: bool,
         /// Interval of server heartbeats, in milliseconds.
         heartbeat_ms: u64,
+        /// Present and true when replayed events follow (missed history,
+        /// open runs); a `caught_up` frame then marks their end.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        replaying: bool,
+    },
+    /// The replay announced by the welcome is over: live events follow.
+    CaughtUp {
+        /// The last seq handed over so far.
+        seq: u64,
     },
     /// An agent event on the user's stream.
     Event(&'a EventFrame),
@@ -501,11 +510,16 @@ mod tests {
             resumed: false,
             reset: true,
             heartbeat_ms: 25000,
+            replaying: true,
         };
         let v: Value = serde_json::from_str(&w.to_json()).unwrap();
         assert_eq!(
             v,
-            json!({"type":"welcome","conn_id":"c1","user_id":"u1","epoch":"e","seq":57,"resumed":false,"reset":true,"heartbeat_ms":25000})
+            json!({"type":"welcome","conn_id":"c1","user_id":"u1","epoch":"e","seq":57,"resumed":false,"reset":true,"heartbeat_ms":25000,"replaying":true})
+        );
+        assert_eq!(
+            ServerFrame::CaughtUp { seq: 9 }.to_json(),
+            r#"{"type":"caught_up","seq":9}"#
         );
         let e = EventFrame {
             seq: 3,

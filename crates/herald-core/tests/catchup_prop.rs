@@ -117,7 +117,7 @@ proptest! {
                         let d = decide_join(&model.position(), Some(("e", resume)), false);
                         let after = match d.plan {
                             Plan::Live { after } | Plan::Replay { after, .. } => after,
-                            Plan::Runs { .. } => unreachable!("runs not requested"),
+                            Plan::Runs { .. } | Plan::RunsThenReplay { .. } => unreachable!("runs not requested"),
                         };
                         // A reset only when the resume point is really gone.
                         assert_eq!(d.reset, resume + 1 < model.first && resume < model.last);

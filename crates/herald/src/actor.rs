@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
-use herald_core::catchup::{HistoryRequest, decide_join};
+use herald_core::catchup::{HistoryRequest, Plan, decide_join};
 use herald_core::protocol::{Hello, ServerFrame, codes};
 use herald_core::ratelimit::{Bucket, Verdict};
 use herald_core::session::{self, Inbound, Reply};
@@ -66,6 +66,7 @@ pub(crate) async fn run(
         slot,
         span: span.clone(),
         bucket: Bucket::new(rate, clock::now()),
+        replaying: false,
     };
     actor.run().instrument(span).await
 }
@@ -79,6 +80,8 @@ struct Actor {
     slot: Slot,
     span: tracing::Span,
     bucket: Bucket,
+    /// The welcome announced a replay whose end (`caught_up`) is not sent yet.
+    replaying: bool,
 }
 
 impl Actor {
@@ -187,8 +190,13 @@ impl Actor {
                     Ok(page) => {
                         metrics::counter!(telemetry::EVENTS_REPLAYED).increment(page.len() as u64);
                         let page = frames(page);
+                        let replaying = &mut self.replaying;
                         self.conn
-                            .with_core(|c| c.push_history(page))
+                            .with_core(|c| {
+                                let pushed = c.push_history(page);
+                                caught_up(c, replaying);
+                                pushed
+                            })
                             .map_err(|gap| gap.to_string())
                     }
                     Err(e) => Err(e.to_string()),
@@ -200,7 +208,11 @@ impl Actor {
                         metrics::counter!(telemetry::EVENTS_REPLAYED)
                             .increment(events.len() as u64);
                         let frames = frames(events).into_iter().map(|(_, f)| f);
-                        self.conn.with_core(|c| c.push_runs(frames));
+                        let replaying = &mut self.replaying;
+                        self.conn.with_core(|c| {
+                            c.push_runs(frames);
+                            caught_up(c, replaying);
+                        });
                         Ok(())
                     }
                     Err(e) => Err(e.to_string()),
@@ -398,8 +410,10 @@ impl Actor {
             resumed: decision.resumed,
             reset: decision.reset,
             heartbeat_ms: self.app.config().lifecycle.heartbeat_interval.as_millis() as u64,
+            replaying: !matches!(decision.plan, Plan::Live { .. }),
         }
         .to_json();
+        self.replaying = !matches!(decision.plan, Plan::Live { .. });
         self.conn.set_epoch(&pos.epoch);
         let now = clock::now();
         let authenticated = self
@@ -478,6 +492,19 @@ impl Actor {
 }
 
 /// History events as wire frames, with their seqs.
+/// Once the replay announced by the welcome is over, queue `caught_up`
+/// right after its last frame (in the same lock as the push, so no live
+/// event comes between).
+fn caught_up(core: &mut herald_core::Connection<OutFrame>, replaying: &mut bool) {
+    if *replaying && !core.catching_up() {
+        *replaying = false;
+        let frame = ServerFrame::CaughtUp {
+            seq: core.sent_seq(),
+        };
+        let _ = core.send(clock::now(), OutFrame::from(frame.to_json()));
+    }
+}
+
 fn frames(events: Vec<StoredEvent>) -> Vec<(u64, OutFrame)> {
     events
         .into_iter()

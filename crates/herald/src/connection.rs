@@ -20,6 +20,9 @@ use tokio::sync::Notify;
 use crate::broker::StoredEvent;
 use crate::telemetry;
 
+/// What a replayed event frame starts with (the stored frame's `{` replaced).
+const REPLAYED: &[u8] = br#"{"replayed":true,"#;
+
 /// An outbound text frame. Cloning shares the bytes, so a fan-out serializes
 /// an event once for all connections.
 #[derive(Debug, Clone)]
@@ -32,11 +35,16 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// A stored event read from history (no publish time); `None` if its
-    /// bytes are not UTF-8 (a broker fault).
+    /// A stored event read from history (no publish time), marked
+    /// `"replayed":true` for the client; `None` if its bytes are not a JSON
+    /// object in UTF-8 (a broker fault). Costs one copy, on replay only.
     pub fn replayed(event: StoredEvent) -> Option<Self> {
+        let rest = event.json.strip_prefix(b"{")?;
+        let mut json = Vec::with_capacity(event.json.len() + REPLAYED.len());
+        json.extend_from_slice(REPLAYED);
+        json.extend_from_slice(rest);
         Some(Self {
-            text: Utf8Bytes::try_from(event.json).ok()?,
+            text: Utf8Bytes::try_from(bytes::Bytes::from(json)).ok()?,
             published: None,
         })
     }

@@ -188,19 +188,24 @@ async fn mid_run_connect_replays_the_run_and_abandoned_runs_time_out() {
     )
     .await;
     assert_eq!(w["seq"], 6);
-    let got: Vec<(u64, String)> = [
+    let replayed = [
         next_event(&mut ws).await,
         next_event(&mut ws).await,
         next_event(&mut ws).await,
-    ]
-    .iter()
-    .map(|e| {
-        (
-            e["seq"].as_u64().unwrap(),
-            e["event"].as_str().unwrap().to_owned(),
-        )
-    })
-    .collect();
+    ];
+    assert!(
+        replayed.iter().all(|e| e["replayed"] == true),
+        "{replayed:?}"
+    );
+    let got: Vec<(u64, String)> = replayed
+        .iter()
+        .map(|e| {
+            (
+                e["seq"].as_u64().unwrap(),
+                e["event"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -209,8 +214,16 @@ async fn mid_run_connect_replays_the_run_and_abandoned_runs_time_out() {
             (6, "tool_executing".into())
         ]
     );
+    assert_eq!(w["replaying"], true);
+    // Replayed events say so, and the replay's end is marked.
+    let caught_up = next_json(&mut ws).await;
+    assert_eq!(
+        (caught_up["type"].as_str(), caught_up["seq"].as_u64()),
+        (Some("caught_up"), Some(6))
+    );
     // Without replay_active_runs, nothing is replayed.
-    let (mut plain, _) = connect(&server, "dee").await;
+    let (mut plain, w) = connect(&server, "dee").await;
+    assert_eq!(w.get("replaying"), None);
 
     // The run goes silent (on tokio's paused clock, past run_ttl and a sweep):
     // the server closes it with agent_error {reason: run_timeout}.
@@ -232,6 +245,7 @@ async fn mid_run_connect_replays_the_run_and_abandoned_runs_time_out() {
         json!({"type": "hello", "token": token("dee"), "replay_active_runs": true}),
     )
     .await;
+    assert_eq!(next_json(&mut late).await["type"], "caught_up");
     send_json(&mut late, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut late).await["type"], "pong");
 }
@@ -295,6 +309,10 @@ async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
     // it), so this pins the per-run bound.
     cfg.stream_limits.max_run_bytes = 400_000;
     cfg.stream_limits.max_runs_bytes = 4_000_000;
+    // Alice reads only after the 8 MB burst: her queue must hold it, or a
+    // slow machine closes her as a slow consumer before she sees the close.
+    cfg.lifecycle.max_queue_bytes = 64 << 20;
+    cfg.lifecycle.max_queue_frames = 4096;
     let server = start_with(cfg).await;
     let (_, bob) = connect(&server, "bob").await;
     let epoch = bob["epoch"].as_str().unwrap().to_owned();
@@ -417,5 +435,78 @@ async fn history_evicted_during_the_catch_up_closes_4001_then_resets() {
         (welcome["resumed"].as_bool(), welcome["reset"].as_bool()),
         (Some(false), Some(true)),
         "{welcome}"
+    );
+}
+
+/// A page reloaded mid-run (resume from its stored position, with
+/// `replay_active_runs`) gets the open run's events up to that position,
+/// then the events it missed, each once and marked replayed, then
+/// `caught_up`, then live events.
+#[tokio::test]
+async fn a_page_reloaded_mid_run_gets_the_whole_run_once() {
+    let server = start().await;
+    let ev =
+        |event: &str| json!({"user_id": "rae", "event": event, "run_id": "r1", "thread_id": "t1"});
+    let (ws, w) = connect(&server, "rae").await;
+    let epoch = w["epoch"].as_str().unwrap().to_owned();
+    let batch = vec![
+        ev("agent_started"),
+        json!({"user_id": "rae", "event": "note"}),
+        ev("agent_thinking"),
+    ];
+    assert_eq!(
+        post(&server, "/api/v1/events", json!({ "events": batch }))
+            .await
+            .0,
+        200
+    );
+    // The page saw up to seq 3 and was reloaded; meanwhile the run went on.
+    drop(ws);
+    let batch = vec![
+        ev("tool_executing"),
+        json!({"user_id": "rae", "event": "note"}),
+    ];
+    assert_eq!(
+        post(&server, "/api/v1/events", json!({ "events": batch }))
+            .await
+            .0,
+        200
+    );
+    let (mut ws, w) = hello(
+        &server,
+        json!({"type": "hello", "token": token("rae"), "resume": {"epoch": epoch, "seq": 3}, "replay_active_runs": true}),
+    )
+    .await;
+    assert_eq!(
+        (w["resumed"].as_bool(), w["replaying"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let mut got = Vec::new();
+    loop {
+        let f = next_json(&mut ws).await;
+        if f["type"] == "caught_up" {
+            assert_eq!(f["seq"], 5);
+            break;
+        }
+        assert_eq!(f["replayed"], true, "{f}");
+        got.push((
+            f["seq"].as_u64().unwrap(),
+            f["event"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        got,
+        vec![
+            (1, "agent_started".to_owned()),
+            (3, "agent_thinking".to_owned()),
+            (4, "tool_executing".to_owned()),
+            (5, "note".to_owned())
+        ]
+    );
+    publish_n(&server, "rae", 1).await;
+    let live = next_event(&mut ws).await;
+    assert_eq!(
+        (live["seq"].as_u64(), live.get("replayed")),
+        (Some(6), None)
     );
 }
