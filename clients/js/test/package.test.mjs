@@ -1,5 +1,6 @@
-// The npm package: importable by its name through the `exports` map, and
-// `npm pack` ships the module, its types and the README — nothing else.
+// The npm package: importable by its name through the `exports` map (the
+// client, and the AI SDK transport at `herald-gateway/ai`), and `npm pack`
+// ships the modules, their types and the README — nothing else.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -17,12 +18,14 @@ test('imports by package name', async () => {
   const json = JSON.parse(readFileSync(path.join(root, 'package.json'), 'utf8'));
   assert.equal(json.name, 'herald-gateway');
   assert.deepEqual(json.exports['.'], { types: './herald.d.ts', default: './herald.js' });
+  const ai = await import('herald-gateway/ai');
+  assert.equal(typeof ai.HeraldChatTransport, 'function');
 });
 
 test('npm pack ships the module, its types and the README', () => {
   const out = execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: root, encoding: 'utf8' });
   const files = JSON.parse(out)[0].files.map((f) => f.path).sort();
-  assert.deepEqual(files, ['README.md', 'herald.d.ts', 'herald.js', 'package.json']);
+  assert.deepEqual(files, ['README.md', 'ai.d.ts', 'ai.js', 'herald.d.ts', 'herald.js', 'package.json']);
   const js = readFileSync(path.join(root, 'herald.js'));
   console.log(`herald.js: ${js.length} bytes, ${gzipSync(js, { level: 9 }).length} gzipped`);
 });

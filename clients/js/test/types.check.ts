@@ -41,3 +41,11 @@ async function sends(): Promise<void> {
   await c.sendMessage('t1', 'hi', {}, 'm1');
 }
 void sends;
+
+// The transport is an AI SDK ChatTransport.
+import type { ChatTransport, UIMessage } from 'ai';
+import { HeraldChatTransport } from '../ai.js';
+const transport: ChatTransport<UIMessage> = new HeraldChatTransport({ client: c });
+void transport;
+// @ts-expect-error: a client is required
+new HeraldChatTransport({});

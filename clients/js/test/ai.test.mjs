@@ -1,0 +1,109 @@
+// HeraldChatTransport against a real `herald serve` and its demo agent, read
+// with the AI SDK's own `readUIMessageStream` (what useChat does).
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { readUIMessageStream } from 'ai';
+import { HeraldClient } from '../herald.js';
+import { HeraldChatTransport } from '../ai.js';
+import { startHerald, mintToken, until } from './helpers.mjs';
+
+let h;
+before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'ai-secret-0123456789-abcdefghijklmno', HERALD_API_KEY: 'ai-key-0123456789abcd' }); });
+after(async () => { await h.stop(); });
+
+const url = () => `ws://${h.addr}/ws`;
+const userMessage = (id, text) => ({ id, role: 'user', parts: [{ type: 'text', text }] });
+
+/** The final UI message a stream assembles to. */
+async function assemble(stream) {
+  let last;
+  for await (const m of readUIMessageStream({ stream })) last = m;
+  return last;
+}
+
+test('a message streams the demo run as reasoning, a tool call and the answer', async () => {
+  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a1') });
+  const transport = new HeraldChatTransport({ client });
+  client.connect();
+  await until(() => client.state === 'open');
+  const stream = await transport.sendMessages({
+    trigger: 'submit-message', chatId: 'chat-1', messageId: undefined,
+    messages: [userMessage('ui-msg-1', 'plan my trip')], abortSignal: undefined,
+  });
+  const msg = await assemble(stream);
+  assert.equal(msg.role, 'assistant');
+  const kinds = msg.parts.map((p) => p.type);
+  assert.deepEqual(kinds.filter((k) => k !== 'step-start'), ['reasoning', 'dynamic-tool', 'reasoning', 'text']);
+  assert.match(msg.parts.find((p) => p.type === 'reasoning').text, /Reading your message/);
+  const tool = msg.parts.find((p) => p.type === 'dynamic-tool');
+  assert.equal(tool.toolName, 'search');
+  assert.equal(tool.state, 'output-available');
+  assert.equal(tool.output.results, 3);
+  assert.match(msg.parts.find((p) => p.type === 'text').text, /plan my trip/);
+  client.close();
+});
+
+test('reconnectToStream resumes the open run after a reload, or returns null', async () => {
+  const first = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a2') });
+  const t1 = new HeraldChatTransport({ client: first });
+  first.connect();
+  await until(() => first.state === 'open');
+  const stream = await t1.sendMessages({
+    trigger: 'submit-message', chatId: 'chat-2', messageId: undefined,
+    messages: [userMessage('ui-msg-2', 'a long question')], abortSignal: undefined,
+  });
+  const reader = stream.getReader();
+  await reader.read(); // the run started
+  reader.releaseLock();
+  first.close(); // the page reloads mid-run
+  const page = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a2') });
+  const t2 = new HeraldChatTransport({ client: page });
+  page.connect();
+  assert.equal(await t2.reconnectToStream({ chatId: 'chat-other' }), null, 'no open run in another chat');
+  const resumed = await t2.reconnectToStream({ chatId: 'chat-2' });
+  assert.ok(resumed, 'the open run');
+  const msg = await assemble(resumed);
+  // The whole run, from agent_started: the first thinking line is there.
+  assert.match(msg.parts.find((p) => p.type === 'reasoning').text, /Reading your message/);
+  assert.match(msg.parts.find((p) => p.type === 'text').text, /a long question/);
+  assert.equal(await t2.reconnectToStream({ chatId: 'chat-2' }), null, 'finished: nothing to resume');
+  page.close();
+});
+
+test('cancel stops the run: the stream ends with abort', async () => {
+  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a3') });
+  const transport = new HeraldChatTransport({ client });
+  client.connect();
+  await until(() => client.state === 'open');
+  const stream = await transport.sendMessages({
+    trigger: 'submit-message', chatId: 'chat-3', messageId: undefined,
+    messages: [userMessage('ui-msg-3', 'stop me')], abortSignal: undefined,
+  });
+  const chunks = [];
+  const reading = (async () => { for await (const c of stream) chunks.push(c.type); })();
+  await until(() => chunks.includes('start'), 5000, 'run started');
+  assert.equal(await transport.cancel('chat-3'), true);
+  await reading;
+  assert.equal(chunks.at(-1), 'abort');
+  assert.ok(!chunks.includes('finish'));
+  assert.equal(await transport.cancel('chat-3'), false, 'nothing open any more');
+  client.close();
+});
+
+test('a failed send ends the stream with an error chunk', async () => {
+  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a4') });
+  const transport = new HeraldChatTransport({ client });
+  client.connect();
+  await until(() => client.state === 'open');
+  // An empty thread id is refused by the server (nack invalid_field).
+  const stream = await transport.sendMessages({
+    trigger: 'submit-message', chatId: '', messageId: undefined,
+    messages: [userMessage('ui-msg-4', 'hi')], abortSignal: undefined,
+  });
+  const chunks = [];
+  for await (const c of stream) chunks.push(c);
+  assert.equal(chunks.length, 1);
+  assert.equal(chunks[0].type, 'error');
+  assert.match(chunks[0].errorText, /thread_id/);
+  client.close();
+});
