@@ -115,6 +115,12 @@ impl Server {
         self.app.stats().snapshot()
     }
 
+    /// What this node's broker holds (the `herald_history_*` gauges are
+    /// process-wide, so tests running several servers read this instead).
+    pub fn broker_stats(&self) -> crate::broker::BrokerStats {
+        self.app.broker().stats()
+    }
+
     /// Drain and stop: readiness turns 503, upgrades are refused, every
     /// connection gets `closing` and close 1012, staggered over the drain
     /// window; returns once all are gone (or the window plus a grace passed),

@@ -357,17 +357,12 @@ async fn a_run_outgrowing_its_bound_is_closed_and_spares_other_users() {
         (50..=55).contains(&first_close),
         "closed at the per-run bound, not later: seq {first_close}"
     );
-    let stats = metrics_text(&server).await;
-    let bytes: f64 = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_history_bytes "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // This server's own figure: the gauge is process-wide, and other tests
+    // of this file run servers holding far more.
+    let charged = server.broker_stats().charged_bytes;
     assert!(
-        bytes <= 2_000_000.0,
-        "history gauge {bytes} within the bound"
+        charged <= 2_000_000,
+        "history {charged} bytes within the bound"
     );
     // Bob's five offline events are all still there.
     let (mut ws, welcome) = resume(&server, "bob", &epoch, 0).await;
