@@ -205,3 +205,71 @@ impl ConnShared {
         self.wake.notified().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use herald_core::catchup::{HistoryRequest, Plan};
+
+    use super::*;
+
+    fn ready(cfg: LifecycleConfig) -> ConnShared {
+        let conn = ConnShared::new(1, cfg);
+        let welcome = OutFrame::from("welcome".to_owned());
+        conn.with_core(|c| c.authenticate(crate::clock::now(), welcome, Plan::Live { after: 0 }))
+            .unwrap();
+        conn
+    }
+
+    /// Mutation testing (issue 17): frames count their bytes, so the
+    /// queue's byte bound holds: a frame past it is refused and closes the
+    /// connection as a slow consumer.
+    #[test]
+    fn queued_bytes_are_the_frames_bytes_and_bound_the_queue() {
+        let conn = ready(LifecycleConfig {
+            max_queue_bytes: 20,
+            ..LifecycleConfig::default()
+        });
+        assert_eq!(conn.queue_depth(), (1, 7), "the welcome");
+        conn.send(OutFrame::from("0123456789".to_owned())).unwrap();
+        assert_eq!(conn.queue_depth(), (2, 17));
+        assert_eq!(
+            conn.send(OutFrame::from("abcd".to_owned())),
+            Err(SendRefused::QueueFull)
+        );
+        assert_eq!(conn.state(), State::Closing);
+    }
+
+    /// A stream that moved past what a live connection was sent (a missed
+    /// delivery, e.g. a broker reconnect) makes it read the rest from history.
+    #[test]
+    fn expect_seq_starts_a_catch_up() {
+        let conn = ready(LifecycleConfig::default());
+        while conn.with_core(|c| c.poll_transmit()).is_some() {}
+        conn.expect_seq(5);
+        assert_eq!(
+            conn.with_core(|c| c.wants_history()),
+            Some(HistoryRequest::Range { after: 0, until: 5 })
+        );
+    }
+
+    /// Replayed frames are marked for the client; a stored frame that is not
+    /// a JSON object is refused (a broker fault), never sent half-marked.
+    #[test]
+    fn replayed_frames_are_marked() {
+        let stored = StoredEvent {
+            seq: 3,
+            json: bytes::Bytes::from_static(br#"{"type":"event","seq":3}"#),
+        };
+        let frame = OutFrame::replayed(stored).unwrap();
+        assert_eq!(
+            frame.text.as_str(),
+            r#"{"replayed":true,"type":"event","seq":3}"#
+        );
+        assert_eq!(frame.wire_len(), frame.text.len());
+        let broken = StoredEvent {
+            seq: 4,
+            json: bytes::Bytes::from_static(b"[1]"),
+        };
+        assert!(OutFrame::replayed(broken).is_none());
+    }
+}
