@@ -272,4 +272,25 @@ mod tests {
         };
         assert!(OutFrame::replayed(broken).is_none());
     }
+
+    /// A full queue starts a slow-consumer close that only the actor can
+    /// write: the refusal wakes it.
+    #[tokio::test]
+    async fn a_full_queue_wakes_the_actor() {
+        let conn = ready(LifecycleConfig {
+            max_queue_frames: 1,
+            ..LifecycleConfig::default()
+        });
+        // No wake-up is pending (the welcome was queued through `with_core`).
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(10), conn.woken()).await;
+        assert!(pending.is_err());
+        assert_eq!(
+            conn.send(OutFrame::from("x".to_owned())),
+            Err(SendRefused::QueueFull)
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(1), conn.woken())
+            .await
+            .expect("the refusal woke the actor");
+    }
 }

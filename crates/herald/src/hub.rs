@@ -590,6 +590,19 @@ mod tests {
         assert_eq!(hub.len(), 1);
     }
 
+    /// Mutation testing (issue 17): a kick is remembered for exactly
+    /// `KICK_MEMORY` (on the paused clock, so the edge is exact).
+    #[tokio::test(start_paused = true)]
+    async fn kicks_are_remembered_for_kick_memory() {
+        let hub = memory_hub();
+        let at = crate::clock::now();
+        hub.kick("user:k");
+        hub.prune_kicks(at + KICK_MEMORY - std::time::Duration::from_millis(1));
+        assert_eq!(hub.kicks.len(), 1, "still remembered just before");
+        hub.prune_kicks(at + KICK_MEMORY);
+        assert!(hub.kicks.is_empty(), "forgotten at KICK_MEMORY");
+    }
+
     /// Issue 14, finding 14: a kick closes the user's connections that are
     /// joined *and* those registering at that moment (hello read, token
     /// verified, not yet joined); a connection whose hello comes after the
