@@ -1032,4 +1032,21 @@ mod tests {
             Some(CloseReason::SlowConsumer)
         );
     }
+
+    /// `catching_up` is true exactly while a ready connection replays.
+    #[test]
+    fn catching_up_while_a_ready_connection_replays() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        assert!(!c.catching_up(), "handshaking is not catching up");
+        c.authenticate(now, "welcome".into(), Plan::Replay { after: 0, until: 2 })
+            .unwrap();
+        assert!(c.catching_up());
+        drain(&mut c);
+        c.push_history([(1, "e1".to_owned()), (2, "e2".to_owned())])
+            .unwrap();
+        assert!(!c.catching_up(), "live after the replay");
+        let live = ready(now);
+        assert!(!live.catching_up());
+    }
 }

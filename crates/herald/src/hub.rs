@@ -603,6 +603,29 @@ mod tests {
         assert!(hub.kicks.is_empty(), "forgotten at KICK_MEMORY");
     }
 
+    /// The drain waits for the hub to empty: `wait_empty` returns only once
+    /// the last connection is cleaned up.
+    #[tokio::test]
+    async fn wait_empty_returns_when_the_last_connection_is_gone() {
+        let hub = memory_hub();
+        let conn = Arc::new(ConnShared::new(1, LifecycleConfig::default()));
+        hub.insert(conn.clone());
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.wait_empty().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "a connection is still live");
+        hub.cleanup(
+            &conn,
+            &CloseInfo::new(CloseReason::Shutdown, Initiator::Server, "bye"),
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken when empty")
+            .unwrap();
+    }
+
     /// Issue 14, finding 14: a kick closes the user's connections that are
     /// joined *and* those registering at that moment (hello read, token
     /// verified, not yet joined); a connection whose hello comes after the
