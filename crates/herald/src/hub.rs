@@ -434,7 +434,7 @@ mod tests {
     use std::sync::Weak;
     use std::time::Instant;
 
-    use herald_core::catchup::{HistoryRequest, decide_join};
+    use herald_core::catchup::{HistoryRequest, Plan, decide_join};
     use herald_core::stream::StreamLimits;
     use herald_core::{LifecycleConfig, Transmit};
     use rand::rngs::StdRng;
@@ -624,6 +624,37 @@ mod tests {
             .await
             .expect("woken when empty")
             .unwrap();
+    }
+
+    /// After the broker lost deliveries (a Redis reconnect), `resync`
+    /// makes live connections read what they missed, and closes those of an
+    /// old epoch (their next resume gets `reset`).
+    #[tokio::test]
+    async fn resync_catches_up_or_closes_on_a_new_epoch() {
+        let hub = memory_hub();
+        let live = |id| {
+            let conn = Arc::new(ConnShared::new(id, LifecycleConfig::default()));
+            hub.insert(conn.clone());
+            conn
+        };
+        let (same, old) = (live(1), live(2));
+        for (conn, epoch) in [(&same, "e1"), (&old, "e0")] {
+            hub.join("user:r", conn, 32, hub.kick_mark()).await.unwrap();
+            conn.set_epoch(epoch);
+            let welcome = OutFrame::from("welcome".to_owned());
+            conn.with_core(|c| {
+                c.authenticate(crate::clock::now(), welcome, Plan::Live { after: 0 })
+            })
+            .unwrap();
+            while conn.with_core(|c| c.poll_transmit()).is_some() {}
+        }
+        hub.resync("user:r", "e1", 4);
+        assert_eq!(
+            same.with_core(|c| c.wants_history()),
+            Some(HistoryRequest::Range { after: 0, until: 4 })
+        );
+        assert_eq!(old.state(), State::Closing);
+        assert_eq!(same.state(), State::Ready);
     }
 
     /// Issue 14, finding 14: a kick closes the user's connections that are
