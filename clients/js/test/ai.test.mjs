@@ -14,6 +14,21 @@ after(async () => { await h.stop(); });
 const url = () => `ws://${h.addr}/ws`;
 const userMessage = (id, text) => ({ id, role: 'user', parts: [{ type: 'text', text }] });
 
+/** A connected client for `user` and a transport over it. */
+async function connected(user) {
+  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, user) });
+  const transport = new HeraldChatTransport({ client });
+  client.connect();
+  await until(() => client.state === 'open');
+  return { client, transport };
+}
+
+/** `useChat` submitting the UI message `id` with `text` in chat `chatId`. */
+const submit = (transport, chatId, id, text) => transport.sendMessages({
+  trigger: 'submit-message', chatId, messageId: undefined,
+  messages: [userMessage(id, text)], abortSignal: undefined,
+});
+
 /** The final UI message a stream assembles to. */
 async function assemble(stream) {
   let last;
@@ -22,14 +37,8 @@ async function assemble(stream) {
 }
 
 test('a message streams the demo run as reasoning, a tool call and the answer', async () => {
-  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a1') });
-  const transport = new HeraldChatTransport({ client });
-  client.connect();
-  await until(() => client.state === 'open');
-  const stream = await transport.sendMessages({
-    trigger: 'submit-message', chatId: 'chat-1', messageId: undefined,
-    messages: [userMessage('ui-msg-1', 'plan my trip')], abortSignal: undefined,
-  });
+  const { client, transport } = await connected('a1');
+  const stream = await submit(transport, 'chat-1', 'ui-msg-1', 'plan my trip');
   const msg = await assemble(stream);
   assert.equal(msg.role, 'assistant');
   const kinds = msg.parts.map((p) => p.type);
@@ -44,14 +53,8 @@ test('a message streams the demo run as reasoning, a tool call and the answer', 
 });
 
 test('reconnectToStream resumes the open run after a reload, or returns null', async () => {
-  const first = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a2') });
-  const t1 = new HeraldChatTransport({ client: first });
-  first.connect();
-  await until(() => first.state === 'open');
-  const stream = await t1.sendMessages({
-    trigger: 'submit-message', chatId: 'chat-2', messageId: undefined,
-    messages: [userMessage('ui-msg-2', 'a long question')], abortSignal: undefined,
-  });
+  const { client: first, transport: t1 } = await connected('a2');
+  const stream = await submit(t1, 'chat-2', 'ui-msg-2', 'a long question');
   const reader = stream.getReader();
   await reader.read(); // the run started
   reader.releaseLock();
@@ -71,14 +74,8 @@ test('reconnectToStream resumes the open run after a reload, or returns null', a
 });
 
 test('cancel stops the run: the stream ends with abort', async () => {
-  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a3') });
-  const transport = new HeraldChatTransport({ client });
-  client.connect();
-  await until(() => client.state === 'open');
-  const stream = await transport.sendMessages({
-    trigger: 'submit-message', chatId: 'chat-3', messageId: undefined,
-    messages: [userMessage('ui-msg-3', 'stop me')], abortSignal: undefined,
-  });
+  const { client, transport } = await connected('a3');
+  const stream = await submit(transport, 'chat-3', 'ui-msg-3', 'stop me');
   const chunks = [];
   const reading = (async () => { for await (const c of stream) chunks.push(c.type); })();
   await until(() => chunks.includes('start'), 5000, 'run started');
@@ -91,15 +88,9 @@ test('cancel stops the run: the stream ends with abort', async () => {
 });
 
 test('a failed send ends the stream with an error chunk', async () => {
-  const client = new HeraldClient({ url: url(), token: mintToken(h.secret, 'a4') });
-  const transport = new HeraldChatTransport({ client });
-  client.connect();
-  await until(() => client.state === 'open');
+  const { client, transport } = await connected('a4');
   // An empty thread id is refused by the server (nack invalid_field).
-  const stream = await transport.sendMessages({
-    trigger: 'submit-message', chatId: '', messageId: undefined,
-    messages: [userMessage('ui-msg-4', 'hi')], abortSignal: undefined,
-  });
+  const stream = await submit(transport, '', 'ui-msg-4', 'hi');
   const chunks = [];
   for await (const c of stream) chunks.push(c);
   assert.equal(chunks.length, 1);

@@ -116,16 +116,21 @@ mod tests {
         assert_eq!(b.check(t1), Verdict::Close);
     }
 
-    #[test]
-    fn strikes_expire() {
-        let t0 = Instant::now();
+    /// One token, three strikes within a second.
+    fn one_token_bucket(per_second: f64, now: Instant) -> Bucket {
         let cfg = RateLimit {
-            per_second: 1.0,
+            per_second,
             burst: 1.0,
             max_strikes: 3,
             strike_window: Duration::from_secs(1),
         };
-        let mut b = Bucket::new(cfg, t0);
+        Bucket::new(cfg, now)
+    }
+
+    #[test]
+    fn strikes_expire() {
+        let t0 = Instant::now();
+        let mut b = one_token_bucket(1.0, t0);
         assert_eq!(b.check(t0), Verdict::Allow);
         assert_eq!(b.check(t0), Verdict::Reject { notify: true });
         assert_eq!(b.check(t0), Verdict::Reject { notify: false });
@@ -139,13 +144,8 @@ mod tests {
     #[test]
     fn strikes_at_the_window_edge_still_count() {
         let t0 = Instant::now();
-        let cfg = RateLimit {
-            per_second: 0.0001,
-            burst: 1.0,
-            max_strikes: 3,
-            strike_window: Duration::from_secs(1),
-        };
-        let mut b = Bucket::new(cfg, t0);
+        // The strikes_expire bucket, refilling too slowly to matter here.
+        let mut b = one_token_bucket(0.0001, t0);
         assert_eq!(b.check(t0), Verdict::Allow);
         assert_eq!(b.check(t0), Verdict::Reject { notify: true });
         let edge = t0 + Duration::from_secs(1);
