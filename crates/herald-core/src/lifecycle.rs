@@ -328,6 +328,13 @@ impl<P: Payload> Connection<P> {
         Ok(outcome)
     }
 
+    /// Queue a frame that belongs to the catch-up (its end marker): like the
+    /// history it follows, not held to the queue bound (a page may fill the
+    /// queue; the marker must not turn that into a slow-consumer close).
+    pub fn push_catch_up_frame(&mut self, frame: P) {
+        self.admit_events(vec![frame]);
+    }
+
     /// Queue frames released by the catch-up. They are not held to the
     /// queue bound: history is read a page at a time into an empty queue, and
     /// held live events are bounded by `max_queue_frames` already.
@@ -1048,5 +1055,20 @@ mod tests {
         assert!(!c.catching_up(), "live after the replay");
         let live = ready(now);
         assert!(!live.catching_up());
+    }
+
+    /// The catch-up's end marker joins a full queue rather than closing it.
+    #[test]
+    fn a_catch_up_frame_is_not_held_to_the_bound() {
+        let now = Instant::now();
+        let mut c: Connection<String> = Connection::new(now, cfg());
+        c.authenticate(now, "welcome".into(), Plan::Replay { after: 0, until: 4 })
+            .unwrap();
+        drain(&mut c);
+        let page: Vec<(u64, String)> = (1..=4).map(|q| (q, format!("e{q}"))).collect();
+        c.push_history(page).unwrap();
+        assert_eq!(c.queue_len(), 4, "at the frame bound");
+        c.push_catch_up_frame("caught_up".into());
+        assert_eq!((c.queue_len(), c.state()), (5, State::Ready));
     }
 }

@@ -501,7 +501,7 @@ fn caught_up(core: &mut herald_core::Connection<OutFrame>, replaying: &mut bool)
         let frame = ServerFrame::CaughtUp {
             seq: core.sent_seq(),
         };
-        let _ = core.send(clock::now(), OutFrame::from(frame.to_json()));
+        core.push_catch_up_frame(OutFrame::from(frame.to_json()));
     }
 }
 
