@@ -20,8 +20,9 @@ use tokio::sync::Notify;
 use crate::broker::StoredEvent;
 use crate::telemetry;
 
-/// What a replayed event frame starts with (the stored frame's `{` replaced).
-const REPLAYED: &[u8] = br#"{"replayed":true,"#;
+/// How a replayed event frame ends (the stored frame's closing `}` replaced),
+/// so its `{"type":"event"` start stays the same for clients that match it.
+const REPLAYED: &[u8] = br#","replayed":true}"#;
 
 /// An outbound text frame. Cloning shares the bytes, so a fan-out serializes
 /// an event once for all connections.
@@ -39,10 +40,13 @@ impl OutFrame {
     /// `"replayed":true` for the client; `None` if its bytes are not a JSON
     /// object in UTF-8 (a broker fault). Costs one copy, on replay only.
     pub fn replayed(event: StoredEvent) -> Option<Self> {
-        let rest = event.json.strip_prefix(b"{")?;
+        let body = event
+            .json
+            .strip_prefix(b"{")
+            .and_then(|_| event.json.strip_suffix(b"}"))?;
         let mut json = Vec::with_capacity(event.json.len() + REPLAYED.len());
+        json.extend_from_slice(body);
         json.extend_from_slice(REPLAYED);
-        json.extend_from_slice(rest);
         Some(Self {
             text: Utf8Bytes::try_from(bytes::Bytes::from(json)).ok()?,
             published: None,
@@ -263,7 +267,7 @@ mod tests {
         let frame = OutFrame::replayed(stored).unwrap();
         assert_eq!(
             frame.text.as_str(),
-            r#"{"replayed":true,"type":"event","seq":3}"#
+            r#"{"type":"event","seq":3,"replayed":true}"#
         );
         assert_eq!(frame.wire_len(), frame.text.len());
         let broken = StoredEvent {
