@@ -99,7 +99,7 @@ export class HeraldChatTransport {
   constructor({ client, cancelOnAbort = false }) {
     this.client = client;
     this.cancelOnAbort = cancelOnAbort;
-    /** @type {Map<string, {thread?: string, events: object[], closed: boolean, listeners: Set<Function>}>} */
+    /** @type {Map<string, {thread?: string, events: object[], seqs: Set<number>, closed: boolean, listeners: Set<Function>}>} */
     this._runs = new Map();
     /** Waiting for the run that answers a message: thread → {messageId, take}. */
     this._waiting = new Map();
@@ -117,11 +117,12 @@ export class HeraldChatTransport {
     if (!e.run_id) return;
     let run = this._runs.get(e.run_id);
     if (!run) {
-      run = { thread: e.thread_id, events: [], closed: false, listeners: new Set() };
+      run = { thread: e.thread_id, events: [], seqs: new Set(), closed: false, listeners: new Set() };
       this._runs.set(e.run_id, run);
       this._prune();
     }
-    if (run.events.some((x) => x.seq === e.seq)) return; // seen (a replay)
+    if (run.seqs.has(e.seq)) return; // seen (a replay)
+    run.seqs.add(e.seq);
     run.events.push(e);
     if (CLOSING.has(e.event)) run.closed = true;
     if (e.event === 'agent_started' && e.thread_id != null) {

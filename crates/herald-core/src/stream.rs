@@ -553,9 +553,7 @@ mod tests {
         };
         let big = |s: &mut Stream<String>, run: &str, n: usize| {
             for _ in 0..n {
-                s.append(now, &meta("agent_thinking", Some(run)), None, &l, |_| {
-                    "x".repeat(10)
-                });
+                think(s, now, &l, run, None, 10);
             }
         };
         big(&mut s, "a", 9);
@@ -573,6 +571,23 @@ mod tests {
         assert_eq!(s.oversized_runs(&l), vec![("b".to_owned(), None)]);
         push(&mut s, now, meta("agent_cancelled", Some("b")), &l);
         assert!(s.oversized_runs(&l).is_empty());
+    }
+
+    /// Append an `agent_thinking` of `bytes` to `run` (in `thread`).
+    fn think(
+        s: &mut Stream<String>,
+        now: Instant,
+        l: &StreamLimits,
+        run: &str,
+        thread: Option<&str>,
+        bytes: usize,
+    ) {
+        let m = EventMeta {
+            event: "agent_thinking".into(),
+            run_id: Some(run.into()),
+            thread_id: thread.map(Into::into),
+        };
+        s.append(now, &m, None, l, |_| "x".repeat(bytes));
     }
 
     fn limits(max: usize) -> StreamLimits {
@@ -720,7 +735,8 @@ mod tests {
         s.forget_keys();
         push(&mut s, t1, meta("agent_started", Some("r")), &l);
         s.evict_front();
-        assert!(s.is_empty() || !s.open_runs().is_empty());
+        assert!(s.open_runs().contains_key("r"));
+        assert_eq!(s.len(), 1, "the run's event is pinned, not dropped");
         assert!(!s.is_idle(t1), "an open run keeps it");
     }
 
@@ -735,12 +751,7 @@ mod tests {
             ..limits(100)
         };
         let grow = |s: &mut Stream<String>, run: &str, bytes: usize| {
-            let m = EventMeta {
-                event: "agent_thinking".into(),
-                run_id: Some(run.into()),
-                thread_id: Some(format!("t-{run}")),
-            };
-            s.append(now, &m, None, &l, |_| "x".repeat(bytes));
+            think(s, now, &l, run, Some(&format!("t-{run}")), bytes);
         };
         grow(&mut s, "a", 100);
         assert!(s.oversized_runs(&l).is_empty(), "exactly at the run bound");

@@ -55,7 +55,7 @@ pub(crate) async fn run(
     let actor = Actor {
         wire: Wire {
             ws: socket,
-            after_close: AfterClose::new(app.stats().clone()),
+            after_close: AfterClose::default(),
             stats: app.stats().clone(),
             metrics: WireMetrics::new(),
             unflushed_published: Vec::new(),
@@ -402,6 +402,7 @@ impl Actor {
             };
             metrics::counter!(telemetry::RESETS, "cause" => cause).increment(1);
         }
+        let replaying = !matches!(decision.plan, Plan::Live { .. });
         let welcome = ServerFrame::Welcome {
             conn_id: &self.conn.id_str,
             user_id: user,
@@ -410,10 +411,10 @@ impl Actor {
             resumed: decision.resumed,
             reset: decision.reset,
             heartbeat_ms: self.app.config().lifecycle.heartbeat_interval.as_millis() as u64,
-            replaying: !matches!(decision.plan, Plan::Live { .. }),
+            replaying,
         }
         .to_json();
-        self.replaying = !matches!(decision.plan, Plan::Live { .. });
+        self.replaying = replaying;
         self.conn.set_epoch(&pos.epoch);
         let now = clock::now();
         let authenticated = self
@@ -591,30 +592,22 @@ fn io_end(io: &std::io::Error) -> CloseInfo {
 /// The last-line check of invariant I1: once a close frame was written or
 /// received, every further write is refused and counted in
 /// [`Stats::frames_after_close`] (which must stay 0).
+#[derive(Default)]
 struct AfterClose {
     close_seen: bool,
-    stats: Arc<Stats>,
 }
 
 impl AfterClose {
-    fn new(stats: Arc<Stats>) -> Self {
-        Self {
-            close_seen: false,
-            stats,
-        }
-    }
-
     /// A close frame was written or received.
     fn close_seen(&mut self) {
         self.close_seen = true;
     }
 
-    /// Whether a frame may still be written; counts the violation if not.
-    fn permit(&self) -> bool {
+    /// Whether a frame may still be written; counts the violation in
+    /// `stats` if not.
+    fn permit(&self, stats: &Stats) -> bool {
         if self.close_seen {
-            self.stats
-                .frames_after_close
-                .fetch_add(1, Ordering::Relaxed);
+            stats.frames_after_close.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
                 .increment(1);
             tracing::error!("refused a write after the close frame");
@@ -653,7 +646,7 @@ impl WireMetrics {
 
 impl Wire {
     fn permit(&self) -> bool {
-        self.after_close.permit()
+        self.after_close.permit(&self.stats)
     }
 
     async fn feed(&mut self, frame: OutFrame, limit: Duration) -> Result<(), CloseInfo> {
@@ -728,14 +721,14 @@ mod tests {
     /// counted, so those zeros mean something.
     #[test]
     fn a_write_after_the_close_frame_is_refused_and_counted() {
-        let stats = Arc::new(Stats::default());
-        let mut guard = AfterClose::new(stats.clone());
-        assert!(guard.permit(), "writes before the close pass");
-        assert!(guard.permit());
+        let stats = Stats::default();
+        let mut guard = AfterClose::default();
+        assert!(guard.permit(&stats), "writes before the close pass");
+        assert!(guard.permit(&stats));
         assert_eq!(stats.snapshot().frames_after_close, 0);
         guard.close_seen();
-        assert!(!guard.permit(), "a write after the close is refused");
-        assert!(!guard.permit());
+        assert!(!guard.permit(&stats), "a write after the close is refused");
+        assert!(!guard.permit(&stats));
         assert_eq!(stats.snapshot().frames_after_close, 2);
     }
 }

@@ -40,10 +40,11 @@ impl OutFrame {
     /// `"replayed":true` for the client; `None` if its bytes are not a JSON
     /// object in UTF-8 (a broker fault). Costs one copy, on replay only.
     pub fn replayed(event: StoredEvent) -> Option<Self> {
+        // The object without its closing brace.
         let body = event
             .json
-            .strip_prefix(b"{")
-            .and_then(|_| event.json.strip_suffix(b"}"))?;
+            .strip_suffix(b"}")
+            .filter(|b| b.starts_with(b"{"))?;
         let mut json = Vec::with_capacity(event.json.len() + REPLAYED.len());
         json.extend_from_slice(body);
         json.extend_from_slice(REPLAYED);
