@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every test of the project: Rust (unit, property and integration tests against
-# the real server) and the browser client (Node unit tests and the Chromium
-# end-to-end test against a real `herald serve`).
+# the real server), the browser client (Node tests, the Chromium end-to-end tests of the
+# demo page and of the React example) and the Python SDK.
 #
 # What the tests need and a fresh machine may lack is installed here: Debian's
-# chromium and redis-server (as root, with apt-get), the JS client's npm
-# packages (into clients/js/node_modules) and the Python SDK with its test
-# dependencies (into clients/python/.venv); git ignores both folders. Anywhere else the script says
-# exactly what to install and stops.
+# chromium and redis-server (as root, with apt-get), the JS client's and the
+# React example's npm packages (into their node_modules), the Python SDK with
+# its test dependencies (into clients/python/.venv); git ignores all of them. Anywhere else
+# the script says exactly what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +40,10 @@ elif [ ! -x "$CHROMIUM" ]; then
 fi
 if [ ! -d clients/js/node_modules/playwright-core ] || [ ! -x clients/js/node_modules/.bin/tsc ]; then
   (cd clients/js && npm ci --no-audit --no-fund)
+fi
+# The React example (useChat over HeraldChatTransport), built by its test.
+if [ ! -x clients/js/examples/react-chat/node_modules/.bin/esbuild ]; then
+  (cd clients/js/examples/react-chat && npm ci --no-audit --no-fund)
 fi
 
 cargo test --workspace --locked

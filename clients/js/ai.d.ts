@@ -18,6 +18,8 @@ export interface HeraldChatTransportOptions {
 export class HeraldChatTransport<UI_MESSAGE extends UIMessage = UIMessage> implements ChatTransport<UI_MESSAGE> {
   constructor(options: HeraldChatTransportOptions);
   readonly client: HeraldClient<any>;
+  /** True: `reconnectToStream` replays the open run from its `agent_started`. */
+  readonly resumeStreamIsReplay: true;
   sendMessages: ChatTransport<UI_MESSAGE>['sendMessages'];
   reconnectToStream: ChatTransport<UI_MESSAGE>['reconnectToStream'];
   /** Stop the chat's open run (sends `cancel`); false when none is open. */

@@ -99,6 +99,8 @@ export class HeraldChatTransport {
   constructor({ client, cancelOnAbort = false }) {
     this.client = client;
     this.cancelOnAbort = cancelOnAbort;
+    /** `reconnectToStream` replays the run from its start (useChat resets the message). */
+    this.resumeStreamIsReplay = true;
     /** @type {Map<string, {thread?: string, events: object[], seqs: Set<number>, closed: boolean, listeners: Set<Function>}>} */
     this._runs = new Map();
     /** Waiting for the run that answers a message: thread → {messageId, take}. */
@@ -146,41 +148,48 @@ export class HeraldChatTransport {
     return null;
   }
 
-  /** A stream of `runId`'s chunks: what was recorded, then live, until it ends. */
-  _streamRun(runIdPromise, abortSignal, onRun) {
+  /**
+   * A stream of `runId`'s chunks: what was recorded, then live, until it
+   * ends. An abort (or the reader's cancel) detaches it, even one that comes
+   * before the run is known; nothing is enqueued after that.
+   */
+  _streamRun(runIdPromise, abortSignal) {
     let detach = () => {};
+    let done = false;
+    const stop = () => { done = true; detach(); };
     return new ReadableStream({
       start: async (controller) => {
+        const end = () => {
+          stop();
+          try { controller.close(); } catch { /* cancelled by the reader */ }
+        };
         let runId;
         try {
           runId = await runIdPromise;
         } catch (err) {
-          controller.enqueue({ type: 'error', errorText: String(err?.message ?? err) });
-          controller.close();
+          if (!done) controller.enqueue({ type: 'error', errorText: String(err?.message ?? err) });
+          end();
           return;
         }
-        if (runId == null) { controller.close(); return; }
-        onRun?.(runId);
+        if (runId == null || done || abortSignal?.aborted) { end(); return; }
         const run = this._runs.get(runId);
         const chunk = runChunker(runId);
-        let done = false;
         const feed = (e) => {
           if (done) return;
           for (const c of chunk(e)) controller.enqueue(c);
-          if (CLOSING.has(e.event)) { done = true; detach(); controller.close(); }
+          if (CLOSING.has(e.event)) end();
         };
         detach = () => run.listeners.delete(feed);
         for (const e of [...run.events].sort((a, b) => a.seq - b.seq)) feed(e);
-        if (!done) run.listeners.add(feed);
+        if (done) return;
+        run.listeners.add(feed);
         abortSignal?.addEventListener('abort', () => {
           if (done) return;
-          done = true;
-          detach();
+          end();
           if (this.cancelOnAbort) this.client.cancel(runId).catch(() => {});
-          try { controller.close(); } catch { /* already closed */ }
         }, { once: true });
       },
-      cancel: () => detach(),
+      cancel: stop,
     });
   }
 

@@ -98,3 +98,25 @@ test('a failed send ends the stream with an error chunk', async () => {
   assert.match(chunks[0].errorText, /thread_id/);
   client.close();
 });
+
+test('an abort before the run starts detaches: the run goes on, nothing reaches the closed stream', async () => {
+  const { client, transport } = await connected('a5');
+  const abort = new AbortController();
+  // useChat aborts a request it replaces (StrictMode's second resume, a stop)
+  // possibly before the run that answers it is known.
+  const stream = await transport.sendMessages({
+    trigger: 'submit-message', chatId: 'chat-5', messageId: undefined,
+    messages: [userMessage('ui-msg-5', 'abort early')], abortSignal: abort.signal,
+  });
+  abort.abort();
+  const chunks = [];
+  for await (const c of stream) chunks.push(c);
+  assert.deepEqual(chunks, [], 'an aborted stream ends empty');
+  // The run was not cancelled (an abort only detaches) and completes; its
+  // events reach the transport without an error from the closed stream.
+  const events = [];
+  client.on('event', (e) => events.push(e.event));
+  await until(() => events.includes('agent_completed'), 5000, 'the run completed');
+  assert.ok(!events.includes('agent_cancelled'));
+  client.close();
+});

@@ -1,0 +1,76 @@
+// The example's app server: what a product's own backend does for Herald.
+// It serves the built page and mints Herald tokens (HS256 JWTs, the secret
+// shared with `herald serve`) for its signed-in user. The page talks to
+// Herald directly over WebSocket; this server never sees the chat traffic.
+//
+//   HERALD_JWT_HS256_SECRET=...  the secret Herald verifies tokens with (required)
+//   HERALD_URL=ws://127.0.0.1:8080/ws  where the page connects
+//   PORT=3000                    where this server listens (0: any free port)
+import { createServer } from 'node:http';
+import { createHmac } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const secret = process.env.HERALD_JWT_HS256_SECRET;
+if (!secret) {
+  console.error('react-chat: set HERALD_JWT_HS256_SECRET (as printed by `herald serve`)');
+  process.exit(2);
+}
+const heraldUrl = process.env.HERALD_URL ?? 'ws://127.0.0.1:8080/ws';
+const TOKEN_TTL_S = Number(process.env.TOKEN_TTL_S ?? 600);
+
+const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+/** An HS256 JWT for `sub`, valid for TOKEN_TTL_S (the client refreshes it before it ends). */
+function mint(sub) {
+  const head = b64({ alg: 'HS256', typ: 'JWT' });
+  const body = b64({ sub, exp: Math.floor(Date.now() / 1000) + TOKEN_TTL_S });
+  const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
+const files = {
+  '/': ['index.html', 'text/html; charset=utf-8'],
+  '/app.js': ['dist/app.js', 'text/javascript; charset=utf-8'],
+};
+
+/** Reads a small JSON body; null when it is not JSON. */
+async function json(req) {
+  let body = '';
+  for await (const chunk of req) {
+    body += chunk;
+    if (body.length > 4096) return null;
+  }
+  try { return JSON.parse(body); } catch { return null; }
+}
+
+const server = createServer(async (req, res) => {
+  const url = new URL(req.url, 'http://localhost');
+  const send = (status, type, body) => { res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' }); res.end(body); };
+  try {
+    if (req.method === 'GET' && files[url.pathname]) {
+      const [file, type] = files[url.pathname];
+      return send(200, type, await readFile(path.join(here, file)));
+    }
+    if (req.method === 'GET' && url.pathname === '/config.json') {
+      return send(200, 'application/json', JSON.stringify({ heraldUrl }));
+    }
+    if (req.method === 'POST' && url.pathname === '/token') {
+      // A real app takes the user from its session; the example trusts the name.
+      const body = await json(req);
+      const user = typeof body?.user === 'string' ? body.user.trim() : '';
+      if (!/^[\w.-]{1,64}$/.test(user)) return send(400, 'application/json', '{"error":"bad user"}');
+      return send(200, 'application/json', JSON.stringify({ token: mint(user) }));
+    }
+    send(404, 'application/json', '{"error":"not found"}');
+  } catch (err) {
+    send(500, 'application/json', JSON.stringify({ error: String(err?.message ?? err) }));
+  }
+});
+
+server.listen(Number(process.env.PORT ?? 3000), '127.0.0.1', () => {
+  const { address, port } = server.address();
+  console.log(`react-chat listening on http://${address}:${port}`);
+});
+process.on('SIGTERM', () => server.close(() => process.exit(0)));

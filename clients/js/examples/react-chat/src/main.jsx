@@ -1,0 +1,117 @@
+// A chat page on the Vercel AI SDK's useChat, with Herald as its transport:
+// the user's message goes to the agent through Herald, the agent's run comes
+// back over the same WebSocket as reasoning, tool calls and the answer. A
+// reload mid-run picks the run up again (useChat's `resume`), Stop cancels it.
+import { StrictMode, useEffect, useState } from 'react';
+import { createRoot } from 'react-dom/client';
+import { useChat } from '@ai-sdk/react';
+import { HeraldClient } from 'herald-gateway';
+import { HeraldChatTransport } from 'herald-gateway/ai';
+
+const params = new URLSearchParams(location.search);
+const user = params.get('user') ?? 'guest';
+const chatId = params.get('chat') ?? 'chat-1';
+const { heraldUrl } = await (await fetch('/config.json')).json();
+
+// One client and one transport per page, made outside React: StrictMode's
+// double mount cannot open a second socket.
+const client = new HeraldClient({
+  url: heraldUrl,
+  // Tokens come from the app's own backend; the client refreshes them
+  // before they expire. null (signed out) stops the client.
+  getToken: async () => {
+    const r = await fetch('/token', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) });
+    if (r.status === 400 || r.status === 401 || r.status === 403) return null;
+    if (!r.ok) throw new Error(`token: HTTP ${r.status}`);
+    return (await r.json()).token;
+  },
+  // The resume position survives a reload, so the page gets only what it
+  // missed, plus the open run from its start.
+  storageKey: `herald:${user}`,
+});
+// useChat's stop() only detaches the stream; the Stop button below also
+// asks the agent to stop the run (transport.cancel).
+const transport = new HeraldChatTransport({ client });
+client.connect();
+window.__herald = { client, transport }; // for the end-to-end test
+
+// The app keeps its chat history (a real one on its server): the user's
+// messages at once, an answer once it is complete. A reload mid-answer
+// therefore finds the question stored and useChat resumes the answer.
+const historyKey = `chat:${user}:${chatId}`;
+const stored = JSON.parse(sessionStorage.getItem(historyKey) ?? '[]');
+function keep(messages, status) {
+  const done = status === 'ready' || status === 'error';
+  const last = messages.at(-1);
+  const kept = !done && last?.role === 'assistant' ? messages.slice(0, -1) : messages;
+  sessionStorage.setItem(historyKey, JSON.stringify(kept));
+}
+
+function useConnectionState() {
+  const [state, setState] = useState(client.state);
+  useEffect(() => client.on('state', setState), []);
+  return state;
+}
+
+function Part({ part }) {
+  switch (part.type) {
+    case 'text':
+      return <div className="text">{part.text}</div>;
+    case 'reasoning':
+      return <div className="reasoning">{part.text.trimEnd()}</div>;
+    case 'dynamic-tool':
+      return (
+        <div className="tool" data-state={part.state} data-tool-call-id={part.toolCallId}>
+          {part.toolName}({JSON.stringify(part.input)})
+          {part.state === 'output-available' && <> → {part.output?.summary ?? JSON.stringify(part.output)}</>}
+          {part.state === 'output-error' && <> failed: {part.errorText}</>}
+        </div>
+      );
+    default:
+      return null;
+  }
+}
+
+function Chat() {
+  const { messages, sendMessage, status, stop, error } = useChat({
+    id: chatId,
+    messages: stored,
+    transport,
+    resume: true, // after a reload, ask the transport for the chat's open run
+  });
+  const [input, setInput] = useState('');
+  const connection = useConnectionState();
+  useEffect(() => keep(messages, status), [messages, status]);
+  // For the end-to-end test: what useChat holds.
+  useEffect(() => { window.__chat = { status, messages, connection }; }, [status, messages, connection]);
+
+  const busy = status === 'submitted' || status === 'streaming';
+  const submit = (e) => {
+    e.preventDefault();
+    if (!input.trim() || busy) return;
+    sendMessage({ text: input });
+    setInput('');
+  };
+  return (
+    <>
+      <header>
+        <h1>Herald × useChat</h1>
+        <span className="conn" id="conn" data-state={connection}>{user} · {connection}</span>
+      </header>
+      <main id="messages" data-status={status}>
+        {messages.map((m) => (
+          <div key={m.id} className={`msg ${m.role}`} data-id={m.id}>
+            {m.parts.map((part, i) => <Part key={i} part={part} />)}
+          </div>
+        ))}
+        {error && <div className="error" role="alert">{error.message}</div>}
+      </main>
+      <form onSubmit={submit}>
+        <input id="text" value={input} onChange={(e) => setInput(e.target.value)} placeholder="Ask the agent…" autoComplete="off" />
+        {busy ? <button id="stop" type="button" onClick={() => { transport.cancel(chatId); stop(); }}>Stop</button> : <button id="send" type="submit">Send</button>}
+      </form>
+    </>
+  );
+}
+
+createRoot(document.getElementById('root')).render(<StrictMode><Chat /></StrictMode>);

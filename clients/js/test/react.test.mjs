@@ -1,0 +1,136 @@
+// The React example (examples/react-chat: useChat + HeraldChatTransport),
+// built with esbuild and served by its own app server, against a real
+// `herald serve` and its demo agent, in Debian's headless Chromium.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+import { startHerald } from './helpers.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const EXAMPLE = path.resolve(here, '../examples/react-chat');
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const SECRET = 'react-secret-0123456789-abcdefghijklmn';
+
+let h, app, browser, page;
+
+/** Starts the example's app server on a free port; resolves with its base URL. */
+function startApp(heraldAddr) {
+  const proc = spawn(process.execPath, [path.join(EXAMPLE, 'server.mjs')], {
+    env: { PATH: process.env.PATH, PORT: '0', HERALD_URL: `ws://${heraldAddr}/ws`, HERALD_JWT_HS256_SECRET: SECRET },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('the example server did not start')), 10000);
+    proc.on('exit', (code) => reject(new Error(`the example server exited: ${code}`)));
+    readline.createInterface({ input: proc.stdout }).on('line', (line) => {
+      const m = /^react-chat listening on (\S+)/.exec(line);
+      if (m) { clearTimeout(timer); resolve({ proc, url: m[1] }); }
+    });
+  });
+}
+
+before(async () => {
+  // Installed by scripts/test.sh (npm ci in the example); built here so the
+  // test always runs the current source of the example and of the client.
+  assert.ok(existsSync(path.join(EXAMPLE, 'node_modules/.bin/esbuild')),
+    'examples/react-chat has no node_modules: run `npm ci` there (scripts/test.sh does)');
+  execFileSync('npm', ['run', '--silent', 'build'], { cwd: EXAMPLE, stdio: 'inherit' });
+  h = await startHerald({ HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: 'react-key-0123456789ab' });
+  app = await startApp(h.addr);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  page = await browser.newPage();
+  page.on('pageerror', (e) => console.error('page error:', e));
+});
+
+after(async () => {
+  await browser?.close();
+  app?.proc.kill('SIGTERM');
+  await h?.stop();
+});
+
+/** useChat's state as the page holds it. */
+const chat = () => page.evaluate(() => window.__chat);
+const assistant = (m) => m.messages.filter((x) => x.role === 'assistant');
+const partsOf = (msg, type) => msg.parts.filter((p) => p.type === type);
+
+async function send(text) {
+  await page.fill('#text', text);
+  await page.press('#text', 'Enter');
+}
+
+test('a message sent through useChat streams the demo run: reasoning, a tool call, the answer', async () => {
+  await page.goto(`${app.url}/?user=rita&chat=c1`);
+  await page.waitForSelector('#conn[data-state="open"]');
+  await send('plan my trip to Porto');
+  await page.waitForSelector('#messages[data-status="streaming"]');
+  await page.waitForSelector('#messages[data-status="ready"] .msg.assistant .text', { timeout: 10000 });
+  const state = await chat();
+  assert.deepEqual(state.messages.map((m) => m.role), ['user', 'assistant']);
+  const [answer] = assistant(state);
+  const reasoning = partsOf(answer, 'reasoning').map((p) => p.text).join('');
+  assert.deepEqual(reasoning.trim().split('\n'), ['Reading your message', 'Thinking about “plan my trip to Porto”', 'Writing the answer']);
+  const tools = partsOf(answer, 'dynamic-tool');
+  assert.equal(tools.length, 1);
+  assert.equal(tools[0].toolName, 'search');
+  assert.equal(tools[0].state, 'output-available');
+  assert.match(partsOf(answer, 'text')[0].text, /plan my trip to Porto/);
+  assert.equal(await page.locator('.tool[data-state="output-available"]').count(), 1);
+});
+
+test('a reload mid-run resumes it: the whole run, each part once', async () => {
+  await send('a question to reload during');
+  // The run is streaming: its first reasoning line is on the page.
+  await page.waitForFunction(() => {
+    const a = window.__chat?.messages.at(-1);
+    return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+  });
+  const before = await chat();
+  assert.ok(!assistant(before).at(-1).parts.some((p) => p.type === 'text'), 'the run already ended before the reload');
+  await page.reload();
+  await page.waitForSelector('#messages[data-status="ready"] .msg.assistant:nth-child(4) .text', { timeout: 10000 });
+  const after = await chat();
+  assert.deepEqual(after.messages.map((m) => m.role), ['user', 'assistant', 'user', 'assistant']);
+  assert.equal(after.messages[2].parts[0].text, 'a question to reload during');
+  const resumed = after.messages[3];
+  const reasoning = partsOf(resumed, 'reasoning').map((p) => p.text).join('');
+  // From agent_started: the first line, streamed before the reload, is there, once.
+  assert.deepEqual(reasoning.trim().split('\n'), ['Reading your message', 'Thinking about “a question to reload during”', 'Writing the answer']);
+  assert.equal(partsOf(resumed, 'dynamic-tool').length, 1);
+  assert.equal(partsOf(resumed, 'text').length, 1);
+  assert.match(partsOf(resumed, 'text')[0].text, /a question to reload during/);
+});
+
+test('Stop cancels the run at the agent', async () => {
+  // Every event of the page's client, as it arrives (a second listener).
+  await page.evaluate(() => {
+    window.__events = [];
+    window.__herald.client.on('event', (e) => window.__events.push({ run: e.run_id, event: e.event }));
+  });
+  await send('stop me please');
+  await page.waitForFunction(() => {
+    const a = window.__chat?.messages.at(-1);
+    return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+  });
+  await page.click('#stop');
+  await page.waitForSelector('#messages[data-status="ready"]');
+  // The agent ended the run with agent_cancelled, and nothing after it.
+  await page.waitForFunction(() => window.__events.some((e) => e.event === 'agent_cancelled'), null, { timeout: 5000 });
+  const events = await page.evaluate(() => window.__events);
+  const runId = events.find((e) => e.event === 'agent_started').run;
+  const run = events.filter((e) => e.run === runId).map((e) => e.event);
+  assert.equal(run.at(-1), 'agent_cancelled', `the run's events: ${run}`);
+  assert.ok(!run.includes('agent_completed'), `the run's events: ${run}`);
+  const stopped = (await chat()).messages.at(-1);
+  assert.equal(stopped.role, 'assistant');
+  assert.equal(partsOf(stopped, 'text').length, 0, 'no answer after Stop');
+  assert.equal(await page.locator('#send').count(), 1, 'the form is ready for the next message');
+});
