@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every test of the project: Rust (unit, property and integration tests against
-# the real server), the browser client (Node tests, the Chromium end-to-end tests of the
+# the real server), RFC 6455 conformance (the Autobahn|Testsuite against the
+# binary), the browser client (Node tests, the Chromium end-to-end tests of the
 # demo page and of the React example) and the Python SDK.
 #
 # What the tests need and a fresh machine may lack is installed here: Debian's
 # chromium and redis-server (as root, with apt-get), the JS client's and the
 # React example's npm packages (into their node_modules), the Python SDK with
-# its test dependencies (into clients/python/.venv); git ignores all of them. Anywhere else
+# its test dependencies (into clients/python/.venv) and the Autobahn suite
+# (Python 2.7, into target/autobahn); git ignores all of them. Anywhere else
 # the script says exactly what to install and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +50,9 @@ fi
 
 cargo test --workspace --locked
 cargo build --locked -p herald --bin herald   # the binary the JS tests start
+
+# RFC 6455 conformance (Autobahn|Testsuite, cases 1-10) against /echo.
+scripts/autobahn.sh target/debug/herald
 
 (cd clients/js && npm test)
 

@@ -256,6 +256,22 @@ impl<P: Payload> Connection<P> {
         Ok(())
     }
 
+    /// `Handshaking → Ready` at `now` with no welcome and no stream: for a
+    /// connection that needs no `hello` (the test-only echo endpoint). Sends,
+    /// heartbeats and closes then behave as for any ready connection.
+    pub fn open_without_hello(&mut self, now: Instant) -> Result<(), LifecycleError> {
+        if self.state != State::Handshaking {
+            return Err(LifecycleError::NotHandshaking(self.state));
+        }
+        self.state = State::Ready;
+        self.last_inbound = now;
+        self.next_ping = now + self.cfg.heartbeat_interval;
+        let mut ready = Vec::new();
+        self.merge.start(Plan::Live { after: 0 }, &mut ready);
+        self.admit_events(ready);
+        Ok(())
+    }
+
     /// What history the I/O layer should read next, once what is queued was
     /// written (a page at a time keeps the queue short).
     pub fn wants_history(&self) -> Option<HistoryRequest> {

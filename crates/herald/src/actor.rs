@@ -19,7 +19,7 @@ use herald_core::catchup::{HistoryRequest, Plan, decide_join};
 use herald_core::protocol::{Hello, ServerFrame, codes};
 use herald_core::ratelimit::{Bucket, Verdict};
 use herald_core::session::{self, Inbound, Reply};
-use herald_core::{CloseInfo, CloseReason, Initiator, State, Transmit};
+use herald_core::{CloseInfo, CloseReason, Initiator, Payload, State, Transmit};
 use tracing::Instrument;
 
 use crate::admission::Slot;
@@ -28,7 +28,7 @@ use crate::app::App;
 use crate::auth::AuthError;
 use crate::broker::{StoredEvent, user_stream};
 use crate::clock;
-use crate::connection::{ConnShared, OutFrame};
+use crate::connection::{Body, ConnShared, OutFrame};
 use crate::hub::{JoinError, KICKED};
 use crate::telemetry::{self, Stats};
 
@@ -41,6 +41,33 @@ pub(crate) async fn run(
     app: Arc<App>,
     header_token: Option<String>,
     slot: Slot,
+) {
+    start(socket, app, header_token, slot, Mode::Herald).await
+}
+
+/// Run one connection of the test-only echo endpoint: open at once (no
+/// hello, no stream), every text or binary message queued back as it came,
+/// through the same lifecycle and writer as [`run`]. No inbound rate limit:
+/// the conformance suite sends thousands of frames in a burst.
+pub(crate) async fn run_echo(socket: WebSocket, app: Arc<App>, slot: Slot) {
+    start(socket, app, None, slot, Mode::Echo).await
+}
+
+/// What the connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The Herald protocol (`/ws`).
+    Herald,
+    /// Echo (`/echo`, test only).
+    Echo,
+}
+
+async fn start(
+    socket: WebSocket,
+    app: Arc<App>,
+    header_token: Option<String>,
+    slot: Slot,
+    mode: Mode,
 ) {
     let conn = Arc::new(ConnShared::new(
         app.next_conn_id(),
@@ -67,6 +94,7 @@ pub(crate) async fn run(
         span: span.clone(),
         bucket: Bucket::new(rate, clock::now()),
         replaying: false,
+        mode,
     };
     actor.run().instrument(span).await
 }
@@ -82,11 +110,20 @@ struct Actor {
     bucket: Bucket,
     /// The welcome announced a replay whose end (`caught_up`) is not sent yet.
     replaying: bool,
+    mode: Mode,
 }
 
 impl Actor {
     async fn run(mut self) {
         tracing::debug!("connection opened");
+        if self.mode == Mode::Echo
+            && self
+                .conn
+                .with_core(|c| c.open_without_hello(clock::now()))
+                .is_ok()
+        {
+            self.slot.authenticated();
+        }
         let end = self.drive().await;
         // Closed first, so sends are refused from now on, then the socket
         // goes (dropping it closes the TCP connection), then cleanup.
@@ -233,6 +270,10 @@ impl Actor {
     async fn on_message(&mut self, msg: Message) {
         let now = clock::now();
         self.conn.with_core(|c| c.on_inbound(now));
+        if self.mode == Mode::Echo {
+            self.echo(msg);
+            return;
+        }
         // Every frame counts against the inbound rate, control frames
         // included (unsolicited pongs are a flood like any other); only the
         // close frame is exempt, since it ends the connection anyway.
@@ -274,13 +315,31 @@ impl Actor {
             }
             // tungstenite answers pings itself.
             Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(frame) => {
-                self.wire.after_close.close_seen();
-                let code = frame.map(|f| f.code);
-                self.conn
-                    .with_core(|c| c.on_close_received(clock::now(), code));
-            }
+            Message::Close(frame) => self.on_close_frame(frame),
         }
+    }
+
+    /// The echo endpoint's answer to a message: the same message back.
+    fn echo(&mut self, msg: Message) {
+        // A refusal (closing, queue full) is counted by `send`.
+        let _ = match msg {
+            Message::Text(text) => self.conn.send(OutFrame::text(text)),
+            Message::Binary(bytes) => self.conn.send(OutFrame::binary(bytes)),
+            // tungstenite answers pings itself.
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            Message::Close(frame) => {
+                self.on_close_frame(frame);
+                Ok(())
+            }
+        };
+    }
+
+    /// The peer's close frame: nothing more is written but the transport's reply.
+    fn on_close_frame(&mut self, frame: Option<CloseFrame>) {
+        self.wire.after_close.close_seen();
+        let code = frame.map(|f| f.code);
+        self.conn
+            .with_core(|c| c.on_close_received(clock::now(), code));
     }
 
     /// Carry out what the core decided an inbound frame means.
@@ -653,8 +712,12 @@ impl Wire {
         if !self.permit() {
             return Ok(());
         }
-        let len = frame.text.len();
-        timed(limit, self.ws.feed(Message::Text(frame.text))).await?;
+        let len = frame.wire_len();
+        let msg = match frame.body {
+            Body::Text(text) => Message::Text(text),
+            Body::Binary(bytes) => Message::Binary(bytes),
+        };
+        timed(limit, self.ws.feed(msg)).await?;
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         self.metrics.frames.increment(1);
         self.metrics.bytes.increment(len as u64);

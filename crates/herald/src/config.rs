@@ -95,6 +95,7 @@ declare_keys! {
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
     REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
+    ECHO_ENDPOINT = "echo_endpoint", Some("false"), "Test only: mount GET /echo, a WebSocket echo (text and binary, 16 MiB messages, no hello or auth) through the same actor and writer as /ws, for the Autobahn conformance suite. Never in production";
     REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels (no braces or spaces), so deployments can share a Redis";
 }
 
@@ -396,6 +397,14 @@ fn duration(v: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{v}` is not a duration like 10s or 500ms ({e})"))
 }
 
+fn boolean(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("`{v}` is not true or false")),
+    }
+}
+
 fn positive(v: &str) -> Result<usize, String> {
     match v.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -510,6 +519,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The Redis broker, if configured (else the memory broker).
     pub redis: Option<crate::broker::redis::RedisConfig>,
+    /// Mount the test-only `GET /echo` (RFC 6455 conformance runs).
+    pub echo_endpoint: bool,
 }
 
 impl Config {
@@ -661,6 +672,7 @@ impl Config {
                     }),
                 }
             },
+            echo_endpoint: raw.required(key::ECHO_ENDPOINT, boolean)?,
         })
     }
 

@@ -24,18 +24,60 @@ use crate::telemetry;
 /// so its `{"type":"event"` start stays the same for clients that match it.
 const REPLAYED: &[u8] = br#","replayed":true}"#;
 
-/// An outbound text frame. Cloning shares the bytes, so a fan-out serializes
+/// An outbound message. Cloning shares the bytes, so a fan-out serializes
 /// an event once for all connections.
 #[derive(Debug, Clone)]
 pub struct OutFrame {
-    /// The JSON text.
-    pub text: Utf8Bytes,
+    /// What is written.
+    pub body: Body,
     /// When a live event was published (for the publish→write latency
     /// histogram); `None` for replies and replayed history.
     pub published: Option<Instant>,
 }
 
+/// The payload of an outbound message.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// A text message: every protocol frame (JSON).
+    Text(Utf8Bytes),
+    /// A binary message: only the test-only echo endpoint sends these.
+    Binary(bytes::Bytes),
+}
+
 impl OutFrame {
+    /// A live event's frame, published at `published`.
+    pub fn event(text: Utf8Bytes, published: Instant) -> Self {
+        Self {
+            body: Body::Text(text),
+            published: Some(published),
+        }
+    }
+
+    /// A text message that is not a live event (a reply, an echo).
+    pub fn text(text: Utf8Bytes) -> Self {
+        Self {
+            body: Body::Text(text),
+            published: None,
+        }
+    }
+
+    /// A binary message (the echo endpoint).
+    pub fn binary(bytes: bytes::Bytes) -> Self {
+        Self {
+            body: Body::Binary(bytes),
+            published: None,
+        }
+    }
+
+    /// The text, for a text message.
+    #[cfg(test)]
+    pub fn as_text(&self) -> Option<&str> {
+        match &self.body {
+            Body::Text(t) => Some(t.as_str()),
+            Body::Binary(_) => None,
+        }
+    }
+
     /// A stored event read from history (no publish time), marked
     /// `"replayed":true` for the client; `None` if its bytes are not a JSON
     /// object in UTF-8 (a broker fault). Costs one copy, on replay only.
@@ -48,16 +90,18 @@ impl OutFrame {
         let mut json = Vec::with_capacity(event.json.len() + REPLAYED.len());
         json.extend_from_slice(body);
         json.extend_from_slice(REPLAYED);
-        Some(Self {
-            text: Utf8Bytes::try_from(bytes::Bytes::from(json)).ok()?,
-            published: None,
-        })
+        Some(Self::text(
+            Utf8Bytes::try_from(bytes::Bytes::from(json)).ok()?,
+        ))
     }
 }
 
 impl Payload for OutFrame {
     fn wire_len(&self) -> usize {
-        self.text.len()
+        match &self.body {
+            Body::Text(t) => t.len(),
+            Body::Binary(b) => b.len(),
+        }
     }
 }
 
@@ -65,10 +109,7 @@ impl From<String> for OutFrame {
     fn from(mut s: String) -> Self {
         // Serializers over-allocate; frames kept in history should not.
         s.shrink_to_fit();
-        OutFrame {
-            text: Utf8Bytes::from(s),
-            published: None,
-        }
+        Self::text(Utf8Bytes::from(s))
     }
 }
 
@@ -266,11 +307,9 @@ mod tests {
             json: bytes::Bytes::from_static(br#"{"type":"event","seq":3}"#),
         };
         let frame = OutFrame::replayed(stored).unwrap();
-        assert_eq!(
-            frame.text.as_str(),
-            r#"{"type":"event","seq":3,"replayed":true}"#
-        );
-        assert_eq!(frame.wire_len(), frame.text.len());
+        let text = frame.as_text().unwrap();
+        assert_eq!(text, r#"{"type":"event","seq":3,"replayed":true}"#);
+        assert_eq!(frame.wire_len(), text.len());
         let broken = StoredEvent {
             seq: 4,
             json: bytes::Bytes::from_static(b"[1]"),

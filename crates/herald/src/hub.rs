@@ -362,10 +362,7 @@ impl EventSink for Hub {
                     continue;
                 }
             };
-            let frame = OutFrame {
-                text,
-                published: Some(published_at),
-            };
+            let frame = OutFrame::event(text, published_at);
             delivered = 0;
             for conn in conns.iter() {
                 if let Ok(LiveOutcome::Delivered | LiveOutcome::Held) =
@@ -497,7 +494,7 @@ mod tests {
     fn seqs(conn: &ConnShared) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         while let Some(Transmit::Frame(f)) = conn.with_core(|c| c.poll_transmit()) {
-            out.push(serde_json::from_str(f.text.as_str()).unwrap());
+            out.push(serde_json::from_str(f.as_text().unwrap()).unwrap());
         }
         out
     }

@@ -135,6 +135,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             config.api_key
         );
     }
+    if config.echo_endpoint {
+        tracing::warn!(
+            "TEST ONLY: echo_endpoint is on; GET /echo echoes any WebSocket message with no authentication"
+        );
+    }
     let server = Server::start(config).await?;
     eprintln!("herald listening on {}", server.local_addr());
     shutdown_signal().await;

@@ -74,6 +74,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
             .route("/", get(web::index))
             .route("/dev/token", post(web::dev_token));
     }
+    if app.config().echo_endpoint {
+        router = router.route("/echo", get(ws::echo));
+    }
     router
         .route("/herald.js", get(web::client_js))
         .route("/ws", get(ws::upgrade))

@@ -1,7 +1,8 @@
 //! `GET /ws`: the WebSocket upgrade. Refuses upgrades while draining, at
 //! capacity or with too many connections before `hello` (HTTP 503), picks up
 //! a token from the `Authorization` header or a `bearer.<jwt>` subprotocol,
-//! and hands the socket to its actor.
+//! and hands the socket to its actor. `GET /echo` (test only, off by
+//! default) hands its socket to the same actor in echo mode.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use herald_core::protocol::{BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
 
 use super::ApiError;
-use crate::admission::Refusal;
+use crate::admission::{Refusal, Slot};
 use crate::app::App;
 use crate::{actor, telemetry};
 
@@ -24,39 +25,19 @@ const READ_BUFFER: usize = 1024;
 /// Write buffer threshold per connection.
 const WRITE_BUFFER: usize = 16 * 1024;
 
-/// The upgrade handler.
+/// Largest message of the echo endpoint: the Autobahn suite's 9.x cases
+/// send messages of up to 16 MiB.
+const ECHO_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The upgrade handler of `/ws`.
 pub(super) async fn upgrade(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(rej) => {
-            return ApiError::new(rej.status(), "not_websocket", rej.body_text()).into_response();
-        }
-    };
-    if app.is_draining() {
-        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "server is restarting; reconnect shortly",
-        )
-        .into_response();
-    }
-    // Checked and taken in one step; held by the connection until it ends.
-    let slot = match app.admission().admit() {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            let code = match refusal {
-                Refusal::Capacity => "capacity",
-                Refusal::Pending => "pending",
-            };
-            metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => code).increment(1);
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, refusal.to_string())
-                .into_response();
-        }
+    let (ws, slot) = match admit(&app, ws) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused.into_response(),
     };
     let token = crate::auth::bearer_token(&headers)
         .map(str::to_owned)
@@ -69,6 +50,57 @@ pub(super) async fn upgrade(
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
         .on_upgrade(move |socket| actor::run(socket, app, token, slot))
+}
+
+/// The upgrade handler of the test-only `/echo`: every text and binary
+/// message comes back as it was sent, through the `/ws` actor and writer.
+pub(super) async fn echo(
+    State(app): State<Arc<App>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let (ws, slot) = match admit(&app, ws) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused.into_response(),
+    };
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(ECHO_MAX_MESSAGE)
+        .max_frame_size(ECHO_MAX_MESSAGE)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
+        .on_upgrade(move |socket| actor::run_echo(socket, app, slot))
+}
+
+/// The checks every upgrade passes: a WebSocket request, not draining, and a
+/// place under the admission bounds (checked and taken in one step, held by
+/// the connection until it ends). Refusals are the HTTP answer to send.
+fn admit(
+    app: &App,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(WebSocketUpgrade, Slot), ApiError> {
+    let ws = ws.map_err(|rej| ApiError::new(rej.status(), "not_websocket", rej.body_text()))?;
+    if app.is_draining() {
+        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "server is restarting; reconnect shortly",
+        ));
+    }
+    match app.admission().admit() {
+        Ok(slot) => Ok((ws, slot)),
+        Err(refusal) => {
+            let code = match refusal {
+                Refusal::Capacity => "capacity",
+                Refusal::Pending => "pending",
+            };
+            metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => code).increment(1);
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code,
+                refusal.to_string(),
+            ))
+        }
+    }
 }
 
 fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
