@@ -58,5 +58,18 @@ pub use config::Config;
 pub use hub::Hub;
 pub use server::Server;
 
+/// Entry points of the fuzz targets and their corpus replay
+/// (`crates/herald-fuzz`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::api::ApiRefusal;
+
+    /// What `POST /api/v1/events` makes of a body before publishing: each
+    /// event as (user, event name, data length in bytes), or the refusal.
+    pub fn publish_body(body: &[u8]) -> Result<Vec<(String, String, usize)>, ApiRefusal> {
+        crate::http::api::check_publish_body(body)
+    }
+}
+
 /// A boxed, sendable future (keeps the broker and agent traits object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -126,16 +126,10 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
     })
 }
 
-/// `POST /api/v1/events`: one event, or `{"events": [...]}`. The whole body is
-/// validated before anything is published, so a bad batch publishes nothing.
-pub(super) async fn publish(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&app, &headers)?;
-    let value = json_body(body)?;
-    let events = match value {
+/// The events of a publish body — one event, or `{"events": [...]}` — each
+/// validated; the first problem found is the answer.
+fn events_of(value: Value) -> Result<Vec<ValidEvent>, ApiError> {
+    match value {
         Value::Object(mut obj) if obj.contains_key("events") => {
             let Some(Value::Array(list)) = obj.remove("events") else {
                 return Err(ApiError::field("events", "must be an array"));
@@ -153,17 +147,62 @@ pub(super) async fn publish(
             list.into_iter()
                 .enumerate()
                 .map(|(i, v)| validate(v, &format!("events[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?
+                .collect()
         }
-        v @ Value::Object(_) => vec![validate(v, "")?],
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                "body must be a JSON object",
-            ));
+        v @ Value::Object(_) => Ok(vec![validate(v, "")?]),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "body must be a JSON object",
+        )),
+    }
+}
+
+/// What `POST /api/v1/events` makes of `body` before publishing: the events
+/// as (user, event name, data bytes), or the error's status, code and field.
+/// For the fuzz targets (`herald::fuzzing`).
+pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usize)>, ApiRefusal> {
+    let value = json_body(Ok(Bytes::copy_from_slice(body))).map_err(ApiRefusal::from)?;
+    let events = events_of(value).map_err(ApiRefusal::from)?;
+    Ok(events
+        .into_iter()
+        .map(|e| {
+            let len = serde_json::to_vec(&e.data).map_or(usize::MAX, |v| v.len());
+            (e.user_id, e.event, len)
+        })
+        .collect())
+}
+
+/// An API error as data: HTTP status, machine code, the field it names.
+#[derive(Debug)]
+pub struct ApiRefusal {
+    /// HTTP status.
+    pub status: u16,
+    /// The `error` code of the JSON body.
+    pub code: &'static str,
+    /// The `field` of the JSON body, if any.
+    pub field: Option<String>,
+}
+
+impl From<ApiError> for ApiRefusal {
+    fn from(e: ApiError) -> Self {
+        Self {
+            status: e.status.as_u16(),
+            code: e.code,
+            field: e.field,
         }
-    };
+    }
+}
+
+/// `POST /api/v1/events`: one event, or `{"events": [...]}`. The whole body is
+/// validated before anything is published, so a bad batch publishes nothing.
+pub(super) async fn publish(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let events = events_of(json_body(body)?)?;
     let ts = crate::clock::now_rfc3339();
     // One broker call per user (one atomic append each, in the batch's order
     // for that user); the users' calls run concurrently, and the results go

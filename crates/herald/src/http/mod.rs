@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::app::App;
 
-mod api;
+pub(crate) mod api;
 mod web;
 mod ws;
 
