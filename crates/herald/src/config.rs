@@ -75,6 +75,7 @@ declare_keys! {
     INBOUND_BURST = "inbound_burst", Some("20"), "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008";
     HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
     CLOSE_TIMEOUT = "close_timeout", Some("2s"), "Time allowed to flush, write the close frame and await the reply";
+    HTTP_HEADER_TIMEOUT = "http_header_timeout", Some("10s"), "Time allowed for an HTTP request's complete head, from the accept or, on a keep-alive connection, from the previous response (so also the idle bound between requests); else the connection is closed";
     WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket write blocked longer than this drops the connection";
     HEARTBEAT_INTERVAL = "heartbeat_interval", Some("25s"), "Interval of WebSocket pings (advertised as heartbeat_ms)";
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";
@@ -503,6 +504,8 @@ pub struct Config {
     pub limits: Limits,
     /// Longest a socket write may block.
     pub write_timeout: Duration,
+    /// Bound on an HTTP request head, and on keep-alive idleness.
+    pub http_header_timeout: Duration,
     /// Total live connection limit.
     pub max_connections: usize,
     /// Per-user live connection limit.
@@ -626,6 +629,7 @@ impl Config {
             },
             limits,
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
+            http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,

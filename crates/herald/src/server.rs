@@ -10,7 +10,7 @@ use axum::body::Body;
 use herald_core::protocol::ServerFrame;
 use herald_core::{CloseInfo, CloseReason, Initiator};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
@@ -81,8 +81,13 @@ impl Server {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let router = crate::http::router(app.clone());
         let http = Tasks::default();
-        let accept_task =
-            tokio::spawn(accept_loop(listener, router, http.clone(), stop_rx.clone()));
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            router,
+            app.config().http_header_timeout,
+            http.clone(),
+            stop_rx.clone(),
+        ));
         let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx));
         tracing::info!(addr = %local_addr, "herald listening");
         Ok(Server {
@@ -225,9 +230,15 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Accept and serve HTTP/1.1 connections. `header_timeout` bounds the wait
+/// for a request's complete head, counted from when the connection is ready
+/// for one: from the accept, and after each response (so it is also the
+/// idle bound of a keep-alive connection). Upgraded WebSockets leave hyper
+/// and are bounded by their own lifecycle.
 async fn accept_loop(
     listener: TcpListener,
     router: axum::Router,
+    header_timeout: Duration,
     tasks: Tasks,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -242,6 +253,8 @@ async fn accept_loop(
                         req.map(Body::new)
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
                         .max_buf_size(MAX_READ_BUFFER)
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                         .with_upgrades();

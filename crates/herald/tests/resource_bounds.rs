@@ -1,0 +1,234 @@
+//! Issue 12, item 4: every way a client can hold the server is bounded, and
+//! while one client abuses it the server keeps serving everyone else; once
+//! the abuse ends the process is back to its file-descriptor baseline.
+//!
+//! - an HTTP request whose head never completes (slowloris): closed after
+//!   `http_header_timeout`;
+//! - an idle keep-alive HTTP connection: closed after the same bound;
+//! - WebSockets that never say `hello`: bounded in number
+//!   (`max_pending_connections`, HTTP 503 beyond) and in time
+//!   (`hello_timeout`, close 4408);
+//! - a flood of publishes to many distinct users: history held to
+//!   `history_max_bytes`, a connection that does not read held to its queue
+//!   bound (closed 4001), a reading one sees every event in order.
+//!
+//! The tests share the process's file descriptors, so they run one at a time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One test at a time: they count the process's open descriptors.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("the fd check needs /proc/self/fd (Linux)")
+        .count()
+}
+
+/// Wait until the process holds no more descriptors than `baseline`.
+async fn back_to(baseline: usize) {
+    for _ in 0..500 {
+        if open_fds() <= baseline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} descriptors open, baseline {baseline}", open_fds());
+}
+
+/// Read until the peer closes; the bytes read. Fails if it stays open `limit`.
+async fn read_to_eof(s: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut out))
+        .await
+        .expect("the server closed the connection")
+        .expect("read");
+    out
+}
+
+/// A server, a user connected with hello, and the descriptor count with
+/// both open (the baseline the abuse must come back to).
+async fn serving(config: herald::Config) -> (herald::Server, Ws, usize) {
+    let server = start_with(config).await;
+    let (ws, _) = connect(&server, "bystander").await;
+    // Warm up what the server opens lazily (the HTTP API, a publish).
+    publish(&server, "bystander", "warmup", json!({})).await;
+    let mut ws = ws;
+    assert_eq!(next_json(&mut ws).await["event"], "warmup");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let baseline = open_fds();
+    (server, ws, baseline)
+}
+
+/// Everyone else is served: the API answers, the connected user gets an event.
+async fn others_are_served(server: &herald::Server, ws: &mut Ws, n: u64) {
+    let (status, _) = get_json(server, "/healthz").await;
+    assert_eq!(status, 200);
+    let seq = publish(server, "bystander", "still_here", json!({"n": n})).await["seq"].clone();
+    let event = next_json(ws).await;
+    assert_eq!(event["event"], "still_here");
+    assert_eq!(event["seq"], seq);
+}
+
+#[tokio::test]
+async fn an_http_head_that_never_completes_is_closed_after_the_header_timeout() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.http_header_timeout = Duration::from_millis(800);
+    let (server, mut ws, baseline) = serving(cfg).await;
+    // 40 slowloris sockets: a request line and one header, then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // A socket that connects and sends nothing at all is bounded too.
+    slow.push(TcpStream::connect(server.local_addr()).await.unwrap());
+    // The server accepted and holds every one of them (its end and ours).
+    let held = baseline + 2 * slow.len();
+    for _ in 0..500 {
+        if open_fds() >= held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(open_fds() >= held, "{} open, {held} expected", open_fds());
+    others_are_served(&server, &mut ws, 1).await;
+    for s in &mut slow {
+        let answer = read_to_eof(s, Duration::from_secs(5)).await;
+        // Closed without a response to the unfinished request, or with a 408.
+        assert!(
+            answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    drop(slow);
+    back_to(baseline).await;
+    others_are_served(&server, &mut ws, 2).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.http_header_timeout = Duration::from_millis(800);
+    let (server, mut ws, baseline) = serving(cfg).await;
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    // Two requests on one connection: keep-alive works...
+    for _ in 0..2 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await.unwrap();
+    }
+    // ...then silence: the server closes the idle connection.
+    others_are_served(&server, &mut ws, 1).await;
+    assert!(read_to_eof(&mut s, Duration::from_secs(5)).await.is_empty());
+    drop(s);
+    back_to(baseline).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn websockets_without_hello_are_bounded_in_number_and_time() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.max_pending_connections = 8;
+    cfg.lifecycle.hello_timeout = Duration::from_millis(800);
+    let (server, mut ws, baseline) = serving(cfg).await;
+    let mut anonymous = Vec::new();
+    for _ in 0..8 {
+        anonymous.push(raw_upgrade(&server).await);
+    }
+    // The ninth is refused at once: 503, JSON error `pending`.
+    let mut ninth = TcpStream::connect(server.local_addr()).await.unwrap();
+    ninth.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nConnection: close\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8(read_to_eof(&mut ninth, Duration::from_secs(5)).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""error":"pending""#), "{answer}");
+    drop(ninth);
+    others_are_served(&server, &mut ws, 1).await;
+    // The hello timeout closes each with 4408, and the server drops them.
+    for s in &mut anonymous {
+        let bytes = read_to_eof(s, Duration::from_secs(5)).await;
+        assert_eq!(close_code_of(&bytes), Some(4408));
+    }
+    drop(anonymous);
+    back_to(baseline).await;
+    // The places came back.
+    let (mut late, _) = connect(&server, "late").await;
+    send_json(&mut late, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut late).await["type"], "pong");
+    drop(late);
+    back_to(baseline).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_publish_flood_to_many_users_stays_within_the_memory_bounds() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.history_max_bytes = 2_000_000;
+    cfg.lifecycle.max_queue_bytes = 64 * 1024;
+    let (server, mut ws, baseline) = serving(cfg).await;
+    // A connected user that never reads, in the middle of the flood.
+    let (mut stuck, _) = connect(&server, "u7").await;
+    let data = json!({"text": "x".repeat(1000)});
+    // 20 batches of 500 events to 5,000 distinct users: ~11 MB published.
+    for batch in 0..20 {
+        let events: Vec<_> = (0..500)
+            .map(|i| json!({"user_id": format!("u{}", (batch * 500 + i) % 5000), "event": "flood", "data": data}))
+            .collect();
+        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200, "{body}");
+        // Everyone else is served during the flood.
+        others_are_served(&server, &mut ws, batch).await;
+        let held = server.broker_stats().charged_bytes;
+        assert!(
+            held <= 2_000_000,
+            "history holds {held} bytes over its 2 MB bound"
+        );
+    }
+    // u7 got 2 events and read none: well within its queue, still open...
+    // then a burst to it alone overflows its 64 KiB queue: closed 4001, not grown.
+    let burst: Vec<_> = (0..200)
+        .map(|_| json!({"user_id": "u7", "event": "burst", "data": data}))
+        .collect();
+    let (status, _) = post(&server, "/api/v1/events", json!({ "events": burst })).await;
+    assert_eq!(status, 200);
+    let (code, _, _) = read_until_close(&mut stuck).await;
+    assert_eq!(code, Some(4001));
+    drop(stuck);
+    others_are_served(&server, &mut ws, 99).await;
+    back_to(baseline).await;
+    server.shutdown().await;
+}
