@@ -49,6 +49,9 @@ pub enum Scenario {
     Resume,
     /// Memory and CPU of idle connections.
     Idle,
+    /// A long run with churn, kicks and slow consumers, sampling the
+    /// server's RSS, descriptors and threads (see `soak.rs`).
+    Soak,
 }
 
 /// Options of `herald-bench`.
@@ -56,7 +59,7 @@ pub enum Scenario {
 #[command(
     name = "herald-bench",
     version,
-    about = "Load-test a running Herald (fanout, connect, resume, idle)"
+    about = "Load-test a running Herald (fanout, connect, resume, idle, soak)"
 )]
 pub struct BenchArgs {
     /// The scenario.
@@ -111,6 +114,9 @@ pub struct BenchArgs {
     /// Write a latency-distribution plot (SVG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Seconds between samples of the server (soak).
+    #[arg(long, default_value_t = 10)]
+    pub sample_secs: u64,
     /// Internal: run as worker number N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<usize>,
@@ -204,11 +210,11 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-fn ws_url(http: &str) -> String {
+pub(crate) fn ws_url(http: &str) -> String {
     format!("{}/ws", http.replacen("http", "ws", 1))
 }
 
-fn server_addr(http: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn server_addr(http: &str) -> anyhow::Result<SocketAddr> {
     let host = http.trim_start_matches("http://").trim_end_matches('/');
     host.parse()
         .with_context(|| format!("--url must be http://IP:PORT, got {http}"))
@@ -223,6 +229,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("the resume scenario runs in one process (at most ~19,000 connections)");
     }
     let summary = match args.scenario {
+        Scenario::Soak => return crate::soak::soak(&args).await,
         Scenario::Fanout => fanout(&args).await?,
         Scenario::Connect => connect_scenario(&args).await?,
         Scenario::Resume => resume(&args).await?,
@@ -240,7 +247,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-fn token(secret: &str, user: &str) -> anyhow::Result<String> {
+pub(crate) fn token(secret: &str, user: &str) -> anyhow::Result<String> {
     #[derive(Serialize)]
     struct Claims<'a> {
         sub: &'a str,
@@ -256,7 +263,7 @@ fn token(secret: &str, user: &str) -> anyhow::Result<String> {
 
 /// Open one WebSocket from `source` and complete the hello; returns the
 /// socket and the welcome.
-async fn open_client(
+pub(crate) async fn open_client(
     addr: SocketAddr,
     url: &str,
     source: IpAddr,
@@ -618,6 +625,7 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         Scenario::Connect => "connect",
         Scenario::Resume => "resume",
         Scenario::Idle => "idle",
+        Scenario::Soak => "soak",
     };
     vec![
         scenario.to_owned(),
@@ -1065,7 +1073,7 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
     finish(args, report, hist, figures)
 }
 
-fn rss_of(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_of(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()

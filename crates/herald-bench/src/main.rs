@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 
 mod bench;
+mod soak;
 
 fn main() -> anyhow::Result<()> {
     let args = bench::BenchArgs::parse();
