@@ -45,6 +45,8 @@ struct Sample {
     fds: f64,
     threads: f64,
     live: f64,
+    /// What the broker charges to `history_max_bytes` (`herald_history_bytes`).
+    history: f64,
 }
 
 /// Run the soak: `--duration` seconds, `--rate` events/s in total.
@@ -107,9 +109,10 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         let s = sample(&http, &args.url, pid, started.elapsed().as_secs_f64()).await?;
         eprintln!(
-            "soak t={:>5.0}s rss={:.1} MiB fds={} threads={} live={} published={} reconnects={} kicks={} slow_closed={} gaps={}",
+            "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB fds={} threads={} live={} published={} reconnects={} kicks={} slow_closed={} gaps={}",
             s.t,
             s.rss / 1048576.0,
+            s.history / 1048576.0,
             s.fds,
             s.threads,
             s.live,
@@ -148,17 +151,20 @@ async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow:
         .await?
         .text()
         .await?;
-    let live = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("herald_connections_live "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(f64::NAN);
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     Ok(Sample {
         t,
         rss: rss_of(pid)? as f64,
         fds,
         threads,
-        live,
+        live: gauge("herald_connections_live"),
+        history: gauge("herald_history_bytes"),
     })
 }
 
@@ -200,6 +206,13 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
             "MiB",
             1048576.0,
         ),
+        ("history charged", |s: &Sample| s.history, "MiB", 1048576.0),
+        (
+            "RSS - history",
+            |s: &Sample| s.rss - s.history,
+            "MiB",
+            1048576.0,
+        ),
         ("open fds", |s: &Sample| s.fds, "", 1.0),
         ("threads", |s: &Sample| s.threads, "", 1.0),
         ("live connections", |s: &Sample| s.live, "", 1.0),
@@ -214,8 +227,9 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
         );
     }
     println!(
-        "  after the run: rss {:.1} MiB, fds {}, threads {}, live connections {}",
+        "  after the run: rss {:.1} MiB (history {:.1} MiB), fds {}, threads {}, live connections {}",
         end.rss / 1048576.0,
+        end.history / 1048576.0,
         end.fds,
         end.threads,
         end.live

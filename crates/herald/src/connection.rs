@@ -7,17 +7,16 @@
 //! actor.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use herald_core::{
     CloseInfo, Connection, LifecycleConfig, LiveOutcome, Payload, SendRefused, State,
 };
-use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 use crate::broker::StoredEvent;
+use crate::sync::{AtomicU64, Mutex, Notify};
 use crate::telemetry;
 
 /// How a replayed event frame ends (the stored frame's closing `}` replaced),
@@ -250,7 +249,16 @@ impl ConnShared {
     pub(crate) async fn woken(&self) {
         self.wake.notified().await
     }
+
+    /// The blocking wait of the model checker's actor.
+    #[cfg(all(test, herald_loom))]
+    pub(crate) fn woken_blocking(&self) {
+        self.wake.wait()
+    }
 }
+
+#[cfg(all(test, herald_loom))]
+mod loom;
 
 #[cfg(test)]
 mod tests {

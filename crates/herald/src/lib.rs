@@ -23,6 +23,8 @@
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags, one key table.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
 //! - `clock` and `tasks`: time the tests can pause; spawned work the drain waits for.
+//! - `sync`: the connection handle's mutex and wake-up, swapped for loom's
+//!   under `--cfg herald_loom` (model checking).
 //!
 //! The public surface is what the binary, the tests and embedders need:
 //! [`Server`] and [`Config`], token minting in [`auth`], the [`broker`]
@@ -50,6 +52,7 @@ mod connection;
 mod http;
 mod hub;
 pub mod server;
+mod sync;
 mod tasks;
 pub mod telemetry;
 
