@@ -327,6 +327,68 @@ mod tests {
         }
     }
 
+    /// The size bound is inclusive: a good token of exactly
+    /// `max_token_bytes` verifies, one byte more is `TooLong` (a mutant
+    /// moving the bound by one survived the suite).
+    #[test]
+    fn a_token_of_exactly_the_size_bound_verifies() {
+        let max = Config::for_tests(S, "k-0123456789abcdef")
+            .limits
+            .max_token_bytes;
+        let exp = unix_now() + 3600;
+        let at = |n: usize, sub: &str| {
+            signed(serde_json::json!({"sub": sub, "exp": exp, "pad": "x".repeat(n)}))
+        };
+        let exact = (0..max)
+            .flat_map(|n| ["a", "ab"].map(|sub| at(n, sub)))
+            .find(|t| t.len() == max)
+            .expect("a token of exactly the bound");
+        let claims = verifier()
+            .verify(&exact)
+            .expect("a good token at the bound");
+        assert!(claims.sub == "a" || claims.sub == "ab");
+        let over = format!("{exact}x");
+        assert_eq!(verifier().verify(&over), Err(AuthError::TooLong));
+    }
+
+    /// `sub` may be exactly `max_sub_bytes` long, not one byte more (a mutant
+    /// moving the bound survived the suite); an `exp` beyond what a u64
+    /// holds is refused, not "never expires" (jsonwebtoken refuses it before
+    /// `numeric_date` sees it).
+    #[test]
+    fn sub_and_exp_bounds_are_exact() {
+        let max = Config::for_tests(S, "k-0123456789abcdef")
+            .limits
+            .max_sub_bytes;
+        let exp = unix_now() + 3600;
+        let sub = "s".repeat(max);
+        assert_eq!(
+            verifier()
+                .verify(&signed(serde_json::json!({"sub": sub, "exp": exp})))
+                .unwrap()
+                .sub,
+            sub
+        );
+        let long = "s".repeat(max + 1);
+        assert_eq!(
+            verifier().verify(&signed(serde_json::json!({"sub": long, "exp": exp}))),
+            Err(AuthError::InvalidSub)
+        );
+        assert!(
+            verifier()
+                .verify(&signed(serde_json::json!({"sub": "a", "exp": 1e30})))
+                .is_err()
+        );
+    }
+
+    /// The verifier's Debug output names its algorithms and never its key.
+    #[test]
+    fn debug_shows_the_algorithm_not_the_secret() {
+        let shown = format!("{:?}", verifier());
+        assert!(shown.contains("HS256"), "{shown}");
+        assert!(!shown.contains(S), "{shown}");
+    }
+
     #[test]
     fn valid_token_verifies() {
         let t = mint_hs256(S, "alice", Duration::from_secs(60)).unwrap();
