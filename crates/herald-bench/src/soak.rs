@@ -37,6 +37,16 @@ struct Counts {
     errors: AtomicU64,
 }
 
+/// What every client task needs: where to connect, how to sign its token,
+/// where to count, when to stop.
+struct Ctx {
+    addr: SocketAddr,
+    url: String,
+    secret: String,
+    counts: Arc<Counts>,
+    deadline: Instant,
+}
+
 /// One sample of the server process.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -60,35 +70,21 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();
+    let ctx = Arc::new(Ctx {
+        addr,
+        url: url.clone(),
+        secret: args.secret.clone(),
+        counts: counts.clone(),
+        deadline,
+    });
     for i in 0..STEADY {
-        tasks.push(tokio::spawn(steady(
-            addr,
-            url.clone(),
-            args.secret.clone(),
-            i,
-            counts.clone(),
-            deadline,
-        )));
+        tasks.push(tokio::spawn(steady(ctx.clone(), i)));
     }
     for i in 0..CHURNERS {
-        tasks.push(tokio::spawn(churner(
-            addr,
-            url.clone(),
-            args.secret.clone(),
-            i,
-            counts.clone(),
-            deadline,
-        )));
+        tasks.push(tokio::spawn(churner(ctx.clone(), i)));
     }
     for i in 0..SLOW {
-        tasks.push(tokio::spawn(slow(
-            addr,
-            url.clone(),
-            args.secret.clone(),
-            i,
-            counts.clone(),
-            deadline,
-        )));
+        tasks.push(tokio::spawn(slow(ctx.clone(), i)));
     }
     tasks.push(tokio::spawn(publisher(
         http.clone(),
@@ -253,22 +249,16 @@ fn source(i: usize) -> IpAddr {
 }
 
 /// A reader that stays: every event of its user must arrive once, in order.
-async fn steady(
-    addr: SocketAddr,
-    url: String,
-    secret: String,
-    i: usize,
-    c: Arc<Counts>,
-    deadline: Instant,
-) {
+async fn steady(ctx: Arc<Ctx>, i: usize) {
+    let (addr, url, c, deadline) = (ctx.addr, &ctx.url, &ctx.counts, ctx.deadline);
     let user = format!("steady{i}");
-    let Ok(tok) = token(&secret, &user) else {
+    let Ok(tok) = token(&ctx.secret, &user) else {
         return;
     };
     let mut position: Option<(String, u64)> = None;
     while Instant::now() < deadline {
         let (mut ws, welcome) =
-            match open_client(addr, &url, source(i), &tok, position.clone()).await {
+            match open_client(addr, url, source(i), &tok, position.clone()).await {
                 Ok(v) => v,
                 Err(_) => {
                     c.errors.fetch_add(1, Ordering::Relaxed);
@@ -316,16 +306,10 @@ async fn steady(
 }
 
 /// Connect, read for 1–5 s, leave (a close, or a drop without one), return with resume.
-async fn churner(
-    addr: SocketAddr,
-    url: String,
-    secret: String,
-    i: usize,
-    c: Arc<Counts>,
-    deadline: Instant,
-) {
+async fn churner(ctx: Arc<Ctx>, i: usize) {
+    let (addr, url, c, deadline) = (ctx.addr, &ctx.url, &ctx.counts, ctx.deadline);
     let user = format!("churn{}", i % 40);
-    let Ok(tok) = token(&secret, &user) else {
+    let Ok(tok) = token(&ctx.secret, &user) else {
         return;
     };
     let mut position: Option<(String, u64)> = None;
@@ -333,7 +317,7 @@ async fn churner(
     while Instant::now() < deadline {
         round += 1;
         let Ok((mut ws, welcome)) =
-            open_client(addr, &url, source(STEADY + i), &tok, position.clone()).await
+            open_client(addr, url, source(STEADY + i), &tok, position.clone()).await
         else {
             c.errors.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -369,20 +353,14 @@ async fn churner(
 
 /// Connect and never read: the server closes it as a slow consumer (4001)
 /// once its queue is over the bound, or it is kicked; then it returns.
-async fn slow(
-    addr: SocketAddr,
-    url: String,
-    secret: String,
-    i: usize,
-    c: Arc<Counts>,
-    deadline: Instant,
-) {
+async fn slow(ctx: Arc<Ctx>, i: usize) {
+    let (addr, url, c, deadline) = (ctx.addr, &ctx.url, &ctx.counts, ctx.deadline);
     let user = format!("slow{i}");
-    let Ok(tok) = token(&secret, &user) else {
+    let Ok(tok) = token(&ctx.secret, &user) else {
         return;
     };
     while Instant::now() < deadline {
-        let Ok((ws, _)) = open_client(addr, &url, source(STEADY + CHURNERS + i), &tok, None).await
+        let Ok((ws, _)) = open_client(addr, url, source(STEADY + CHURNERS + i), &tok, None).await
         else {
             c.errors.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -444,164 +444,127 @@ pub fn lifecycle(data: &[u8]) {
 pub fn catchup(data: &[u8]) {
     let mut input = Bytes(data);
     let pre = u64::from(input.byte() % 16);
-    let mut last = pre;
-    let mut first = u64::from(input.byte() % 16).min(pre) + 1;
-    let resume = pre.saturating_sub(u64::from(input.byte() % 18));
-    let page = usize::from(input.byte() % 5) + 1;
-    let mut merge: Merge<u64> = Merge::joining();
-    let mut pending: VecDeque<u64> = VecDeque::new();
-    let mut out: Vec<u64> = Vec::new();
-    let mut start: Option<u64> = None;
-    let mut max_delivered = 0u64;
-    let mut gap = false;
-    let mut steps = 0;
+    let mut m = CatchupModel {
+        last: pre,
+        first: u64::from(input.byte() % 16).min(pre) + 1,
+        resume: pre.saturating_sub(u64::from(input.byte() % 18)),
+        page: usize::from(input.byte() % 5) + 1,
+        merge: Merge::joining(),
+        pending: VecDeque::new(),
+        out: Vec::new(),
+        start: None,
+        max_delivered: 0,
+        gap: false,
+    };
     // 0 publish, 1 publish lost, 2 evict, 3 deliver, 4 deliver twice,
-    // 5 position, 6 read a page; `None` ends with "let the rest arrive".
-    let mut ops = std::iter::from_fn(|| (!input.is_empty()).then(|| input.byte() % 7));
-    loop {
-        let op = match ops.next() {
-            Some(op) if steps < 400 => op,
-            _ => break,
-        };
+    // 5 position, 6 read a page.
+    let mut steps = 0;
+    while !input.is_empty() && steps < 400 && !m.gap {
         steps += 1;
-        if gap {
-            break;
-        }
-        step(
-            op,
-            page,
-            resume,
-            &mut last,
-            &mut first,
-            &mut merge,
-            &mut pending,
-            &mut out,
-            &mut start,
-            &mut max_delivered,
-            &mut gap,
-        );
+        m.step(input.byte() % 7);
     }
-    if !gap {
-        step(
-            5,
-            page,
-            resume,
-            &mut last,
-            &mut first,
-            &mut merge,
-            &mut pending,
-            &mut out,
-            &mut start,
-            &mut max_delivered,
-            &mut gap,
-        );
-        while !gap && (!pending.is_empty() || merge.wants_history().is_some()) {
-            let op = if merge.wants_history().is_some() {
+    // Let the rest arrive: the position, every pending delivery, every page.
+    if !m.gap {
+        m.step(5);
+        while !m.gap && (!m.pending.is_empty() || m.merge.wants_history().is_some()) {
+            m.step(if m.merge.wants_history().is_some() {
                 6
             } else {
                 3
-            };
-            step(
-                op,
-                page,
-                resume,
-                &mut last,
-                &mut first,
-                &mut merge,
-                &mut pending,
-                &mut out,
-                &mut start,
-                &mut max_delivered,
-                &mut gap,
-            );
+            });
         }
     }
-    let s = start.expect("the position was read");
-    let expected: Vec<u64> = (s + 1..=s + out.len() as u64).collect();
-    assert_eq!(out, expected, "not every seq once, in order, from {s}");
-    if !gap {
-        assert!(merge.is_live());
-        assert!(merge.sent() >= max_delivered.max(s));
-        assert_eq!(merge.held(), 0);
+    let s = m.start.expect("the position was read");
+    let expected: Vec<u64> = (s + 1..=s + m.out.len() as u64).collect();
+    assert_eq!(m.out, expected, "not every seq once, in order, from {s}");
+    if !m.gap {
+        assert!(m.merge.is_live());
+        assert!(m.merge.sent() >= m.max_delivered.max(s));
+        assert_eq!(m.merge.held(), 0);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn step(
-    op: u8,
-    page: usize,
+/// The catch-up target's world: the model stream (seqs `1..=last`, history
+/// `first..=last`), the client's resume point, the merge under test and
+/// what it handed over.
+struct CatchupModel {
+    last: u64,
+    first: u64,
     resume: u64,
-    last: &mut u64,
-    first: &mut u64,
-    merge: &mut Merge<u64>,
-    pending: &mut VecDeque<u64>,
-    out: &mut Vec<u64>,
-    start: &mut Option<u64>,
-    max_delivered: &mut u64,
-    gap: &mut bool,
-) {
-    match op {
-        0 | 1 => {
-            *last += 1;
-            if op == 0 {
-                pending.push_back(*last);
-            }
-        }
-        2 => {
-            if *first <= *last {
-                *first += 1;
-            }
-        }
-        3 | 4 => {
-            let seq = if op == 3 {
-                pending.pop_front()
-            } else {
-                pending.front().copied()
-            };
-            if let Some(seq) = seq {
-                *max_delivered = (*max_delivered).max(seq);
-                let outcome = merge.on_live(seq, seq, out);
-                if let Some(s) = *start
-                    && seq <= s
-                {
-                    assert_eq!(outcome, LiveOutcome::Duplicate);
+    page: usize,
+    merge: Merge<u64>,
+    pending: VecDeque<u64>,
+    out: Vec<u64>,
+    start: Option<u64>,
+    max_delivered: u64,
+    gap: bool,
+}
+
+impl CatchupModel {
+    fn step(&mut self, op: u8) {
+        match op {
+            0 | 1 => {
+                self.last += 1;
+                if op == 0 {
+                    self.pending.push_back(self.last);
                 }
             }
-        }
-        5 => {
-            if start.is_none() {
-                let position = StreamPosition {
-                    epoch: "e".into(),
-                    last_seq: *last,
-                    first_seq: *first,
-                };
-                let d = decide_join(&position, Some(("e", resume)), false);
-                let after = match d.plan {
-                    Plan::Live { after } | Plan::Replay { after, .. } => after,
-                    other => panic!("runs were not requested: {other:?}"),
-                };
-                assert_eq!(
-                    d.reset,
-                    resume + 1 < *first && resume < *last,
-                    "reset when the resume point is not gone, or none when it is"
-                );
-                *start = Some(after);
-                merge.start(d.plan, out);
-            }
-        }
-        _ => {
-            if let Some(HistoryRequest::Range { after, until }) = merge.wants_history() {
-                if after < until && *first > after + 1 {
-                    *gap = true;
-                    return;
+            2 => {
+                if self.first <= self.last {
+                    self.first += 1;
                 }
-                let events: Vec<(u64, u64)> = (after + 1..=until.min(*last))
-                    .take(page)
-                    .map(|s| (s, s))
-                    .collect();
-                if merge.on_history(events, out).is_err() {
-                    assert!(*first > after + 1, "a gap reported with history intact");
-                    *gap = true;
+            }
+            3 | 4 => {
+                let seq = if op == 3 {
+                    self.pending.pop_front()
+                } else {
+                    self.pending.front().copied()
+                };
+                if let Some(seq) = seq {
+                    self.max_delivered = self.max_delivered.max(seq);
+                    let outcome = self.merge.on_live(seq, seq, &mut self.out);
+                    if let Some(s) = self.start
+                        && seq <= s
+                    {
+                        assert_eq!(outcome, LiveOutcome::Duplicate);
+                    }
+                }
+            }
+            5 => {
+                if self.start.is_none() {
+                    let position = StreamPosition {
+                        epoch: "e".into(),
+                        last_seq: self.last,
+                        first_seq: self.first,
+                    };
+                    let d = decide_join(&position, Some(("e", self.resume)), false);
+                    let after = match d.plan {
+                        Plan::Live { after } | Plan::Replay { after, .. } => after,
+                        other => panic!("runs were not requested: {other:?}"),
+                    };
+                    assert_eq!(
+                        d.reset,
+                        self.resume + 1 < self.first && self.resume < self.last,
+                        "reset when the resume point is not gone, or none when it is"
+                    );
+                    self.start = Some(after);
+                    self.merge.start(d.plan, &mut self.out);
+                }
+            }
+            _ => {
+                if let Some(HistoryRequest::Range { after, until }) = self.merge.wants_history() {
+                    if after < until && self.first > after + 1 {
+                        self.gap = true;
+                        return;
+                    }
+                    let events: Vec<(u64, u64)> = (after + 1..=until.min(self.last))
+                        .take(self.page)
+                        .map(|s| (s, s))
+                        .collect();
+                    if self.merge.on_history(events, &mut self.out).is_err() {
+                        assert!(self.first > after + 1, "a gap reported with history intact");
+                        self.gap = true;
+                    }
                 }
             }
         }
