@@ -220,6 +220,15 @@ pub(crate) fn server_addr(http: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("--url must be http://IP:PORT, got {http}"))
 }
 
+/// An HTTP client for Herald's API whose pooled connections expire before
+/// the server's `http_header_timeout` (10 s) closes them as idle, so no
+/// request is sent on a connection the server is closing.
+pub(crate) fn api_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()?)
+}
+
 /// Entry point of `herald-bench`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.worker.is_some() {
@@ -655,6 +664,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
     let users = args.connections.div_ceil(args.per_user.max(1));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(16)
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()?;
     let endpoint = format!(
         "{}/api/v1/events",
@@ -931,7 +941,7 @@ async fn resume(args: &BenchArgs) -> anyhow::Result<Summary> {
     // 2. Everyone drops (TCP, no close frame).
     held.lock().clear();
     // 3. Publish E events per user while they are away.
-    let http = reqwest::Client::new();
+    let http = api_client()?;
     let pad = "x".repeat(args.event_size);
     let per_batch = (1000 / args.events.max(1)).max(1);
     let b = bar(n as u64, "publishing");

@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::{BenchArgs, open_client, rss_of, server_addr, token, ws_url};
+use crate::bench::{BenchArgs, api_client, open_client, rss_of, server_addr, token, ws_url};
 
 /// Steady readers: they read everything and check seqs (no loss, no gap).
 const STEADY: usize = 50;
@@ -68,7 +68,7 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     let url = ws_url(&args.url);
     let counts = Arc::new(Counts::default());
     let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let http = reqwest::Client::new();
+    let http = api_client()?;
     let mut tasks = Vec::new();
     let ctx = Arc::new(Ctx {
         addr,
@@ -103,7 +103,15 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     let every = Duration::from_secs(args.sample_secs.max(1));
     while Instant::now() < deadline {
-        let s = sample(&http, &args.url, pid, started.elapsed().as_secs_f64()).await?;
+        // One failed read of /metrics is a missing sample, not the end of the run.
+        let s = match sample(&http, &args.url, pid, started.elapsed().as_secs_f64()).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("soak: sample skipped: {e}");
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
         eprintln!(
             "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB fds={} threads={} live={} published={} reconnects={} kicks={} slow_closed={} gaps={}",
             s.t,
