@@ -27,12 +27,6 @@ use tokio::net::TcpStream;
 /// One test at a time: they count the process's open descriptors.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("the fd check needs /proc/self/fd (Linux)")
-        .count()
-}
-
 /// Wait until the process holds no more descriptors than `baseline`.
 async fn back_to(baseline: usize) {
     for _ in 0..500 {
@@ -132,13 +126,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let head = String::from_utf8_lossy(&read_head(&mut s).await).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 200"), "{head}");
         let len: usize = head
             .lines()

@@ -45,15 +45,6 @@ const ENDINGS: [Ending; PER_USER] = [
     Ending::StopReadingThenDrop,
 ];
 
-/// Open file descriptors of this process. Fails where `/proc` is missing
-/// rather than reading 0 (which would make the fd check pass vacuously;
-/// issue 17, finding 11).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("the fd check needs /proc/self/fd (Linux)")
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_from_every_side_keeps_the_invariants() {
     let server = Arc::new(start().await);

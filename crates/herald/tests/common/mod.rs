@@ -255,19 +255,35 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Upgrade a raw TCP socket to a WebSocket (no subprotocol) and return it,
-/// positioned after the 101 response.
-pub async fn raw_upgrade(server: &Server) -> TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
-    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
-    s.write_all(req.as_bytes()).await.unwrap();
+/// Read an HTTP response head from a raw socket, up to its blank line.
+pub async fn read_head(s: &mut TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         s.read_exact(&mut byte).await.unwrap();
         head.push(byte[0]);
     }
+    head
+}
+
+/// Open file descriptors of this process. Fails where `/proc` is missing
+/// rather than reading 0 (which would make an fd check pass vacuously;
+/// issue 17, finding 11).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("the fd check needs /proc/self/fd (Linux)")
+        .count()
+}
+
+/// Upgrade a raw TCP socket to a WebSocket (no subprotocol) and return it,
+/// positioned after the 101 response.
+pub async fn raw_upgrade(server: &Server) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    let req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
     assert!(
         head.starts_with(b"HTTP/1.1 101"),
         "{}",
