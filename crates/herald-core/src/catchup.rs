@@ -15,6 +15,13 @@
 //! - a history page that skips a seq means the events are gone: [`Gap`], and
 //!   the caller fails closed (the client resumes again and is told `reset`).
 //!
+//! A history frame may cover a range of seqs (compacted text deltas,
+//! [`crate::text`]): it is handed over when it starts right after what was
+//! sent, and then counts as sent up to its last seq, so live deltas of that
+//! range are dropped as duplicates and their text is not sent twice. A
+//! covered frame that starts before what was sent would repeat text: it is a
+//! [`Gap`] too (fail closed).
+//!
 //! Nothing here knows about sockets, brokers or time.
 
 use std::collections::BTreeMap;
@@ -134,6 +141,25 @@ pub fn decide_join(
             reset: true,
             plan: fallback,
         },
+    }
+}
+
+/// A history frame and the seqs it covers: `(seq, frame)` for one event,
+/// `(from, to, frame)` for a range of compacted deltas.
+pub trait Covering<P> {
+    /// The first and last seq covered, and the frame.
+    fn into_covering(self) -> (u64, u64, P);
+}
+
+impl<P> Covering<P> for (u64, P) {
+    fn into_covering(self) -> (u64, u64, P) {
+        (self.0, self.0, self.1)
+    }
+}
+
+impl<P> Covering<P> for (u64, u64, P) {
+    fn into_covering(self) -> (u64, u64, P) {
+        self
     }
 }
 
@@ -289,27 +315,29 @@ impl<P> Merge<P> {
     }
 
     /// A page of history for a [`HistoryRequest::Range`], in seq order. An
-    /// empty page, or one that skips a seq, is a [`Gap`].
+    /// empty page, or one that skips a seq or overlaps what was sent, is a
+    /// [`Gap`].
     pub fn on_history(
         &mut self,
-        page: impl IntoIterator<Item = (u64, P)>,
+        page: impl IntoIterator<Item = impl Covering<P>>,
         out: &mut impl Extend<P>,
     ) -> Result<(), Gap> {
         let Phase::CatchingUp(HistoryRequest::Range { until, .. }) = self.phase else {
             return Ok(());
         };
         let before = self.sent;
-        for (seq, frame) in page {
-            if seq <= self.sent {
+        for item in page {
+            let (from, to, frame) = item.into_covering();
+            if to <= self.sent {
                 continue;
             }
-            if seq != self.sent + 1 || seq > until {
-                if seq > until {
-                    break;
-                }
+            if from > until {
+                break;
+            }
+            if from != self.sent + 1 {
                 return Err(Gap { after: self.sent });
             }
-            self.sent = seq;
+            self.sent = to;
             out.extend(Some(frame));
         }
         if self.sent >= until {
@@ -471,7 +499,37 @@ mod tests {
         assert_eq!(m.on_history([(4, 4)], &mut out), Err(Gap { after: 2 }));
         let mut m: Merge<u64> = Merge::joining();
         m.start(Plan::Replay { after: 2, until: 6 }, &mut out);
-        assert_eq!(m.on_history([], &mut out), Err(Gap { after: 2 }));
+        assert_eq!(
+            m.on_history(Vec::<(u64, u64)>::new(), &mut out),
+            Err(Gap { after: 2 })
+        );
+    }
+
+    /// Issue 18: a covered frame counts as sent up to its end (live deltas of
+    /// its range are duplicates); one that overlaps what was sent would
+    /// repeat text and is refused.
+    #[test]
+    fn covered_frames_advance_to_their_end_and_never_overlap() {
+        let mut m: Merge<&str> = Merge::joining();
+        let mut out = Vec::new();
+        assert_eq!(m.on_live(5, "live5", &mut out), LiveOutcome::Held);
+        assert_eq!(m.on_live(7, "live7", &mut out), LiveOutcome::Held);
+        m.start(Plan::Replay { after: 2, until: 6 }, &mut out);
+        m.on_history([(3, 6, "text 3..=6")], &mut out).unwrap();
+        assert_eq!(out, vec!["text 3..=6", "live7"], "held 5 is inside the range");
+        assert_eq!(m.sent(), 7);
+        assert!(m.is_live());
+        assert_eq!(m.on_live(6, "again", &mut out), LiveOutcome::Duplicate);
+
+        let mut m: Merge<&str> = Merge::joining();
+        let mut out = Vec::new();
+        m.start(Plan::Replay { after: 4, until: 9 }, &mut out);
+        assert_eq!(
+            m.on_history([(3, 6, "text 3..=6")], &mut out),
+            Err(Gap { after: 4 }),
+            "starts before what was sent: text 3 and 4 twice"
+        );
+        assert!(out.is_empty());
     }
 
     #[test]

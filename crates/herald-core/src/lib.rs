@@ -18,6 +18,8 @@
 //!   and no duplicate.
 //! - [`stream`]: per-user event streams — `epoch`, `seq`, bounded history,
 //!   agent runs, resume decisions.
+//! - [`text`]: answer text streamed as deltas, and the entries that compact
+//!   consecutive deltas of one part in history.
 //! - [`ratelimit`]: the per-connection inbound token bucket.
 
 #![forbid(unsafe_code)]
@@ -29,6 +31,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod session;
 pub mod stream;
+pub mod text;
 
 pub use catchup::LiveOutcome;
 pub use close::{CloseInfo, CloseReason, Initiator};

@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::catchup::{Gap, HistoryRequest, LiveOutcome, Merge, Plan};
+use crate::catchup::{Covering, Gap, HistoryRequest, LiveOutcome, Merge, Plan};
 use crate::close::{CloseInfo, CloseReason, Initiator};
 
 /// Something that can sit in the outbound queue: it knows its size on the wire.
@@ -284,7 +284,10 @@ impl<P: Payload> Connection<P> {
     /// Add a page of history (events in seq order) for a
     /// [`HistoryRequest::Range`]. A page that skips a seq is a [`Gap`]: the
     /// caller must close the connection rather than write past it.
-    pub fn push_history(&mut self, page: impl IntoIterator<Item = (u64, P)>) -> Result<(), Gap> {
+    pub fn push_history(
+        &mut self,
+        page: impl IntoIterator<Item = impl Covering<P>>,
+    ) -> Result<(), Gap> {
         if self.state != State::Ready {
             return Ok(());
         }

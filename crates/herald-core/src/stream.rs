@@ -17,15 +17,37 @@
 //!   by [`Stream::oversized_runs`]; the broker closes them with `agent_error
 //!   {reason: "run_too_large"}`, which unpins their events.
 //!
+//! - Text deltas ([`crate::text`]): a delta of the same run and part as the
+//!   window's last entry joins it, so consecutive deltas are one entry
+//!   covering a seq range. Every bound counts entries, so a long answer
+//!   streamed as thousands of deltas takes one entry per part. An entry's
+//!   seq is the first it covers; the window stays contiguous over ranges.
+//!   A numbered delta ([`crate::text::Delta::index`]) below its part's next
+//!   index is a duplicate, above it is refused ([`Appended::OutOfOrder`]).
+//!
 //! A resume from `seq = s` is honoured only if every event after `s` is still
 //! in the window; otherwise the answer is [`ResumeDecision::Reset`] — fail
-//! closed, never a silent gap.
+//! closed, never a silent gap. Reads cut entries at the range asked for: a
+//! resume from inside a part reads one frame with the text after `s`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::Payload;
+use crate::text::{Compacted, Delta, PER_DELTA_BYTES};
+
+/// A payload the stream builds when it reads a range of compacted deltas.
+pub trait FromCovered: Sized {
+    /// The frame `json` covering deltas `from..=to`.
+    fn from_covered(from: u64, to: u64, json: String) -> Self;
+}
+
+impl FromCovered for String {
+    fn from_covered(_from: u64, _to: u64, json: String) -> Self {
+        json
+    }
+}
 
 /// Event names that open and close an agent run.
 pub mod runs {
@@ -86,15 +108,64 @@ pub struct EventMeta {
     pub run_id: Option<String>,
     /// The thread it belongs to, if any.
     pub thread_id: Option<String>,
+    /// Set when the event is a text delta (`agent_text_delta`).
+    pub delta: Option<Delta>,
 }
 
 #[derive(Debug, Clone)]
 struct Entry<P> {
+    /// The (first) seq it holds.
     seq: u64,
     at: Instant,
     /// Set while the event's run is open (pins the event); shared with the run map.
     run_id: Option<Arc<str>>,
-    payload: P,
+    body: Body<P>,
+}
+
+#[derive(Debug, Clone)]
+enum Body<P> {
+    /// One event.
+    Event(P),
+    /// Consecutive deltas of one part.
+    Text(Box<Compacted>),
+}
+
+impl<P: Payload + Clone + FromCovered> Entry<P> {
+    /// The last seq it holds.
+    fn last(&self) -> u64 {
+        match &self.body {
+            Body::Event(_) => self.seq,
+            Body::Text(c) => c.last(),
+        }
+    }
+
+    /// Bytes charged for it.
+    fn bytes(&self) -> usize {
+        match &self.body {
+            Body::Event(p) => p.wire_len(),
+            Body::Text(c) => c.bytes(),
+        }
+    }
+
+    /// Its frame for the seqs `from..=to` (an event inside the range, or the
+    /// deltas of the range), `None` when it holds none of them.
+    fn frame(&self, from: u64, to: u64) -> Option<P> {
+        match &self.body {
+            Body::Event(p) => (from..=to).contains(&self.seq).then(|| p.clone()),
+            Body::Text(c) => c
+                .frame(from, to)
+                .map(|(from, to, json)| P::from_covered(from, to, json)),
+        }
+    }
+}
+
+/// Where one part of a run stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Part {
+    /// Deltas appended (the next index expected).
+    next: u64,
+    /// Seq of the latest.
+    last_seq: u64,
 }
 
 /// An open agent run.
@@ -110,6 +181,8 @@ pub struct OpenRun {
     seqs: VecDeque<u64>,
     /// Payload bytes of those events.
     bytes: usize,
+    /// Its text parts.
+    parts: HashMap<Box<str>, Part>,
 }
 
 impl OpenRun {
@@ -136,16 +209,31 @@ pub enum ResumeDecision {
 pub enum Appended {
     /// A new event with this seq.
     New(u64),
-    /// The idempotency key was seen before: the original seq, nothing appended.
+    /// A delta with this seq, joined to the entry of its part's previous delta.
+    Joined(u64),
+    /// The idempotency key was seen before, or a numbered delta was already
+    /// appended: the original seq (for a delta: its part's latest), nothing
+    /// appended.
     Duplicate(u64),
+    /// A numbered delta skips ahead of its part: nothing appended.
+    OutOfOrder {
+        /// The index the part expects next.
+        expected: u64,
+    },
 }
 
 impl Appended {
-    /// The event's seq, new or original.
+    /// The event's seq, new or original (0 when refused).
     pub fn seq(self) -> u64 {
         match self {
-            Appended::New(s) | Appended::Duplicate(s) => s,
+            Appended::New(s) | Appended::Joined(s) | Appended::Duplicate(s) => s,
+            Appended::OutOfOrder { .. } => 0,
         }
+    }
+
+    /// True when something was appended.
+    pub fn is_new(self) -> bool {
+        matches!(self, Appended::New(_) | Appended::Joined(_))
     }
 }
 
@@ -175,7 +263,7 @@ pub struct Stream<P> {
     last_touch: Instant,
 }
 
-impl<P: Payload + Clone> Stream<P> {
+impl<P: Payload + Clone + FromCovered> Stream<P> {
     /// An empty stream in `epoch`, created at `now`.
     pub fn new(epoch: impl Into<String>, now: Instant) -> Self {
         Self {
@@ -237,8 +325,22 @@ impl<P: Payload + Clone> Stream<P> {
         self.idempotency.get(key).map(|(seq, _)| *seq)
     }
 
+    /// The index the next numbered delta of `part` in `run` must carry.
+    pub fn next_delta(&self, run: &str, part: &str) -> u64 {
+        self.part(run, part).next
+    }
+
+    fn part(&self, run: &str, part: &str) -> Part {
+        self.runs
+            .get(run)
+            .and_then(|r| r.parts.get(part))
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// Append an event: assign the next seq, build its payload with it, track
-    /// runs and the idempotency key, then enforce the count bound.
+    /// runs and the idempotency key, then enforce the count bound. A delta
+    /// of the same run and part as the window's last entry joins that entry.
     pub fn append(
         &mut self,
         now: Instant,
@@ -250,11 +352,46 @@ impl<P: Payload + Clone> Stream<P> {
         if let Some(seq) = idempotency_key.and_then(|k| self.idempotent_seq(k)) {
             return Appended::Duplicate(seq);
         }
+        if let (Some(d), Some(run)) = (&meta.delta, meta.run_id.as_deref())
+            && let Some(index) = d.index
+        {
+            let part = self.part(run, &d.part);
+            if index < part.next {
+                return Appended::Duplicate(part.last_seq);
+            }
+            if index > part.next {
+                return Appended::OutOfOrder {
+                    expected: part.next,
+                };
+            }
+        }
         self.last_touch = now;
         self.last_seq += 1;
         let seq = self.last_seq;
         let payload = build(seq);
-        let len = payload.wire_len();
+        let joins = meta.delta.as_ref().is_some_and(|d| {
+            self.window.back().is_some_and(|e| {
+                e.run_id.as_deref() == meta.run_id.as_deref()
+                    && matches!(&e.body, Body::Text(c) if c.accepts(&d.part, &d.text))
+            })
+        });
+        let (len, body) = match &meta.delta {
+            Some(d) if joins => {
+                if let Some(Entry {
+                    body: Body::Text(c),
+                    ..
+                }) = self.window.back_mut()
+                {
+                    c.push(&d.text);
+                }
+                (d.text.len() + PER_DELTA_BYTES, None)
+            }
+            Some(d) => {
+                let c = Box::new(Compacted::new(seq, d.clone()));
+                (c.bytes(), Some(Body::Text(c)))
+            }
+            None => (payload.wire_len(), Some(Body::Event(payload))),
+        };
         self.bytes += len;
         let mut run_id = None;
         if let Some(run) = meta.run_id.as_deref() {
@@ -272,27 +409,41 @@ impl<P: Payload + Clone> Stream<P> {
                     thread_id: meta.thread_id.clone(),
                     seqs: VecDeque::new(),
                     bytes: 0,
+                    parts: HashMap::new(),
                 });
                 open.last_at = now;
-                open.seqs.push_back(seq);
+                if !joins {
+                    open.seqs.push_back(seq);
+                }
                 open.bytes += len;
                 self.run_bytes += len;
+                if let Some(d) = &meta.delta {
+                    let part = open.parts.entry(d.part.as_str().into()).or_default();
+                    part.next += 1;
+                    part.last_seq = seq;
+                }
                 run_id = Some(key);
             }
         }
-        self.window.push_back(Entry {
-            seq,
-            at: now,
-            run_id,
-            payload,
-        });
+        if let Some(body) = body {
+            self.window.push_back(Entry {
+                seq,
+                at: now,
+                run_id,
+                body,
+            });
+        }
         if let Some(key) = idempotency_key {
             self.remember_key(key, seq, now, limits);
         }
         while self.window.len() > limits.max_events {
             self.evict_front();
         }
-        Appended::New(seq)
+        if joins {
+            Appended::Joined(seq)
+        } else {
+            Appended::New(seq)
+        }
     }
 
     fn remember_key(&mut self, key: &str, seq: u64, now: Instant, limits: &StreamLimits) {
@@ -344,10 +495,10 @@ impl<P: Payload + Clone> Stream<P> {
         for seq in open.seqs {
             if seq < front {
                 if let Some(e) = self.pinned.remove(&seq) {
-                    self.bytes -= e.payload.wire_len();
+                    self.bytes -= e.bytes();
                 }
-            } else if let Some(e) = self.window.get_mut((seq - front) as usize) {
-                e.run_id = None;
+            } else if let Ok(i) = self.window.binary_search_by_key(&seq, |e| e.seq) {
+                self.window[i].run_id = None;
             }
         }
     }
@@ -393,7 +544,7 @@ impl<P: Payload + Clone> Stream<P> {
             self.pinned.insert(e.seq, e);
             0
         } else {
-            let len = e.payload.wire_len();
+            let len = e.bytes();
             self.bytes -= len;
             len
         }
@@ -453,8 +604,9 @@ impl<P: Payload + Clone> Stream<P> {
         }
     }
 
-    /// Up to `limit` payloads with `after < seq <= until`, in order. Fails if
-    /// any of them was evicted (the caller must not skip silently).
+    /// Up to `limit` payloads covering `after < seq <= until`, in order: an
+    /// entry of deltas is cut to the range (one payload for its part of it).
+    /// Fails if any of them was evicted (the caller must not skip silently).
     pub fn read(&self, after: u64, until: u64, limit: usize) -> Result<Vec<P>, HistoryGone> {
         if after >= until {
             return Ok(Vec::new());
@@ -463,24 +615,24 @@ impl<P: Payload + Clone> Stream<P> {
             Some(first) if first.seq <= after + 1 => {}
             _ => return Err(HistoryGone { after }),
         }
-        let start = (after + 1 - self.window[0].seq) as usize;
+        let start = self.window.partition_point(|e| e.last() <= after);
         Ok(self
             .window
             .range(start..)
             .take_while(|e| e.seq <= until)
             .take(limit)
-            .map(|e| e.payload.clone())
+            .filter_map(|e| e.frame(after + 1, until))
             .collect())
     }
 
-    /// Payloads of the open runs' events with `after < seq <= until`, in order
-    /// (for `replay_active_runs`).
+    /// Payloads of the open runs' events covering `after < seq <= until`, in
+    /// order, cut to the range (for `replay_active_runs`).
     pub fn active_run_events(&self, after: u64, until: u64) -> Vec<P> {
         self.pinned
             .values()
             .chain(self.window.iter())
-            .filter(|e| e.seq > after && e.seq <= until && e.run_id.is_some())
-            .map(|e| e.payload.clone())
+            .filter(|e| e.run_id.is_some())
+            .filter_map(|e| e.frame(after + 1, until))
             .collect()
     }
 }
@@ -494,6 +646,7 @@ mod tests {
             event: event.into(),
             run_id: run.map(Into::into),
             thread_id: None,
+            delta: None,
         }
     }
 
@@ -586,6 +739,7 @@ mod tests {
             event: "agent_thinking".into(),
             run_id: Some(run.into()),
             thread_id: thread.map(Into::into),
+            delta: None,
         };
         s.append(now, &m, None, l, |_| "x".repeat(bytes));
     }

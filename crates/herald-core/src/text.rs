@@ -1,0 +1,277 @@
+//! Answer text streamed as deltas, and its compaction in history.
+//!
+//! An agent streams a part of its answer (a `part` id within a run) as
+//! `agent_text_delta` events, each carrying the text to append. Live, every
+//! delta is an event like any other, with its own seq. In history,
+//! consecutive deltas of one part — no other event of the stream between
+//! them — are kept as one [`Compacted`] entry: the text so far and the seq
+//! range it covers. Reading any sub-range of it gives one frame carrying the
+//! text of exactly those deltas, marked with the range (`from_seq` … `seq`),
+//! so a resume from inside a part sends the unseen text once and the seq
+//! continues from the range's end.
+//!
+//! Text is held as the content of a JSON string (escaped, without quotes):
+//! JSON escapes character by character, so the escaped form of two texts
+//! joined is the two escaped forms joined, and a frame is assembled without
+//! parsing or re-escaping.
+
+/// The event name of a text delta.
+pub const TEXT_DELTA: &str = "agent_text_delta";
+
+/// Most bytes of a part id.
+pub const MAX_PART_LEN: usize = 128;
+
+/// A text delta on its way into a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The part of the run it extends.
+    pub part: String,
+    /// Its text, escaped as the content of a JSON string.
+    pub text: String,
+    /// Its position among the part's deltas (0-based), when the publisher
+    /// numbers them: below the next expected index it is a duplicate (not
+    /// appended again), above it the publish is refused.
+    pub index: Option<u64>,
+    /// The frame around the text.
+    pub template: Template,
+}
+
+impl Delta {
+    /// A delta of `part` appending `text` (plain text; escaped here).
+    pub fn new(part: &str, text: &str, index: Option<u64>, template: Template) -> Self {
+        Self {
+            part: part.to_owned(),
+            text: escape(text),
+            index,
+            template,
+        }
+    }
+}
+
+/// `text` as the content of a JSON string: escaped, without the quotes.
+pub fn escape(text: &str) -> String {
+    let quoted = json_string(text);
+    quoted[1..quoted.len() - 1].to_owned()
+}
+
+fn json_string(s: &str) -> String {
+    // Serializing a string cannot fail.
+    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
+}
+
+/// The JSON of a delta frame around its text:
+/// `{"type":"event","seq":N` [`,"from_seq":M`] `pre` text `post`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pre: Box<str>,
+    post: Box<str>,
+}
+
+impl Template {
+    /// The frame of a delta of `part` in `run_id` (and `thread_id`), published at `ts`.
+    pub fn new(run_id: &str, thread_id: Option<&str>, part: &str, ts: &str) -> Self {
+        let mut pre = format!(",\"event\":\"{TEXT_DELTA}\"");
+        if let Some(thread) = thread_id {
+            pre.push_str(",\"thread_id\":");
+            pre.push_str(&json_string(thread));
+        }
+        pre.push_str(",\"run_id\":");
+        pre.push_str(&json_string(run_id));
+        pre.push_str(",\"data\":{\"part\":");
+        pre.push_str(&json_string(part));
+        pre.push_str(",\"text\":\"");
+        let post = format!("\"}},\"ts\":{}}}", json_string(ts));
+        Self {
+            pre: pre.into(),
+            post: post.into(),
+        }
+    }
+
+    /// What follows `"seq":N` in a single delta's frame with this (escaped) text.
+    pub fn tail(&self, text: &str) -> String {
+        let mut out = String::with_capacity(self.pre.len() + text.len() + self.post.len());
+        out.push_str(&self.pre);
+        out.push_str(text);
+        out.push_str(&self.post);
+        out
+    }
+
+    /// The frame covering seqs `from..=to` with this (escaped) text; a frame
+    /// of one delta (`from == to`) has no `from_seq`.
+    pub fn frame(&self, from: u64, to: u64, text: &str) -> String {
+        let mut out = format!("{{\"type\":\"event\",\"seq\":{to}");
+        if from < to {
+            out.push_str(&format!(",\"from_seq\":{from}"));
+        }
+        out.push_str(&self.tail(text));
+        out
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.pre.len() + self.post.len()
+    }
+
+    /// Never true (a template always has its fields); for clippy's `len` rule.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Consecutive deltas of one part, as one history entry: the text so far and
+/// where each delta ends in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    first: u64,
+    part: Box<str>,
+    template: Template,
+    text: String,
+    /// Byte offset in `text` where each delta ends (`ends[i]` for seq `first + i`).
+    ends: Vec<u32>,
+}
+
+/// Bytes charged per delta beyond its text (its end offset).
+pub const PER_DELTA_BYTES: usize = 4;
+
+impl Compacted {
+    /// An entry holding the delta with seq `seq`.
+    pub fn new(seq: u64, delta: Delta) -> Self {
+        let end = delta.text.len() as u32;
+        Self {
+            first: seq,
+            part: delta.part.into(),
+            template: delta.template,
+            text: delta.text,
+            ends: vec![end],
+        }
+    }
+
+    /// The part it holds.
+    pub fn part(&self) -> &str {
+        &self.part
+    }
+
+    /// Seq of its first delta.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Seq of its last delta.
+    pub fn last(&self) -> u64 {
+        self.first + self.ends.len() as u64 - 1
+    }
+
+    /// Deltas it holds.
+    pub fn deltas(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether a delta of `part` can join it: one more delta must fit the
+    /// offsets (4 GiB of text).
+    pub fn accepts(&self, part: &str, text: &str) -> bool {
+        &*self.part == part && self.text.len() + text.len() <= u32::MAX as usize
+    }
+
+    /// Append the delta with seq `last() + 1` (escaped `text`).
+    pub fn push(&mut self, text: &str) {
+        self.text.push_str(text);
+        self.ends.push(self.text.len() as u32);
+    }
+
+    /// Bytes held: the text, the offsets and the template.
+    pub fn bytes(&self) -> usize {
+        self.text.len() + self.ends.len() * PER_DELTA_BYTES + self.template.len() + self.part.len()
+    }
+
+    /// The text (escaped) of the deltas `from..=to`, clipped to what it holds;
+    /// `None` when the ranges do not meet.
+    pub fn text(&self, from: u64, to: u64) -> Option<(u64, u64, &str)> {
+        let from = from.max(self.first);
+        let to = to.min(self.last());
+        if from > to {
+            return None;
+        }
+        let start = match (from - self.first) as usize {
+            0 => 0,
+            i => self.ends[i - 1] as usize,
+        };
+        let end = self.ends[(to - self.first) as usize] as usize;
+        Some((from, to, &self.text[start..end]))
+    }
+
+    /// The frame of the deltas `from..=to` (clipped): `(from, to, json)`.
+    pub fn frame(&self, from: u64, to: u64) -> Option<(u64, u64, String)> {
+        self.text(from, to)
+            .map(|(from, to, text)| (from, to, self.template.frame(from, to, text)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn template() -> Template {
+        Template::new("r1", Some("t\"1"), "answer", "2026-12-01T00:00:00Z")
+    }
+
+    #[test]
+    fn a_single_delta_is_an_ordinary_event_frame() {
+        let t = template();
+        let v: Value = serde_json::from_str(&t.frame(7, 7, &escape("Hi \"you\"\n"))).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"event","seq":7,"event":"agent_text_delta","thread_id":"t\"1",
+                   "run_id":"r1","data":{"part":"answer","text":"Hi \"you\"\n"},
+                   "ts":"2026-12-01T00:00:00Z"})
+        );
+        let no_thread = Template::new("r", None, "p", "x");
+        let v: Value = serde_json::from_str(&no_thread.frame(1, 1, "a")).unwrap();
+        assert!(v.get("thread_id").is_none());
+        assert!(v.get("from_seq").is_none());
+    }
+
+    #[test]
+    fn escaped_texts_join_into_the_escaped_join() {
+        let pieces = ["a\"", "\\", "\u{1}", "é😀", "\n\t", "</script>"];
+        let joined: String = pieces.concat();
+        let escaped: String = pieces.iter().map(|p| escape(p)).collect();
+        assert_eq!(escaped, escape(&joined));
+    }
+
+    #[test]
+    fn any_sub_range_is_exactly_its_deltas_text() {
+        let words = ["Hello", ", ", "wor", "ld", "!"];
+        let mut c = Compacted::new(10, Delta::new("answer", words[0], None, template()));
+        for w in &words[1..] {
+            assert!(c.accepts("answer", &escape(w)));
+            c.push(&escape(w));
+        }
+        assert!(!c.accepts("other", "x"));
+        assert_eq!((c.first(), c.last(), c.deltas()), (10, 14, 5));
+        for from in 10..=14u64 {
+            for to in from..=14u64 {
+                let (f, t, json) = c.frame(from, to).unwrap();
+                assert_eq!((f, t), (from, to));
+                let v: Value = serde_json::from_str(&json).unwrap();
+                let want: String = words[(from - 10) as usize..=(to - 10) as usize].concat();
+                assert_eq!(v["data"]["text"], want.as_str());
+                assert_eq!(v["seq"], to);
+                if from < to {
+                    assert_eq!(v["from_seq"], from);
+                } else {
+                    assert!(v.get("from_seq").is_none());
+                }
+            }
+        }
+        // Clipped to what it holds; ranges that miss it give nothing.
+        assert_eq!(c.text(0, 11).map(|(f, t, _)| (f, t)), Some((10, 11)));
+        assert_eq!(c.text(13, 99).map(|(f, t, s)| (f, t, s)), Some((13, 14, "ld!")));
+        assert_eq!(c.text(15, 20), None);
+        assert_eq!(c.text(0, 9), None);
+        assert_eq!(
+            c.bytes(),
+            "Hello, world!".len() + 5 * PER_DELTA_BYTES + template().len() + "answer".len()
+        );
+    }
+}
