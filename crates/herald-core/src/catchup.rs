@@ -516,7 +516,11 @@ mod tests {
         assert_eq!(m.on_live(7, "live7", &mut out), LiveOutcome::Held);
         m.start(Plan::Replay { after: 2, until: 6 }, &mut out);
         m.on_history([(3, 6, "text 3..=6")], &mut out).unwrap();
-        assert_eq!(out, vec!["text 3..=6", "live7"], "held 5 is inside the range");
+        assert_eq!(
+            out,
+            vec!["text 3..=6", "live7"],
+            "held 5 is inside the range"
+        );
         assert_eq!(m.sent(), 7);
         assert!(m.is_live());
         assert_eq!(m.on_live(6, "again", &mut out), LiveOutcome::Duplicate);

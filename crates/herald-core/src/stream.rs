@@ -330,6 +330,52 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
         self.part(run, part).next
     }
 
+    /// Whether appending `events` (each with its idempotency key) in order
+    /// would refuse a numbered delta: the first such event's position, its
+    /// index and the index its part would expect. A broker checks a batch
+    /// with it first, so a batch is appended whole or not at all.
+    pub fn first_out_of_order<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a EventMeta, Option<&'a str>)>,
+    ) -> Option<(usize, u64, u64)> {
+        // What the batch changes before each event: parts' next index, runs
+        // it closes, keys it remembers.
+        let mut next: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut closed: Vec<&str> = Vec::new();
+        let mut keys: Vec<&str> = Vec::new();
+        for (i, (meta, key)) in events.into_iter().enumerate() {
+            if key.is_some_and(|k| self.idempotency.contains_key(k) || keys.contains(&k)) {
+                continue;
+            }
+            let run = meta.run_id.as_deref();
+            match (run, &meta.delta) {
+                (Some(run), _) if runs::closes(&meta.event) => {
+                    closed.push(run);
+                    next.retain(|(r, _), _| *r != run);
+                }
+                (Some(run), Some(d)) => {
+                    let at = *next.entry((run, d.part.as_str())).or_insert_with(|| {
+                        if closed.contains(&run) {
+                            0
+                        } else {
+                            self.next_delta(run, &d.part)
+                        }
+                    });
+                    match d.index {
+                        // A duplicate: not appended, its key not remembered.
+                        Some(index) if index < at => continue,
+                        Some(index) if index > at => return Some((i, index, at)),
+                        _ => {}
+                    }
+                    next.insert((run, d.part.as_str()), at + 1);
+                }
+                _ => {}
+            }
+            keys.extend(key);
+        }
+        None
+    }
+
     fn part(&self, run: &str, part: &str) -> Part {
         self.runs
             .get(run)
@@ -753,6 +799,78 @@ mod tests {
 
     fn push(s: &mut Stream<String>, now: Instant, m: EventMeta, l: &StreamLimits) -> u64 {
         s.append(now, &m, None, l, |seq| format!("e{seq}")).seq()
+    }
+
+    fn delta(run: &str, part: &str, index: Option<u64>) -> EventMeta {
+        EventMeta {
+            delta: Some(Delta::new(
+                part,
+                "w",
+                index,
+                crate::text::Template::new(run, None, part, "ts"),
+            )),
+            ..meta(crate::text::TEXT_DELTA, Some(run))
+        }
+    }
+
+    /// Issue 18: a batch is checked whole before anything is appended; the
+    /// check follows the batch's own deltas, closes and keys.
+    #[test]
+    fn a_batch_is_checked_for_out_of_order_deltas_as_a_whole() {
+        let now = Instant::now();
+        let l = limits(100);
+        let mut s: Stream<String> = Stream::new("ep", now);
+        for i in 0..3 {
+            let got = s.append(now, &delta("r", "p", Some(i)), None, &l, |q| {
+                format!("e{q}")
+            });
+            assert!(got.is_new());
+        }
+        assert_eq!(s.next_delta("r", "p"), 3);
+        assert_eq!(s.len(), 1, "three deltas, one entry");
+        let (d2, d3, d4, d5) = (
+            delta("r", "p", Some(2)),
+            delta("r", "p", Some(3)),
+            delta("r", "p", Some(4)),
+            delta("r", "p", Some(5)),
+        );
+        // A duplicate, then in order, then a skip: the skip is named.
+        let batch = [(&d2, None), (&d3, None), (&d5, None)];
+        assert_eq!(s.first_out_of_order(batch), Some((2, 5, 4)));
+        assert_eq!(s.first_out_of_order([(&d3, None), (&d4, None)]), None);
+        // After the run closes in the batch, its parts start again at 0.
+        let close = meta("agent_completed", Some("r"));
+        let d0 = delta("r", "p", Some(0));
+        assert_eq!(s.first_out_of_order([(&close, None), (&d0, None)]), None);
+        assert_eq!(
+            s.first_out_of_order([(&close, None), (&d3, None)]),
+            Some((1, 3, 0))
+        );
+        // An unnumbered delta counts; a key seen earlier in the batch is a duplicate.
+        let free = delta("r", "p", None);
+        assert_eq!(s.first_out_of_order([(&free, None), (&d4, None)]), None);
+        assert_eq!(
+            s.first_out_of_order([(&d3, Some("k")), (&d3, Some("k")), (&d4, None)]),
+            None
+        );
+        assert_eq!(
+            s.first_out_of_order([(&free, Some("k")), (&free, Some("k")), (&d5, None)]),
+            Some((2, 5, 4))
+        );
+        // A duplicate by index does not remember its key.
+        assert_eq!(
+            s.first_out_of_order([(&d2, Some("k")), (&d3, Some("k")), (&d5, None)]),
+            Some((2, 5, 4))
+        );
+        // Other parts and runs have their own counts.
+        assert_eq!(
+            s.first_out_of_order([(&delta("r", "q", Some(1)), None)]),
+            Some((0, 1, 0))
+        );
+        assert_eq!(
+            s.first_out_of_order([(&delta("x", "p", Some(0)), None)]),
+            None
+        );
     }
 
     #[test]

@@ -107,6 +107,11 @@ impl Template {
         out
     }
 
+    /// The JSON before and after the text.
+    pub fn parts(&self) -> (&str, &str) {
+        (&self.pre, &self.post)
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.pre.len() + self.post.len()
@@ -266,7 +271,7 @@ mod tests {
         }
         // Clipped to what it holds; ranges that miss it give nothing.
         assert_eq!(c.text(0, 11).map(|(f, t, _)| (f, t)), Some((10, 11)));
-        assert_eq!(c.text(13, 99).map(|(f, t, s)| (f, t, s)), Some((13, 14, "ld!")));
+        assert_eq!(c.text(13, 99), Some((13, 14, "ld!")));
         assert_eq!(c.text(15, 20), None);
         assert_eq!(c.text(0, 9), None);
         assert_eq!(

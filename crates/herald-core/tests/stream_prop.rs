@@ -97,8 +97,12 @@ impl Entry {
         Some(match &self.part {
             None => (to, format!("e{to}")),
             Some((p, texts)) => {
-                let text: String = texts[(from - self.first) as usize..=(to - self.first) as usize].concat();
-                (to, template(self.run.as_deref().unwrap_or(""), *p).frame(from, to, &escape(&text)))
+                let text: String =
+                    texts[(from - self.first) as usize..=(to - self.first) as usize].concat();
+                (
+                    to,
+                    template(self.run.as_deref().unwrap_or(""), *p).frame(from, to, &escape(&text)),
+                )
             }
         })
     }
@@ -126,7 +130,9 @@ struct Model {
 impl Model {
     /// Apply the count and age bounds to the window's front.
     fn trim(&mut self, now: Instant, limits: &StreamLimits) {
-        self.lo = self.lo.max(self.entries.len().saturating_sub(limits.max_events));
+        self.lo = self
+            .lo
+            .max(self.entries.len().saturating_sub(limits.max_events));
         while self.lo < self.entries.len()
             && now.saturating_duration_since(self.entries[self.lo].at) > limits.max_age
         {
@@ -146,23 +152,35 @@ impl Model {
 
     /// Entries the stream must hold: the window and the open runs' older ones.
     fn held(&self) -> usize {
-        let pinned = self.open.values().flatten().filter(|&&i| i < self.lo).count();
+        let pinned = self
+            .open
+            .values()
+            .flatten()
+            .filter(|&&i| i < self.lo)
+            .count();
         self.entries.len() - self.lo + pinned
     }
 
     /// The frames a read of `after < seq <= until` must give, with the last seq each covers.
     fn frames(&self, after: u64, until: u64) -> Vec<(u64, String)> {
-        self.entries[self.lo..].iter().filter_map(|e| e.frame(after + 1, until)).collect()
+        self.entries[self.lo..]
+            .iter()
+            .filter_map(|e| e.frame(after + 1, until))
+            .collect()
     }
 
     /// The index a numbered delta of `run`'s `part` must carry next.
     fn next(&self, run: &str, part: u8) -> (u64, u64) {
-        self.parts.get(&(run.to_owned(), part)).copied().unwrap_or((0, 0))
+        self.parts
+            .get(&(run.to_owned(), part))
+            .copied()
+            .unwrap_or((0, 0))
     }
 
     /// A key remembered, if any.
     fn key(&self, key: Option<u8>) -> Option<u64> {
-        key.and_then(|k| self.keys.iter().find(|(x, _, _)| *x == k)).map(|&(_, seq, _)| seq)
+        key.and_then(|k| self.keys.iter().find(|(x, _, _)| *x == k))
+            .map(|&(_, seq, _)| seq)
     }
 
     fn remember(&mut self, key: Option<u8>, seq: u64, now: Instant, limits: &StreamLimits) {
@@ -235,7 +253,12 @@ proptest! {
                         delta: Some(Delta::new(&format!("p{part}"), &text, index, template(&r, part))),
                     };
                     let key_str = key.map(|k| format!("k{k}"));
+                    let refused = s.first_out_of_order([(&meta, key_str.as_deref())]);
                     let got = s.append(now, &meta, key_str.as_deref(), &limits, |q| format!("d{q}"));
+                    prop_assert_eq!(
+                        refused,
+                        match got { Appended::OutOfOrder { expected } => index.map(|i| (0, i, expected)), _ => None }
+                    );
                     if let Some(seq) = m.key(key) {
                         prop_assert_eq!(got, Appended::Duplicate(seq));
                     } else if index.is_some_and(|i| i < next) {

@@ -244,7 +244,7 @@ impl Actor {
                     Ok(events) => {
                         metrics::counter!(telemetry::EVENTS_REPLAYED)
                             .increment(events.len() as u64);
-                        let frames = frames(events).into_iter().map(|(_, f)| f);
+                        let frames = frames(events).into_iter().map(|(_, _, f)| f);
                         let replaying = &mut self.replaying;
                         self.conn.with_core(|c| {
                             c.push_runs(frames);
@@ -565,13 +565,14 @@ fn caught_up(core: &mut herald_core::Connection<OutFrame>, replaying: &mut bool)
     }
 }
 
-fn frames(events: Vec<StoredEvent>) -> Vec<(u64, OutFrame)> {
+/// Stored events as replayed frames, each with the seqs it covers.
+fn frames(events: Vec<StoredEvent>) -> Vec<(u64, u64, OutFrame)> {
     events
         .into_iter()
         .filter_map(|e| {
-            let seq = e.seq;
+            let (from, seq) = (e.from, e.seq);
             match OutFrame::replayed(e) {
-                Some(f) => Some((seq, f)),
+                Some(f) => Some((from, seq, f)),
                 None => {
                     tracing::error!(seq, "stored event is not UTF-8; skipped");
                     None

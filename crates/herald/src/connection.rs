@@ -310,18 +310,12 @@ mod tests {
     /// a JSON object is refused (a broker fault), never sent half-marked.
     #[test]
     fn replayed_frames_are_marked() {
-        let stored = StoredEvent {
-            seq: 3,
-            json: bytes::Bytes::from_static(br#"{"type":"event","seq":3}"#),
-        };
+        let stored = StoredEvent::new(3, bytes::Bytes::from_static(br#"{"type":"event","seq":3}"#));
         let frame = OutFrame::replayed(stored).unwrap();
         let text = frame.as_text().unwrap();
         assert_eq!(text, r#"{"type":"event","seq":3,"replayed":true}"#);
         assert_eq!(frame.wire_len(), text.len());
-        let broken = StoredEvent {
-            seq: 4,
-            json: bytes::Bytes::from_static(b"[1]"),
-        };
+        let broken = StoredEvent::new(4, bytes::Bytes::from_static(b"[1]"));
         assert!(OutFrame::replayed(broken).is_none());
     }
 

@@ -63,6 +63,7 @@ async fn bytes_per_stored_event() {
                     vec![NewEvent {
                         frame,
                         idempotency_key: None,
+                        delta: None,
                     }],
                 )
                 .await

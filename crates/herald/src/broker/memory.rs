@@ -12,10 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use herald_core::catchup::StreamPosition;
-use herald_core::protocol::ServerFrame;
 use herald_core::stream::{Appended, EventMeta, Stream, StreamLimits};
 use parking_lot::Mutex;
 
@@ -305,14 +303,6 @@ impl MemoryBroker {
     }
 }
 
-/// Serialize an event frame once, for history and every delivery.
-fn encode(frame: &herald_core::protocol::EventFrame) -> Bytes {
-    let mut json = ServerFrame::Event(frame).to_json();
-    // Serializers over-allocate; frames kept in history should not.
-    json.shrink_to_fit();
-    Bytes::from(json)
-}
-
 impl Broker for MemoryBroker {
     fn publish<'a>(
         &'a self,
@@ -324,34 +314,42 @@ impl Broker for MemoryBroker {
             let (key, stream_lock) = self.stream(stream);
             let mut results = Vec::with_capacity(events.len());
             let mut appended_seqs = Vec::new();
+            let mut appended_count = 0u64;
             {
                 let mut guard = stream_lock.lock();
+                // A batch is appended whole or not at all.
+                let metas: Vec<EventMeta> = events.iter().map(NewEvent::meta).collect();
+                let keys = events.iter().map(|e| e.idempotency_key.as_deref());
+                if let Some((position, index, expected)) =
+                    guard.first_out_of_order(metas.iter().zip(keys))
+                {
+                    return Err(BrokerError::DeltaOutOfOrder {
+                        position,
+                        index,
+                        expected,
+                    });
+                }
                 let mut stored = Vec::with_capacity(events.len());
                 self.accounted(&mut guard, |s| {
                     // The caller's events, then any `run_too_large` closes
                     // they make necessary (right after the event that
                     // outgrew the bound, so the close is in seq order).
-                    let mut queue: VecDeque<(NewEvent, bool)> =
-                        events.into_iter().map(|e| (e, true)).collect();
-                    while let Some((event, from_caller)) = queue.pop_front() {
+                    let mut queue: VecDeque<(NewEvent, Option<EventMeta>)> = events
+                        .into_iter()
+                        .zip(metas)
+                        .map(|(e, m)| (e, Some(m)))
+                        .collect();
+                    while let Some((event, meta)) = queue.pop_front() {
+                        let from_caller = meta.is_some();
                         let in_run = event.frame.run_id.is_some();
-                        let meta = EventMeta {
-                            event: event.frame.event.clone(),
-                            run_id: event.frame.run_id.clone(),
-                            thread_id: event.frame.thread_id.clone(),
-                        };
-                        let mut frame = event.frame;
+                        let meta = meta.unwrap_or_else(|| event.meta());
                         let appended = s.append(
                             published_at,
                             &meta,
                             event.idempotency_key.as_deref(),
                             &self.limits,
                             |seq| {
-                                frame.seq = seq;
-                                let e = StoredEvent {
-                                    seq,
-                                    json: encode(&frame),
-                                };
+                                let e = StoredEvent::new(seq, event.encode(seq));
                                 stored.push(e.clone());
                                 e
                             },
@@ -364,14 +362,19 @@ impl Broker for MemoryBroker {
                                 duplicate: matches!(appended, Appended::Duplicate(_)),
                             });
                         }
-                        if let Appended::New(seq) = appended {
-                            appended_seqs.push(seq);
+                        if appended.is_new() {
+                            appended_count += 1;
+                            // The global eviction order holds entries, not
+                            // the deltas that joined them.
+                            if let Appended::New(seq) = appended {
+                                appended_seqs.push(seq);
+                            }
                             if in_run {
                                 for (run, thread) in s.oversized_runs(&self.limits).into_iter().rev() {
                                     tracing::warn!(stream, run_id = %run, "run outgrew its bound; closing it");
                                     metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
                                     let close = super::run_closed_event(&run, thread, "run_too_large");
-                                    queue.push_front((close, false));
+                                    queue.push_front((close, None));
                                 }
                             }
                         }
@@ -387,8 +390,8 @@ impl Broker for MemoryBroker {
                     }
                 }
             }
-            if !appended_seqs.is_empty() {
-                self.published.increment(appended_seqs.len() as u64);
+            if appended_count > 0 {
+                self.published.increment(appended_count);
                 self.order
                     .lock()
                     .extend(appended_seqs.into_iter().map(|seq| (key.clone(), seq)));
@@ -578,6 +581,7 @@ mod tests {
                 ts: "2026-01-01T00:00:00Z".into(),
             },
             idempotency_key: key.map(Into::into),
+            delta: None,
         }]
     }
 

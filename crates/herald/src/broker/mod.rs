@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
 use herald_core::lifecycle::Payload;
-use herald_core::protocol::EventFrame;
+use herald_core::protocol::{EventFrame, ServerFrame};
+use herald_core::stream::EventMeta;
+use herald_core::stream::FromCovered;
+use herald_core::text::{Delta, TEXT_DELTA, Template};
 use serde::{Deserialize, Serialize};
 
 use crate::BoxFuture;
@@ -50,6 +53,19 @@ pub enum BrokerError {
     /// The broker's backing store cannot be reached (remote brokers).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A numbered text delta skips ahead of its part; nothing of the batch
+    /// was appended.
+    #[error(
+        "event {position} of the batch is delta {index} of its part; the part expects {expected}"
+    )]
+    DeltaOutOfOrder {
+        /// Its position in the batch.
+        position: usize,
+        /// The index it carries.
+        index: u64,
+        /// The index its part expects next.
+        expected: u64,
+    },
 }
 
 /// An event to publish; the broker assigns its seq.
@@ -59,6 +75,8 @@ pub struct NewEvent {
     pub frame: EventFrame,
     /// Publish idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// Set for an `agent_text_delta`: its part, text and frame.
+    pub delta: Option<Delta>,
 }
 
 impl NewEvent {
@@ -80,22 +98,105 @@ impl NewEvent {
                 ts,
             },
             idempotency_key: None,
+            delta: None,
         }
+    }
+
+    /// An `agent_text_delta` of `run_id`'s `part` appending `text` at `ts`;
+    /// `index` numbers it among the part's deltas (0-based), if given.
+    pub fn text_delta(
+        run_id: String,
+        thread_id: Option<String>,
+        part: String,
+        text: &str,
+        index: Option<u64>,
+        ts: String,
+    ) -> Self {
+        let template = Template::new(&run_id, thread_id.as_deref(), &part, &ts);
+        let delta = Delta::new(&part, text, index, template);
+        let data = serde_json::json!({ "part": part, "text": text });
+        Self {
+            delta: Some(delta),
+            ..Self::new(TEXT_DELTA.to_owned(), thread_id, Some(run_id), data, ts)
+        }
+    }
+
+    /// What the stream's retention needs to know of it.
+    pub fn meta(&self) -> EventMeta {
+        EventMeta {
+            event: self.frame.event.clone(),
+            run_id: self.frame.run_id.clone(),
+            thread_id: self.frame.thread_id.clone(),
+            delta: self.delta.clone(),
+        }
+    }
+
+    /// Everything after `{"type":"event","seq":N` in its frame (`None` if
+    /// the serializer did not start the frame with its type and seq).
+    pub fn frame_tail(&self) -> Option<String> {
+        match &self.delta {
+            Some(d) => Some(d.template.tail(&d.text)),
+            None => {
+                let json = ServerFrame::Event(&self.frame).to_json();
+                let head = format!("{{\"type\":\"event\",\"seq\":{}", self.frame.seq);
+                json.strip_prefix(&head).map(str::to_owned)
+            }
+        }
+    }
+
+    /// Its frame with `seq`, serialized once for history and every delivery.
+    pub fn encode(&self, seq: u64) -> Bytes {
+        let mut json = match &self.delta {
+            Some(d) => d.template.frame(seq, seq, &d.text),
+            None => {
+                let mut frame = self.frame.clone();
+                frame.seq = seq;
+                ServerFrame::Event(&frame).to_json()
+            }
+        };
+        // Serializers over-allocate; frames kept in history should not.
+        json.shrink_to_fit();
+        Bytes::from(json)
     }
 }
 
-/// A stored event: its seq and the JSON text of its `event` frame.
+/// A stored event: its seq and the JSON text of its `event` frame. Read
+/// from history, one frame may cover a range of compacted text deltas
+/// (`from..=seq`, see [`herald_core::text`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
-    /// Position in the stream.
+    /// Position in the stream (the last seq the frame covers).
     pub seq: u64,
+    /// The first seq the frame covers (`seq` for one event).
+    pub from: u64,
     /// The serialized `event` frame (UTF-8 JSON).
     pub json: Bytes,
+}
+
+impl StoredEvent {
+    /// One event with `seq`.
+    pub fn new(seq: u64, json: impl Into<Bytes>) -> Self {
+        Self {
+            seq,
+            from: seq,
+            json: json.into(),
+        }
+    }
 }
 
 impl Payload for StoredEvent {
     fn wire_len(&self) -> usize {
         self.json.len()
+    }
+}
+
+impl FromCovered for StoredEvent {
+    fn from_covered(from: u64, to: u64, json: String) -> Self {
+        Self {
+            seq: to,
+            from,
+            json: json.into(),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use herald_core::protocol::{AGENT_EVENTS, is_valid_event_name};
+use herald_core::text::{MAX_PART_LEN, TEXT_DELTA};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -25,6 +26,34 @@ fn unavailable(err: BrokerError) -> ApiError {
         "broker_unavailable",
         err.to_string(),
     )
+}
+
+/// What a broker's refusal of a publish tells the caller: 409
+/// `delta_out_of_order` (naming the event and the index its part expects;
+/// nothing of that user's events was appended), or 503.
+fn refused(err: BrokerError, positions: &[usize], batch: bool) -> ApiError {
+    match err {
+        BrokerError::DeltaOutOfOrder {
+            position,
+            index,
+            expected,
+        } => {
+            let at = positions.get(position).copied().unwrap_or(0);
+            let field = if batch {
+                format!("events[{at}].data.index")
+            } else {
+                "data.index".to_owned()
+            };
+            ApiError {
+                status: StatusCode::CONFLICT,
+                code: "delta_out_of_order",
+                message: format!("`{field}` is {index}; its part expects {expected}"),
+                field: Some(field),
+                expected: Some(expected),
+            }
+        }
+        e => unavailable(e),
+    }
 }
 
 /// Largest API request body.
@@ -52,6 +81,13 @@ struct PublishEvent {
     data: Option<Value>,
 }
 
+/// A text delta's fields.
+struct DeltaFields {
+    part: String,
+    text: String,
+    index: Option<u64>,
+}
+
 /// A validated event, ready to publish.
 struct ValidEvent {
     user_id: String,
@@ -60,6 +96,7 @@ struct ValidEvent {
     thread_id: Option<String>,
     run_id: Option<String>,
     data: Value,
+    delta: Option<DeltaFields>,
 }
 
 fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
@@ -91,7 +128,7 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
             return Err(ApiError::field(name(field), "must be 1 to 128 bytes"));
         }
     }
-    if AGENT_EVENTS.contains(&e.event.as_str()) && e.run_id.is_none() {
+    if (AGENT_EVENTS.contains(&e.event.as_str()) || e.event == TEXT_DELTA) && e.run_id.is_none() {
         return Err(ApiError::field(
             name("run_id"),
             format!("is required for `{}`", e.event),
@@ -114,8 +151,14 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
                 name("data")
             ),
             field: Some(name("data")),
+            expected: None,
         });
     }
+    let delta = if e.event == TEXT_DELTA {
+        Some(text_delta(&data, &name("data"))?)
+    } else {
+        None
+    };
     Ok(ValidEvent {
         user_id: e.user_id,
         event: e.event,
@@ -123,6 +166,50 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
         thread_id: e.thread_id,
         run_id: e.run_id,
         data,
+        delta,
+    })
+}
+
+/// A text delta's `data`: `part` (1 to 128 bytes), `text`, and optionally
+/// `index` (its position among the part's deltas, from 0) — nothing else,
+/// so history can compact it exactly.
+fn text_delta(data: &Value, at: &str) -> Result<DeltaFields, ApiError> {
+    let field = |f: &str| format!("{at}.{f}");
+    let Value::Object(obj) = data else {
+        return Err(ApiError::field(at, "must be an object"));
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "part" | "text" | "index"))
+    {
+        return Err(ApiError::field(
+            field(k),
+            "is not allowed: a text delta carries `part`, `text` and `index` only",
+        ));
+    }
+    let part = match obj.get("part") {
+        Some(Value::String(p)) if (1..=MAX_PART_LEN).contains(&p.len()) => p.clone(),
+        _ => {
+            return Err(ApiError::field(
+                field("part"),
+                "must be a string of 1 to 128 bytes",
+            ));
+        }
+    };
+    let Some(Value::String(text)) = obj.get("text") else {
+        return Err(ApiError::field(field("text"), "must be a string"));
+    };
+    let index = match obj.get("index") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| ApiError::field(field("index"), "must be a non-negative integer"))?,
+        ),
+    };
+    Ok(DeltaFields {
+        part,
+        text: text.clone(),
+        index,
     })
 }
 
@@ -202,7 +289,9 @@ pub(super) async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let events = events_of(json_body(body)?)?;
+    let value = json_body(body)?;
+    let batch = value.get("events").is_some();
+    let events = events_of(value)?;
     let ts = crate::clock::now_rfc3339();
     // One broker call per user (one atomic append each, in the batch's order
     // for that user); the users' calls run concurrently, and the results go
@@ -216,9 +305,15 @@ pub(super) async fn publish(
             groups.len() - 1
         });
         groups[g].1.push(i);
+        let event = match (e.delta, e.run_id) {
+            (Some(d), Some(run_id)) => {
+                NewEvent::text_delta(run_id, e.thread_id, d.part, &d.text, d.index, ts.clone())
+            }
+            (_, run_id) => NewEvent::new(e.event, e.thread_id, run_id, e.data, ts.clone()),
+        };
         groups[g].2.push(NewEvent {
             idempotency_key: e.idempotency_key,
-            ..NewEvent::new(e.event, e.thread_id, e.run_id, e.data, ts.clone())
+            ..event
         });
     }
     let broker = app.broker();
@@ -230,7 +325,8 @@ pub(super) async fn publish(
         });
     let mut results: Vec<Option<Published>> = vec![None; count];
     for (positions, published) in futures_util::future::join_all(calls).await {
-        for (i, p) in positions.into_iter().zip(published.map_err(unavailable)?) {
+        let published = published.map_err(|e| refused(e, &positions, batch))?;
+        for (i, p) in positions.into_iter().zip(published) {
             results[i] = Some(p);
         }
     }

@@ -31,6 +31,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    /// For `delta_out_of_order`: the index the part expects next.
+    expected: Option<u64>,
 }
 
 impl ApiError {
@@ -41,6 +43,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            expected: None,
         }
     }
 
@@ -52,6 +55,7 @@ impl ApiError {
             code: "invalid_field",
             message,
             field: Some(field),
+            expected: None,
         }
     }
 }
@@ -61,6 +65,9 @@ impl IntoResponse for ApiError {
         let mut body = json!({"error": self.code, "message": self.message});
         if let Some(f) = self.field {
             body["field"] = Value::String(f);
+        }
+        if let Some(n) = self.expected {
+            body["expected"] = Value::from(n);
         }
         (self.status, Json(body)).into_response()
     }

@@ -7,10 +7,13 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:meta` | hash | `epoch`, `seq` |
-//! | `…:log` | stream | one entry per event, id `<seq>-0`, fields `d` (frame JSON), `t` (ms) |
+//! | `…:log` | stream | one entry per event, id `<seq>-0`, fields `d` (frame JSON), `t` (ms); for consecutive text deltas of one part one entry, id `<first seq>-0`, fields `d` (JSON before the text), `t`, `k` (`run\tpart`), `p` (JSON after it) |
+//! | `…:txt:<first>` | string | a text entry's text (JSON-escaped; appended to) |
+//! | `…:off:<first>` | string | where each of its deltas ends in the text (8 hex digits each) |
+//! | `…:parts:<run_id>` | hash | an open run's part → `<next index>\t<seq of its latest delta>` |
 //! | `…:runs` | hash | open run → `<last event ms>\t<thread_id>` |
 //! | `…:runbytes` | hash | open run → bytes of its held events; `*` → all open runs together |
-//! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs) |
+//! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs; a text entry as `<first>`, `T<before>\n<after>`) |
 //! | `…:idem:<key>` | string | the seq of a publish idempotency key (expires) |
 //! | `…:ch` | channel | `<epoch>\n<seq>\n<json>` per stored event |
 //! | `<prefix>:runs` | sorted set | open runs by last event time (for the sweeper) |
@@ -41,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
-use herald_core::protocol::ServerFrame;
 use herald_core::stream::{StreamLimits, runs};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{OnceCell, mpsc, oneshot};
@@ -420,7 +422,8 @@ impl Shared {
                     .key(format!("{base}:log"))
                     .arg(super::memory::new_epoch())
                     .arg(self.limits.max_age.as_millis() as u64)
-                    .arg(self.ttl_ms()),
+                    .arg(self.ttl_ms())
+                    .arg(&base),
             )
             .await?;
         Ok(StreamPosition {
@@ -468,12 +471,37 @@ impl Shared {
                 .arg(e.idempotency_key.as_deref().unwrap_or(""))
                 .arg(e.frame.run_id.as_deref().unwrap_or(""))
                 .arg(if closes { "1" } else { "0" })
-                .arg(e.frame.thread_id.as_deref().unwrap_or(""))
-                .arg(frame_tail(&e.frame)?);
+                .arg(e.frame.thread_id.as_deref().unwrap_or(""));
+            match &e.delta {
+                Some(d) => {
+                    let (pre, post) = d.template.parts();
+                    script
+                        .arg(&d.text)
+                        .arg(&d.part)
+                        .arg(d.index.map(|i| i.to_string()).unwrap_or_default())
+                        .arg(pre)
+                        .arg(post);
+                }
+                None => {
+                    let tail = e.frame_tail().ok_or_else(|| {
+                        unavailable("event frame does not start with its type and seq")
+                    })?;
+                    script.arg(tail).arg("").arg("").arg("").arg("");
+                }
+            }
         }
         let reply: Vec<redis::Value> = self.run(&script).await?;
         let mut it = reply.into_iter();
         let epoch: String = next_as(&mut it)?;
+        if epoch == "!ooo" {
+            let (position, index, expected) =
+                (next_as(&mut it)?, next_as(&mut it)?, next_as(&mut it)?);
+            return Err(BrokerError::DeltaOutOfOrder {
+                position,
+                index,
+                expected,
+            });
+        }
         let receivers: usize = next_as(&mut it)?;
         let k: usize = next_as(&mut it)?;
         let mut oversized = Vec::with_capacity(k);
@@ -539,11 +567,13 @@ impl Shared {
             return Err(BrokerError::Gone { after });
         }
         let mut out = Vec::new();
-        while let Some(seq) = it.next() {
-            let seq: u64 = redis::from_redis_value(seq).map_err(unavailable)?;
+        while let Some(from) = it.next() {
+            let from: u64 = redis::from_redis_value(from).map_err(unavailable)?;
+            let seq: u64 = next_as(&mut it)?;
             let json: Vec<u8> = next_as(&mut it)?;
             out.push(StoredEvent {
                 seq,
+                from,
                 json: Bytes::from(json),
             });
         }
@@ -558,16 +588,6 @@ fn next_as<T: redis::FromRedisValue>(
         .next()
         .ok_or_else(|| unavailable("short reply from redis"))?;
     redis::from_redis_value(v).map_err(unavailable)
-}
-
-/// The event frame's JSON after `{"type":"event","seq":0`: the script puts
-/// the real seq in front.
-fn frame_tail(frame: &herald_core::protocol::EventFrame) -> Result<String, BrokerError> {
-    const HEAD: &str = r#"{"type":"event","seq":0"#;
-    let json = ServerFrame::Event(frame).to_json();
-    json.strip_prefix(HEAD)
-        .map(str::to_owned)
-        .ok_or_else(|| unavailable("event frame does not start with its type and seq"))
 }
 
 impl Broker for RedisBroker {
@@ -641,12 +661,13 @@ impl Broker for RedisBroker {
                         .arg(epoch)
                         .arg(after)
                         .arg(until)
-                        .arg(limit),
+                        .arg(limit)
+                        .arg(&base),
                     after,
                 )
                 .await?;
             match events.first() {
-                Some(first) if first.seq == after + 1 => Ok(events),
+                Some(first) if first.from == after + 1 => Ok(events),
                 _ => Err(BrokerError::Gone { after }),
             }
         })
@@ -669,7 +690,8 @@ impl Broker for RedisBroker {
                         .key(format!("{base}:meta"))
                         .key(format!("{base}:runs"))
                         .arg(epoch)
-                        .arg(&base),
+                        .arg(&base)
+                        .arg(until),
                     0,
                 )
                 .await?;

@@ -210,10 +210,7 @@ pub(super) fn deliver(
         return;
     };
     if let Some(sink) = sink.upgrade() {
-        let event = StoredEvent {
-            seq,
-            json: Bytes::copy_from_slice(json),
-        };
+        let event = StoredEvent::new(seq, Bytes::copy_from_slice(json));
         sink.deliver(stream, epoch, &[event], crate::clock::now());
     }
 }

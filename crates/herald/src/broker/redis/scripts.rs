@@ -1,11 +1,38 @@
 //! The Lua scripts the broker runs: each is atomic, so a stream's keys
 //! change together and its channel carries events in seq order.
 
-/// The Lua helpers: trim a stream's log by age (one read when the oldest
-/// entry is young enough, else up to 64 entries dropped per call), Redis's
-/// clock in ms, and the stream's epoch (created on first use).
-const TRIM_LUA: &str = r#"
-local function trim_age(log, max_age, now)
+/// The Lua helpers: drop a log entry's compacted text when nothing needs
+/// it any more, trim a stream's log by count and by age (one read when the
+/// oldest entry is young enough, else up to 64 entries dropped per call),
+/// Redis's clock in ms, the stream's epoch (created on first use), and the
+/// frame of a compacted text entry cut to a seq range.
+///
+/// A compacted text entry (consecutive `agent_text_delta`s of one run's part)
+/// is one log entry, id `<first seq>-0`, fields `d` (the frame's JSON before
+/// the text), `t`, `k` (`run\tpart`), `p` (the JSON after the text); its text
+/// is `…:txt:<first>` (escaped, appended to) and `…:off:<first>` holds where
+/// each delta ends in it (8 hex digits per delta). An open run's list holds
+/// `<first>`, `T<d>\n<p>` for it. Its keys are dropped when it leaves the log
+/// after its run closed, or when its run closes after it left the log.
+const HELPERS_LUA: &str = r#"
+local function drop_text(base, id, fields)
+  if fields[5] ~= 'k' then return end
+  local run = string.match(fields[6], '^(.-)\t')
+  if run and redis.call('HEXISTS', base .. ':runs', run) == 1 then return end
+  local first = string.match(id, '^(%d+)')
+  redis.call('DEL', base .. ':txt:' .. first, base .. ':off:' .. first)
+end
+local function trim_count(base, max)
+  local log = base .. ':log'
+  local over = redis.call('XLEN', log) - max
+  if over <= 0 then return end
+  for _, e in ipairs(redis.call('XRANGE', log, '-', '+', 'COUNT', over)) do
+    drop_text(base, e[1], e[2])
+  end
+  redis.call('XTRIM', log, 'MAXLEN', max)
+end
+local function trim_age(base, max_age, now)
+  local log = base .. ':log'
   local cutoff = now - max_age
   local head = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
   if #head == 0 or tonumber(head[1][2][4]) >= cutoff then return end
@@ -15,6 +42,7 @@ local function trim_age(log, max_age, now)
       redis.call('XTRIM', log, 'MINID', e[1])
       return
     end
+    drop_text(base, e[1], e[2])
   end
   local last = tonumber(string.match(head[#head][1], '^(%d+)'))
   redis.call('XTRIM', log, 'MINID', (last + 1) .. '-0')
@@ -31,18 +59,42 @@ local function get_epoch(meta, new_epoch)
   end
   return epoch
 end
+-- The frame of text entry `first` (JSON `pre` … `post` around its text) cut
+-- to from..to: {from, to, json}, or nil when they do not meet.
+local function text_frame(base, first, pre, post, from, to)
+  local off = base .. ':off:' .. first
+  local n = redis.call('STRLEN', off) / 8
+  if n == 0 then return nil end
+  local last = first + n - 1
+  if from < first then from = first end
+  if to > last then to = last end
+  if from > to then return nil end
+  local start = 0
+  if from > first then
+    start = tonumber(redis.call('GETRANGE', off, (from - first - 1) * 8, (from - first) * 8 - 1), 16)
+  end
+  local stop = tonumber(redis.call('GETRANGE', off, (to - first) * 8, (to - first) * 8 + 7), 16)
+  local text = ''
+  if stop > start then text = redis.call('GETRANGE', base .. ':txt:' .. first, start, stop - 1) end
+  local head = '{"type":"event","seq":' .. to
+  if from < to then head = head .. ',"from_seq":' .. from end
+  return {from, to, head .. pre .. text .. post}
+end
 "#;
 
 /// KEYS: meta, log, runs, run bytes (one hash tag, so one Cluster slot).
 /// ARGV: new_epoch, max_events, max_age_ms, ttl_ms, idem_ms, channel, base,
 /// publish command (`PUBLISH`, or `SPUBLISH` on Cluster), cond_run,
 /// run_ttl_ms, n, max_run_bytes, max_runs_bytes, then n × (idem, run,
-/// closes, thread, tail).
+/// closes, thread, tail, part, index, pre, post): for a text delta `part` is
+/// set, `tail` is its escaped text and `pre`/`post` the frame around it.
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
 /// Returns {epoch, receivers, k, k × (oversized run, its thread), seq1, dup1, …}:
 /// the oversized runs (over max_run_bytes, or the largest while the stream's
-/// runs hold more than max_runs_bytes) are for the caller to close.
+/// runs hold more than max_runs_bytes) are for the caller to close. A
+/// numbered delta that skips ahead of its part refuses the whole batch
+/// before anything is written: {'!ooo', position, index, expected}.
 const PUBLISH_LUA: &str = r#"
 local now = now_ms()
 local epoch = get_epoch(KEYS[1], ARGV[1])
@@ -54,42 +106,125 @@ if cond_run ~= '' then
   local last = tonumber(string.match(v, '^(%d+)'))
   if now - last <= tonumber(ARGV[10]) then return {epoch, 0, 0} end
 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local n = tonumber(ARGV[11])
+local W = 9
+-- Where a part stands: {next index, seq of its latest delta}.
+local function part_state(run, part)
+  local v = redis.call('HGET', base .. ':parts:' .. run, part)
+  if not v then return 0, 0 end
+  local nx, last = string.match(v, '^(%d+)\t(%d+)$')
+  return tonumber(nx), tonumber(last)
+end
+-- The batch is checked whole first, following its own deltas, closes and keys.
+do
+  local nexts, closed, keys = {}, {}, {}
+  for i = 0, n - 1 do
+    local a = 14 + i * W
+    local idem, run, closes, part, index = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 5], ARGV[a + 6]
+    local skip = idem ~= '' and (keys[idem] or redis.call('EXISTS', base .. ':idem:' .. idem) == 1)
+    if not skip and run ~= '' then
+      if closes == '1' then
+        closed[run] = true
+        for k, _ in pairs(nexts) do
+          if string.sub(k, 1, #run + 1) == run .. '\t' then nexts[k] = nil end
+        end
+      elseif part ~= '' then
+        local k = run .. '\t' .. part
+        local at = nexts[k]
+        if at == nil then
+          if closed[run] then at = 0 else at = part_state(run, part) end
+        end
+        if index ~= '' and tonumber(index) < at then
+          skip = true
+        elseif index ~= '' and tonumber(index) > at then
+          return {'!ooo', i, tonumber(index), at}
+        else
+          nexts[k] = at + 1
+        end
+      end
+    end
+    if not skip and idem ~= '' then keys[idem] = true end
+  end
+end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local max_run, max_runs = tonumber(ARGV[12]), tonumber(ARGV[13])
 local out = {}
 local receivers = 0
 local grew = false
 for i = 0, n - 1 do
-  local a = 14 + i * 5
+  local a = 14 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local prev = false
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
+  if not prev and part ~= '' and index ~= '' then
+    local nx, last = part_state(run, part)
+    if tonumber(index) < nx then prev = last end
+  end
   if prev then
     table.insert(out, tonumber(prev))
     table.insert(out, 1)
   else
     seq = seq + 1
-    local json = '{"type":"event","seq":' .. seq .. tail
-    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'd', json, 't', now)
+    local json, size
+    local rk = base .. ':run:' .. run
+    if part ~= '' then
+      json = '{"type":"event","seq":' .. seq .. pre .. tail .. post
+      -- A delta of the part the log's newest entry holds joins it.
+      local key = run .. '\t' .. part
+      local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+      local first = nil
+      if #newest > 0 and newest[1][2][5] == 'k' and newest[1][2][6] == key then
+        first = string.match(newest[1][1], '^(%d+)')
+      end
+      if first then
+        local len = redis.call('APPEND', base .. ':txt:' .. first, tail)
+        redis.call('APPEND', base .. ':off:' .. first, string.format('%08x', len))
+        size = #tail + 4
+      else
+        first = tostring(seq)
+        redis.call('XADD', KEYS[2], seq .. '-0', 'd', pre, 't', now, 'k', key, 'p', post)
+        redis.call('SET', base .. ':txt:' .. first, tail)
+        redis.call('SET', base .. ':off:' .. first, string.format('%08x', #tail))
+        redis.call('RPUSH', rk, seq, 'T' .. pre .. '\n' .. post)
+        size = #pre + #tail + #post + #part + 4
+      end
+      redis.call('PEXPIRE', base .. ':txt:' .. first, ARGV[4])
+      redis.call('PEXPIRE', base .. ':off:' .. first, ARGV[4])
+      local pk = base .. ':parts:' .. run
+      local nx = part_state(run, part)
+      redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq)
+      redis.call('PEXPIRE', pk, ARGV[4])
+    else
+      json = '{"type":"event","seq":' .. seq .. tail
+      redis.call('XADD', KEYS[2], seq .. '-0', 'd', json, 't', now)
+      size = #json
+    end
+    trim_count(base, tonumber(ARGV[2]))
     if idem ~= '' then redis.call('SET', base .. ':idem:' .. idem, seq, 'PX', ARGV[5]) end
     if run ~= '' then
-      local rk = base .. ':run:' .. run
       if closes == '1' then
-        redis.call('DEL', rk)
         redis.call('HDEL', KEYS[3], run)
-        local held = tonumber(redis.call('HGET', KEYS[4], run) or '0')
+        -- Text entries of the run that already left the log are dropped now.
+        local held = redis.call('LRANGE', rk, 0, -1)
+        for j = 1, #held, 2 do
+          if string.sub(held[j + 1], 1, 1) == 'T' and #redis.call('XRANGE', KEYS[2], held[j] .. '-0', held[j] .. '-0') == 0 then
+            redis.call('DEL', base .. ':txt:' .. held[j], base .. ':off:' .. held[j])
+          end
+        end
+        redis.call('DEL', rk, base .. ':parts:' .. run)
+        local bytes = tonumber(redis.call('HGET', KEYS[4], run) or '0')
         redis.call('HDEL', KEYS[4], run)
-        redis.call('HINCRBY', KEYS[4], '*', -held)
+        redis.call('HINCRBY', KEYS[4], '*', -bytes)
       else
-        redis.call('RPUSH', rk, seq, json)
+        if part == '' then redis.call('RPUSH', rk, seq, json) end
         redis.call('PEXPIRE', rk, ARGV[4])
         -- The run keeps the thread its first event named.
         local held = redis.call('HGET', KEYS[3], run)
         if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
         redis.call('HSET', KEYS[3], run, now .. '\t' .. thread)
-        redis.call('HINCRBY', KEYS[4], run, #json)
-        redis.call('HINCRBY', KEYS[4], '*', #json)
+        redis.call('HINCRBY', KEYS[4], run, size)
+        redis.call('HINCRBY', KEYS[4], '*', size)
         grew = true
       end
     end
@@ -122,45 +257,81 @@ for _, r in ipairs(oversized) do
 end
 for _, v in ipairs(out) do table.insert(head, v) end
 redis.call('HSET', KEYS[1], 'seq', seq)
-trim_age(KEYS[2], tonumber(ARGV[3]), now)
+trim_age(base, tonumber(ARGV[3]), now)
 for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ARGV[4]) end
 return head
 "#;
 
-/// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms.
+/// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms, base.
 /// Returns {epoch, last_seq, first_seq}.
 const POSITION_LUA: &str = r#"
 local epoch = get_epoch(KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-trim_age(KEYS[2], tonumber(ARGV[2]), now_ms())
+trim_age(ARGV[4], tonumber(ARGV[2]), now_ms())
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local first = seq + 1
 if #head > 0 then first = tonumber(string.match(head[1][1], '^(%d+)')) end
 return {epoch, seq, first}
 "#;
 
-/// KEYS: meta, log. ARGV: epoch, after, until, limit.
-/// Returns {} when the epoch differs, else {1, seq1, json1, seq2, json2, …}.
+/// KEYS: meta, log. ARGV: epoch, after, until, limit, base.
+/// Returns {} when the epoch differs, else {1, from1, to1, json1, …}: the
+/// frames covering `after < seq <= until`, a text entry cut to the range
+/// (the one holding `after + 1` included when it starts before it).
 const HISTORY_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {} end
+local after, upto, limit, base = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local out = {1}
-local from = (tonumber(ARGV[2]) + 1) .. '-0'
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], from, ARGV[3] .. '-0', 'COUNT', ARGV[4])) do
-  table.insert(out, string.match(e[1], '^(%d+)'))
-  table.insert(out, e[2][2])
+local count = 0
+local function add(e)
+  local first = tonumber(string.match(e[1], '^(%d+)'))
+  local f = e[2]
+  if f[5] == 'k' then
+    local fr = text_frame(base, first, f[2], f[8], after + 1, upto)
+    if fr then
+      for _, v in ipairs(fr) do table.insert(out, v) end
+      count = count + 1
+    end
+  elseif first > after and first <= upto then
+    table.insert(out, first)
+    table.insert(out, first)
+    table.insert(out, f[2])
+    count = count + 1
+  end
+end
+-- The entry holding after + 1 may start before it.
+local before = redis.call('XREVRANGE', KEYS[2], after .. '-0', '-', 'COUNT', 1)
+if #before > 0 then add(before[1]) end
+if count < limit then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], (after + 1) .. '-0', upto .. '-0', 'COUNT', limit - count)) do
+    add(e)
+  end
 end
 return out
 "#;
 
-/// KEYS: meta, runs. ARGV: epoch, base.
-/// Returns {} when the epoch differs, else {1, seq1, json1, …} (unsorted).
+/// KEYS: meta, runs. ARGV: epoch, base, until.
+/// Returns {} when the epoch differs, else {1, from1, to1, json1, …}
+/// (unsorted): the open runs' frames with seqs up to `until`, a text entry
+/// cut there.
 const RUN_EVENTS_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {} end
+local base, upto = ARGV[2], tonumber(ARGV[3])
 local out = {1}
 for _, run in ipairs(redis.call('HKEYS', KEYS[2])) do
-  for _, v in ipairs(redis.call('LRANGE', ARGV[2] .. ':run:' .. run, 0, -1)) do
-    table.insert(out, v)
+  local held = redis.call('LRANGE', base .. ':run:' .. run, 0, -1)
+  for j = 1, #held, 2 do
+    local seq, v = tonumber(held[j]), held[j + 1]
+    if string.sub(v, 1, 1) == 'T' then
+      local pre, post = string.match(v, '^T(.-)\n(.*)$')
+      local fr = text_frame(base, seq, pre, post, 0, upto)
+      if fr then for _, x in ipairs(fr) do table.insert(out, x) end end
+    elseif seq <= upto then
+      table.insert(out, seq)
+      table.insert(out, seq)
+      table.insert(out, v)
+    end
   end
 end
 return out
@@ -176,12 +347,12 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Self {
-        let with_helpers = |body: &str| redis::Script::new(&format!("{TRIM_LUA}\n{body}"));
+        let with_helpers = |body: &str| redis::Script::new(&format!("{HELPERS_LUA}\n{body}"));
         Self {
             publish: with_helpers(PUBLISH_LUA),
             position: with_helpers(POSITION_LUA),
-            history: redis::Script::new(HISTORY_LUA),
-            run_events: redis::Script::new(RUN_EVENTS_LUA),
+            history: with_helpers(HISTORY_LUA),
+            run_events: with_helpers(RUN_EVENTS_LUA),
         }
     }
 }
