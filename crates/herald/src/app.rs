@@ -46,6 +46,8 @@ pub(crate) struct App {
     prometheus: Option<PrometheusHandle>,
     tasks: Tasks,
     draining: AtomicBool,
+    /// Turns true when the drain starts (for requests that wait on it).
+    drain_signal: tokio::sync::watch::Sender<bool>,
     conn_ids: AtomicU64,
 }
 
@@ -105,6 +107,7 @@ impl App {
             prometheus,
             tasks,
             draining: AtomicBool::new(false),
+            drain_signal: tokio::sync::watch::Sender::new(false),
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
             config,
@@ -164,6 +167,14 @@ impl App {
     /// Start draining: `/readyz` turns 503 and upgrades are refused.
     pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.drain_signal.send_replace(true);
+    }
+
+    /// Resolves once a drain started (at once if it has).
+    pub(crate) async fn drain_started(&self) {
+        let mut rx = self.drain_signal.subscribe();
+        // The sender lives as long as the app, so this only ends on `true`.
+        let _ = rx.wait_for(|draining| *draining).await;
     }
 
     /// True once a drain started.

@@ -2,7 +2,8 @@
 //! real server on the memory broker and on a real `redis-server`: live
 //! deltas in order, history that keeps one entry per part, a resume from
 //! inside a part that sends exactly the unseen text once, a page opened or
-//! reloaded mid-answer, numbered deltas that a retry does not append twice.
+//! reloaded mid-answer, numbered deltas that a retry does not append twice,
+//! and the streaming ingest (`POST /api/v1/runs/{run_id}/text`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -78,6 +79,10 @@ on_both_brokers!(
     a_page_reloaded_mid_answer_gets_the_whole_text_once,
     a_retried_delta_is_not_appended_twice,
     an_open_runs_text_outlives_the_window_and_goes_when_the_run_closes,
+    streamed_deltas_arrive_live_in_order,
+    a_retried_stream_is_not_appended_twice_and_a_resume_sees_the_text_once,
+    a_bad_line_ends_the_stream_with_what_was_appended_before_it,
+    a_drain_answers_a_stream_at_once_with_what_was_appended,
 );
 
 /// The words of the answer: `n` deltas, some needing JSON escapes.
@@ -456,4 +461,270 @@ async fn an_open_runs_text_outlives_the_window_and_goes_when_the_run_closes(setu
     publish_all(&server, (8..11).map(note).collect()).await;
     assert_eq!(setup.texts_held("gu"), 0);
     assert_eq!(setup.entries(&server, "gu"), 3);
+}
+
+/// A streaming ingest request whose body the test writes line by line.
+struct TextStream {
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    answer: tokio::task::JoinHandle<Result<(u16, Value), String>>,
+}
+
+impl TextStream {
+    fn open(server: &Server, user: &str) -> TextStream {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
+        let body =
+            reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            }));
+        let request = client()
+            .post(http_url(
+                server,
+                &format!("/api/v1/runs/r1/text?user_id={user}"),
+            ))
+            .bearer_auth(API_KEY)
+            .body(body)
+            .send();
+        let answer = tokio::spawn(async move {
+            let resp = request.await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            Ok((status, resp.json().await.unwrap_or(Value::Null)))
+        });
+        TextStream { tx, answer }
+    }
+
+    /// Send raw bytes as one chunk of the body.
+    async fn send(&self, bytes: impl Into<Vec<u8>>) {
+        self.tx.send(Ok(bytes.into())).await.unwrap();
+    }
+
+    /// Send deltas `first..` of part `answer` as one chunk.
+    async fn lines(&self, texts: &[String], first: usize) {
+        let mut chunk = String::new();
+        for (i, t) in texts.iter().enumerate() {
+            chunk.push_str(&json!({"part": "answer", "index": first + i, "text": t}).to_string());
+            chunk.push('\n');
+        }
+        self.send(chunk).await;
+    }
+
+    /// End the body and read the answer.
+    async fn finish(self) -> (u16, Value) {
+        drop(self.tx);
+        self.answer.await.unwrap().unwrap()
+    }
+
+    /// Read the answer while the body is still open.
+    async fn finish_open(self) -> (u16, Value) {
+        let answer = self.answer.await.unwrap().unwrap();
+        drop(self.tx);
+        answer
+    }
+
+    /// Break the body off mid-request (the client's connection fails).
+    async fn abort(self) {
+        let _ = self.tx.send(Err(std::io::Error::other("gone"))).await;
+        drop(self.tx);
+        let _ = self.answer.await.unwrap();
+    }
+}
+
+async fn streamed_deltas_arrive_live_in_order(setup: Setup) {
+    let server = setup.start(config()).await;
+    let (mut ws, _) = connect(&server, "hu").await;
+    let started = start_run(&server, "hu").await;
+    assert_eq!(next_event(&mut ws).await["seq"], started);
+    let texts = words(203);
+    let stream = TextStream::open(&server, "hu");
+    // One line at a time: each arrives before the next is written (the
+    // request is still open), so the text is live, not sent at the end.
+    for (i, t) in texts[..3].iter().enumerate() {
+        stream.lines(std::slice::from_ref(t), i).await;
+        let e = next_event(&mut ws).await;
+        assert_eq!(e["seq"].as_u64(), Some(started + 1 + i as u64));
+        assert_eq!(e["data"]["text"].as_str(), Some(t.as_str()));
+    }
+    // A line split across two chunks, then 199 lines in one chunk.
+    let line = json!({"part": "answer", "index": 3, "text": texts[3]}).to_string() + "\n";
+    let (a, b) = line.split_at(line.len() / 2);
+    stream.send(a).await;
+    stream.send(b).await;
+    stream.lines(&texts[4..], 4).await;
+    let (status, report) = stream.finish().await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        (
+            report["lines"].as_u64(),
+            report["appended"].as_u64(),
+            report["duplicates"].as_u64()
+        ),
+        (Some(203), Some(203), Some(0))
+    );
+    assert_eq!(report["last_seq"].as_u64(), Some(started + 203));
+    assert_eq!(report["next"], json!({"answer": 203}));
+    let rest: String = texts[3..].concat();
+    let (text, frames, _) = read_text(&mut ws, started + 3, rest.len()).await;
+    assert_eq!((text, frames), (rest, 200));
+}
+
+async fn a_retried_stream_is_not_appended_twice_and_a_resume_sees_the_text_once(setup: Setup) {
+    let server = setup.start(config()).await;
+    let (mut ws, w) = connect(&server, "io").await;
+    let epoch = w["epoch"].as_str().unwrap().to_owned();
+    let started = start_run(&server, "io").await;
+    let texts = words(60);
+    // The backend streams 30 deltas, then its request breaks.
+    let stream = TextStream::open(&server, "io");
+    stream.lines(&texts[..30], 0).await;
+    // The page sees the first ten, then its connection drops too.
+    assert_eq!(next_event(&mut ws).await["seq"], started);
+    let mut seen = String::new();
+    for _ in 0..10 {
+        seen.push_str(next_event(&mut ws).await["data"]["text"].as_str().unwrap());
+    }
+    drop(ws);
+    // Wait until the 30 are in (the request's fate is unknown to the backend).
+    let (mut probe, _) = hello(
+        &server,
+        json!({"type": "hello", "token": token("io"), "resume": {"epoch": epoch, "seq": started + 29}}),
+    )
+    .await;
+    assert_eq!(next_event(&mut probe).await["seq"], started + 30);
+    stream.abort().await;
+    // The retry resends everything from the start: the 30 are skipped.
+    let retry = TextStream::open(&server, "io");
+    retry.lines(&texts, 0).await;
+    let (status, report) = retry.finish().await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        (report["appended"].as_u64(), report["duplicates"].as_u64()),
+        (Some(30), Some(30))
+    );
+    assert_eq!(report["last_seq"].as_u64(), Some(started + 60));
+    // The page resumes where it was: the unseen text once, in one frame.
+    let (mut ws, w) = hello(
+        &server,
+        json!({"type": "hello", "token": token("io"), "resume": {"epoch": epoch, "seq": started + 10}}),
+    )
+    .await;
+    assert_eq!(w["resumed"], true);
+    let unseen_len = texts[10..].concat().len();
+    let (unseen, frames, last) = read_text(&mut ws, started + 10, unseen_len).await;
+    assert_eq!((frames, last), (1, started + 60));
+    assert_eq!(seen + &unseen, texts.concat());
+}
+
+async fn a_bad_line_ends_the_stream_with_what_was_appended_before_it(setup: Setup) {
+    let server = setup.start(config()).await;
+    start_run(&server, "jo").await;
+    let texts = words(5);
+    let send_one = |body: String| {
+        let server = &server;
+        async move {
+            let s = TextStream::open(server, "jo");
+            s.send(body).await;
+            s.finish().await
+        }
+    };
+    let good = |i: usize| json!({"part": "answer", "index": i, "text": texts[i]}).to_string();
+    // Two good lines, then one that is not JSON: the two stand.
+    let (status, r) = send_one(format!("{}\n{}\nnot json\n{}\n", good(0), good(1), good(2))).await;
+    assert_eq!(
+        (status, r["error"].as_str(), r["line"].as_u64()),
+        (400, Some("invalid_line"), Some(3)),
+        "{r}"
+    );
+    assert_eq!(r["appended"], 2);
+    // An unknown field, an empty part, a wrong type: each named by line.
+    for bad in [
+        json!({"part": "answer", "text": "x", "extra": 1}),
+        json!({"part": "", "text": "x"}),
+        json!({"part": "answer", "text": 5}),
+        json!({"part": "answer", "text": "x", "index": -1}),
+    ] {
+        let (status, r) = send_one(format!("{}\n\n{bad}\n", good(2))).await;
+        assert_eq!((status, r["line"].as_u64()), (400, Some(3)), "{bad}: {r}");
+        assert!(r["message"].as_str().unwrap().contains("line 3"), "{r}");
+    }
+    // Index 2 was appended by the first of those; a skip is 409 with the expected index.
+    let (status, r) = send_one(format!(
+        "{}\n",
+        json!({"part": "answer", "index": 7, "text": "x"})
+    ))
+    .await;
+    assert_eq!(
+        (status, r["error"].as_str(), r["expected"].as_u64()),
+        (409, Some("delta_out_of_order"), Some(3)),
+        "{r}"
+    );
+    assert_eq!(r["line"], 1);
+    // A line over 64 KiB, complete or not.
+    let huge = json!({"part": "answer", "text": "x".repeat(70 * 1024)}).to_string();
+    let (status, r) = send_one(format!("{huge}\n")).await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (413, Some("line_too_large")),
+        "{r}"
+    );
+    let (status, r) = send_one(huge.clone()).await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (413, Some("line_too_large")),
+        "{r}"
+    );
+    // A last line without its newline counts; a wrong key is 401.
+    let (status, r) = send_one(good(3)).await;
+    assert_eq!((status, r["appended"].as_u64()), (200, Some(1)), "{r}");
+    let resp = client()
+        .post(http_url(&server, "/api/v1/runs/r1/text?user_id=jo"))
+        .bearer_auth("wrong")
+        .body(good(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = client()
+        .post(http_url(&server, "/api/v1/runs/r1/text"))
+        .bearer_auth(API_KEY)
+        .body(good(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400, "user_id is required");
+    // The part holds exactly what was appended: deltas 0..=3.
+    let (mut ws, _) = hello(
+        &server,
+        json!({"type": "hello", "token": token("jo"), "replay_active_runs": true}),
+    )
+    .await;
+    assert_eq!(next_event(&mut ws).await["event"], "agent_started");
+    let e = next_event(&mut ws).await;
+    assert_eq!(
+        e["data"]["text"].as_str(),
+        Some(texts[..4].concat().as_str())
+    );
+}
+
+async fn a_drain_answers_a_stream_at_once_with_what_was_appended(setup: Setup) {
+    let server = setup.start(config()).await;
+    let (mut ws, _) = connect(&server, "ka").await;
+    let started = start_run(&server, "ka").await;
+    assert_eq!(next_event(&mut ws).await["seq"], started);
+    let stream = TextStream::open(&server, "ka");
+    stream.lines(&words(2), 0).await;
+    next_event(&mut ws).await;
+    next_event(&mut ws).await;
+    let stopped = tokio::spawn(server.shutdown());
+    let (status, r) = tokio::time::timeout(std::time::Duration::from_secs(5), stream.finish_open())
+        .await
+        .expect("answered at once, not after the body ends");
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (503, Some("draining")),
+        "{r}"
+    );
+    assert_eq!(
+        (r["appended"].as_u64(), r["next"].clone()),
+        (Some(2), json!({"answer": 2}))
+    );
+    stopped.await.unwrap();
 }

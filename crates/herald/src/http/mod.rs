@@ -1,5 +1,6 @@
 //! HTTP: the router and everything it serves — the publish/kick/inspect API
-//! ([`api`]), health and metrics, the WebSocket upgrade ([`ws`]) and the
+//! ([`api`]), the streaming text ingest ([`ingest`]), health and metrics, the
+//! WebSocket upgrade ([`ws`]) and the
 //! embedded demo page ([`web`]). Every error is JSON
 //! `{"error": "<code>", "message": "...", "field": "..."}` with a fitting status.
 
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 
 pub(crate) mod api;
+mod ingest;
 mod web;
 mod ws;
 
@@ -91,6 +93,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/events", post(api::publish))
+        .route("/api/v1/runs/{run_id}/text", post(ingest::text))
         .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/connections", get(api::connections))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

@@ -1,0 +1,333 @@
+//! `POST /api/v1/runs/{run_id}/text`: a run's answer text streamed in one
+//! long request, so a backend does not pay one HTTP request per token.
+//!
+//! The body is newline-delimited JSON, one text delta per line:
+//! `{"part":"answer","index":0,"text":"Hel"}` (`index` optional). The server
+//! reads the body as it arrives; the complete lines that arrived together are
+//! published as one batch (one broker call), so a fast producer is batched
+//! by the network and a slow one is delivered line by line. The answer comes
+//! when the body ends (or at the first problem): how many deltas were
+//! appended and skipped as duplicates, and where each part stands. Numbered
+//! deltas make a retry safe: resend from anywhere at or before what was
+//! appended, and what was appended already is skipped, not appended twice.
+//!
+//! Bounds, per request: a line is at most [`MAX_LINE_BYTES`]; deltas are
+//! published at most [`MAX_DELTAS_PER_SEC`] a second after a burst of
+//! [`BURST_DELTAS`] (a faster producer is slowed down by not reading, never
+//! refused); a body silent for [`IDLE_TIMEOUT`] is answered 408; a drain
+//! answers 503 at once. A run's text is bounded as any run is (`run_too_large`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use herald_core::text::MAX_PART_LEN;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::api::{MAX_BATCH, MAX_REF_BYTES, MAX_USER_ID_BYTES};
+use super::authorize;
+use crate::app::App;
+use crate::broker::{BrokerError, NewEvent, user_stream};
+
+/// Longest line of the body, in bytes.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Deltas published per second, per request, after the burst.
+pub const MAX_DELTAS_PER_SEC: u64 = 2000;
+/// Deltas a request may publish at once before the rate applies.
+pub const BURST_DELTAS: u64 = 2000;
+/// Longest wait for more of the body.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Deserialize)]
+pub(super) struct IngestQuery {
+    user_id: String,
+    #[serde(default)]
+    thread_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    part: String,
+    text: String,
+    #[serde(default)]
+    index: Option<u64>,
+}
+
+/// What a request did so far; part of every answer.
+#[derive(Debug, Default)]
+struct Report {
+    lines: u64,
+    appended: u64,
+    duplicates: u64,
+    last_seq: Option<u64>,
+    epoch: Option<String>,
+    /// Per part: the index after its last numbered delta of this request.
+    next: BTreeMap<String, u64>,
+}
+
+impl Report {
+    fn json(&self) -> Value {
+        json!({
+            "lines": self.lines,
+            "appended": self.appended,
+            "duplicates": self.duplicates,
+            "last_seq": self.last_seq,
+            "epoch": self.epoch,
+            "next": self.next,
+        })
+    }
+
+    /// The answer to a request that stopped at a problem: the error, and
+    /// what was done before it.
+    fn refuse(&self, status: StatusCode, code: &str, message: String, extra: Value) -> Response {
+        let mut body = self.json();
+        body["error"] = json!(code);
+        body["message"] = json!(message);
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                body[k] = v;
+            }
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// One delta line ready to publish, with the line number it came from.
+struct Parsed {
+    line: u64,
+    part: String,
+    text: String,
+    index: Option<u64>,
+}
+
+fn parse(line_no: u64, raw: &[u8]) -> Result<Parsed, String> {
+    let field = |f: &str| format!("line {line_no}: `{f}`");
+    let line: Line = serde_json::from_slice(raw).map_err(|e| {
+        format!("line {line_no} is not a delta (`{{\"part\",\"text\",\"index\"}}`): {e}")
+    })?;
+    if line.part.is_empty() || line.part.len() > MAX_PART_LEN {
+        return Err(format!("{} must be 1 to 128 bytes", field("part")));
+    }
+    Ok(Parsed {
+        line: line_no,
+        part: line.part,
+        text: line.text,
+        index: line.index,
+    })
+}
+
+/// `POST /api/v1/runs/{run_id}/text?user_id=…[&thread_id=…]`.
+pub(super) async fn text(
+    State(app): State<Arc<App>>,
+    Path(run_id): Path<String>,
+    query: Result<Query<IngestQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Err(e) = authorize(&app, &headers) {
+        return e.into_response();
+    }
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return super::ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text())
+                .into_response();
+        }
+    };
+    if q.user_id.is_empty() || q.user_id.len() > MAX_USER_ID_BYTES {
+        return super::ApiError::field("user_id", "must be 1 to 256 bytes").into_response();
+    }
+    for (field, v) in [
+        ("run_id", Some(&run_id)),
+        ("thread_id", q.thread_id.as_ref()),
+    ] {
+        if v.is_some_and(|v| v.is_empty() || v.len() > MAX_REF_BYTES) {
+            return super::ApiError::field(field, "must be 1 to 128 bytes").into_response();
+        }
+    }
+    let stream = user_stream(&q.user_id);
+    let started = tokio::time::Instant::now();
+    let mut report = Report::default();
+    let mut body = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut ended = false;
+    while !ended {
+        let chunk = tokio::select! {
+            chunk = tokio::time::timeout(IDLE_TIMEOUT, body.next()) => chunk,
+            () = app.drain_started() => {
+                return report.refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining",
+                    "the server is restarting; resend the deltas not appended to another node".into(),
+                    Value::Null,
+                );
+            }
+        };
+        match chunk {
+            Err(_) => {
+                return report.refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "stream_idle",
+                    format!("no data for {} s", IDLE_TIMEOUT.as_secs()),
+                    Value::Null,
+                );
+            }
+            Ok(None) => ended = true,
+            Ok(Some(Err(e))) => {
+                return report.refuse(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("the body could not be read: {e}"),
+                    Value::Null,
+                );
+            }
+            Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
+        }
+        // The complete lines so far (and, at the end, a last line without `\n`).
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(n) = buf[start..].iter().position(|&b| b == b'\n') {
+            lines.push(&buf[start..start + n]);
+            start += n + 1;
+        }
+        if ended && start < buf.len() {
+            lines.push(&buf[start..]);
+            start = buf.len();
+        }
+        let mut batch = Vec::new();
+        for raw in lines {
+            report.lines += 1;
+            if raw.len() > MAX_LINE_BYTES {
+                return line_too_large(&report, raw.len());
+            }
+            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+            if raw.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match parse(report.lines, raw) {
+                Ok(p) => batch.push(p),
+                Err(message) => {
+                    // What came before this line in the same read still counts.
+                    if let Err(r) =
+                        publish(&app, &stream, &run_id, &q, batch, &mut report, started).await
+                    {
+                        return r;
+                    }
+                    return report.refuse(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_line",
+                        message,
+                        json!({ "line": report.lines }),
+                    );
+                }
+            }
+        }
+        buf.drain(..start);
+        if buf.len() > MAX_LINE_BYTES {
+            report.lines += 1;
+            return line_too_large(&report, buf.len());
+        }
+        if let Err(r) = publish(&app, &stream, &run_id, &q, batch, &mut report, started).await {
+            return r;
+        }
+    }
+    (StatusCode::OK, Json(report.json())).into_response()
+}
+
+fn line_too_large(report: &Report, len: usize) -> Response {
+    report.refuse(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "line_too_large",
+        format!(
+            "line {} is over {len} bytes; the limit is {MAX_LINE_BYTES}",
+            report.lines
+        ),
+        json!({ "line": report.lines }),
+    )
+}
+
+/// Publish `batch` (in broker calls of at most [`MAX_BATCH`]), at the rate
+/// bound, and record what happened; the answer to send when it failed.
+async fn publish(
+    app: &App,
+    stream: &str,
+    run_id: &str,
+    q: &IngestQuery,
+    batch: Vec<Parsed>,
+    report: &mut Report,
+    started: tokio::time::Instant,
+) -> Result<(), Response> {
+    let mut batch = batch.into_iter().peekable();
+    while batch.peek().is_some() {
+        let chunk: Vec<Parsed> = batch.by_ref().take(MAX_BATCH).collect();
+        // The rate bound: deltas beyond the burst wait their turn.
+        let sent = report.appended + report.duplicates + chunk.len() as u64;
+        let due = sent.saturating_sub(BURST_DELTAS) * 1000 / MAX_DELTAS_PER_SEC;
+        tokio::time::sleep_until(started + Duration::from_millis(due)).await;
+        let ts = crate::clock::now_rfc3339();
+        let events = chunk
+            .iter()
+            .map(|p| {
+                NewEvent::text_delta(
+                    run_id.to_owned(),
+                    q.thread_id.clone(),
+                    p.part.clone(),
+                    &p.text,
+                    p.index,
+                    ts.clone(),
+                )
+            })
+            .collect();
+        match app.broker().publish(stream, events).await {
+            Ok(results) => {
+                for (p, r) in chunk.iter().zip(&results) {
+                    if r.duplicate {
+                        report.duplicates += 1;
+                    } else {
+                        report.appended += 1;
+                        report.last_seq = Some(r.seq);
+                    }
+                    if let Some(i) = p.index {
+                        let next = report.next.entry(p.part.clone()).or_default();
+                        *next = (*next).max(i + 1);
+                    }
+                    report.epoch = Some(r.epoch.clone());
+                }
+            }
+            Err(BrokerError::DeltaOutOfOrder {
+                position,
+                index,
+                expected,
+            }) => {
+                let line = chunk.get(position).map_or(0, |p| p.line);
+                return Err(report.refuse(
+                    StatusCode::CONFLICT,
+                    "delta_out_of_order",
+                    format!(
+                        "line {line} is delta {index} of its part; the part expects {expected}"
+                    ),
+                    json!({ "line": line, "expected": expected }),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "broker failed");
+                return Err(report.refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker_unavailable",
+                    e.to_string(),
+                    Value::Null,
+                ));
+            }
+        }
+    }
+    Ok(())
+}
