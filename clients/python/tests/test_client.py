@@ -167,3 +167,99 @@ def test_a_retry_after_a_lost_answer_does_not_duplicate(herald_server):
         assert transport.bodies[0]["idempotency_key"] == transport.bodies[1]["idempotency_key"]
         assert h.publish("eve", "note").seq == 2, "one seq was used, not two"
     assert [e["seq"] for e in events(ws, 2)] == [1, 2]
+
+
+def _text_of(frames):
+    return "".join(f["data"]["text"] for f in frames if f["event"] == "agent_text_delta")
+
+
+WORDS = [f"w{i} " if i % 5 else "\"é😀\"\n" for i in range(120)]
+
+
+def test_run_text_streams_the_answer_in_order_before_the_next_event(herald_server):
+    ws = herald_server.ws("tia")
+    with Herald(herald_server.url, API_KEY) as h:
+        with h.run("tia") as run:
+            for w in WORDS[:60]:
+                run.text(w)
+            with run.tool("search", {"q": "x"}) as call:
+                call.result = 1
+            for w in WORDS[60:]:
+                run.text(w, part="final")
+    got = events(ws, 1 + 60 + 2 + 60 + 1)
+    names = [e["event"] for e in got]
+    assert names == (
+        ["agent_started"]
+        + ["agent_text_delta"] * 60
+        + ["tool_executing", "tool_completed"]
+        + ["agent_text_delta"] * 60
+        + ["agent_completed"]
+    )
+    assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
+    assert _text_of(got[1:61]) == "".join(WORDS[:60])
+    assert {e["data"]["part"] for e in got[1:61]} == {"answer"}
+    assert _text_of(got[63:123]) == "".join(WORDS[60:])
+    assert {e["data"]["part"] for e in got[63:123]} == {"final"}
+
+
+class _LoseFirstTextAnswer(httpx.BaseTransport):
+    """Breaks the first text stream after its first chunk: that chunk reaches
+    Herald and the answer is lost (`deliver`), or the chunk is lost too."""
+
+    def __init__(self, deliver: bool) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.deliver = deliver
+        self.lost = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/text") and not self.lost:
+            first = next(iter(request.stream))  # type: ignore[arg-type]
+            self.lost = first.count(b"\n")
+            if self.deliver:
+                sent = httpx.Request(
+                    "POST", request.url, headers={"Authorization": request.headers["Authorization"]}, content=first
+                )
+                assert self.inner.handle_request(sent).status_code == 200
+            raise httpx.ReadError("connection lost")
+        return self.inner.handle_request(request)
+
+
+@pytest.mark.parametrize("delivered", [True, False])
+def test_a_lost_text_stream_is_retried_without_a_gap_or_a_repeat(herald_server, delivered):
+    ws = herald_server.ws("uma")
+    transport = _LoseFirstTextAnswer(delivered)
+    with Herald(herald_server.url, API_KEY, transport=transport) as h:
+        with h.run("uma") as run:
+            for w in WORDS:
+                run.text(w)
+    assert transport.lost >= 1
+    got = events(ws, 1 + len(WORDS) + 1)
+    assert [e["seq"] for e in got] == list(range(1, len(WORDS) + 3))
+    assert got[-1]["event"] == "agent_completed"
+    assert _text_of(got) == "".join(WORDS)
+
+
+def test_async_run_text_streams_and_a_refused_stream_fails_the_run(herald_server):
+    ws = herald_server.ws("val")
+
+    async def main() -> None:
+        async with AsyncHerald(herald_server.url, API_KEY) as h:
+            async with h.run("val") as run:
+                for w in WORDS:
+                    run.text(w)
+                    await asyncio.sleep(0)
+                run.complete("done")
+        # A part id over 128 bytes is refused (400): the run ends with agent_error.
+        async with AsyncHerald(herald_server.url, API_KEY) as h:
+            async with h.run("val") as run:
+                run.text("x", part="p" * 200)
+
+    asyncio.run(main())
+    got = events(ws, 1 + len(WORDS) + 1 + 2)
+    assert [e["event"] for e in got[: len(WORDS) + 2]] == (
+        ["agent_started"] + ["agent_text_delta"] * len(WORDS) + ["agent_completed"]
+    )
+    assert _text_of(got[: len(WORDS) + 2]) == "".join(WORDS)
+    assert [e["event"] for e in got[len(WORDS) + 2 :]] == ["agent_started", "agent_error"]
+    assert got[-1]["data"]["error"] == "HeraldError"
+    assert "invalid_line" in got[-1]["data"]["message"]

@@ -1,12 +1,18 @@
 """Agent runs as context managers: opened with ``agent_started``, closed with
 exactly one of ``agent_completed``, ``agent_error`` or ``agent_cancelled`` —
-whatever happens in the block."""
+whatever happens in the block. ``run.text()`` streams the answer as
+``agent_text_delta`` events over one request (see ``_text``); the text is
+confirmed before any other event of the run is published, so events keep
+their order."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, Optional, Type
+
+from ._errors import HeraldError
+from ._text import AsyncTextStream, TextStream
 
 if TYPE_CHECKING:
     from ._client import AsyncHerald, Herald
@@ -76,11 +82,19 @@ class Run:
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         self._final: Any = None
+        self._text = TextStream(client, user_id, self.run_id, thread_id)
 
     def _emit(self, event: str, data: Dict[str, Any]) -> None:
+        self._text.flush()
         self._client.publish(
             self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
         )
+
+    def text(self, delta: str, part: str = "answer") -> None:
+        """Append ``delta`` to the run's text ``part`` (``agent_text_delta``):
+        queued and sent at once over the run's text stream, without waiting.
+        Raises :class:`HeraldError` if an earlier delta could not be delivered."""
+        self._text.text(delta, part)
 
     def __enter__(self) -> "Run":
         self._emit("agent_started", {})
@@ -100,6 +114,11 @@ class Run:
         self._final = final_response
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self._text.flush()
+        except HeraldError as e:
+            if exc_type is None:
+                exc_type, exc = type(e), e
         event, data = _closing(exc_type, exc, self._final)
         self._emit(event, data)
 
@@ -138,11 +157,18 @@ class AsyncRun:
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         self._final: Any = None
+        self._text = AsyncTextStream(client, user_id, self.run_id, thread_id)
 
     async def _emit(self, event: str, data: Dict[str, Any]) -> None:
+        await self._text.flush()
         await self._client.publish(
             self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
         )
+
+    def text(self, delta: str, part: str = "answer") -> None:
+        """Append ``delta`` to the run's text ``part`` (see :meth:`Run.text`);
+        not a coroutine: it queues, and the run's sender task writes."""
+        self._text.text(delta, part)
 
     async def __aenter__(self) -> "AsyncRun":
         await self._emit("agent_started", {})
@@ -163,6 +189,11 @@ class AsyncRun:
         self._final = final_response
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            await asyncio.shield(self._text.flush())
+        except HeraldError as e:
+            if exc_type is None:
+                exc_type, exc = type(e), e
         event, data = _closing(exc_type, exc, self._final)
         # Shielded: a cancelled task still gets its closing event out.
         await asyncio.shield(self._emit(event, data))
