@@ -56,7 +56,7 @@ async fn run_events(ws: &mut Ws) -> Vec<Value> {
 }
 
 #[tokio::test]
-async fn demo_agent_answers_with_its_seven_events_in_order() {
+async fn demo_agent_answers_with_the_golden_path_and_streams_its_answer() {
     let server = start().await;
     let (mut ws, _) = connect(&server, "gil").await;
     send_json(&mut ws, message("m1", "what is the weather")).await;
@@ -71,6 +71,7 @@ async fn demo_agent_answers_with_its_seven_events_in_order() {
     let names: Vec<&str> = events
         .iter()
         .map(|e| e["event"].as_str().unwrap())
+        .filter(|&e| e != "agent_text_delta")
         .collect();
     assert_eq!(
         names,
@@ -83,6 +84,28 @@ async fn demo_agent_answers_with_its_seven_events_in_order() {
             "agent_thinking",
             "agent_completed"
         ]
+    );
+    // The answer streamed word by word between the last thought and the end,
+    // numbered from 0, and exactly the final response.
+    let deltas = &events[6..events.len() - 1];
+    assert!(deltas.len() > 10, "{}", deltas.len());
+    let mut text = String::new();
+    for (i, d) in deltas.iter().enumerate() {
+        assert_eq!(d["event"], "agent_text_delta");
+        assert_eq!(d["data"]["part"], "answer");
+        assert!(
+            d["data"].get("index").is_none(),
+            "the index is not sent to clients"
+        );
+        text.push_str(d["data"]["text"].as_str().unwrap());
+        assert!(
+            i == deltas.len() - 1 || text.ends_with(' '),
+            "word by word: {text:?}"
+        );
+    }
+    assert_eq!(
+        events.last().unwrap()["data"]["final_response"],
+        text.as_str()
     );
     let run = events[0]["run_id"].as_str().unwrap();
     assert!(
@@ -135,8 +158,8 @@ async fn cancel_mid_run_ends_with_agent_cancelled_and_nothing_after() {
     }
     assert!(rest.iter().any(|v| v["code"] == "unknown_run"), "{rest:?}");
     assert!(!rest.iter().any(|v| v["event"] == "agent_completed"));
-    // Nothing of that run after agent_cancelled (the demo run would take ~1 s).
-    skip(Duration::from_millis(1300)).await;
+    // Nothing of that run after agent_cancelled (the demo run would take ~1.5 s).
+    skip(Duration::from_millis(3000)).await;
     send_json(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
     // And the run is closed: cancelling again is refused.

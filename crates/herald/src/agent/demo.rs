@@ -1,9 +1,11 @@
 //! The built-in demo agent, used when no webhook is configured: it answers
 //! every message with the golden path — `agent_started`, `agent_thinking` (a
 //! few streamed chunks), `tool_executing` / `tool_completed` for a pretend
-//! tool, `agent_completed` with a `final_response` — over about a second,
-//! through the same publish path external backends use. A `cancel` ends the
-//! run with `agent_cancelled`, and nothing of that run follows it.
+//! tool, the answer streamed word by word as `agent_text_delta` (part
+//! `answer`), `agent_completed` with the same text as `final_response` — over
+//! about a second and a half, through the same publish path external
+//! backends use. A `cancel` ends the run with `agent_cancelled`, and nothing
+//! of that run follows it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +22,14 @@ use crate::tasks::Tasks;
 
 /// Pause between the demo agent's events.
 const STEP: Duration = Duration::from_millis(160);
+/// Pause between the words of its answer.
+const WORD: Duration = Duration::from_millis(30);
+
+/// One thing the demo agent publishes, and the pause before it.
+enum Step {
+    Event(&'static str, Value),
+    Word(usize, String),
+}
 
 /// The demo agent.
 #[derive(Debug)]
@@ -49,44 +59,70 @@ impl DemoAgent {
         };
         // Pairs the tool call's two events (`tool_call_id`, see docs/PROTOCOL.md).
         let call_id = format!("call_{}", run_id.trim_start_matches("run_"));
-        let steps: Vec<(&str, Value)> = vec![
-            (
+        let answer = format!(
+            "You said: \u{201c}{}\u{201d}. I am Herald's built-in demo agent; set HERALD_WEBHOOK_URL to connect your own.",
+            msg.text
+        );
+        let mut steps = vec![
+            Step::Event(
                 "agent_started",
                 json!({"message_id": msg.message_id, "agent": "herald-demo"}),
             ),
-            ("agent_thinking", json!({"text": "Reading your message"})),
-            (
+            Step::Event("agent_thinking", json!({"text": "Reading your message"})),
+            Step::Event(
                 "agent_thinking",
                 json!({"text": format!("Thinking about \u{201c}{topic}\u{201d}")}),
             ),
-            (
+            Step::Event(
                 "tool_executing",
                 json!({"tool": "search", "tool_call_id": call_id, "input": {"query": topic}}),
             ),
-            (
+            Step::Event(
                 "tool_completed",
                 json!({"tool": "search", "tool_call_id": call_id, "output": {"results": 3, "summary": format!("3 notes found about \u{201c}{topic}\u{201d}")}}),
             ),
-            ("agent_thinking", json!({"text": "Writing the answer"})),
-            (
-                "agent_completed",
-                json!({"final_response": format!(
-                    "You said: \u{201c}{}\u{201d}. I am Herald's built-in demo agent; set HERALD_WEBHOOK_URL to connect your own.",
-                    msg.text
-                )}),
-            ),
+            Step::Event("agent_thinking", json!({"text": "Writing the answer"})),
         ];
-        for (i, (event, data)) in steps.into_iter().enumerate() {
+        // The answer word by word, each word with the space after it.
+        steps.extend(
+            answer
+                .split_inclusive(' ')
+                .enumerate()
+                .map(|(i, w)| Step::Word(i, w.to_owned())),
+        );
+        steps.push(Step::Event(
+            "agent_completed",
+            json!({ "final_response": answer }),
+        ));
+        for (i, step) in steps.into_iter().enumerate() {
             if i > 0 {
+                let pause = if matches!(step, Step::Word(..)) {
+                    WORD
+                } else {
+                    STEP
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(STEP) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = cancel.notified() => {
                         self.publish(&msg, &run_id, "agent_cancelled", json!({"reason": "cancelled by user"})).await;
                         break;
                     }
                 }
             }
-            self.publish(&msg, &run_id, event, data).await;
+            match step {
+                Step::Event(event, data) => self.publish(&msg, &run_id, event, data).await,
+                Step::Word(index, word) => {
+                    let delta = NewEvent::text_delta(
+                        run_id.clone(),
+                        Some(msg.thread_id.clone()),
+                        "answer".to_owned(),
+                        &word,
+                        Some(index as u64),
+                        crate::clock::now_rfc3339(),
+                    );
+                    self.send(&msg, delta).await;
+                }
+            }
         }
         self.runs.remove(&run_id);
     }
@@ -99,6 +135,10 @@ impl DemoAgent {
             data,
             crate::clock::now_rfc3339(),
         );
+        self.send(msg, event).await;
+    }
+
+    async fn send(&self, msg: &MessageOut, event: NewEvent) {
         let stream = user_stream(&msg.user_id);
         if let Err(e) = self.broker.publish(&stream, vec![event]).await {
             tracing::warn!(error = %e, "demo agent could not publish");
