@@ -11,10 +11,12 @@ const KEEP_CLOSED = 32;
 
 /**
  * Turns one run's events into UI message chunks: agent_started → start +
- * start-step; agent_thinking → reasoning; tool_executing / tool_completed →
- * tool input / output (paired by `tool_call_id`, else by order per tool
- * name); agent_completed → text + finish; agent_error → error;
- * agent_cancelled → abort.
+ * start-step; agent_thinking → reasoning; agent_text_delta → text-start (once
+ * per part) and text-delta; tool_executing / tool_completed → tool input /
+ * output (paired by `tool_call_id`, else by order per tool name);
+ * agent_completed → finish (with `final_response` as text when no text was
+ * streamed); agent_error → error; agent_cancelled → abort. Any other event
+ * ends the open text parts first.
  */
 export function runChunker(runId) {
   const reasoningId = `${runId}:reasoning`;
@@ -23,14 +25,31 @@ export function runChunker(runId) {
   let n = 0;
   /** Tool calls without an id, waiting for their completion, by tool name. */
   const unnamed = new Map();
+  /** Text parts open now, and whether any text was streamed. */
+  const texts = new Set();
+  let streamed = false;
   const closeReasoning = (out) => {
     if (reasoning) out.push({ type: 'reasoning-end', id: reasoningId });
     reasoning = false;
   };
+  const closeTexts = (out) => {
+    for (const id of texts) out.push({ type: 'text-end', id });
+    texts.clear();
+  };
   return (e) => {
     const out = [];
     const data = e.data ?? {};
+    if (e.event !== 'agent_text_delta') closeTexts(out);
     switch (e.event) {
+      case 'agent_text_delta': {
+        closeReasoning(out);
+        const id = `${runId}:${data.part ?? 'answer'}`;
+        if (!texts.has(id)) out.push({ type: 'text-start', id });
+        texts.add(id);
+        streamed = true;
+        out.push({ type: 'text-delta', id, delta: String(data.text ?? '') });
+        break;
+      }
       case 'agent_started':
         out.push({ type: 'start', messageId: runId }, { type: 'start-step' });
         break;
@@ -65,7 +84,7 @@ export function runChunker(runId) {
       case 'agent_completed': {
         closeReasoning(out);
         const final = data.final_response;
-        if (final != null) {
+        if (final != null && !streamed) {
           const text = typeof final === 'string' ? final : JSON.stringify(final);
           out.push({ type: 'text-start', id: textId }, { type: 'text-delta', id: textId, delta: text }, { type: 'text-end', id: textId });
         }

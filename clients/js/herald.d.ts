@@ -55,6 +55,20 @@ export interface HeraldEvent<D = Record<string, unknown>> {
   ts: string;
   /** Present on events replayed from history (missed, or an open run's), not on live ones. */
   replayed?: true;
+  /** A frame from history covering several text deltas: its first seq (`seq` is the last). */
+  from_seq?: number;
+}
+
+/** A run's text part grew (`on('text', …)`). */
+export interface TextUpdate {
+  runId: string;
+  part: string;
+  /** The part's text so far. */
+  text: string;
+  /** What this frame appended (several deltas' text when it came from history). */
+  delta: string;
+  seq: number;
+  replayed: boolean;
 }
 
 /** The agent events of docs/PROTOCOL.md, by name: the default event map. */
@@ -69,6 +83,8 @@ export interface AgentEvents {
     error?: { type: string; message: string };
     [k: string]: unknown;
   }>;
+  /** Text appended to part `part` of the run (docs/PROTOCOL.md, "Answer text"). */
+  agent_text_delta: HeraldEvent<{ part: string; text: string }>;
   agent_completed: HeraldEvent<{ final_response?: unknown; [k: string]: unknown }>;
   agent_error: HeraldEvent<{ error?: string; message?: string; reason?: string; [k: string]: unknown }>;
   agent_cancelled: HeraldEvent<{ reason?: string; [k: string]: unknown }>;
@@ -117,6 +133,8 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   on(name: 'closing', handler: (f: { reason: string; reconnect_after_ms: number }) => void): () => void;
   on(name: 'close', handler: (c: { code: number; reason: string }) => void): () => void;
   on(name: 'error', handler: (e: HeraldError) => void): () => void;
+  /** A run's text part grew: its text so far, assembled across reconnects and reloads. */
+  on(name: 'text', handler: (t: TextUpdate) => void): () => void;
   /** Every event, whatever its name. */
   on(name: 'event', handler: (e: Events[keyof Events] | HeraldEvent) => void): () => void;
   /** Events by name, typed by the event map. */
@@ -138,4 +156,6 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   ): Promise<{ id: string }>;
   /** Ask the agent to stop a run; queued while disconnected, resolves once sent. */
   cancel(runId: string): Promise<void>;
+  /** The text of an open run's part so far (`''` when none). */
+  text(runId: string, part?: string): string;
 }

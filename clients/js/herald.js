@@ -58,6 +58,8 @@ export class HeraldClient {
     this._onOnline = () => this._networkChanged(true);
     this._onOffline = () => this._networkChanged(false);
     this.position = this._load() || { epoch: null, seq: 0 };
+    /** Text parts of open runs, assembled from `agent_text_delta`: "run\u0000part" → text. */
+    this._texts = new Map();
     this.connId = null;
     this.userId = null;
   }
@@ -67,8 +69,10 @@ export class HeraldClient {
 
   /**
    * Subscribe. Names: any event name (`agent_thinking`, …), `event` (every
-   * event), `state`, `welcome`, `reset`, `caught_up` (after each welcome,
-   * once the replay is over), `closing`, `error`, `close`.
+   * event), `text` (a run's text part grew: `{runId, part, text, delta, seq,
+   * replayed}`, `text` being the part so far), `state`, `welcome`, `reset`,
+   * `caught_up` (after each welcome, once the replay is over), `closing`,
+   * `error`, `close`.
    * @returns {() => void} unsubscribe
    */
   on(name, handler) {
@@ -173,7 +177,35 @@ export class HeraldClient {
     return entry.promise;
   }
 
+  /**
+   * The text of `runId`'s `part` so far (from `agent_text_delta`), or `''`.
+   * Kept while the run is open; a closed run's parts are forgotten.
+   */
+  text(runId, part = 'answer') {
+    return this._texts.get(`${runId}\u0000${part}`) ?? '';
+  }
+
   // -- internals ------------------------------------------------------------
+
+  /**
+   * Assemble text parts. Each seq reaches the client once per connection —
+   * a frame from history may cover several deltas (`from_seq`…`seq`) and
+   * then holds their text joined — so appending every delta frame is exact,
+   * across reconnects and reloads alike.
+   */
+  _onRunEvent(f) {
+    if (f.event === 'agent_text_delta') {
+      const part = String(f.data?.part ?? '');
+      const delta = String(f.data?.text ?? '');
+      const key = `${f.run_id}\u0000${part}`;
+      const text = (this._texts.get(key) ?? '') + delta;
+      this._texts.set(key, text);
+      this._emit('text', { runId: f.run_id, part, text, delta, seq: f.seq, replayed: f.replayed === true });
+    } else if (f.event === 'agent_completed' || f.event === 'agent_error' || f.event === 'agent_cancelled') {
+      const prefix = `${f.run_id}\u0000`;
+      for (const key of [...this._texts.keys()]) if (key.startsWith(prefix)) this._texts.delete(key);
+    }
+  }
 
   async _open() {
     // Each open belongs to a generation; `close()` starts a new one, so an
@@ -267,6 +299,7 @@ export class HeraldClient {
         }
         this._emit(f.event, f);
         this._emit('event', f);
+        if (f.run_id != null) this._onRunEvent(f);
         break;
       }
       case 'ack': {

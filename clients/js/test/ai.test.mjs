@@ -52,6 +52,24 @@ test('a message streams the demo run as reasoning, a tool call and the answer', 
   client.close();
 });
 
+test('the streamed answer maps to one text part: text-start, a delta per word, text-end', async () => {
+  const { client, transport } = await connected('a1b');
+  const stream = await submit(transport, 'chat-1b', 'ui-msg-1b', 'count my words');
+  const chunks = [];
+  for await (const c of stream) chunks.push(c);
+  const text = chunks.filter((c) => c.type.startsWith('text-'));
+  assert.equal(text[0].type, 'text-start');
+  assert.equal(text.at(-1).type, 'text-end');
+  const deltas = text.slice(1, -1);
+  assert.ok(deltas.length > 10 && deltas.every((c) => c.type === 'text-delta' && c.id === text[0].id));
+  const answer = deltas.map((c) => c.delta).join('');
+  assert.match(answer, /^You said: \u201ccount my words\u201d\. /);
+  // Ended before the finish; the final response is not sent again as text.
+  assert.ok(chunks.findIndex((c) => c.type === 'text-end') < chunks.findIndex((c) => c.type === 'finish'));
+  assert.equal(chunks.filter((c) => c.type === 'text-start').length, 1);
+  client.close();
+});
+
 test('reconnectToStream resumes the open run after a reload, or returns null', async () => {
   const { client: first, transport: t1 } = await connected('a2');
   const stream = await submit(t1, 'chat-2', 'ui-msg-2', 'a long question');

@@ -30,8 +30,14 @@ test('connects, says hello, and reports state changes', async () => {
 test('sendMessage resolves on ack and the demo agent run arrives in order', async () => {
   const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n2') });
   const events = [];
+  const texts = [];
   c.on('event', (e) => events.push(e));
-  const done = new Promise((r) => c.on('agent_completed', r));
+  c.on('text', (t) => texts.push(t));
+  let assembled = null;
+  const done = new Promise((r) => c.on('agent_completed', (e) => {
+    assembled = c.text(e.run_id); // still there while the event is handled
+    r(e);
+  }));
   c.connect();
   await until(() => c.state === 'open');
   const ack = await c.sendMessage('t1', 'hello agent');
@@ -39,7 +45,14 @@ test('sendMessage resolves on ack and the demo agent run arrives in order', asyn
   const final = await done;
   assert.match(final.data.final_response, /hello agent/);
   const names = [...new Set(events.map((e) => e.event))];
-  assert.deepEqual(names, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_completed']);
+  assert.deepEqual(names, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_text_delta', 'agent_completed']);
+  // The answer, assembled from its deltas, is the final response.
+  assert.ok(texts.length > 10, `${texts.length} text updates`);
+  assert.equal(texts.at(-1).text, final.data.final_response);
+  assert.equal(texts.map((t) => t.delta).join(''), final.data.final_response);
+  assert.ok(texts.every((t) => t.part === 'answer' && t.runId === final.run_id && !t.replayed));
+  assert.equal(assembled, final.data.final_response);
+  assert.equal(c.text(final.run_id), '', 'forgotten once the run closed');
   const seqs = events.map((e) => e.seq);
   assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i));
   c.close();
@@ -62,6 +75,30 @@ test('reconnects after a kick and resumes with no lost or duplicated event', asy
   assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7]);
   assert.deepEqual(closes, [4409]);
   assert.equal(c.state, 'open');
+  c.close();
+});
+
+test('text parts are assembled across a reconnect: the missed deltas arrive as one frame, no word twice', async () => {
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n3t'), backoffBaseMs: 50 });
+  const updates = [];
+  c.on('text', (t) => updates.push(t));
+  c.connect();
+  await until(() => c.state === 'open');
+  const words = Array.from({ length: 30 }, (_, i) => `w${i} `);
+  const delta = (i) => ({ user_id: 'n3t', event: 'agent_text_delta', run_id: 'r1', data: { part: 'answer', index: i, text: words[i] } });
+  await api(h, '/api/v1/events', { user_id: 'n3t', event: 'agent_started', run_id: 'r1' });
+  await api(h, '/api/v1/events', { events: [0, 1, 2, 3, 4].map(delta) });
+  await until(() => c.text('r1') === words.slice(0, 5).join(''), 5000, 'five words');
+  await api(h, '/api/v1/disconnect', { user_id: 'n3t' });
+  await api(h, '/api/v1/events', { events: words.slice(5, 20).map((_, i) => delta(i + 5)) });
+  await until(() => c.text('r1').length === words.slice(0, 20).join('').length, 10000, 'twenty words');
+  assert.equal(c.text('r1'), words.slice(0, 20).join(''));
+  // The fifteen words published while away came back as one replayed frame.
+  const replayed = updates.filter((u) => u.replayed);
+  assert.deepEqual(replayed.map((u) => u.delta), [words.slice(5, 20).join('')]);
+  await api(h, '/api/v1/events', { events: words.slice(20).map((_, i) => delta(i + 20)) });
+  await until(() => updates.at(-1).text === words.join(''), 5000, 'all words');
+  assert.equal(updates.map((u) => u.delta).join(''), words.join(''));
   c.close();
 });
 

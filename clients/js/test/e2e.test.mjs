@@ -33,12 +33,15 @@ after(async () => {
 const runCards = () => page.locator('.run');
 const lastRun = () => runCards().last();
 
+/** The demo agent's answer to `text`. */
+const answerTo = (text) => `You said: \u201c${text}\u201d. I am Herald's built-in demo agent; set HERALD_WEBHOOK_URL to connect your own.`;
+
 async function send(text) {
   await page.fill('#text', text);
   await page.press('#text', 'Enter');
 }
 
-test('type a message and see the seven events rendered', async () => {
+test('type a message and see the run rendered, its answer written word by word', async () => {
   await page.goto(`http://${h.addr}/`);
   await page.fill('#name', 'pat');
   await page.press('#name', 'Enter');
@@ -47,11 +50,15 @@ test('type a message and see the seven events rendered', async () => {
   await page.waitForSelector('.msg.user[data-pending="false"]'); // acked
   await page.waitForSelector('.run[data-status="completed"]', { timeout: 10000 });
   const run = lastRun();
-  // started, 3 × thinking, tool executing + completed, completed: seqs 1..7.
-  assert.deepEqual(await page.evaluate(() => window.__herald.seqs), [1, 2, 3, 4, 5, 6, 7]);
+  // started, 3 × thinking, tool executing + completed, the answer's words,
+  // completed: seqs 1..N, each once.
+  const seqs = await page.evaluate(() => window.__herald.seqs);
+  assert.ok(seqs.length > 17, `${seqs.length} events`);
+  assert.deepEqual(seqs, seqs.map((_, i) => i + 1));
   assert.equal(await run.locator('[data-event="agent_thinking"]').count(), 3);
   assert.equal(await run.locator('.tool[data-status="done"]').count(), 1);
-  assert.match(await run.locator('.final').innerText(), /plan my trip to Lisbon/);
+  assert.equal(await run.locator('.answer').innerText(), answerTo('plan my trip to Lisbon'));
+  assert.equal(await run.locator('.final > *').count(), 1, 'the final response is not shown twice');
   assert.equal(await run.locator('.badge').innerText(), 'done');
   mkdirSync(SHOTS, { recursive: true });
   await page.screenshot({ path: path.join(SHOTS, 'demo-chat.png'), fullPage: true });
@@ -72,6 +79,23 @@ test('reload mid-run shows the whole run', async () => {
   assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
   // The reload resumed from the stored position (storageKey) and still got
   // the whole run, each event once.
+  assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
+  const seqs = await page.evaluate(() => window.__herald.seqs);
+  assert.equal(new Set(seqs).size, seqs.length, `duplicates after reload: ${seqs}`);
+});
+
+test('reload mid-answer shows the answer text once', async () => {
+  await send('reload while you write');
+  await page.waitForSelector('.run[data-status="running"] .answer');
+  const runId = await lastRun().getAttribute('data-run-id');
+  const partial = await lastRun().locator('.answer').innerText();
+  await page.reload();
+  await page.waitForSelector('#status[data-state="open"]');
+  const card = page.locator(`.run[data-run-id="${runId}"]`);
+  await page.waitForSelector(`.run[data-run-id="${runId}"][data-status="completed"]`, { timeout: 10000 });
+  const answer = answerTo('reload while you write');
+  assert.ok(answer.startsWith(partial) && partial.length < answer.length, `reloaded at: ${partial}`);
+  assert.equal(await card.locator('.answer').innerText(), answer);
   assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
   const seqs = await page.evaluate(() => window.__herald.seqs);
   assert.equal(new Set(seqs).size, seqs.length, `duplicates after reload: ${seqs}`);
