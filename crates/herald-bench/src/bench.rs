@@ -8,6 +8,8 @@
 //! - `connect`: connect + hello → welcome, as fast as allowed by a concurrency bound.
 //! - `resume`: N clients drop their TCP connections, E events per user are
 //!   published, all reconnect with `resume` → time until all caught up.
+//! - `text`: N answers of E tokens at R tokens/s streamed at once over the
+//!   streaming ingest → CPU, memory, history entries per answer, reload cost.
 //! - `idle`: N idle connections → server RSS per connection and idle CPU
 //!   (read from `/proc/<server pid>`).
 //!
@@ -52,6 +54,9 @@ pub enum Scenario {
     /// A long run with churn, kicks and slow consumers, sampling the
     /// server's RSS, descriptors and threads (see `soak.rs`).
     Soak,
+    /// Answers streamed as text deltas over the streaming ingest, one per
+    /// user at once (see `text.rs`).
+    Text,
 }
 
 /// Options of `herald-bench`.
@@ -108,6 +113,9 @@ pub struct BenchArgs {
     /// PID of a Redis server, to report its CPU per 1,000 publishes (fanout).
     #[arg(long)]
     pub redis_pid: Option<u32>,
+    /// Port of that Redis, to count its commands with `redis-cli` (text).
+    #[arg(long)]
+    pub redis_port: Option<u16>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -172,11 +180,11 @@ struct WorkerReport {
 /// The summary printed at the end.
 #[derive(Debug, Serialize)]
 pub struct Summary {
-    scenario: Scenario,
-    connections: usize,
-    failed_connections: usize,
-    figures: Vec<(String, String)>,
-    latency_us: Option<Percentiles>,
+    pub(crate) scenario: Scenario,
+    pub(crate) connections: usize,
+    pub(crate) failed_connections: usize,
+    pub(crate) figures: Vec<(String, String)>,
+    pub(crate) latency_us: Option<Percentiles>,
 }
 
 /// Latency percentiles in µs.
@@ -234,8 +242,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.worker.is_some() {
         return worker(args).await;
     }
-    if args.procs > 1 && args.scenario == Scenario::Resume {
-        bail!("the resume scenario runs in one process (at most ~19,000 connections)");
+    if args.procs > 1 && matches!(args.scenario, Scenario::Resume | Scenario::Text) {
+        bail!("the resume and text scenarios run in one process (at most ~19,000 connections)");
     }
     let summary = match args.scenario {
         Scenario::Soak => return crate::soak::soak(&args).await,
@@ -243,6 +251,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Connect => connect_scenario(&args).await?,
         Scenario::Resume => resume(&args).await?,
         Scenario::Idle => idle(&args).await?,
+        Scenario::Text => crate::text::text(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -635,6 +644,7 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         Scenario::Resume => "resume",
         Scenario::Idle => "idle",
         Scenario::Soak => "soak",
+        Scenario::Text => "text",
     };
     vec![
         scenario.to_owned(),
@@ -1094,7 +1104,7 @@ pub(crate) fn rss_of(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces) start at ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;

@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod bench;
 mod soak;
+mod text;
 
 fn main() -> anyhow::Result<()> {
     let args = bench::BenchArgs::parse();

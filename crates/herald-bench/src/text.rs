@@ -1,0 +1,323 @@
+//! `herald-bench text`: answers streamed as text deltas (issue 18). Each of
+//! `--connections` users has one connection; every user gets an answer of
+//! `--events` tokens at `--rate` tokens/s, all at once, each answer over its
+//! own streaming ingest request (`POST /api/v1/runs/{run_id}/text`, one line
+//! per token, written as it is "generated"). Reported: server CPU over the
+//! streaming phase (and Redis's, with `--redis-pid`), server memory and
+//! history entries per answer, Redis commands per answer (`--redis-port`),
+//! delivery (every delta received, in order, the text whole), and what a
+//! page reloaded at the answer's middle is sent: frames and bytes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::bench::{
+    BenchArgs, Summary, api_client, cpu_ticks, open_client, rss_of, server_addr, token, ws_url,
+};
+
+/// What the readers saw, all users together.
+#[derive(Default)]
+struct Seen {
+    deltas: AtomicU64,
+    text_bytes: AtomicU64,
+    gaps: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The token `i` of an answer (a word and a space; ~5 bytes, as LLM tokens).
+fn token_text(i: usize) -> String {
+    format!("w{} ", i % 1000)
+}
+
+async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<f64> {
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no {name} in /metrics"))
+}
+
+fn redis_commands(port: u16) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "stats"])
+        .output()
+        .context("redis-cli")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no total_commands_processed")
+}
+
+/// Frames and bytes a page reloaded after `seq` (resume + run replay) is
+/// sent until `caught_up`.
+async fn reload(args: &BenchArgs, user: &str, epoch: &str, seq: u64) -> anyhow::Result<(u64, u64)> {
+    let addr = server_addr(&args.url)?;
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&args.url)).await?;
+    let hello = json!({"type": "hello", "token": token(&args.secret, user)?,
+        "resume": {"epoch": epoch, "seq": seq}, "replay_active_runs": true});
+    let _ = addr;
+    futures_util::SinkExt::send(&mut ws, Message::text(hello.to_string())).await?;
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await? {
+        if let Message::Text(t) = msg? {
+            frames += 1;
+            bytes += t.len() as u64;
+            let v: serde_json::Value = serde_json::from_str(&t)?;
+            if v["type"] == "caught_up" {
+                return Ok((frames, bytes));
+            }
+        }
+    }
+    bail!("closed before caught_up")
+}
+
+/// Run the scenario.
+pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
+    let n = args.connections;
+    let tokens = args.events;
+    let rate = args.rate.max(1);
+    let addr = server_addr(&args.url)?;
+    let url = ws_url(&args.url);
+    let http = api_client()?;
+    let pid = args.server_pid.first().copied();
+    let seen = Arc::new(Seen::default());
+    let answer_len: u64 = (0..tokens).map(|i| token_text(i).len() as u64).sum();
+
+    // One reader per user: every delta in order (seq + 1), the text whole.
+    let mut epochs = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n);
+    let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    for u in 0..n {
+        let user = format!("text-{u}");
+        let (mut ws, welcome) =
+            open_client(addr, &url, source, &token(&args.secret, &user)?, None).await?;
+        epochs.push(welcome["epoch"].as_str().unwrap_or_default().to_owned());
+        let seen = seen.clone();
+        readers.push(tokio::spawn(async move {
+            let mut last = 0u64;
+            let mut len = 0u64;
+            while let Some(Ok(msg)) = ws.next().await {
+                let Message::Text(t) = msg else { continue };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else {
+                    continue;
+                };
+                if v["type"] != "event" {
+                    continue;
+                }
+                let seq = v["seq"].as_u64().unwrap_or(0);
+                if last != 0 && seq != last + 1 {
+                    seen.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                last = seq;
+                if v["event"] == "agent_text_delta" {
+                    seen.deltas.fetch_add(1, Ordering::Relaxed);
+                    let l = v["data"]["text"].as_str().map_or(0, str::len) as u64;
+                    len += l;
+                    seen.text_bytes.fetch_add(l, Ordering::Relaxed);
+                    if len == answer_len {
+                        seen.done.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    eprintln!("{n} connections open");
+    // The gauge is refreshed by the sweeper (1 s).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let history_before = gauge(&http, &args.url, "herald_history_events")
+        .await
+        .unwrap_or(f64::NAN);
+    let start_run = |u: usize| json!({"user_id": format!("text-{u}"), "event": "agent_started", "run_id": "answer"});
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let events: Vec<_> = chunk.iter().map(|&u| start_run(u)).collect();
+        http.post(format!("{}/api/v1/events", args.url))
+            .bearer_auth(&args.api_key)
+            .json(&json!({ "events": events }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let rss_before = pid.map(rss_of).transpose()?;
+    let cpu_before = pid.map(cpu_ticks).transpose()?;
+    let redis_cpu_before = args.redis_pid.map(cpu_ticks).transpose()?;
+    let redis_cmds_before = args.redis_port.map(redis_commands).transpose()?;
+
+    // The answers: one streaming request each, a line every 1/rate s.
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(n);
+    for u in 0..n {
+        let url = format!("{}/api/v1/runs/answer/text?user_id=text-{u}", args.url);
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let body = futures_util::stream::unfold(0usize, move |i| async move {
+            if i >= tokens {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            let line =
+                json!({"part": "answer", "index": i, "text": token_text(i)}).to_string() + "\n";
+            Some((Ok::<_, std::io::Error>(line.into_bytes()), i + 1))
+        });
+        let req = http
+            .post(url)
+            .bearer_auth(&args.api_key)
+            // Generous: a saturated server reads the bodies slower than they are written.
+            .timeout(Duration::from_secs(tokens as u64 * 20 / rate + 120))
+            .body(reqwest::Body::wrap_stream(body))
+            .send();
+        streams.push(tokio::spawn(async move {
+            let resp = req.await?;
+            let status = resp.status();
+            let report: serde_json::Value = resp.json().await?;
+            anyhow::ensure!(status.is_success(), "{status}: {report}");
+            anyhow::Ok(report)
+        }));
+    }
+    let mut appended = 0u64;
+    for s in streams {
+        let report = s.await??;
+        appended += report["appended"].as_u64().unwrap_or(0);
+    }
+    let streamed = started.elapsed();
+    // Every reader has its whole text (or give it 30 s more).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.done.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delivered_at = started.elapsed();
+    let cpu = pid.map(cpu_ticks).transpose()?;
+    let redis_cpu = args.redis_pid.map(cpu_ticks).transpose()?;
+    let redis_cmds = args.redis_port.map(redis_commands).transpose()?;
+    let rss = pid.map(rss_of).transpose()?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let history = gauge(&http, &args.url, "herald_history_events")
+        .await
+        .unwrap_or(f64::NAN);
+    // On Redis the gauge is not kept: count user 0's log entries instead.
+    let redis_entries = match args.redis_port {
+        Some(port) => {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "XLEN", "herald:{user:text-0}:log"])
+                .output()
+                .context("redis-cli")?;
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        }
+        None => None,
+    };
+    // A page of user 0 reloaded at the answer's middle (its agent_started is
+    // seq 1, so token k is seq 1 + k).
+    let (reload_frames, reload_bytes) =
+        reload(args, "text-0", &epochs[0], 1 + tokens as u64 / 2).await?;
+    let (full_frames, full_bytes) = reload(args, "text-0", "", 0).await?;
+    for r in readers {
+        r.abort();
+    }
+
+    let ticks = 100.0; // USER_HZ
+    let per = |v: f64| v / n as f64;
+    let mut figures = vec![
+        (
+            "answers × tokens".into(),
+            format!("{n} × {tokens} at {rate}/s"),
+        ),
+        ("deltas appended".into(), appended.to_string()),
+        (
+            "deltas received".into(),
+            seen.deltas.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "answers received whole".into(),
+            seen.done.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "seq gaps".into(),
+            seen.gaps.load(Ordering::Relaxed).to_string(),
+        ),
+        (
+            "streaming took".into(),
+            format!(
+                "{:.1} s (all delivered at {:.1} s)",
+                streamed.as_secs_f64(),
+                delivered_at.as_secs_f64()
+            ),
+        ),
+        (
+            "deltas/s (all answers)".into(),
+            format!("{:.0}", appended as f64 / streamed.as_secs_f64()),
+        ),
+        (
+            "history entries per answer (agent_started + text)".into(),
+            match redis_entries {
+                Some(e) => format!("{e} (user 0's Redis log)"),
+                None => format!("{:.2}", per(history - history_before)),
+            },
+        ),
+        (
+            "page reloaded mid-answer: frames / bytes".into(),
+            format!("{reload_frames} / {reload_bytes}"),
+        ),
+        (
+            "page opened after the answer: frames / bytes".into(),
+            format!("{full_frames} / {full_bytes}"),
+        ),
+    ];
+    if let (Some(a), Some(b)) = (cpu_before, cpu) {
+        let secs = (b - a) as f64 / ticks;
+        figures.push((
+            "server CPU".into(),
+            format!(
+                "{secs:.1} s = {:.1} ms per answer, {:.2} µs per delta",
+                per(secs) * 1e3,
+                secs * 1e6 / appended.max(1) as f64
+            ),
+        ));
+    }
+    if let (Some(a), Some(b)) = (redis_cpu_before, redis_cpu) {
+        let secs = (b - a) as f64 / ticks;
+        figures.push((
+            "redis CPU".into(),
+            format!("{secs:.1} s = {:.1} ms per answer", per(secs) * 1e3),
+        ));
+    }
+    if let (Some(a), Some(b)) = (redis_cmds_before, redis_cmds) {
+        figures.push((
+            "redis commands per answer".into(),
+            format!(
+                "{:.0} ({:.1} per delta)",
+                per((b - a) as f64),
+                (b - a) as f64 / appended.max(1) as f64
+            ),
+        ));
+    }
+    if let (Some(a), Some(b)) = (rss_before, rss) {
+        figures.push((
+            "server RSS per answer".into(),
+            format!("{:.1} KiB", per(b as f64 - a as f64) / 1024.0),
+        ));
+    }
+    Ok(Summary {
+        scenario: args.scenario,
+        connections: n,
+        failed_connections: 0,
+        figures,
+        latency_us: None,
+    })
+}
