@@ -452,13 +452,7 @@ impl Actor {
         if decision.reset
             && let Some((epoch, seq)) = resume
         {
-            let cause = if epoch != pos.epoch {
-                "unknown_epoch"
-            } else if seq > pos.last_seq {
-                "ahead"
-            } else {
-                "evicted"
-            };
+            let cause = reset_cause(&pos, epoch, seq);
             metrics::counter!(telemetry::RESETS, "cause" => cause).increment(1);
         }
         let replaying = !matches!(decision.plan, Plan::Live { .. });
@@ -638,6 +632,18 @@ fn classify_read_error(e: axum::Error) -> ReadEnd {
     }
 }
 
+/// Why a resume from (`epoch`, `seq`) was refused, as the `cause` label of
+/// `herald_resets_total`.
+fn reset_cause(pos: &herald_core::catchup::StreamPosition, epoch: &str, seq: u64) -> &'static str {
+    if epoch != pos.epoch {
+        "unknown_epoch"
+    } else if seq > pos.last_seq {
+        "ahead"
+    } else {
+        "evicted"
+    }
+}
+
 /// Peer resets, broken pipes and EOFs are ordinary; anything else is not.
 fn io_end(io: &std::io::Error) -> CloseInfo {
     use std::io::ErrorKind::*;
@@ -794,5 +800,46 @@ mod tests {
         assert!(!guard.permit(&stats), "a write after the close is refused");
         assert!(!guard.permit(&stats));
         assert_eq!(stats.snapshot().frames_after_close, 2);
+    }
+
+    /// Mutation testing (issue 17): the cause label of a refused resume.
+    #[test]
+    fn a_refused_resume_is_labelled_with_its_cause() {
+        let pos = herald_core::catchup::StreamPosition {
+            epoch: "e1".into(),
+            last_seq: 10,
+            first_seq: 5,
+        };
+        assert_eq!(reset_cause(&pos, "e0", 3), "unknown_epoch");
+        assert_eq!(reset_cause(&pos, "e0", 10), "unknown_epoch");
+        assert_eq!(reset_cause(&pos, "e1", 11), "ahead");
+        assert_eq!(
+            reset_cause(&pos, "e1", 10),
+            "evicted",
+            "at the end is not ahead"
+        );
+        assert_eq!(reset_cause(&pos, "e1", 2), "evicted");
+    }
+
+    /// Mutation testing (issue 17): a peer that went away is `peer_gone`;
+    /// any other I/O failure is an error.
+    #[test]
+    fn ordinary_transport_ends_are_peer_gone() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::BrokenPipe,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::NotConnected,
+        ] {
+            assert_eq!(
+                io_end(&Error::from(kind)).reason,
+                CloseReason::PeerGone,
+                "{kind:?}"
+            );
+        }
+        let other = io_end(&Error::other("disk on fire"));
+        assert_eq!(other.reason, CloseReason::IoError);
     }
 }

@@ -727,6 +727,97 @@ mod tests {
         assert_eq!(held(&store, "a").await, (6..=12).collect::<Vec<_>>());
     }
 
+    /// Mutation testing (issue 17): epochs and node ids differ per call (a
+    /// restart must be a new epoch), and user streams parse back.
+    #[test]
+    fn epochs_are_random_and_user_streams_parse_back() {
+        let (a, b) = (new_epoch(), new_epoch());
+        assert_ne!(a, b);
+        assert!(
+            a.len() == 16 && a.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+        assert_ne!(super::super::new_node_id(), super::super::new_node_id());
+        assert!(!super::super::new_node_id().is_empty());
+        let stream = super::super::user_stream("ann");
+        assert_eq!(super::super::stream_user(&stream), Some("ann"));
+        assert_eq!(super::super::stream_user("ann"), None);
+    }
+
+    /// Mutation testing (issue 17): the charge is exactly payload + 288 B per
+    /// event + 640 B per stream + each key twice + 448 B per key.
+    #[tokio::test]
+    async fn the_charge_is_payload_and_measured_overheads() {
+        let store = broker(StreamLimits::default(), 1 << 30);
+        store
+            .publish("a", ev("note", None, Some("key-1")))
+            .await
+            .unwrap();
+        store.publish("a", ev("note", None, None)).await.unwrap();
+        store.publish("b", ev("note", None, None)).await.unwrap();
+        let st = store.stats();
+        assert_eq!((st.streams, st.events), (2, 3));
+        assert_eq!(
+            st.charged_bytes,
+            st.bytes
+                + 3 * EVENT_OVERHEAD_BYTES
+                + 2 * STREAM_OVERHEAD_BYTES
+                + 2 * 5
+                + KEY_OVERHEAD_BYTES
+        );
+    }
+
+    /// Mutation testing (issue 17): open runs together may take half the
+    /// bound; past it, the largest run of the stream holding the most is
+    /// closed with `run_too_large` and the smaller one stays open.
+    #[tokio::test]
+    async fn runs_over_half_the_bound_close_the_largest() {
+        let limits = StreamLimits {
+            max_run_bytes: usize::MAX,
+            max_runs_bytes: usize::MAX,
+            ..StreamLimits::default()
+        };
+        let store = broker(limits, 40_000);
+        let think = |pad: usize| {
+            let mut e = ev("agent_thinking", Some("big"), None);
+            e[0].frame.data = json!({"pad": "x".repeat(pad)});
+            e
+        };
+        store
+            .publish("b", ev("agent_started", Some("small"), None))
+            .await
+            .unwrap();
+        for _ in 0..15 {
+            store.publish("a", think(1000)).await.unwrap();
+        }
+        assert!(
+            store.is_open_run("a", "big").await.unwrap(),
+            "15 KB: within half of 40 KB"
+        );
+        let mut more = 0;
+        while store.is_open_run("a", "big").await.unwrap() {
+            store.publish("a", think(1000)).await.unwrap();
+            more += 1;
+            assert!(more <= 10, "still open at {} KB", 15 + more);
+        }
+        // ~1.1 KB an event: over 20 KB at the 18th.
+        assert_eq!(
+            more, 3,
+            "closed at the event that took the runs over half the bound"
+        );
+        assert!(store.is_open_run("b", "small").await.unwrap());
+        let pos = store.position("a").await.unwrap();
+        let last = store
+            .history("a", &pos.epoch, pos.last_seq - 1, pos.last_seq, 1)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&last[0].json).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["data"]["reason"].as_str()),
+            (Some("agent_error"), Some("run_too_large"))
+        );
+    }
+
     #[tokio::test]
     async fn duplicate_key_returns_the_original_seq_and_no_frame() {
         let store = broker(StreamLimits::default(), 1 << 20);
