@@ -335,3 +335,71 @@ async fn a_stream_whose_slot_moves_under_load_loses_nothing() {
         .expect("live delivery after the slot moved");
     assert_eq!(e["seq"].as_u64(), Some(N + 1));
 }
+
+/// Issue 18 on a Cluster: text deltas published through one node compact in
+/// the stream's slot; a reader on another node resumes from inside the part
+/// on a third and gets exactly the unseen text, once; a page opened there
+/// gets the run's text so far as one frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_deltas_compact_and_resume_across_a_cluster() {
+    let cluster = Cluster::start();
+    let (a, b, c) = (
+        node(&cluster).await,
+        node(&cluster).await,
+        node(&cluster).await,
+    );
+    let (mut on_a, w) = connect(&a, "tex").await;
+    let epoch = w["epoch"].as_str().unwrap().to_owned();
+    let delta = |i: usize| {
+        json!({"user_id": "tex", "event": "agent_text_delta", "run_id": "r1",
+               "data": {"part": "answer", "index": i, "text": format!("w{i} ")}})
+    };
+    let (status, _) = post(
+        &b,
+        "/api/v1/events",
+        json!({"user_id": "tex", "event": "agent_started", "run_id": "r1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, body) = post(
+        &b,
+        "/api/v1/events",
+        json!({"events": (0..40).map(delta).collect::<Vec<_>>()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut seen = String::new();
+    assert_eq!(event_of(&mut on_a).await["event"], "agent_started");
+    for _ in 0..10 {
+        seen.push_str(event_of(&mut on_a).await["data"]["text"].as_str().unwrap());
+    }
+    drop(on_a);
+    let whole: String = (0..40).map(|i| format!("w{i} ")).collect();
+    let mut ws = open(&c, &[], None).await;
+    send_json(
+        &mut ws,
+        json!({"type": "hello", "token": token("tex"), "resume": {"epoch": epoch, "seq": 11}}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["resumed"], true);
+    let e = event_of(&mut ws).await;
+    assert_eq!(
+        (e["from_seq"].as_u64(), e["seq"].as_u64()),
+        (Some(12), Some(41))
+    );
+    assert_eq!(seen + e["data"]["text"].as_str().unwrap(), whole);
+    let mut page = open(&a, &[], None).await;
+    send_json(
+        &mut page,
+        json!({"type": "hello", "token": token("tex"), "replay_active_runs": true}),
+    )
+    .await;
+    next_json(&mut page).await;
+    assert_eq!(event_of(&mut page).await["event"], "agent_started");
+    let e = event_of(&mut page).await;
+    assert_eq!(e["data"]["text"].as_str(), Some(whole.as_str()));
+    assert_eq!(
+        (e["from_seq"].as_u64(), e["seq"].as_u64()),
+        (Some(2), Some(41))
+    );
+}
