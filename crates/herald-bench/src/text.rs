@@ -49,16 +49,21 @@ async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result
         .with_context(|| format!("no {name} in /metrics"))
 }
 
-fn redis_commands(port: u16) -> anyhow::Result<u64> {
+/// A field of Redis's `INFO section`.
+fn redis_info(port: u16, section: &str, field: &str) -> anyhow::Result<u64> {
     let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "INFO", "stats"])
+        .args(["-p", &port.to_string(), "INFO", section])
         .output()
         .context("redis-cli")?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().parse().ok())
-        .context("no total_commands_processed")
+        .with_context(|| format!("no {field} in INFO {section}"))
+}
+
+fn redis_commands(port: u16) -> anyhow::Result<u64> {
+    redis_info(port, "stats", "total_commands_processed")
 }
 
 /// Frames and bytes a page reloaded after `seq` (resume + run replay) is
@@ -155,6 +160,10 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let cpu_before = pid.map(cpu_ticks).transpose()?;
     let redis_cpu_before = args.redis_pid.map(cpu_ticks).transpose()?;
     let redis_cmds_before = args.redis_port.map(redis_commands).transpose()?;
+    let redis_mem_before = args
+        .redis_port
+        .map(|p| redis_info(p, "memory", "used_memory"))
+        .transpose()?;
 
     // The answers: one streaming request each, a line every 1/rate s.
     let started = Instant::now();
@@ -203,6 +212,10 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let cpu = pid.map(cpu_ticks).transpose()?;
     let redis_cpu = args.redis_pid.map(cpu_ticks).transpose()?;
     let redis_cmds = args.redis_port.map(redis_commands).transpose()?;
+    let redis_mem = args
+        .redis_port
+        .map(|p| redis_info(p, "memory", "used_memory"))
+        .transpose()?;
     let rss = pid.map(rss_of).transpose()?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let history = gauge(&http, &args.url, "herald_history_events")
@@ -305,6 +318,12 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
                 per((b - a) as f64),
                 (b - a) as f64 / appended.max(1) as f64
             ),
+        ));
+    }
+    if let (Some(a), Some(b)) = (redis_mem_before, redis_mem) {
+        figures.push((
+            "redis used_memory per answer".into(),
+            format!("{:.1} KiB", per(b as f64 - a as f64) / 1024.0),
         ));
     }
     if let (Some(a), Some(b)) = (rss_before, rss) {
