@@ -283,23 +283,32 @@ impl MemoryBroker {
         }
     }
 
-    /// Drop order entries whose events are already gone (bounded memory).
+    /// Entries in the global eviction order (for tests of its bound).
+    #[cfg(test)]
+    fn order_len(&self) -> usize {
+        self.order.lock().len()
+    }
+
+    /// Drop order entries whose events are already gone (bounded memory):
+    /// every entry, not only those in front — a quiet stream's events still
+    /// held at the front must not keep a busy stream's evicted ones behind
+    /// them. Runs when the order holds twice the events plus 1,024, and leaves
+    /// at most one entry per event held, so its cost is amortized per publish.
     fn prune_order(&self) {
         let mut order = self.order.lock();
-        let held = self.total_events.load(Ordering::Relaxed);
-        while order.len() > held {
-            let Some((user, seq)) = order.front().cloned() else {
-                break;
-            };
-            let gone = match self.streams.get(&user) {
-                None => true,
-                Some(s) => s.lock().oldest().is_none_or(|(oldest, _)| oldest > seq),
-            };
-            if !gone {
-                break;
-            }
-            order.pop_front();
-        }
+        // Each stream's held range, looked up once per pass (an entry beyond
+        // the stream's last seq belongs to an earlier epoch of it).
+        let mut held: std::collections::HashMap<Arc<str>, Option<(u64, u64)>> =
+            std::collections::HashMap::new();
+        order.retain(|(user, seq)| {
+            let range = *held.entry(user.clone()).or_insert_with(|| {
+                self.streams.get(user).and_then(|s| {
+                    let s = s.lock();
+                    s.oldest().map(|(first, _)| (first, s.last_seq()))
+                })
+            });
+            range.is_some_and(|(first, last)| (first..=last).contains(seq))
+        });
     }
 }
 
@@ -816,6 +825,32 @@ mod tests {
             (v["event"].as_str(), v["data"]["reason"].as_str()),
             (Some("agent_error"), Some("run_too_large"))
         );
+    }
+
+    /// Mutation testing (issue 17): the global eviction order does not keep
+    /// entries of events the count bound already evicted — it stays within
+    /// twice the events held plus 1,024, whatever was published.
+    #[tokio::test]
+    async fn the_eviction_order_stays_bounded() {
+        let limits = StreamLimits {
+            max_events: 5,
+            ..StreamLimits::default()
+        };
+        let store = broker(limits, 1 << 30);
+        for _ in 0..5000 {
+            store.publish("a", ev("note", None, None)).await.unwrap();
+        }
+        assert_eq!(store.stats().events, 5);
+        let len = store.order_len();
+        assert!(len <= 2 * 5 + 1024 + 1, "{len} order entries for 5 events");
+        // Entries of events still held are kept: the oldest held event is
+        // still evictable by the byte bound.
+        assert!(len >= 5, "{len}");
+        // A stream that is gone takes its entries with it at the next prune.
+        for _ in 0..3000 {
+            store.publish("b", ev("note", None, None)).await.unwrap();
+        }
+        assert!(store.order_len() <= 2 * 10 + 1024 + 1);
     }
 
     #[tokio::test]
