@@ -11,13 +11,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 import httpx
 
 from ._errors import HeraldError
+from ._retry import RETRIES, delay, error_of
 from ._runs import AsyncRun, Run
-
-#: Attempts of one request: the first and this many retries.
-RETRIES = 4
-#: First backoff; doubles per retry, capped at MAX_BACKOFF.
-BACKOFF = 0.2
-MAX_BACKOFF = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,21 +52,6 @@ def _retryable(response: Optional[httpx.Response]) -> bool:
     return response is None or response.status_code >= 500 or response.status_code == 429
 
 
-def _error_of(response: httpx.Response) -> HeraldError:
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    return HeraldError(
-        response.status_code,
-        str(body.get("error", "http_error")),
-        str(body.get("message", response.text)),
-        body.get("field"),
-    )
-
-
 def _published(body: Any) -> List[Published]:
     return [
         Published(
@@ -82,10 +62,6 @@ def _published(body: Any) -> List[Published]:
         )
         for r in body["results"]
     ]
-
-
-def _delay(attempt: int) -> float:
-    return min(BACKOFF * (2 ** attempt), MAX_BACKOFF)
 
 
 class Herald:
@@ -123,7 +99,7 @@ class Herald:
         last: Optional[BaseException] = None
         for attempt in range(RETRIES + 1):
             if attempt:
-                time.sleep(_delay(attempt - 1))
+                time.sleep(delay(attempt - 1))
             try:
                 response = self._http.request(method, path, **kwargs)
             except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -132,11 +108,11 @@ class Herald:
             if response.status_code < 400:
                 return response.json()
             if not _retryable(response):
-                raise _error_of(response)
-            last = _error_of(response)
+                raise error_of(response)
+            last = error_of(response)
         if isinstance(last, HeraldError):
             raise last
-        raise HeraldError(0, "unreachable", f"Herald did not answer: {last!r}")
+        raise error_of(None, last)
 
     def publish(
         self,
@@ -216,7 +192,7 @@ class AsyncHerald:
         last: Optional[BaseException] = None
         for attempt in range(RETRIES + 1):
             if attempt:
-                await asyncio.sleep(_delay(attempt - 1))
+                await asyncio.sleep(delay(attempt - 1))
             try:
                 response = await self._http.request(method, path, **kwargs)
             except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -225,11 +201,11 @@ class AsyncHerald:
             if response.status_code < 400:
                 return response.json()
             if not _retryable(response):
-                raise _error_of(response)
-            last = _error_of(response)
+                raise error_of(response)
+            last = error_of(response)
         if isinstance(last, HeraldError):
             raise last
-        raise HeraldError(0, "unreachable", f"Herald did not answer: {last!r}")
+        raise error_of(None, last)
 
     async def publish(
         self,
