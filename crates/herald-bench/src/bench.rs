@@ -1093,6 +1093,13 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
     finish(args, report, hist, figures)
 }
 
+/// The value of metric `name` (no labels) in a Prometheus text page.
+pub(crate) fn metric_in(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
 pub(crate) fn rss_of(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status

@@ -16,7 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bench::{BenchArgs, api_client, open_client, rss_of, server_addr, token, ws_url};
+use crate::bench::{
+    BenchArgs, api_client, metric_in, open_client, rss_of, server_addr, token, ws_url,
+};
 
 /// Steady readers: they read everything and check seqs (no loss, no gap).
 const STEADY: usize = 50;
@@ -155,13 +157,7 @@ async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow:
         .await?
         .text()
         .await?;
-    let gauge = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
+    let gauge = |name: &str| metric_in(&metrics, name).unwrap_or(f64::NAN);
     Ok(Sample {
         t,
         rss: rss_of(pid)? as f64,

@@ -18,7 +18,8 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{
-    BenchArgs, Summary, api_client, cpu_ticks, open_client, rss_of, server_addr, token, ws_url,
+    BenchArgs, Summary, api_client, cpu_ticks, metric_in, open_client, rss_of, server_addr, token,
+    ws_url,
 };
 
 /// What the readers saw, all users together.
@@ -42,11 +43,7 @@ async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result
         .await?
         .text()
         .await?;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no {name} in /metrics"))
+    metric_in(&metrics, name).with_context(|| format!("no {name} in /metrics"))
 }
 
 /// A field of Redis's `INFO section`.
