@@ -157,10 +157,10 @@ for i = 0, n - 1 do
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local prev = false
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
-  if not prev and part ~= '' and index ~= '' then
-    local nx, last = part_state(run, part)
-    if tonumber(index) < nx then prev = last end
-  end
+  -- The part's state, read once: for the duplicate check and its update.
+  local nx, plast = 0, 0
+  if not prev and part ~= '' then nx, plast = part_state(run, part) end
+  if not prev and index ~= '' and part ~= '' and tonumber(index) < nx then prev = plast end
   if prev then
     table.insert(out, tonumber(prev))
     table.insert(out, 1)
@@ -192,7 +192,6 @@ for i = 0, n - 1 do
       redis.call('PEXPIRE', base .. ':txt:' .. first, ARGV[4])
       redis.call('PEXPIRE', base .. ':off:' .. first, ARGV[4])
       local pk = base .. ':parts:' .. run
-      local nx = part_state(run, part)
       redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq)
       redis.call('PEXPIRE', pk, ARGV[4])
     else
