@@ -113,6 +113,12 @@ pub struct BenchArgs {
     /// PID of a Redis server, to report its CPU per 1,000 publishes (fanout).
     #[arg(long)]
     pub redis_pid: Option<u32>,
+    /// The kernel-floor program (`gcc -O2 -o floor ../shared/bench/floor.c`):
+    /// after the fanout, run it with the same connections, deliveries,
+    /// frame size and rate, and report the server's CPU per delivery as a
+    /// ratio to its figure (fanout).
+    #[arg(long)]
+    pub floor: Option<PathBuf>,
     /// Port of that Redis, to count its commands with `redis-cli` (text).
     #[arg(long)]
     pub redis_port: Option<u16>,
@@ -689,6 +695,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         .map(|p| cpu_ticks(*p))
         .collect::<anyhow::Result<_>>()?;
     let redis_start = args.redis_pid.map(cpu_ticks).transpose()?;
+    let wire_start = wire_out(&http, &args.url).await;
     let published = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
@@ -787,9 +794,15 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
     if fleet.received().is_none() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    let wire_end = wire_out(&http, &args.url).await;
     let (report, hist) = fleet.stop().await?;
     let elapsed = publish_secs;
     let published = published.load(Ordering::Relaxed);
+    // The mean frame the server wrote (welcomes included, a rounding error).
+    let frame_bytes = match (wire_start, wire_end) {
+        (Some((f0, b0)), Some((f1, b1))) if f1 > f0 => Some((b1 - b0) / (f1 - f0)),
+        _ => None,
+    };
     let figures = vec![
         (
             "users × connections each".into(),
@@ -844,6 +857,26 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             "server CPU per delivery".into(),
             format!("{:.2} µs", cpu_secs * 1e6 / report.received.max(1) as f64),
         ));
+    }
+    if let Some(bytes) = frame_bytes {
+        figures.push(("mean frame written".into(), format!("{bytes:.0} B")));
+    }
+    if let Some(path) = &args.floor {
+        // The payload plus a 2–4 byte header, as the server writes it.
+        let size = frame_bytes.map_or(300, |b| b as u64 + 4);
+        let rate = (report.received as f64 / elapsed) as u64;
+        let floor = run_floor(path, args.connections, report.received, size, rate)?;
+        figures.push((
+            "kernel floor per delivery (floor.c, same N, rate, size)".into(),
+            format!("{floor:.2} µs"),
+        ));
+        if !args.server_pid.is_empty() {
+            let cpu_us = cpu_ticks_used as f64 / 100.0 * 1e6 / report.received.max(1) as f64;
+            figures.push((
+                "server CPU per delivery ÷ floor".into(),
+                format!("{:.2}×", cpu_us / floor),
+            ));
+        }
     }
     if let Some(ticks) = redis_ticks {
         let secs = ticks as f64 / 100.0;
@@ -1091,6 +1124,54 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
         ),
     ];
     finish(args, report, hist, figures)
+}
+
+/// Frames and bytes the server has written so far (from its /metrics).
+async fn wire_out(http: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
+    let page = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some((
+        metric_in(&page, "herald_frames_out_total")?,
+        metric_in(&page, "herald_bytes_out_total")?,
+    ))
+}
+
+/// Run the kernel-floor program (`floor N D S R`) and return its CPU µs
+/// per delivery.
+fn run_floor(
+    path: &std::path::Path,
+    n: usize,
+    d: u64,
+    size: u64,
+    rate: u64,
+) -> anyhow::Result<f64> {
+    let out = std::process::Command::new(path)
+        .args([
+            n.to_string(),
+            d.max(1).to_string(),
+            size.to_string(),
+            rate.max(1).to_string(),
+        ])
+        .output()
+        .with_context(|| format!("cannot run {}", path.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("floor printed {line:?}"))?;
+    v["us_per_delivery"]
+        .as_f64()
+        .context("floor output has no us_per_delivery")
 }
 
 /// The value of metric `name` (no labels) in a Prometheus text page.
