@@ -85,7 +85,10 @@ test('reload mid-run shows the whole run', async () => {
 });
 
 test('reload mid-answer shows the answer text once', async () => {
-  await send('reload while you write');
+  // A long message makes a long answer (the demo writes a word every 30 ms),
+  // so the reload lands mid-answer even on a busy machine.
+  const message = `reload while you write ${'and keep writing '.repeat(12).trim()}`;
+  await send(message);
   await page.waitForSelector('.run[data-status="running"] .answer');
   const runId = await lastRun().getAttribute('data-run-id');
   const partial = await lastRun().locator('.answer').innerText();
@@ -93,7 +96,7 @@ test('reload mid-answer shows the answer text once', async () => {
   await page.waitForSelector('#status[data-state="open"]');
   const card = page.locator(`.run[data-run-id="${runId}"]`);
   await page.waitForSelector(`.run[data-run-id="${runId}"][data-status="completed"]`, { timeout: 10000 });
-  const answer = answerTo('reload while you write');
+  const answer = answerTo(message);
   assert.ok(answer.startsWith(partial) && partial.length < answer.length, `reloaded at: ${partial}`);
   assert.equal(await card.locator('.answer').innerText(), answer);
   assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);

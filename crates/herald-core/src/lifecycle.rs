@@ -485,6 +485,37 @@ impl<P: Payload> Connection<P> {
         }
     }
 
+    /// The next transmit if it is an application frame, in the order
+    /// [`Connection::poll_transmit`] would give it; `None` when nothing is
+    /// queued or a ping or the close comes first (those stay for
+    /// `poll_transmit`). Lets a writer that cannot frame control messages
+    /// (a publisher writing to the socket directly) take only data.
+    pub fn poll_frame(&mut self) -> Option<P> {
+        let open = match self.state {
+            State::Ready => !self.ping_due,
+            State::Closing => !self.close_sent && !self.close_deadline_passed,
+            State::Handshaking | State::Closed => false,
+        };
+        if !open {
+            return None;
+        }
+        let frame = self.queue.pop_front()?;
+        self.queued_bytes -= frame.wire_len();
+        Some(frame)
+    }
+
+    /// Whether a ping or the close frame is due: something only
+    /// [`Connection::poll_transmit`] hands out.
+    pub fn control_due(&self) -> bool {
+        match self.state {
+            State::Ready => self.ping_due,
+            State::Closing => {
+                !self.close_sent && (self.close_deadline_passed || self.queue.is_empty())
+            }
+            State::Handshaking | State::Closed => false,
+        }
+    }
+
     /// The next instant at which [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {

@@ -1,4 +1,5 @@
-//! Property test: random interleavings of sends, replays, writer steps,
+//! Property test: random interleavings of sends, replays, writer steps (the
+//! actor's `poll_transmit` and a publisher's `poll_frame`),
 //! inbound traffic, client closes (with and without a code), I/O errors, time
 //! passing, token expiry, kicks and shutdown:
 //! - never write a frame after a close frame (I1) and hand out the cleanup
@@ -25,6 +26,8 @@ enum Op {
     PushReplay,
     Send,
     WriterStep,
+    /// A publisher writing directly: data only, the rest left to the actor.
+    PublisherStep,
     ClientCloseFrame(Option<u16>),
     TransportError,
     Advance(u64),
@@ -38,7 +41,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::Authenticate),
         2 => Just(Op::PushReplay),
         6 => Just(Op::Send),
-        6 => Just(Op::WriterStep),
+        4 => Just(Op::WriterStep),
+        4 => Just(Op::PublisherStep),
         1 => proptest::option::of(prop_oneof![Just(1000u16), Just(1001), 3000u16..5000]).prop_map(Op::ClientCloseFrame),
         1 => Just(Op::TransportError),
         2 => (0u64..3000).prop_map(Op::Advance),
@@ -124,6 +128,20 @@ proptest! {
                     Some(Transmit::Ping) => wire.push(Wire::Ping),
                     Some(Transmit::Close { code, .. }) => wire.push(Wire::CloseSent(code)),
                     None => {}
+                },
+                Op::PublisherStep => match conn.poll_frame() {
+                    Some(f) => wire.push(Wire::Data(f)),
+                    // What the publisher leaves is exactly what only the
+                    // actor can write: a ping or the close, when one is due.
+                    None => {
+                        let due = conn.control_due();
+                        match conn.poll_transmit() {
+                            Some(Transmit::Frame(f)) => prop_assert!(false, "poll_frame left a frame: {f}"),
+                            Some(Transmit::Ping) => { prop_assert!(due); wire.push(Wire::Ping) }
+                            Some(Transmit::Close { code, .. }) => { prop_assert!(due); wire.push(Wire::CloseSent(code)) }
+                            None => prop_assert!(!due, "control_due without a control frame"),
+                        }
+                    }
                 },
                 Op::ClientCloseFrame(code) => {
                     // A peer only sends once; the transport surfaces it once.

@@ -1,80 +1,88 @@
 //! The shared half of a connection: what the rest of the server holds to send
-//! to it or close it. The socket itself is owned by its actor task.
+//! to it or close it. The socket's read side is owned by its actor task.
 //!
-//! Every operation locks the connection's sans-IO [`Connection`] state machine
-//! briefly, so the state check and the enqueue are one atomic step (the race
-//! of the original system — check, then write — cannot happen), then wakes the
-//! actor.
+//! One mutex guards the connection's sans-IO [`Connection`] state machine and
+//! the socket's write half ([`crate::wire::Wire`]), so the state check, the
+//! enqueue and the write are one atomic step (the race of the original
+//! system — check, then write — cannot happen), and a publisher writes what
+//! it queued without waking the actor. The actor is woken only for what it
+//! alone can do: a full socket, a ping, a close.
 
-use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use herald_core::{
     CloseInfo, Connection, LifecycleConfig, LiveOutcome, Payload, SendRefused, State,
 };
+use tokio::net::TcpStream;
 
 use crate::broker::StoredEvent;
-use crate::sync::{AtomicU64, Mutex, Notify};
-use crate::telemetry;
+use crate::sync::{AtomicU64, Mutex, MutexGuard, Notify};
+use crate::telemetry::{self, Stats};
+use crate::wire::{self, Flushed, Wire};
 
 /// How a replayed event frame ends (the stored frame's closing `}` replaced),
 /// so its `{"type":"event"` start stays the same for clients that match it.
 const REPLAYED: &[u8] = br#","replayed":true}"#;
 
-/// An outbound message. Cloning shares the bytes, so a fan-out serializes
-/// an event once for all connections.
+/// An outbound message: a complete WebSocket frame (header and payload).
+/// Cloning shares the bytes, so a fan-out frames an event once for all
+/// connections.
 #[derive(Debug, Clone)]
 pub struct OutFrame {
-    /// What is written.
-    pub body: Body,
+    wire: Bytes,
+    header: u8,
     /// When a live event was published (for the publish→write latency
     /// histogram); `None` for replies and replayed history.
     pub published: Option<Instant>,
 }
 
-/// The payload of an outbound message.
-#[derive(Debug, Clone)]
-pub enum Body {
-    /// A text message: every protocol frame (JSON).
-    Text(Utf8Bytes),
-    /// A binary message: only the test-only echo endpoint sends these.
-    Binary(bytes::Bytes),
-}
-
 impl OutFrame {
-    /// A live event's frame, published at `published`.
-    pub fn event(text: Utf8Bytes, published: Instant) -> Self {
-        Self {
-            body: Body::Text(text),
-            published: Some(published),
-        }
+    /// A live event's frame, published at `published`; `None` if `json`
+    /// is not UTF-8 (a broker fault).
+    pub fn event(json: &[u8], published: Instant) -> Option<Self> {
+        std::str::from_utf8(json).ok()?;
+        Some(Self::framed(wire::TEXT, &[json], Some(published)))
     }
 
     /// A text message that is not a live event (a reply, an echo).
-    pub fn text(text: Utf8Bytes) -> Self {
-        Self {
-            body: Body::Text(text),
-            published: None,
-        }
+    pub fn text(text: &str) -> Self {
+        Self::framed(wire::TEXT, &[text.as_bytes()], None)
     }
 
     /// A binary message (the echo endpoint).
-    pub fn binary(bytes: bytes::Bytes) -> Self {
+    pub fn binary(bytes: &[u8]) -> Self {
+        Self::framed(wire::BINARY, &[bytes], None)
+    }
+
+    fn framed(opcode: u8, parts: &[&[u8]], published: Option<Instant>) -> Self {
+        let (wire, header) = wire::frame(opcode, parts);
         Self {
-            body: Body::Binary(bytes),
-            published: None,
+            wire,
+            header,
+            published,
         }
     }
 
-    /// The text, for a text message.
+    /// The payload, for a text message.
     #[cfg(test)]
     pub fn as_text(&self) -> Option<&str> {
-        match &self.body {
-            Body::Text(t) => Some(t.as_str()),
-            Body::Binary(_) => None,
+        if self.wire.first()? & 0x0F != wire::TEXT {
+            return None;
         }
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).ok()
+    }
+
+    /// Bytes of payload (what the queue bounds count).
+    pub fn payload_len(&self) -> usize {
+        self.wire.len() - usize::from(self.header)
+    }
+
+    /// The frame as it goes on the wire.
+    pub(crate) fn into_wire(self) -> Bytes {
+        self.wire
     }
 
     /// A stored event read from history (no publish time), marked
@@ -86,34 +94,44 @@ impl OutFrame {
             .json
             .strip_suffix(b"}")
             .filter(|b| b.starts_with(b"{"))?;
-        let mut json = Vec::with_capacity(event.json.len() + REPLAYED.len());
-        json.extend_from_slice(body);
-        json.extend_from_slice(REPLAYED);
-        Some(Self::text(
-            Utf8Bytes::try_from(bytes::Bytes::from(json)).ok()?,
-        ))
+        std::str::from_utf8(body).ok()?;
+        Some(Self::framed(wire::TEXT, &[body, REPLAYED], None))
     }
 }
 
 impl Payload for OutFrame {
     fn wire_len(&self) -> usize {
-        match &self.body {
-            Body::Text(t) => t.len(),
-            Body::Binary(b) => b.len(),
-        }
+        self.payload_len()
     }
 }
 
 impl From<String> for OutFrame {
-    fn from(mut s: String) -> Self {
-        // Serializers over-allocate; frames kept in history should not.
-        s.shrink_to_fit();
-        Self::text(Utf8Bytes::from(s))
+    fn from(s: String) -> Self {
+        Self::text(&s)
     }
+}
+
+/// What [`ConnShared::send_events`] did with a batch.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Events queued or held for the catch-up.
+    pub accepted: usize,
+    /// The last event's outcome (`None` for no events).
+    pub last: Option<Result<LiveOutcome, SendRefused>>,
 }
 
 /// The typed result of a send: queued, or refused with the reason.
 pub type SendOutcome = Result<(), SendRefused>;
+
+/// What the connection's lock guards: the lifecycle and the socket's write
+/// half, so a state check, an enqueue and the write are one step.
+#[derive(Debug)]
+pub(crate) struct Locked {
+    /// The sans-IO state machine.
+    pub(crate) core: Connection<OutFrame>,
+    /// The socket's write half.
+    pub(crate) wire: Wire,
+}
 
 /// The part of a connection shared between its actor, the registry and the API.
 #[derive(Debug)]
@@ -127,7 +145,7 @@ pub struct ConnShared {
     user: OnceLock<String>,
     stream: OnceLock<String>,
     epoch: OnceLock<String>,
-    core: Mutex<Connection<OutFrame>>,
+    core: Mutex<Locked>,
     wake: Notify,
     acked_seq: AtomicU64,
 }
@@ -143,7 +161,10 @@ impl ConnShared {
             user: OnceLock::new(),
             stream: OnceLock::new(),
             epoch: OnceLock::new(),
-            core: Mutex::new(Connection::new(now, cfg)),
+            core: Mutex::new(Locked {
+                core: Connection::new(now, cfg),
+                wire: Wire::new(),
+            }),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
         }
@@ -170,7 +191,7 @@ impl ConnShared {
 
     /// Deliveries may have been missed up to `last_seq`: catch up from history.
     pub(crate) fn expect_seq(&self, last_seq: u64) {
-        self.core.lock().expect_seq(last_seq);
+        self.core.lock().core.expect_seq(last_seq);
         self.wake.notify_one();
     }
 
@@ -182,38 +203,79 @@ impl ConnShared {
         let _ = self.stream.set(stream.to_owned());
     }
 
-    /// Queue a frame for this connection (only `Ready` connections accept).
+    /// Write to `sock` from now on: whoever queues a frame writes it, if the
+    /// socket takes it ([`crate::wire`]).
+    pub(crate) fn attach(&self, sock: Arc<TcpStream>, stats: Arc<Stats>) {
+        self.core.lock().wire.attach(sock, stats);
+    }
+
+    /// Queue a frame for this connection (only `Ready` connections accept)
+    /// and write what the socket takes.
     pub fn send(&self, frame: OutFrame) -> SendOutcome {
-        let outcome = self.core.lock().send(crate::clock::now(), frame);
-        self.after_send(outcome.err());
+        let mut locked = self.core.lock();
+        let outcome = locked.core.send(crate::clock::now(), frame);
+        if let Err(r) = outcome {
+            self.refused(r);
+        }
+        self.after_send(locked, outcome == Err(SendRefused::QueueFull));
         outcome
     }
 
-    /// Hand a live event of the connection's stream to its catch-up merge:
-    /// queued, held, or dropped as a duplicate (see [`herald_core::catchup`]).
+    /// Hand a live event of the connection's stream to its catch-up merge
+    /// (queued, held, or dropped as a duplicate: see [`herald_core::catchup`])
+    /// and write what the socket takes (the model checker's publishers).
+    #[cfg(all(test, herald_loom))]
     pub fn send_event(&self, seq: u64, frame: OutFrame) -> Result<LiveOutcome, SendRefused> {
-        let outcome = self.core.lock().send_event(crate::clock::now(), seq, frame);
-        self.after_send(outcome.err());
-        outcome
+        self.send_events(std::iter::once((seq, frame)))
+            .last
+            .unwrap_or(Err(SendRefused::Closed))
     }
 
-    fn after_send(&self, refused: Option<SendRefused>) {
-        match refused {
-            None => self.wake.notify_one(),
-            Some(refused) => {
-                telemetry::send_refused(refused);
-                tracing::debug!(conn_id = %self.id_str, reason = refused.as_str(), "send refused");
-                // A full queue just started a slow-consumer close: the actor must write it.
-                if refused == SendRefused::QueueFull {
-                    self.wake.notify_one();
+    /// [`ConnShared::send_event`] for several events under one lock, then
+    /// one write for all of them.
+    pub fn send_events(&self, events: impl IntoIterator<Item = (u64, OutFrame)>) -> Delivery {
+        let now = crate::clock::now();
+        let mut locked = self.core.lock();
+        let mut delivery = Delivery::default();
+        let mut full = false;
+        for (seq, frame) in events {
+            let outcome = locked.core.send_event(now, seq, frame);
+            match outcome {
+                Ok(LiveOutcome::Delivered | LiveOutcome::Held) => delivery.accepted += 1,
+                Ok(LiveOutcome::Duplicate) => {}
+                Err(r) => {
+                    self.refused(r);
+                    full |= r == SendRefused::QueueFull;
                 }
             }
+            delivery.last = Some(outcome);
         }
+        if delivery.last.is_some() {
+            self.after_send(locked, full);
+        }
+        delivery
+    }
+
+    /// After queueing: write what the socket takes; wake the actor for
+    /// what only it can do (a full socket, a ping or close, a slow-consumer
+    /// close the refusal just started).
+    fn after_send(&self, mut locked: MutexGuard<'_, Locked>, queue_full: bool) {
+        let Locked { core, wire } = &mut *locked;
+        let flushed = wire.flush(core);
+        drop(locked);
+        if flushed != Flushed::Done || queue_full {
+            self.wake.notify_one();
+        }
+    }
+
+    fn refused(&self, reason: SendRefused) {
+        telemetry::send_refused(reason);
+        tracing::debug!(conn_id = %self.id_str, reason = reason.as_str(), "send refused");
     }
 
     /// Decide to close. Idempotent: returns `true` only for the call that decided.
     pub fn close(&self, info: CloseInfo) -> bool {
-        let decided = self.core.lock().close(crate::clock::now(), info);
+        let decided = self.core.lock().core.close(crate::clock::now(), info);
         if decided {
             self.wake.notify_one();
         }
@@ -222,13 +284,13 @@ impl ConnShared {
 
     /// Current lifecycle state.
     pub fn state(&self) -> State {
-        self.core.lock().state()
+        self.core.lock().core.state()
     }
 
     /// Frames and bytes waiting in the outbound queue.
     pub fn queue_depth(&self) -> (usize, usize) {
-        let core = self.core.lock();
-        (core.queue_len(), core.queued_bytes())
+        let locked = self.core.lock();
+        (locked.core.queue_len(), locked.core.queued_bytes())
     }
 
     /// Highest seq the client acknowledged.
@@ -242,6 +304,11 @@ impl ConnShared {
 
     /// Run `f` with the state machine locked (for the actor and the registry).
     pub(crate) fn with_core<R>(&self, f: impl FnOnce(&mut Connection<OutFrame>) -> R) -> R {
+        f(&mut self.core.lock().core)
+    }
+
+    /// Run `f` with the state machine and the write half locked (the actor).
+    pub(crate) fn with_locked<R>(&self, f: impl FnOnce(&mut Locked) -> R) -> R {
         f(&mut self.core.lock())
     }
 

@@ -16,7 +16,6 @@ use crate::broker::{
 };
 use crate::connection::{ConnShared, OutFrame};
 use crate::telemetry::{self, Stats};
-use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
 use parking_lot::Mutex;
@@ -352,27 +351,31 @@ impl EventSink for Hub {
                 conn.close(epoch_changed());
             }
         }
-        let mut delivered = 0;
-        for event in events {
-            // Validated once per event, then shared by every connection.
-            let text = match Utf8Bytes::try_from(event.json.clone()) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, seq = event.seq, "stored event is not UTF-8");
-                    continue;
+        // Framed once per event, then shared by every connection.
+        let frames: Vec<(u64, OutFrame)> = events
+            .iter()
+            .filter_map(|event| match OutFrame::event(&event.json, published_at) {
+                Some(frame) => Some((event.seq, frame)),
+                None => {
+                    tracing::error!(seq = event.seq, "stored event is not UTF-8");
+                    None
                 }
-            };
-            let frame = OutFrame::event(text, published_at);
-            delivered = 0;
-            for conn in conns.iter() {
-                if let Ok(LiveOutcome::Delivered | LiveOutcome::Held) =
-                    conn.send_event(event.seq, frame.clone())
-                {
-                    delivered += 1;
-                }
-            }
-            self.events_queued.increment(delivered as u64);
+            })
+            .collect();
+        if frames.is_empty() {
+            return 0;
         }
+        // Each connection takes the whole batch under one lock and writes it
+        // in one go.
+        let (mut delivered, mut queued) = (0, 0);
+        for conn in conns.iter() {
+            let delivery = conn.send_events(frames.iter().cloned());
+            queued += delivery.accepted;
+            if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
+                delivered += 1;
+            }
+        }
+        self.events_queued.increment(queued as u64);
         delivered
     }
 

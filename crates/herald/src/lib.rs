@@ -9,8 +9,9 @@
 //! - `http`: the router — publish/kick/inspect API, health, metrics, the
 //!   `GET /ws` upgrade, the embedded demo page.
 //! - `admission`: the bounds on live and not-yet-authenticated sockets.
-//! - `actor`: one task per socket, the only writer; carries out what the core
-//!   decides (inbound frames, join and catch-up, timers).
+//! - `actor`: one task per socket, its only reader; carries out what the core
+//!   decides (inbound frames, join and catch-up, timers), writes pings and
+//!   the close, and waits out a full socket.
 //! - `app`: the state one server shares (config, verifier, hub, broker, agent).
 //! - [`agent`]: user messages and cancels to the agent backend — dedupe,
 //!   ack/nack, the signed webhook, the built-in demo agent.
@@ -19,6 +20,8 @@
 //! - [`broker`]: where events live and how they reach every node — the
 //!   [`broker::Broker`] trait and the in-memory broker.
 //! - `connection`: the shared handle others use to send to or close a connection.
+//! - `wire`: server-to-client framing (once per event) and the socket's
+//!   write half, which whoever queues a frame writes through.
 //! - [`auth`]: JWT verification and minting.
 //! - [`config`]: defaults → TOML → `HERALD_*` env → flags, one key table.
 //! - [`telemetry`]: logging, Prometheus metrics, per-server invariant counters.
@@ -33,7 +36,8 @@
 //!
 //! Data path: publish (HTTP) → broker (append + seq, then deliver) → hub
 //! (this node's sockets for the stream) → connection (state check + merge by
-//! seq + enqueue) → actor (the only writer) → socket.
+//! seq + enqueue + write, under one lock) → socket; the actor writes only
+//! what the publisher could not (a full socket, pings, the close).
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +59,7 @@ pub mod server;
 mod sync;
 mod tasks;
 pub mod telemetry;
+mod wire;
 
 pub use broker::ConnInfo;
 pub use config::Config;

@@ -6,17 +6,18 @@
 //! to run it).
 
 #[cfg(not(herald_loom))]
-pub(crate) use parking_lot::Mutex;
+pub(crate) use parking_lot::{Mutex, MutexGuard};
 #[cfg(not(herald_loom))]
 pub(crate) use std::sync::atomic::AtomicU64;
 #[cfg(not(herald_loom))]
 pub(crate) use tokio::sync::Notify;
 
 #[cfg(herald_loom)]
-pub(crate) use loom_shim::{AtomicU64, Mutex, Notify};
+pub(crate) use loom_shim::{AtomicU64, Mutex, MutexGuard, Notify};
 
 #[cfg(herald_loom)]
 mod loom_shim {
+    pub(crate) use loom::sync::MutexGuard;
     pub(crate) use loom::sync::atomic::AtomicU64;
 
     /// loom's mutex with parking_lot's signature (no poisoning).

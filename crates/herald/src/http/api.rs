@@ -316,15 +316,8 @@ pub(super) async fn publish(
             ..event
         });
     }
-    let broker = app.broker();
-    let calls = groups
-        .into_iter()
-        .map(|(user, positions, events)| async move {
-            let stream = user_stream(&user);
-            (positions, broker.publish(&stream, events).await)
-        });
     let mut results: Vec<Option<Published>> = vec![None; count];
-    for (positions, published) in futures_util::future::join_all(calls).await {
+    for (positions, published) in publish_groups(&app, groups).await {
         let published = published.map_err(|e| refused(e, &positions, batch))?;
         for (i, p) in positions.into_iter().zip(published) {
             results[i] = Some(p);
@@ -333,6 +326,62 @@ pub(super) async fn publish(
     let results: Vec<Published> = results.into_iter().flatten().collect();
     Ok(Json(json!({ "results": results })))
 }
+
+/// One user's events of a batch: their places in the request, and the events.
+type Group = (String, Vec<usize>, Vec<NewEvent>);
+
+/// Publish each user's group with one broker call, all concurrently. A batch
+/// for many users is shared among the runtime's worker threads (one task
+/// each), since each call also writes its events to the users' sockets.
+async fn publish_groups(
+    app: &Arc<App>,
+    mut groups: Vec<Group>,
+) -> Vec<(Vec<usize>, Result<Vec<Published>, BrokerError>)> {
+    async fn run(
+        app: &App,
+        groups: Vec<Group>,
+    ) -> Vec<(Vec<usize>, Result<Vec<Published>, BrokerError>)> {
+        let broker = app.broker();
+        let calls = groups
+            .into_iter()
+            .map(|(user, positions, events)| async move {
+                let stream = user_stream(&user);
+                (positions, broker.publish(&stream, events).await)
+            });
+        futures_util::future::join_all(calls).await
+    }
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let share = groups
+        .len()
+        .div_ceil(workers.max(1))
+        .max(MIN_GROUPS_PER_TASK);
+    let mut others = Vec::new();
+    while groups.len() > share {
+        let rest = groups.split_off(share);
+        let mine = std::mem::replace(&mut groups, rest);
+        let app = app.clone();
+        others.push(tokio::spawn(async move { run(&app, mine).await }));
+    }
+    let mut out = run(app, groups).await;
+    for task in others {
+        match task.await {
+            Ok(done) => out.extend(done),
+            // A panic in a broker call: answer 500 rather than a partial success.
+            Err(e) => {
+                tracing::error!(error = %e, "publish task failed");
+                out.push((
+                    Vec::new(),
+                    Err(BrokerError::Unavailable("publish task failed".into())),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Users per task below which a batch is not split (a task costs more than
+/// a few users' deliveries).
+const MIN_GROUPS_PER_TASK: usize = 8;
 
 #[derive(Debug, Deserialize)]
 struct Disconnect {

@@ -6,78 +6,190 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::protocol::{BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tungstenite::protocol::WebSocketConfig;
 
 use super::ApiError;
+use crate::actor::{self, Socket};
 use crate::admission::{Refusal, Slot};
 use crate::app::App;
-use crate::{actor, telemetry};
+use crate::telemetry;
 
-/// Read buffer per connection. tungstenite's default (128 KiB) is a memory trap,
-/// and it zeroes this many bytes on every read attempt (each wake-up of the
-/// actor polls the socket), so it is kept small; larger messages take more reads.
+/// Read buffer per connection. tungstenite zeroes this many bytes on every
+/// read attempt, so it is kept small; larger messages take more reads.
 const READ_BUFFER: usize = 1024;
-/// Write buffer threshold per connection.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Largest message of the echo endpoint: the Autobahn suite's 9.x cases
 /// send messages of up to 16 MiB.
 const ECHO_MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// The upgrade handler of `/ws`.
-pub(super) async fn upgrade(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let (ws, slot) = match admit(&app, ws) {
-        Ok(admitted) => admitted,
+pub(super) async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Response {
+    let handshake = match Handshake::of(&mut req) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let slot = match admit(&app) {
+        Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
-    let token = crate::auth::bearer_token(&headers)
+    let headers = req.headers();
+    let token = crate::auth::bearer_token(headers)
         .map(str::to_owned)
-        .or_else(|| bearer_subprotocol(&headers));
+        .or_else(|| bearer_subprotocol(headers));
+    let protocol = offers(headers, SUBPROTOCOL);
     let max = app.config().limits.max_message_bytes;
-    ws.protocols([SUBPROTOCOL])
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| actor::run(socket, app, token, slot))
+    handshake.accept(protocol, config(max), move |socket| {
+        actor::run(socket, app, token, slot)
+    })
 }
 
 /// The upgrade handler of the test-only `/echo`: every text and binary
 /// message comes back as it was sent, through the `/ws` actor and writer.
-pub(super) async fn echo(
-    State(app): State<Arc<App>>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    let (ws, slot) = match admit(&app, ws) {
-        Ok(admitted) => admitted,
+pub(super) async fn echo(State(app): State<Arc<App>>, mut req: Request) -> Response {
+    let handshake = match Handshake::of(&mut req) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let slot = match admit(&app) {
+        Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(ECHO_MAX_MESSAGE)
-        .max_frame_size(ECHO_MAX_MESSAGE)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| actor::run_echo(socket, app, slot))
+    handshake.accept(false, config(ECHO_MAX_MESSAGE), move |socket| {
+        actor::run_echo(socket, app, slot)
+    })
 }
 
-/// The checks every upgrade passes: a WebSocket request, not draining, and a
+fn config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// A valid RFC 6455 opening handshake, not answered yet.
+struct Handshake {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+impl Handshake {
+    /// Check the request (RFC 6455 §4.2.1); a refusal is a 4xx `not_websocket`.
+    fn of(req: &mut Request) -> Result<Self, ApiError> {
+        let refuse = |status: StatusCode, message: &str| {
+            Err(ApiError::new(status, "not_websocket", message.to_owned()))
+        };
+        if req.method() != Method::GET {
+            return refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket upgrade is a GET",
+            );
+        }
+        let headers = req.headers();
+        if !has_token(headers, header::CONNECTION, "upgrade") {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "`Connection` must include `upgrade`",
+            );
+        }
+        if !has_token(headers, header::UPGRADE, "websocket") {
+            return refuse(StatusCode::BAD_REQUEST, "`Upgrade` must be `websocket`");
+        }
+        if headers.get(header::SEC_WEBSOCKET_VERSION) != Some(&HeaderValue::from_static("13")) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Version` must be 13",
+            );
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return refuse(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Key` is missing");
+        };
+        let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+            return refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            );
+        };
+        Ok(Self { key, on_upgrade })
+    }
+
+    /// Answer 101 and run `f` on the socket once hyper hands it over.
+    fn accept<F, Fut>(self, protocol: bool, config: WebSocketConfig, f: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Self { key, on_upgrade } = self;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            // The accept loop serves plain TCP streams, so this is the socket itself.
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    f(Socket {
+                        tcp: parts.io.into_inner(),
+                        read: parts.read_buf,
+                        config,
+                    })
+                    .await
+                }
+                Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+            }
+        });
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut response = Response::new(axum::body::Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(v) = HeaderValue::from_str(&accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        if protocol {
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
+        }
+        response
+    }
+}
+
+/// Whether header `name` lists `token` (comma-separated, any case).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the client offered subprotocol `name`.
+fn offers(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == name)
+}
+
+/// The checks every valid upgrade then passes: not draining, and a
 /// place under the admission bounds (checked and taken in one step, held by
 /// the connection until it ends). Refusals are the HTTP answer to send.
-fn admit(
-    app: &App,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<(WebSocketUpgrade, Slot), ApiError> {
-    let ws = ws.map_err(|rej| ApiError::new(rej.status(), "not_websocket", rej.body_text()))?;
+fn admit(app: &App) -> Result<Slot, ApiError> {
     if app.is_draining() {
         metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
         return Err(ApiError::new(
@@ -87,7 +199,7 @@ fn admit(
         ));
     }
     match app.admission().admit() {
-        Ok(slot) => Ok((ws, slot)),
+        Ok(slot) => Ok(slot),
         Err(refusal) => {
             let code = match refusal {
                 Refusal::Capacity => "capacity",

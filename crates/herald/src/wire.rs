@@ -1,0 +1,382 @@
+//! The socket's write half: server-to-client WebSocket framing and the
+//! bytes on their way to the kernel.
+//!
+//! Server frames are unmasked, so an event's frame (header and payload) is
+//! the same bytes for every recipient: it is built once ([`frame`]) and
+//! shared by reference. [`Wire`] lives under the connection's lock next to
+//! its lifecycle, and whoever holds that lock may write: a publisher hands a
+//! frame to a connection and writes it to the socket in the same step, so a
+//! delivery costs one enqueue and one `write` — no wake-up, no task poll, no
+//! copy. Everything queued for a connection leaves in one vectored write.
+//! Only when the socket is full (or a ping or the close frame is due, which
+//! the actor frames) is the actor woken; it then waits for the socket to
+//! drain, under the write timeout.
+//!
+//! Every write passes the last-line check of invariant I1: once a close
+//! frame was written or received, data is refused and counted in
+//! [`Stats::frames_after_close`] (which must stay 0).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use herald_core::Connection;
+use tokio::net::TcpStream;
+
+use crate::connection::OutFrame;
+use crate::telemetry::{self, Stats};
+
+/// The opcode of a text frame.
+pub(crate) const TEXT: u8 = 0x1;
+/// The opcode of a binary frame.
+pub(crate) const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// Frames taken from the queue per vectored write.
+const BATCH: usize = 64;
+
+/// A complete, final, unmasked frame with this opcode whose payload is the
+/// concatenation of `parts`; returns the frame and its header's length.
+pub(crate) fn frame(opcode: u8, parts: &[&[u8]]) -> (Bytes, u8) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.extend_from_slice(&[0x80 | opcode]);
+    let header = if len < 126 {
+        out.extend_from_slice(&[len as u8]);
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        out.extend_from_slice(&[126]);
+        out.extend_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        out.extend_from_slice(&[127]);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    (out.freeze(), header)
+}
+
+/// A control frame written by the transport (the actor's WebSocket
+/// context), as the I1 check tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// A ping or a pong.
+    PingPong,
+    /// A close frame (ours, or the reply to the peer's).
+    Close,
+}
+
+/// What [`Wire::flush`] left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// Everything released was written; nothing is due.
+    Done,
+    /// The socket is full: the rest waits for it to drain.
+    Blocked,
+    /// Only the actor can go on: a ping or the close is due, the socket
+    /// failed, or none is attached.
+    Actor,
+}
+
+/// The write half of one connection's socket, kept under its lock.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    sock: Option<Arc<TcpStream>>,
+    stats: Arc<Stats>,
+    /// Bytes taken for the socket and not yet written, in order (the first
+    /// may be partly written).
+    pending: VecDeque<Bytes>,
+    /// Since when the socket has refused bytes that are pending.
+    blocked_since: Option<Instant>,
+    /// How the socket failed, once it did.
+    failed: Option<io::Error>,
+    close_written: bool,
+    close_received: bool,
+    metrics: WireMetrics,
+}
+
+/// Metric handles resolved once per connection, not per frame.
+#[derive(Debug)]
+struct WireMetrics {
+    frames: metrics::Counter,
+    bytes: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Wire {
+    /// A wire with no socket yet: [`Wire::flush`] leaves everything to the actor.
+    pub(crate) fn new() -> Self {
+        Self {
+            sock: None,
+            stats: Arc::default(),
+            pending: VecDeque::new(),
+            blocked_since: None,
+            failed: None,
+            close_written: false,
+            close_received: false,
+            metrics: WireMetrics {
+                frames: metrics::counter!(telemetry::FRAMES_OUT),
+                bytes: metrics::counter!(telemetry::BYTES_OUT),
+                latency: metrics::histogram!(telemetry::PUBLISH_TO_WRITE),
+            },
+        }
+    }
+
+    /// Write to `sock` from now on, counting in `stats`.
+    pub(crate) fn attach(&mut self, sock: Arc<TcpStream>, stats: Arc<Stats>) {
+        self.sock = Some(sock);
+        self.stats = stats;
+    }
+
+    /// The transport ended: drop the socket (with the actor's handle, that
+    /// closes it) and whatever was still pending.
+    pub(crate) fn detach(&mut self) {
+        self.sock = None;
+        self.pending.clear();
+        self.blocked_since = None;
+    }
+
+    /// The peer's close frame arrived: from now on only the close reply may
+    /// be written.
+    pub(crate) fn close_received(&mut self) {
+        self.close_received = true;
+    }
+
+    /// Whether our close frame (or the reply to the peer's) was queued.
+    pub(crate) fn close_written(&self) -> bool {
+        self.close_written
+    }
+
+    /// Since when pending bytes wait for the socket, if they do.
+    pub(crate) fn blocked_since(&self) -> Option<Instant> {
+        self.blocked_since
+    }
+
+    /// How the socket failed, once it did (taken once).
+    pub(crate) fn take_failure(&mut self) -> Option<io::Error> {
+        self.failed.take()
+    }
+
+    /// Queue control bytes framed by the transport (`kind` says which),
+    /// behind what is pending; refused and counted if I1 forbids them.
+    pub(crate) fn push_control(&mut self, bytes: Bytes, kind: Control) {
+        if bytes.is_empty() {
+            return;
+        }
+        let permitted = match kind {
+            // The reply to the peer's close is the one write allowed after it.
+            Control::Close => !self.close_written,
+            Control::PingPong => !self.close_written && !self.close_received,
+        };
+        if !permitted {
+            self.violation();
+            return;
+        }
+        if kind == Control::Close {
+            self.close_written = true;
+        }
+        self.pending.push_back(bytes);
+    }
+
+    /// Write what is pending, then the frames `core` releases, until
+    /// everything is written or the socket is full. Counts and times each
+    /// frame as it is taken from the queue.
+    pub(crate) fn flush(&mut self, core: &mut Connection<OutFrame>) -> Flushed {
+        let Some(sock) = self.sock.clone() else {
+            return Flushed::Actor;
+        };
+        if self.failed.is_some() {
+            return Flushed::Actor;
+        }
+        let mut now = None;
+        loop {
+            if self.pending.is_empty() {
+                self.take_frames(core, &mut now);
+                if self.pending.is_empty() {
+                    self.blocked_since = None;
+                    return if core.control_due() {
+                        Flushed::Actor
+                    } else {
+                        Flushed::Done
+                    };
+                }
+            }
+            match write_out(&sock, &mut self.pending) {
+                Ok(()) => self.blocked_since = None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.blocked_since.is_none() {
+                        self.blocked_since = Some(crate::clock::now());
+                    }
+                    return Flushed::Blocked;
+                }
+                Err(e) => {
+                    self.failed = Some(e);
+                    self.pending.clear();
+                    return Flushed::Actor;
+                }
+            }
+        }
+    }
+
+    /// Move up to [`BATCH`] frames from the queue to `pending`.
+    fn take_frames(&mut self, core: &mut Connection<OutFrame>, now: &mut Option<Instant>) {
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        while self.pending.len() < BATCH {
+            let Some(frame) = core.poll_frame() else {
+                break;
+            };
+            if self.close_written || self.close_received {
+                self.violation();
+                continue;
+            }
+            if let Some(at) = frame.published {
+                let now = *now.get_or_insert_with(crate::clock::now);
+                self.metrics
+                    .latency
+                    .record(now.saturating_duration_since(at).as_secs_f64());
+            }
+            frames += 1;
+            bytes += frame.payload_len() as u64;
+            self.pending.push_back(frame.into_wire());
+        }
+        if frames > 0 {
+            self.stats.frames_out.fetch_add(frames, Ordering::Relaxed);
+            self.metrics.frames.increment(frames);
+            self.metrics.bytes.increment(bytes);
+        }
+    }
+
+    fn violation(&self) {
+        self.stats
+            .frames_after_close
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
+            .increment(1);
+        tracing::error!("refused a write after the close frame");
+    }
+}
+
+/// Write `pending` with vectored writes until it is empty or the socket
+/// refuses more (`WouldBlock`); written bytes leave `pending`.
+fn write_out(sock: &TcpStream, pending: &mut VecDeque<Bytes>) -> io::Result<()> {
+    while !pending.is_empty() {
+        let mut written = if pending.len() == 1 {
+            // One buffer: a plain write costs less in the kernel than writev.
+            sock.try_write(&pending[0])?
+        } else {
+            let mut slices = [IoSlice::new(&[]); BATCH];
+            let mut n = 0;
+            for (slot, bytes) in slices.iter_mut().zip(pending.iter()) {
+                *slot = IoSlice::new(bytes);
+                n += 1;
+            }
+            sock.try_write_vectored(&slices[..n])?
+        };
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = pending.front_mut() else {
+                break;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                pending.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The control frames in bytes the transport wrote (complete, unmasked
+/// server frames), each with its kind; anything unparsable is dropped.
+pub(crate) fn split_control(mut out: Bytes) -> Vec<(Bytes, Control)> {
+    let mut frames = Vec::new();
+    while out.len() >= 2 {
+        let opcode = out[0] & 0x0F;
+        let len = (out[1] & 0x7F) as usize;
+        // Control frames carry at most 125 bytes: a 2-byte header.
+        let total = 2 + len;
+        if len > 125 || out.len() < total {
+            tracing::error!(opcode, "unexpected bytes from the WebSocket context");
+            break;
+        }
+        let bytes = out.split_to(total);
+        let kind = match opcode {
+            CLOSE => Control::Close,
+            PING | PONG => Control::PingPong,
+            _ => {
+                tracing::error!(opcode, "unexpected frame from the WebSocket context");
+                continue;
+            }
+        };
+        frames.push((bytes, kind));
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Headers of every length class, as RFC 6455 §5.2 spells them.
+    #[test]
+    fn frames_have_the_shortest_header_for_their_length() {
+        let (f, h) = frame(TEXT, &[b"hi"]);
+        assert_eq!((&f[..], h), (&[0x81, 2, b'h', b'i'][..], 2));
+        let p125 = [b'x'; 125];
+        assert_eq!(frame(TEXT, &[&p125]).0[..2], [0x81, 125]);
+        let p126 = [b'x'; 126];
+        let (f, h) = frame(BINARY, &[&p126[..100], &p126[100..]]);
+        assert_eq!((&f[..4], h, f.len()), (&[0x82, 126, 0, 126][..], 4, 130));
+        let p = vec![b'x'; 65_535];
+        assert_eq!(frame(TEXT, &[&p]).0[..4], [0x81, 126, 0xFF, 0xFF]);
+        let p = vec![b'x'; 65_536];
+        let (f, h) = frame(TEXT, &[&p]);
+        assert_eq!(h, 10);
+        assert_eq!(f[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(f.len(), 65_546);
+    }
+
+    #[test]
+    fn transport_output_is_split_into_control_frames() {
+        let out = Bytes::from_static(&[0x8A, 1, b'p', 0x88, 2, 0x03, 0xE8]);
+        let frames = split_control(out);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(
+            frames[0],
+            (Bytes::from_static(&[0x8A, 1, b'p']), Control::PingPong)
+        );
+        assert_eq!(frames[1].1, Control::Close);
+        assert!(split_control(Bytes::from_static(&[0x8A, 5, b'p'])).is_empty());
+    }
+
+    /// The I1 check on control bytes: after a close is written nothing
+    /// more; after one is received only the reply.
+    #[test]
+    fn control_after_close_is_refused_and_counted() {
+        let mut wire = Wire::new();
+        let close = || Bytes::from_static(&[0x88, 0]);
+        let pong = || Bytes::from_static(&[0x8A, 0]);
+        wire.push_control(pong(), Control::PingPong);
+        wire.close_received();
+        wire.push_control(pong(), Control::PingPong);
+        assert_eq!(wire.stats.snapshot().frames_after_close, 1);
+        wire.push_control(close(), Control::Close);
+        assert_eq!(wire.stats.snapshot().frames_after_close, 1, "the reply");
+        wire.push_control(close(), Control::Close);
+        assert_eq!(wire.stats.snapshot().frames_after_close, 2);
+        assert_eq!(wire.pending.len(), 2, "the pong before, the reply");
+    }
+}
