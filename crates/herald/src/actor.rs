@@ -85,7 +85,12 @@ async fn start(
         app.next_conn_id(),
         app.config().lifecycle.clone(),
     ));
-    let sock = Arc::new(socket.tcp);
+    let Socket { tcp, read, config } = socket;
+    // The bytes read past the request are a slice of hyper's read buffer:
+    // copied, so that buffer is not kept for the connection's life.
+    let leftover = read.to_vec();
+    drop(read);
+    let sock = Arc::new(tcp);
     conn.attach(sock.clone(), app.stats().clone());
     app.hub().insert(conn.clone());
     // At error level so it is enabled whenever any log is: warn and error lines
@@ -96,11 +101,7 @@ async fn start(
     let actor = Actor {
         io: Io {
             sock,
-            ctx: WebSocketContext::from_partially_read(
-                socket.read.to_vec(),
-                Role::Server,
-                Some(socket.config),
-            ),
+            ctx: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
             out: Vec::new(),
             readable: true,
             stopped: false,

@@ -111,7 +111,7 @@ impl From<String> for OutFrame {
     }
 }
 
-/// What [`ConnShared::send_events`] did with a batch.
+/// What [`ConnShared::queue_events`] did with a batch.
 #[derive(Debug, Default)]
 pub struct Delivery {
     /// Events queued or held for the catch-up.
@@ -131,6 +131,8 @@ pub(crate) struct Locked {
     pub(crate) core: Connection<OutFrame>,
     /// The socket's write half.
     pub(crate) wire: Wire,
+    /// Waiting in the hub's flush list ([`ConnShared::queue_events`]).
+    dirty: bool,
 }
 
 /// The part of a connection shared between its actor, the registry and the API.
@@ -164,6 +166,7 @@ impl ConnShared {
             core: Mutex::new(Locked {
                 core: Connection::new(now, cfg),
                 wire: Wire::new(),
+                dirty: false,
             }),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
@@ -223,17 +226,46 @@ impl ConnShared {
 
     /// Hand a live event of the connection's stream to its catch-up merge
     /// (queued, held, or dropped as a duplicate: see [`herald_core::catchup`])
-    /// and write what the socket takes (the model checker's publishers).
+    /// and write what the socket takes (the model checker's publishers; the
+    /// hub queues and flushes in two steps).
     #[cfg(all(test, herald_loom))]
     pub fn send_event(&self, seq: u64, frame: OutFrame) -> Result<LiveOutcome, SendRefused> {
-        self.send_events(std::iter::once((seq, frame)))
-            .last
-            .unwrap_or(Err(SendRefused::Closed))
+        let (delivery, full, locked) = self.enqueue(std::iter::once((seq, frame)));
+        self.after_send(locked, full);
+        delivery.last.unwrap_or(Err(SendRefused::Closed))
     }
 
-    /// [`ConnShared::send_event`] for several events under one lock, then
-    /// one write for all of them.
-    pub fn send_events(&self, events: impl IntoIterator<Item = (u64, OutFrame)>) -> Delivery {
+    /// Queue several events without writing them; true in the second field
+    /// if the connection must now be put on a flush list (it has something
+    /// to write and was not on one). Whoever keeps that list calls
+    /// [`ConnShared::flush`] later, so frames of several publishes that
+    /// arrive meanwhile leave in one write.
+    pub(crate) fn queue_events(
+        &self,
+        events: impl IntoIterator<Item = (u64, OutFrame)>,
+    ) -> (Delivery, bool) {
+        let (delivery, full, mut locked) = self.enqueue(events);
+        if full {
+            drop(locked);
+            self.wake.notify_one();
+            return (delivery, false);
+        }
+        let listed = delivery.accepted > 0 && !std::mem::replace(&mut locked.dirty, true);
+        (delivery, listed)
+    }
+
+    /// Write what is queued (the hub's flush list); wake the actor for what
+    /// only it can do.
+    pub(crate) fn flush(&self) {
+        let mut locked = self.core.lock();
+        locked.dirty = false;
+        self.after_send(locked, false);
+    }
+
+    fn enqueue(
+        &self,
+        events: impl IntoIterator<Item = (u64, OutFrame)>,
+    ) -> (Delivery, bool, MutexGuard<'_, Locked>) {
         let now = crate::clock::now();
         let mut locked = self.core.lock();
         let mut delivery = Delivery::default();
@@ -250,17 +282,14 @@ impl ConnShared {
             }
             delivery.last = Some(outcome);
         }
-        if delivery.last.is_some() {
-            self.after_send(locked, full);
-        }
-        delivery
+        (delivery, full, locked)
     }
 
     /// After queueing: write what the socket takes; wake the actor for
     /// what only it can do (a full socket, a ping or close, a slow-consumer
     /// close the refusal just started).
     fn after_send(&self, mut locked: MutexGuard<'_, Locked>, queue_full: bool) {
-        let Locked { core, wire } = &mut *locked;
+        let Locked { core, wire, .. } = &mut *locked;
         let flushed = wire.flush(core);
         drop(locked);
         if flushed != Flushed::Done || queue_full {

@@ -20,6 +20,66 @@ use dashmap::DashMap;
 use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
 use parking_lot::Mutex;
 
+/// The connections deliveries queued frames for, written by one flush task
+/// that runs right after the delivering task yields. What deliveries add
+/// while it writes waits for its next round, behind the tasks that are
+/// ready: under load a connection that several publishes reach meanwhile
+/// gets one write for all of their frames; an idle server writes at once. One flush task at a time;
+/// a long list is shared with a second task so both worker threads write.
+#[derive(Debug, Default)]
+struct Flusher {
+    /// The list, and whether a flush task is scheduled.
+    pending: Mutex<(Vec<Arc<ConnShared>>, bool)>,
+}
+
+/// Connections a flush task writes before it hands the rest to another.
+const FLUSH_SHARE: usize = 256;
+
+impl Flusher {
+    /// Put `conns` on the list; schedule a flush task if none is.
+    fn add(self: &Arc<Self>, conns: Vec<Arc<ConnShared>>) {
+        if conns.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (a synchronous caller): write at once.
+            conns.iter().for_each(|c| c.flush());
+            return;
+        };
+        let mut pending = self.pending.lock();
+        pending.0.extend(conns);
+        if !std::mem::replace(&mut pending.1, true) {
+            let this = self.clone();
+            runtime.spawn(async move { this.run().await });
+        }
+    }
+
+    async fn run(self: Arc<Self>) {
+        let mut first = true;
+        loop {
+            // What was added while the last batch was written waits behind
+            // whatever else is ready (more publishes, under load), so it
+            // grows and each connection's frames leave together.
+            if !std::mem::take(&mut first) {
+                tokio::task::yield_now().await;
+            }
+            let mut batch = {
+                let mut pending = self.pending.lock();
+                if pending.0.is_empty() {
+                    pending.1 = false;
+                    return;
+                }
+                std::mem::take(&mut pending.0)
+            };
+            if batch.len() > 2 * FLUSH_SHARE {
+                let half = batch.split_off(batch.len() / 2);
+                tokio::spawn(async move { half.iter().for_each(|c| c.flush()) });
+            }
+            batch.iter().for_each(|c| c.flush());
+        }
+    }
+}
+
 /// Why a connection could not join its stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinError {
@@ -67,6 +127,8 @@ pub struct Hub {
     empty: tokio::sync::Notify,
     /// Deliveries queued, resolved once instead of per event.
     events_queued: metrics::Counter,
+    /// Connections with frames queued by deliveries, to be written.
+    flusher: Arc<Flusher>,
     /// Kicks so far (each kick's number is the count after it).
     kick_seq: AtomicU64,
     /// The last kick of each recently kicked stream: its number and time.
@@ -85,6 +147,7 @@ impl Hub {
             stats,
             empty: tokio::sync::Notify::new(),
             events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
+            flusher: Arc::default(),
             kick_seq: AtomicU64::new(0),
             kicks: DashMap::new(),
         }
@@ -368,13 +431,19 @@ impl EventSink for Hub {
         // Each connection takes the whole batch under one lock and writes it
         // in one go.
         let (mut delivered, mut queued) = (0, 0);
+        let mut listed = Vec::new();
         for conn in conns.iter() {
-            let delivery = conn.send_events(frames.iter().cloned());
+            let (delivery, list) = conn.queue_events(frames.iter().cloned());
             queued += delivery.accepted;
             if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
                 delivered += 1;
             }
+            if list {
+                listed.push(conn.clone());
+            }
         }
+        drop(conns);
+        self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
         delivered
     }
