@@ -220,3 +220,95 @@ async fn a_publish_flood_to_many_users_stays_within_the_memory_bounds() {
     back_to(baseline).await;
     server.shutdown().await;
 }
+
+/// Issue 15: the write path when a socket fills. A client that stops reading
+/// while 6 MB are published to it (more than the socket buffers hold) keeps
+/// the rest queued — the frames cut mid-way by a partial write included —
+/// while everyone else is served; once it reads again it gets every event
+/// once, in order, whole.
+#[tokio::test]
+async fn a_reader_that_pauses_gets_every_event_in_order_when_it_resumes() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.lifecycle.max_queue_bytes = 64 << 20;
+    cfg.lifecycle.max_queue_frames = 10_000;
+    cfg.history_max_bytes = 256 << 20;
+    let (server, mut ws, baseline) = serving(cfg).await;
+    let (mut paused, _) = connect(&server, "pauser").await;
+    let pad = "p".repeat(60 * 1024);
+    for batch in 0..10u64 {
+        let events: Vec<_> = (0..10)
+            .map(|i| json!({"user_id": "pauser", "event": "big", "data": {"n": batch * 10 + i, "pad": pad}}))
+            .collect();
+        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200, "{body}");
+        others_are_served(&server, &mut ws, batch).await;
+    }
+    let queued: usize = server
+        .hub()
+        .list(None)
+        .iter()
+        .filter(|c| c.user_id.as_deref() == Some("pauser"))
+        .map(|c| c.queue_depth)
+        .sum();
+    assert!(
+        queued > 0,
+        "the socket is full and the rest waits in the queue"
+    );
+    for n in 0..100u64 {
+        let event = next_json(&mut paused).await;
+        assert_eq!(event["seq"], n + 1);
+        assert_eq!(event["data"]["n"], n);
+        assert_eq!(event["data"]["pad"].as_str().map(str::len), Some(pad.len()));
+    }
+    drop(paused);
+    others_are_served(&server, &mut ws, 100).await;
+    back_to(baseline).await;
+    server.shutdown().await;
+}
+
+/// Issue 15: a socket that never drains is dropped once a write has waited
+/// `write_timeout` (counted as a slow consumer), however large its queue
+/// bound; the server serves everyone else meanwhile.
+#[tokio::test]
+async fn a_socket_that_never_drains_is_dropped_after_the_write_timeout() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.write_timeout = Duration::from_millis(500);
+    cfg.lifecycle.max_queue_bytes = 64 << 20;
+    cfg.lifecycle.max_queue_frames = 10_000;
+    cfg.history_max_bytes = 256 << 20;
+    let (server, mut ws, baseline) = serving(cfg).await;
+    let before = slow_consumer_closes(&server).await;
+    let (stuck, _) = connect(&server, "stuck").await;
+    let pad = "s".repeat(60 * 1024);
+    for batch in 0..10 {
+        let events: Vec<_> = (0..10)
+            .map(|_| json!({"user_id": "stuck", "event": "big", "data": {"pad": pad}}))
+            .collect();
+        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200, "{body}");
+        others_are_served(&server, &mut ws, batch).await;
+    }
+    // The bystander stays; the stuck socket goes.
+    wait_for_connections(&server, 1).await;
+    // The metrics recorder is the process's: count this close only.
+    assert_eq!(slow_consumer_closes(&server).await, before + 1);
+    drop(stuck);
+    others_are_served(&server, &mut ws, 10).await;
+    back_to(baseline).await;
+    server.shutdown().await;
+}
+
+/// Connections closed as slow consumers so far (the process's recorder).
+async fn slow_consumer_closes(server: &herald::Server) -> u64 {
+    metrics_text(server)
+        .await
+        .lines()
+        .filter(|l| {
+            l.starts_with("herald_connections_closed_total{")
+                && l.contains(r#"reason="slow_consumer""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
