@@ -20,23 +20,25 @@ use dashmap::DashMap;
 use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
 use parking_lot::Mutex;
 
-/// The connections deliveries queued frames for, written by one flush task
-/// that runs right after the delivering task yields. What deliveries add
-/// while it writes waits for its next round, behind the tasks that are
-/// ready: under load a connection that several publishes reach meanwhile
-/// gets one write for all of their frames; an idle server writes at once. One flush task at a time;
-/// a long list is shared with a second task so both worker threads write.
+/// The connections deliveries queued frames for, written by flush tasks.
+/// The first runs right after the delivering task yields; each round takes
+/// up to [`FLUSH_SHARE`] connections and writes each once, and while more are
+/// waiting another task joins, up to one per worker thread, so a large
+/// delivery is written on every core. What deliveries add while the tasks
+/// write waits for a later round, behind the tasks that are ready: under load
+/// a connection that several publishes reach meanwhile gets one write for all
+/// of their frames; an idle server writes at once.
 #[derive(Debug, Default)]
 struct Flusher {
-    /// The list, and whether a flush task is scheduled.
-    pending: Mutex<(Vec<Arc<ConnShared>>, bool)>,
+    /// The list, and how many flush tasks are running.
+    pending: Mutex<(Vec<Arc<ConnShared>>, usize)>,
 }
 
-/// Connections a flush task writes before it hands the rest to another.
+/// Connections a flush task writes per round.
 const FLUSH_SHARE: usize = 256;
 
 impl Flusher {
-    /// Put `conns` on the list; schedule a flush task if none is.
+    /// Put `conns` on the list; start a flush task if none runs.
     fn add(self: &Arc<Self>, conns: Vec<Arc<ConnShared>>) {
         if conns.is_empty() {
             return;
@@ -48,34 +50,42 @@ impl Flusher {
         };
         let mut pending = self.pending.lock();
         pending.0.extend(conns);
-        if !std::mem::replace(&mut pending.1, true) {
-            let this = self.clone();
-            runtime.spawn(async move { this.run().await });
+        if pending.1 == 0 {
+            pending.1 = 1;
+            runtime.spawn(self.clone().run());
         }
     }
 
-    async fn run(self: Arc<Self>) {
+    /// One flush task (boxed: it may start another of itself).
+    fn run(self: Arc<Self>) -> crate::BoxFuture<'static, ()> {
+        Box::pin(async move { self.rounds().await })
+    }
+
+    async fn rounds(self: Arc<Self>) {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let mut first = true;
         loop {
-            // What was added while the last batch was written waits behind
+            // What was added while the last round was written waits behind
             // whatever else is ready (more publishes, under load), so it
             // grows and each connection's frames leave together.
             if !std::mem::take(&mut first) {
                 tokio::task::yield_now().await;
             }
-            let mut batch = {
+            let round = {
                 let mut pending = self.pending.lock();
                 if pending.0.is_empty() {
-                    pending.1 = false;
+                    pending.1 -= 1;
                     return;
                 }
-                std::mem::take(&mut pending.0)
+                let take = pending.0.len().min(FLUSH_SHARE);
+                let round: Vec<_> = pending.0.drain(..take).collect();
+                if !pending.0.is_empty() && pending.1 < workers {
+                    pending.1 += 1;
+                    tokio::spawn(self.clone().run());
+                }
+                round
             };
-            if batch.len() > 2 * FLUSH_SHARE {
-                let half = batch.split_off(batch.len() / 2);
-                tokio::spawn(async move { half.iter().for_each(|c| c.flush()) });
-            }
-            batch.iter().for_each(|c| c.flush());
+            round.iter().for_each(|c| c.flush());
         }
     }
 }
