@@ -38,6 +38,10 @@ use crate::hub::{JoinError, KICKED};
 use crate::telemetry;
 use crate::wire::{self, Flushed};
 
+/// Inbound messages handled in a row before the actor waits once (its
+/// timers and wake-up get their turn; the wait yields to other tasks).
+const READS_PER_WAIT: u32 = 32;
+
 /// Events read from history per page during a catch-up.
 const HISTORY_PAGE: usize = 256;
 
@@ -166,6 +170,9 @@ impl Actor {
         // deadline changes (creating a timer per wake-up showed in profiles).
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
+        // Messages read since the last wait: a peer that keeps the socket
+        // readable must not keep the timers (and other tasks) from running.
+        let mut reads = 0;
         loop {
             let write_deadline = match self.write_pending() {
                 Ok(deadline) => deadline,
@@ -186,7 +193,8 @@ impl Actor {
             if self.conn.with_core(|c| c.should_drop_transport()) {
                 return gone(CloseReason::PeerGone, "close handshake timed out");
             }
-            if self.io.readable && !self.io.stopped {
+            if self.io.readable && !self.io.stopped && reads < READS_PER_WAIT {
+                reads += 1;
                 match self.io.read() {
                     Ok(Some(msg)) => {
                         Box::pin(self.on_message(msg)).await;
@@ -226,6 +234,7 @@ impl Actor {
             {
                 timer.as_mut().reset(d);
             }
+            reads = 0;
             let sock = self.io.sock.clone();
             let reading = !self.io.stopped;
             tokio::select! {
