@@ -76,7 +76,7 @@ declare_keys! {
     HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
     CLOSE_TIMEOUT = "close_timeout", Some("2s"), "Time allowed to flush, write the close frame and await the reply";
     HTTP_HEADER_TIMEOUT = "http_header_timeout", Some("10s"), "Time allowed for an HTTP request's complete head, from the accept or, on a keep-alive connection, from the previous response (so also the idle bound between requests); else the connection is closed";
-    WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket write blocked longer than this drops the connection";
+    WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket that takes no byte of a pending write for this long is dropped";
     HEARTBEAT_INTERVAL = "heartbeat_interval", Some("25s"), "Interval of WebSocket pings (advertised as heartbeat_ms)";
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";
     QUEUE_MAX_FRAMES = "queue_max_frames", Some("1024"), "Outbound queue bound in frames per connection (else close 4001)";

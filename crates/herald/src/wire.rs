@@ -155,7 +155,7 @@ impl Wire {
         self.close_written
     }
 
-    /// Since when pending bytes wait for the socket, if they do.
+    /// Since when pending bytes wait for the socket without progress, if they do.
     pub(crate) fn blocked_since(&self) -> Option<Instant> {
         self.blocked_since
     }
@@ -209,10 +209,12 @@ impl Wire {
                     };
                 }
             }
-            match write_out(&sock, &mut self.pending) {
+            let mut progressed = false;
+            match write_out(&sock, &mut self.pending, &mut progressed) {
                 Ok(()) => self.blocked_since = None,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.blocked_since.is_none() {
+                    // The write timeout counts from the last progress.
+                    if progressed || self.blocked_since.is_none() {
                         self.blocked_since = Some(crate::clock::now());
                     }
                     return Flushed::Blocked;
@@ -265,8 +267,13 @@ impl Wire {
 }
 
 /// Write `pending` with vectored writes until it is empty or the socket
-/// refuses more (`WouldBlock`); written bytes leave `pending`.
-fn write_out(sock: &TcpStream, pending: &mut VecDeque<Bytes>) -> io::Result<()> {
+/// refuses more (`WouldBlock`); written bytes leave `pending`, and
+/// `progressed` is set if any were written.
+fn write_out(
+    sock: &TcpStream,
+    pending: &mut VecDeque<Bytes>,
+    progressed: &mut bool,
+) -> io::Result<()> {
     while !pending.is_empty() {
         let mut written = if pending.len() == 1 {
             // One buffer: a plain write costs less in the kernel than writev.
@@ -283,6 +290,7 @@ fn write_out(sock: &TcpStream, pending: &mut VecDeque<Bytes>) -> io::Result<()> 
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        *progressed = true;
         while written > 0 {
             let Some(front) = pending.front_mut() else {
                 break;
