@@ -1126,16 +1126,19 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
     finish(args, report, hist, figures)
 }
 
-/// Frames and bytes the server has written so far (from its /metrics).
-async fn wire_out(http: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
-    let page = http
+/// The server's Prometheus page (`GET {base}/metrics`).
+pub(crate) async fn metrics_page(http: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    Ok(http
         .get(format!("{base}/metrics"))
         .send()
-        .await
-        .ok()?
+        .await?
         .text()
-        .await
-        .ok()?;
+        .await?)
+}
+
+/// Frames and bytes the server has written so far (from its /metrics).
+async fn wire_out(http: &reqwest::Client, base: &str) -> Option<(f64, f64)> {
+    let page = metrics_page(http, base).await.ok()?;
     Some((
         metric_in(&page, "herald_frames_out_total")?,
         metric_in(&page, "herald_bytes_out_total")?,

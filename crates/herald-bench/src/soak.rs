@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{
-    BenchArgs, api_client, metric_in, open_client, rss_of, server_addr, token, ws_url,
+    BenchArgs, api_client, metric_in, metrics_page, open_client, rss_of, server_addr, token, ws_url,
 };
 
 /// Steady readers: they read everything and check seqs (no loss, no gap).
@@ -151,12 +151,7 @@ async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow:
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .context("no Threads in /proc/PID/status")?;
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_page(http, base).await?;
     let gauge = |name: &str| metric_in(&metrics, name).unwrap_or(f64::NAN);
     Ok(Sample {
         t,

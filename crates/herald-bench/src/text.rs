@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{
-    BenchArgs, Summary, api_client, cpu_ticks, metric_in, open_client, rss_of, server_addr, token,
-    ws_url,
+    BenchArgs, Summary, api_client, cpu_ticks, metric_in, metrics_page, open_client, rss_of,
+    server_addr, token, ws_url,
 };
 
 /// What the readers saw, all users together.
@@ -37,12 +37,7 @@ fn token_text(i: usize) -> String {
 }
 
 async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<f64> {
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_page(http, base).await?;
     metric_in(&metrics, name).with_context(|| format!("no {name} in /metrics"))
 }
 
