@@ -31,12 +31,8 @@ const ECHO_MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// The upgrade handler of `/ws`.
 pub(super) async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Response {
-    let handshake = match Handshake::of(&mut req) {
-        Ok(h) => h,
-        Err(e) => return e.into_response(),
-    };
-    let slot = match admit(&app) {
-        Ok(slot) => slot,
+    let (handshake, slot) = match admit(&app, &mut req) {
+        Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
     };
     let headers = req.headers();
@@ -53,12 +49,8 @@ pub(super) async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Re
 /// The upgrade handler of the test-only `/echo`: every text and binary
 /// message comes back as it was sent, through the `/ws` actor and writer.
 pub(super) async fn echo(State(app): State<Arc<App>>, mut req: Request) -> Response {
-    let handshake = match Handshake::of(&mut req) {
-        Ok(h) => h,
-        Err(e) => return e.into_response(),
-    };
-    let slot = match admit(&app) {
-        Ok(slot) => slot,
+    let (handshake, slot) = match admit(&app, &mut req) {
+        Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
     };
     handshake.accept(false, config(ECHO_MAX_MESSAGE), move |socket| {
@@ -186,10 +178,12 @@ fn offers(headers: &HeaderMap, name: &str) -> bool {
         .any(|p| p.trim() == name)
 }
 
-/// The checks every valid upgrade then passes: not draining, and a
-/// place under the admission bounds (checked and taken in one step, held by
-/// the connection until it ends). Refusals are the HTTP answer to send.
-fn admit(app: &App) -> Result<Slot, ApiError> {
+/// The checks every upgrade passes: a valid WebSocket handshake, not
+/// draining, and a place under the admission bounds (checked and taken in one
+/// step, held by the connection until it ends). Refusals are the HTTP answer
+/// to send.
+fn admit(app: &App, req: &mut Request) -> Result<(Handshake, Slot), ApiError> {
+    let handshake = Handshake::of(req)?;
     if app.is_draining() {
         metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "draining").increment(1);
         return Err(ApiError::new(
@@ -199,7 +193,7 @@ fn admit(app: &App) -> Result<Slot, ApiError> {
         ));
     }
     match app.admission().admit() {
-        Ok(slot) => Ok(slot),
+        Ok(slot) => Ok((handshake, slot)),
         Err(refusal) => {
             let code = match refusal {
                 Refusal::Capacity => "capacity",
