@@ -221,6 +221,30 @@ async fn a_publish_flood_to_many_users_stays_within_the_memory_bounds() {
     server.shutdown().await;
 }
 
+/// Queues large enough that only the socket, not the queue bound, holds a
+/// reader back.
+fn roomy_queues(mut cfg: herald::Config) -> herald::Config {
+    cfg.lifecycle.max_queue_bytes = 64 << 20;
+    cfg.lifecycle.max_queue_frames = 10_000;
+    cfg.history_max_bytes = 256 << 20;
+    cfg
+}
+
+/// Publish 100 events of 60 KiB (`data.n` = 0..100) to `user` in batches of
+/// 10, checking after each that everyone else is served; returns the padding.
+async fn publish_6_mb(server: &herald::Server, ws: &mut Ws, user: &str) -> String {
+    let pad = "p".repeat(60 * 1024);
+    for batch in 0..10u64 {
+        let events: Vec<_> = (0..10)
+            .map(|i| json!({"user_id": user, "event": "big", "data": {"n": batch * 10 + i, "pad": pad}}))
+            .collect();
+        let (status, body) = post(server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200, "{body}");
+        others_are_served(server, ws, batch).await;
+    }
+    pad
+}
+
 /// Issue 15: the write path when a socket fills. A client that stops reading
 /// while 6 MB are published to it (more than the socket buffers hold) keeps
 /// the rest queued — the frames cut mid-way by a partial write included —
@@ -229,21 +253,9 @@ async fn a_publish_flood_to_many_users_stays_within_the_memory_bounds() {
 #[tokio::test]
 async fn a_reader_that_pauses_gets_every_event_in_order_when_it_resumes() {
     let _serial = SERIAL.lock().await;
-    let mut cfg = config();
-    cfg.lifecycle.max_queue_bytes = 64 << 20;
-    cfg.lifecycle.max_queue_frames = 10_000;
-    cfg.history_max_bytes = 256 << 20;
-    let (server, mut ws, baseline) = serving(cfg).await;
+    let (server, mut ws, baseline) = serving(roomy_queues(config())).await;
     let (mut paused, _) = connect(&server, "pauser").await;
-    let pad = "p".repeat(60 * 1024);
-    for batch in 0..10u64 {
-        let events: Vec<_> = (0..10)
-            .map(|i| json!({"user_id": "pauser", "event": "big", "data": {"n": batch * 10 + i, "pad": pad}}))
-            .collect();
-        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
-        assert_eq!(status, 200, "{body}");
-        others_are_served(&server, &mut ws, batch).await;
-    }
+    let pad = publish_6_mb(&server, &mut ws, "pauser").await;
     let queued: usize = server
         .hub()
         .list(None)
@@ -273,23 +285,12 @@ async fn a_reader_that_pauses_gets_every_event_in_order_when_it_resumes() {
 #[tokio::test]
 async fn a_socket_that_never_drains_is_dropped_after_the_write_timeout() {
     let _serial = SERIAL.lock().await;
-    let mut cfg = config();
+    let mut cfg = roomy_queues(config());
     cfg.write_timeout = Duration::from_millis(500);
-    cfg.lifecycle.max_queue_bytes = 64 << 20;
-    cfg.lifecycle.max_queue_frames = 10_000;
-    cfg.history_max_bytes = 256 << 20;
     let (server, mut ws, baseline) = serving(cfg).await;
     let before = slow_consumer_closes(&server).await;
     let (stuck, _) = connect(&server, "stuck").await;
-    let pad = "s".repeat(60 * 1024);
-    for batch in 0..10 {
-        let events: Vec<_> = (0..10)
-            .map(|_| json!({"user_id": "stuck", "event": "big", "data": {"pad": pad}}))
-            .collect();
-        let (status, body) = post(&server, "/api/v1/events", json!({ "events": events })).await;
-        assert_eq!(status, 200, "{body}");
-        others_are_served(&server, &mut ws, batch).await;
-    }
+    publish_6_mb(&server, &mut ws, "stuck").await;
     // The bystander stays; the stuck socket goes.
     wait_for_connections(&server, 1).await;
     // The metrics recorder is the process's: count this close only.
