@@ -36,7 +36,7 @@ use crate::clock;
 use crate::connection::{ConnShared, Locked, OutFrame};
 use crate::hub::{JoinError, KICKED};
 use crate::telemetry;
-use crate::wire::{self, Flushed};
+use crate::wire::Flushed;
 
 /// Inbound messages handled in a row before the actor waits once (its
 /// timers and wake-up get their turn; the wait yields to other tasks).
@@ -310,12 +310,8 @@ impl Actor {
         if self.io.out.is_empty() {
             return false;
         }
-        let out = Bytes::from(std::mem::take(&mut self.io.out));
-        self.conn.with_locked(|l| {
-            for (bytes, kind) in wire::split_control(out) {
-                l.wire.push_control(bytes, kind);
-            }
-        });
+        let io = &mut self.io;
+        self.conn.with_locked(|l| io.hand_over(l));
         true
     }
 
@@ -812,10 +808,13 @@ impl Io {
             tracing::debug!(error = %e, "control frame not written");
         }
         let _ = self.ctx.flush(&mut stream);
-        let out = Bytes::from(std::mem::take(&mut self.out));
-        for (bytes, kind) in wire::split_control(out) {
-            l.wire.push_control(bytes, kind);
-        }
+        self.hand_over(l);
+    }
+
+    /// Move what the context wrote to the write half.
+    fn hand_over(&mut self, l: &mut Locked) {
+        l.wire
+            .push_transport(Bytes::from(std::mem::take(&mut self.out)));
     }
 }
 

@@ -67,7 +67,7 @@ pub(crate) fn frame(opcode: u8, parts: &[&[u8]]) -> (Bytes, u8) {
 /// A control frame written by the transport (the actor's WebSocket
 /// context), as the I1 check tells them apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Control {
+enum Control {
     /// A ping or a pong.
     PingPong,
     /// A close frame (ours, or the reply to the peer's).
@@ -165,9 +165,17 @@ impl Wire {
         self.failed.take()
     }
 
+    /// Queue what the transport (the actor's WebSocket context) wrote —
+    /// pongs, close frames — behind what is pending, frame by frame.
+    pub(crate) fn push_transport(&mut self, out: Bytes) {
+        for (bytes, kind) in split_control(out) {
+            self.push_control(bytes, kind);
+        }
+    }
+
     /// Queue control bytes framed by the transport (`kind` says which),
     /// behind what is pending; refused and counted if I1 forbids them.
-    pub(crate) fn push_control(&mut self, bytes: Bytes, kind: Control) {
+    fn push_control(&mut self, bytes: Bytes, kind: Control) {
         if bytes.is_empty() {
             return;
         }
@@ -309,7 +317,7 @@ fn write_out(
 
 /// The control frames in bytes the transport wrote (complete, unmasked
 /// server frames), each with its kind; anything unparsable is dropped.
-pub(crate) fn split_control(mut out: Bytes) -> Vec<(Bytes, Control)> {
+fn split_control(mut out: Bytes) -> Vec<(Bytes, Control)> {
     let mut frames = Vec::new();
     while out.len() >= 2 {
         let opcode = out[0] & 0x0F;
