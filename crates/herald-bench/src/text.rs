@@ -41,6 +41,31 @@ async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result
     metric_in(&metrics, name).with_context(|| format!("no {name} in /metrics"))
 }
 
+/// What the scenario reads from the server and Redis before and after the
+/// answers (each `None` when its PID or port was not given).
+struct Probe {
+    rss: Option<u64>,
+    cpu: Option<u64>,
+    redis_cpu: Option<u64>,
+    redis_cmds: Option<u64>,
+    redis_mem: Option<u64>,
+}
+
+impl Probe {
+    fn read(pid: Option<u32>, args: &BenchArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            rss: pid.map(rss_of).transpose()?,
+            cpu: pid.map(cpu_ticks).transpose()?,
+            redis_cpu: args.redis_pid.map(cpu_ticks).transpose()?,
+            redis_cmds: args.redis_port.map(redis_commands).transpose()?,
+            redis_mem: args
+                .redis_port
+                .map(|p| redis_info(p, "memory", "used_memory"))
+                .transpose()?,
+        })
+    }
+}
+
 /// A field of Redis's `INFO section`.
 fn redis_info(port: u16, section: &str, field: &str) -> anyhow::Result<u64> {
     let out = std::process::Command::new("redis-cli")
@@ -148,14 +173,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             .await?
             .error_for_status()?;
     }
-    let rss_before = pid.map(rss_of).transpose()?;
-    let cpu_before = pid.map(cpu_ticks).transpose()?;
-    let redis_cpu_before = args.redis_pid.map(cpu_ticks).transpose()?;
-    let redis_cmds_before = args.redis_port.map(redis_commands).transpose()?;
-    let redis_mem_before = args
-        .redis_port
-        .map(|p| redis_info(p, "memory", "used_memory"))
-        .transpose()?;
+    let before = Probe::read(pid, args)?;
 
     // The answers: one streaming request each, a line every 1/rate s.
     let started = Instant::now();
@@ -201,14 +219,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let delivered_at = started.elapsed();
-    let cpu = pid.map(cpu_ticks).transpose()?;
-    let redis_cpu = args.redis_pid.map(cpu_ticks).transpose()?;
-    let redis_cmds = args.redis_port.map(redis_commands).transpose()?;
-    let redis_mem = args
-        .redis_port
-        .map(|p| redis_info(p, "memory", "used_memory"))
-        .transpose()?;
-    let rss = pid.map(rss_of).transpose()?;
+    let after = Probe::read(pid, args)?;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let history = gauge(&http, &args.url, "herald_history_events")
         .await
@@ -284,7 +295,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             format!("{full_frames} / {full_bytes}"),
         ),
     ];
-    if let (Some(a), Some(b)) = (cpu_before, cpu) {
+    if let (Some(a), Some(b)) = (before.cpu, after.cpu) {
         let secs = (b - a) as f64 / ticks;
         figures.push((
             "server CPU".into(),
@@ -295,14 +306,14 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             ),
         ));
     }
-    if let (Some(a), Some(b)) = (redis_cpu_before, redis_cpu) {
+    if let (Some(a), Some(b)) = (before.redis_cpu, after.redis_cpu) {
         let secs = (b - a) as f64 / ticks;
         figures.push((
             "redis CPU".into(),
             format!("{secs:.1} s = {:.1} ms per answer", per(secs) * 1e3),
         ));
     }
-    if let (Some(a), Some(b)) = (redis_cmds_before, redis_cmds) {
+    if let (Some(a), Some(b)) = (before.redis_cmds, after.redis_cmds) {
         figures.push((
             "redis commands per answer".into(),
             format!(
@@ -312,13 +323,13 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             ),
         ));
     }
-    if let (Some(a), Some(b)) = (redis_mem_before, redis_mem) {
+    if let (Some(a), Some(b)) = (before.redis_mem, after.redis_mem) {
         figures.push((
             "redis used_memory per answer".into(),
             format!("{:.1} KiB", per(b as f64 - a as f64) / 1024.0),
         ));
     }
-    if let (Some(a), Some(b)) = (rss_before, rss) {
+    if let (Some(a), Some(b)) = (before.rss, after.rss) {
         figures.push((
             "server RSS per answer".into(),
             format!("{:.1} KiB", per(b as f64 - a as f64) / 1024.0),
