@@ -198,10 +198,7 @@ impl Wire {
     /// everything is written or the socket is full. Counts and times each
     /// frame as it is taken from the queue.
     pub(crate) fn flush(&mut self, core: &mut Connection<OutFrame>) -> Flushed {
-        let Some(sock) = self.sock.clone() else {
-            return Flushed::Actor;
-        };
-        if self.failed.is_some() {
+        if self.sock.is_none() || self.failed.is_some() {
             return Flushed::Actor;
         }
         let mut now = None;
@@ -217,8 +214,11 @@ impl Wire {
                     };
                 }
             }
+            let Some(sock) = self.sock.as_deref() else {
+                return Flushed::Actor;
+            };
             let mut progressed = false;
-            match write_out(&sock, &mut self.pending, &mut progressed) {
+            match write_out(sock, &mut self.pending, &mut progressed) {
                 Ok(()) => self.blocked_since = None,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The write timeout counts from the last progress.
