@@ -126,6 +126,57 @@ def test_a_cancelled_async_run_ends_with_agent_cancelled(herald_server):
     ]
 
 
+class _HoldsAnswerOf(httpx.AsyncBaseTransport):
+    """Delivers the publish of `event` to Herald, then holds its answer: the
+    task is cancelled while Herald has the event and the agent does not know."""
+
+    def __init__(self, event: str) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.event = event
+        self.held = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        response = await self.inner.handle_async_request(request)
+        if not self.held.is_set() and json.loads(request.content).get("event") == self.event:
+            await response.aread()
+            self.held.set()
+            await asyncio.sleep(30)
+        return response
+
+
+@pytest.mark.parametrize(
+    "held, closing",
+    [
+        ("agent_started", ["agent_started", "agent_cancelled"]),
+        ("tool_executing", ["agent_started", "tool_executing", "tool_completed", "agent_cancelled"]),
+    ],
+)
+def test_a_run_cancelled_while_its_opening_event_is_in_flight_still_closes(herald_server, held, closing):
+    ws = herald_server.ws("dan")
+
+    async def main() -> None:
+        transport = _HoldsAnswerOf(held)
+        async with AsyncHerald(herald_server.url, API_KEY, transport=transport) as h:
+
+            async def agent() -> None:
+                async with h.run("dan") as run:
+                    async with run.tool("search"):
+                        await asyncio.sleep(30)
+
+            task = asyncio.create_task(agent())
+            await asyncio.wait_for(transport.held.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    got = events(ws, len(closing))
+    assert [e["event"] for e in got] == closing
+    if held == "tool_executing":
+        assert got[2]["data"]["error"]["type"] == "CancelledError"
+
+
 def test_bad_input_names_the_field(herald_server):
     with Herald(herald_server.url, API_KEY) as h:
         with pytest.raises(HeraldError) as e:

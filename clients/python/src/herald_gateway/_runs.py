@@ -63,9 +63,13 @@ class ToolCall:
         self.result: Any = None
 
     def __enter__(self) -> "ToolCall":
-        self._run._emit(
-            "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
-        )
+        try:
+            self._run._emit(
+                "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
+            )
+        except _CANCELLED as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -97,7 +101,13 @@ class Run:
         self._text.text(delta, part)
 
     def __enter__(self) -> "Run":
-        self._emit("agent_started", {})
+        try:
+            self._emit("agent_started", {})
+        except _CANCELLED as e:
+            # Interrupted with the opening event in flight: Herald may have
+            # delivered it, so the run still gets its closing event.
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def thinking(self, text: str) -> None:
@@ -134,13 +144,22 @@ class AsyncToolCall:
         self.result: Any = None
 
     async def __aenter__(self) -> "AsyncToolCall":
-        await self._run._emit(
-            "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
-        )
+        try:
+            await self._run._emit(
+                "tool_executing", {"tool": self.name, "tool_call_id": self.id, "input": self.args}
+            )
+        except _CANCELLED as e:
+            await self.__aexit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        await self._run._emit("tool_completed", _tool_done(self, exc_type, exc))
+        done = self._run._emit("tool_completed", _tool_done(self, exc_type, exc))
+        if exc_type is not None and issubclass(exc_type, _CANCELLED):
+            # Shielded: a cancelled call still reports its end.
+            await asyncio.shield(done)
+        else:
+            await done
 
 
 class AsyncRun:
@@ -171,7 +190,13 @@ class AsyncRun:
         self._text.text(delta, part)
 
     async def __aenter__(self) -> "AsyncRun":
-        await self._emit("agent_started", {})
+        try:
+            await self._emit("agent_started", {})
+        except _CANCELLED as e:
+            # Cancelled with the opening event in flight: Herald may have
+            # delivered it, so the run still gets its closing event.
+            await self.__aexit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     async def thinking(self, text: str) -> None:
