@@ -728,3 +728,56 @@ async fn a_drain_answers_a_stream_at_once_with_what_was_appended(setup: Setup) {
     );
     stopped.await.unwrap();
 }
+
+/// `herald_broker_publish_seconds_count`: broker publish calls so far (Redis).
+async fn broker_calls(server: &Server) -> u64 {
+    metrics_text(server)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_broker_publish_seconds_count "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// Lines that are already waiting when the server reads leave together: 300
+/// lines in 300 HTTP chunks written at once are a few broker calls, not 300
+/// (one, on a quiet machine; the bound leaves room for a busy one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_that_arrived_together_leave_in_one_broker_call() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let setup = Setup {
+        redis: Some(Redis::start()),
+    };
+    let server = setup.start(config()).await;
+    let (mut ws, _) = connect(&server, "ko").await;
+    let started = start_run(&server, "ko").await;
+    assert_eq!(next_event(&mut ws).await["seq"], started);
+    let before = broker_calls(&server).await;
+    let texts = words(300);
+    let mut request = format!(
+        "POST /api/v1/runs/r1/text?user_id=ko HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {API_KEY}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for (i, t) in texts.iter().enumerate() {
+        let line = json!({"part": "answer", "index": i, "text": t}).to_string() + "\n";
+        request.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    tcp.write_all(&request).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""appended":300"#), "{answer}");
+    let calls = broker_calls(&server).await - before;
+    eprintln!("300 lines: {calls} broker calls");
+    assert!(
+        (1..=30).contains(&calls),
+        "300 lines took {calls} broker calls"
+    );
+    let (text, _, _) = read_text(&mut ws, started, texts.concat().len()).await;
+    assert_eq!(text, texts.concat());
+}

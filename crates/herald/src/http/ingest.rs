@@ -3,9 +3,10 @@
 //!
 //! The body is newline-delimited JSON, one text delta per line:
 //! `{"part":"answer","index":0,"text":"Hel"}` (`index` optional). The server
-//! reads the body as it arrives; the complete lines that arrived together are
-//! published as one batch (one broker call), so a fast producer is batched
-//! by the network and a slow one is delivered line by line. The answer comes
+//! reads the body as it arrives; the complete lines that arrived while the
+//! last batch was being published are published as one batch (one broker
+//! call), so a producer faster than the broker is batched and a slow one is
+//! delivered line by line, never held back to wait for more. The answer comes
 //! when the body ends (or at the first problem): how many deltas were
 //! appended and skipped as duplicates, and where each part stands. Numbered
 //! deltas make a retry safe: resend from anywhere at or before what was
@@ -27,7 +28,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use herald_core::text::MAX_PART_LEN;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,6 +44,8 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 pub const MAX_DELTAS_PER_SEC: u64 = 2000;
 /// Deltas a request may publish at once before the rate applies.
 pub const BURST_DELTAS: u64 = 2000;
+/// Most body bytes taken in one go from what has already arrived.
+const READY_BYTES: usize = 256 * 1024;
 /// Longest wait for more of the body.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -182,15 +185,29 @@ pub(super) async fn text(
                 );
             }
             Ok(None) => ended = true,
-            Ok(Some(Err(e))) => {
-                return report.refuse(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("the body could not be read: {e}"),
-                    Value::Null,
-                );
-            }
+            Ok(Some(Err(e))) => return bad_body(&report, &e),
             Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
+        }
+        // Take what else has arrived already: lines that queued up while the
+        // last batch was being published leave in one broker call, without
+        // waiting for more. hyper hands the body over a chunk at a time from
+        // the connection's task, so that task gets one turn (a yield) to
+        // decode what it has read before the batch is closed.
+        let mut yielded = false;
+        while !ended && buf.len() < READY_BYTES {
+            match body.next().now_or_never() {
+                Some(Some(Ok(bytes))) => {
+                    buf.extend_from_slice(&bytes);
+                    yielded = false;
+                }
+                Some(Some(Err(e))) => return bad_body(&report, &e),
+                Some(None) => ended = true,
+                None if !yielded => {
+                    tokio::task::yield_now().await;
+                    yielded = true;
+                }
+                None => break,
+            }
         }
         // The complete lines so far (and, at the end, a last line without `\n`).
         let mut lines = Vec::new();
@@ -241,6 +258,15 @@ pub(super) async fn text(
         }
     }
     (StatusCode::OK, Json(report.json())).into_response()
+}
+
+fn bad_body(report: &Report, e: &axum::Error) -> Response {
+    report.refuse(
+        StatusCode::BAD_REQUEST,
+        "bad_body",
+        format!("the body could not be read: {e}"),
+        Value::Null,
+    )
 }
 
 fn line_too_large(report: &Report, len: usize) -> Response {
