@@ -781,3 +781,48 @@ async fn lines_that_arrived_together_leave_in_one_broker_call() {
     let (text, _, _) = read_text(&mut ws, started, texts.concat().len()).await;
     assert_eq!(text, texts.concat());
 }
+
+/// The delta path refreshes TTLs at most once a second, so it must still
+/// give every key it creates a TTL and refresh a part's keys once the
+/// second has passed; and a delta after another event starts a new entry
+/// (the meta `tail` names the log's newest entry only while nothing came after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_keep_every_key_expiring_and_refresh_a_parts_keys() {
+    let setup = Setup {
+        redis: Some(Redis::start()),
+    };
+    let redis = setup.redis.as_ref().unwrap();
+    let server = setup.start(config()).await;
+    let first = start_run(&server, "lo").await;
+    let texts = words(6);
+    stream_words(&server, "lo", &texts[..3], 0).await;
+    let pttl = |key: &str| -> i64 {
+        redis
+            .cli(&["PTTL", &format!("t:{{user:lo}}:{key}")])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let txt = format!("txt:{}", first + 1);
+    // Redis's clock (TIME) gates the refresh: real time must pass.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let before = pttl(&txt);
+    stream_words(&server, "lo", &texts[3..4], 3).await;
+    let after = pttl(&txt);
+    assert!(
+        after > before,
+        "a delta a second later refreshes its entry's TTL: {before} → {after} ms"
+    );
+    // Another event, then the same part again: a second text entry.
+    publish_all(&server, vec![json!({"user_id": "lo", "event": "note"})]).await;
+    stream_words(&server, "lo", &texts[4..], 4).await;
+    assert_eq!(setup.entries(&server, "lo"), 4, "start, text, note, text");
+    assert_eq!(setup.texts_held("lo"), 4, "two entries' text and offsets");
+    let keys = redis.cli(&["--scan", "--pattern", "t:{user:lo}:*"]);
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.ends_with(":ch")).collect();
+    assert!(keys.len() >= 9, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().unwrap();
+        assert!(ttl > 0, "{key} has no TTL ({ttl})");
+    }
+}

@@ -6,11 +6,11 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `…:meta` | hash | `epoch`, `seq` |
+//! | `…:meta` | hash | `epoch`, `seq`; `tail` (`<first>\t<seq>\t<run>\t<part>`: the log's newest entry is that text entry, while `seq` is still that seq); `fresh` (ms of the stream keys' last TTL refresh) |
 //! | `…:log` | stream | one entry per event, id `<seq>-0`, fields `d` (frame JSON), `t` (ms); for consecutive text deltas of one part one entry, id `<first seq>-0`, fields `d` (JSON before the text), `t`, `k` (`run\tpart`), `p` (JSON after it) |
 //! | `…:txt:<first>` | string | a text entry's text (JSON-escaped; appended to) |
 //! | `…:off:<first>` | string | where each of its deltas ends in the text (8 hex digits each) |
-//! | `…:parts:<run_id>` | hash | an open run's part → `<next index>\t<seq of its latest delta>` |
+//! | `…:parts:<run_id>` | hash | an open run's part → `<next index>\t<seq of its latest delta>\t<ms of its keys' last TTL refresh>` |
 //! | `…:runs` | hash | open run → `<last event ms>\t<thread_id>` |
 //! | `…:runbytes` | hash | open run → bytes of its held events; `*` → all open runs together |
 //! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs; a text entry as `<first>`, `T<before>\n<after>`) |

@@ -46,6 +46,8 @@ local function trim_age(base, max_age, now)
   end
   local last = tonumber(string.match(head[#head][1], '^(%d+)'))
   redis.call('XTRIM', log, 'MINID', (last + 1) .. '-0')
+  -- The newest entry went too: no text entry is the tail any more.
+  if redis.call('XLEN', log) == 0 then redis.call('HSET', base .. ':meta', 'tail', '') end
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -95,10 +97,28 @@ end
 /// runs hold more than max_runs_bytes) are for the caller to close. A
 /// numbered delta that skips ahead of its part refuses the whole batch
 /// before anything is written: {'!ooo', position, index, expected}.
+///
+/// The delta path is kept short (13 commands for a delta that joins its
+/// entry): the meta hash's `tail` (`<first>\t<seq>\t<run>\t<part>`) names the
+/// log's newest entry when it is a text entry and no event came after it
+/// (any other publish moves `seq` past it), so a joining delta need not read
+/// the log; the log is trimmed by count only when an entry is added; TTLs
+/// are refreshed when a key is created or at most once a second per stream
+/// (meta `fresh`) and per part (the parts hash's third field), which the
+/// TTL's 60 s margin over the longest retention covers; the run sizes are
+/// read whole only when all open runs together are over their bound.
 const PUBLISH_LUA: &str = r#"
 local now = now_ms()
-local epoch = get_epoch(KEYS[1], ARGV[1])
 local base, publish, channel = ARGV[7], ARGV[8], ARGV[6]
+local ttl = ARGV[4]
+local REFRESH_MS = 1000
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'tail', 'fresh')
+local epoch = meta[1]
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  meta[2] = '0'
+end
 local cond_run = ARGV[9]
 if cond_run ~= '' then
   local v = redis.call('HGET', KEYS[3], cond_run)
@@ -108,12 +128,22 @@ if cond_run ~= '' then
 end
 local n = tonumber(ARGV[11])
 local W = 9
--- Where a part stands: {next index, seq of its latest delta}.
+-- Where each part stands, read once: {next index, seq of its latest delta,
+-- ms of its keys' last TTL refresh}, kept up to date as the batch writes.
+local parts = {}
 local function part_state(run, part)
-  local v = redis.call('HGET', base .. ':parts:' .. run, part)
-  if not v then return 0, 0 end
-  local nx, last = string.match(v, '^(%d+)\t(%d+)$')
-  return tonumber(nx), tonumber(last)
+  local k = run .. '\t' .. part
+  local s = parts[k]
+  if not s then
+    s = {0, 0, 0}
+    local v = redis.call('HGET', base .. ':parts:' .. run, part)
+    if v then
+      local nx, last, fresh = string.match(v, '^(%d+)\t(%d+)\t?(%d*)$')
+      s = {tonumber(nx), tonumber(last), tonumber(fresh) or 0}
+    end
+    parts[k] = s
+  end
+  return s[1], s[2], s[3]
 end
 -- The batch is checked whole first, following its own deltas, closes and keys.
 do
@@ -146,20 +176,27 @@ do
     if not skip and idem ~= '' then keys[idem] = true end
   end
 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local seq = tonumber(meta[2])
+-- The log's newest entry, when it is a text entry with nothing after it.
+local tail_first, tail_key = nil, nil
+if meta[3] then
+  local f, at, k = string.match(meta[3], '^(%d+)\t(%d+)\t(.*)$')
+  if f and tonumber(at) == seq then tail_first, tail_key = f, k end
+end
 local max_run, max_runs = tonumber(ARGV[12]), tonumber(ARGV[13])
 local out = {}
 local receivers = 0
-local grew = false
+local grew, added = false, false
+local total = nil
+local sizes = {}
 for i = 0, n - 1 do
   local a = 14 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local prev = false
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
-  -- The part's state, read once: for the duplicate check and its update.
-  local nx, plast = 0, 0
-  if not prev and part ~= '' then nx, plast = part_state(run, part) end
+  local nx, plast, pfresh = 0, 0, 0
+  if not prev and part ~= '' then nx, plast, pfresh = part_state(run, part) end
   if not prev and index ~= '' and part ~= '' and tonumber(index) < nx then prev = plast end
   if prev then
     table.insert(out, tonumber(prev))
@@ -172,34 +209,43 @@ for i = 0, n - 1 do
       json = '{"type":"event","seq":' .. seq .. pre .. tail .. post
       -- A delta of the part the log's newest entry holds joins it.
       local key = run .. '\t' .. part
-      local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+      local refresh = now - pfresh >= REFRESH_MS
       local first = nil
-      if #newest > 0 and newest[1][2][5] == 'k' and newest[1][2][6] == key then
-        first = string.match(newest[1][1], '^(%d+)')
-      end
+      if tail_key == key then first = tail_first end
       if first then
         local len = redis.call('APPEND', base .. ':txt:' .. first, tail)
         redis.call('APPEND', base .. ':off:' .. first, string.format('%08x', len))
+        if refresh then
+          redis.call('PEXPIRE', base .. ':txt:' .. first, ttl)
+          redis.call('PEXPIRE', base .. ':off:' .. first, ttl)
+          redis.call('PEXPIRE', rk, ttl)
+        end
         size = #tail + 4
       else
         first = tostring(seq)
         redis.call('XADD', KEYS[2], seq .. '-0', 'd', pre, 't', now, 'k', key, 'p', post)
-        redis.call('SET', base .. ':txt:' .. first, tail)
-        redis.call('SET', base .. ':off:' .. first, string.format('%08x', #tail))
+        redis.call('SET', base .. ':txt:' .. first, tail, 'PX', ttl)
+        redis.call('SET', base .. ':off:' .. first, string.format('%08x', #tail), 'PX', ttl)
         redis.call('RPUSH', rk, seq, 'T' .. pre .. '\n' .. post)
+        redis.call('PEXPIRE', rk, ttl)
+        trim_count(base, tonumber(ARGV[2]))
         size = #pre + #tail + #post + #part + 4
+        added, refresh = true, true
       end
-      redis.call('PEXPIRE', base .. ':txt:' .. first, ARGV[4])
-      redis.call('PEXPIRE', base .. ':off:' .. first, ARGV[4])
+      tail_first, tail_key = first, key
+      if refresh then pfresh = now end
       local pk = base .. ':parts:' .. run
-      redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq)
-      redis.call('PEXPIRE', pk, ARGV[4])
+      if redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq .. '\t' .. pfresh) == 1 then refresh = true end
+      if refresh then redis.call('PEXPIRE', pk, ttl) end
+      parts[key] = {nx + 1, seq, pfresh}
     else
       json = '{"type":"event","seq":' .. seq .. tail
       redis.call('XADD', KEYS[2], seq .. '-0', 'd', json, 't', now)
+      trim_count(base, tonumber(ARGV[2]))
+      tail_first, tail_key = nil, nil
       size = #json
+      added = true
     end
-    trim_count(base, tonumber(ARGV[2]))
     if idem ~= '' then redis.call('SET', base .. ':idem:' .. idem, seq, 'PX', ARGV[5]) end
     if run ~= '' then
       if closes == '1' then
@@ -212,18 +258,24 @@ for i = 0, n - 1 do
           end
         end
         redis.call('DEL', rk, base .. ':parts:' .. run)
+        for k, _ in pairs(parts) do
+          if string.sub(k, 1, #run + 1) == run .. '\t' then parts[k] = nil end
+        end
         local bytes = tonumber(redis.call('HGET', KEYS[4], run) or '0')
         redis.call('HDEL', KEYS[4], run)
-        redis.call('HINCRBY', KEYS[4], '*', -bytes)
+        total = redis.call('HINCRBY', KEYS[4], '*', -bytes)
+        sizes[run] = nil
       else
-        if part == '' then redis.call('RPUSH', rk, seq, json) end
-        redis.call('PEXPIRE', rk, ARGV[4])
+        if part == '' then
+          redis.call('RPUSH', rk, seq, json)
+          redis.call('PEXPIRE', rk, ttl)
+        end
         -- The run keeps the thread its first event named.
         local held = redis.call('HGET', KEYS[3], run)
         if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
-        redis.call('HSET', KEYS[3], run, now .. '\t' .. thread)
-        redis.call('HINCRBY', KEYS[4], run, size)
-        redis.call('HINCRBY', KEYS[4], '*', size)
+        if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then added = true end
+        sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
+        total = redis.call('HINCRBY', KEYS[4], '*', size)
         grew = true
       end
     end
@@ -232,13 +284,21 @@ for i = 0, n - 1 do
     table.insert(out, 0)
   end
 end
+-- Oversized runs, largest first (then by name): only a run that grew in
+-- this batch can newly be over its own bound; all of them are read when
+-- the runs together are over theirs.
 local oversized = {}
 if grew then
-  local sizes = redis.call('HGETALL', KEYS[4])
-  local runs, total = {}, 0
-  for j = 1, #sizes, 2 do
-    if sizes[j] == '*' then total = tonumber(sizes[j + 1])
-    else table.insert(runs, {sizes[j], tonumber(sizes[j + 1])}) end
+  local runs = {}
+  if total > max_runs then
+    local all = redis.call('HGETALL', KEYS[4])
+    for j = 1, #all, 2 do
+      if all[j] ~= '*' then table.insert(runs, {all[j], tonumber(all[j + 1])}) end
+    end
+  else
+    for r, b in pairs(sizes) do
+      if b > max_run then table.insert(runs, {r, b}) end
+    end
   end
   table.sort(runs, function(x, y) if x[2] ~= y[2] then return x[2] > y[2] end return x[1] < y[1] end)
   for _, r in ipairs(runs) do
@@ -255,9 +315,18 @@ for _, r in ipairs(oversized) do
   table.insert(head, string.match(v, '^%d+\t(.*)$') or '')
 end
 for _, v in ipairs(out) do table.insert(head, v) end
-redis.call('HSET', KEYS[1], 'seq', seq)
+local tail_v = ''
+if tail_key then tail_v = tail_first .. '\t' .. seq .. '\t' .. tail_key end
+local refresh = added or not meta[4] or now - tonumber(meta[4]) >= REFRESH_MS
+if refresh then
+  redis.call('HSET', KEYS[1], 'seq', seq, 'tail', tail_v, 'fresh', now)
+else
+  redis.call('HSET', KEYS[1], 'seq', seq, 'tail', tail_v)
+end
 trim_age(base, tonumber(ARGV[3]), now)
-for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ARGV[4]) end
+if refresh then
+  for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ttl) end
+end
 return head
 "#;
 
