@@ -739,10 +739,11 @@ async fn broker_calls(server: &Server) -> u64 {
 }
 
 /// Lines that are already waiting when the server reads leave together: 300
-/// lines in 300 HTTP chunks written at once are a few broker calls, not 300
-/// (one, on a quiet machine; the bound leaves room for a busy one).
+/// lines in 300 HTTP chunks written at once are a few broker calls of up to
+/// 32 deltas, not 300 (10 on a quiet machine; the bound leaves room for a
+/// busy one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lines_that_arrived_together_leave_in_one_broker_call() {
+async fn lines_that_arrived_together_leave_in_few_broker_calls() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let setup = Setup {
         redis: Some(Redis::start()),
@@ -775,7 +776,7 @@ async fn lines_that_arrived_together_leave_in_one_broker_call() {
     let calls = broker_calls(&server).await - before;
     eprintln!("300 lines: {calls} broker calls");
     assert!(
-        (1..=30).contains(&calls),
+        (10..=40).contains(&calls),
         "300 lines took {calls} broker calls"
     );
     let (text, _, _) = read_text(&mut ws, started, texts.concat().len()).await;

@@ -827,6 +827,47 @@ mod tests {
         );
     }
 
+    /// Mutation testing (issue 17): under pressure with no event left to
+    /// evict, the streams dropped are the empty ones that nobody follows
+    /// and that hold no open run — a stream that was followed and is not
+    /// any more is one of them; a followed one keeps its epoch, and its
+    /// emptied window resumes after its last seq; a stream with an open run
+    /// keeps the run.
+    #[tokio::test]
+    async fn pressure_drops_only_empty_streams_nobody_follows_without_runs() {
+        // Smaller than the two streams that must stay: everything else goes.
+        let store = broker(StreamLimits::default(), 1_500);
+        for s in ["kept", "left"] {
+            store.subscribe(s).await.unwrap();
+            for _ in 0..3 {
+                store.publish(s, ev("note", None, None)).await.unwrap();
+            }
+        }
+        store.unsubscribe("left");
+        let mut start = ev("agent_started", Some("r"), None);
+        start[0].frame.data = json!({});
+        store.publish("run", start).await.unwrap();
+        let kept = store.position("kept").await.unwrap().epoch;
+        let run = store.position("run").await.unwrap().epoch;
+        for i in 0..40 {
+            store
+                .publish(&format!("user:{i}"), ev("note", None, None))
+                .await
+                .unwrap();
+        }
+        assert!(store.is_open_run("run", "r").await.unwrap());
+        assert_eq!(store.position("run").await.unwrap().epoch, run);
+        assert!(!store.streams.contains_key("left"), "nobody follows it");
+        assert!(!store.streams.contains_key("user:0"));
+        let pos = store.position("kept").await.unwrap();
+        assert_eq!(pos.epoch, kept);
+        assert_eq!(
+            (pos.last_seq, pos.first_seq),
+            (3, 4),
+            "its events were evicted: a resume is served from after seq 3"
+        );
+    }
+
     /// Mutation testing (issue 17): the global eviction order does not keep
     /// entries of events the count bound already evicted — it stays within
     /// twice the events held plus 1,024, whatever was published.
