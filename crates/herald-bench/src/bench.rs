@@ -1100,8 +1100,10 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
     let cpu_secs = (cpu_ticks(pid)? - cpu0) as f64 / 100.0; // USER_HZ
     let wall = t0.elapsed().as_secs_f64();
+    let rss_end = rss_of(pid)?;
     let (report, hist) = fleet.stop().await?;
     let per_conn = (rss_after.saturating_sub(rss_before)) as f64 / report.opened.max(1) as f64;
+    let per_conn_end = (rss_end.saturating_sub(rss_before)) as f64 / report.opened.max(1) as f64;
     let figures = vec![
         (
             "server RSS before".into(),
@@ -1114,6 +1116,10 @@ async fn idle(args: &BenchArgs) -> anyhow::Result<Summary> {
         (
             "RSS per idle connection".into(),
             format!("{:.0} B ({:.2} KiB)", per_conn, per_conn / 1024.0),
+        ),
+        (
+            format!("RSS per idle connection after {} s", args.duration),
+            format!("{:.0} B ({:.2} KiB)", per_conn_end, per_conn_end / 1024.0),
         ),
         (
             "server CPU while idle".into(),

@@ -15,6 +15,7 @@
 //! cleanup token is returned at most once.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catchup::{Covering, Gap, HistoryRequest, LiveOutcome, Merge, Plan};
@@ -145,7 +146,8 @@ pub enum Transmit<P> {
 /// The state machine of one connection, with its bounded outbound queue.
 #[derive(Debug)]
 pub struct Connection<P> {
-    cfg: LifecycleConfig,
+    /// Shared by every connection of a server.
+    cfg: Arc<LifecycleConfig>,
     state: State,
     queue: VecDeque<P>,
     queued_bytes: usize,
@@ -165,13 +167,18 @@ pub struct Connection<P> {
 }
 
 impl<P: Payload> Connection<P> {
-    /// A new connection, handshaking since `now`.
-    pub fn new(now: Instant, cfg: LifecycleConfig) -> Self {
+    /// A new connection, handshaking since `now` (pass an `Arc` to share
+    /// one configuration between connections).
+    pub fn new(now: Instant, cfg: impl Into<Arc<LifecycleConfig>>) -> Self {
+        let cfg = cfg.into();
         Self {
             hello_deadline: now + cfg.hello_timeout,
             cfg,
             state: State::Handshaking,
-            queue: VecDeque::new(),
+            // Room for one frame (the welcome): an idle connection never
+            // needs more, and a busy one grows it as it goes (an empty
+            // VecDeque would grow to four at its first frame).
+            queue: VecDeque::with_capacity(1),
             queued_bytes: 0,
             joining: false,
             merge: Merge::joining(),

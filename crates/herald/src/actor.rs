@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,6 +39,12 @@ use crate::hub::{JoinError, KICKED};
 use crate::telemetry;
 use crate::wire::Flushed;
 
+/// Which way the socket became ready.
+enum Ready {
+    Write,
+    Read,
+}
+
 /// Inbound messages handled in a row before the actor waits once (its
 /// timers and wake-up get their turn; the wait yields to other tasks).
 const READS_PER_WAIT: u32 = 32;
@@ -56,17 +63,30 @@ pub(crate) struct Socket {
     pub(crate) config: WebSocketConfig,
 }
 
-/// Run one connection from upgrade to cleanup.
-pub(crate) async fn run(socket: Socket, app: Arc<App>, header_token: Option<String>, slot: Slot) {
-    start(socket, app, header_token, slot, Mode::Herald).await
+/// One connection from upgrade to cleanup: the actor is built here (the
+/// connection registered), and the returned future runs it. The future is
+/// the connection's task for its whole life, so it holds the actor and its
+/// loop and nothing else (spawned on its own, not awaited inside the
+/// upgrade's task, whose state would be carried along).
+pub(crate) fn run(
+    socket: Socket,
+    app: Arc<App>,
+    header_token: Option<String>,
+    slot: Slot,
+) -> impl Future<Output = ()> + Send + 'static {
+    start(socket, app, header_token, slot, Mode::Herald)
 }
 
-/// Run one connection of the test-only echo endpoint: open at once (no
+/// One connection of the test-only echo endpoint: open at once (no
 /// hello, no stream), every text or binary message queued back as it came,
 /// through the same lifecycle and writer as [`run`]. No inbound rate limit:
 /// the conformance suite sends thousands of frames in a burst.
-pub(crate) async fn run_echo(socket: Socket, app: Arc<App>, slot: Slot) {
-    start(socket, app, None, slot, Mode::Echo).await
+pub(crate) fn run_echo(
+    socket: Socket,
+    app: Arc<App>,
+    slot: Slot,
+) -> impl Future<Output = ()> + Send + 'static {
+    start(socket, app, None, slot, Mode::Echo)
 }
 
 /// What the connection speaks.
@@ -78,17 +98,14 @@ enum Mode {
     Echo,
 }
 
-async fn start(
+fn start(
     socket: Socket,
     app: Arc<App>,
     header_token: Option<String>,
     slot: Slot,
     mode: Mode,
-) {
-    let conn = Arc::new(ConnShared::new(
-        app.next_conn_id(),
-        app.config().lifecycle.clone(),
-    ));
+) -> impl Future<Output = ()> + Send + 'static {
+    let conn = Arc::new(ConnShared::new(app.next_conn_id(), app.lifecycle()));
     let Socket { tcp, read, config } = socket;
     // The bytes read past the request are a slice of hyper's read buffer:
     // copied, so that buffer is not kept for the connection's life.
@@ -102,7 +119,7 @@ async fn start(
     let span =
         tracing::error_span!("conn", conn_id = %conn.id_str, user_id = tracing::field::Empty);
     let rate = app.config().rate_limit;
-    let actor = Actor {
+    let mut actor = Actor {
         io: Io {
             sock,
             ctx: WebSocketContext::from_partially_read(leftover, Role::Server, Some(config)),
@@ -119,7 +136,14 @@ async fn start(
         replaying: false,
         mode,
     };
-    actor.run().instrument(span).await
+    // The actor lives in this block and the loop borrows it: one copy of
+    // it in the task (an `async fn` taking it by value would hold two).
+    async move {
+        actor.open();
+        let end = actor.drive().await;
+        actor.finish(end);
+    }
+    .instrument(span)
 }
 
 struct Actor {
@@ -137,7 +161,8 @@ struct Actor {
 }
 
 impl Actor {
-    async fn run(mut self) {
+    /// Before the loop: an echo connection is open at once.
+    fn open(&mut self) {
         tracing::debug!("connection opened");
         if self.mode == Mode::Echo
             && self
@@ -147,10 +172,12 @@ impl Actor {
         {
             self.slot.authenticated();
         }
-        let end = self.drive().await;
-        // Closed first, so sends are refused from now on, then the socket
-        // goes (a close reply still pending gets one last try; dropping the
-        // last handle closes the TCP connection), then cleanup.
+    }
+
+    /// After the loop: closed first, so sends are refused from now on, then
+    /// the socket goes (a close reply still pending gets one last try;
+    /// dropping the last handle closes the TCP connection), then cleanup.
+    fn finish(self, end: CloseInfo) {
         let token = self.conn.with_locked(|l| {
             let token = l.core.on_transport_closed(end);
             l.wire.flush(&mut l.core);
@@ -237,6 +264,19 @@ impl Actor {
             reads = 0;
             let sock = self.io.sock.clone();
             let reading = !self.io.stopped;
+            // The socket's readiness, polled in place: the `readable()` and
+            // `writable()` futures would each sit in every connection's task.
+            let ready = std::future::poll_fn(|cx| {
+                if write_deadline.is_some()
+                    && let Poll::Ready(r) = sock.poll_write_ready(cx)
+                {
+                    return Poll::Ready(r.map(|()| Ready::Write));
+                }
+                if reading && let Poll::Ready(r) = sock.poll_read_ready(cx) {
+                    return Poll::Ready(r.map(|()| Ready::Read));
+                }
+                Poll::Pending
+            });
             tokio::select! {
                 _ = self.conn.woken() => {}
                 _ = &mut timer, if deadline.is_some() => {
@@ -246,13 +286,9 @@ impl Actor {
                     }
                     self.conn.with_core(|c| c.handle_timeout(now));
                 }
-                r = sock.writable(), if write_deadline.is_some() => {
-                    if let Err(e) = r {
-                        return io_end(&e);
-                    }
-                }
-                r = sock.readable(), if reading => match r {
-                    Ok(()) => self.io.readable = true,
+                r = ready, if write_deadline.is_some() || reading => match r {
+                    Ok(Ready::Write) => {}
+                    Ok(Ready::Read) => self.io.readable = true,
                     Err(e) => return io_end(&e),
                 },
             }

@@ -38,6 +38,8 @@ pub enum AppError {
 #[derive(Debug)]
 pub(crate) struct App {
     config: Config,
+    /// `config.lifecycle`, shared by every connection's lifecycle.
+    lifecycle: Arc<herald_core::LifecycleConfig>,
     verifier: Verifier,
     hub: Arc<Hub>,
     admission: Arc<Admission>,
@@ -110,6 +112,7 @@ impl App {
             drain_signal: tokio::sync::watch::Sender::new(false),
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
+            lifecycle: Arc::new(config.lifecycle.clone()),
             config,
         }))
     }
@@ -117,6 +120,11 @@ impl App {
     /// The validated configuration.
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The connections' lifecycle settings, shared.
+    pub(crate) fn lifecycle(&self) -> Arc<herald_core::LifecycleConfig> {
+        self.lifecycle.clone()
     }
 
     /// Client token verifier.

@@ -153,8 +153,9 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    /// A new connection in `Handshaking`.
-    pub fn new(id: u64, cfg: LifecycleConfig) -> Self {
+    /// A new connection in `Handshaking` (`cfg` is best an `Arc` shared by
+    /// the server's connections).
+    pub fn new(id: u64, cfg: impl Into<Arc<LifecycleConfig>>) -> Self {
         let now = crate::clock::now();
         Self {
             id,

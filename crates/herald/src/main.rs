@@ -9,8 +9,15 @@ use anyhow::Context;
 /// mimalloc instead of glibc malloc: with thousands of connections glibc's
 /// arena consolidation (`_int_malloc`/`unlink_chunk`) was ~20 % of server CPU
 /// in `perf` profiles of `herald bench fanout` (docs/BENCHMARKS.md).
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// With `--features dhat-heap`: every allocation goes through dhat, which
+/// writes a heap profile (`dhat-heap.json`) when the process exits.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static GLOBAL: dhat::Alloc = dhat::Alloc;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
 use herald::config::{Config, JwtKey, KEYS, RawConfig, env_name, flag_name};
 use herald::{Server, auth, telemetry};
@@ -99,6 +106,8 @@ impl ConfigArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => {

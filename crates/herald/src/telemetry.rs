@@ -100,8 +100,11 @@ pub fn init_logging(format: LogFormat) {
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or collector gets plain text
+    // (and each connection's span keeps its fields without escape codes).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -154,6 +157,31 @@ pub struct Stats {
     pub frames_after_close: std::sync::atomic::AtomicU64,
     /// Frames written to sockets.
     pub frames_out: std::sync::atomic::AtomicU64,
+    /// The writers' Prometheus handles, resolved once per server (after the
+    /// recorder is installed), so a connection holds none of its own.
+    pub(crate) wire: std::sync::OnceLock<WireMetrics>,
+}
+
+/// The Prometheus handles every connection's writer counts with.
+#[derive(Debug)]
+pub(crate) struct WireMetrics {
+    /// `herald_frames_out_total`.
+    pub(crate) frames: metrics::Counter,
+    /// `herald_bytes_out_total`.
+    pub(crate) bytes: metrics::Counter,
+    /// `herald_publish_to_write_seconds`.
+    pub(crate) latency: metrics::Histogram,
+}
+
+impl Stats {
+    /// The writers' metric handles.
+    pub(crate) fn wire(&self) -> &WireMetrics {
+        self.wire.get_or_init(|| WireMetrics {
+            frames: metrics::counter!(FRAMES_OUT),
+            bytes: metrics::counter!(BYTES_OUT),
+            latency: metrics::histogram!(PUBLISH_TO_WRITE),
+        })
+    }
 }
 
 /// A point-in-time copy of [`Stats`].

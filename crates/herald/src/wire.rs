@@ -100,15 +100,6 @@ pub(crate) struct Wire {
     failed: Option<io::Error>,
     close_written: bool,
     close_received: bool,
-    metrics: WireMetrics,
-}
-
-/// Metric handles resolved once per connection, not per frame.
-#[derive(Debug)]
-struct WireMetrics {
-    frames: metrics::Counter,
-    bytes: metrics::Counter,
-    latency: metrics::Histogram,
 }
 
 impl Wire {
@@ -117,16 +108,12 @@ impl Wire {
         Self {
             sock: None,
             stats: Arc::default(),
-            pending: VecDeque::new(),
+            // One frame, as the lifecycle's queue: see `Connection::new`.
+            pending: VecDeque::with_capacity(1),
             blocked_since: None,
             failed: None,
             close_written: false,
             close_received: false,
-            metrics: WireMetrics {
-                frames: metrics::counter!(telemetry::FRAMES_OUT),
-                bytes: metrics::counter!(telemetry::BYTES_OUT),
-                latency: metrics::histogram!(telemetry::PUBLISH_TO_WRITE),
-            },
         }
     }
 
@@ -239,6 +226,7 @@ impl Wire {
     /// Move up to [`BATCH`] frames from the queue to `pending`.
     fn take_frames(&mut self, core: &mut Connection<OutFrame>, now: &mut Option<Instant>) {
         let (mut frames, mut bytes) = (0u64, 0u64);
+        let metrics = self.stats.wire();
         while self.pending.len() < BATCH {
             let Some(frame) = core.poll_frame() else {
                 break;
@@ -249,7 +237,7 @@ impl Wire {
             }
             if let Some(at) = frame.published {
                 let now = *now.get_or_insert_with(crate::clock::now);
-                self.metrics
+                metrics
                     .latency
                     .record(now.saturating_duration_since(at).as_secs_f64());
             }
@@ -259,8 +247,8 @@ impl Wire {
         }
         if frames > 0 {
             self.stats.frames_out.fetch_add(frames, Ordering::Relaxed);
-            self.metrics.frames.increment(frames);
-            self.metrics.bytes.increment(bytes);
+            metrics.frames.increment(frames);
+            metrics.bytes.increment(bytes);
         }
     }
 

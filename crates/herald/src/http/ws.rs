@@ -23,7 +23,7 @@ use crate::telemetry;
 
 /// Read buffer per connection. tungstenite zeroes this many bytes on every
 /// read attempt, so it is kept small; larger messages take more reads.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 
 /// Largest message of the echo endpoint: the Autobahn suite's 9.x cases
 /// send messages of up to 16 MiB.
@@ -128,13 +128,15 @@ impl Handshake {
             };
             // The accept loop serves plain TCP streams, so this is the socket itself.
             match upgraded.downcast::<TokioIo<TcpStream>>() {
+                // The connection gets a task of its own and this one ends:
+                // awaited here, its future would carry this task's state
+                // for the connection's life.
                 Ok(parts) => {
-                    f(Socket {
+                    tokio::spawn(f(Socket {
                         tcp: parts.io.into_inner(),
                         read: parts.read_buf,
                         config,
-                    })
-                    .await
+                    }));
                 }
                 Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
             }
