@@ -868,6 +868,34 @@ mod tests {
         );
     }
 
+    /// Mutation testing (issue 17): what open runs hold counts against the
+    /// bound, so the windows get what the runs leave — the total charged
+    /// stays within the bound while a run holds a quarter of it.
+    #[tokio::test]
+    async fn windows_get_what_open_runs_leave_of_the_bound() {
+        let limits = StreamLimits {
+            max_run_bytes: usize::MAX,
+            max_runs_bytes: usize::MAX,
+            ..StreamLimits::default()
+        };
+        const BOUND: usize = 40_000;
+        let store = broker(limits, BOUND);
+        for _ in 0..8 {
+            let mut e = ev("agent_thinking", Some("r"), None);
+            e[0].frame.data = json!({"pad": "x".repeat(1000)});
+            store.publish("run", e).await.unwrap();
+        }
+        let runs = store.run_bytes.load(Ordering::Relaxed);
+        assert!(runs > BOUND / 5 && runs < BOUND / 2, "{runs}");
+        for _ in 0..200 {
+            store.publish("w", ev("note", None, None)).await.unwrap();
+            let st = store.stats();
+            assert!(st.charged_bytes <= BOUND, "{st:?} with {runs} B in runs");
+        }
+        assert!(store.is_open_run("run", "r").await.unwrap());
+        assert!(store.stats().events > 8, "the window keeps what fits");
+    }
+
     /// Mutation testing (issue 17): the global eviction order does not keep
     /// entries of events the count bound already evicted — it stays within
     /// twice the events held plus 1,024, whatever was published.
