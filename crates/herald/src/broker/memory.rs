@@ -594,6 +594,25 @@ mod tests {
         }]
     }
 
+    /// One `note` to each of the streams `user:0` … `user:{n - 1}`.
+    async fn one_note_each(store: &MemoryBroker, n: usize) {
+        for i in 0..n {
+            store
+                .publish(&format!("user:{i}"), ev("note", None, None))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// No per-run or per-stream run bound: only the broker's byte bound.
+    fn runs_unbounded() -> StreamLimits {
+        StreamLimits {
+            max_run_bytes: usize::MAX,
+            max_runs_bytes: usize::MAX,
+            ..StreamLimits::default()
+        }
+    }
+
     /// Issue 14, finding 5: the bound covers what streams cost beyond their
     /// events, and idempotency keys. 20,000 users with one event each under
     /// a 1 MB bound used to keep all 20,000 streams (the gauge counting only
@@ -617,12 +636,7 @@ mod tests {
         );
         // Without keys, the streams' own cost alone is charged: empty ones go.
         let store = broker(StreamLimits::default(), BOUND);
-        for i in 0..20_000 {
-            store
-                .publish(&format!("user:{i}"), ev("note", None, None))
-                .await
-                .unwrap();
-        }
+        one_note_each(&store, 20_000).await;
         let stats = store.stats();
         assert!(stats.charged_bytes <= BOUND, "{stats:?}");
         assert!(stats.streams * STREAM_OVERHEAD_BYTES <= BOUND, "{stats:?}");
@@ -635,12 +649,7 @@ mod tests {
             .await
             .unwrap();
         let epoch = store.position("user:kept").await.unwrap().epoch;
-        for i in 0..200 {
-            store
-                .publish(&format!("user:{i}"), ev("note", None, None))
-                .await
-                .unwrap();
-        }
+        one_note_each(&store, 200).await;
         assert!(store.stats().charged_bytes <= 50_000);
         assert_eq!(store.position("user:kept").await.unwrap().epoch, epoch);
     }
@@ -781,12 +790,7 @@ mod tests {
     /// closed with `run_too_large` and the smaller one stays open.
     #[tokio::test]
     async fn runs_over_half_the_bound_close_the_largest() {
-        let limits = StreamLimits {
-            max_run_bytes: usize::MAX,
-            max_runs_bytes: usize::MAX,
-            ..StreamLimits::default()
-        };
-        let store = broker(limits, 40_000);
+        let store = broker(runs_unbounded(), 40_000);
         let think = |pad: usize| {
             let mut e = ev("agent_thinking", Some("big"), None);
             e[0].frame.data = json!({"pad": "x".repeat(pad)});
@@ -849,12 +853,7 @@ mod tests {
         store.publish("run", start).await.unwrap();
         let kept = store.position("kept").await.unwrap().epoch;
         let run = store.position("run").await.unwrap().epoch;
-        for i in 0..40 {
-            store
-                .publish(&format!("user:{i}"), ev("note", None, None))
-                .await
-                .unwrap();
-        }
+        one_note_each(&store, 40).await;
         assert!(store.is_open_run("run", "r").await.unwrap());
         assert_eq!(store.position("run").await.unwrap().epoch, run);
         assert!(!store.streams.contains_key("left"), "nobody follows it");
@@ -870,16 +869,11 @@ mod tests {
 
     /// Mutation testing (issue 17): what open runs hold counts against the
     /// bound, so the windows get what the runs leave — the total charged
-    /// stays within the bound while a run holds a quarter of it.
+    /// stays within the bound while a run holds a fifth to a half of it.
     #[tokio::test]
     async fn windows_get_what_open_runs_leave_of_the_bound() {
-        let limits = StreamLimits {
-            max_run_bytes: usize::MAX,
-            max_runs_bytes: usize::MAX,
-            ..StreamLimits::default()
-        };
         const BOUND: usize = 40_000;
-        let store = broker(limits, BOUND);
+        let store = broker(runs_unbounded(), BOUND);
         for _ in 0..8 {
             let mut e = ev("agent_thinking", Some("r"), None);
             e[0].frame.data = json!({"pad": "x".repeat(1000)});
