@@ -231,7 +231,8 @@ impl ConnShared {
     /// hub queues and flushes in two steps).
     #[cfg(all(test, herald_loom))]
     pub fn send_event(&self, seq: u64, frame: OutFrame) -> Result<LiveOutcome, SendRefused> {
-        let (delivery, full, locked) = self.enqueue(std::iter::once((seq, frame)));
+        let now = crate::clock::now();
+        let (delivery, full, locked) = self.enqueue(now, std::iter::once((seq, frame)));
         self.after_send(locked, full);
         delivery.last.unwrap_or(Err(SendRefused::Closed))
     }
@@ -240,12 +241,14 @@ impl ConnShared {
     /// if the connection must now be put on a flush list (it has something
     /// to write and was not on one). Whoever keeps that list calls
     /// [`ConnShared::flush`] later, so frames of several publishes that
-    /// arrive meanwhile leave in one write.
+    /// arrive meanwhile leave in one write. `now` is the delivery's time,
+    /// read once for all the connections it reaches.
     pub(crate) fn queue_events(
         &self,
+        now: Instant,
         events: impl IntoIterator<Item = (u64, OutFrame)>,
     ) -> (Delivery, bool) {
-        let (delivery, full, mut locked) = self.enqueue(events);
+        let (delivery, full, mut locked) = self.enqueue(now, events);
         if full {
             drop(locked);
             self.wake.notify_one();
@@ -265,9 +268,9 @@ impl ConnShared {
 
     fn enqueue(
         &self,
+        now: Instant,
         events: impl IntoIterator<Item = (u64, OutFrame)>,
     ) -> (Delivery, bool, MutexGuard<'_, Locked>) {
-        let now = crate::clock::now();
         let mut locked = self.core.lock();
         let mut delivery = Delivery::default();
         let mut full = false;

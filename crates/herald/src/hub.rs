@@ -441,9 +441,10 @@ impl EventSink for Hub {
         // Each connection takes the whole batch under one lock and writes it
         // in one go.
         let (mut delivered, mut queued) = (0, 0);
-        let mut listed = Vec::new();
+        let mut listed = Vec::with_capacity(conns.len());
+        let now = crate::clock::now();
         for conn in conns.iter() {
-            let (delivery, list) = conn.queue_events(frames.iter().cloned());
+            let (delivery, list) = conn.queue_events(now, frames.iter().cloned());
             queued += delivery.accepted;
             if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
                 delivered += 1;

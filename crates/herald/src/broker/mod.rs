@@ -137,27 +137,55 @@ impl NewEvent {
         match &self.delta {
             Some(d) => Some(d.template.tail(&d.text)),
             None => {
-                let json = ServerFrame::Event(&self.frame).to_json();
-                let head = format!("{{\"type\":\"event\",\"seq\":{}", self.frame.seq);
-                json.strip_prefix(&head).map(str::to_owned)
+                let (json, head) = self.serialized()?;
+                Some(json[head..].to_owned())
             }
         }
     }
 
     /// Its frame with `seq`, serialized once for history and every delivery.
     pub fn encode(&self, seq: u64) -> Bytes {
-        let mut json = match &self.delta {
-            Some(d) => d.template.frame(seq, seq, &d.text),
-            None => {
-                let mut frame = self.frame.clone();
-                frame.seq = seq;
-                ServerFrame::Event(&frame).to_json()
+        let json = match &self.delta {
+            Some(d) => {
+                let mut json = d.template.frame(seq, seq, &d.text);
+                // Kept in history: no spare capacity.
+                json.shrink_to_fit();
+                json
             }
+            // The frame as serialized with its own seq, the head rewritten
+            // with `seq`: no copy of `data` and no second serialization.
+            None => match self.serialized() {
+                Some((json, head)) => {
+                    let head_out = event_head(seq);
+                    let mut out = String::with_capacity(head_out.len() + json.len() - head);
+                    out.push_str(&head_out);
+                    out.push_str(&json[head..]);
+                    out
+                }
+                None => {
+                    let mut frame = self.frame.clone();
+                    frame.seq = seq;
+                    let mut json = ServerFrame::Event(&frame).to_json();
+                    json.shrink_to_fit();
+                    json
+                }
+            },
         };
-        // Serializers over-allocate; frames kept in history should not.
-        json.shrink_to_fit();
         Bytes::from(json)
     }
+
+    /// Its `event` frame serialized with `frame.seq`, and the length of the
+    /// `{"type":"event","seq":N` it starts with (`None` if it does not).
+    fn serialized(&self) -> Option<(String, usize)> {
+        let json = ServerFrame::Event(&self.frame).to_json();
+        let head = event_head(self.frame.seq);
+        json.starts_with(&head).then_some((json, head.len()))
+    }
+}
+
+/// The start of an `event` frame up to its seq: `{"type":"event","seq":N`.
+fn event_head(seq: u64) -> String {
+    format!("{{\"type\":\"event\",\"seq\":{seq}")
 }
 
 /// A stored event: its seq and the JSON text of its `event` frame. Read
@@ -456,4 +484,43 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Current size.
     fn stats(&self) -> BrokerStats;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frame serialized from a copy whose seq was set: what `encode`
+    /// must produce without making that copy.
+    fn copied(event: &NewEvent, seq: u64) -> String {
+        let mut frame = event.frame.clone();
+        frame.seq = seq;
+        ServerFrame::Event(&frame).to_json()
+    }
+
+    #[test]
+    fn encode_writes_the_frame_with_the_given_seq() {
+        let data =
+            serde_json::json!({"text": "é \"quoted\" \\ \u{1F600}", "n": [1, 2.5, null], "seq": 7});
+        let mut event = NewEvent::new(
+            "agent_thinking".into(),
+            Some("t-1".into()),
+            Some("r-1".into()),
+            data,
+            "2026-12-02T06:00:00.000Z".into(),
+        );
+        for own in [0, 9, 123_456] {
+            event.frame.seq = own;
+            for seq in [1, 10, 99, 100_000, u64::MAX] {
+                let json = event.encode(seq);
+                assert_eq!(std::str::from_utf8(&json).unwrap(), copied(&event, seq));
+            }
+        }
+        let bare = NewEvent::new("x".into(), None, None, serde_json::json!({}), "ts".into());
+        assert_eq!(&bare.encode(3)[..], copied(&bare, 3).as_bytes());
+        assert_eq!(
+            bare.frame_tail().as_deref(),
+            copied(&bare, 0).strip_prefix("{\"type\":\"event\",\"seq\":0")
+        );
+    }
 }

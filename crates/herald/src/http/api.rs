@@ -139,9 +139,7 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
         Some(v @ Value::Object(_)) => v,
         Some(_) => return Err(ApiError::field(name("data"), "must be an object")),
     };
-    let size = serde_json::to_vec(&data)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
+    let size = serialized_len(&data);
     if size > MAX_DATA_BYTES {
         return Err(ApiError {
             status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -168,6 +166,26 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
         data,
         delta,
     })
+}
+
+/// How many bytes `data` takes serialized, counted without building the text.
+fn serialized_len(data: &Value) -> usize {
+    /// A writer that only counts.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, data) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
 }
 
 /// A text delta's `data`: `part` (1 to 128 bytes), `text`, and optionally
@@ -254,7 +272,7 @@ pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usi
     Ok(events
         .into_iter()
         .map(|e| {
-            let len = serde_json::to_vec(&e.data).map_or(usize::MAX, |v| v.len());
+            let len = serialized_len(&e.data);
             (e.user_id, e.event, len)
         })
         .collect())
