@@ -59,6 +59,8 @@ struct Sample {
     live: f64,
     /// What the broker charges to `history_max_bytes` (`herald_history_bytes`).
     history: f64,
+    /// The live heap (`herald_heap_bytes`, only from a `dhat-heap` build; NaN otherwise).
+    heap: f64,
 }
 
 /// Run the soak: `--duration` seconds, `--rate` events/s in total.
@@ -115,15 +117,17 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
             }
         };
         eprintln!(
-            "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB fds={} threads={} live={} published={} reconnects={} kicks={} slow_closed={} gaps={}",
+            "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB heap={:.1} MiB fds={} threads={} live={} published={} reconnects={} resets={} kicks={} slow_closed={} gaps={}",
             s.t,
             s.rss / 1048576.0,
             s.history / 1048576.0,
+            s.heap / 1048576.0,
             s.fds,
             s.threads,
             s.live,
             counts.published.load(Ordering::Relaxed),
             counts.reconnects.load(Ordering::Relaxed),
+            counts.resets.load(Ordering::Relaxed),
             counts.kicks.load(Ordering::Relaxed),
             counts.slow_closed.load(Ordering::Relaxed),
             counts.steady_gaps.load(Ordering::Relaxed),
@@ -138,6 +142,13 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let end = sample(&http, &args.url, pid, started.elapsed().as_secs_f64()).await?;
     report(args, &samples, end, &counts);
+    // The server's count of resets, by cause (what the clients saw as `reset`).
+    let page = metrics_page(&http, &args.url).await?;
+    let causes: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("herald_resets_total{"))
+        .collect();
+    println!("  server resets by cause: {}", causes.join(", "));
     Ok(())
 }
 
@@ -160,6 +171,7 @@ async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow:
         threads,
         live: gauge("herald_connections_live"),
         history: gauge("herald_history_bytes"),
+        heap: gauge("herald_heap_bytes"),
     })
 }
 
@@ -208,17 +220,46 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
             "MiB",
             1048576.0,
         ),
+        ("heap (dhat build)", |s: &Sample| s.heap, "MiB", 1048576.0),
         ("open fds", |s: &Sample| s.fds, "", 1.0),
         ("threads", |s: &Sample| s.threads, "", 1.0),
         ("live connections", |s: &Sample| s.live, "", 1.0),
     ] {
         let (slope, min, max, mean) = series(f);
+        if mean.is_nan() {
+            continue;
+        }
         println!(
             "  {name:<17} mean {:>9.2}{unit} min {:>9.2} max {:>9.2} slope {:>+9.3}{unit}/h",
             mean / scale,
             min / scale,
             max / scale,
             slope / scale
+        );
+    }
+    // Means by sixth of the run: a plateau and a leak look different here.
+    let sixth = args.duration as f64 / 6.0;
+    let means = |f: fn(&Sample) -> f64| -> Vec<String> {
+        (0..6)
+            .map(|k| {
+                let part: Vec<f64> = samples
+                    .iter()
+                    .filter(|s| s.t >= k as f64 * sixth && s.t < (k + 1) as f64 * sixth)
+                    .map(f)
+                    .collect();
+                let mean = part.iter().sum::<f64>() / part.len().max(1) as f64;
+                format!("{:.1}", mean / 1048576.0)
+            })
+            .collect()
+    };
+    println!(
+        "  RSS by sixth of the run (MiB): {}",
+        means(|s| s.rss).join(", ")
+    );
+    if samples.iter().any(|s| !s.heap.is_nan()) {
+        println!(
+            "  heap by sixth of the run (MiB): {}",
+            means(|s| s.heap).join(", ")
         );
     }
     println!(
@@ -241,6 +282,21 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
         l(&c.slow_closed),
         l(&c.errors)
     );
+}
+
+/// Count a resume answered with `reset`; the first 20 are described on stderr
+/// (where the client asked to resume and what the welcome said).
+fn note_reset(c: &Counts, user: &str, asked: Option<&(String, u64)>, welcome: &serde_json::Value) {
+    let n = c.resets.fetch_add(1, Ordering::Relaxed);
+    if n < 20 {
+        let (epoch, seq) = asked.map_or(("-", 0), |(e, s)| (e.as_str(), *s));
+        eprintln!(
+            "soak: reset #{} for {user}: asked ({epoch}, {seq}), welcome epoch {} seq {}",
+            n + 1,
+            welcome["epoch"],
+            welcome["seq"]
+        );
+    }
 }
 
 fn source(i: usize) -> IpAddr {
@@ -266,7 +322,7 @@ async fn steady(ctx: Arc<Ctx>, i: usize) {
                 }
             };
         if welcome["reset"] == true {
-            c.resets.fetch_add(1, Ordering::Relaxed);
+            note_reset(c, &user, position.as_ref(), &welcome);
         }
         let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
         let mut last = match &position {
@@ -324,7 +380,7 @@ async fn churner(ctx: Arc<Ctx>, i: usize) {
         };
         c.reconnects.fetch_add(1, Ordering::Relaxed);
         if welcome["reset"] == true {
-            c.resets.fetch_add(1, Ordering::Relaxed);
+            note_reset(c, &user, position.as_ref(), &welcome);
         }
         let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
         let mut last = welcome["seq"].as_u64().unwrap_or(0);

@@ -108,6 +108,8 @@ impl ConfigArgs {
 fn main() -> anyhow::Result<()> {
     #[cfg(feature = "dhat-heap")]
     let _profiler = dhat::Profiler::new_heap();
+    #[cfg(feature = "dhat-heap")]
+    sample_heap();
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve(args) => {
@@ -122,6 +124,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// With `--features dhat-heap`: the live heap as the gauge `herald_heap_bytes`,
+/// read from dhat every second (the soak samples it beside RSS).
+#[cfg(feature = "dhat-heap")]
+fn sample_heap() {
+    std::thread::spawn(|| {
+        loop {
+            let live = dhat::HeapStats::get().curr_bytes;
+            metrics::gauge!("herald_heap_bytes").set(live as f64);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
