@@ -148,7 +148,11 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
         .lines()
         .filter(|l| l.starts_with("herald_resets_total{"))
         .collect();
-    println!("  server resets by cause: {}", causes.join(", "));
+    if causes.is_empty() {
+        println!("  server resets by cause: none");
+    } else {
+        println!("  server resets by cause: {}", causes.join(", "));
+    }
     Ok(())
 }
 

@@ -364,6 +364,46 @@ mod tests {
         );
         assert_eq!(frames[1].1, Control::Close);
         assert!(split_control(Bytes::from_static(&[0x8A, 5, b'p'])).is_empty());
+        // The largest control payload RFC 6455 allows (125 bytes) passes;
+        // a 16-bit length (126) is not a control frame.
+        let mut big = vec![0x89, 125];
+        big.extend_from_slice(&[b'x'; 125]);
+        assert_eq!(split_control(Bytes::from(big)).len(), 1);
+        let mut long = vec![0x89, 126, 0, 126];
+        long.extend_from_slice(&[b'x'; 126]);
+        assert!(split_control(Bytes::from(long)).is_empty());
+    }
+
+    /// The I1 check on frames the lifecycle releases: once the peer's close
+    /// arrived (or ours was written), a frame is refused and counted, not
+    /// written — whatever the lifecycle says.
+    #[test]
+    fn frames_after_a_close_are_refused_and_counted() {
+        for ours in [false, true] {
+            let mut wire = Wire::new();
+            let mut core = core();
+            let welcome = OutFrame::from("welcome".to_owned());
+            core.authenticate(
+                crate::clock::now(),
+                welcome,
+                herald_core::catchup::Plan::Live { after: 0 },
+            )
+            .unwrap();
+            while core.poll_transmit().is_some() {}
+            let event = OutFrame::event(b"{}", crate::clock::now()).unwrap();
+            core.send_event(crate::clock::now(), 1, event).unwrap();
+            if ours {
+                wire.push_control(Bytes::from_static(&[0x88, 0]), Control::Close);
+            } else {
+                wire.close_received();
+            }
+            let pending = wire.pending.len();
+            let mut now = None;
+            wire.take_frames(&mut core, &mut now);
+            assert_eq!(wire.stats.snapshot().frames_after_close, 1, "ours: {ours}");
+            assert_eq!(wire.pending.len(), pending, "nothing queued, ours: {ours}");
+            assert_eq!(wire.stats.snapshot().frames_out, 0);
+        }
     }
 
     /// The I1 check on control bytes: after a close is written nothing
@@ -374,13 +414,136 @@ mod tests {
         let close = || Bytes::from_static(&[0x88, 0]);
         let pong = || Bytes::from_static(&[0x8A, 0]);
         wire.push_control(pong(), Control::PingPong);
+        assert!(!wire.close_written());
         wire.close_received();
         wire.push_control(pong(), Control::PingPong);
         assert_eq!(wire.stats.snapshot().frames_after_close, 1);
         wire.push_control(close(), Control::Close);
         assert_eq!(wire.stats.snapshot().frames_after_close, 1, "the reply");
+        assert!(wire.close_written());
         wire.push_control(close(), Control::Close);
         assert_eq!(wire.stats.snapshot().frames_after_close, 2);
         assert_eq!(wire.pending.len(), 2, "the pong before, the reply");
+    }
+
+    /// A connected pair on loopback: (the server's side, the peer's).
+    async fn pair() -> (Arc<TcpStream>, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::net::TcpStream::connect(addr).unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        (Arc::new(ours), peer)
+    }
+
+    fn core() -> Connection<OutFrame> {
+        Connection::new(crate::clock::now(), herald_core::LifecycleConfig::default())
+    }
+
+    /// More than the socket takes is pending: the wire says `Blocked` and
+    /// keeps since when, counted from the last progress (not from each
+    /// attempt); once the peer reads, the rest leaves in order.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_socket_blocks_from_its_last_progress_and_drains_in_order() {
+        let (sock, mut peer) = pair().await;
+        // Bytes lost on the way would leave the peer waiting: fail instead.
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut wire = Wire::new();
+        wire.attach(sock.clone(), Arc::default());
+        let mut core = core();
+        let chunk = 64 * 1024;
+        let total = 256 * chunk;
+        for i in 0..256 {
+            wire.pending.push_back(Bytes::from(vec![i as u8; chunk]));
+        }
+        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        let first = wire
+            .blocked_since()
+            .expect("blocked since the write that filled it");
+        let left = wire.pending.iter().map(|b| b.len()).sum::<usize>();
+        assert!(left > 0 && left < total, "part written, {left} left");
+
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        assert_eq!(wire.blocked_since(), Some(first), "no progress: unchanged");
+
+        let mut got = Vec::with_capacity(total);
+        let mut buf = vec![0; 1 << 20];
+        let mut progressed_later = false;
+        while got.len() < total {
+            use std::io::Read;
+            let n = peer.read(&mut buf).unwrap();
+            assert!(n > 0, "the peer saw EOF after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            // tokio learns that the socket took bytes again from its I/O
+            // driver, which runs while this task waits (or the paused
+            // clock moves on, if the socket is still full).
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(10), sock.writable()).await;
+            match wire.flush(&mut core) {
+                Flushed::Blocked => {
+                    let since = wire.blocked_since().expect("blocked");
+                    progressed_later |= since > first;
+                }
+                Flushed::Done => assert_eq!(wire.blocked_since(), None),
+                Flushed::Actor => panic!("the socket did not fail"),
+            }
+        }
+        assert!(progressed_later, "progress moves the start of the block");
+        assert_eq!(wire.flush(&mut core), Flushed::Done);
+        assert!(wire.pending.is_empty());
+        for (i, c) in got.chunks(chunk).enumerate() {
+            assert!(c.iter().all(|&b| b == i as u8), "chunk {i} out of order");
+        }
+    }
+
+    /// A socket whose peer is gone fails once: the error is kept for the
+    /// actor (taken once), the pending bytes are dropped, and from then on
+    /// only the actor can go on.
+    #[tokio::test]
+    async fn a_failed_socket_is_reported_once_and_drops_what_was_pending() {
+        let (sock, peer) = pair().await;
+        let mut wire = Wire::new();
+        wire.attach(sock, Arc::default());
+        let mut core = core();
+        wire.pending.push_back(Bytes::from_static(b"unread"));
+        assert_eq!(wire.flush(&mut core), Flushed::Done);
+        // Closed with unread data: the peer's side answers with a reset.
+        drop(peer);
+        let mut outcome = Flushed::Done;
+        for _ in 0..100 {
+            wire.pending.push_back(Bytes::from(vec![b'x'; 1024]));
+            outcome = wire.flush(&mut core);
+            if outcome == Flushed::Actor {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(outcome, Flushed::Actor);
+        assert!(wire.pending.is_empty());
+        let e = wire.take_failure().expect("the failure is kept");
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        );
+        assert!(wire.take_failure().is_none(), "taken once");
+    }
+
+    /// Detaching lets go of the socket (the actor's handle is then the last)
+    /// and of what was pending.
+    #[tokio::test]
+    async fn detach_lets_go_of_the_socket_and_the_pending_bytes() {
+        let (sock, _peer) = pair().await;
+        let mut wire = Wire::new();
+        wire.attach(sock.clone(), Arc::default());
+        assert_eq!(Arc::strong_count(&sock), 2);
+        wire.pending.push_back(Bytes::from_static(b"left"));
+        wire.detach();
+        assert_eq!(Arc::strong_count(&sock), 1);
+        assert!(wire.pending.is_empty());
+        assert_eq!(wire.flush(&mut core()), Flushed::Actor);
     }
 }

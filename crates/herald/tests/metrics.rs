@@ -92,6 +92,12 @@ async fn counters_equal_what_happened() {
     assert_eq!(get("herald_event_deliveries_total"), 6.0);
     // 3 welcomes + 6 events.
     assert_eq!(get("herald_frames_out_total"), 9.0);
+    // Their payloads: each event frame is ~90 bytes of JSON, a welcome ~150.
+    let bytes = get("herald_bytes_out_total");
+    assert!(
+        (6.0 * 60.0..=9.0 * 400.0).contains(&bytes),
+        "{bytes} bytes out"
+    );
     assert_eq!(get("herald_publish_to_write_seconds_count"), 6.0);
     assert_eq!(get(r#"herald_connections{state="ready"}"#), 0.0);
     assert_eq!(get("herald_queued_frames"), 0.0);
