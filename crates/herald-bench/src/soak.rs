@@ -61,6 +61,8 @@ struct Sample {
     history: f64,
     /// The live heap (`herald_heap_bytes`, only from a `dhat-heap` build; NaN otherwise).
     heap: f64,
+    /// Tasks alive in the server's runtime (`herald_tasks_alive`).
+    tasks: f64,
 }
 
 /// Run the soak: `--duration` seconds, `--rate` events/s in total.
@@ -117,13 +119,14 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
             }
         };
         eprintln!(
-            "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB heap={:.1} MiB fds={} threads={} live={} published={} reconnects={} resets={} kicks={} slow_closed={} gaps={}",
+            "soak t={:>5.0}s rss={:.1} MiB history={:.1} MiB heap={:.1} MiB fds={} threads={} tasks={} live={} published={} reconnects={} resets={} kicks={} slow_closed={} gaps={}",
             s.t,
             s.rss / 1048576.0,
             s.history / 1048576.0,
             s.heap / 1048576.0,
             s.fds,
             s.threads,
+            s.tasks,
             s.live,
             counts.published.load(Ordering::Relaxed),
             counts.reconnects.load(Ordering::Relaxed),
@@ -176,6 +179,7 @@ async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow:
         live: gauge("herald_connections_live"),
         history: gauge("herald_history_bytes"),
         heap: gauge("herald_heap_bytes"),
+        tasks: gauge("herald_tasks_alive"),
     })
 }
 
@@ -227,6 +231,7 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
         ("heap (dhat build)", |s: &Sample| s.heap, "MiB", 1048576.0),
         ("open fds", |s: &Sample| s.fds, "", 1.0),
         ("threads", |s: &Sample| s.threads, "", 1.0),
+        ("runtime tasks", |s: &Sample| s.tasks, "", 1.0),
         ("live connections", |s: &Sample| s.live, "", 1.0),
     ] {
         let (slope, min, max, mean) = series(f);
@@ -267,11 +272,12 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
         );
     }
     println!(
-        "  after the run: rss {:.1} MiB (history {:.1} MiB), fds {}, threads {}, live connections {}",
+        "  after the run: rss {:.1} MiB (history {:.1} MiB), fds {}, threads {}, tasks {}, live connections {}",
         end.rss / 1048576.0,
         end.history / 1048576.0,
         end.fds,
         end.threads,
+        end.tasks,
         end.live
     );
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -215,6 +215,10 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
         let stats = broker.stats();
         metrics::gauge!(telemetry::HISTORY_EVENTS).set(stats.events as f64);
         metrics::gauge!(telemetry::HISTORY_BYTES).set(stats.charged_bytes as f64);
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        metrics::gauge!(telemetry::TASKS_ALIVE).set(tasks as f64);
     }
 }
 

@@ -40,6 +40,8 @@ pub const EVENTS_REPLAYED: &str = "herald_events_replayed_total";
 pub const HISTORY_EVENTS: &str = "herald_history_events";
 /// Gauge: memory charged to `history_max_bytes` (payload, per-event, per-stream and idempotency-key overheads).
 pub const HISTORY_BYTES: &str = "herald_history_bytes";
+/// Gauge: tasks alive in the server's runtime (connections, requests, flushes, background loops).
+pub const TASKS_ALIVE: &str = "herald_tasks_alive";
 /// Counter: runs closed by the server because they outgrew `run_max_bytes`.
 pub const RUNS_TOO_LARGE: &str = "herald_runs_too_large_total";
 /// Counter: runs closed by the server after `run_ttl` of silence.

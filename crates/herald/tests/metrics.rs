@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use futures_util::SinkExt;
+use herald::Server;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -33,15 +34,38 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// Poll `name` on `/metrics` (the sweep sets gauges every second) until
+/// `ok` holds, bounded at 10 s; returns the value that satisfied it.
+async fn gauge_until(server: &Server, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let mut last = None;
+    for _ in 0..100 {
+        last = parse(&metrics_text(server).await).get(name).copied();
+        if let Some(v) = last.filter(|v| ok(*v)) {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{name} is {last:?} after 10 s");
+}
+
 #[tokio::test]
 async fn counters_equal_what_happened() {
     let server = start().await;
+    // The fewest tasks over two sweeps (a sweep that runs while a scrape is
+    // in flight also counts the scrape's tasks).
+    let mut tasks_before = f64::MAX;
+    for _ in 0..12 {
+        tasks_before = tasks_before.min(gauge_until(&server, "herald_tasks_alive", |_| true).await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (mut a1, _) = connect(&server, "alice").await;
     let (mut a2, _) = connect(&server, "alice").await;
     let (mut b, _) = connect(&server, "bob").await;
     let mut bad = open(&server, &[], None).await;
     send_json(&mut bad, json!({"type": "hello", "token": "garbage"})).await;
     expect_close(&mut bad, 4401).await;
+    // Each open WebSocket is a task of the server's runtime.
+    let tasks_open = gauge_until(&server, "herald_tasks_alive", |v| v >= tasks_before + 3.0).await;
 
     for _ in 0..3 {
         publish(&server, "alice", "agent_note", json!({})).await;
@@ -66,6 +90,8 @@ async fn counters_equal_what_happened() {
     .unwrap();
     let _ = read_until_close(&mut b).await;
     wait_for_no_connections(&server).await;
+    // Their three tasks have ended.
+    gauge_until(&server, "herald_tasks_alive", |v| v <= tasks_open - 3.0).await;
 
     let text = metrics_text(&server).await;
     let m = parse(&text);
