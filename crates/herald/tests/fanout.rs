@@ -80,6 +80,62 @@ async fn connections_api_lists_and_kick_closes_with_4409() {
     );
 }
 
+/// A close the server starts (here a kick) is a handshake (RFC 6455 §7.1.2):
+/// the server writes its close frame, keeps the TCP connection until the
+/// peer's close reply arrives, then drops it. The mutants of the actor's exit
+/// test (`Actor::drive`: `stopped && nothing pending && close written`, either
+/// `&&` → `||`) dropped the TCP connection right after writing the close.
+#[tokio::test]
+async fn a_kick_holds_the_tcp_connection_until_the_close_reply() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config();
+    // Far beyond the wait below, so the server never gives up on the reply here.
+    cfg.lifecycle.close_timeout = std::time::Duration::from_secs(60);
+    let server = start_with(cfg).await;
+    let mut s = raw_upgrade(&server).await;
+    let hello = json!({"type": "hello", "token": token("kim")}).to_string();
+    s.write_all(&client_frame(0x1, hello.as_bytes()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The welcome first, so the kick finds a ready connection.
+    while parse_server_frames(&got).is_empty() {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the welcome");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let (status, _) = post(&server, "/api/v1/disconnect", json!({"user_id": "kim"})).await;
+    assert_eq!(status, 200);
+    while close_code_of(&got).is_none() {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "EOF before the close frame");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(close_code_of(&got), Some(4409));
+    // No reply yet: the server waits (reading nothing and not closing).
+    match tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut buf)).await {
+        Err(_) => {}
+        Ok(r) => panic!("the server did not wait for the close reply: read {r:?}"),
+    }
+    assert_eq!(
+        server.hub().len(),
+        1,
+        "the closing connection is still held"
+    );
+    // The reply ends the handshake: the server drops the TCP connection.
+    s.write_all(&client_frame(0x8, &4409u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the TCP connection after the reply")
+        .unwrap();
+    assert!(rest.is_empty(), "nothing after the close frame: {rest:?}");
+    wait_for_no_connections(&server).await;
+}
+
 #[tokio::test]
 async fn token_in_header_or_subprotocol_is_accepted() {
     let server = start().await;

@@ -125,6 +125,60 @@ async fn slow_consumer_is_closed_with_4001_while_a_fast_one_gets_everything() {
     );
 }
 
+/// A closing connection whose peer has stopped reading gets the close
+/// timeout to take its last bytes, not the (longer) write timeout: a slow
+/// consumer closed with 4001 is dropped about `close_timeout` after its
+/// socket filled. Mutation testing found the close timeout unpinned
+/// (`write_pending` using `write_timeout` while closing survived).
+#[tokio::test]
+async fn a_closing_socket_that_stays_full_gets_the_close_timeout_not_the_write_timeout() {
+    let mut cfg = config();
+    cfg.lifecycle.max_queue_bytes = 256 * 1024;
+    cfg.lifecycle.close_timeout = Duration::from_secs(1);
+    cfg.write_timeout = Duration::from_secs(120);
+    let server = start_with(cfg).await;
+    let mut slow = raw_upgrade(&server).await;
+    let hello = json!({"type": "hello", "token": token("sid")}).to_string();
+    slow.write_all(&client_frame(0x1, hello.as_bytes()))
+        .await
+        .unwrap();
+    wait_for_connections(&server, 1).await;
+    let blob = "x".repeat(16 * 1024);
+    let mut closing = None;
+    for _ in 0..1000 {
+        let events: Vec<Value> = (0..8)
+            .map(|_| json!({"user_id": "sid", "event": "agent_note", "data": {"blob": blob}}))
+            .collect();
+        let (status, _) = post(&server, "/api/v1/events", json!({ "events": events })).await;
+        assert_eq!(status, 200);
+        let (_, conns) = get_json(&server, "/api/v1/connections?user_id=sid").await;
+        let rows = conns["connections"].as_array().unwrap();
+        if rows.is_empty() || rows[0]["state"] == "closing" {
+            closing = Some(Instant::now());
+            break;
+        }
+    }
+    let closing = closing.expect("the slow consumer was never closed");
+    // The peer still reads nothing. With the close timeout (1 s) the
+    // connection is gone in about a second; with the write timeout it would
+    // stay for two minutes. 30 s leaves room for a slow machine.
+    let deadline = closing + Duration::from_secs(30);
+    while !server.hub().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a full closing socket was held past its close timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("dropped {:?} after the close", closing.elapsed());
+    // The server let go of the TCP connection: after the backlog, EOF.
+    let mut backlog = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut backlog))
+        .await
+        .expect("the TCP connection was dropped")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_300_clients_with_closing_and_1012() {
     const CLIENTS: usize = 300;
