@@ -936,3 +936,96 @@ impl Broker for RedisBroker {
         BrokerStats::default()
     }
 }
+
+#[cfg(test)]
+impl Shared {
+    /// A node's shared state that has not connected (for the pure parts' tests).
+    fn unconnected(node: &str, limits: StreamLimits) -> Arc<Self> {
+        Arc::new(Shared {
+            prefix: "hx".into(),
+            node: node.into(),
+            pending: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            nodes: RedisNodes::Single("redis://127.0.0.1:1".into()),
+            scripts: Scripts::new(),
+            limits,
+            conn: OnceCell::new(),
+            commands_ok: AtomicBool::new(false),
+            pubsub_up: AtomicBool::new(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn keys_outlive_every_bound_by_a_minute() {
+        let secs = Duration::from_secs;
+        for (age, run, idem, want) in [
+            (secs(3600), secs(600), secs(600), 3_660_000),
+            (secs(10), secs(900), secs(20), 960_000),
+            (secs(10), secs(20), secs(1200), 1_260_000),
+        ] {
+            let limits = StreamLimits {
+                max_age: age,
+                run_ttl: run,
+                idempotency_window: idem,
+                ..StreamLimits::default()
+            };
+            assert_eq!(Shared::unconnected("n", limits).ttl_ms(), want);
+        }
+    }
+
+    #[test]
+    fn channels_are_per_stream_and_per_prefix() {
+        let sh = Shared::unconnected("n1", StreamLimits::default());
+        assert_eq!(sh.channel("user:a"), "hx:{user:a}:ch");
+        assert_eq!(sh.control_channel(), "hx:ctl");
+        assert_eq!(sh.reply_channel("n1"), "hx:reply:n1");
+        assert_eq!(sh.stream_of(&sh.channel("user:a")), Some("user:a"));
+        assert_eq!(sh.stream_of("hx:{user:a}:log"), None);
+        assert_eq!(sh.stream_of("hy:{user:a}:ch"), None);
+    }
+
+    #[tokio::test]
+    async fn ready_needs_both_commands_and_pubsub() {
+        let shared = Shared::unconnected("n1", StreamLimits::default());
+        let (subs, _rx) = mpsc::unbounded_channel();
+        let broker = RedisBroker {
+            shared: shared.clone(),
+            subs,
+            task: tokio::spawn(async {}),
+            published: metrics::counter!("test"),
+        };
+        for (commands, pubsub) in [(false, false), (true, false), (false, true), (true, true)] {
+            shared.commands_ok.store(commands, Ordering::Release);
+            shared.pubsub_up.store(pubsub, Ordering::Release);
+            assert_eq!(broker.is_ready(), commands && pubsub, "{commands} {pubsub}");
+        }
+        // A failed command makes the node unready until one succeeds.
+        let _ = shared.failed("boom");
+        assert!(!broker.is_ready());
+        shared.ok();
+        assert!(broker.is_ready());
+    }
+
+    #[test]
+    fn a_short_reply_is_unavailable_not_a_panic() {
+        let mut it = vec![redis::Value::Int(7)].into_iter();
+        assert_eq!(next_as::<u64>(&mut it).unwrap(), 7);
+        assert!(matches!(
+            next_as::<u64>(&mut it),
+            Err(BrokerError::Unavailable(_))
+        ));
+        let mut it = vec![redis::Value::Nil].into_iter();
+        assert!(matches!(
+            next_as::<u64>(&mut it),
+            Err(BrokerError::Unavailable(_))
+        ));
+    }
+}

@@ -265,3 +265,193 @@ pub(super) async fn resync_all(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! What a pub/sub message turns into, without a Redis: the parsing and
+    //! routing in `deliver` and the waiting-subscription refusal are pure.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Mutex as StdMutex;
+    use std::time::Instant;
+
+    use herald_core::stream::StreamLimits;
+
+    use super::*;
+    use crate::broker::{FleetReply, FleetRequest};
+
+    /// One delivered event: stream, epoch, from, seq, JSON.
+    type Delivered = (String, String, u64, u64, Vec<u8>);
+
+    /// Records what the pub/sub side hands the hub.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        delivered: StdMutex<Vec<Delivered>>,
+        resynced: StdMutex<Vec<(String, String, u64)>>,
+        asked: StdMutex<Vec<String>>,
+    }
+
+    impl EventSink for Recorder {
+        fn deliver(&self, stream: &str, epoch: &str, events: &[StoredEvent], _: Instant) -> usize {
+            let mut d = self.delivered.lock().unwrap();
+            for e in events {
+                d.push((stream.into(), epoch.into(), e.from, e.seq, e.json.to_vec()));
+            }
+            events.len()
+        }
+        fn resync(&self, stream: &str, epoch: &str, last_seq: u64) {
+            self.resynced
+                .lock()
+                .unwrap()
+                .push((stream.into(), epoch.into(), last_seq));
+        }
+        fn answer(&self, request: &FleetRequest) -> FleetReply {
+            self.asked.lock().unwrap().push(format!("{request:?}"));
+            FleetReply {
+                closed: 3,
+                rows: Vec::new(),
+                total: 0,
+            }
+        }
+    }
+
+    fn shared() -> Arc<Shared> {
+        Shared::unconnected("n1", StreamLimits::default())
+    }
+
+    fn sink(r: &Arc<Recorder>) -> Weak<dyn EventSink> {
+        let s: Arc<dyn EventSink> = r.clone();
+        Arc::downgrade(&s)
+    }
+
+    #[test]
+    fn a_stream_message_reaches_the_hub_with_its_epoch_seq_and_json() {
+        let (sh, rec) = (shared(), Arc::new(Recorder::default()));
+        let ch = sh.channel("user:ann");
+        assert_eq!(sh.stream_of(&ch), Some("user:ann"));
+        // The JSON may itself hold newlines: only the first two split.
+        deliver(&sh, &sink(&rec), &ch, b"ep1\n42\n{\"a\":\n1}");
+        assert_eq!(
+            *rec.delivered.lock().unwrap(),
+            vec![(
+                "user:ann".to_owned(),
+                "ep1".to_owned(),
+                42,
+                42,
+                b"{\"a\":\n1}".to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn malformed_and_foreign_messages_reach_nobody() {
+        let (sh, rec) = (shared(), Arc::new(Recorder::default()));
+        let ch = sh.channel("user:ann");
+        for bad in [
+            &b"ep1\n42"[..],
+            b"ep1",
+            b"ep1\nx42\n{}",
+            b"ep1\n\n{}",
+            b"\xff\n1\n{}",
+        ] {
+            deliver(&sh, &sink(&rec), &ch, bad);
+        }
+        // Not a herald channel of this prefix.
+        deliver(&sh, &sink(&rec), "other:{user:ann}:ch", b"ep1\n1\n{}");
+        deliver(&sh, &sink(&rec), "hx:{user:ann}:log", b"ep1\n1\n{}");
+        assert!(rec.delivered.lock().unwrap().is_empty());
+        assert_eq!(sh.stream_of("hx:{a}:ch"), Some("a"));
+        assert_eq!(sh.stream_of("hy:{a}:ch"), None);
+    }
+
+    #[test]
+    fn a_probe_answers_only_this_nodes_waiter_and_is_not_an_event() {
+        let (sh, rec) = (shared(), Arc::new(Recorder::default()));
+        let ch = sh.channel("user:ann");
+        let (mine, mut mine_rx) = oneshot::channel();
+        let (other, mut other_rx) = oneshot::channel();
+        sh.probes.lock().insert(7, mine);
+        sh.probes.lock().insert(8, other);
+        // Another node's probe with id 8 and a malformed one change nothing.
+        deliver(&sh, &sink(&rec), &ch, b"probe\nn2\n8");
+        deliver(&sh, &sink(&rec), &ch, b"probe\nn1\nx");
+        assert!(other_rx.try_recv().is_err());
+        assert_eq!(sh.probes.lock().len(), 2);
+        deliver(&sh, &sink(&rec), &ch, b"probe\nn1\n7");
+        assert_eq!(mine_rx.try_recv(), Ok(()));
+        assert!(sh.probes.lock().contains_key(&8));
+        assert_eq!(sh.probes.lock().len(), 1);
+        assert!(rec.delivered.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_fleet_answer_goes_to_its_request_and_is_not_an_event() {
+        let (sh, rec) = (shared(), Arc::new(Recorder::default()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        sh.pending.lock().insert(5, tx);
+        let answer = |id: u64| {
+            serde_json::to_vec(&FleetAnswer {
+                id,
+                reply: FleetReply {
+                    closed: id as usize,
+                    rows: Vec::new(),
+                    total: 0,
+                },
+            })
+            .unwrap()
+        };
+        // To another node, or for another request: not ours.
+        deliver(&sh, &sink(&rec), &sh.reply_channel("n2"), &answer(5));
+        deliver(&sh, &sink(&rec), &sh.reply_channel("n1"), &answer(6));
+        deliver(&sh, &sink(&rec), &sh.reply_channel("n1"), b"not json");
+        assert!(rx.try_recv().is_err());
+        deliver(&sh, &sink(&rec), &sh.reply_channel("n1"), &answer(5));
+        assert_eq!(rx.try_recv().map(|r| r.closed), Ok(5));
+        assert!(rec.delivered.lock().unwrap().is_empty());
+        assert!(rec.asked.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_fleet_request_is_answered_by_the_hub() {
+        let (sh, rec) = (shared(), Arc::new(Recorder::default()));
+        let ask = serde_json::to_vec(&FleetAsk {
+            id: 1,
+            from: "n2".into(),
+            request: FleetRequest::Kick {
+                stream: "user:ann".into(),
+            },
+        })
+        .unwrap();
+        deliver(&sh, &sink(&rec), &sh.control_channel(), b"{");
+        assert!(rec.asked.lock().unwrap().is_empty());
+        deliver(&sh, &sink(&rec), &sh.control_channel(), &ask);
+        assert_eq!(rec.asked.lock().unwrap().len(), 1);
+        assert!(rec.asked.lock().unwrap()[0].contains("user:ann"));
+        assert!(rec.delivered.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn while_down_waiting_subscriptions_are_refused_and_wanted_follows_the_hub() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (a_tx, mut a_rx) = oneshot::channel();
+        let (b_tx, mut b_rx) = oneshot::channel();
+        tx.send(SubCmd::Subscribe("a".into(), a_tx)).unwrap();
+        tx.send(SubCmd::Subscribe("b".into(), b_tx)).unwrap();
+        tx.send(SubCmd::Unsubscribe("a".into())).unwrap();
+        let mut wanted = BTreeSet::from(["c".to_owned()]);
+        refuse_waiting(&mut rx, &mut wanted, "down");
+        assert!(matches!(
+            a_rx.try_recv(),
+            Ok(Err(BrokerError::Unavailable(_)))
+        ));
+        assert!(matches!(
+            b_rx.try_recv(),
+            Ok(Err(BrokerError::Unavailable(_)))
+        ));
+        assert_eq!(
+            wanted.into_iter().collect::<Vec<_>>(),
+            ["b".to_owned(), "c".to_owned()]
+        );
+        assert!(rx.try_recv().is_err());
+    }
+}
