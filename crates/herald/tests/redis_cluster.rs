@@ -163,8 +163,33 @@ async fn a_fleet_on_a_redis_cluster() {
         assert!(keys > 0, "master {p} holds streams");
     }
 
+    // The heartbeats: every node records itself each sweep and forgets nodes
+    // silent for a minute; one silent for 30 s is kept (it is not counted as
+    // live: the listing below waits for three answers, not four).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let p = cluster.ports[0];
+    let (old, quiet) = ((now - 61_000).to_string(), (now - 30_000).to_string());
+    cli(p, &["-c", "HSET", "c:nodes", "gone", &old, "quiet", &quiet]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cli(p, &["-c", "HEXISTS", "c:nodes", "gone"]) != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "a node silent for a minute was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cli(p, &["-c", "HEXISTS", "c:nodes", "quiet"]), "1");
+
     // Kick and listing from a node that holds none of the sockets.
     tokio::time::sleep(Duration::from_millis(1500)).await; // every node's heartbeat is in
+    assert_eq!(
+        cli(p, &["-c", "HLEN", "c:nodes"]),
+        "4",
+        "three live nodes and the quiet one"
+    );
     let (_, list) = get_json(&a, "/api/v1/connections?user_id=ann").await;
     assert_eq!(list["total"], 2, "{list}");
     let (status, body) = post(&a, "/api/v1/disconnect", json!({"user_id": "ann"})).await;
