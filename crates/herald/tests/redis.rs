@@ -60,10 +60,11 @@ async fn three_nodes_share_one_stream_in_publish_order() {
     }
 }
 
-/// A node that shuts down lets go of its Redis connections, and its pub/sub
+/// A stream's last connection leaving unsubscribes the node from it; a node
+/// that shuts down lets go of its Redis connections, and its pub/sub
 /// task stops with it — also while Redis is down, when the task is not
 /// waiting on the hub's requests and only the broker's drop stops it
-/// (mutation testing found `Drop for RedisBroker` unpinned).
+/// (mutation testing found `unsubscribe` and `Drop for RedisBroker` unpinned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_shut_down_leaves_no_redis_connection_behind() {
     // CLIENT LIST counts redis-cli's own connection each time.
@@ -79,7 +80,15 @@ async fn a_node_shut_down_leaves_no_redis_connection_behind() {
         during >= before + 2,
         "a node holds a command and a pub/sub connection: {before} -> {during}"
     );
+    // The stream's last connection leaves: the node unsubscribes.
+    let numsub = || redis.cli(&["PUBSUB", "NUMSUB", "t:{user:ann}:ch"]);
+    assert_eq!(numsub(), "t:{user:ann}:ch\n1");
     drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while numsub() != "t:{user:ann}:ch\n0" {
+        assert!(Instant::now() < deadline, "still subscribed: {}", numsub());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.shutdown().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while clients(&redis) > before {
