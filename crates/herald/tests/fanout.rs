@@ -92,11 +92,7 @@ async fn a_kick_holds_the_tcp_connection_until_the_close_reply() {
     // Far beyond the wait below, so the server never gives up on the reply here.
     cfg.lifecycle.close_timeout = std::time::Duration::from_secs(60);
     let server = start_with(cfg).await;
-    let mut s = raw_upgrade(&server).await;
-    let hello = json!({"type": "hello", "token": token("kim")}).to_string();
-    s.write_all(&client_frame(0x1, hello.as_bytes()))
-        .await
-        .unwrap();
+    let mut s = raw_hello(&server, "kim").await;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     // The welcome first, so the kick finds a ready connection.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -52,11 +52,7 @@ async fn slow_consumer_is_closed_with_4001_while_a_fast_one_gets_everything() {
     let server = start_with(cfg).await;
 
     // The slow client: hello, then it never reads.
-    let mut slow = raw_upgrade(&server).await;
-    let hello = json!({"type": "hello", "token": token("sam")}).to_string();
-    slow.write_all(&client_frame(0x1, hello.as_bytes()))
-        .await
-        .unwrap();
+    let mut slow = raw_hello(&server, "sam").await;
     let (mut fast, _) = connect(&server, "sam").await;
 
     let reader = tokio::spawn(async move {
@@ -137,11 +133,7 @@ async fn a_closing_socket_that_stays_full_gets_the_close_timeout_not_the_write_t
     cfg.lifecycle.close_timeout = Duration::from_secs(1);
     cfg.write_timeout = Duration::from_secs(120);
     let server = start_with(cfg).await;
-    let mut slow = raw_upgrade(&server).await;
-    let hello = json!({"type": "hello", "token": token("sid")}).to_string();
-    slow.write_all(&client_frame(0x1, hello.as_bytes()))
-        .await
-        .unwrap();
+    let mut slow = raw_hello(&server, "sid").await;
     wait_for_connections(&server, 1).await;
     let blob = "x".repeat(16 * 1024);
     let mut closing = None;
@@ -162,14 +154,12 @@ async fn a_closing_socket_that_stays_full_gets_the_close_timeout_not_the_write_t
     // The peer still reads nothing. With the close timeout (1 s) the
     // connection is gone in about a second; with the write timeout it would
     // stay for two minutes. 30 s leaves room for a slow machine.
-    let deadline = closing + Duration::from_secs(30);
-    while !server.hub().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "a full closing socket was held past its close timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || server.hub().is_empty(),
+        || "a full closing socket was held past its close timeout".into(),
+    )
+    .await;
     eprintln!("dropped {:?} after the close", closing.elapsed());
     // The server let go of the TCP connection: after the backlog, EOF.
     let mut backlog = Vec::new();

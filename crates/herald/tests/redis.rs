@@ -84,21 +84,24 @@ async fn a_node_shut_down_leaves_no_redis_connection_behind() {
     let numsub = || redis.cli(&["PUBSUB", "NUMSUB", "t:{user:ann}:ch"]);
     assert_eq!(numsub(), "t:{user:ann}:ch\n1");
     drop(ws);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while numsub() != "t:{user:ann}:ch\n0" {
-        assert!(Instant::now() < deadline, "still subscribed: {}", numsub());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || numsub() == "t:{user:ann}:ch\n0",
+        || format!("still subscribed: {}", numsub()),
+    )
+    .await;
     server.shutdown().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while clients(&redis) > before {
-        assert!(
-            Instant::now() < deadline,
-            "connections left behind: {}",
-            redis.cli(&["CLIENT", "LIST"])
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || clients(&redis) <= before,
+        || {
+            format!(
+                "connections left behind: {}",
+                redis.cli(&["CLIENT", "LIST"])
+            )
+        },
+    )
+    .await;
 
     // Redis down: the node shuts down while its pub/sub task is retrying,
     // and every task it started ends (the runtime's live tasks come back to
@@ -118,15 +121,17 @@ async fn a_node_shut_down_leaves_no_redis_connection_behind() {
     expect_close(&mut late, 1013).await;
     drop((ws, late));
     server.shutdown().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tasks() > base {
-        assert!(
-            Instant::now() < deadline,
-            "{} tasks left of a shut-down node",
-            tasks() - base
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || tasks() <= base,
+        || {
+            format!(
+                "{} tasks left of a shut-down node",
+                tasks().saturating_sub(base)
+            )
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

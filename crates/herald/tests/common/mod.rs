@@ -292,6 +292,31 @@ pub async fn raw_upgrade(server: &Server) -> TcpStream {
     s
 }
 
+/// A raw WebSocket that has sent its `hello` for `user` (the welcome not yet
+/// read): a client whose reads and close frames the test controls.
+pub async fn raw_hello(server: &Server, user: &str) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = raw_upgrade(server).await;
+    let hello = json!({"type": "hello", "token": token(user)}).to_string();
+    s.write_all(&client_frame(0x1, hello.as_bytes()))
+        .await
+        .unwrap();
+    s
+}
+
+/// Poll `done` every 50 ms until it holds; past `limit`, panic with `what()`.
+pub async fn wait_until(
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+    what: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Upgrade over a raw TCP socket, write `frames`, return everything the server
 /// sent after the 101 response until it closed the connection.
 pub async fn raw_frames(server: &Server, frames: &[Vec<u8>]) -> Vec<u8> {

@@ -287,7 +287,6 @@ mod tests {
     #[derive(Debug, Default)]
     struct Recorder {
         delivered: StdMutex<Vec<Delivered>>,
-        resynced: StdMutex<Vec<(String, String, u64)>>,
         asked: StdMutex<Vec<String>>,
     }
 
@@ -299,12 +298,8 @@ mod tests {
             }
             events.len()
         }
-        fn resync(&self, stream: &str, epoch: &str, last_seq: u64) {
-            self.resynced
-                .lock()
-                .unwrap()
-                .push((stream.into(), epoch.into(), last_seq));
-        }
+        // Only `resync_all` calls it, after a reconnect (the Redis suites).
+        fn resync(&self, _: &str, _: &str, _: u64) {}
         fn answer(&self, request: &FleetRequest) -> FleetReply {
             self.asked.lock().unwrap().push(format!("{request:?}"));
             FleetReply {
@@ -328,7 +323,6 @@ mod tests {
     fn a_stream_message_reaches_the_hub_with_its_epoch_seq_and_json() {
         let (sh, rec) = (shared(), Arc::new(Recorder::default()));
         let ch = sh.channel("user:ann");
-        assert_eq!(sh.stream_of(&ch), Some("user:ann"));
         // The JSON may itself hold newlines: only the first two split.
         deliver(&sh, &sink(&rec), &ch, b"ep1\n42\n{\"a\":\n1}");
         assert_eq!(
@@ -360,8 +354,6 @@ mod tests {
         deliver(&sh, &sink(&rec), "other:{user:ann}:ch", b"ep1\n1\n{}");
         deliver(&sh, &sink(&rec), "hx:{user:ann}:log", b"ep1\n1\n{}");
         assert!(rec.delivered.lock().unwrap().is_empty());
-        assert_eq!(sh.stream_of("hx:{a}:ch"), Some("a"));
-        assert_eq!(sh.stream_of("hy:{a}:ch"), None);
     }
 
     #[test]
