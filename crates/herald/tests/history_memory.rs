@@ -3,27 +3,16 @@
 //! Figures go to docs/ARCHITECTURE.md; nothing here is a timed assertion.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Weak;
-use std::time::Instant;
+mod common;
 
+use std::sync::Weak;
+
+use common::NoSink;
 use herald::broker::memory::MemoryBroker;
-use herald::broker::{Broker, EventSink, FleetReply, FleetRequest, NewEvent, StoredEvent};
+use herald::broker::{Broker, NewEvent};
 use herald_core::protocol::EventFrame;
 use herald_core::stream::StreamLimits;
 use serde_json::json;
-
-/// No node listens: the broker only stores.
-#[derive(Debug)]
-struct NoSink;
-impl EventSink for NoSink {
-    fn deliver(&self, _: &str, _: &str, _: &[StoredEvent], _: Instant) -> usize {
-        0
-    }
-    fn resync(&self, _: &str, _: &str, _: u64) {}
-    fn answer(&self, _: &FleetRequest) -> FleetReply {
-        FleetReply::default()
-    }
-}
 
 fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

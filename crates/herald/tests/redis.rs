@@ -7,12 +7,16 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use common::redis_server::*;
 use common::*;
-use herald::broker::redis::{RedisConfig, RedisNodes};
+use herald::broker::memory::MemoryBroker;
+use herald::broker::redis::{RedisBroker, RedisConfig, RedisNodes};
+use herald::broker::{Broker, BrokerError, NewEvent, user_stream};
 use herald::{Config, Server};
+use herald_core::stream::StreamLimits;
 use serde_json::{Value, json};
 
 fn node_config(redis: &Redis) -> Config {
@@ -132,6 +136,63 @@ async fn a_node_shut_down_leaves_no_redis_connection_behind() {
         },
     )
     .await;
+}
+
+/// A catch-up page is served only when it starts right after the reader's
+/// position; one the trimmed window (or another epoch) would open with a gap
+/// is `Gone`, the same on both brokers. A hello compares the resume point
+/// with the window first, so only a trim racing a paged catch-up reaches
+/// this check; here the broker is asked directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_would_skip_events_is_gone_on_both_brokers() {
+    let redis = Redis::start();
+    let limits = StreamLimits {
+        max_events: 5,
+        ..StreamLimits::default()
+    };
+    let memory = MemoryBroker::new(limits.clone(), usize::MAX, Weak::<NoSink>::new());
+    let cfg = RedisConfig {
+        nodes: RedisNodes::Single(redis.url()),
+        prefix: "t".into(),
+    };
+    let on_redis = RedisBroker::new(&cfg, "n1", limits, Weak::<NoSink>::new()).unwrap();
+    let stream = user_stream("pager");
+    for (name, broker) in [("memory", &memory as &dyn Broker), ("redis", &on_redis)] {
+        for i in 0..10 {
+            let event = NewEvent::new(
+                "note".into(),
+                None,
+                None,
+                json!({ "i": i }),
+                "2026-12-02T00:00:00.000Z".into(),
+            );
+            broker.publish(&stream, vec![event]).await.unwrap();
+        }
+        let pos = broker.position(&stream).await.unwrap();
+        assert_eq!((pos.first_seq, pos.last_seq), (6, 10), "{name}");
+        let page = |after, limit| broker.history(&stream, &pos.epoch, after, 10, limit);
+        let covered = |page: Vec<_>| -> Vec<(u64, u64)> {
+            page.iter()
+                .map(|e: &herald::broker::StoredEvent| (e.from, e.seq))
+                .collect()
+        };
+        let all: Vec<_> = (6..=10).map(|s| (s, s)).collect();
+        assert_eq!(covered(page(5, 100).await.unwrap()), all, "{name}");
+        assert_eq!(
+            covered(page(7, 2).await.unwrap()),
+            [(8, 8), (9, 9)],
+            "{name}"
+        );
+        assert_eq!(page(10, 100).await, Ok(Vec::new()), "{name}");
+        for after in [0, 3, 4] {
+            assert!(
+                matches!(page(after, 100).await, Err(BrokerError::Gone { .. })),
+                "{name}: a page after {after} would start at 6"
+            );
+        }
+        let stale = broker.history(&stream, "another-epoch", 5, 10, 100).await;
+        assert!(matches!(stale, Err(BrokerError::Gone { .. })), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,27 @@ pub const API_KEY: &str = "test-api-key-0123456789";
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// An event sink for a broker driven directly, with no node listening: the
+/// broker only stores.
+#[derive(Debug)]
+pub struct NoSink;
+
+impl herald::broker::EventSink for NoSink {
+    fn deliver(
+        &self,
+        _: &str,
+        _: &str,
+        _: &[herald::broker::StoredEvent],
+        _: std::time::Instant,
+    ) -> usize {
+        0
+    }
+    fn resync(&self, _: &str, _: &str, _: u64) {}
+    fn answer(&self, _: &herald::broker::FleetRequest) -> herald::broker::FleetReply {
+        herald::broker::FleetReply::default()
+    }
+}
+
 pub fn config() -> Config {
     Config::for_tests(SECRET, API_KEY)
 }
