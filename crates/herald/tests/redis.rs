@@ -271,9 +271,14 @@ async fn idempotency_and_run_replay_hold_across_nodes() {
     );
 }
 
+/// Three sweepers, one close: a run silent past `run_ttl` gets one
+/// `agent_error`, counted once. An index entry whose run is gone (a ghost)
+/// is dropped without publishing or counting anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_run_is_closed_once_across_the_fleet() {
     let redis = Redis::start();
+    let ghost = "user:ghost\nr-ghost";
+    redis.cli(&["ZADD", "t:runs", "0", ghost]);
     let mut cfg = node_config(&redis);
     cfg.stream_limits.run_ttl = Duration::from_millis(800);
     let nodes = [
@@ -304,6 +309,20 @@ async fn a_silent_run_is_closed_once_across_the_fleet() {
     let r = publish(&nodes[2], "di", "note", json!({})).await;
     assert_eq!(r["seq"], 3);
     assert_eq!(event_of(&mut ws).await["seq"], 3);
+    wait_until(
+        Duration::from_secs(5),
+        || redis.cli(&["ZSCORE", "t:runs", ghost]).is_empty(),
+        || "the sweepers dropped the ghost's index entry".into(),
+    )
+    .await;
+    assert_eq!(redis.cli(&["EXISTS", "t:{user:ghost}:log"]), "0");
+    // The recorder is the process's; no other test here times a run out.
+    let text = metrics_text(&nodes[0]).await;
+    let timed_out = text
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_runs_timed_out_total "))
+        .map(str::to_owned);
+    assert_eq!(timed_out.as_deref(), Some("1"), "{text}");
 }
 
 /// Issue 14, finding 1, on Redis: a run outgrowing `run_max_bytes` is
