@@ -614,3 +614,53 @@ async fn rediss_connects_over_tls() {
     publish(&b, "kit", "note", json!({})).await;
     assert_eq!(event_of(&mut ws).await["seq"], 1);
 }
+
+/// Redis accepting connections and closing them at once (a restarting or
+/// misconfigured server) is retried with a doubling delay, single and
+/// Cluster alike: 50 ms, 100 ms, … up to 2 s, so about seven connections in
+/// four seconds, not a tight loop (a halving delay opened ~3,000 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropping_redis_is_retried_with_backoff() {
+    let window = Duration::from_secs(4);
+    let (single, cluster) = tokio::join!(
+        connections_to_a_dropping_server(RedisNodes::Single, window),
+        connections_to_a_dropping_server(|url| RedisNodes::Cluster(vec![url]), window),
+    );
+    for (name, n) in [("single", single), ("cluster", cluster)] {
+        assert!(
+            (2..=20).contains(&n),
+            "{name}: {n} connections in {window:?}"
+        );
+    }
+}
+
+/// How many connections a broker opens in `window` to a server that accepts
+/// each one and closes it at once.
+async fn connections_to_a_dropping_server(
+    nodes: impl FnOnce(String) -> RedisNodes,
+    window: Duration,
+) -> usize {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            drop(socket);
+        }
+    });
+    let cfg = RedisConfig {
+        nodes: nodes(url),
+        prefix: "t".into(),
+    };
+    let limits = StreamLimits::default();
+    let broker = RedisBroker::new(&cfg, "n1", limits, Weak::<NoSink>::new()).unwrap();
+    tokio::time::sleep(window).await;
+    let n = accepted.load(Ordering::Relaxed);
+    drop(broker);
+    server.abort();
+    n
+}
