@@ -634,6 +634,33 @@ async fn a_dropping_redis_is_retried_with_backoff() {
     }
 }
 
+/// A Redis whose ACL refuses SUBSCRIBE (a user without channel rights)
+/// leaves the node without pub/sub: `/readyz` says so, and the node backs
+/// off between attempts instead of reconnecting in a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_is_retried_with_backoff() {
+    let redis = Redis::start();
+    redis.cli(&["ACL", "SETUSER", "default", "resetchannels"]);
+    let connections = || -> usize {
+        let info = redis.cli(&["INFO", "stats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let before = connections();
+    let node = node(&redis).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let opened = connections() - before;
+    assert!((2..=20).contains(&opened), "{opened} connections in 4 s");
+    let ready = client()
+        .get(http_url(&node, "/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+}
+
 /// How many connections a broker opens in `window` to a server that accepts
 /// each one and closes it at once.
 async fn connections_to_a_dropping_server(

@@ -16,6 +16,10 @@ use super::{
 use crate::broker::{BrokerError, EventSink, StoredEvent};
 use bytes::Bytes;
 
+/// How long resubscribing to every wanted stream at once may take (one
+/// SUBSCRIBE with a channel per stream; tens of thousands on a busy node).
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The pub/sub connection: subscribe in order, deliver every message to the
 /// hub, reconnect after a drop and resync every stream.
 pub(super) async fn pubsub_task(
@@ -28,11 +32,27 @@ pub(super) async fn pubsub_task(
     let mut delay = Duration::from_millis(50);
     let mut reconnect = false;
     loop {
-        let connected = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await;
-        let pubsub = match connected.unwrap_or_else(|_| Err(timed_out())) {
-            Ok(p) => p,
+        // Connected means subscribed to everything wanted: a refused
+        // SUBSCRIBE (an ACL without channel rights) backs off like a
+        // refused connection.
+        let connected = async {
+            let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))?;
+            let (mut subscriber, messages) = pubsub.split();
+            let mut channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
+            channels.push(shared.control_channel());
+            channels.push(shared.reply_channel(&shared.node));
+            tokio::time::timeout(RESUBSCRIBE_TIMEOUT, subscriber.subscribe(&channels))
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))?;
+            Ok::<_, redis::RedisError>((subscriber, messages))
+        };
+        let (mut subscriber, mut messages) = match connected.await {
+            Ok(c) => c,
             Err(e) => {
                 shared.pubsub_up.store(false, Ordering::Release);
+                tracing::warn!(error = %e, "redis pub/sub (re)subscribe failed");
                 refuse_waiting(&mut cmds, &mut wanted, &e.to_string());
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RECONNECT_DELAY);
@@ -41,14 +61,6 @@ pub(super) async fn pubsub_task(
             }
         };
         delay = Duration::from_millis(50);
-        let (mut subscriber, mut messages) = pubsub.split();
-        let mut channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
-        channels.push(shared.control_channel());
-        channels.push(shared.reply_channel(&shared.node));
-        if let Err(e) = subscriber.subscribe(&channels).await {
-            tracing::warn!(error = %e, "redis resubscribe failed");
-            continue;
-        }
         shared.pubsub_up.store(true, Ordering::Release);
         if reconnect {
             metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
