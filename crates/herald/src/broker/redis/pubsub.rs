@@ -122,49 +122,82 @@ pub(super) fn refuse_waiting(
     }
 }
 
-/// Apply a batch of subscription changes in order: consecutive subscribes go
-/// out as one SUBSCRIBE, and each waiter is answered once it is confirmed.
-async fn apply(
-    shared: &Shared,
-    subscriber: &mut redis::aio::PubSubSink,
-    wanted: &mut BTreeSet<String>,
-    batch: Vec<SubCmd>,
-) -> Result<(), redis::RedisError> {
-    let mut pending: Vec<(String, oneshot::Sender<Result<(), BrokerError>>)> = Vec::new();
-    let mut result = Ok(());
+/// A waiter for a subscription's confirmation.
+type Waiter = oneshot::Sender<Result<(), BrokerError>>;
+
+/// One step of applying a batch of subscription changes.
+#[derive(Debug)]
+enum Step {
+    /// The stream's channel is already subscribed (and confirmed): answer now.
+    Confirmed(Waiter),
+    /// One SUBSCRIBE for these streams; each waiter is answered with its result.
+    Subscribe(Vec<(String, Waiter)>),
+    /// UNSUBSCRIBE the stream's channel.
+    Unsubscribe(String),
+}
+
+/// What a batch of subscription changes takes, in order, given what is
+/// subscribed (`wanted`, updated): consecutive subscribes go out as one
+/// SUBSCRIBE, a stream already subscribed is confirmed at once, unless its
+/// SUBSCRIBE is in this batch and not yet confirmed (then its waiter waits
+/// for that), and an unsubscribe first sends the subscribes before it.
+fn plan(wanted: &mut BTreeSet<String>, batch: Vec<SubCmd>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut pending: Vec<(String, Waiter)> = Vec::new();
     for cmd in batch {
         match cmd {
             SubCmd::Subscribe(stream, tx) => {
                 if wanted.contains(&stream) && pending.iter().all(|(s, _)| *s != stream) {
-                    let _ = tx.send(Ok(()));
+                    steps.push(Step::Confirmed(tx));
                 } else {
                     wanted.insert(stream.clone());
                     pending.push((stream, tx));
                 }
             }
             SubCmd::Unsubscribe(stream) => {
-                result = result.and(flush(shared, subscriber, &mut pending).await);
-                if wanted.remove(&stream) && result.is_ok() {
-                    result = subscriber.unsubscribe(shared.channel(&stream)).await;
+                if !pending.is_empty() {
+                    steps.push(Step::Subscribe(std::mem::take(&mut pending)));
+                }
+                if wanted.remove(&stream) {
+                    steps.push(Step::Unsubscribe(stream));
                 }
             }
         }
     }
-    result.and(flush(shared, subscriber, &mut pending).await)
+    if !pending.is_empty() {
+        steps.push(Step::Subscribe(pending));
+    }
+    steps
 }
 
-async fn flush(
+/// Apply a batch of subscription changes (see [`plan`]); after a failed
+/// command the connection is rebuilt, so no UNSUBSCRIBE is sent after one.
+async fn apply(
     shared: &Shared,
     subscriber: &mut redis::aio::PubSubSink,
-    pending: &mut Vec<(String, oneshot::Sender<Result<(), BrokerError>>)>,
+    wanted: &mut BTreeSet<String>,
+    batch: Vec<SubCmd>,
 ) -> Result<(), redis::RedisError> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let channels: Vec<String> = pending.iter().map(|(s, _)| shared.channel(s)).collect();
-    let result = subscriber.subscribe(&channels).await;
-    for (_, tx) in pending.drain(..) {
-        let _ = tx.send(result.as_ref().map(|_| ()).map_err(unavailable));
+    let mut result = Ok(());
+    for step in plan(wanted, batch) {
+        match step {
+            Step::Confirmed(tx) => {
+                let _ = tx.send(Ok(()));
+            }
+            Step::Subscribe(waiters) => {
+                let channels: Vec<String> =
+                    waiters.iter().map(|(s, _)| shared.channel(s)).collect();
+                let done = subscriber.subscribe(&channels).await;
+                for (_, tx) in waiters {
+                    let _ = tx.send(done.as_ref().map(|_| ()).map_err(unavailable));
+                }
+                result = result.and(done);
+            }
+            Step::Unsubscribe(stream) if result.is_ok() => {
+                result = subscriber.unsubscribe(shared.channel(&stream)).await;
+            }
+            Step::Unsubscribe(_) => {}
+        }
     }
     result
 }
@@ -457,5 +490,71 @@ mod tests {
             ["b".to_owned(), "c".to_owned()]
         );
         assert!(rx.try_recv().is_err());
+    }
+
+    fn sub(stream: &str) -> (SubCmd, oneshot::Receiver<Result<(), BrokerError>>) {
+        let (tx, rx) = oneshot::channel();
+        (SubCmd::Subscribe(stream.into(), tx), rx)
+    }
+
+    fn shape(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .map(|step| match step {
+                Step::Confirmed(_) => "confirmed".to_owned(),
+                Step::Subscribe(w) => {
+                    let streams: Vec<&str> = w.iter().map(|(s, _)| s.as_str()).collect();
+                    format!("subscribe {}", streams.join(" "))
+                }
+                Step::Unsubscribe(s) => format!("unsubscribe {s}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_subscribes_once_and_confirms_only_what_redis_confirmed() {
+        // `a` is subscribed; `b` is new and asked for twice in the batch.
+        let mut wanted = BTreeSet::from(["a".to_owned()]);
+        let (b1, _b1) = sub("b");
+        let (a, mut a_rx) = sub("a");
+        let (b2, mut b2_rx) = sub("b");
+        let (c, _c) = sub("c");
+        let steps = plan(&mut wanted, vec![b1, a, b2, c]);
+        assert_eq!(shape(&steps), ["confirmed", "subscribe b b c"]);
+        for step in steps {
+            if let Step::Confirmed(tx) = step {
+                tx.send(Ok(())).unwrap();
+            }
+        }
+        // The second `b` waits for b's SUBSCRIBE, like the first.
+        assert!(matches!(a_rx.try_recv(), Ok(Ok(()))));
+        assert!(b2_rx.try_recv().is_err());
+        assert_eq!(wanted, BTreeSet::from(["a", "b", "c"].map(String::from)));
+    }
+
+    #[test]
+    fn an_unsubscribe_sends_the_subscribes_before_it_and_only_for_a_wanted_stream() {
+        let mut wanted = BTreeSet::from(["old".to_owned()]);
+        let (x1, _x1) = sub("x");
+        let (x2, _x2) = sub("x");
+        let batch = vec![
+            x1,
+            SubCmd::Unsubscribe("x".into()),
+            x2,
+            SubCmd::Unsubscribe("never".into()),
+            SubCmd::Unsubscribe("old".into()),
+        ];
+        let steps = plan(&mut wanted, batch);
+        assert_eq!(
+            shape(&steps),
+            [
+                "subscribe x",
+                "unsubscribe x",
+                "subscribe x",
+                "unsubscribe old"
+            ]
+        );
+        assert_eq!(wanted, BTreeSet::from(["x".to_owned()]));
+        assert!(plan(&mut wanted, Vec::new()).is_empty());
     }
 }
