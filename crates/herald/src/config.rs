@@ -742,9 +742,8 @@ mod tests {
 
     #[test]
     fn layers_override_in_order() {
-        let dir = std::env::temp_dir().join(format!("herald-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("h.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
         std::fs::write(
             &file,
             "addr = \"127.0.0.1:1\"\napi_key = \"file-0123456789abcdef\"\nhello_timeout = \"3s\"\n",
@@ -814,9 +813,9 @@ mod tests {
             assert!(err.to_string().contains("openssl rand"), "{err}");
         }
         // A public key instead of the HS256 secret is enough.
-        let pem = std::env::temp_dir().join(format!("herald-pk-{}.pem", std::process::id()));
-        std::fs::write(&pem, "not checked here").unwrap();
-        let pem = pem.to_string_lossy().into_owned();
+        let pem_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(pem_file.path(), "not checked here").unwrap();
+        let pem = pem_file.path().to_string_lossy().into_owned();
         let c = from_env(&[
             ("HERALD_JWT_PUBLIC_KEY_FILE", &pem),
             ("HERALD_API_KEY", "k-0123456789abcdef"),
@@ -922,9 +921,8 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_are_rejected() {
-        let dir = std::env::temp_dir().join(format!("herald-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("h.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("h.toml");
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
         let err = RawConfig::load(Some(&file), [], &BTreeMap::new())
             .unwrap_err()
