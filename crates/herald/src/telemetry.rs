@@ -62,6 +62,8 @@ pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
 pub const BROKER_ERRORS: &str = "herald_broker_errors_total";
 /// Histogram: seconds a broker publish took (the Redis script round trip).
 pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
+/// Counter: broker command connections replaced after a command timed out.
+pub const BROKER_RECONNECTS: &str = "herald_broker_reconnects_total";
 /// Counter: times the broker's pub/sub connection came back after a drop.
 pub const BROKER_PUBSUB_RECONNECTS: &str = "herald_broker_pubsub_reconnects_total";
 /// Counter: streams resynced (their connections caught up from history) after a pub/sub drop.

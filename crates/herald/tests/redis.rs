@@ -614,6 +614,58 @@ async fn rediss_connects_over_tls() {
     assert_eq!(event_of(&mut ws).await["seq"], 1);
 }
 
+/// A node whose Redis connections go half-open (the path silent, nothing
+/// closed; a NAT or firewall dropping state, a partition) notices within
+/// seconds, by a PING on the pub/sub connection and a timed-out command on
+/// the other, replaces both and catches its clients up: the events published
+/// meanwhile on another node arrive, in order, on the same WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
+    let redis = Redis::start();
+    let path = Partition::start(redis.port).await;
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
+        prefix: "t".into(),
+    });
+    let behind = start_with(cfg).await;
+    let direct = node(&redis).await;
+    let (mut ws, _) = connect(&behind, "ho").await;
+    assert_eq!(
+        publish(&direct, "ho", "note", json!({"n": 1})).await["seq"],
+        1
+    );
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+    path.cut();
+    for n in [2, 3] {
+        assert_eq!(
+            publish(&direct, "ho", "note", json!({"n": n})).await["seq"],
+            n
+        );
+    }
+    // PING every 5 s, answered within 2 s, then the catch-up: well under 30 s.
+    for n in [2, 3] {
+        let e = tokio::time::timeout(Duration::from_secs(30), event_of(&mut ws))
+            .await
+            .unwrap_or_else(|_| panic!("event {n} never arrived through the new connection"));
+        assert_eq!(
+            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
+    // Publishing through the node behind the cut works again, live.
+    assert_eq!(
+        publish(&behind, "ho", "note", json!({"n": 4})).await["seq"],
+        4
+    );
+    assert_eq!(event_of(&mut ws).await["seq"], 4);
+    let text = metrics_text(&behind).await;
+    assert!(
+        text.contains("herald_broker_pubsub_reconnects_total 1"),
+        "{text}"
+    );
+}
+
 /// Redis accepting connections and closing them at once (a restarting or
 /// misconfigured server) is retried with a doubling delay, single and
 /// Cluster alike: 50 ms, 100 ms, … up to 2 s, so about seven connections in

@@ -144,3 +144,81 @@ pub async fn expect_seqs(ws: &mut Ws, n: u64) {
         assert_eq!(e["seq"].as_u64(), Some(seq), "every event once, in order");
     }
 }
+
+/// A TCP proxy to a local port whose open connections can be cut silently:
+/// after [`Partition::cut`] they stay open and forward nothing either way
+/// (a half-open path: no FIN, no RST, bytes vanish). Connections made after
+/// the cut are forwarded. Stops on drop.
+pub struct Partition {
+    pub port: u16,
+    cut_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Partition {
+    pub async fn start(upstream: u16) -> Partition {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (cut, n) = (cut_below.clone(), next.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let id = n.fetch_add(1, Ordering::SeqCst);
+                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (down_r, down_w) = down.into_split();
+                let (up_r, up_w) = up.into_split();
+                let live = {
+                    let cut = cut.clone();
+                    move || cut.load(Ordering::SeqCst) <= id
+                };
+                tokio::spawn(forward(down_r, up_w, live.clone()));
+                tokio::spawn(forward(up_r, down_w, live));
+            }
+        });
+        Partition {
+            port,
+            cut_below,
+            next,
+            accept,
+        }
+    }
+
+    /// Silence every connection open now.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copy `from` to `to` while `live()`; after that, read and drop everything
+/// (the other side sees an open connection that never answers).
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    live: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if live() && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

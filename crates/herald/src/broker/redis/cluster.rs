@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::pubsub::{deliver, refuse_waiting, resync_all, timed_out};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+
+use super::pubsub::{PING_EVERY, RESYNC_RETRY, deliver, refuse_waiting, resync_all, timed_out};
 use super::{COMMAND_TIMEOUT, MAX_RECONNECT_DELAY, RedisNodes, Shared, SubCmd, unavailable};
 use crate::broker::EventSink;
 
@@ -37,6 +39,8 @@ pub(super) async fn cluster_pubsub_task(
     let (broken_tx, mut broken) = mpsc::unbounded_channel::<()>();
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut rebuilt = false;
+    // Streams resynced after a rebuild whose position could not be read yet.
+    let mut unsynced: BTreeSet<String> = BTreeSet::new();
     loop {
         // A new client each time, so pushes of the old connection (its
         // drops included) do not reach the new one.
@@ -64,15 +68,35 @@ pub(super) async fn cluster_pubsub_task(
                 streams = wanted.len(),
                 "redis cluster pub/sub rebuilt; resyncing"
             );
-            resync_all(&shared, &sink, &wanted).await;
+            unsynced = resync_all(&shared, &sink, &wanted).await;
         } else {
             shared.heartbeat().await;
         }
         rebuilt = true;
         // Reports of the previous connection are stale.
         while broken.try_recv().is_ok() {}
+        let mut liveness = tokio::time::interval(PING_EVERY);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RESYNC_RETRY);
         loop {
             tokio::select! {
+                _ = retry.tick(), if !unsynced.is_empty() => {
+                    unsynced.retain(|s| wanted.contains(s));
+                    unsynced = resync_all(&shared, &sink, &unsynced).await;
+                }
+                _ = liveness.tick() => {
+                    // Every master holds sharded subscriptions: each must answer.
+                    let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                    let pong = tokio::time::timeout(
+                        COMMAND_TIMEOUT,
+                        conn.route_command(redis::cmd("PING"), all),
+                    )
+                    .await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        tracing::warn!("a redis cluster pub/sub connection stopped answering; rebuilding");
+                        break;
+                    }
+                }
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(SubCmd::Subscribe(stream, tx)) => {
@@ -239,7 +263,10 @@ async fn follow_moved_slot(
         if heard {
             tracing::debug!(stream = %stream, attempt, "resubscribed after a slot move");
             let streams = BTreeSet::from([stream]);
-            resync_all(&shared, &sink, &streams).await;
+            if !resync_all(&shared, &sink, &streams).await.is_empty() {
+                // The rebuilt connection resyncs every stream (and retries).
+                let _ = broken.send(());
+            }
             return;
         }
     }

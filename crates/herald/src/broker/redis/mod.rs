@@ -46,7 +46,7 @@ use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
 use herald_core::stream::{StreamLimits, runs};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::{OnceCell, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -110,11 +110,50 @@ pub struct RedisConfig {
 }
 
 /// The command connection: one Redis (reconnecting by itself) or a Cluster
-/// (routing each command by its key's slot, following slot moves).
+/// (routing each command by its key's slot, following slot moves), and
+/// whether a command on it timed out. redis-rs replaces a connection that
+/// dropped, not one that stopped answering (a half-open socket, a stalled
+/// server), so a timed-out connection is replaced by the next command.
 #[derive(Clone)]
-enum Conn {
+struct Conn {
+    link: Link,
+    stalled: Arc<AtomicBool>,
+}
+
+/// One Redis or a Cluster.
+#[derive(Clone)]
+enum Link {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    fn new(link: Link) -> Self {
+        Conn {
+            link,
+            stalled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
+    /// Mark the connection `stalled` when `result` is a timeout.
+    fn watch<'a, T: Send + 'a>(
+        stalled: Arc<AtomicBool>,
+        result: redis::RedisFuture<'a, T>,
+    ) -> redis::RedisFuture<'a, T> {
+        Box::pin(async move {
+            let result = result.await;
+            if let Err(e) = &result
+                && e.is_timeout()
+            {
+                stalled.store(true, Ordering::Release);
+            }
+            result
+        })
+    }
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -122,10 +161,12 @@ impl redis::aio::ConnectionLike for Conn {
         &'a mut self,
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
+        let stalled = self.stalled.clone();
+        let sent = match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        };
+        Conn::watch(stalled, sent)
     }
 
     fn req_packed_commands<'a>(
@@ -134,26 +175,34 @@ impl redis::aio::ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
+        let stalled = self.stalled.clone();
+        let sent = match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        };
+        Conn::watch(stalled, sent)
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Conn::Single(_) => "Conn::Single",
-            Conn::Cluster(_) => "Conn::Cluster",
-        })
+        f.debug_struct("Conn")
+            .field(
+                "link",
+                &match self.link {
+                    Link::Single(_) => "single",
+                    Link::Cluster(_) => "cluster",
+                },
+            )
+            .field("stalled", &self.is_stalled())
+            .finish()
     }
 }
 
@@ -188,7 +237,10 @@ struct Shared {
     nodes: RedisNodes,
     scripts: Scripts,
     limits: StreamLimits,
-    conn: OnceCell<Conn>,
+    /// The command connection, once made (replaced when it stalls).
+    conn: Mutex<Option<Conn>>,
+    /// Held while a command connection is being made, so one is made at a time.
+    connecting: tokio::sync::Mutex<()>,
     /// The last command succeeded.
     commands_ok: AtomicBool,
     /// The pub/sub connection is up and its subscriptions confirmed.
@@ -243,7 +295,8 @@ impl RedisBroker {
             nodes: cfg.nodes.clone(),
             scripts: Scripts::new(),
             limits,
-            conn: OnceCell::new(),
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
         });
@@ -346,36 +399,49 @@ impl Shared {
         matches!(self.nodes, RedisNodes::Cluster(_))
     }
 
+    /// The command connection: the current one unless a command on it
+    /// timed out, else a new one.
     async fn conn(&self) -> Result<Conn, BrokerError> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                match &self.nodes {
-                    RedisNodes::Single(url) => {
-                        let client = redis::Client::open(url.as_str())?;
-                        let config = ConnectionManagerConfig::new()
-                            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                            .set_response_timeout(Some(COMMAND_TIMEOUT))
-                            .set_number_of_retries(1)
-                            .set_max_delay(MAX_RECONNECT_DELAY);
-                        Ok(Conn::Single(
-                            ConnectionManager::new_with_config(client, config).await?,
-                        ))
-                    }
-                    RedisNodes::Cluster(urls) => {
-                        let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
-                            .connection_timeout(COMMAND_TIMEOUT)
-                            .response_timeout(COMMAND_TIMEOUT)
-                            .build()?;
-                        Ok::<_, redis::RedisError>(Conn::Cluster(
-                            client.get_async_connection().await?,
-                        ))
-                    }
-                }
-            })
+        let current = || self.conn.lock().clone().filter(|c| !c.is_stalled());
+        if let Some(c) = current() {
+            return Ok(c);
+        }
+        let _connecting = self.connecting.lock().await;
+        if let Some(c) = current() {
+            return Ok(c);
+        }
+        if self.conn.lock().is_some() {
+            tracing::warn!("a redis command timed out; replacing the connection");
+            metrics::counter!(crate::telemetry::BROKER_RECONNECTS).increment(1);
+        }
+        let made = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.connect())
             .await
+            .unwrap_or_else(|_| Err(pubsub::timed_out()))
             .map_err(|e| self.failed(e))?;
-        Ok(conn.clone())
+        *self.conn.lock() = Some(made.clone());
+        Ok(made)
+    }
+
+    async fn connect(&self) -> Result<Conn, redis::RedisError> {
+        let link = match &self.nodes {
+            RedisNodes::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(1)
+                    .set_max_delay(MAX_RECONNECT_DELAY);
+                Link::Single(ConnectionManager::new_with_config(client, config).await?)
+            }
+            RedisNodes::Cluster(urls) => {
+                let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                    .connection_timeout(COMMAND_TIMEOUT)
+                    .response_timeout(COMMAND_TIMEOUT)
+                    .build()?;
+                Link::Cluster(client.get_async_connection().await?)
+            }
+        };
+        Ok(Conn::new(link))
     }
 
     /// Record a failed command and turn it into a broker error.
@@ -950,7 +1016,8 @@ impl Shared {
             nodes: RedisNodes::Single("redis://127.0.0.1:1".into()),
             scripts: Scripts::new(),
             limits,
-            conn: OnceCell::new(),
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
         })

@@ -16,6 +16,14 @@ use super::{
 use crate::broker::{BrokerError, EventSink, StoredEvent};
 use bytes::Bytes;
 
+/// How often the pub/sub connection is asked for a PING, so a connection
+/// that stopped answering (half-open) is replaced within about this plus
+/// the command timeout.
+pub(super) const PING_EVERY: Duration = Duration::from_secs(5);
+
+/// How soon a resync that could not read a stream's position is retried.
+pub(super) const RESYNC_RETRY: Duration = Duration::from_secs(1);
+
 /// How long resubscribing to every wanted stream at once may take (one
 /// SUBSCRIBE with a channel per stream; tens of thousands on a busy node).
 const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +39,8 @@ pub(super) async fn pubsub_task(
     let mut wanted: BTreeSet<String> = BTreeSet::new();
     let mut delay = Duration::from_millis(50);
     let mut reconnect = false;
+    // Streams resynced after a reconnect whose position could not be read yet.
+    let mut unsynced: BTreeSet<String> = BTreeSet::new();
     loop {
         // Connected means subscribed to everything wanted: a refused
         // SUBSCRIBE (an ACL without channel rights) backs off like a
@@ -68,11 +78,27 @@ pub(super) async fn pubsub_task(
                 streams = wanted.len(),
                 "redis pub/sub reconnected; resyncing"
             );
-            resync_all(&shared, &sink, &wanted).await;
+            unsynced = resync_all(&shared, &sink, &wanted).await;
         }
         reconnect = true;
+        let mut liveness = tokio::time::interval(PING_EVERY);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(RESYNC_RETRY);
         loop {
             tokio::select! {
+                _ = retry.tick(), if !unsynced.is_empty() => {
+                    unsynced.retain(|s| wanted.contains(s));
+                    unsynced = resync_all(&shared, &sink, &unsynced).await;
+                }
+                _ = liveness.tick() => {
+                    // A half-open connection delivers nothing and reports
+                    // nothing: only a command it does not answer shows it.
+                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, subscriber.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        tracing::warn!("redis pub/sub connection stopped answering");
+                        break;
+                    }
+                }
                 cmd = cmds.recv() => {
                     let Some(first) = cmd else { return };
                     // Batch whatever else is queued, keeping the order.
@@ -288,19 +314,25 @@ fn answer(shared: &Arc<Shared>, sink: &Weak<dyn EventSink>, payload: &[u8]) {
 }
 
 /// After a pub/sub reconnect: tell the hub where every stream is, so its
-/// connections read what they missed from the log.
+/// connections read what they missed from the log. Returns the streams whose
+/// position could not be read, for the caller to retry: until then their
+/// connections would not know they missed anything.
 pub(super) async fn resync_all(
     shared: &Shared,
     sink: &Weak<dyn EventSink>,
     wanted: &BTreeSet<String>,
-) {
+) -> BTreeSet<String> {
     let mut positions = HashMap::new();
+    let mut failed = BTreeSet::new();
     for stream in wanted {
         match shared.position(stream).await {
             Ok(pos) => {
                 positions.insert(stream.clone(), pos);
             }
-            Err(e) => tracing::warn!(error = %e, stream = %stream, "resync failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, stream = %stream, "resync failed; retrying");
+                failed.insert(stream.clone());
+            }
         }
     }
     if let Some(sink) = sink.upgrade() {
@@ -309,6 +341,7 @@ pub(super) async fn resync_all(
             sink.resync(&stream, &pos.epoch, pos.last_seq);
         }
     }
+    failed
 }
 
 #[cfg(test)]
