@@ -645,9 +645,7 @@ async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
     }
     // PING every 5 s, answered within 2 s, then the catch-up: well under 30 s.
     for n in [2, 3] {
-        let e = tokio::time::timeout(Duration::from_secs(30), event_of(&mut ws))
-            .await
-            .unwrap_or_else(|_| panic!("event {n} never arrived through the new connection"));
+        let e = event_within(&mut ws, Duration::from_secs(30), "after the cut").await;
         assert_eq!(
             (e["seq"].as_u64(), e["data"]["n"].as_u64()),
             (Some(n), Some(n))
@@ -664,6 +662,60 @@ async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
         text.contains("herald_broker_pubsub_reconnects_total 1"),
         "{text}"
     );
+}
+
+/// After a pub/sub reconnect the node reads every stream's position to
+/// catch its connections up; when that read fails (here the node's Redis
+/// user may not run scripts for a while), it is retried until it succeeds,
+/// so the events published meanwhile still arrive, with no new event needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_cannot_read_the_position_is_retried() {
+    let redis = Redis::start();
+    // The other node publishes as its own user, whom the ACL change spares.
+    redis.cli(&["ACL", "SETUSER", "pub", "on", ">pw", "~*", "&*", "+@all"]);
+    let path = Partition::start(redis.port).await;
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
+        prefix: "t".into(),
+    });
+    let behind = start_with(cfg).await;
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Single(format!("redis://pub:pw@127.0.0.1:{}", redis.port)),
+        prefix: "t".into(),
+    });
+    let direct = start_with(cfg).await;
+    let (mut ws, _) = connect(&behind, "rt").await;
+    assert_eq!(
+        publish(&direct, "rt", "note", json!({"n": 1})).await["seq"],
+        1
+    );
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+    redis.cli(&["ACL", "LOG", "RESET"]);
+    redis.cli(&["ACL", "SETUSER", "default", "-evalsha", "-eval", "-script"]);
+    path.cut();
+    for n in [2, 3] {
+        assert_eq!(
+            publish(&direct, "rt", "note", json!({"n": n})).await["seq"],
+            n
+        );
+    }
+    // The node reconnected and its resync was refused.
+    wait_until(
+        Duration::from_secs(30),
+        || redis.cli(&["ACL", "LOG"]).contains("evalsha"),
+        || "the resync's position read was refused".into(),
+    )
+    .await;
+    redis.cli(&["ACL", "SETUSER", "default", "+@all"]);
+    for n in [2, 3] {
+        let e = event_within(&mut ws, Duration::from_secs(10), "after the retry").await;
+        assert_eq!(
+            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
 }
 
 /// Redis accepting connections and closing them at once (a restarting or

@@ -130,6 +130,25 @@ pub async fn next_json(ws: &mut Ws) -> Value {
     }
 }
 
+/// The next `event` frame within `limit`, for waits longer than the 10 s
+/// [`next_json`] allows one frame; panics naming `what`.
+pub async fn event_within(ws: &mut Ws, limit: Duration, what: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no event within {limit:?}"))
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "event" {
+                return v;
+            }
+        }
+    }
+}
+
 /// Read until the server's close frame; return its code and reason. Text
 /// frames before it are returned too.
 pub async fn read_until_close(ws: &mut Ws) -> (Option<u16>, String, Vec<Value>) {
