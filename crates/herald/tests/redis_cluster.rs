@@ -216,6 +216,30 @@ async fn a_fleet_on_a_redis_cluster() {
     assert_eq!(e["data"]["reason"], "run_timeout");
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(publish(&a, "dee", "note", json!({})).await["seq"], 3);
+
+    // The pub/sub liveness PING (every 5 s) reaches every master, each of
+    // which holds sharded subscriptions that could go half-open.
+    let pings = |p: u16| -> u64 {
+        let stats = cli(p, &["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|l| l.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before: Vec<u64> = cluster.ports.iter().map(|p| pings(*p)).collect();
+    wait_until(
+        Duration::from_secs(12),
+        || {
+            cluster
+                .ports
+                .iter()
+                .zip(&before)
+                .all(|(p, b)| pings(*p) > *b)
+        },
+        || format!("not every master was pinged: {before:?}"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
