@@ -32,6 +32,9 @@
 //! unbounded channel in redis-rs, so nothing is dropped). When the pub/sub
 //! connection comes back after a drop, every subscribed stream is resynced:
 //! its connections catch up from the log (or are reset on a new epoch).
+//! A connection that stops answering without dropping (half-open) is found
+//! out too: the pub/sub connection by a PING every 5 s, the command
+//! connection by a command timing out; either is then replaced.
 //!
 //! Layout: this file holds the broker and its command side; `scripts` the
 //! Lua; `pubsub` the single-Redis pub/sub task and the message handling
