@@ -62,6 +62,8 @@ pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
 pub const BROKER_ERRORS: &str = "herald_broker_errors_total";
 /// Histogram: seconds a broker publish took (the Redis script round trip).
 pub const BROKER_PUBLISH_SECONDS: &str = "herald_broker_publish_seconds";
+/// Counter: fleet requests (kick, listing, cancel) that some node did not answer in time.
+pub const FLEET_INCOMPLETE: &str = "herald_fleet_requests_incomplete_total";
 /// Counter: broker command connections replaced after a command timed out.
 pub const BROKER_RECONNECTS: &str = "herald_broker_reconnects_total";
 /// Counter: times the broker's pub/sub connection came back after a drop.

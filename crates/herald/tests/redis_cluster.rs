@@ -198,6 +198,14 @@ async fn a_fleet_on_a_redis_cluster() {
     );
     expect_close(&mut on_b, 4409).await;
     expect_close(&mut again, 4409).await;
+    // Both waited for exactly the three live nodes' answers, not for the
+    // 2 s timeout (the quiet node is not counted; no other test here asks
+    // the fleet, and the recorder is the process's).
+    let text = metrics_text(&a).await;
+    assert!(
+        !text.contains("herald_fleet_requests_incomplete_total"),
+        "{text}"
+    );
 
     // A silent run is closed once by the fleet's three sweepers.
     let (mut ws, _) = connect(&b, "dee").await;

@@ -849,6 +849,7 @@ impl Broker for RedisBroker {
                             nodes,
                             "not every node answered a fleet request in time"
                         );
+                        metrics::counter!(crate::telemetry::FLEET_INCOMPLETE).increment(1);
                         break;
                     }
                 }
