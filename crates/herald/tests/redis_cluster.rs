@@ -9,7 +9,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::redis_server::{cli, event_of, expect_seqs, free_port, publish_in_background};
+use common::redis_server::{
+    Partition, cli, event_of, expect_seqs, free_port, publish_in_background,
+};
 use common::*;
 use herald::Server;
 use herald::broker::redis::{RedisConfig, RedisNodes};
@@ -24,13 +26,19 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        Cluster::start_announcing(ports, |p| p)
+    }
+
+    /// Masters on `ports` that tell clients to reach each at `announce(port)`
+    /// (a proxy in front of it); the cluster bus stays direct.
+    fn start_announcing(ports: Vec<u16>, announce: impl Fn(u16) -> u16) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "herald-cluster-{}-{}",
             std::process::id(),
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let children = ports
             .iter()
             .map(|p| {
@@ -39,6 +47,8 @@ impl Cluster {
                     .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
                     .args(["--cluster-enabled", "yes"])
                     .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                    .args(["--cluster-announce-port", &announce(*p).to_string()])
+                    .args(["--cluster-announce-bus-port", &(p + 10_000).to_string()])
                     .args(["--save", "", "--appendonly", "no"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -457,4 +467,65 @@ async fn text_deltas_compact_and_resume_across_a_cluster() {
         (e["from_seq"].as_u64(), e["seq"].as_u64()),
         (Some(2), Some(41))
     );
+}
+
+/// A half-open path to a Redis Cluster (every connection of the nodes to
+/// every master silenced at once: no FIN, no RST) is found by the PING to
+/// every master and the command timeout; both connections are replaced and
+/// the events published meanwhile arrive in order on the same WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_path_to_the_cluster_is_replaced_and_nothing_is_lost() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut paths = Vec::new();
+    for p in &ports {
+        paths.push(Partition::start(*p).await);
+    }
+    let proxy: std::collections::HashMap<u16, u16> = ports
+        .iter()
+        .zip(&paths)
+        .map(|(p, path)| (*p, path.port))
+        .collect();
+    let cluster = Cluster::start_announcing(ports, |p| proxy[&p]);
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Cluster(
+            paths
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{}", p.port))
+                .collect(),
+        ),
+        prefix: "c".into(),
+    });
+    let (a, b) = (start_with(cfg.clone()).await, start_with(cfg).await);
+    let (mut ws, _) = connect(&a, "hc").await;
+    let sent = |n: u64| json!({"user_id": "hc", "event": "note", "idempotency_key": format!("hc-{n}"), "data": {"n": n}});
+    assert_eq!(post(&b, "/api/v1/events", sent(1)).await.0, 200);
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+    for path in &paths {
+        path.cut();
+    }
+    // b's command connection times out once (an honest 503), then is replaced.
+    for n in [2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = post(&b, "/api/v1/events", sent(n)).await;
+            if status == 200 {
+                assert_eq!(body["results"][0]["seq"], n, "{body}");
+                break;
+            }
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (503, Some("broker_unavailable"))
+            );
+            assert!(Instant::now() < deadline, "b never published again");
+        }
+    }
+    for n in [2, 3] {
+        let e = event_within(&mut ws, Duration::from_secs(30), "after the cut").await;
+        assert_eq!(
+            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
+            (Some(n), Some(n))
+        );
+    }
+    drop(cluster);
 }
