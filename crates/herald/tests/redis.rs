@@ -737,6 +737,27 @@ async fn a_dropping_redis_is_retried_with_backoff() {
     }
 }
 
+/// A node makes one command connection and keeps it: hellos and publishes
+/// reuse it (it is replaced only after a command times out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_its_command_connection() {
+    let redis = Redis::start();
+    let node = node(&redis).await;
+    let (mut ws, _) = connect(&node, "kc").await;
+    assert_eq!(publish(&node, "kc", "note", json!({})).await["seq"], 1);
+    // The pub/sub connection and the command connection.
+    let before = redis.client_ids();
+    assert_eq!(before.len(), 2, "{before:?}");
+    for seq in 2..=21 {
+        assert_eq!(publish(&node, "kc", "note", json!({})).await["seq"], seq);
+    }
+    let (_other, _) = connect(&node, "kc").await;
+    for seq in 1..=21 {
+        assert_eq!(event_of(&mut ws).await["seq"], seq);
+    }
+    assert_eq!(redis.client_ids(), before);
+}
+
 /// A Redis whose ACL refuses SUBSCRIBE (a user without channel rights)
 /// leaves the node without pub/sub: `/readyz` says so, and the node backs
 /// off between attempts instead of reconnecting in a tight loop.
@@ -744,17 +765,10 @@ async fn a_dropping_redis_is_retried_with_backoff() {
 async fn a_refused_subscribe_is_retried_with_backoff() {
     let redis = Redis::start();
     redis.cli(&["ACL", "SETUSER", "default", "resetchannels"]);
-    let connections = || -> usize {
-        let info = redis.cli(&["INFO", "stats"]);
-        info.lines()
-            .find_map(|l| l.strip_prefix("total_connections_received:"))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap()
-    };
-    let before = connections();
+    let before = redis.connections_received();
     let node = node(&redis).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let opened = connections() - before;
+    let opened = redis.connections_received() - before;
     assert!((2..=20).contains(&opened), "{opened} connections in 4 s");
     let ready = client()
         .get(http_url(&node, "/readyz"))
