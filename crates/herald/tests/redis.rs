@@ -664,6 +664,61 @@ async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
     );
 }
 
+/// Behind a path cut for good (connections accepted, nothing answered), a
+/// node's commands fail honestly (503) and do not queue one connection
+/// attempt each: commands that waited for an attempt that failed fail with
+/// it, so a burst of publishes costs one attempt (4 s), not one per publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_behind_a_dead_path_fail_together() {
+    let redis = Redis::start();
+    let path = Partition::start(redis.port).await;
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
+        prefix: "t".into(),
+    });
+    let node = start_with(cfg).await;
+    let (_ws, _) = connect(&node, "ff").await;
+    assert_eq!(publish(&node, "ff", "note", json!({})).await["seq"], 1);
+    path.cut_for_good();
+    let burst = || {
+        futures_util::future::join_all((0..6).map(|_| {
+            post(
+                &node,
+                "/api/v1/events",
+                json!({"user_id": "ff", "event": "note"}),
+            )
+        }))
+    };
+    // The first burst times out on the connection it had (and marks it stalled).
+    for (status, body) in burst().await {
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("broker_unavailable")),
+            "{body}"
+        );
+    }
+    // The second needs a new connection: one publish makes the attempt, the
+    // others wait for it and fail with it.
+    let replies = burst().await;
+    let waited = replies
+        .iter()
+        .filter(|(_, body)| {
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("while this command waited"))
+        })
+        .count();
+    for (status, body) in &replies {
+        assert_eq!(
+            (*status, body["error"].as_str()),
+            (503, Some("broker_unavailable")),
+            "{body}"
+        );
+    }
+    assert!(waited >= 4, "{replies:?}");
+}
+
 /// After a pub/sub reconnect the node reads every stream's position to
 /// catch its connections up; when that read fails (here the node's Redis
 /// user may not run scripts for a while), it is retried until it succeeds,

@@ -213,6 +213,13 @@ impl Partition {
         self.cut_below
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
     }
+
+    /// Silence every connection, open now or made later (they are accepted
+    /// and then hear nothing, like a server behind a dead route).
+    pub fn cut_for_good(&self) {
+        self.cut_below
+            .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Drop for Partition {

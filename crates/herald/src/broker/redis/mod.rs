@@ -242,8 +242,9 @@ struct Shared {
     limits: StreamLimits,
     /// The command connection, once made (replaced when it stalls).
     conn: Mutex<Option<Conn>>,
-    /// Held while a command connection is being made, so one is made at a time.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while a command connection is being made, so one is made at a
+    /// time; holds when and how the last attempt failed.
+    connecting: tokio::sync::Mutex<Option<(tokio::time::Instant, String)>>,
     /// The last command succeeded.
     commands_ok: AtomicBool,
     /// The pub/sub connection is up and its subscriptions confirmed.
@@ -299,7 +300,7 @@ impl RedisBroker {
             scripts: Scripts::new(),
             limits,
             conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
         });
@@ -404,14 +405,25 @@ impl Shared {
 
     /// The command connection: the current one unless a command on it
     /// timed out, else a new one.
+    /// A command that waited for an attempt that failed fails with it
+    /// instead of making its own, so commands queued behind a Redis that
+    /// cannot be reached fail within one attempt, not one attempt each.
     async fn conn(&self) -> Result<Conn, BrokerError> {
         let current = || self.conn.lock().clone().filter(|c| !c.is_stalled());
         if let Some(c) = current() {
             return Ok(c);
         }
-        let _connecting = self.connecting.lock().await;
+        let waited_from = tokio::time::Instant::now();
+        let mut last_failure = self.connecting.lock().await;
         if let Some(c) = current() {
             return Ok(c);
+        }
+        if let Some((at, error)) = last_failure.as_ref()
+            && *at >= waited_from
+        {
+            return Err(self.failed(format_args!(
+                "a connection attempt failed while this command waited: {error}"
+            )));
         }
         if self.conn.lock().is_some() {
             tracing::warn!("a redis command timed out; replacing the connection");
@@ -419,10 +431,18 @@ impl Shared {
         }
         let made = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.connect())
             .await
-            .unwrap_or_else(|_| Err(pubsub::timed_out()))
-            .map_err(|e| self.failed(e))?;
-        *self.conn.lock() = Some(made.clone());
-        Ok(made)
+            .unwrap_or_else(|_| Err(pubsub::timed_out()));
+        match made {
+            Ok(made) => {
+                *last_failure = None;
+                *self.conn.lock() = Some(made.clone());
+                Ok(made)
+            }
+            Err(e) => {
+                *last_failure = Some((tokio::time::Instant::now(), e.to_string()));
+                Err(self.failed(e))
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Conn, redis::RedisError> {
@@ -1021,7 +1041,7 @@ impl Shared {
             scripts: Scripts::new(),
             limits,
             conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
         })
