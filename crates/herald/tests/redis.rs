@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::redis_server::*;
 use common::*;
+use futures_util::StreamExt;
 use herald::broker::memory::MemoryBroker;
 use herald::broker::redis::{RedisBroker, RedisConfig, RedisNodes};
 use herald::broker::{Broker, BrokerError, NewEvent, user_stream};
 use herald::{Config, Server};
 use herald_core::stream::StreamLimits;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 fn node_config(redis: &Redis) -> Config {
     let mut cfg = config();
@@ -637,6 +639,10 @@ async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
     );
     assert_eq!(event_of(&mut ws).await["seq"], 1);
     path.cut();
+    // A hello right after the cut subscribes on the silent connection: that
+    // SUBSCRIBE must not hold the pub/sub task (and its PING) for good.
+    let mut late = open(&behind, &[], None).await;
+    send_json(&mut late, json!({"type": "hello", "token": token("ho2")})).await;
     for n in [2, 3] {
         assert_eq!(
             publish(&direct, "ho", "note", json!({"n": n})).await["seq"],
@@ -657,11 +663,18 @@ async fn a_half_open_redis_connection_is_replaced_and_nothing_is_lost() {
         4
     );
     assert_eq!(event_of(&mut ws).await["seq"], 4);
-    let text = metrics_text(&behind).await;
-    assert!(
-        text.contains("herald_broker_pubsub_reconnects_total 1"),
-        "{text}"
-    );
+    // The hello that came in during the cut was answered: served, or
+    // refused with 1013 (try again) while the subscription could not be made.
+    let reply = tokio::time::timeout(Duration::from_secs(30), late.next())
+        .await
+        .expect("the hello during the cut was answered")
+        .expect("a frame")
+        .expect("no error");
+    match reply {
+        Message::Text(t) => assert!(t.contains("welcome"), "{t}"),
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1013, "{f:?}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Behind a path cut for good (connections accepted, nothing answered), a

@@ -11,7 +11,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    COMMAND_TIMEOUT, FleetAnswer, FleetAsk, MAX_RECONNECT_DELAY, Shared, SubCmd, unavailable,
+    COMMAND_TIMEOUT, FleetAnswer, FleetAsk, MAX_RECONNECT_DELAY, SUBSCRIBE_TIMEOUT, Shared, SubCmd,
+    unavailable,
 };
 use crate::broker::{BrokerError, EventSink, StoredEvent};
 use bytes::Bytes;
@@ -106,7 +107,16 @@ pub(super) async fn pubsub_task(
                     while let Ok(more) = cmds.try_recv() {
                         batch.push(more);
                     }
-                    if let Err(e) = apply(&shared, &mut subscriber, &mut wanted, batch).await {
+                    // Bounded (by what a hello waits for its subscription):
+                    // a SUBSCRIBE on a half-open connection would otherwise
+                    // hold this task, and its PING, for good.
+                    let applied = tokio::time::timeout(
+                        SUBSCRIBE_TIMEOUT,
+                        apply(&shared, &mut subscriber, &mut wanted, batch),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()));
+                    if let Err(e) = applied {
                         tracing::warn!(error = %e, "redis subscribe failed");
                         break;
                     }
