@@ -117,13 +117,20 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let pid = args.server_pid.first().copied();
     let seen = Arc::new(Seen::default());
     let answer_len: u64 = (0..tokens).map(|i| token_text(i).len() as u64).sum();
+    // Users of this run only: a run in a row against the same server would
+    // otherwise stream into the previous run's answers (same run and part).
+    let tag = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let user_of = |u: usize| format!("text-{tag}-{u}");
 
     // One reader per user: every delta in order (seq + 1), the text whole.
     let mut epochs = Vec::with_capacity(n);
     let mut readers = Vec::with_capacity(n);
     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     for u in 0..n {
-        let user = format!("text-{u}");
+        let user = user_of(u);
         let (mut ws, welcome) =
             open_client(addr, &url, source, &token(&args.secret, &user)?, None).await?;
         epochs.push(welcome["epoch"].as_str().unwrap_or_default().to_owned());
@@ -163,7 +170,8 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let history_before = gauge(&http, &args.url, "herald_history_events")
         .await
         .unwrap_or(f64::NAN);
-    let start_run = |u: usize| json!({"user_id": format!("text-{u}"), "event": "agent_started", "run_id": "answer"});
+    let start_run =
+        |u: usize| json!({"user_id": user_of(u), "event": "agent_started", "run_id": "answer"});
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let events: Vec<_> = chunk.iter().map(|&u| start_run(u)).collect();
         http.post(format!("{}/api/v1/events", args.url))
@@ -179,7 +187,11 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut streams = Vec::with_capacity(n);
     for u in 0..n {
-        let url = format!("{}/api/v1/runs/answer/text?user_id=text-{u}", args.url);
+        let url = format!(
+            "{}/api/v1/runs/answer/text?user_id={}",
+            args.url,
+            user_of(u)
+        );
         let interval = Duration::from_secs_f64(1.0 / rate as f64);
         let body = futures_util::stream::unfold(0usize, move |i| async move {
             if i >= tokens {
@@ -227,8 +239,9 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     // On Redis the gauge is not kept: count user 0's log entries instead.
     let redis_entries = match args.redis_port {
         Some(port) => {
+            let key = format!("herald:{{user:{}}}:log", user_of(0));
             let out = std::process::Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "XLEN", "herald:{user:text-0}:log"])
+                .args(["-p", &port.to_string(), "XLEN", &key])
                 .output()
                 .context("redis-cli")?;
             String::from_utf8_lossy(&out.stdout)
@@ -241,8 +254,8 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     // A page of user 0 reloaded at the answer's middle (its agent_started is
     // seq 1, so token k is seq 1 + k).
     let (reload_frames, reload_bytes) =
-        reload(args, "text-0", &epochs[0], 1 + tokens as u64 / 2).await?;
-    let (full_frames, full_bytes) = reload(args, "text-0", "", 0).await?;
+        reload(args, &user_of(0), &epochs[0], 1 + tokens as u64 / 2).await?;
+    let (full_frames, full_bytes) = reload(args, &user_of(0), "", 0).await?;
     for r in readers {
         r.abort();
     }

@@ -8,7 +8,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::redis_server::*;
 use common::*;
@@ -401,21 +401,21 @@ async fn redis_down_is_503_and_redis_back_empty_is_a_reset() {
     assert_eq!(event_of(&mut ws).await["seq"], 1);
 
     let port = redis.stop();
-    let started = Instant::now();
-    let (status, body) = post(
-        &a,
-        "/api/v1/events",
-        json!({"user_id": "flo", "event": "note"}),
+    // Answered, not hung: the bound is a hang guard far above the 2 s
+    // command timeout, not a speed figure.
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(30),
+        post(
+            &a,
+            "/api/v1/events",
+            json!({"user_id": "flo", "event": "note"}),
+        ),
     )
-    .await;
+    .await
+    .expect("a publish with Redis down is answered");
     assert_eq!(
         (status, body["error"].as_str()),
         (503, Some("broker_unavailable"))
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
     );
     let mut ready = 200;
     for _ in 0..50 {
