@@ -217,7 +217,8 @@ impl Percentiles {
     }
 }
 
-fn now_ns() -> u64 {
+/// Wall-clock time in nanoseconds since the Unix epoch.
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{
-    BenchArgs, Summary, api_client, cpu_ticks, metric_in, metrics_page, open_client, rss_of,
-    server_addr, token, ws_url,
+    BenchArgs, Summary, api_client, cpu_ticks, metric_in, metrics_page, now_ns, open_client,
+    rss_of, server_addr, token, ws_url,
 };
 
 /// What the readers saw, all users together.
@@ -119,10 +119,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let answer_len: u64 = (0..tokens).map(|i| token_text(i).len() as u64).sum();
     // Users of this run only: a run in a row against the same server would
     // otherwise stream into the previous run's answers (same run and part).
-    let tag = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
+    let tag = now_ns();
     let user_of = |u: usize| format!("text-{tag}-{u}");
 
     // One reader per user: every delta in order (seq + 1), the text whole.
