@@ -77,6 +77,12 @@ pub mod fuzzing {
     pub fn publish_body(body: &[u8]) -> Result<Vec<(String, String, usize)>, ApiRefusal> {
         crate::http::api::check_publish_body(body)
     }
+
+    /// How many events the publish handler reads in `body` (0 if refused);
+    /// with `general_only`, without its fast path (`benches/publish_body.rs`).
+    pub fn count_publish_events(body: &[u8], general_only: bool) -> usize {
+        crate::http::api::count_publish_events(body, general_only)
+    }
 }
 
 /// A boxed, sendable future (keeps the broker and agent traits object-safe).

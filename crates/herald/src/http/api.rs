@@ -13,7 +13,7 @@ use herald_core::text::{MAX_PART_LEN, TEXT_DELTA};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, authorize, json_body, typed};
+use super::{ApiError, authorize, body_bytes, json_body, parse_json, typed};
 use crate::app::App;
 use crate::broker::{BrokerError, ConnInfo, FleetRequest, NewEvent, Published, user_stream};
 
@@ -100,6 +100,11 @@ struct ValidEvent {
 }
 
 fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
+    check(typed(value, at)?, at)
+}
+
+/// [`validate`] after the types: the limits and rules of each field.
+fn check(e: PublishEvent, at: &str) -> Result<ValidEvent, ApiError> {
     let name = |f: &str| {
         if at.is_empty() {
             f.to_owned()
@@ -107,7 +112,6 @@ fn validate(value: Value, at: &str) -> Result<ValidEvent, ApiError> {
             format!("{at}.{f}")
         }
     };
-    let e: PublishEvent = typed(value, at)?;
     if e.user_id.is_empty() || e.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field(name("user_id"), "must be 1 to 256 bytes"));
     }
@@ -231,6 +235,96 @@ fn text_delta(data: &Value, at: &str) -> Result<DeltaFields, ApiError> {
     })
 }
 
+/// A publish body read straight into typed events, with no `Value` tree
+/// for the request around each event's `data` (the common case, and most of
+/// what parsing a large batch costs). It reads exactly the bodies whose
+/// general reading ([`events_of`]) would type every event, and then answers
+/// as that does; anything else — duplicate keys, a wrong type, a missing
+/// field, `"events": null` — is left to the general reading for its error.
+#[derive(Deserialize)]
+struct FastBody {
+    /// `Some` if the key is there (`Some(None)` for `null`).
+    #[serde(default, deserialize_with = "present")]
+    events: Option<Option<Vec<PublishEvent>>>,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    thread_id: Option<String>,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+/// A field that is there, even as `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// The events of `body` and whether it was a batch, if [`FastBody`] reads
+/// it; `None` sends it to the general reading.
+fn events_fast(body: &[u8]) -> Option<Result<(bool, Vec<ValidEvent>), ApiError>> {
+    // A derived struct would also read a JSON array, field by field; the
+    // general reading refuses any body that is not an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let fast: FastBody = serde_json::from_slice(body).ok()?;
+    match fast.events {
+        Some(None) => None,
+        Some(Some(list)) => {
+            if list.len() > MAX_BATCH {
+                return Some(Err(too_many(list.len())));
+            }
+            let events: Result<Vec<_>, _> = list
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| check(e, &format!("events[{i}]")))
+                .collect();
+            Some(events.map(|events| (true, events)))
+        }
+        None => {
+            let e = PublishEvent {
+                user_id: fast.user_id?,
+                event: fast.event?,
+                idempotency_key: fast.idempotency_key,
+                thread_id: fast.thread_id,
+                run_id: fast.run_id,
+                data: fast.data,
+            };
+            Some(check(e, "").map(|e| (false, vec![e])))
+        }
+    }
+}
+
+/// 413 `batch_too_large` for a batch of `n` events.
+fn too_many(n: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "batch_too_large",
+        format!("{n} events in one batch; the limit is {MAX_BATCH}"),
+    )
+}
+
+/// The events of a publish body and whether it was a batch: read by
+/// [`events_fast`] when it can, else by [`events_of`].
+fn events_in(body: &[u8]) -> Result<(bool, Vec<ValidEvent>), ApiError> {
+    if let Some(read) = events_fast(body) {
+        return read;
+    }
+    let value = parse_json(body)?;
+    let batch = value.get("events").is_some();
+    Ok((batch, events_of(value)?))
+}
+
 /// The events of a publish body — one event, or `{"events": [...]}` — each
 /// validated; the first problem found is the answer.
 fn events_of(value: Value) -> Result<Vec<ValidEvent>, ApiError> {
@@ -240,14 +334,7 @@ fn events_of(value: Value) -> Result<Vec<ValidEvent>, ApiError> {
                 return Err(ApiError::field("events", "must be an array"));
             };
             if list.len() > MAX_BATCH {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "batch_too_large",
-                    format!(
-                        "{} events in one batch; the limit is {MAX_BATCH}",
-                        list.len()
-                    ),
-                ));
+                return Err(too_many(list.len()));
             }
             list.into_iter()
                 .enumerate()
@@ -266,16 +353,46 @@ fn events_of(value: Value) -> Result<Vec<ValidEvent>, ApiError> {
 /// What `POST /api/v1/events` makes of `body` before publishing: the events
 /// as (user, event name, data bytes), or the error's status, code and field.
 /// For the fuzz targets (`herald::fuzzing`).
+/// For the fuzz targets (`herald::fuzzing`), which also check that
+/// [`events_fast`], where it reads a body, answers as the general reading.
 pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usize)>, ApiRefusal> {
-    let value = json_body(Ok(Bytes::copy_from_slice(body))).map_err(ApiRefusal::from)?;
-    let events = events_of(value).map_err(ApiRefusal::from)?;
-    Ok(events
-        .into_iter()
-        .map(|e| {
-            let len = serialized_len(&e.data);
-            (e.user_id, e.event, len)
-        })
-        .collect())
+    let summary = |read: Result<(bool, Vec<ValidEvent>), ApiError>| {
+        let (_, events) = read.map_err(ApiRefusal::from)?;
+        Ok(events
+            .into_iter()
+            .map(|e| {
+                let len = serialized_len(&e.data);
+                (e.user_id, e.event, len)
+            })
+            .collect())
+    };
+    let general = parse_json(body).and_then(|value| {
+        let batch = value.get("events").is_some();
+        Ok((batch, events_of(value)?))
+    });
+    let general_batch = general.as_ref().ok().map(|(batch, _)| *batch);
+    if let Some(fast) = events_fast(body) {
+        let fast_batch = fast.as_ref().ok().map(|(batch, _)| *batch);
+        let (fast, general) = (summary(fast), summary(general));
+        assert_eq!(
+            (fast_batch, format!("{fast:?}")),
+            (general_batch, format!("{general:?}")),
+            "the fast reading of a publish body answers as the general one"
+        );
+        return fast;
+    }
+    summary(general)
+}
+
+/// The events the publish handler reads in `body` (0 if it refuses it), and
+/// the same by the general reading alone: for `benches/publish_body.rs`.
+pub(crate) fn count_publish_events(body: &[u8], general_only: bool) -> usize {
+    let read = if general_only {
+        parse_json(body).and_then(events_of)
+    } else {
+        events_in(body).map(|(_, events)| events)
+    };
+    read.map_or(0, |events| events.len())
 }
 
 /// An API error as data: HTTP status, machine code, the field it names.
@@ -307,9 +424,7 @@ pub(super) async fn publish(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let value = json_body(body)?;
-    let batch = value.get("events").is_some();
-    let events = events_of(value)?;
+    let (batch, events) = events_in(&body_bytes(body)?)?;
     let ts = crate::clock::now_rfc3339();
     // One broker call per user (one atomic append each, in the batch's order
     // for that user); the users' calls run concurrently, and the results go

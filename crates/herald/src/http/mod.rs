@@ -177,7 +177,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Read a JSON body, mapping every failure to a JSON error (413 for size).
 fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body.map_err(|rej| {
+    parse_json(&body_bytes(body)?)
+}
+
+/// The body's bytes, or 413 `body_too_large` / `bad_body` if it could not be read.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| {
         let status = rej.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "body_too_large"
@@ -185,8 +190,12 @@ fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
             "bad_body"
         };
         ApiError::new(status, code, rej.body_text())
-    })?;
-    serde_json::from_slice(&body).map_err(|e| {
+    })
+}
+
+/// `body` as JSON, or 400 `invalid_json`.
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_json",
