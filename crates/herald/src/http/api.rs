@@ -352,7 +352,6 @@ fn events_of(value: Value) -> Result<Vec<ValidEvent>, ApiError> {
 
 /// What `POST /api/v1/events` makes of `body` before publishing: the events
 /// as (user, event name, data bytes), or the error's status, code and field.
-/// For the fuzz targets (`herald::fuzzing`).
 /// For the fuzz targets (`herald::fuzzing`), which also check that
 /// [`events_fast`], where it reads a body, answers as the general reading.
 pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usize)>, ApiRefusal> {
