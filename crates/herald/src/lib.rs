@@ -67,7 +67,7 @@ pub use hub::Hub;
 pub use server::Server;
 
 /// Entry points of the fuzz targets and their corpus replay
-/// (`crates/herald-fuzz`); not an API.
+/// (`crates/herald-fuzz`), and of `benches/publish_body.rs`; not an API.
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::http::api::ApiRefusal;

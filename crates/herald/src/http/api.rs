@@ -317,9 +317,12 @@ fn too_many(n: usize) -> ApiError {
 /// The events of a publish body and whether it was a batch: read by
 /// [`events_fast`] when it can, else by [`events_of`].
 fn events_in(body: &[u8]) -> Result<(bool, Vec<ValidEvent>), ApiError> {
-    if let Some(read) = events_fast(body) {
-        return read;
-    }
+    events_fast(body).unwrap_or_else(|| events_general(body))
+}
+
+/// The events of a publish body and whether it was a batch, by way of a
+/// `Value` tree ([`events_of`]).
+fn events_general(body: &[u8]) -> Result<(bool, Vec<ValidEvent>), ApiError> {
     let value = parse_json(body)?;
     let batch = value.get("events").is_some();
     Ok((batch, events_of(value)?))
@@ -365,10 +368,7 @@ pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usi
             })
             .collect())
     };
-    let general = parse_json(body).and_then(|value| {
-        let batch = value.get("events").is_some();
-        Ok((batch, events_of(value)?))
-    });
+    let general = events_general(body);
     let general_batch = general.as_ref().ok().map(|(batch, _)| *batch);
     if let Some(fast) = events_fast(body) {
         let fast_batch = fast.as_ref().ok().map(|(batch, _)| *batch);
@@ -387,11 +387,11 @@ pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usi
 /// the same by the general reading alone: for `benches/publish_body.rs`.
 pub(crate) fn count_publish_events(body: &[u8], general_only: bool) -> usize {
     let read = if general_only {
-        parse_json(body).and_then(events_of)
+        events_general(body)
     } else {
-        events_in(body).map(|(_, events)| events)
+        events_in(body)
     };
-    read.map_or(0, |events| events.len())
+    read.map_or(0, |(_, events)| events.len())
 }
 
 /// An API error as data: HTTP status, machine code, the field it names.
