@@ -50,7 +50,15 @@ pub async fn start() -> Server {
     start_with(config()).await
 }
 
+/// A server on the given config. Its logs (`RUST_LOG`, else `herald=info`)
+/// go to the test's captured output, shown when the test fails.
 pub async fn start_with(config: Config) -> Server {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("herald=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     Server::start(config).await.expect("server starts")
 }
 

@@ -166,11 +166,13 @@ pub async fn expect_seqs(ws: &mut Ws, n: u64) {
 /// A TCP proxy to a local port whose open connections can be cut silently:
 /// after [`Partition::cut`] they stay open and forward nothing either way
 /// (a half-open path: no FIN, no RST, bytes vanish). Connections made after
-/// the cut are forwarded. Stops on drop.
+/// the cut are forwarded. [`Partition::redial`] replaces the server's end of
+/// every open connection under the client. Stops on drop.
 pub struct Partition {
     pub port: u16,
     cut_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    redials: tokio::sync::watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -182,27 +184,23 @@ impl Partition {
         let port = listener.local_addr().unwrap().port();
         let cut_below = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
+        let (redials, redialed) = tokio::sync::watch::channel(0);
         let (cut, n) = (cut_below.clone(), next.clone());
         let accept = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let id = n.fetch_add(1, Ordering::SeqCst);
-                let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
-                    continue;
-                };
-                let (down_r, down_w) = down.into_split();
-                let (up_r, up_w) = up.into_split();
                 let live = {
                     let cut = cut.clone();
                     move || cut.load(Ordering::SeqCst) <= id
                 };
-                tokio::spawn(forward(down_r, up_w, live.clone()));
-                tokio::spawn(forward(up_r, down_w, live));
+                tokio::spawn(proxy(down, upstream, live, redialed.clone()));
             }
         });
         Partition {
             port,
             cut_below,
             next,
+            redials,
             accept,
         }
     }
@@ -220,6 +218,14 @@ impl Partition {
         self.cut_below
             .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Give every open connection a new connection to the server, without a
+    /// word to the client: the server drops the old one and its
+    /// subscriptions; the client keeps talking (a RESP3 client's `HELLO` is
+    /// replayed first) and hears no push. Call it while the path is quiet.
+    pub fn redial(&self) {
+        self.redials.send_modify(|n| *n += 1);
+    }
 }
 
 impl Drop for Partition {
@@ -228,22 +234,98 @@ impl Drop for Partition {
     }
 }
 
-/// Copy `from` to `to` while `live()`; after that, read and drop everything
-/// (the other side sees an open connection that never answers).
-async fn forward(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+/// Forward one connection both ways while `live()` (after that, read and
+/// drop everything: the client sees an open connection that never answers);
+/// on a redial, reconnect to `upstream` and go on.
+async fn proxy(
+    mut down: tokio::net::TcpStream,
+    upstream: u16,
     live: impl Fn() -> bool,
+    mut redials: tokio::sync::watch::Receiver<u64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
+    const MARK: &[u8] = b"herald-redialed\r\n";
+    // Only redials asked for after this connection opened.
+    redials.borrow_and_update();
+    let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return;
+    };
+    let (mut from_down, mut from_up) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    // The client's first command when it is a HELLO (RESP3), for a redial.
+    let mut hello: Option<Option<Vec<u8>>> = None;
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if live() && to.write_all(&buf[..n]).await.is_err() {
-            return;
+        tokio::select! {
+            r = down.read(&mut from_down) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let got = &from_down[..n];
+                hello.get_or_insert_with(|| {
+                    first_command(got)
+                        .filter(|c| {
+                            let c = String::from_utf8_lossy(c).to_ascii_uppercase();
+                            c.split("\r\n").nth(2) == Some("HELLO")
+                        })
+                        .map(<[u8]>::to_vec)
+                });
+                if live() && up.write_all(got).await.is_err() {
+                    return;
+                }
+            }
+            r = up.read(&mut from_up) => {
+                let n = match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if live() && down.write_all(&from_up[..n]).await.is_err() {
+                    return;
+                }
+            }
+            changed = redials.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let Ok(new) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    return;
+                };
+                up = new;
+                if let Some(Some(hello)) = &hello {
+                    // Replay the HELLO; its answer (and the marker's) is
+                    // read here, never reaching the client.
+                    let _ = up.write_all(hello).await;
+                    let _ = up.write_all(b"ECHO herald-redialed\r\n").await;
+                    let mut seen = Vec::new();
+                    while !seen.windows(MARK.len()).any(|w| w == MARK) {
+                        match up.read(&mut from_up).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&from_up[..n]),
+                        }
+                    }
+                }
+            }
         }
     }
+}
+
+/// The first RESP command (an array of bulk strings) in `bytes`, if whole.
+fn first_command(bytes: &[u8]) -> Option<&[u8]> {
+    fn line(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = at + bytes.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((&bytes[at..end], end + 2))
+    }
+    let (head, mut at) = line(bytes, 0)?;
+    let args: usize = std::str::from_utf8(head.strip_prefix(b"*")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    for _ in 0..args {
+        let (len, next) = line(bytes, at)?;
+        let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        at = next + len + 2;
+    }
+    bytes.get(..at)
 }
