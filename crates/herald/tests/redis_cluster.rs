@@ -13,8 +13,8 @@ use common::redis_server::{
     Partition, cli, event_of, expect_seqs, free_port, publish_in_background,
 };
 use common::*;
-use herald::Server;
 use herald::broker::redis::{RedisConfig, RedisNodes};
+use herald::{Config, Server};
 use serde_json::json;
 
 /// Three masters, killed on drop.
@@ -26,7 +26,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
         Cluster::start_announcing(ports, |p| p)
     }
 
@@ -56,17 +56,27 @@ impl Cluster {
                     .expect("redis-server is installed (scripts/test.sh installs it)")
             })
             .collect();
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             ports,
             children,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        for p in &cluster.ports {
-            while cli(*p, &["PING"]) != "PONG" {
+        for i in 0..cluster.ports.len() {
+            let p = cluster.ports[i];
+            while cli(p, &["PING"]) != "PONG" {
+                let exited = cluster.children[i].try_wait().ok().flatten();
+                assert!(exited.is_none(), "redis-server on {p} exited: {exited:?}");
                 assert!(Instant::now() < deadline, "redis-server did not start");
                 std::thread::sleep(Duration::from_millis(20));
             }
+            // The answer came from this test's server, not another's that
+            // took the port first (this one then exits).
+            let pid = format!("process_id:{}", cluster.children[i].id());
+            assert!(
+                cli(p, &["INFO", "server"]).lines().any(|l| l == pid),
+                "port {p} is another redis-server's"
+            );
         }
         let addrs: Vec<String> = cluster
             .ports
@@ -107,6 +117,44 @@ impl Drop for Cluster {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three masters, each behind a [`Partition`] whose port it announces, and
+/// a node config that reaches them through the proxies.
+async fn proxied_cluster() -> (Cluster, Vec<Partition>, Config) {
+    let ports: Vec<u16> = (0..3).map(|_| cluster_port()).collect();
+    let mut paths = Vec::new();
+    for p in &ports {
+        paths.push(Partition::start(*p).await);
+    }
+    let proxy: std::collections::HashMap<u16, u16> = ports
+        .iter()
+        .zip(&paths)
+        .map(|(p, path)| (*p, path.port))
+        .collect();
+    let cluster = Cluster::start_announcing(ports, |p| proxy[&p]);
+    let mut cfg = config();
+    cfg.redis = Some(RedisConfig {
+        nodes: RedisNodes::Cluster(
+            paths
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{}", p.port))
+                .collect(),
+        ),
+        prefix: "c".into(),
+    });
+    (cluster, paths, cfg)
+}
+
+/// A free port whose cluster bus port (10,000 above) is free too: a
+/// master whose bus port is taken exits at start.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
     }
 }
 
@@ -476,27 +524,7 @@ async fn text_deltas_compact_and_resume_across_a_cluster() {
 /// the events published meanwhile arrive in order on the same WebSocket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_path_to_the_cluster_is_replaced_and_nothing_is_lost() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut paths = Vec::new();
-    for p in &ports {
-        paths.push(Partition::start(*p).await);
-    }
-    let proxy: std::collections::HashMap<u16, u16> = ports
-        .iter()
-        .zip(&paths)
-        .map(|(p, path)| (*p, path.port))
-        .collect();
-    let cluster = Cluster::start_announcing(ports, |p| proxy[&p]);
-    let mut cfg = config();
-    cfg.redis = Some(RedisConfig {
-        nodes: RedisNodes::Cluster(
-            paths
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{}", p.port))
-                .collect(),
-        ),
-        prefix: "c".into(),
-    });
+    let (cluster, paths, cfg) = proxied_cluster().await;
     let (a, b) = (start_with(cfg.clone()).await, start_with(cfg).await);
     let (mut ws, _) = connect(&a, "hc").await;
     let sent = |n: u64| json!({"user_id": "hc", "event": "note", "idempotency_key": format!("hc-{n}"), "data": {"n": n}});
@@ -538,27 +566,7 @@ async fn a_half_open_path_to_the_cluster_is_replaced_and_nothing_is_lost() {
 /// the stream's events still arrive, once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_lost_without_notice_is_noticed_and_nothing_is_lost() {
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut paths = Vec::new();
-    for p in &ports {
-        paths.push(Partition::start(*p).await);
-    }
-    let proxy: std::collections::HashMap<u16, u16> = ports
-        .iter()
-        .zip(&paths)
-        .map(|(p, path)| (*p, path.port))
-        .collect();
-    let cluster = Cluster::start_announcing(ports, |p| proxy[&p]);
-    let mut cfg = config();
-    cfg.redis = Some(RedisConfig {
-        nodes: RedisNodes::Cluster(
-            paths
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{}", p.port))
-                .collect(),
-        ),
-        prefix: "c".into(),
-    });
+    let (cluster, paths, cfg) = proxied_cluster().await;
     let (a, b) = (start_with(cfg.clone()).await, start_with(cfg).await);
     let (mut ws, _) = connect(&a, "ls").await;
     let sent = |n: u64| json!({"user_id": "ls", "event": "note", "idempotency_key": format!("ls-{n}"), "data": {"n": n}});

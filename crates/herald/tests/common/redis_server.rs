@@ -51,6 +51,13 @@ impl Redis {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The answer came from this test's server, not another's that took
+        // the port first (this one then exits).
+        let pid = format!("process_id:{}", redis.child.id());
+        assert!(
+            redis.cli(&["INFO", "server"]).lines().any(|l| l == pid),
+            "port {port} is another redis-server's"
+        );
         redis
     }
 
