@@ -261,9 +261,15 @@ impl ConnShared {
     /// Write what is queued (the hub's flush list); wake the actor for what
     /// only it can do.
     pub(crate) fn flush(&self) {
+        self.flush_counted(&mut crate::wire::Tally::default());
+    }
+
+    /// [`ConnShared::flush`], counting what it writes into `tally` (a flush
+    /// task's round of connections counts once).
+    pub(crate) fn flush_counted(&self, tally: &mut crate::wire::Tally) {
         let mut locked = self.core.lock();
         locked.dirty = false;
-        self.after_send(locked, false);
+        self.after_send_counted(locked, false, tally);
     }
 
     fn enqueue(
@@ -292,9 +298,18 @@ impl ConnShared {
     /// After queueing: write what the socket takes; wake the actor for
     /// what only it can do (a full socket, a ping or close, a slow-consumer
     /// close the refusal just started).
-    fn after_send(&self, mut locked: MutexGuard<'_, Locked>, queue_full: bool) {
+    fn after_send(&self, locked: MutexGuard<'_, Locked>, queue_full: bool) {
+        self.after_send_counted(locked, queue_full, &mut crate::wire::Tally::default());
+    }
+
+    fn after_send_counted(
+        &self,
+        mut locked: MutexGuard<'_, Locked>,
+        queue_full: bool,
+        tally: &mut crate::wire::Tally,
+    ) {
         let Locked { core, wire, .. } = &mut *locked;
-        let flushed = wire.flush(core);
+        let flushed = wire.flush_counted(core, tally);
         drop(locked);
         if flushed != Flushed::Done || queue_full {
             self.wake.notify_one();

@@ -85,7 +85,10 @@ impl Flusher {
                 }
                 round
             };
-            round.iter().for_each(|c| c.flush());
+            // Counted once per round: the shared counters are not touched
+            // once per connection from every core.
+            let mut tally = crate::wire::Tally::default();
+            round.iter().for_each(|c| c.flush_counted(&mut tally));
         }
     }
 }

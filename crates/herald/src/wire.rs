@@ -185,13 +185,25 @@ impl Wire {
     /// everything is written or the socket is full. Counts and times each
     /// frame as it is taken from the queue.
     pub(crate) fn flush(&mut self, core: &mut Connection<OutFrame>) -> Flushed {
+        let mut tally = Tally::default();
+        self.flush_counted(core, &mut tally)
+    }
+
+    /// [`Wire::flush`], counting the frames into `tally` (committed when it
+    /// drops): a flush task counts a whole round of connections at once
+    /// instead of touching the shared counters once per connection.
+    pub(crate) fn flush_counted(
+        &mut self,
+        core: &mut Connection<OutFrame>,
+        tally: &mut Tally,
+    ) -> Flushed {
         if self.sock.is_none() || self.failed.is_some() {
             return Flushed::Actor;
         }
         let mut now = None;
         loop {
             if self.pending.is_empty() {
-                self.take_frames(core, &mut now);
+                self.take_frames(core, &mut now, tally);
                 if self.pending.is_empty() {
                     self.blocked_since = None;
                     return if core.control_due() {
@@ -224,7 +236,12 @@ impl Wire {
     }
 
     /// Move up to [`BATCH`] frames from the queue to `pending`.
-    fn take_frames(&mut self, core: &mut Connection<OutFrame>, now: &mut Option<Instant>) {
+    fn take_frames(
+        &mut self,
+        core: &mut Connection<OutFrame>,
+        now: &mut Option<Instant>,
+        tally: &mut Tally,
+    ) {
         let (mut frames, mut bytes) = (0u64, 0u64);
         let metrics = self.stats.wire();
         while self.pending.len() < BATCH {
@@ -246,9 +263,7 @@ impl Wire {
             self.pending.push_back(frame.into_wire());
         }
         if frames > 0 {
-            self.stats.frames_out.fetch_add(frames, Ordering::Relaxed);
-            metrics.frames.increment(frames);
-            metrics.bytes.increment(bytes);
+            tally.add(&self.stats, frames, bytes);
         }
     }
 
@@ -259,6 +274,46 @@ impl Wire {
         metrics::counter!(telemetry::INVARIANT_VIOLATIONS, "kind" => "frame_after_close")
             .increment(1);
         tracing::error!("refused a write after the close frame");
+    }
+}
+
+/// Frames and bytes taken for writing, not yet added to the server's
+/// counters: added when it drops, or when a frame of another server's
+/// connection is counted (tests run several servers in one process).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    stats: Option<Arc<Stats>>,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, stats: &Arc<Stats>, frames: u64, bytes: u64) {
+        if !self.stats.as_ref().is_some_and(|s| Arc::ptr_eq(s, stats)) {
+            self.commit();
+            self.stats = Some(stats.clone());
+        }
+        self.frames += frames;
+        self.bytes += bytes;
+    }
+
+    fn commit(&mut self) {
+        let Some(stats) = &self.stats else {
+            return;
+        };
+        if self.frames > 0 {
+            stats.frames_out.fetch_add(self.frames, Ordering::Relaxed);
+            let metrics = stats.wire();
+            metrics.frames.increment(self.frames);
+            metrics.bytes.increment(self.bytes);
+        }
+        (self.frames, self.bytes) = (0, 0);
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.commit();
     }
 }
 
@@ -399,7 +454,7 @@ mod tests {
             }
             let pending = wire.pending.len();
             let mut now = None;
-            wire.take_frames(&mut core, &mut now);
+            wire.take_frames(&mut core, &mut now, &mut Tally::default());
             assert_eq!(wire.stats.snapshot().frames_after_close, 1, "ours: {ours}");
             assert_eq!(wire.pending.len(), pending, "nothing queued, ours: {ours}");
             assert_eq!(wire.stats.snapshot().frames_out, 0);
