@@ -261,7 +261,7 @@ impl ConnShared {
     /// Write what is queued (the hub's flush list); wake the actor for what
     /// only it can do.
     pub(crate) fn flush(&self) {
-        self.flush_counted(&mut crate::wire::Tally::default());
+        self.flush_counted(&mut crate::wire::Tally::direct());
     }
 
     /// [`ConnShared::flush`], counting what it writes into `tally` (a flush
@@ -299,7 +299,7 @@ impl ConnShared {
     /// what only it can do (a full socket, a ping or close, a slow-consumer
     /// close the refusal just started).
     fn after_send(&self, locked: MutexGuard<'_, Locked>, queue_full: bool) {
-        self.after_send_counted(locked, queue_full, &mut crate::wire::Tally::default());
+        self.after_send_counted(locked, queue_full, &mut crate::wire::Tally::direct());
     }
 
     fn after_send_counted(

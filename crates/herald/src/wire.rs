@@ -185,8 +185,7 @@ impl Wire {
     /// everything is written or the socket is full. Counts and times each
     /// frame as it is taken from the queue.
     pub(crate) fn flush(&mut self, core: &mut Connection<OutFrame>) -> Flushed {
-        let mut tally = Tally::default();
-        self.flush_counted(core, &mut tally)
+        self.flush_counted(core, &mut Tally::direct())
     }
 
     /// [`Wire::flush`], counting the frames into `tally` (committed when it
@@ -279,16 +278,32 @@ impl Wire {
 
 /// Frames and bytes taken for writing, not yet added to the server's
 /// counters: added when it drops, or when a frame of another server's
-/// connection is counted (tests run several servers in one process).
+/// connection is counted (tests run several servers in one process). A
+/// [`Tally::direct`] one adds each count at once.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
+    direct: bool,
     stats: Option<Arc<Stats>>,
     frames: u64,
     bytes: u64,
 }
 
 impl Tally {
+    /// A tally that adds each count to the counters at once (one write).
+    pub(crate) fn direct() -> Tally {
+        Tally {
+            direct: true,
+            stats: None,
+            frames: 0,
+            bytes: 0,
+        }
+    }
+
     fn add(&mut self, stats: &Arc<Stats>, frames: u64, bytes: u64) {
+        if self.direct {
+            count(stats, frames, bytes);
+            return;
+        }
         if !self.stats.as_ref().is_some_and(|s| Arc::ptr_eq(s, stats)) {
             self.commit();
             self.stats = Some(stats.clone());
@@ -298,16 +313,20 @@ impl Tally {
     }
 
     fn commit(&mut self) {
-        let Some(stats) = &self.stats else {
-            return;
-        };
-        if self.frames > 0 {
-            stats.frames_out.fetch_add(self.frames, Ordering::Relaxed);
-            let metrics = stats.wire();
-            metrics.frames.increment(self.frames);
-            metrics.bytes.increment(self.bytes);
+        if let Some(stats) = &self.stats {
+            count(stats, self.frames, self.bytes);
         }
         (self.frames, self.bytes) = (0, 0);
+    }
+}
+
+/// Add frames and bytes written to the server's counters.
+fn count(stats: &Stats, frames: u64, bytes: u64) {
+    if frames > 0 {
+        stats.frames_out.fetch_add(frames, Ordering::Relaxed);
+        let metrics = stats.wire();
+        metrics.frames.increment(frames);
+        metrics.bytes.increment(bytes);
     }
 }
 
@@ -454,7 +473,7 @@ mod tests {
             }
             let pending = wire.pending.len();
             let mut now = None;
-            wire.take_frames(&mut core, &mut now, &mut Tally::default());
+            wire.take_frames(&mut core, &mut now, &mut Tally::direct());
             assert_eq!(wire.stats.snapshot().frames_after_close, 1, "ours: {ours}");
             assert_eq!(wire.pending.len(), pending, "nothing queued, ours: {ours}");
             assert_eq!(wire.stats.snapshot().frames_out, 0);
