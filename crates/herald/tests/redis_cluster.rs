@@ -519,44 +519,64 @@ async fn text_deltas_compact_and_resume_across_a_cluster() {
 }
 
 /// A half-open path to a Redis Cluster (every connection of the nodes to
-/// every master silenced at once: no FIN, no RST) is found by the PING to
-/// every master and the command timeout; both connections are replaced and
+/// every master silenced at once: no FIN, no RST) is found by the audit's
+/// `CLIENT INFO` to every master and the command timeout; both connections are replaced and
 /// the events published meanwhile arrive in order on the same WebSocket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_path_to_the_cluster_is_replaced_and_nothing_is_lost() {
     let (cluster, paths, cfg) = proxied_cluster().await;
     let (a, b) = (start_with(cfg.clone()).await, start_with(cfg).await);
     let (mut ws, _) = connect(&a, "hc").await;
-    let sent = |n: u64| json!({"user_id": "hc", "event": "note", "idempotency_key": format!("hc-{n}"), "data": {"n": n}});
-    assert_eq!(post(&b, "/api/v1/events", sent(1)).await.0, 200);
+    publish_note(&b, "hc", 1, Duration::ZERO).await;
     assert_eq!(event_of(&mut ws).await["seq"], 1);
     for path in &paths {
         path.cut();
     }
     // b's command connection times out once (an honest 503), then is replaced.
     for n in [2, 3] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (status, body) = post(&b, "/api/v1/events", sent(n)).await;
-            if status == 200 {
-                assert_eq!(body["results"][0]["seq"], n, "{body}");
-                break;
-            }
-            assert_eq!(
-                (status, body["error"].as_str()),
-                (503, Some("broker_unavailable"))
-            );
-            assert!(Instant::now() < deadline, "b never published again");
-        }
+        publish_note(&b, "hc", n, Duration::from_secs(30)).await;
     }
-    for n in [2, 3] {
-        let e = event_within(&mut ws, Duration::from_secs(30), "after the cut").await;
+    expect_notes(&mut ws, &[2, 3], Duration::from_secs(30), "after the cut").await;
+    drop(cluster);
+}
+
+/// Note `n` for `user` (its idempotency key and data name `n`).
+fn note(user: &str, n: u64) -> serde_json::Value {
+    json!({"user_id": user, "event": "note", "idempotency_key": format!("{user}-{n}"), "data": {"n": n}})
+}
+
+/// Publish note `n` through `node` until it is stored as seq `n`,
+/// retrying within `limit` while the node answers an honest 503 (its path
+/// to the cluster being replaced); any other answer fails.
+async fn publish_note(node: &Server, user: &str, n: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (status, body) = post(node, "/api/v1/events", note(user, n)).await;
+        if status == 200 {
+            assert_eq!(body["results"][0]["seq"], n, "{body}");
+            return;
+        }
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("broker_unavailable")),
+            "{body}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "note {n} was never published: {body}"
+        );
+    }
+}
+
+/// The next events on `ws` are the notes `ns`, in order, each within `limit`.
+async fn expect_notes(ws: &mut Ws, ns: &[u64], limit: Duration, what: &str) {
+    for &n in ns {
+        let e = event_within(ws, limit, what).await;
         assert_eq!(
             (e["seq"].as_u64(), e["data"]["n"].as_u64()),
             (Some(n), Some(n))
         );
     }
-    drop(cluster);
 }
 
 /// A sharded subscription the cluster drops without a word (the master's
@@ -569,8 +589,7 @@ async fn a_subscription_lost_without_notice_is_noticed_and_nothing_is_lost() {
     let (cluster, paths, cfg) = proxied_cluster().await;
     let (a, b) = (start_with(cfg.clone()).await, start_with(cfg).await);
     let (mut ws, _) = connect(&a, "ls").await;
-    let sent = |n: u64| json!({"user_id": "ls", "event": "note", "idempotency_key": format!("ls-{n}"), "data": {"n": n}});
-    assert_eq!(post(&b, "/api/v1/events", sent(1)).await.0, 200);
+    publish_note(&b, "ls", 1, Duration::ZERO).await;
     assert_eq!(event_of(&mut ws).await["seq"], 1);
     // The stream's master, as the cluster announces it: its proxy.
     let slot: u16 = cli(
@@ -583,23 +602,14 @@ async fn a_subscription_lost_without_notice_is_noticed_and_nothing_is_lost() {
     let path = paths.iter().find(|p| p.port == announced).unwrap();
     path.redial();
     for n in [2, 3] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, body) = post(&b, "/api/v1/events", sent(n)).await;
-            if status == 200 {
-                assert_eq!(body["results"][0]["seq"], n, "{body}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "b never published again: {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        publish_note(&b, "ls", n, Duration::from_secs(10)).await;
     }
-    for n in [2, 3] {
-        let e = event_within(&mut ws, Duration::from_secs(20), "after the redial").await;
-        assert_eq!(
-            (e["seq"].as_u64(), e["data"]["n"].as_u64()),
-            (Some(n), Some(n))
-        );
-    }
+    expect_notes(
+        &mut ws,
+        &[2, 3],
+        Duration::from_secs(20),
+        "after the redial",
+    )
+    .await;
     drop(cluster);
 }

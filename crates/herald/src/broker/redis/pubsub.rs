@@ -20,7 +20,7 @@ use bytes::Bytes;
 /// How often the pub/sub connection is asked for a PING, so a connection
 /// that stopped answering (half-open) is replaced within about this plus
 /// the command timeout.
-pub(super) const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// How soon a resync that could not read a stream's position is retried.
 pub(super) const RESYNC_RETRY: Duration = Duration::from_secs(1);
