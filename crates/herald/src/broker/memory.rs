@@ -294,6 +294,13 @@ impl MemoryBroker {
     /// held at the front must not keep a busy stream's evicted ones behind
     /// them. Runs when the order holds twice the events plus 1,024, and leaves
     /// at most one entry per event held, so its cost is amortized per publish.
+    fn prune_order_if_due(&self) {
+        if self.order.lock().len() > 2 * self.total_events.load(Ordering::Relaxed) + 1024 {
+            self.prune_order();
+        }
+    }
+
+    /// See [`MemoryBroker::prune_order_if_due`]: the pass itself.
     fn prune_order(&self) {
         let mut order = self.order.lock();
         // Each stream's held range, looked up once per pass (an entry beyond
@@ -419,9 +426,7 @@ impl Broker for MemoryBroker {
                     let _release = Release(&self.enforcing_runs);
                     self.enforce_run_budget().await;
                 }
-                if self.order.lock().len() > 2 * self.total_events.load(Ordering::Relaxed) + 1024 {
-                    self.prune_order();
-                }
+                self.prune_order_if_due();
             }
             Ok(results)
         })
@@ -535,7 +540,10 @@ impl Broker for MemoryBroker {
                     Arc::strong_count(s) == 1 && s.lock().is_idle(idle_since)
                 });
             }
-            self.prune_order();
+            // Only when stale entries outnumber the events (as at a publish):
+            // a pass costs the whole order, which at 1,000 events for each
+            // of thousands of users is millions of entries every second.
+            self.prune_order_if_due();
             for run in &expired {
                 let event = super::run_timeout_event(&run.run_id, run.thread_id.clone());
                 if let Err(e) = self.publish(&run.stream, vec![event]).await {
