@@ -21,6 +21,8 @@
 //! - [`text`]: answer text streamed as deltas, and the entries that compact
 //!   consecutive deltas of one part in history.
 //! - [`ratelimit`]: the per-connection inbound token bucket.
+//! - [`queue`]: the FIFO that keeps its front item inline (a connection's
+//!   outbound queue, which almost always holds one frame or none).
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ pub mod catchup;
 pub mod close;
 pub mod lifecycle;
 pub mod protocol;
+pub mod queue;
 pub mod ratelimit;
 pub mod session;
 pub mod stream;

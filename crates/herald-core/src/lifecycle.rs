@@ -14,12 +14,12 @@
 //! received, invariant I1 holds by construction; invariant I2 holds because the
 //! cleanup token is returned at most once.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::catchup::{Covering, Gap, HistoryRequest, LiveOutcome, Merge, Plan};
 use crate::close::{CloseInfo, CloseReason, Initiator};
+use crate::queue::InlineQueue;
 
 /// Something that can sit in the outbound queue: it knows its size on the wire.
 pub trait Payload {
@@ -149,7 +149,7 @@ pub struct Connection<P> {
     /// Shared by every connection of a server.
     cfg: Arc<LifecycleConfig>,
     state: State,
-    queue: VecDeque<P>,
+    queue: InlineQueue<P>,
     queued_bytes: usize,
     /// Set by [`Connection::join`]: live events are accepted (held) before the welcome.
     joining: bool,
@@ -175,10 +175,9 @@ impl<P: Payload> Connection<P> {
             hello_deadline: now + cfg.hello_timeout,
             cfg,
             state: State::Handshaking,
-            // Room for one frame (the welcome): an idle connection never
-            // needs more, and a busy one grows it as it goes (an empty
-            // VecDeque would grow to four at its first frame).
-            queue: VecDeque::with_capacity(1),
+            // The one frame an idle connection holds (the welcome, then each
+            // delivery) stays inline; a busy one's backlog reaches the heap.
+            queue: InlineQueue::new(),
             queued_bytes: 0,
             joining: false,
             merge: Merge::joining(),
@@ -341,15 +340,15 @@ impl<P: Payload> Connection<P> {
             self.close_slow(now);
             return Err(SendRefused::QueueFull);
         }
-        let mut ready = Vec::with_capacity(1);
+        let mut ready = Released::default();
         let outcome = self.merge.on_live(seq, frame, &mut ready);
-        if ready.len() == 1 && self.merge.is_live() {
+        match ready {
             // The common case: one frame, straight into the bounded queue.
-            if let Some(frame) = ready.pop() {
-                self.send(now, frame)?;
-            }
-        } else {
-            self.admit_events(ready);
+            Released {
+                first: Some(frame),
+                rest,
+            } if rest.is_empty() && self.merge.is_live() => self.send(now, frame)?,
+            ready => self.admit_events(ready.into_vec()),
         }
         Ok(outcome)
     }
@@ -612,6 +611,45 @@ impl<P: Payload> Connection<P> {
     fn clear_queue(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
+    }
+}
+
+/// What a live event released for writing: almost always at most one frame,
+/// kept without a heap allocation (a delivery to each connection allocated
+/// a one-frame `Vec` before).
+struct Released<P> {
+    first: Option<P>,
+    rest: Vec<P>,
+}
+
+impl<P> Default for Released<P> {
+    fn default() -> Self {
+        Self {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<P> Extend<P> for Released<P> {
+    fn extend<I: IntoIterator<Item = P>>(&mut self, frames: I) {
+        for frame in frames {
+            if self.first.is_none() && self.rest.is_empty() {
+                self.first = Some(frame);
+            } else {
+                self.rest.push(frame);
+            }
+        }
+    }
+}
+
+impl<P> Released<P> {
+    /// All the frames, in order.
+    fn into_vec(self) -> Vec<P> {
+        match self.first {
+            None => self.rest,
+            Some(first) => std::iter::once(first).chain(self.rest).collect(),
+        }
     }
 }
 

@@ -422,11 +422,6 @@ impl EventSink for Hub {
             return 0;
         };
         let conns = entry.lock();
-        for conn in conns.iter() {
-            if conn.epoch().is_some_and(|e| e != epoch) {
-                conn.close(epoch_changed());
-            }
-        }
         // Framed once per event, then shared by every connection.
         let frames: Vec<(u64, OutFrame)> = events
             .iter()
@@ -438,15 +433,18 @@ impl EventSink for Hub {
                 }
             })
             .collect();
-        if frames.is_empty() {
-            return 0;
-        }
         // Each connection takes the whole batch under one lock and writes it
-        // in one go.
+        // in one go; one of an earlier epoch is closed first (and refuses it).
         let (mut delivered, mut queued) = (0, 0);
         let mut listed = Vec::with_capacity(conns.len());
         let now = crate::clock::now();
         for conn in conns.iter() {
+            if conn.epoch().is_some_and(|e| e != epoch) {
+                conn.close(epoch_changed());
+            }
+            if frames.is_empty() {
+                continue;
+            }
             let (delivery, list) = conn.queue_events(now, frames.iter().cloned());
             queued += delivery.accepted;
             if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
