@@ -532,6 +532,39 @@ mod tests {
         Connection::new(crate::clock::now(), herald_core::LifecycleConfig::default())
     }
 
+    /// Writes bypass tokio's readiness, but a refusal must reach it: once
+    /// the wire says `Blocked`, waiting for the socket to drain (as the actor
+    /// does) waits until the peer reads, instead of returning at once and
+    /// spinning on a full socket.
+    #[tokio::test]
+    async fn a_refused_write_makes_the_wait_for_the_socket_wait() {
+        let (sock, mut peer) = pair().await;
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut wire = Wire::new();
+        wire.attach(sock.clone(), Arc::default());
+        let mut core = core();
+        for _ in 0..256 {
+            wire.pending.push_back(Bytes::from(vec![b'x'; 64 * 1024]));
+        }
+        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(200), sock.writable()).await;
+        assert!(waited.is_err(), "the full socket was reported writable");
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = vec![0; 1 << 20];
+            while peer.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(5), sock.writable())
+            .await
+            .expect("writable once the peer reads")
+            .unwrap();
+        wire.detach();
+        drop(sock);
+        reader.join().unwrap();
+    }
+
     /// More than the socket takes is pending: the wire says `Blocked` and
     /// keeps since when, counted from the last progress (not from each
     /// attempt); once the peer reads, the rest leaves in order.
