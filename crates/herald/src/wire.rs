@@ -532,22 +532,53 @@ mod tests {
         Connection::new(crate::clock::now(), herald_core::LifecycleConfig::default())
     }
 
+    /// Chunks [`blocked_wire`] queues, and the size of each.
+    const CHUNKS: usize = 256;
+    const CHUNK: usize = 64 * 1024;
+
+    /// A wire attached to a socket whose peer does not read, after a flush
+    /// of more than the socket takes.
+    struct Blocked {
+        wire: Wire,
+        sock: Arc<TcpStream>,
+        peer: std::net::TcpStream,
+        core: Connection<OutFrame>,
+    }
+
+    /// Queues [`CHUNKS`] chunks of [`CHUNK`] bytes, chunk `i` all bytes `i`,
+    /// and flushes once: the wire must say `Blocked`.
+    async fn blocked_wire() -> Blocked {
+        let (sock, peer) = pair().await;
+        // Bytes lost on the way would leave the peer waiting: fail instead.
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut wire = Wire::new();
+        wire.attach(sock.clone(), Arc::default());
+        let mut core = core();
+        for i in 0..CHUNKS {
+            wire.pending.push_back(Bytes::from(vec![i as u8; CHUNK]));
+        }
+        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        Blocked {
+            wire,
+            sock,
+            peer,
+            core,
+        }
+    }
+
     /// Writes bypass tokio's readiness, but a refusal must reach it: once
     /// the wire says `Blocked`, waiting for the socket to drain (as the actor
     /// does) waits until the peer reads, instead of returning at once and
     /// spinning on a full socket.
     #[tokio::test]
     async fn a_refused_write_makes_the_wait_for_the_socket_wait() {
-        let (sock, mut peer) = pair().await;
-        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        let mut wire = Wire::new();
-        wire.attach(sock.clone(), Arc::default());
-        let mut core = core();
-        for _ in 0..256 {
-            wire.pending.push_back(Bytes::from(vec![b'x'; 64 * 1024]));
-        }
-        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        let Blocked {
+            mut wire,
+            sock,
+            mut peer,
+            ..
+        } = blocked_wire().await;
         let waited =
             tokio::time::timeout(std::time::Duration::from_millis(200), sock.writable()).await;
         assert!(waited.is_err(), "the full socket was reported writable");
@@ -570,19 +601,13 @@ mod tests {
     /// attempt); once the peer reads, the rest leaves in order.
     #[tokio::test(start_paused = true)]
     async fn a_full_socket_blocks_from_its_last_progress_and_drains_in_order() {
-        let (sock, mut peer) = pair().await;
-        // Bytes lost on the way would leave the peer waiting: fail instead.
-        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        let mut wire = Wire::new();
-        wire.attach(sock.clone(), Arc::default());
-        let mut core = core();
-        let chunk = 64 * 1024;
-        let total = 256 * chunk;
-        for i in 0..256 {
-            wire.pending.push_back(Bytes::from(vec![i as u8; chunk]));
-        }
-        assert_eq!(wire.flush(&mut core), Flushed::Blocked);
+        let Blocked {
+            mut wire,
+            sock,
+            mut peer,
+            mut core,
+        } = blocked_wire().await;
+        let total = CHUNKS * CHUNK;
         let first = wire
             .blocked_since()
             .expect("blocked since the write that filled it");
@@ -618,7 +643,7 @@ mod tests {
         assert!(progressed_later, "progress moves the start of the block");
         assert_eq!(wire.flush(&mut core), Flushed::Done);
         assert!(wire.pending.is_empty());
-        for (i, c) in got.chunks(chunk).enumerate() {
+        for (i, c) in got.chunks(CHUNK).enumerate() {
             assert!(c.iter().all(|&b| b == i as u8), "chunk {i} out of order");
         }
     }

@@ -289,18 +289,19 @@ impl MemoryBroker {
         self.order.lock().len()
     }
 
-    /// Drop order entries whose events are already gone (bounded memory):
-    /// every entry, not only those in front — a quiet stream's events still
-    /// held at the front must not keep a busy stream's evicted ones behind
-    /// them. Runs when the order holds twice the events plus 1,024, and leaves
-    /// at most one entry per event held, so its cost is amortized per publish.
+    /// [`MemoryBroker::prune_order`], when the order holds more than twice
+    /// the events plus 1,024: a pass leaves at most one entry per event held,
+    /// so its cost is amortized per publish.
     fn prune_order_if_due(&self) {
         if self.order.lock().len() > 2 * self.total_events.load(Ordering::Relaxed) + 1024 {
             self.prune_order();
         }
     }
 
-    /// See [`MemoryBroker::prune_order_if_due`]: the pass itself.
+    /// Drop order entries whose events are already gone (bounded memory):
+    /// every entry, not only those in front — a quiet stream's events still
+    /// held at the front must not keep a busy stream's evicted ones behind
+    /// them.
     fn prune_order(&self) {
         let mut order = self.order.lock();
         // Each stream's held range, looked up once per pass (an entry beyond
