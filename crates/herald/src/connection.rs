@@ -135,9 +135,58 @@ pub(crate) struct Locked {
     dirty: bool,
 }
 
-/// The part of a connection shared between its actor, the registry and the API.
+/// A stream epoch, kept inline when it is short (the brokers' epochs are 16
+/// hex digits), so comparing it reads no heap block of its own.
 #[derive(Debug)]
+enum Epoch {
+    /// Up to [`Epoch::INLINE`] bytes of UTF-8.
+    Inline { len: u8, bytes: [u8; Epoch::INLINE] },
+    /// A longer one.
+    Long(Box<str>),
+}
+
+impl Epoch {
+    /// Longest epoch kept inline.
+    const INLINE: usize = 23;
+
+    fn new(epoch: &str) -> Self {
+        match u8::try_from(epoch.len()) {
+            Ok(len) if epoch.len() <= Self::INLINE => {
+                let mut bytes = [0; Self::INLINE];
+                bytes[..epoch.len()].copy_from_slice(epoch.as_bytes());
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Long(epoch.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Long(s) => s.as_bytes(),
+        }
+    }
+
+    /// The epoch as text (copied from a `&str`, so always UTF-8).
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    /// True if this is `epoch`.
+    fn is(&self, epoch: &str) -> bool {
+        self.as_bytes() == epoch.as_bytes()
+    }
+}
+
+/// The part of a connection shared between its actor, the registry and the API.
+///
+/// `repr(C)` keeps the epoch, which the hub compares on every delivery, at
+/// the front, in the cache line of the `Arc`'s counts (which each delivery
+/// also touches), instead of wherever the compiler would put it.
+#[derive(Debug)]
+#[repr(C)]
 pub struct ConnShared {
+    epoch: OnceLock<Epoch>,
     /// Numeric connection id.
     pub id: u64,
     /// The id as shown on the wire and in logs.
@@ -146,7 +195,6 @@ pub struct ConnShared {
     pub opened_at: Instant,
     user: OnceLock<String>,
     stream: OnceLock<String>,
-    epoch: OnceLock<String>,
     core: Mutex<Locked>,
     wake: Notify,
     acked_seq: AtomicU64,
@@ -186,11 +234,16 @@ impl ConnShared {
 
     /// The stream epoch the connection was welcomed in.
     pub fn epoch(&self) -> Option<&str> {
-        self.epoch.get().map(String::as_str)
+        self.epoch.get().map(Epoch::as_str)
+    }
+
+    /// True once the connection was welcomed in an epoch other than `epoch`.
+    pub(crate) fn in_other_epoch(&self, epoch: &str) -> bool {
+        self.epoch.get().is_some_and(|e| !e.is(epoch))
     }
 
     pub(crate) fn set_epoch(&self, epoch: &str) {
-        let _ = self.epoch.set(epoch.to_owned());
+        let _ = self.epoch.set(Epoch::new(epoch));
     }
 
     /// Deliveries may have been missed up to `last_seq`: catch up from history.
@@ -380,6 +433,30 @@ mod tests {
     use herald_core::catchup::{HistoryRequest, Plan};
 
     use super::*;
+
+    /// An epoch reads back as set, short or long, and compares by its bytes.
+    #[test]
+    fn epochs_compare_inline_or_not() {
+        let inline = "0123456789abcdef".repeat(2);
+        for epoch in [
+            "",
+            "0123456789abcdef",
+            &inline[..23],
+            &inline[..24],
+            &inline,
+        ] {
+            let conn = ConnShared::new(1, LifecycleConfig::default());
+            assert_eq!(conn.epoch(), None);
+            assert!(!conn.in_other_epoch(epoch), "not welcomed: no epoch yet");
+            conn.set_epoch(epoch);
+            assert_eq!(conn.epoch(), Some(epoch));
+            assert!(!conn.in_other_epoch(epoch));
+            assert!(conn.in_other_epoch(&format!("{epoch}0")));
+            assert!(conn.in_other_epoch("x"));
+            let inlined = matches!(conn.epoch.get(), Some(Epoch::Inline { .. }));
+            assert_eq!(inlined, epoch.len() <= Epoch::INLINE, "{epoch:?}");
+        }
+    }
 
     fn ready(cfg: LifecycleConfig) -> ConnShared {
         let conn = ConnShared::new(1, cfg);

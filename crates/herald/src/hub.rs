@@ -439,7 +439,7 @@ impl EventSink for Hub {
         let mut listed = Vec::with_capacity(conns.len());
         let now = crate::clock::now();
         for conn in conns.iter() {
-            if conn.epoch().is_some_and(|e| e != epoch) {
+            if conn.in_other_epoch(epoch) {
                 conn.close(epoch_changed());
             }
             if frames.is_empty() {

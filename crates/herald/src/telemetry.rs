@@ -6,9 +6,11 @@
 use std::sync::OnceLock;
 
 use herald_core::{CloseInfo, SendRefused};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
+
+pub(crate) mod latency;
 
 /// Gauge: live WebSocket connections (any state but closed).
 pub const CONNECTIONS_LIVE: &str = "herald_connections_live";
@@ -83,18 +85,19 @@ static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
-            // Latency buckets from 100 µs to 10 s.
-            const BUCKETS: [f64; 14] = [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                2.5, 10.0,
-            ];
-            PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(PUBLISH_TO_WRITE.to_owned()), &BUCKETS)
-                .ok()?
-                .install_recorder()
-                .ok()
+            // `herald_publish_to_write_seconds` is not the recorder's: see
+            // `latency`, rendered with its output by [`render`].
+            PrometheusBuilder::new().install_recorder().ok()
         })
         .clone()
+}
+
+/// The Prometheus text exposition: the recorder's metrics and the
+/// publish→write latency histogram.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    latency::render(PUBLISH_TO_WRITE, &mut out);
+    out
 }
 
 /// Install the tracing subscriber: level from `HERALD_LOG` or `RUST_LOG`
@@ -175,8 +178,6 @@ pub(crate) struct WireMetrics {
     pub(crate) frames: metrics::Counter,
     /// `herald_bytes_out_total`.
     pub(crate) bytes: metrics::Counter,
-    /// `herald_publish_to_write_seconds`.
-    pub(crate) latency: metrics::Histogram,
 }
 
 impl Stats {
@@ -185,7 +186,6 @@ impl Stats {
         self.wire.get_or_init(|| WireMetrics {
             frames: metrics::counter!(FRAMES_OUT),
             bytes: metrics::counter!(BYTES_OUT),
-            latency: metrics::histogram!(PUBLISH_TO_WRITE),
         })
     }
 }

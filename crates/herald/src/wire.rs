@@ -27,7 +27,7 @@ use herald_core::queue::InlineQueue;
 use tokio::net::TcpStream;
 
 use crate::connection::OutFrame;
-use crate::telemetry::{self, Stats};
+use crate::telemetry::{self, Stats, latency};
 
 /// The opcode of a text frame.
 pub(crate) const TEXT: u8 = 0x1;
@@ -243,7 +243,6 @@ impl Wire {
         tally: &mut Tally,
     ) {
         let (mut frames, mut bytes) = (0u64, 0u64);
-        let metrics = self.stats.wire();
         while self.pending.len() < BATCH {
             let Some(frame) = core.poll_frame() else {
                 break;
@@ -254,9 +253,7 @@ impl Wire {
             }
             if let Some(at) = frame.published {
                 let now = *now.get_or_insert_with(crate::clock::now);
-                metrics
-                    .latency
-                    .record(now.saturating_duration_since(at).as_secs_f64());
+                tally.latency.record(now.saturating_duration_since(at));
             }
             frames += 1;
             bytes += frame.payload_len() as u64;
@@ -264,6 +261,9 @@ impl Wire {
         }
         if frames > 0 {
             tally.add(&self.stats, frames, bytes);
+        }
+        if tally.direct {
+            tally.latency.commit();
         }
     }
 
@@ -279,14 +279,16 @@ impl Wire {
 
 /// Frames and bytes taken for writing, not yet added to the server's
 /// counters: added when it drops, or when a frame of another server's
-/// connection is counted (tests run several servers in one process). A
-/// [`Tally::direct`] one adds each count at once.
+/// connection is counted (tests run several servers in one process); and
+/// their publish→write latencies, added to the process-wide histogram when
+/// it drops. A [`Tally::direct`] one adds each count at once.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     direct: bool,
     stats: Option<Arc<Stats>>,
     frames: u64,
     bytes: u64,
+    latency: latency::Round,
 }
 
 impl Tally {
@@ -297,6 +299,7 @@ impl Tally {
             stats: None,
             frames: 0,
             bytes: 0,
+            latency: latency::Round::default(),
         }
     }
 
@@ -334,6 +337,7 @@ fn count(stats: &Stats, frames: u64, bytes: u64) {
 impl Drop for Tally {
     fn drop(&mut self) {
         self.commit();
+        self.latency.commit();
     }
 }
 

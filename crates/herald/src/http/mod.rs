@@ -150,7 +150,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.hub().observe_gauges();
-    let body = app.prometheus().map(|h| h.render()).unwrap_or_default();
+    let body = app
+        .prometheus()
+        .map(crate::telemetry::render)
+        .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
