@@ -138,12 +138,51 @@ fn start(
     };
     // The actor lives in this block and the loop borrows it: one copy of
     // it in the task (an `async fn` taking it by value would hold two).
+    let unwind = UnwindCleanup {
+        conn: actor.conn.clone(),
+        app: actor.app.clone(),
+    };
     async move {
+        // Dropped last: when the task ends normally, `finish` has already
+        // taken the cleanup token and this does nothing; when a panic
+        // unwinds the task, this is what closes and cleans up (I2).
+        let _unwind = unwind;
         actor.open();
         let end = actor.drive().await;
         actor.finish(end);
     }
     .instrument(span)
+}
+
+/// The longest a token's expiry timer is set for (about 100 years): an `exp`
+/// beyond it (up to u64::MAX seconds) would overflow the clock.
+const MAX_TOKEN_LEFT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Cleanup on unwind: if a connection's task ends without [`Actor::finish`]
+/// (a panic anywhere in it), the connection is closed and cleaned up all
+/// the same, so it never stays live, counted and holding its user's place.
+struct UnwindCleanup {
+    conn: Arc<ConnShared>,
+    app: Arc<App>,
+}
+
+impl Drop for UnwindCleanup {
+    fn drop(&mut self) {
+        let end = CloseInfo::new(
+            CloseReason::Internal,
+            Initiator::Server,
+            "connection task failed",
+        );
+        let token = self.conn.with_locked(|l| {
+            let token = l.core.on_transport_closed(end);
+            l.wire.detach();
+            token
+        });
+        if let Some(info) = token {
+            tracing::error!(conn_id = %self.conn.id_str, "connection task ended without its cleanup; cleaned up on unwind");
+            self.app.hub().cleanup(&self.conn, &info);
+        }
+    }
 }
 
 struct Actor {
@@ -675,7 +714,9 @@ impl Actor {
     }
 
     fn set_expiry(&self, exp: u64) {
-        let left = Duration::from_secs(exp.saturating_sub(clock::unix_now()));
+        // An `exp` centuries ahead is "does not expire while connected":
+        // clamped, so the deadline is an instant the clock can represent.
+        let left = Duration::from_secs(exp.saturating_sub(clock::unix_now())).min(MAX_TOKEN_LEFT);
         let at = clock::now() + left;
         self.conn.with_core(|c| c.set_token_expiry(Some(at)));
     }
@@ -881,6 +922,34 @@ impl Write for SyncIo<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 37, finding 5: a connection task that panics is still closed
+    /// and cleaned up once (the guard dropped in the unwind), so it does not
+    /// stay live in the hub, counted, holding its user's place.
+    #[tokio::test]
+    async fn a_connection_task_that_panics_is_cleaned_up_on_unwind() {
+        let config = crate::config::Config::for_tests(
+            "unit-secret-0123456789-abcdefghijklmnop",
+            "k-0123456789abcdef",
+        );
+        let app = App::new(config, None).unwrap();
+        let conn = Arc::new(ConnShared::new(app.next_conn_id(), app.lifecycle()));
+        app.hub().insert(conn.clone());
+        assert_eq!(app.hub().len(), 1);
+        let unwind = UnwindCleanup {
+            conn: conn.clone(),
+            app: app.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let _unwind = unwind;
+            panic!("a bug in the connection task");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(app.hub().len(), 0, "the connection was left in the hub");
+        assert_eq!(conn.with_core(|c| c.state()), State::Closed);
+        let stats = app.stats().snapshot();
+        assert_eq!((stats.cleanups, stats.duplicate_cleanups), (1, 0));
+    }
 
     /// Mutation testing (issue 17): the cause label of a refused resume.
     #[test]

@@ -76,6 +76,8 @@ declare_keys! {
     HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
     CLOSE_TIMEOUT = "close_timeout", Some("2s"), "Time allowed to flush, write the close frame and await the reply";
     HTTP_HEADER_TIMEOUT = "http_header_timeout", Some("10s"), "Time allowed for an HTTP request's complete head, from the accept or, on a keep-alive connection, from the previous response (so also the idle bound between requests); else the connection is closed";
+    HTTP_BODY_TIMEOUT = "http_body_timeout", Some("10s"), "Time allowed for a whole request body of the API (publish, disconnect), from when it is read (after the API key is checked); else 408 body_timeout. The text ingest streams and has its own idle bound";
+    MAX_HTTP_CONNECTIONS = "max_http_connections", Some("1024"), "HTTP connections (before any WebSocket upgrade) served at once; a connection beyond it gets 503 overloaded and is closed at once, so a flood cannot exhaust file descriptors. Keep it well under the process's open-file limit";
     WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket that takes no byte of a pending write for this long is dropped";
     HEARTBEAT_INTERVAL = "heartbeat_interval", Some("25s"), "Interval of WebSocket pings (advertised as heartbeat_ms)";
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";
@@ -506,6 +508,10 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Bound on an HTTP request head, and on keep-alive idleness.
     pub http_header_timeout: Duration,
+    /// Deadline for a whole non-streaming request body.
+    pub http_body_timeout: Duration,
+    /// HTTP connections (not yet upgraded) served at once.
+    pub max_http_connections: usize,
     /// Total live connection limit.
     pub max_connections: usize,
     /// Per-user live connection limit.
@@ -630,6 +636,8 @@ impl Config {
             limits,
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
+            http_body_timeout: raw.required(key::HTTP_BODY_TIMEOUT, duration)?,
+            max_http_connections: raw.required(key::MAX_HTTP_CONNECTIONS, positive)?,
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,

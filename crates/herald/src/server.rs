@@ -13,7 +13,7 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -63,6 +63,8 @@ pub struct Server {
     sweeper: JoinHandle<()>,
     /// HTTP connections (keep-alive ones are cancelled once drained).
     http: Tasks,
+    /// One permit per HTTP connection being served (`max_http_connections`).
+    http_permits: Arc<Semaphore>,
 }
 
 impl Server {
@@ -81,10 +83,14 @@ impl Server {
         let (stop_accepting, stop_rx) = watch::channel(false);
         let router = crate::http::router(app.clone());
         let http = Tasks::default();
+        let http_permits = Arc::new(Semaphore::new(app.config().max_http_connections));
         let accept_task = tokio::spawn(accept_loop(
             listener,
             router,
-            app.config().http_header_timeout,
+            HttpLimits {
+                header_timeout: app.config().http_header_timeout,
+                permits: http_permits.clone(),
+            },
             http.clone(),
             stop_rx.clone(),
         ));
@@ -97,7 +103,13 @@ impl Server {
             accept_task,
             sweeper,
             http,
+            http_permits,
         })
+    }
+
+    /// HTTP connections being served (not upgraded, not yet closed).
+    pub fn http_connections(&self) -> usize {
+        self.app.config().max_http_connections - self.http_permits.available_permits()
     }
 
     /// The bound address (useful with port 0).
@@ -234,15 +246,32 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Accept and serve HTTP/1.1 connections. `header_timeout` bounds the wait
-/// for a request's complete head, counted from when the connection is ready
-/// for one: from the accept, and after each response (so it is also the
-/// idle bound of a keep-alive connection). Upgraded WebSockets leave hyper
-/// and are bounded by their own lifecycle.
+/// The bounds of the HTTP (not yet upgraded) connections.
+struct HttpLimits {
+    /// The wait for a request's complete head, counted from when the
+    /// connection is ready for one: from the accept, and after each response
+    /// (so it is also the idle bound of a keep-alive connection).
+    header_timeout: Duration,
+    /// One permit per connection served (`max_http_connections`): held while
+    /// hyper serves it, given back when it closes or upgrades.
+    permits: Arc<Semaphore>,
+}
+
+/// What a connection beyond `max_http_connections` is told before it is closed.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+content-length: 79\r\nconnection: close\r\nretry-after: 1\r\n\r\n\
+{\"error\":\"overloaded\",\"message\":\"too many HTTP connections; retry in a second\"}";
+
+/// Accept and serve HTTP/1.1 connections, at most `max_http_connections` at
+/// once: one beyond it is answered 503 `overloaded` (written straight to the
+/// fresh socket, whose send buffer is empty) and closed, so a flood of slow
+/// or idle clients is bounded in file descriptors and memory. Upgraded
+/// WebSockets leave hyper, give their permit back, and are bounded by their
+/// own lifecycle and `max_connections`.
 async fn accept_loop(
     listener: TcpListener,
     router: axum::Router,
-    header_timeout: Duration,
+    limits: HttpLimits,
     tasks: Tasks,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -250,6 +279,11 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
+                        metrics::counter!(telemetry::HTTP_CONNECTIONS_REFUSED).increment(1);
+                        let _ = stream.try_write(OVERLOADED);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
                     // The peer address, for handlers that extract `ConnectInfo`.
                     let svc = router.clone().map_request(move |mut req: Request<hyper::body::Incoming>| {
@@ -258,7 +292,7 @@ async fn accept_loop(
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(header_timeout)
+                        .header_read_timeout(limits.header_timeout)
                         .max_buf_size(MAX_READ_BUFFER)
                         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
                         .with_upgrades();
@@ -266,6 +300,7 @@ async fn accept_loop(
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "http connection ended with an error");
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {

@@ -60,6 +60,8 @@ pub const WEBHOOK_REQUESTS: &str = "herald_webhook_requests_total";
 pub const RATE_LIMITED: &str = "herald_inbound_rate_limited_total";
 /// Counter: upgrades refused, labelled `reason` (`draining`, `capacity`).
 pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
+/// Counter: HTTP connections refused at accept because `max_http_connections` were being served.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "herald_http_connections_refused_total";
 /// Counter: broker (Redis) command failures.
 pub const BROKER_ERRORS: &str = "herald_broker_errors_total";
 /// Histogram: seconds a broker publish took (the Redis script round trip).

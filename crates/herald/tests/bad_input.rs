@@ -310,6 +310,40 @@ async fn the_expiry_timer_honours_the_leeway() {
     assert_eq!(expect_close(&mut ws, 4403).await, "token expired");
 }
 
+/// Issue 37, finding 5: an `exp` past i64::MAX seconds (still a u64) is
+/// "does not expire while connected": the welcome, then the connection
+/// works, and it closes and is cleaned up like any other (its expiry timer
+/// overflowed the clock and panicked the task, leaving it live for good);
+/// the user's next hello is welcomed and the drain completes.
+#[tokio::test]
+async fn a_token_with_an_absurd_exp_works_and_is_cleaned_up() {
+    let server = start().await;
+    for exp in [json!(i64::MAX as u64 + 5), json!(u64::MAX), json!(1.8e19)] {
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"sub": "forever", "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        let mut ws = open(&server, &[], None).await;
+        send_json(&mut ws, json!({"type": "hello", "token": token})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "welcome", "exp {exp}");
+        send_json(&mut ws, json!({"type": "ping"})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "pong", "exp {exp}");
+        assert_eq!(server.connections().len(), 1);
+        drop(ws);
+        wait_for_no_connections(&server).await;
+        let stats = server.stats();
+        assert_eq!(stats.duplicate_cleanups, 0);
+    }
+    let (mut ws, _) = connect(&server, "forever").await;
+    send_json(&mut ws, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    tokio::time::timeout(Duration::from_secs(30), server.shutdown())
+        .await
+        .expect("the drain completes");
+}
+
 #[tokio::test]
 async fn api_bad_input() {
     let server = start().await;

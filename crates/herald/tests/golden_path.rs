@@ -176,6 +176,8 @@ struct Hook {
     /// The `X-Herald-Delivery` of each attempt.
     deliveries: Vec<String>,
     bad_signatures: usize,
+    /// The `Location` of a 3xx answer.
+    redirect_to: Option<String>,
 }
 
 async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
@@ -225,6 +227,9 @@ async fn start_hook(script: Vec<u16>) -> (String, Arc<Mutex<Hook>>) {
                     StatusCode::SERVICE_UNAVAILABLE => None,
                     _ => headers.insert("retry-after", "0".parse().unwrap()),
                 };
+                if let Some(to) = &s.redirect_to {
+                    headers.insert("location", to.parse().unwrap());
+                }
                 (status, headers)
             }
         }),
@@ -309,6 +314,28 @@ async fn webhook_that_always_fails_yields_nack_and_4xx_is_not_retried() {
     let (nack, _) = until_type(&mut ws, "nack").await;
     assert_eq!(nack["error"], "backend_rejected");
     assert_eq!(hook.lock().attempts.len(), 1, "no retry on 400");
+}
+
+/// Issue 37, finding 16: Herald does not follow a webhook's redirects: a
+/// 307 (which would re-POST the signed body and signature to wherever it
+/// points) or a 302 (which would turn into a GET) is a failed delivery, not
+/// retried (the same address would answer the same), and nothing reaches
+/// the redirect's target.
+#[tokio::test]
+async fn webhook_redirects_are_not_followed() {
+    for status in [307, 302, 301, 308] {
+        let (elsewhere, target) = start_hook(vec![200]).await;
+        let (url, hook) = start_hook(vec![status]).await;
+        hook.lock().redirect_to = Some(elsewhere);
+        let server = server_with_hook(url).await;
+        let (mut ws, _) = connect(&server, "kai").await;
+        send_json(&mut ws, message("m1", "hi")).await;
+        let (nack, _) = until_type(&mut ws, "nack").await;
+        assert_eq!(nack["error"], "backend_rejected", "{status}");
+        assert_eq!(hook.lock().attempts.len(), 1, "{status}: not retried");
+        assert_eq!(target.lock().attempts.len(), 0, "{status}: followed");
+        server.shutdown().await;
+    }
 }
 
 /// Issue 14, finding 2: a webhook URL with a secret in its userinfo and

@@ -313,3 +313,144 @@ async fn slow_consumer_closes(server: &herald::Server) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// Issue 37, finding 1: a request without a valid API key is refused from its
+/// head, before its body is read: 300 keyless clients that send part of a
+/// 1 MiB body and stall are each answered 401 at once and closed, and the
+/// API and `/healthz` answer meanwhile.
+#[tokio::test]
+async fn keyless_requests_are_refused_before_their_body_is_read() {
+    let _serial = SERIAL.lock().await;
+    let (server, mut ws, baseline) = serving(config()).await;
+    let mut slow = Vec::new();
+    for i in 0..300 {
+        let path = if i % 2 == 0 {
+            "/api/v1/events"
+        } else {
+            "/api/v1/disconnect"
+        };
+        let key = if i % 3 == 0 {
+            "Authorization: Bearer wrong-key-0123456789\r\n"
+        } else {
+            ""
+        };
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b' '; 4096]).await.unwrap();
+        slow.push(s);
+    }
+    others_are_served(&server, &mut ws, 1).await;
+    for s in &mut slow {
+        // The hang guard: today's code waited for the whole body first.
+        let answer = read_to_eof(s, Duration::from_secs(10)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains(r#""error":"unauthorized""#), "{answer}");
+    }
+    drop(slow);
+    back_to(baseline).await;
+    others_are_served(&server, &mut ws, 2).await;
+    server.shutdown().await;
+}
+
+/// Issue 37, finding 1: a body that does not arrive within
+/// `http_body_timeout` is answered 408 `body_timeout` (the client has the
+/// key; without the deadline it held its buffer for as long as it liked).
+#[tokio::test]
+async fn a_body_that_stalls_is_answered_408_at_its_deadline() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.http_body_timeout = Duration::from_millis(500);
+    let (server, mut ws, baseline) = serving(cfg).await;
+    for path in ["/api/v1/events", "/api/v1/disconnect"] {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 1000\r\n\r\n{{\"user_id\""
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_to_eof(&mut s, Duration::from_secs(10)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains(r#""error":"body_timeout""#), "{answer}");
+    }
+    // A declared length over the limit is refused from the head.
+    let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+    let head = format!(
+        "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 2000000\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_to_eof(&mut s, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""error":"body_too_large""#), "{answer}");
+    drop(s);
+    back_to(baseline).await;
+    others_are_served(&server, &mut ws, 1).await;
+    server.shutdown().await;
+}
+
+/// Issue 37, finding 1: at most `max_http_connections` HTTP connections are
+/// served at once; one more is answered 503 `overloaded` and closed at once,
+/// so a flood of idle connections holds a bounded number of descriptors, and
+/// the API answers again as soon as a place is free. Upgraded WebSockets do
+/// not hold a place.
+#[tokio::test]
+async fn http_connections_beyond_the_cap_are_answered_503_and_closed() {
+    let _serial = SERIAL.lock().await;
+    let mut cfg = config();
+    cfg.max_http_connections = 8;
+    let (server, mut ws, baseline) = serving(cfg).await;
+    // Three more WebSockets: upgraded, they hold no HTTP place.
+    let mut sockets = Vec::new();
+    for i in 0..3 {
+        sockets.push(connect(&server, &format!("ws{i}")).await.0);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        || server.http_connections() == 0,
+        || format!("{} HTTP connections still open", server.http_connections()),
+    )
+    .await;
+    // Eight keep-alive connections, each served a request and then idle.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = String::from_utf8_lossy(&read_head(&mut s).await).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        held.push(s);
+    }
+    assert_eq!(server.http_connections(), 8);
+    // A flood beyond them: each is answered 503 and closed by the server.
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        let answer = read_to_eof(&mut s, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"], "overloaded");
+    }
+    // Only the held ones (both ends) and the WebSockets are open.
+    assert!(
+        open_fds() <= baseline + 2 * (held.len() + sockets.len()),
+        "{} open",
+        open_fds()
+    );
+    drop(held);
+    wait_until(
+        Duration::from_secs(10),
+        || server.http_connections() == 0,
+        || format!("{} idle connections still open", server.http_connections()),
+    )
+    .await;
+    others_are_served(&server, &mut ws, 1).await;
+    drop(sockets);
+    back_to(baseline).await;
+    server.shutdown().await;
+}

@@ -42,7 +42,12 @@ pub struct Webhook {
 impl Webhook {
     /// A webhook backend; fails if the HTTP client cannot be built.
     pub fn new(cfg: WebhookConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder().timeout(cfg.timeout).build()?;
+        // Redirects are never followed: a 307 would re-POST the signed body
+        // to wherever it points, a 302 would turn it into a GET.
+        let client = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
         Ok(Self { cfg, client })
     }
 }
@@ -213,7 +218,17 @@ impl AgentBackend for Webhook {
                             .and_then(|v| v.to_str().ok())
                             .and_then(|v| v.trim().parse::<u64>().ok())
                             .map(Duration::from_secs);
-                        if status.is_client_error() && status.as_u16() != 429 {
+                        if status.is_redirection() {
+                            // The target is not logged: it may hold secrets.
+                            tracing::warn!(
+                                url = %redact(&self.cfg.url),
+                                status = status.as_u16(),
+                                "the webhook answered a redirect; Herald does not follow redirects: set webhook_url to the final address"
+                            );
+                        }
+                        if (status.is_client_error() && status.as_u16() != 429)
+                            || status.is_redirection()
+                        {
                             metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "rejected").increment(1);
                             return Err(DeliveryError::Rejected {
                                 status: status.as_u16(),

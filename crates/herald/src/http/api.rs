@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use herald_core::protocol::{AGENT_EVENTS, is_valid_event_name};
@@ -13,7 +12,7 @@ use herald_core::text::{MAX_PART_LEN, TEXT_DELTA};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, authorize, body_bytes, json_body, parse_json, typed};
+use super::{ApiError, authorize, parse_json, read_body, typed};
 use crate::app::App;
 use crate::broker::{BrokerError, ConnInfo, FleetRequest, NewEvent, Published, user_stream};
 
@@ -420,10 +419,10 @@ impl From<ApiError> for ApiRefusal {
 pub(super) async fn publish(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let (batch, events) = events_in(&body_bytes(body)?)?;
+    let (batch, events) = events_in(&read_body(&app, &headers, body).await?)?;
     let ts = crate::clock::now_rfc3339();
     // One broker call per user (one atomic append each, in the batch's order
     // for that user); the users' calls run concurrently, and the results go
@@ -524,10 +523,11 @@ struct Disconnect {
 pub(super) async fn disconnect(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let d: Disconnect = typed(json_body(body)?, "")?;
+    let body = read_body(&app, &headers, body).await?;
+    let d: Disconnect = typed(parse_json(&body)?, "")?;
     if d.user_id.is_empty() || d.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
     }

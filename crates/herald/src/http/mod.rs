@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -178,22 +177,50 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Read a JSON body, mapping every failure to a JSON error (413 for size).
-fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    parse_json(&body_bytes(body)?)
-}
-
-/// The body's bytes, or 413 `body_too_large` / `bad_body` if it could not be read.
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rej| {
-        let status = rej.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
-        } else {
-            "bad_body"
-        };
-        ApiError::new(status, code, rej.body_text())
-    })
+/// Read a whole (non-streaming) body within the `http_body_timeout`
+/// deadline: 413 `body_too_large` past [`MAX_BODY_BYTES`] (at once when the
+/// `Content-Length` says so), 408 `body_timeout` when it does not arrive in
+/// time, 400 `bad_body` when the connection fails. Call it only after the
+/// caller is authorized, so a keyless client never holds a buffer.
+async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = |len: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is {len} bytes; the limit is {MAX_BODY_BYTES}"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > MAX_BODY_BYTES as u64
+    {
+        return Err(too_large(n.to_string()));
+    }
+    let timeout = app.config().http_body_timeout;
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the body did not arrive within {} ms", timeout.as_millis()),
+        )),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let limited = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if limited {
+                Err(too_large(format!("over {MAX_BODY_BYTES}")))
+            } else {
+                Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("the body could not be read: {e}"),
+                ))
+            }
+        }
+    }
 }
 
 /// `body` as JSON, or 400 `invalid_json`.

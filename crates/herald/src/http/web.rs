@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -53,7 +52,8 @@ struct TokenRequest {
 pub(super) async fn dev_token(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if !is_loopback(peer.ip()) {
         return Err(ApiError::new(
@@ -62,7 +62,7 @@ pub(super) async fn dev_token(
             "the development token route answers loopback clients only",
         ));
     }
-    let body = body.map_err(|r| ApiError::new(r.status(), "bad_body", r.body_text()))?;
+    let body = super::read_body(&app, &headers, body).await?;
     let req: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
