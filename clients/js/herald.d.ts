@@ -5,13 +5,19 @@ export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 
 export interface HeraldOptions {
   /** WebSocket URL, e.g. `wss://chat.example.com/ws`. */
   url: string;
-  /** A JWT. Either this or `getToken`. */
+  /**
+   * A JWT. Either this or `getToken`. With only a token, a kick (close
+   * 4409, `POST /api/v1/disconnect`) stops the client: `close` with code
+   * 4409, `error` with code `kicked`, state `closed`.
+   */
   token?: string;
   /**
    * Fetches a token, at connect and before the current one expires (the
-   * client sends `refresh`, so the connection never ends for expiry).
-   * Resolve `null` to stop: the client closes and emits `error` with code
-   * `unauthorized`. A rejection is retried.
+   * client sends `refresh`, so the connection never ends for expiry), and
+   * after a 4401/4403/4409 close. Resolve `null` to stop: the client closes
+   * and emits `error` with code `unauthorized`. A rejection is retried.
+   * After a kick (4409) the client reconnects only with a token different
+   * from the kicked one; the same token stops it (`error` `kicked`).
    */
   getToken?: () => Promise<string | null>;
   /** Replay the events of open agent runs on a fresh connection (default true). */
@@ -104,6 +110,11 @@ export interface Welcome {
 }
 
 export interface HeraldError {
+  /**
+   * `unauthorized`, `token_expired`, `kicked` (closed with 4409; the client
+   * stopped), `protocol`, `token_unavailable`, `connect_failed`, or the
+   * code of a server `error` frame.
+   */
   code: string;
   message?: string;
 }
@@ -141,7 +152,12 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   on<K extends keyof Events & string>(name: K, handler: (e: Events[K]) => void): () => void;
   /** Open the connection (idempotent; at most one socket per client, whatever the timing). */
   connect(): void;
-  /** Close for good; pending sends are rejected with `HeraldClosedError`. */
+  /**
+   * Close for good; pending sends are rejected with `HeraldClosedError`.
+   * The client also stops by itself (state `closed`, after an `error`) on a
+   * kick it may not reconnect from, on 4401/4403 without `getToken` and on
+   * a protocol error; `connect()` starts it again.
+   */
   close(): void;
   /**
    * Send a chat message; resolves on ack, rejects on nack, timeout (counted

@@ -6,6 +6,12 @@
 const AUTH_CODES = new Set([4401, 4403]);
 /** Close codes that mean "the client is broken"; reconnecting would loop. */
 const FATAL_CODES = new Set([1002, 1003, 1007, 1009, 4000]);
+/**
+ * A kick (`POST /api/v1/disconnect`): the server wants this user off. The
+ * client never reconnects with the token it was kicked with; only a
+ * different token from `getToken` reconnects.
+ */
+const KICKED = 4409;
 
 /**
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} ConnectionState
@@ -47,6 +53,8 @@ export class HeraldClient {
     this._opening = false;
     /** When the current token is refreshed (with `getToken`). */
     this._refreshTimer = null;
+    /** The token of a kicked connection (4409): `getToken` must return another one. */
+    this._kickedToken = null;
     this._livenessMs = options.livenessMs ?? 20000;
     this._pongTimeoutMs = options.pongTimeoutMs ?? 5000;
     this._livenessTimer = null;
@@ -86,6 +94,9 @@ export class HeraldClient {
    * `connect()`, `close()` and token fetches, a client holds at most one socket.
    */
   connect() {
+    // Starting again after a stop (a kick included) is the app's decision;
+    // a connect() while still reconnecting keeps the kick in force.
+    if (this._stopped) this._kickedToken = null;
     this._stopped = false;
     if (this._network && !this._listening) {
       this._network.addEventListener('online', this._onOnline);
@@ -229,6 +240,13 @@ export class HeraldClient {
         this._stopForToken();
         return;
       }
+      if (this._kickedToken != null && token === this._kickedToken) {
+        // The provider handed back the kicked token (a cached one): the
+        // server disconnected this session, so it stays disconnected.
+        this._opening = false;
+        this._stop({ code: 'kicked', message: 'kicked; getToken returned the same token' });
+        return;
+      }
       this._token = token;
       this._needFreshToken = false;
     }
@@ -278,6 +296,7 @@ export class HeraldClient {
           this._save();
         }
         this._welcomed = true;
+        this._kickedToken = null;
         this._setState('open');
         this._scheduleRefresh();
         this._armLiveness();
@@ -352,6 +371,16 @@ export class HeraldClient {
         return;
       }
       this._needFreshToken = true;
+    }
+    if (code === KICKED) {
+      // Never again with this token: without `getToken` the client stops;
+      // with it, it reconnects only if `getToken` gives a different token.
+      if (!this._getToken) {
+        this._stop({ code: 'kicked', message: reason });
+        return;
+      }
+      this._needFreshToken = true;
+      this._kickedToken = this._token;
     }
     if (FATAL_CODES.has(code)) {
       this._emit('error', { code: 'protocol', message: `closed ${code}: ${reason}` });
@@ -456,6 +485,12 @@ export class HeraldClient {
     this._retryTimer = null;
     this._attempt = 0;
     this._open();
+  }
+
+  /** Stop for good (as `close()`: pending sends are rejected), emitting `error` first. */
+  _stop(error) {
+    this._emit('error', error);
+    this.close();
   }
 
   /** `getToken` returned null: the user is gone; stop for good. */

@@ -5,7 +5,7 @@ import http from 'node:http';
 import net from 'node:net';
 import assert from 'node:assert/strict';
 import { HeraldClient, HeraldClosedError } from '../herald.js';
-import { startHerald, mintToken, api, until } from './helpers.mjs';
+import { startHerald, mintToken, api, until, freshTokens, helloRecorder } from './helpers.mjs';
 
 let h;
 before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret-0123456789-abcdefghijklmn', HERALD_API_KEY: 'node-key-0123456789ab' }); });
@@ -58,8 +58,59 @@ test('sendMessage resolves on ack and the demo agent run arrives in order', asyn
   c.close();
 });
 
-test('reconnects after a kick and resumes with no lost or duplicated event', async () => {
-  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n3'), backoffBaseMs: 50 });
+test('a kick (4409) stops a client with a fixed token: no second hello, state closed, error kicked', async () => {
+  const rec = helloRecorder();
+  const token = mintToken(h.secret, 'n3k');
+  // backoffBaseMs: 20 — a reconnect, were there one, would come at once.
+  const c = new HeraldClient({ url: url(), token, WebSocket: rec.WebSocket, backoffBaseMs: 20, network: null });
+  const closes = [];
+  const errors = [];
+  const states = [];
+  c.on('close', (e) => closes.push(e.code));
+  c.on('error', (e) => errors.push(e.code));
+  c.on('state', (s) => states.push(s));
+  c.connect();
+  await until(() => c.state === 'open');
+  assert.equal((await api(h, '/api/v1/disconnect', { user_id: 'n3k' })).disconnected, 1);
+  await until(() => closes.length === 1, 5000, 'the kick');
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.deepEqual(rec.hellos, [token], 'no second hello with the kicked token');
+  assert.deepEqual(closes, [4409]);
+  assert.deepEqual(errors, ['kicked']);
+  assert.deepEqual(states, ['connecting', 'open', 'closed']);
+  assert.deepEqual(await connectionsOf('n3k'), []);
+  // An explicit connect() is the app's decision, and is honoured.
+  c.connect();
+  await until(() => c.state === 'open', 5000, 'reopened by connect()');
+  assert.equal(rec.hellos.length, 2);
+  c.close();
+});
+
+test('a kick stops a client whose getToken gives back the kicked token', async () => {
+  const rec = helloRecorder();
+  const token = mintToken(h.secret, 'n3c');
+  let calls = 0;
+  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return token; }, WebSocket: rec.WebSocket, backoffBaseMs: 20, network: null });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  // An app calling connect() again while the client reconnects (a remount)
+  // does not lift the kick.
+  c.on('state', (s) => { if (s === 'reconnecting') queueMicrotask(() => c.connect()); });
+  c.connect();
+  await until(() => c.state === 'open');
+  await api(h, '/api/v1/disconnect', { user_id: 'n3c' });
+  await until(() => c.state === 'closed', 5000, 'closed');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.deepEqual(rec.hellos, [token], 'no second hello with the kicked token');
+  assert.equal(calls, 2, 'asked once for a new token');
+  assert.deepEqual(errors, ['kicked']);
+  assert.equal(c.state, 'closed');
+});
+
+test('after a kick, a new token from getToken reconnects and resumes with no lost or duplicated event', async () => {
+  const rec = helloRecorder();
+  const getToken = freshTokens(h.secret, 'n3');
+  const c = new HeraldClient({ url: url(), getToken, WebSocket: rec.WebSocket, backoffBaseMs: 50 });
   const seqs = [];
   const closes = [];
   c.on('event', (e) => seqs.push(e.seq));
@@ -75,11 +126,15 @@ test('reconnects after a kick and resumes with no lost or duplicated event', asy
   assert.deepEqual(seqs, [1, 2, 3, 4, 5, 6, 7]);
   assert.deepEqual(closes, [4409]);
   assert.equal(c.state, 'open');
+  assert.equal(getToken.calls, 2);
+  assert.equal(rec.hellos.length, 2);
+  assert.notEqual(rec.hellos[1], rec.hellos[0], 'reconnected with the new token, not the kicked one');
   c.close();
 });
 
 test('text parts are assembled across a reconnect: the missed deltas arrive as one frame, no word twice', async () => {
-  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n3t'), backoffBaseMs: 50 });
+  // A kick reconnects only with a new token (getToken).
+  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n3t'), backoffBaseMs: 50 });
   const updates = [];
   c.on('text', (t) => updates.push(t));
   c.connect();
@@ -371,7 +426,7 @@ test('a half-open socket is detected by app-level ping and resumed with nothing 
 
 test('offline stops reconnect attempts; online reconnects at once', async () => {
   const network = new EventTarget();
-  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n15'), backoffBaseMs: 60000, network });
+  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n15'), backoffBaseMs: 60000, network });
   const welcomes = [];
   c.on('welcome', (w) => welcomes.push(w));
   c.connect();
@@ -401,7 +456,7 @@ test('a client reloaded mid-run with storageKey shows the whole run once, marked
   first.close(); // the page goes away; its position (seq 3) is stored
   await api(h, '/api/v1/events', { events: [ev('tool_executing')] });
   // The reloaded page: a new client on the same storage.
-  const page = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n16'), storageKey: 'k', storage: store });
+  const page = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n16'), storageKey: 'k', storage: store });
   const got = [];
   const order = [];
   page.on('event', (e) => { got.push([e.seq, e.event, e.replayed === true]); order.push('event'); });

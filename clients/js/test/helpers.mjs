@@ -43,6 +43,26 @@ export function mintToken(secret, sub, ttlSec = 3600) {
   return `${head}.${body}.${sig}`;
 }
 
+/** A `getToken` minting a different token for `sub` on every call (`.calls` counts them). */
+export function freshTokens(secret, sub) {
+  const getToken = async () => { getToken.calls += 1; return mintToken(secret, sub, 3600 + getToken.calls); };
+  getToken.calls = 0;
+  return getToken;
+}
+
+/** A WebSocket class recording the token of every `hello` sent through it. */
+export function helloRecorder() {
+  const hellos = [];
+  class Recording extends globalThis.WebSocket {
+    send(data) {
+      const f = JSON.parse(data);
+      if (f.type === 'hello') hellos.push(f.token);
+      super.send(data);
+    }
+  }
+  return { hellos, WebSocket: Recording };
+}
+
 export async function api(h, path, body) {
   const r = await fetch(`http://${h.addr}${path}`, {
     method: 'POST',

@@ -4,6 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
+import http from 'node:http';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -19,9 +20,9 @@ const SECRET = 'react-secret-0123456789-abcdefghijklmn';
 let h, app, browser, page;
 
 /** Starts the example's app server on a free port; resolves with its base URL. */
-function startApp(heraldAddr) {
+function startApp(heraldAddr, env = {}) {
   const proc = spawn(process.execPath, [path.join(EXAMPLE, 'server.mjs')], {
-    env: { PATH: process.env.PATH, PORT: '0', HERALD_URL: `ws://${heraldAddr}/ws`, HERALD_JWT_HS256_SECRET: SECRET },
+    env: { PATH: process.env.PATH, PORT: '0', HERALD_URL: `ws://${heraldAddr}/ws`, HERALD_JWT_HS256_SECRET: SECRET, ...env },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   return new Promise((resolve, reject) => {
@@ -133,4 +134,57 @@ test('Stop cancels the run at the agent', async () => {
   assert.equal(stopped.role, 'assistant');
   assert.equal(partsOf(stopped, 'text').length, 0, 'no answer after Stop');
   assert.equal(await page.locator('#send').count(), 1, 'the form is ready for the next message');
+});
+
+/** POST /token to the app server at `base`, with these headers over the defaults; resolves {status, type, body}. */
+function postToken(base, headers) {
+  const u = new URL(base);
+  const body = JSON.stringify({ user: 'mallory' });
+  return new Promise((resolve, reject) => {
+    const req = http.request({
+      host: u.hostname, port: u.port, path: '/token', method: 'POST',
+      headers: { host: u.host, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), ...headers },
+    }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => { text += d; });
+      res.on('end', () => resolve({ status: res.statusCode, type: res.headers['content-type'], body: JSON.parse(text) }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+test('the app server mints tokens for its own host and origin only (no DNS rebinding)', async () => {
+  const { host, port } = new URL(app.url); // 127.0.0.1:<port>
+  const same = await postToken(app.url, { origin: `http://${host}` });
+  assert.equal(same.status, 200, JSON.stringify(same.body));
+  assert.match(same.body.token, /^[\w-]+\.[\w-]+\.[\w-]+$/);
+  assert.equal((await postToken(app.url, {})).status, 200, 'no Origin: not a cross-site browser request');
+  assert.equal((await postToken(app.url, { host: `localhost:${port}`, origin: `http://localhost:${port}` })).status, 200);
+  for (const headers of [
+    { host: 'evil.example' },
+    { host: `evil.example:${port}` },
+    { host: 'evil.example', origin: 'http://evil.example' },
+    { origin: 'http://evil.example' },
+    { origin: `http://evil.example:${port}` },
+    { origin: 'null' },
+    { host: `localhost:${port}`, origin: `http://${host}` },
+  ]) {
+    const r = await postToken(app.url, headers);
+    assert.equal(r.status, 403, `${JSON.stringify(headers)} got ${r.status} ${JSON.stringify(r.body)}`);
+    assert.equal(r.type, 'application/json');
+    assert.equal(r.body.token, undefined);
+    assert.match(r.body.error, /forbidden host|cross-origin/);
+  }
+  // Behind a proxy: the public name is allowed by ALLOWED_HOSTS.
+  const proxied = await startApp(h.addr, { ALLOWED_HOSTS: 'chat.example.test' });
+  try {
+    const ok = await postToken(proxied.url, { host: 'chat.example.test', origin: 'https://chat.example.test' });
+    assert.equal(ok.status, 200, JSON.stringify(ok.body));
+    assert.equal((await postToken(proxied.url, { host: 'chat.example.test', origin: 'https://evil.example' })).status, 403);
+    assert.equal((await postToken(proxied.url, { host: 'evil.example' })).status, 403);
+  } finally {
+    proxied.proc.kill('SIGTERM');
+  }
 });

@@ -6,6 +6,12 @@
 //   HERALD_JWT_HS256_SECRET=...  the secret Herald verifies tokens with (required)
 //   HERALD_URL=ws://127.0.0.1:8080/ws  where the page connects
 //   PORT=3000                    where this server listens (0: any free port)
+//   ALLOWED_HOSTS=chat.example.com,...  more `Host` values it answers (behind a proxy)
+//
+// It answers only requests whose `Host` is one it serves (127.0.0.1:<port>,
+// localhost:<port>, ALLOWED_HOSTS) and whose `Origin`, when present, is that
+// same host: 403 otherwise. Without this a page on another site could mint
+// tokens through DNS rebinding (evil.example resolving to 127.0.0.1).
 import { createServer } from 'node:http';
 import { createHmac } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
@@ -20,6 +26,8 @@ if (!secret) {
 }
 const heraldUrl = process.env.HERALD_URL ?? 'ws://127.0.0.1:8080/ws';
 const TOKEN_TTL_S = Number(process.env.TOKEN_TTL_S ?? 600);
+const ALLOWED_HOSTS = (process.env.ALLOWED_HOSTS ?? '')
+  .split(',').map((h) => h.trim().toLowerCase()).filter(Boolean);
 
 const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
 /** An HS256 JWT for `sub`, valid for TOKEN_TTL_S (the client refreshes it before it ends). */
@@ -45,10 +53,39 @@ async function json(req) {
   try { return JSON.parse(body); } catch { return null; }
 }
 
+/** The `Host` values this server answers: its own address and port, and ALLOWED_HOSTS. */
+function servedHosts() {
+  const { port } = server.address();
+  const own = port === 80 ? ['127.0.0.1', 'localhost'] : []; // browsers omit the default port
+  return new Set([`127.0.0.1:${port}`, `localhost:${port}`, ...own, ...ALLOWED_HOSTS]);
+}
+
+/**
+ * Why the request must be refused, or null: its `Host` is not one this
+ * server serves (DNS rebinding), or its `Origin` is another site's.
+ */
+function refusal(req) {
+  const host = String(req.headers.host ?? '').toLowerCase();
+  if (!servedHosts().has(host)) return 'forbidden host';
+  const origin = req.headers.origin;
+  if (origin === undefined) return null; // not sent by a browser, or a same-origin GET
+  let originHost;
+  try {
+    const u = new URL(origin);
+    if (u.protocol !== 'http:' && u.protocol !== 'https:') return 'cross-origin request';
+    originHost = u.host.toLowerCase();
+  } catch {
+    return 'cross-origin request'; // `null`, or garbage
+  }
+  return originHost === host ? null : 'cross-origin request';
+}
+
 const server = createServer(async (req, res) => {
   const url = new URL(req.url, 'http://localhost');
   const send = (status, type, body) => { res.writeHead(status, { 'content-type': type, 'cache-control': 'no-store' }); res.end(body); };
   try {
+    const refused = refusal(req);
+    if (refused) return send(403, 'application/json', JSON.stringify({ error: refused }));
     if (req.method === 'GET' && files[url.pathname]) {
       const [file, type] = files[url.pathname];
       return send(200, type, await readFile(path.join(here, file)));
