@@ -180,7 +180,7 @@ pub(super) async fn cluster_pubsub_task(
                             else {
                                 continue;
                             };
-                            let Some(stream) = shared.stream_of(&channel).map(str::to_owned) else {
+                            let Some(stream) = shared.stream_of(&channel).map(std::borrow::Cow::into_owned) else {
                                 continue;
                             };
                             tracing::debug!(stream = %stream, "sharded subscription dropped by the server");

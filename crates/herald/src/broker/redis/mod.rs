@@ -2,7 +2,10 @@
 //! history and a redeploy loses nothing.
 //!
 //! Keys of one stream share a hash tag (`<prefix>:{<stream>}:…`), so they sit
-//! in one Cluster slot:
+//! in one Cluster slot. The stream name, run ids and part names are escaped
+//! where they enter a key, a field or a joined entry (`keys`: `%`, `{`, `}`,
+//! tab, newline and `*` percent-encoded; ordinary ids unchanged), so no two
+//! users, runs or parts can share one:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -36,8 +39,8 @@
 //! out too: the pub/sub connection by a PING every 5 s, the command
 //! connection by a command timing out; either is then replaced.
 //!
-//! Layout: this file holds the broker and its command side; `scripts` the
-//! Lua; `pubsub` the single-Redis pub/sub task and the message handling
+//! Layout: this file holds the broker and its command side; `keys` the
+//! escaping of names in keys; `scripts` the Lua; `pubsub` the single-Redis pub/sub task and the message handling
 //! both tasks share; `cluster` the Cluster pub/sub task.
 
 use std::collections::HashMap;
@@ -61,6 +64,7 @@ use super::{
 use crate::BoxFuture;
 
 mod cluster;
+mod keys;
 mod pubsub;
 mod scripts;
 
@@ -319,8 +323,9 @@ impl RedisBroker {
 }
 
 impl Shared {
+    /// The start of every key of `stream` (its hash tag, escaped: [`keys`]).
     fn base(&self, stream: &str) -> String {
-        format!("{}:{{{stream}}}", self.prefix)
+        format!("{}:{{{}}}", self.prefix, keys::escape(stream))
     }
 
     fn channel(&self, stream: &str) -> String {
@@ -385,11 +390,12 @@ impl Shared {
     }
 
     /// The stream a channel belongs to.
-    fn stream_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel
+    fn stream_of<'a>(&self, channel: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let escaped = channel
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix(":{")?
-            .strip_suffix("}:ch")
+            .strip_suffix("}:ch")?;
+        keys::unescape(escaped)
     }
 
     /// TTL of a stream's keys: long enough for every bound to apply.
@@ -549,7 +555,7 @@ impl Shared {
             } else {
                 "PUBLISH"
             })
-            .arg(cond_run.unwrap_or(""))
+            .arg(keys::escape(cond_run.unwrap_or("")).as_ref())
             .arg(self.limits.run_ttl.as_millis() as u64)
             .arg(events.len())
             .arg(self.limits.max_run_bytes)
@@ -558,7 +564,7 @@ impl Shared {
             let closes = e.frame.run_id.is_some() && runs::closes(&e.frame.event);
             script
                 .arg(e.idempotency_key.as_deref().unwrap_or(""))
-                .arg(e.frame.run_id.as_deref().unwrap_or(""))
+                .arg(keys::escape(e.frame.run_id.as_deref().unwrap_or("")).as_ref())
                 .arg(if closes { "1" } else { "0" })
                 .arg(e.frame.thread_id.as_deref().unwrap_or(""));
             match &e.delta {
@@ -566,7 +572,7 @@ impl Shared {
                     let (pre, post) = d.template.parts();
                     script
                         .arg(&d.text)
-                        .arg(&d.part)
+                        .arg(keys::escape(&d.part).as_ref())
                         .arg(d.index.map(|i| i.to_string()).unwrap_or_default())
                         .arg(pre)
                         .arg(post);
@@ -597,6 +603,9 @@ impl Shared {
         for _ in 0..k {
             let run: String = next_as(&mut it)?;
             let thread: String = next_as(&mut it)?;
+            let run = keys::unescape(&run)
+                .ok_or_else(|| unavailable("a run name in redis that herald did not write"))?
+                .into_owned();
             oversized.push((run, (!thread.is_empty()).then_some(thread)));
         }
         let mut results = Vec::new();
@@ -626,7 +635,7 @@ impl Shared {
             let (Some(run), false) = (e.frame.run_id.as_deref(), *dup) else {
                 continue;
             };
-            let member = format!("{stream}\n{run}");
+            let member = format!("{}\n{}", keys::escape(stream), keys::escape(run));
             if runs::closes(&e.frame.event) {
                 pipe.cmd("ZREM").arg(&index).arg(member).ignore();
             } else {
@@ -800,7 +809,7 @@ impl Broker for RedisBroker {
             let key = format!("{}:runs", self.shared.base(stream));
             let open: Result<bool, _> = redis::cmd("HEXISTS")
                 .arg(key)
-                .arg(run_id)
+                .arg(keys::escape(run_id).as_ref())
                 .query_async(&mut conn)
                 .await;
             open.map_err(|e| self.shared.failed(e))
@@ -909,15 +918,17 @@ impl Broker for RedisBroker {
             };
             let mut closed = Vec::new();
             for member in candidates {
-                let Some((stream, run_id)) = member.split_once('\n') else {
+                let Some((stream, run_id)) = member
+                    .split_once('\n')
+                    .and_then(|(s, r)| Some((keys::unescape(s)?, keys::unescape(r)?)))
+                else {
                     continue;
                 };
-                let (stream, run_id) = (stream.to_owned(), run_id.to_owned());
-                let (stream, run_id) = (stream.as_str(), run_id.as_str());
+                let (stream, run_id) = (stream.as_ref(), run_id.as_ref());
                 let key = format!("{}:runs", shared.base(stream));
                 let value: Option<String> = redis::cmd("HGET")
                     .arg(&key)
-                    .arg(run_id)
+                    .arg(keys::escape(run_id).as_ref())
                     .query_async(&mut conn)
                     .await
                     .unwrap_or(None);
@@ -1078,7 +1089,16 @@ mod tests {
         assert_eq!(sh.channel("user:a"), "hx:{user:a}:ch");
         assert_eq!(sh.control_channel(), "hx:ctl");
         assert_eq!(sh.reply_channel("n1"), "hx:reply:n1");
-        assert_eq!(sh.stream_of(&sh.channel("user:a")), Some("user:a"));
+        assert_eq!(
+            sh.stream_of(&sh.channel("user:a")).as_deref(),
+            Some("user:a")
+        );
+        // A `}` in a user id does not end the hash tag early.
+        assert_eq!(sh.channel("user:a}:x"), "hx:{user:a%7D:x}:ch");
+        assert_eq!(
+            sh.stream_of(&sh.channel("user:a}:x")).as_deref(),
+            Some("user:a}:x")
+        );
         assert_eq!(sh.stream_of("hx:{user:a}:log"), None);
         assert_eq!(sh.stream_of("hy:{user:a}:ch"), None);
     }

@@ -265,6 +265,7 @@ pub(super) fn deliver(
     let Some(stream) = shared.stream_of(channel) else {
         return;
     };
+    let stream = stream.as_ref();
     if let Some(probe) = payload.strip_prefix(b"probe\n") {
         // A subscription probe: ours is answered, another node's ignored.
         let mut parts = probe.splitn(2, |b| *b == b'\n');
