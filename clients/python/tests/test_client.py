@@ -10,7 +10,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from herald_gateway import AsyncHerald, Herald, HeraldError
+from herald_gateway import AsyncHerald, Herald, HeraldError, TextStreamError
 
 from conftest import API_KEY, events
 
@@ -300,10 +300,12 @@ def test_async_run_text_streams_and_a_refused_stream_fails_the_run(herald_server
                     run.text(w)
                     await asyncio.sleep(0)
                 run.complete("done")
-        # A part id over 128 bytes is refused (400): the run ends with agent_error.
+        # A part id over 128 bytes is refused (400): the run ends with
+        # agent_error, and the block raises (the answer did not go out).
         async with AsyncHerald(herald_server.url, API_KEY) as h:
-            async with h.run("val") as run:
-                run.text("x", part="p" * 200)
+            with pytest.raises(TextStreamError):
+                async with h.run("val") as run:
+                    run.text("x", part="p" * 200)
 
     asyncio.run(main())
     got = events(ws, 1 + len(WORDS) + 1 + 2)
@@ -312,5 +314,5 @@ def test_async_run_text_streams_and_a_refused_stream_fails_the_run(herald_server
     )
     assert _text_of(got[: len(WORDS) + 2]) == "".join(WORDS)
     assert [e["event"] for e in got[len(WORDS) + 2 :]] == ["agent_started", "agent_error"]
-    assert got[-1]["data"]["error"] == "HeraldError"
+    assert got[-1]["data"]["error"] == "TextStreamError"
     assert "invalid_line" in got[-1]["data"]["message"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.server
 import json
 import queue
@@ -75,3 +77,133 @@ def test_minted_tokens_are_accepted(herald_server):
     ws = herald_server.ws("gia")
     ws.close()
     assert mint_token("s", "u").count(".") == 2
+
+
+# --- malformed requests: InvalidSignature, never another exception ---------
+
+NOW = 1_800_000_000
+BODY = json.dumps(
+    {"type": "user_message", "user_id": "u1", "thread_id": "t1", "message_id": "m1", "text": "hi"}
+).encode()
+
+
+def _sign(ts: str, delivery: str, body: bytes, secret: str = HOOK_SECRET) -> str:
+    mac = hmac.new(secret.encode(), ts.encode() + b"." + delivery.encode() + b"." + body, hashlib.sha256)
+    return "v2=" + mac.hexdigest()
+
+
+def _headers(ts: object = str(NOW), delivery: object = "d1", signature: object = None) -> dict:
+    if signature is None:
+        signature = _sign(str(ts), str(delivery), BODY)
+    out = {}
+    for name, value in (
+        ("X-Herald-Timestamp", ts),
+        ("X-Herald-Delivery", delivery),
+        ("X-Herald-Signature", signature),
+    ):
+        if value is not MISSING:
+            out[name] = value
+    return out
+
+
+MISSING = object()
+GOOD = _sign(str(NOW), "d1", BODY)
+
+MALFORMED = {
+    # The timestamp: missing, empty, digits str.isdigit() accepts and int()
+    # refuses or reads as another number, signs, spaces, huge.
+    "ts missing": (_headers(ts=MISSING), BODY),
+    "ts empty": (_headers(ts=""), BODY),
+    "ts superscript two": (_headers(ts="²"), BODY),
+    "ts superscript in digits": (_headers(ts=f"{NOW}²"), BODY),
+    "ts arabic-indic digits": (_headers(ts="١٨٠٠٠٠٠٠٠٠"), BODY),
+    "ts fullwidth digits": (_headers(ts="１８００００００００"), BODY),
+    "ts negative": (_headers(ts=f"-{NOW}"), BODY),
+    "ts plus sign": (_headers(ts=f"+{NOW}"), BODY),
+    "ts spaces": (_headers(ts=f" {NOW} "), BODY),
+    "ts underscore": (_headers(ts="1_800_000_000"), BODY),
+    "ts float": (_headers(ts=f"{NOW}.5"), BODY),
+    "ts 5000 digits": (_headers(ts="9" * 5000), BODY),
+    "ts not text": (_headers(ts=NOW), BODY),
+    # The delivery id: missing, empty, not text.
+    "delivery missing": (_headers(delivery=MISSING), BODY),
+    "delivery empty": (_headers(delivery=""), BODY),
+    "delivery not text": (_headers(delivery=7, signature=GOOD), BODY),
+    "delivery lone surrogate": (_headers(delivery="d\udc80", signature=GOOD), BODY),
+    # The signature: missing, empty, other schemes, non-ASCII, non-hex, lengths.
+    "sig missing": (_headers(signature=MISSING), BODY),
+    "sig empty": (_headers(signature=""), BODY),
+    "sig prefix only": (_headers(signature="v2="), BODY),
+    "sig v1 scheme": (_headers(signature="v1=" + GOOD[3:]), BODY),
+    "sig no scheme": (_headers(signature=GOOD[3:]), BODY),
+    "sig non-ascii": (_headers(signature="v2=é"), BODY),
+    "sig non-ascii of right length": (_headers(signature="v2=" + "é" * 64), BODY),
+    "sig non-ascii digits": (_headers(signature="v2=" + "٣" * 64), BODY),
+    "sig non-hex": (_headers(signature="v2=" + "g" * 64), BODY),
+    "sig one short": (_headers(signature=GOOD[:-1]), BODY),
+    "sig one long": (_headers(signature=GOOD + "0"), BODY),
+    "sig doubled": (_headers(signature=GOOD + "," + GOOD), BODY),
+    "sig nul": (_headers(signature=GOOD[:-1] + "\x00"), BODY),
+    "sig wrong": (_headers(signature="v2=" + "0" * 64), BODY),
+    "sig not text": (_headers(signature=12345), BODY),
+    "sig bytes non-ascii": (_headers(signature="v2=".encode() + "é".encode() * 32), BODY),
+    # The headers and the body themselves.
+    "headers none": (None, BODY),
+    "headers a number": (5, BODY),
+    "headers a string": ("x-herald-timestamp", BODY),
+    "headers bad pairs": ([("x-herald-timestamp",)], BODY),
+    "header name not text": ({5: "x", **_headers()}, BODY),
+    "body none": (_headers(), None),
+    "body a number": (_headers(), 5),
+    "body tampered": (_headers(), BODY.replace(b"hi", b"ho")),
+    "body lone surrogate": (_headers(), "\udc80"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_every_malformed_request_is_an_invalid_signature(case):
+    headers, body = MALFORMED[case]
+    with pytest.raises(InvalidSignature):
+        verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+
+
+def _signed(payload: object) -> tuple:
+    body = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
+    return {"x-herald-timestamp": str(NOW), "x-herald-delivery": "d2",
+            "x-herald-signature": _sign(str(NOW), "d2", body)}, body
+
+
+SIGNED_BUT_NOT_AN_EVENT = {
+    "not json": b"{",
+    "not utf-8": b"\xff\xfe",
+    "a list": [1],
+    "a string": "user_message",
+    "no user_id": {"type": "user_message", "thread_id": "t", "message_id": "m", "text": "x"},
+    "user_id a number": {"type": "cancel", "user_id": 5, "run_id": "r"},
+    "data a list": {"type": "user_message", "user_id": "u", "thread_id": "t", "message_id": "m",
+                    "text": "x", "data": [1]},
+}
+
+
+@pytest.mark.parametrize("case", SIGNED_BUT_NOT_AN_EVENT)
+def test_a_signed_body_that_is_not_an_event_is_an_invalid_signature(case):
+    headers, body = _signed(SIGNED_BUT_NOT_AN_EVENT[case])
+    with pytest.raises(InvalidSignature):
+        verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+
+
+def test_well_formed_requests_verify_whatever_their_types():
+    headers = _headers()
+    expected = verify_webhook(HOOK_SECRET, headers, BODY, now=NOW)
+    assert (expected.user_id, expected.delivery_id) == ("u1", "d1")
+    as_bytes = {k.encode(): v.encode() for k, v in headers.items()}
+    as_pairs = [(k.lower().encode(), v.encode()) for k, v in headers.items()]  # ASGI's raw headers
+    upper = {**headers, "X-Herald-Signature": "v2=" + GOOD[3:].upper()}
+    for h, body, secret in [
+        (as_bytes, BODY, HOOK_SECRET),
+        (as_pairs, BODY, HOOK_SECRET),
+        (upper, BODY, HOOK_SECRET),
+        (headers, BODY.decode(), HOOK_SECRET),
+        (headers, bytearray(BODY), HOOK_SECRET.encode()),
+    ]:
+        assert verify_webhook(secret, h, body, now=NOW) == expected

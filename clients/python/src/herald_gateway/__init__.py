@@ -5,11 +5,14 @@
   agent runs as context managers that are never left open.
 - :func:`verify_webhook`: check and parse Herald's signed webhook requests
   (:class:`UserMessage`, :class:`Cancel`).
+- :class:`HeraldError` (a refused or failed request), :class:`TextStreamError`
+  (a run's text was not delivered), :class:`InvalidSignature` (a webhook
+  request that does not verify).
 - :func:`mint_token`: HS256 browser tokens for development.
 """
 
 from ._client import AsyncHerald, Herald, Published
-from ._errors import HeraldError, InvalidSignature
+from ._errors import HeraldError, InvalidSignature, TextStreamError
 from ._runs import AsyncRun, AsyncToolCall, Run, ToolCall
 from ._tokens import mint_token
 from ._webhook import Cancel, UserMessage, WebhookEvent, verify_webhook
@@ -24,6 +27,7 @@ __all__ = [
     "InvalidSignature",
     "Published",
     "Run",
+    "TextStreamError",
     "ToolCall",
     "UserMessage",
     "WebhookEvent",

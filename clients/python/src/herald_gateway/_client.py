@@ -78,6 +78,9 @@ class Herald:
         timeout: float = 10.0,
         transport: Optional[httpx.BaseTransport] = None,
     ) -> None:
+        #: The base timeout of a request; a text stream's attempt gets more
+        #: for the lines it carries (see ``_text``).
+        self._timeout = timeout
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"},
@@ -171,6 +174,9 @@ class AsyncHerald:
         timeout: float = 10.0,
         transport: Optional[httpx.AsyncBaseTransport] = None,
     ) -> None:
+        #: The base timeout of a request; a text stream's attempt gets more
+        #: for the lines it carries (see ``_text``).
+        self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {api_key}"},

@@ -3,7 +3,8 @@ exactly one of ``agent_completed``, ``agent_error`` or ``agent_cancelled`` —
 whatever happens in the block. ``run.text()`` streams the answer as
 ``agent_text_delta`` events over one request (see ``_text``); the text is
 confirmed before any other event of the run is published, so events keep
-their order."""
+their order. Text that cannot be delivered ends the run with ``agent_error``
+and raises :class:`TextStreamError` out of the block: never a silent loss."""
 
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ class Run:
     def text(self, delta: str, part: str = "answer") -> None:
         """Append ``delta`` to the run's text ``part`` (``agent_text_delta``):
         queued and sent at once over the run's text stream, without waiting.
-        Raises :class:`HeraldError` if an earlier delta could not be delivered."""
+        Raises :class:`TextStreamError` if an earlier delta could not be
+        delivered; so does the run's end (after publishing ``agent_error``),
+        and any event the run publishes after it."""
         self._text.text(delta, part)
 
     def __enter__(self) -> "Run":
@@ -124,13 +127,18 @@ class Run:
         self._final = final_response
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        failed: Optional[HeraldError] = None
         try:
             self._text.flush()
         except HeraldError as e:
             if exc_type is None:
-                exc_type, exc = type(e), e
+                exc_type, exc, failed = type(e), e, e
         event, data = _closing(exc_type, exc, self._final)
         self._emit(event, data)
+        if failed is not None:
+            # The text did not go out: the run ended with agent_error, and
+            # the caller must not believe the answer was delivered.
+            raise failed
 
 
 class AsyncToolCall:
@@ -214,11 +222,15 @@ class AsyncRun:
         self._final = final_response
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        failed: Optional[HeraldError] = None
         try:
             await asyncio.shield(self._text.flush())
         except HeraldError as e:
             if exc_type is None:
-                exc_type, exc = type(e), e
+                exc_type, exc, failed = type(e), e, e
         event, data = _closing(exc_type, exc, self._final)
         # Shielded: a cancelled task still gets its closing event out.
         await asyncio.shield(self._emit(event, data))
+        if failed is not None:
+            # The text did not go out (see Run.__exit__).
+            raise failed
