@@ -96,6 +96,7 @@ impl App {
                 backend,
                 hub.broker().clone(),
                 config.message_dedupe_window,
+                config.message_claim_lease,
                 config.in_flight,
                 tasks.clone(),
             )),

@@ -71,6 +71,7 @@ declare_keys! {
     WEBHOOK_MAX_IN_FLIGHT = "webhook_max_in_flight", Some("1024"), "Agent backend requests in flight on this node; a user_message beyond it gets nack backend_busy at once";
     WEBHOOK_MAX_IN_FLIGHT_PER_USER = "webhook_max_in_flight_per_user", Some("8"), "Agent backend requests in flight per user on this node; beyond it, nack backend_busy";
     MESSAGE_DEDUPE_WINDOW = "message_dedupe_window", Some("10m"), "A repeated user_message id within this window is acked again but forwarded once";
+    MESSAGE_CLAIM_LEASE = "message_claim_lease", Some("10s"), "On Redis, how long a node's claim to forward a user_message lasts unless renewed (it is renewed every third of it while the forward runs): a node that dies mid-forward frees the message for a retry on another node within this time";
     INBOUND_RATE = "inbound_rate", Some("10"), "Inbound frames per second per connection (token bucket refill)";
     INBOUND_BURST = "inbound_burst", Some("20"), "Inbound burst per connection; frames over the bucket get error rate_limited, sustained abuse close 1008";
     HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
@@ -493,6 +494,8 @@ pub struct Config {
     pub webhook: Option<WebhookConfig>,
     /// How long user message ids are remembered for deduplication.
     pub message_dedupe_window: Duration,
+    /// Lease of a node's claim to forward a message (renewed while it runs).
+    pub message_claim_lease: Duration,
     /// Bounds on agent backend requests in flight.
     pub in_flight: InFlightLimits,
     /// Inbound rate limit per connection.
@@ -614,6 +617,7 @@ impl Config {
                 }),
             },
             message_dedupe_window: raw.required(key::MESSAGE_DEDUPE_WINDOW, duration)?,
+            message_claim_lease: raw.required(key::MESSAGE_CLAIM_LEASE, duration)?,
             in_flight: InFlightLimits {
                 total: raw.required(key::WEBHOOK_MAX_IN_FLIGHT, positive)?,
                 per_user: raw.required(key::WEBHOOK_MAX_IN_FLIGHT_PER_USER, positive)?,

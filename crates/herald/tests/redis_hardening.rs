@@ -1,8 +1,13 @@
 //! Issue 37's Redis findings, each against a real `redis-server`: key names
-//! that cannot collide between users, runs and parts (7, 8, 9).
+//! that cannot collide between users, runs and parts (7, 8, 9); a message
+//! claim that lapses when its node dies and is renewed while it lives (2).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use common::redis_server::*;
 use common::*;
@@ -145,4 +150,111 @@ async fn a_run_named_star_does_not_corrupt_the_open_runs_total() {
     let total = redis.cli(&["HGET", "t:{user:star}:runbytes", "*"]);
     let total: i64 = total.parse().unwrap();
     assert!((36_000..=40_000).contains(&total), "total {total}");
+}
+
+/// A webhook receiver whose n-th request (from 0) waits `delays[n]` (the
+/// last repeats) before answering 200; counts the requests it got.
+async fn slow_hook(delays: Vec<Duration>) -> (String, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            let delays = delays.clone();
+            async move {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delays[n.min(delays.len() - 1)]).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), count)
+}
+
+fn hooked(redis: &Redis, url: &str) -> Config {
+    let mut cfg = node_config(redis);
+    cfg.webhook = Some(herald::config::WebhookConfig {
+        url: url.to_owned(),
+        secret: "hook-secret-0123456789".to_owned(),
+        timeout: Duration::from_secs(60),
+        retries: 0,
+        backoff: Duration::from_millis(10),
+    });
+    cfg.message_claim_lease = Duration::from_secs(1);
+    cfg
+}
+
+/// The first frame of `kind` (ack or nack) for message `id`.
+async fn answer_to(ws: &mut Ws, id: &str) -> Value {
+    loop {
+        let v = next_json(ws).await;
+        if (v["type"] == "ack" || v["type"] == "nack") && v["id"] == id {
+            return v;
+        }
+    }
+}
+
+async fn wait_for_count(count: &AtomicUsize, n: usize) {
+    wait_until(
+        Duration::from_secs(10),
+        || count.load(Ordering::SeqCst) >= n,
+        || {
+            format!(
+                "{} webhook requests, {n} expected",
+                count.load(Ordering::SeqCst)
+            )
+        },
+    )
+    .await;
+}
+
+/// Finding 2: a node stopped while it forwards a `user_message` left its
+/// claim `inflight` for the whole dedupe window (10 min): the retry on
+/// another node waited 30 s and got `nack backend_unavailable`, and so did
+/// every retry. The claim is a lease now: it lapses within
+/// `message_claim_lease` (1 s here) and the retry is forwarded and acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_left_by_a_stopped_node_lapses_within_its_lease() {
+    let redis = Redis::start();
+    let (url, count) = slow_hook(vec![Duration::from_secs(600), Duration::ZERO]).await;
+    let a = start_with(hooked(&redis, &url)).await;
+    let b = start_with(hooked(&redis, &url)).await;
+    let (mut on_a, _) = connect(&a, "mo").await;
+    let message = json!({"type": "user_message", "id": "m1", "thread_id": "t1", "text": "hi"});
+    send_json(&mut on_a, message.clone()).await;
+    wait_for_count(&count, 1).await;
+    // Node A stops mid-forward (its tasks are cancelled after the drain).
+    drop(on_a);
+    a.shutdown().await;
+    let (mut on_b, _) = connect(&b, "mo").await;
+    send_json(&mut on_b, message).await;
+    let answer = answer_to(&mut on_b, "m1").await;
+    assert_eq!(answer["type"], "ack", "{answer}");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+/// Finding 2: the lease is renewed while the forward runs, so a forward
+/// longer than the lease is not taken over: a retry on another node waits
+/// for it and is acked, and the backend gets the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_renewed_while_its_forward_runs() {
+    let redis = Redis::start();
+    let (url, count) = slow_hook(vec![Duration::from_secs(4)]).await;
+    let a = start_with(hooked(&redis, &url)).await;
+    let b = start_with(hooked(&redis, &url)).await;
+    let (mut on_a, _) = connect(&a, "rene").await;
+    let (mut on_b, _) = connect(&b, "rene").await;
+    let message = json!({"type": "user_message", "id": "m1", "thread_id": "t1", "text": "hi"});
+    send_json(&mut on_a, message.clone()).await;
+    wait_for_count(&count, 1).await;
+    send_json(&mut on_b, message).await;
+    for ws in [&mut on_a, &mut on_b] {
+        let answer = answer_to(ws, "m1").await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1, "forwarded twice");
 }

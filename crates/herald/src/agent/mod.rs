@@ -250,6 +250,8 @@ pub struct Inbound {
     broker: Arc<dyn Broker>,
     seen: Mutex<Dedupe>,
     window: Duration,
+    /// How long a claim lasts unless renewed (renewed every third of it).
+    lease: Duration,
     limits: InFlightLimits,
     in_flight: Mutex<InFlight>,
     tasks: Tasks,
@@ -268,6 +270,7 @@ impl Inbound {
         backend: Arc<dyn AgentBackend>,
         broker: Arc<dyn Broker>,
         window: Duration,
+        lease: Duration,
         limits: InFlightLimits,
         tasks: Tasks,
     ) -> Self {
@@ -276,6 +279,7 @@ impl Inbound {
             broker,
             seen: Mutex::new(Dedupe::default()),
             window,
+            lease,
             limits,
             in_flight: Mutex::new(InFlight::default()),
             tasks,
@@ -316,13 +320,30 @@ impl Inbound {
 
     /// Claim the message across nodes and forward it when this node won the
     /// claim; when another node forwards it, wait for that outcome. Returns
-    /// the outcome and whether this node forwarded it.
+    /// the outcome and whether this node forwarded it. The claim is a lease,
+    /// renewed while the forward runs: if this node dies mid-forward, the
+    /// claim lapses within the lease and a retry elsewhere forwards again
+    /// (the backend may then see the message twice: it deduplicates by id).
     async fn forward_once(&self, req: &BackendRequest, stream: &str, id: &str) -> (Outcome, bool) {
         let deadline = tokio::time::Instant::now() + FOREIGN_WAIT;
         loop {
-            match self.broker.claim_message(stream, id, self.window).await {
+            match self.broker.claim_message(stream, id, self.lease).await {
                 Ok(MessageClaim::New) => {
-                    let outcome = self.backend.deliver(req).await;
+                    let deliver = self.backend.deliver(req);
+                    tokio::pin!(deliver);
+                    let every = self.lease / 3;
+                    let mut renew =
+                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    let outcome = loop {
+                        tokio::select! {
+                            outcome = &mut deliver => break outcome,
+                            _ = renew.tick() => {
+                                if let Err(e) = self.broker.renew_claim(stream, id, self.lease).await {
+                                    tracing::warn!(error = %e, "could not renew a message claim");
+                                }
+                            }
+                        }
+                    };
                     self.broker
                         .settle_message(stream, id, outcome.is_ok(), self.window)
                         .await;

@@ -453,20 +453,34 @@ pub trait Broker: Send + Sync + Debug {
         request: FleetRequest,
     ) -> BoxFuture<'_, Result<Vec<FleetReply>, BrokerError>>;
 
-    /// Claim `user_message` `id` of `stream` for forwarding, remembered for
-    /// `window`. One process deduplicates by itself, so the memory broker
-    /// always answers `New`; the Redis broker answers for the whole fleet.
+    /// Claim `user_message` `id` of `stream` for forwarding, for `lease`
+    /// unless renewed ([`Broker::renew_claim`]). One process deduplicates by
+    /// itself, so the memory broker always answers `New`; the Redis broker
+    /// answers for the whole fleet.
     fn claim_message<'a>(
         &'a self,
         _stream: &'a str,
         _id: &'a str,
-        _window: Duration,
+        _lease: Duration,
     ) -> BoxFuture<'a, Result<MessageClaim, BrokerError>> {
         Box::pin(async { Ok(MessageClaim::New) })
     }
 
+    /// Extend this node's claim on `id` to `lease` from now (while its
+    /// forward runs); a claim that lapsed and was taken by another node is
+    /// left alone.
+    fn renew_claim<'a>(
+        &'a self,
+        _stream: &'a str,
+        _id: &'a str,
+        _lease: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Settle a claim: `accepted` keeps the id as accepted for `window`;
-    /// otherwise the claim is released so a retry is forwarded again.
+    /// otherwise this node's claim is released so a retry is forwarded again
+    /// (another node's claim, taken after this one lapsed, is left alone).
     fn settle_message<'a>(
         &'a self,
         _stream: &'a str,

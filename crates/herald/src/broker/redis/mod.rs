@@ -332,6 +332,11 @@ impl Shared {
         format!("{}:ch", self.base(stream))
     }
 
+    /// What this node's claim on a message holds while it forwards it.
+    fn claim_value(&self) -> String {
+        format!("inflight:{}", self.node)
+    }
+
     /// Where fleet requests go (every node listens).
     fn control_channel(&self) -> String {
         format!("{}:ctl", self.prefix)
@@ -969,7 +974,7 @@ impl Broker for RedisBroker {
         &'a self,
         stream: &'a str,
         id: &'a str,
-        window: Duration,
+        lease: Duration,
     ) -> BoxFuture<'a, Result<super::MessageClaim, BrokerError>> {
         Box::pin(async move {
             let shared = &self.shared;
@@ -977,10 +982,10 @@ impl Broker for RedisBroker {
             let key = format!("{}:msg:{id}", shared.base(stream));
             let claimed: Result<Option<String>, _> = redis::cmd("SET")
                 .arg(&key)
-                .arg("inflight")
+                .arg(shared.claim_value())
                 .arg("NX")
                 .arg("PX")
-                .arg(window.as_millis() as u64)
+                .arg(lease.as_millis() as u64)
                 .query_async(&mut conn)
                 .await;
             if claimed.map_err(|e| shared.failed(e))?.is_some() {
@@ -1019,11 +1024,39 @@ impl Broker for RedisBroker {
                     .query_async(&mut conn)
                     .await
             } else {
-                redis::cmd("DEL").arg(&key).query_async(&mut conn).await
+                shared
+                    .scripts
+                    .release_claim
+                    .key(&key)
+                    .arg(shared.claim_value())
+                    .invoke_async(&mut conn)
+                    .await
             };
             if let Err(e) = done {
                 shared.failed(e);
             }
+        })
+    }
+
+    fn renew_claim<'a>(
+        &'a self,
+        stream: &'a str,
+        id: &'a str,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let key = format!("{}:msg:{id}", shared.base(stream));
+            shared
+                .run::<()>(
+                    shared
+                        .scripts
+                        .renew_claim
+                        .key(&key)
+                        .arg(shared.claim_value())
+                        .arg(lease.as_millis() as u64),
+                )
+                .await
         })
     }
 

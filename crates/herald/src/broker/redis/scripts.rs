@@ -405,12 +405,26 @@ end
 return out
 "#;
 
+/// KEYS: a message claim. ARGV: this node's claim value, lease ms.
+/// Extends the claim only while it is still this node's.
+const RENEW_CLAIM_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+"#;
+
+/// KEYS: a message claim. ARGV: this node's claim value.
+/// Releases the claim only while it is still this node's.
+const RELEASE_CLAIM_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"#;
+
 #[derive(Debug)]
 pub(super) struct Scripts {
     pub(super) publish: redis::Script,
     pub(super) position: redis::Script,
     pub(super) history: redis::Script,
     pub(super) run_events: redis::Script,
+    pub(super) renew_claim: redis::Script,
+    pub(super) release_claim: redis::Script,
 }
 
 impl Scripts {
@@ -421,6 +435,8 @@ impl Scripts {
             position: with_helpers(POSITION_LUA),
             history: with_helpers(HISTORY_LUA),
             run_events: with_helpers(RUN_EVENTS_LUA),
+            renew_claim: redis::Script::new(RENEW_CLAIM_LUA),
+            release_claim: redis::Script::new(RELEASE_CLAIM_LUA),
         }
     }
 }
