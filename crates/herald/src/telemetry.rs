@@ -62,6 +62,8 @@ pub const RATE_LIMITED: &str = "herald_inbound_rate_limited_total";
 pub const UPGRADES_REFUSED: &str = "herald_upgrades_refused_total";
 /// Counter: HTTP connections refused at accept because `max_http_connections` were being served.
 pub const HTTP_CONNECTIONS_REFUSED: &str = "herald_http_connections_refused_total";
+/// Counter: broker operations a stream's own data refused (a damaged stream; not counted as Redis down).
+pub const BROKER_STREAM_ERRORS: &str = "herald_broker_stream_errors_total";
 /// Counter: broker (Redis) command failures.
 pub const BROKER_ERRORS: &str = "herald_broker_errors_total";
 /// Histogram: seconds a broker publish took (the Redis script round trip).

@@ -258,3 +258,93 @@ async fn a_claim_is_renewed_while_its_forward_runs() {
     }
     assert_eq!(count.load(Ordering::SeqCst), 1, "forwarded twice");
 }
+
+/// Finding 6: a stream whose data refuses its script (here its log replaced
+/// by a string) fails alone: 500 `stream_error` for its publishes, while
+/// the node stays ready and other users' publishes succeed (any Lua error
+/// used to count as "Redis unavailable" and turn `/readyz` 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_stream_fails_alone_and_the_node_stays_ready() {
+    let redis = Redis::start();
+    let node = start_with(node_config(&redis)).await;
+    publish(&node, "broken", "note", json!({})).await;
+    redis.cli(&["DEL", "t:{user:broken}:log"]);
+    redis.cli(&["SET", "t:{user:broken}:log", "not a stream"]);
+    for _ in 0..3 {
+        let (status, body) = post(
+            &node,
+            "/api/v1/events",
+            json!({"user_id": "broken", "event": "note"}),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (500, Some("stream_error")),
+            "{body}"
+        );
+    }
+    let (status, body) = get_json(&node, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(publish(&node, "fine", "note", json!({})).await["seq"], 1);
+}
+
+/// Finding 6: a stream whose meta key alone was evicted (possible under
+/// `volatile-*` policies) starts a new epoch at the next publish, so
+/// readers get `reset`; it used to be refused (the log's ids were ahead of
+/// the new seqs) until the log expired, about an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_meta_was_evicted_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let node = start_with(node_config(&redis)).await;
+    let user = "ev";
+    let send = |event: &str, data: Value| json!({"user_id": user, "event": event, "run_id": "r1", "data": data});
+    let mut last = Value::Null;
+    for e in [
+        send("agent_started", json!({})),
+        send(
+            "agent_text_delta",
+            json!({"part": "answer", "text": "old ", "index": 0}),
+        ),
+        send("agent_thinking", json!({"t": "old"})),
+    ] {
+        let (status, body) = post(&node, "/api/v1/events", e).await;
+        assert_eq!(status, 200, "{body}");
+        last = body["results"][0].clone();
+    }
+    assert_eq!(last["seq"], 3);
+    redis.cli(&["DEL", "t:{user:ev}:meta"]);
+    // The run goes on in the new epoch: its text numbering starts again.
+    let (status, body) = post(
+        &node,
+        "/api/v1/events",
+        send(
+            "agent_text_delta",
+            json!({"part": "answer", "text": "new", "index": 0}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let now = &body["results"][0];
+    assert_eq!(now["seq"], 1);
+    assert_ne!(now["epoch"], last["epoch"]);
+    // A reader that held the old epoch is told plainly; the open run
+    // replayed holds only the new epoch's events.
+    let mut ws = open(&node, &[], None).await;
+    let hello = json!({"type": "hello", "token": token(user), "replay_active_runs": true,
+                       "resume": {"epoch": last["epoch"], "seq": 3}});
+    send_json(&mut ws, hello).await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(
+        (welcome["resumed"].as_bool(), welcome["reset"].as_bool()),
+        (Some(false), Some(true)),
+        "{welcome}"
+    );
+    assert_eq!(welcome["epoch"], now["epoch"]);
+    let e = event_of(&mut ws).await;
+    assert_eq!(
+        (e["seq"].as_u64(), e["data"]["text"].as_str()),
+        (Some(1), Some("new")),
+        "{e}"
+    );
+}

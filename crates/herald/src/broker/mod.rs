@@ -53,6 +53,10 @@ pub enum BrokerError {
     /// The broker's backing store cannot be reached (remote brokers).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, but refused this stream's operation (its data is
+    /// damaged, e.g. a key of the wrong type): this stream only, not the node.
+    #[error("the stream's data refused the operation: {0}")]
+    Stream(String),
     /// A numbered text delta skips ahead of its part; nothing of the batch
     /// was appended.
     #[error(

@@ -17,9 +17,17 @@ use crate::app::App;
 use crate::broker::{BrokerError, ConnInfo, FleetRequest, NewEvent, Published, user_stream};
 
 /// 503 `broker_unavailable`: the broker could not do the work (never a success
-/// for work that was not done).
-fn unavailable(err: BrokerError) -> ApiError {
+/// for work that was not done); 500 `stream_error` when the store answered
+/// but this stream's data refused it.
+pub(super) fn unavailable(err: BrokerError) -> ApiError {
     tracing::error!(error = %err, "broker failed");
+    if let BrokerError::Stream(_) = err {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stream_error",
+            err.to_string(),
+        );
+    }
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "broker_unavailable",

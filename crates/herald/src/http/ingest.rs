@@ -350,13 +350,8 @@ async fn publish(
                 ));
             }
             Err(e) => {
-                tracing::error!(error = %e, "broker failed");
-                return Err(report.refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "broker_unavailable",
-                    e.to_string(),
-                    Value::Null,
-                ));
+                let e = super::api::unavailable(e);
+                return Err(report.refuse(e.status, e.code, e.message, Value::Null));
             }
         }
     }

@@ -270,6 +270,23 @@ impl Drop for RedisBroker {
     }
 }
 
+/// Whether a failed command is the stream's data refusing it (a key of the
+/// wrong type, a Lua runtime error in the stream's script) rather than
+/// Redis being unreachable, overloaded or failing over.
+fn is_stream_error(e: &redis::RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return false;
+    }
+    match e.code() {
+        Some("WRONGTYPE") => true,
+        Some("ERR") => {
+            let text = e.to_string();
+            text.contains("script") && !text.contains("max number of clients")
+        }
+        _ => false,
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -506,6 +523,12 @@ impl Shared {
             Ok(Ok(v)) => {
                 self.ok();
                 Ok(v)
+            }
+            // Redis answered: it is up; this stream's data is what failed.
+            Ok(Err(e)) if is_stream_error(&e) => {
+                self.ok();
+                metrics::counter!(crate::telemetry::BROKER_STREAM_ERRORS).increment(1);
+                Err(BrokerError::Stream(e.to_string()))
             }
             Ok(Err(e)) => Err(self.failed(e)),
             Err(_) => Err(self.failed("redis command timed out")),

@@ -53,11 +53,23 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function get_epoch(meta, new_epoch)
-  local epoch = redis.call('HGET', meta, 'epoch')
+-- A new epoch for a stream whose meta is missing (never used, expired, or
+-- evicted alone): what is left of an earlier epoch (its log, open runs and
+-- their lists and parts) goes, so the new one starts clean at seq 0 and its
+-- readers get `reset` instead of a log whose ids are ahead of its seqs.
+local function start_epoch(base, epoch)
+  local runs = base .. ':runs'
+  for _, run in ipairs(redis.call('HKEYS', runs)) do
+    redis.call('DEL', base .. ':run:' .. run, base .. ':parts:' .. run)
+  end
+  redis.call('DEL', base .. ':log', runs, base .. ':runbytes')
+  redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0)
+end
+local function get_epoch(base, new_epoch)
+  local epoch = redis.call('HGET', base .. ':meta', 'epoch')
   if not epoch then
     epoch = new_epoch
-    redis.call('HSET', meta, 'epoch', epoch, 'seq', 0)
+    start_epoch(base, epoch)
   end
   return epoch
 end
@@ -116,8 +128,8 @@ local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'tail', 'fresh')
 local epoch = meta[1]
 if not epoch then
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-  meta[2] = '0'
+  start_epoch(base, epoch)
+  meta = {epoch, '0', nil, nil}
 end
 local cond_run = ARGV[9]
 if cond_run ~= '' then
@@ -333,7 +345,7 @@ return head
 /// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms, base.
 /// Returns {epoch, last_seq, first_seq}.
 const POSITION_LUA: &str = r#"
-local epoch = get_epoch(KEYS[1], ARGV[1])
+local epoch = get_epoch(ARGV[4], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 trim_age(ARGV[4], tonumber(ARGV[2]), now_ms())
