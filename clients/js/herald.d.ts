@@ -2,6 +2,21 @@
 
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed';
 
+/**
+ * The client's clock: the time token expiries are compared with, and the
+ * timers of every delay (reconnect backoff, token refresh, liveness, ack
+ * timeouts). Its methods are called on the object, so wrap the globals:
+ * `{ now: () => Date.now() + skewMs, setTimeout: (f, ms) => setTimeout(f, ms), clearTimeout: (t) => clearTimeout(t) }`.
+ */
+export interface HeraldClock {
+  /** Milliseconds since the epoch (as `Date.now()`). */
+  now(): number;
+  /** Run `fn` once after `ms` milliseconds; returns a handle for `clearTimeout`. */
+  setTimeout(fn: () => void, ms: number): unknown;
+  /** Cancel a timer; called with handles this clock returned, or `null`. */
+  clearTimeout(handle: unknown): void;
+}
+
 export interface HeraldOptions {
   /** WebSocket URL, e.g. `wss://chat.example.com/ws`. */
   url: string;
@@ -48,6 +63,20 @@ export interface HeraldOptions {
   backoffBaseMs?: number;
   /** Largest reconnect backoff in ms (default 15000). */
   backoffMaxMs?: number;
+  /**
+   * With `getToken`: how long before the current token's `exp` a new one is
+   * fetched and sent as `refresh`, in ms — at most half the token's
+   * remaining lifetime. Default: a fifth of the remaining lifetime, between
+   * 1 s and 60 s.
+   */
+  refreshMarginMs?: number;
+  /**
+   * The clock and timers the client uses (default: `Date.now` and the
+   * global timers). An app whose device clock may be off can pass a `now`
+   * corrected by the server's time (a token's `exp` is the server's time);
+   * tests pass a fake clock and step it.
+   */
+  clock?: HeraldClock;
 }
 
 /** An event frame; `D` is the shape of its `data`. */
@@ -150,7 +179,13 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   on(name: 'event', handler: (e: Events[keyof Events] | HeraldEvent) => void): () => void;
   /** Events by name, typed by the event map. */
   on<K extends keyof Events & string>(name: K, handler: (e: Events[K]) => void): () => void;
-  /** Open the connection (idempotent; at most one socket per client, whatever the timing). */
+  /**
+   * Open the connection. Idempotent: at most one socket per client, whatever
+   * the timing — also when called from the client's own `close`, `error` or
+   * `state` handlers. While connected, connecting or reconnecting (the
+   * backoff wait, a close being handled) it does nothing; after a stop it
+   * starts the client again.
+   */
   connect(): void;
   /**
    * Close for good; pending sends are rejected with `HeraldClosedError`.

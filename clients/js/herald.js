@@ -13,6 +13,13 @@ const FATAL_CODES = new Set([1002, 1003, 1007, 1009, 4000]);
  */
 const KICKED = 4409;
 
+/** The clock of a client without a `clock` option: `Date` and the global timers. */
+const SYSTEM_CLOCK = {
+  now: () => Date.now(),
+  setTimeout: (fn, ms) => setTimeout(fn, ms),
+  clearTimeout: (handle) => clearTimeout(handle),
+};
+
 /**
  * @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} ConnectionState
  */
@@ -33,6 +40,10 @@ export class HeraldClient {
     this._storage = options.storage || (this._storageKey && globalThis.sessionStorage) || null;
     this._ackTimeoutMs = options.ackTimeoutMs ?? 15000;
     this._backoff = { baseMs: options.backoffBaseMs ?? 500, maxMs: options.backoffMaxMs ?? 15000 };
+    /** Every timer of the client, and the time token expiries are compared with. */
+    this._clock = options.clock || SYSTEM_CLOCK;
+    /** How long before a token's `exp` it is refreshed (null: a fifth of its remaining lifetime, 1–60 s). */
+    this._refreshMarginMs = options.refreshMarginMs ?? null;
     /** @type {Map<string, Set<Function>>} */
     this._handlers = new Map();
     /** @type {Map<string, {frame: object, resolve: Function, reject: Function, timer: any, promise: Promise<{id: string}>}>} */
@@ -51,6 +62,8 @@ export class HeraldClient {
     this._generation = 0;
     /** An open is in progress (fetching a token, before the socket exists). */
     this._opening = false;
+    /** The generation whose socket close is being handled (`close` handlers run). */
+    this._closingGeneration = -1;
     /** When the current token is refreshed (with `getToken`). */
     this._refreshTimer = null;
     /** The token of a kicked connection (4409): `getToken` must return another one. */
@@ -91,7 +104,11 @@ export class HeraldClient {
 
   /**
    * Open the connection (idempotent): whatever the order and timing of
-   * `connect()`, `close()` and token fetches, a client holds at most one socket.
+   * `connect()`, `close()`, token fetches and the client's own events (a
+   * `connect()` from a `close`, `error` or `state` handler included), a
+   * client holds at most one socket. While the client is connected,
+   * connecting or reconnecting (a backoff wait, or a `close` being handled)
+   * it does nothing: the reconnect keeps its backoff and its token rules.
    */
   connect() {
     // Starting again after a stop (a kick included) is the app's decision;
@@ -104,6 +121,8 @@ export class HeraldClient {
       this._listening = true;
     }
     if (this._ws || this._retryTimer || this._opening) return;
+    // A close being handled decides itself between a retry and a stop.
+    if (this._closingGeneration === this._generation) return;
     this._open();
   }
 
@@ -112,33 +131,7 @@ export class HeraldClient {
    * rejected with a `HeraldClosedError` (code `closed`).
    */
   close() {
-    this._stopped = true;
-    // Orphans any open in progress (a token fetch that resolves later).
-    this._generation += 1;
-    this._opening = false;
-    clearTimeout(this._retryTimer);
-    this._retryTimer = null;
-    clearTimeout(this._refreshTimer);
-    this._refreshTimer = null;
-    clearTimeout(this._livenessTimer);
-    this._livenessTimer = null;
-    if (this._listening) {
-      this._network.removeEventListener('online', this._onOnline);
-      this._network.removeEventListener('offline', this._onOffline);
-      this._listening = false;
-    }
-    const ws = this._ws;
-    this._ws = null;
-    if (ws) {
-      try { ws.close(1000, 'client closed'); } catch { /* already closing */ }
-    }
-    for (const [id, p] of this._pending) {
-      clearTimeout(p.timer);
-      p.reject(new HeraldClosedError(id));
-    }
-    this._pending.clear();
-    for (const [runId, c] of this._cancels) c.reject(new HeraldClosedError(runId));
-    this._cancels.clear();
+    this._halt(true);
     this._setState('closed');
   }
 
@@ -218,12 +211,20 @@ export class HeraldClient {
     }
   }
 
+  /**
+   * The only place a socket is made. At most one socket per client: an open
+   * starts only with no socket, no other open and no stop, and gives up as
+   * soon as its generation is over (`close()`, also from an event handler).
+   */
   async _open() {
-    // Each open belongs to a generation; `close()` starts a new one, so an
-    // open that resumes after it (its token fetch was slow) gives up.
+    if (this._ws || this._opening || this._stopped) return;
+    this._clock.clearTimeout(this._retryTimer);
+    this._retryTimer = null;
     const generation = this._generation;
     this._opening = true;
     this._setState(this._attempt === 0 ? 'connecting' : 'reconnecting');
+    // A state handler called close() (and maybe connect(), which is another open).
+    if (generation !== this._generation) return;
     let token = this._token;
     if (this._getToken && (!token || this._needFreshToken)) {
       try {
@@ -231,12 +232,15 @@ export class HeraldClient {
       } catch (err) {
         if (generation !== this._generation) return;
         this._opening = false;
-        this._emit('error', { code: 'token_unavailable', message: String(err) });
+        // Scheduled before the app hears of it: a connect() from an `error`
+        // handler waits for the retry.
         this._scheduleReconnect();
+        this._emit('error', { code: 'token_unavailable', message: String(err) });
         return;
       }
       if (generation !== this._generation) return;
       if (token == null) {
+        this._opening = false;
         this._stopForToken();
         return;
       }
@@ -244,20 +248,20 @@ export class HeraldClient {
         // The provider handed back the kicked token (a cached one): the
         // server disconnected this session, so it stays disconnected.
         this._opening = false;
-        this._stop({ code: 'kicked', message: 'kicked; getToken returned the same token' });
+        this._stop({ code: 'kicked', message: 'kicked; getToken returned the same token' }, true);
         return;
       }
       this._token = token;
       this._needFreshToken = false;
     }
     this._opening = false;
-    if (this._stopped) return;
+    if (this._stopped || this._ws) return;
     let ws;
     try {
       ws = new this._WebSocket(this.url, ['herald.v1']);
     } catch (err) {
-      this._emit('error', { code: 'connect_failed', message: String(err) });
       this._scheduleReconnect();
+      this._emit('error', { code: 'connect_failed', message: String(err) });
       return;
     }
     this._ws = ws;
@@ -274,13 +278,13 @@ export class HeraldClient {
     ws.onmessage = (msg) => {
       if (this._ws !== ws) return;
       this._armLiveness();
-      this._onFrame(msg.data);
+      this._onFrame(ws, msg.data);
     };
     ws.onerror = () => {};
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
   }
 
-  _onFrame(data) {
+  _onFrame(ws, data) {
     let f;
     try { f = JSON.parse(data); } catch { return; }
     switch (f.type) {
@@ -291,19 +295,27 @@ export class HeraldClient {
         this.userId = f.user_id;
         if (!f.resumed) {
           // A fresh stream position: live from the welcome on.
-          if (f.reset) this._emit('reset', f);
+          if (f.reset) {
+            this._emit('reset', f);
+            if (this._ws !== ws) return; // a handler closed the client
+          }
           this.position = { epoch: f.epoch, seq: f.seq };
           this._save();
         }
         this._welcomed = true;
         this._kickedToken = null;
         this._setState('open');
+        if (this._ws !== ws) return;
         this._scheduleRefresh();
         this._armLiveness();
         this._emit('welcome', f);
-        if (!f.replaying) this._emit('caught_up', { seq: f.seq });
+        if (this._ws !== ws) return;
+        if (!f.replaying) {
+          this._emit('caught_up', { seq: f.seq });
+          if (this._ws !== ws) return;
+        }
         for (const [runId, c] of this._cancels) {
-          this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
+          ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
           c.resolve();
         }
         this._cancels.clear();
@@ -323,13 +335,13 @@ export class HeraldClient {
       }
       case 'ack': {
         const p = this._pending.get(f.id);
-        if (p) { clearTimeout(p.timer); this._pending.delete(f.id); p.resolve({ id: f.id }); }
+        if (p) { this._clock.clearTimeout(p.timer); this._pending.delete(f.id); p.resolve({ id: f.id }); }
         break;
       }
       case 'nack': {
         const p = this._pending.get(f.id);
         if (p) {
-          clearTimeout(p.timer);
+          this._clock.clearTimeout(p.timer);
           this._pending.delete(f.id);
           p.reject(Object.assign(new Error(f.message || f.error), { code: f.error, id: f.id, retryAfterMs: f.retry_after_ms }));
         }
@@ -355,74 +367,82 @@ export class HeraldClient {
   _onClose(ws, code, reason) {
     if (this._ws !== ws) return;
     this._ws = null;
-    clearTimeout(this._refreshTimer);
+    this._clock.clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
-    clearTimeout(this._livenessTimer);
+    this._clock.clearTimeout(this._livenessTimer);
     this._livenessTimer = null;
     // Messages in flight are not any more: their ack timers stop until resent.
-    for (const p of this._pending.values()) { clearTimeout(p.timer); p.timer = null; }
-    this._emit('close', { code, reason });
-    if (this._stopped) { this._setState('closed'); return; }
-    if (AUTH_CODES.has(code)) {
-      if (!this._getToken) {
-        this._emit('error', { code: code === 4403 ? 'token_expired' : 'unauthorized', message: reason });
-        this._stopped = true;
-        this._setState('closed');
-        return;
-      }
-      this._needFreshToken = true;
-    }
-    if (code === KICKED) {
+    for (const p of this._pending.values()) { this._clock.clearTimeout(p.timer); p.timer = null; }
+    // What follows is decided before the app hears of the close, so that a
+    // `close` handler meets the decision: its connect() neither opens a
+    // second socket beside the retry nor reconnects with a kicked token.
+    let stop = null;
+    if (FATAL_CODES.has(code)) {
+      stop = { code: 'protocol', message: `closed ${code}: ${reason}` };
+    } else if (code === KICKED) {
       // Never again with this token: without `getToken` the client stops;
       // with it, it reconnects only if `getToken` gives a different token.
-      if (!this._getToken) {
-        this._stop({ code: 'kicked', message: reason });
-        return;
+      if (this._getToken) {
+        this._needFreshToken = true;
+        this._kickedToken = this._token;
+      } else {
+        stop = { code: 'kicked', message: reason };
       }
-      this._needFreshToken = true;
-      this._kickedToken = this._token;
+    } else if (AUTH_CODES.has(code)) {
+      if (this._getToken) this._needFreshToken = true;
+      else stop = { code: code === 4403 ? 'token_expired' : 'unauthorized', message: reason };
     }
-    if (FATAL_CODES.has(code)) {
-      this._emit('error', { code: 'protocol', message: `closed ${code}: ${reason}` });
-      this._stopped = true;
-      this._setState('closed');
-      return;
-    }
+    const generation = this._generation;
+    this._closingGeneration = generation;
+    this._emit('close', { code, reason });
+    this._closingGeneration = -1;
+    // A handler called close() (and maybe connect() after it: a new start).
+    if (generation !== this._generation) return;
+    if (this._stopped) { this._setState('closed'); return; }
+    // A kick stops as close() does (pending sends rejected); 4401/4403
+    // without `getToken` and protocol errors keep them for a later connect().
+    if (stop) { this._stop(stop, code === KICKED); return; }
     this._scheduleReconnect(code);
   }
 
+  /**
+   * Arm the one retry. Nothing when the client is stopped, has a socket, an
+   * open in progress or a retry already armed: at most one of each.
+   */
   _scheduleReconnect(code) {
-    if (this._stopped) return;
-    this._setState('reconnecting');
+    if (this._stopped || this._ws || this._opening || this._retryTimer) return;
     // Offline: no attempts until the network is back (`online` opens at once).
-    if (this._offline) return;
-    let delay;
-    if (code === 1012 && this._nextDelayMs != null) {
-      delay = this._nextDelayMs; // the server's jittered drain hint
-    } else {
-      const cap = Math.min(this._backoff.maxMs, this._backoff.baseMs * 2 ** this._attempt);
-      delay = Math.random() * cap; // full jitter
-      if (code === 1008 || code === 1013) delay = Math.max(delay, 5000);
+    if (!this._offline) {
+      let delay;
+      if (code === 1012 && this._nextDelayMs != null) {
+        delay = this._nextDelayMs; // the server's jittered drain hint
+      } else {
+        const cap = Math.min(this._backoff.maxMs, this._backoff.baseMs * 2 ** this._attempt);
+        delay = Math.random() * cap; // full jitter
+        if (code === 1008 || code === 1013) delay = Math.max(delay, 5000);
+      }
+      this._nextDelayMs = null;
+      this._attempt += 1;
+      this._retryTimer = this._clock.setTimeout(() => { this._retryTimer = null; this._open(); }, delay);
     }
-    this._nextDelayMs = null;
-    this._attempt += 1;
-    this._retryTimer = setTimeout(() => { this._retryTimer = null; this._open(); }, delay);
+    // Armed before the state is told: a connect() from a `state` handler waits for it.
+    this._setState('reconnecting');
   }
 
   /**
-   * With `getToken`: fetch a fresh token before the current one expires (a
-   * fifth of its remaining lifetime before, between 1 s and 60 s) and send
-   * `refresh`, so the connection never ends for expiry.
+   * With `getToken`: fetch a fresh token `refreshMarginMs` before the
+   * current one expires (by default a fifth of its remaining lifetime,
+   * between 1 s and 60 s) and send `refresh`, so the connection never ends
+   * for expiry. Times are the client clock's.
    */
   _scheduleRefresh() {
-    clearTimeout(this._refreshTimer);
+    this._clock.clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
     if (!this._getToken) return;
     const exp = tokenExpiry(this._token);
     if (exp == null) return;
-    const left = exp * 1000 - Date.now();
-    const margin = Math.min(60000, Math.max(1000, left / 5));
-    this._refreshTimer = setTimeout(() => this._refresh(), Math.max(0, left - margin));
+    const left = exp * 1000 - this._clock.now();
+    this._refreshTimer = this._clock.setTimeout(() => this._refresh(), Math.max(0, left - refreshMargin(left, this._refreshMarginMs)));
   }
 
   async _refresh() {
@@ -433,9 +453,9 @@ export class HeraldClient {
       token = await this._getToken();
     } catch (err) {
       if (this._ws !== ws || this._stopped) return;
-      this._emit('error', { code: 'token_unavailable', message: String(err) });
       // Try again shortly; the server closes with 4403 at expiry otherwise.
-      this._refreshTimer = setTimeout(() => this._refresh(), 1000);
+      this._refreshTimer = this._clock.setTimeout(() => this._refresh(), 1000);
+      this._emit('error', { code: 'token_unavailable', message: String(err) });
       return;
     }
     if (this._ws !== ws || this._stopped) return;
@@ -454,13 +474,14 @@ export class HeraldClient {
    * (sleep, network switch): drop it and reconnect with resume.
    */
   _armLiveness() {
-    clearTimeout(this._livenessTimer);
+    this._clock.clearTimeout(this._livenessTimer);
     this._livenessTimer = null;
     if (!this._livenessMs) return;
-    this._livenessTimer = setTimeout(() => {
+    this._livenessTimer = this._clock.setTimeout(() => {
+      this._livenessTimer = null;
       if (!this._isOpen()) return;
       this._ws.send(JSON.stringify({ type: 'ping' }));
-      this._livenessTimer = setTimeout(() => this._dropDeadSocket(), this._pongTimeoutMs);
+      this._livenessTimer = this._clock.setTimeout(() => this._dropDeadSocket(), this._pongTimeoutMs);
     }, this._livenessMs);
   }
 
@@ -468,35 +489,76 @@ export class HeraldClient {
     this._livenessTimer = null;
     const ws = this._ws;
     if (!ws) return;
-    // Do not wait for a close handshake the peer will never answer.
-    this._onClose(ws, 1006, 'no pong in time');
+    // Do not wait for a close handshake the peer will never answer; closed
+    // first, so that the socket is let go of before anything reconnects.
     try { ws.close(); } catch { /* already closing */ }
+    this._onClose(ws, 1006, 'no pong in time');
   }
 
   _networkChanged(online) {
     this._offline = !online;
     if (!online) {
       // Stop retrying; an open socket stays (liveness tells if it died).
-      if (this._retryTimer) { clearTimeout(this._retryTimer); this._retryTimer = null; }
+      this._clock.clearTimeout(this._retryTimer);
+      this._retryTimer = null;
       return;
     }
     if (this._stopped || this._ws || this._opening) return;
-    clearTimeout(this._retryTimer);
+    if (this._closingGeneration === this._generation) return; // the close decides
+    this._clock.clearTimeout(this._retryTimer);
     this._retryTimer = null;
     this._attempt = 0;
     this._open();
   }
 
-  /** Stop for good (as `close()`: pending sends are rejected), emitting `error` first. */
-  _stop(error) {
+  /**
+   * Stop: no socket, no open in progress, no timer. Every open in progress
+   * (a token fetch that resolves later) is orphaned.
+   */
+  _halt(rejectPending) {
+    this._stopped = true;
+    this._generation += 1;
+    this._opening = false;
+    this._clock.clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._clock.clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    this._clock.clearTimeout(this._livenessTimer);
+    this._livenessTimer = null;
+    if (this._listening) {
+      this._network.removeEventListener('online', this._onOnline);
+      this._network.removeEventListener('offline', this._onOffline);
+      this._listening = false;
+    }
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) {
+      try { ws.close(1000, 'client closed'); } catch { /* already closing */ }
+    }
+    if (!rejectPending) return;
+    for (const [id, p] of this._pending) {
+      this._clock.clearTimeout(p.timer);
+      p.reject(new HeraldClosedError(id));
+    }
+    this._pending.clear();
+    for (const [runId, c] of this._cancels) c.reject(new HeraldClosedError(runId));
+    this._cancels.clear();
+  }
+
+  /**
+   * Stop for good: stopped first, then `error`, then state `closed` — unless
+   * an `error` handler started the client again (`connect()`, the app's
+   * decision). `rejectPending`: as `close()`, sends waiting for an ack fail.
+   */
+  _stop(error, rejectPending) {
+    this._halt(rejectPending);
     this._emit('error', error);
-    this.close();
+    if (this._stopped) this._setState('closed');
   }
 
   /** `getToken` returned null: the user is gone; stop for good. */
   _stopForToken() {
-    this.close();
-    this._emit('error', { code: 'unauthorized', message: 'getToken returned null: stopped' });
+    this._stop({ code: 'unauthorized', message: 'getToken returned null: stopped' }, true);
   }
 
   _isOpen() {
@@ -508,7 +570,7 @@ export class HeraldClient {
     if (!this._isOpen()) return; // re-sent on the next welcome
     this._ws.send(JSON.stringify(p.frame));
     if (p.timer) return;
-    p.timer = setTimeout(() => {
+    p.timer = this._clock.setTimeout(() => {
       if (this._pending.get(id) !== p) return;
       this._pending.delete(id);
       p.reject(Object.assign(new Error('no ack in time'), { code: 'timeout', id }));
@@ -538,6 +600,16 @@ export class HeraldClient {
     if (!this._storage || !this._storageKey) return;
     try { this._storage.setItem(this._storageKey, JSON.stringify(this.position)); } catch { /* quota: ignore */ }
   }
+}
+
+/**
+ * How long before its expiry a token with `leftMs` to live is refreshed:
+ * `marginMs` when given (at most half of `leftMs`, so that short tokens are
+ * not refreshed back to back), else a fifth of `leftMs` between 1 s and 60 s.
+ */
+function refreshMargin(leftMs, marginMs) {
+  if (marginMs != null) return Math.min(marginMs, leftMs / 2);
+  return Math.min(60000, Math.max(1000, leftMs / 5));
 }
 
 /** The `exp` claim (seconds) of a JWT, or null when it has none or cannot be read. */

@@ -5,7 +5,7 @@ import http from 'node:http';
 import net from 'node:net';
 import assert from 'node:assert/strict';
 import { HeraldClient, HeraldClosedError } from '../herald.js';
-import { startHerald, mintToken, api, until, freshTokens, helloRecorder } from './helpers.mjs';
+import { startHerald, mintToken, api, until, settle, freshTokens, helloRecorder, wsRecorder, fakeClock, expOf, connectionsOf as connectionsAt } from './helpers.mjs';
 
 let h;
 before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret-0123456789-abcdefghijklmn', HERALD_API_KEY: 'node-key-0123456789ab' }); });
@@ -61,8 +61,10 @@ test('sendMessage resolves on ack and the demo agent run arrives in order', asyn
 test('a kick (4409) stops a client with a fixed token: no second hello, state closed, error kicked', async () => {
   const rec = helloRecorder();
   const token = mintToken(h.secret, 'n3k');
-  // backoffBaseMs: 20 — a reconnect, were there one, would come at once.
-  const c = new HeraldClient({ url: url(), token, WebSocket: rec.WebSocket, backoffBaseMs: 20, network: null });
+  // Every timer of the client is on this clock: nothing armed on it, no
+  // socket and no token to wait for means no reconnect can ever come.
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: url(), token, WebSocket: rec.WebSocket, clock, network: null });
   const closes = [];
   const errors = [];
   const states = [];
@@ -73,7 +75,8 @@ test('a kick (4409) stops a client with a fixed token: no second hello, state cl
   await until(() => c.state === 'open');
   assert.equal((await api(h, '/api/v1/disconnect', { user_id: 'n3k' })).disconnected, 1);
   await until(() => closes.length === 1, 5000, 'the kick');
-  await new Promise((r) => setTimeout(r, 1000));
+  assert.deepEqual(clock.pending(), [], 'no retry armed');
+  assert.equal(rec.held, 0, 'no socket');
   assert.deepEqual(rec.hellos, [token], 'no second hello with the kicked token');
   assert.deepEqual(closes, [4409]);
   assert.deepEqual(errors, ['kicked']);
@@ -90,7 +93,8 @@ test('a kick stops a client whose getToken gives back the kicked token', async (
   const rec = helloRecorder();
   const token = mintToken(h.secret, 'n3c');
   let calls = 0;
-  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return token; }, WebSocket: rec.WebSocket, backoffBaseMs: 20, network: null });
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return token; }, WebSocket: rec.WebSocket, clock, network: null });
   const errors = [];
   c.on('error', (e) => errors.push(e.code));
   // An app calling connect() again while the client reconnects (a remount)
@@ -99,8 +103,11 @@ test('a kick stops a client whose getToken gives back the kicked token', async (
   c.connect();
   await until(() => c.state === 'open');
   await api(h, '/api/v1/disconnect', { user_id: 'n3c' });
+  await until(() => c.state === 'reconnecting', 5000, 'the kick');
+  clock.advance(500); // the retry (backoffBaseMs): it asks getToken
   await until(() => c.state === 'closed', 5000, 'closed');
-  await new Promise((r) => setTimeout(r, 500));
+  assert.deepEqual(clock.pending(), [], 'no retry armed');
+  assert.equal(rec.held, 0, 'no socket');
   assert.deepEqual(rec.hellos, [token], 'no second hello with the kicked token');
   assert.equal(calls, 2, 'asked once for a new token');
   assert.deepEqual(errors, ['kicked']);
@@ -185,18 +192,14 @@ test('asks the token callback again after 4403 and then connects', async () => {
 test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async () => {
   const env = { HERALD_JWT_HS256_SECRET: 's2-0123456789-abcdefghijklmnopqrst', HERALD_API_KEY: 'k2-0123456789abcdef', HERALD_DRAIN_WINDOW: '1s' };
   const h2 = await startHerald(env);
-  // Record when each connection attempt starts.
-  const attempts = [];
-  class Recording extends globalThis.WebSocket {
-    constructor(...args) { super(...args); attempts.push(Date.now()); }
-  }
+  const rec = wsRecorder();
+  const clock = fakeClock();
   // backoffBaseMs: 1 — were the hint ignored, the retry would come at once.
-  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken(h2.secret, 'n5'), WebSocket: Recording, backoffBaseMs: 1 });
+  const c = new HeraldClient({ url: `ws://${h2.addr}/ws`, token: mintToken(h2.secret, 'n5'), WebSocket: rec.WebSocket, backoffBaseMs: 1, clock, network: null });
   const welcomes = [];
   c.on('welcome', (w) => welcomes.push(w));
   const closing = new Promise((r) => c.on('closing', r));
-  let closedAt = 0;
-  const closed = new Promise((r) => c.on('close', (e) => { closedAt = Date.now(); r(e); }));
+  const closed = new Promise((r) => c.on('close', r));
   c.connect();
   await until(() => c.state === 'open');
   h2.proc.kill('SIGTERM');
@@ -206,15 +209,18 @@ test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async
   assert.ok(hint >= 250 && hint <= 1250, `hint ${hint}`);
   assert.equal((await closed).code, 1012);
   assert.equal(c.state, 'reconnecting');
+  // The one timer armed is the retry, at the hint on the client's clock.
+  const closedAt = clock.now();
+  assert.deepEqual(clock.pending(), [closedAt + hint]);
   // The redeployed server comes up on the same address.
   await h2.stop();
   const h3 = await startHerald({ ...env, HERALD_ADDR: h2.addr });
   try {
+    clock.advance(hint - 1);
+    assert.equal(rec.constructed, 1, 'no retry before the hint');
+    clock.advance(1);
+    assert.equal(rec.constructed, 2, 'the retry at the hint');
     await until(() => welcomes.length === 2 && c.state === 'open', 10000, 'reconnected to the new server');
-    assert.equal(attempts.length >= 2, true);
-    const waited = attempts[1] - closedAt;
-    assert.ok(waited >= hint - 1, `retried after ${waited} ms, before the ${hint} ms hint`);
-    assert.ok(waited < hint + 1000, `retried after ${waited} ms, long after the ${hint} ms hint`);
     // The new server has no history: the client is told it starts over.
     assert.equal(welcomes[1].reset, true);
     assert.notEqual(welcomes[1].epoch, welcomes[0].epoch);
@@ -225,43 +231,125 @@ test('a drain (1012) is followed by a reconnect after reconnect_after_ms', async
 });
 
 /** The server's live connections of `user`. */
-async function connectionsOf(user) {
-  const r = await fetch(`http://${h.addr}/api/v1/connections?user_id=${user}`, { headers: { authorization: `Bearer ${h.apiKey}` } });
-  return (await r.json()).connections;
-}
+const connectionsOf = (user) => connectionsAt(h, user);
 
 test('connect/close churn with a slow getToken leaves exactly one socket', async () => {
-  let fetches = 0;
-  const getToken = async () => {
-    fetches += 1;
-    await new Promise((r) => setTimeout(r, 150));
-    return mintToken(h.secret, 'n7');
-  };
-  const c = new HeraldClient({ url: url(), getToken });
+  // Token fetches that the test answers, in the order it chooses.
+  const fetches = [];
+  const getToken = () => new Promise((resolve) => fetches.push(() => resolve(mintToken(h.secret, 'n7'))));
+  const rec = wsRecorder();
+  const c = new HeraldClient({ url: url(), getToken, WebSocket: rec.WebSocket });
   const seqs = [];
   const welcomes = [];
   c.on('event', (e) => seqs.push(e.seq));
   c.on('welcome', (w) => welcomes.push(w));
-  // React StrictMode's double mount, and then some: every token fetch of an
-  // earlier generation resolves after the close that orphaned it.
+  // React StrictMode's double mount, and then some: every close orphans a
+  // token fetch still in flight.
   c.connect();
   c.connect();
   c.close();
   c.connect();
-  await new Promise((r) => setTimeout(r, 50));
   c.close();
   c.connect();
+  assert.equal(fetches.length, 3, 'one fetch per connect after a close');
+  // An orphaned fetch resolves before the current one, the other after it.
+  fetches[0]();
+  await settle();
+  assert.equal(rec.constructed, 0, 'an orphaned fetch opens nothing');
+  fetches[2]();
   await until(() => c.state === 'open', 5000, 'open');
-  await new Promise((r) => setTimeout(r, 400)); // every orphaned fetch has resolved
-  assert.equal(fetches, 3, 'one fetch per connect after a close');
+  fetches[1]();
+  await settle();
+  assert.equal(rec.constructed, 1, 'one socket made');
   assert.equal(welcomes.length, 1);
   assert.equal((await connectionsOf('n7')).length, 1, 'exactly one server-side connection');
   await api(h, '/api/v1/events', { events: [1, 2, 3].map(() => ({ user_id: 'n7', event: 'note' })) });
+  // A fourth event marks the end: anything doubled would come before it.
   await until(() => seqs.length >= 3, 5000, '3 events');
-  await new Promise((r) => setTimeout(r, 100));
-  assert.deepEqual(seqs, [1, 2, 3], 'each event once');
+  await api(h, '/api/v1/events', { user_id: 'n7', event: 'note' });
+  await until(() => seqs.includes(4), 5000, 'the 4th event');
+  assert.deepEqual(seqs, [1, 2, 3, 4], 'each event once');
   c.close();
   await until(async () => (await connectionsOf('n7')).length === 0, 5000, 'the server sees the close');
+});
+
+test('connect() from close, state and error handlers after a kick opens no second socket: one server-side connection, a new token', async () => {
+  const rec = wsRecorder();
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n17'), WebSocket: rec.WebSocket, clock, network: null, livenessMs: 0 });
+  const welcomes = [];
+  const closes = [];
+  c.on('welcome', (w) => welcomes.push(w.conn_id));
+  c.on('close', (e) => closes.push(e.code));
+  // An app that calls connect() on whatever it hears, at once, twice.
+  for (const name of ['close', 'state', 'error']) c.on(name, () => { c.connect(); c.connect(); });
+  c.connect();
+  await until(() => c.state === 'open');
+  await api(h, '/api/v1/disconnect', { user_id: 'n17' });
+  await until(() => closes.length === 1, 5000, 'the kick');
+  // Any socket a handler made is through its handshake (and hello) first.
+  await until(() => rec.sockets.every((ws) => ws.readyState !== WebSocket.CONNECTING), 5000, 'handshakes');
+  c.connect(); // during the backoff wait
+  clock.advance(500); // the retry (within backoffBaseMs)
+  await settle();
+  await until(() => welcomes.length >= 2 && c.state === 'open', 5000, 'reconnected');
+  assert.deepEqual((await connectionsOf('n17')).map((x) => x.conn_id), [c.connId], 'one server-side connection');
+  assert.equal(rec.maxHeld, 1, `${rec.constructed} sockets made, ${rec.maxHeld} held at once`);
+  assert.equal(rec.constructed, 2);
+  assert.equal(welcomes.length, 2);
+  assert.notEqual(rec.hellos[1], rec.hellos[0], 'reconnected with a new token, not the kicked one');
+  assert.deepEqual(clock.pending(), [expOf(rec.hellos[1]) * 1000 - 60000], 'nothing armed but the token refresh');
+  c.close();
+});
+
+test('connect() twice, from error and state handlers and during the backoff after a failed token fetch: one socket', async () => {
+  const rec = wsRecorder();
+  const clock = fakeClock();
+  let calls = 0;
+  const getToken = async () => {
+    calls += 1;
+    if (calls === 1) throw new Error('token service down');
+    return mintToken(h.secret, 'n18');
+  };
+  const c = new HeraldClient({ url: url(), getToken, WebSocket: rec.WebSocket, clock, network: null, livenessMs: 0 });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.code));
+  for (const name of ['error', 'state']) c.on(name, () => { c.connect(); c.connect(); });
+  c.connect();
+  c.connect();
+  await until(() => errors.length === 1, 5000, 'the failed fetch');
+  assert.deepEqual(errors, ['token_unavailable']);
+  c.connect(); // during the backoff wait
+  clock.advance(500); // the retry (within backoffBaseMs)
+  await settle();
+  await until(() => c.state === 'open', 5000, 'open');
+  assert.equal(rec.maxHeld, 1, `${rec.constructed} sockets made, ${rec.maxHeld} held at once`);
+  assert.equal((await connectionsOf('n18')).length, 1, 'one server-side connection');
+  assert.equal(rec.constructed, 1);
+  assert.equal(calls, 2, 'one fetch for the retry, none for the handlers');
+  assert.equal(clock.pending().length, 1, 'nothing armed but the token refresh');
+  c.close();
+});
+
+test('close() and connect() from a close handler start the client again: one socket, a new token', async () => {
+  const rec = wsRecorder();
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n19'), WebSocket: rec.WebSocket, clock, network: null, livenessMs: 0 });
+  const welcomes = [];
+  let restarted = false;
+  c.on('welcome', (w) => welcomes.push(w.conn_id));
+  c.on('close', () => { if (!restarted) { restarted = true; c.close(); c.connect(); } });
+  c.connect();
+  await until(() => c.state === 'open');
+  await api(h, '/api/v1/disconnect', { user_id: 'n19' });
+  await until(() => welcomes.length === 2 && c.state === 'open', 5000, 'started again');
+  clock.advance(15000); // any retry armed (backoffMaxMs)
+  await settle();
+  assert.equal(rec.maxHeld, 1, `${rec.constructed} sockets made, ${rec.maxHeld} held at once`);
+  assert.deepEqual((await connectionsOf('n19')).map((x) => x.conn_id), [c.connId], 'one server-side connection');
+  assert.equal(rec.constructed, 2);
+  assert.notEqual(rec.hellos[1], rec.hellos[0], 'started again with a new token, not the kicked one');
+  c.close();
 });
 
 test('close() rejects sends still waiting for their ack', async () => {
@@ -273,14 +361,15 @@ test('close() rejects sends still waiting for their ack', async () => {
 });
 
 test('a caller-chosen id retried after a timeout reaches the backend once', async () => {
-  // A backend that takes 1.5 s to answer, counting what it receives.
+  // A backend that answers when the test says so, recording what it receives.
   const seen = [];
+  const held = [];
   const backend = http.createServer((req, res) => {
     let body = '';
     req.on('data', (d) => { body += d; });
     req.on('end', () => {
       seen.push(JSON.parse(body).message_id);
-      setTimeout(() => { res.writeHead(200); res.end(); }, 1500);
+      held.push(res);
     });
   });
   await new Promise((r) => backend.listen(0, '127.0.0.1', r));
@@ -288,17 +377,25 @@ test('a caller-chosen id retried after a timeout reaches the backend once', asyn
     HERALD_JWT_HS256_SECRET: 'w-secret-0123456789-abcdefghijklmnop', HERALD_API_KEY: 'w-key-0123456789abcd',
     HERALD_WEBHOOK_URL: `http://127.0.0.1:${backend.address().port}/hook`, HERALD_WEBHOOK_SECRET: 'w-hook-0123456789abcd',
   });
-  const c = new HeraldClient({ url: `ws://${hw.addr}/ws`, token: mintToken(hw.secret, 'n9'), ackTimeoutMs: 300 });
+  const rec = wsRecorder();
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: `ws://${hw.addr}/ws`, token: mintToken(hw.secret, 'n9'), ackTimeoutMs: 300, WebSocket: rec.WebSocket, clock });
   try {
     c.connect();
     await until(() => c.state === 'open');
-    await assert.rejects(c.sendMessage('t1', 'slow', {}, { id: 'my-id-1' }), (e) => e.code === 'timeout' && e.id === 'my-id-1');
-    // The app retries with the same id once the backend has answered: acked
-    // as a duplicate, not forwarded again.
-    await new Promise((r) => setTimeout(r, 1500));
+    const first = c.sendMessage('t1', 'slow', {}, { id: 'my-id-1' });
+    await until(() => seen.length === 1, 5000, 'the message at the backend');
+    clock.advance(300); // the ack timeout, with the backend still busy
+    await assert.rejects(first, (e) => e.code === 'timeout' && e.id === 'my-id-1');
+    // The backend answers; Herald acks the message to a client that gave up on it.
+    held[0].writeHead(200);
+    held[0].end();
+    await until(() => rec.received.some((f) => f.type === 'ack' && f.id === 'my-id-1'), 5000, 'the late ack');
+    // The app retries with the same id: acked as a duplicate, not forwarded again.
     assert.deepEqual(await c.sendMessage('t1', 'slow', {}, { id: 'my-id-1' }), { id: 'my-id-1' });
     assert.deepEqual(seen, ['my-id-1']);
   } finally {
+    for (const res of held) if (!res.writableEnded) { res.writeHead(200); res.end(); }
     c.close();
     await hw.stop();
     backend.close();
@@ -306,10 +403,12 @@ test('a caller-chosen id retried after a timeout reaches the backend once', asyn
 });
 
 test('the ack timer runs only while the message is on a socket', async () => {
-  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n10'), ackTimeoutMs: 300 });
-  // Sent while disconnected, longer ago than the timeout: not a timeout.
+  const clock = fakeClock();
+  const c = new HeraldClient({ url: url(), token: mintToken(h.secret, 'n10'), ackTimeoutMs: 300, clock });
+  // Sent while disconnected: no timer armed, so ten timeouts later it still waits.
   const sent = c.sendMessage('t1', 'queued while offline', {}, { id: 'offline-1' });
-  await new Promise((r) => setTimeout(r, 500));
+  assert.deepEqual(clock.pending(), [], 'no ack timer while on no socket');
+  clock.advance(3000);
   c.connect();
   assert.deepEqual(await sent, { id: 'offline-1' });
   c.close();
@@ -331,41 +430,103 @@ test('cancel while disconnected is sent after the welcome, or rejected by close(
   await assert.rejects(dropped, (e) => e instanceof HeraldClosedError);
 });
 
-test('with getToken, a 5-second token is refreshed: one connection outlives three lifetimes', async () => {
-  let fetches = 0;
-  const getToken = async () => { fetches += 1; return mintToken(h.secret, 'n12', 5); };
-  const c = new HeraldClient({ url: url(), getToken });
+/**
+ * A client refreshing its tokens on a fake clock, each token minted for
+ * `ttls[i]` seconds from the clock's now, and recording its frames.
+ */
+async function refreshingClient(user, ttls, options = {}) {
+  const clock = fakeClock();
+  const rec = wsRecorder();
+  const tokens = [];
+  const getToken = async () => {
+    const token = mintToken(h.secret, user, ttls[Math.min(tokens.length, ttls.length - 1)], clock.now());
+    tokens.push(token);
+    return token;
+  };
+  const c = new HeraldClient({ url: url(), getToken, clock, WebSocket: rec.WebSocket, network: null, livenessMs: 0, ...options });
   const welcomes = [];
   const closes = [];
   c.on('welcome', (w) => welcomes.push(w.conn_id));
   c.on('close', (e) => closes.push(e.code));
   c.connect();
   await until(() => c.state === 'open');
-  await new Promise((r) => setTimeout(r, 16000));
-  assert.deepEqual(closes, [], 'no 4403');
-  assert.equal(welcomes.length, 1, 'the same connection');
-  assert.ok(fetches >= 4, `${fetches} token fetches`);
+  const sent = (type) => rec.sent.filter((f) => f.type === type);
+  const got = (type) => rec.received.filter((f) => f.type === type);
+  return {
+    c, clock, rec, tokens, welcomes, closes,
+    /**
+     * The refresh timer is the one armed, due at `due(exp, left)`; not a
+     * millisecond early, the client fetches the next token and sends it;
+     * the server handles that refresh without an error (the pong to a ping
+     * sent after it comes, and no `invalid_token` before it).
+     */
+    async step(i, due) {
+      const exp = expOf(tokens[i]) * 1000;
+      const at = due(exp, exp - clock.now());
+      assert.deepEqual(clock.pending(), [at], `token ${i + 1}: the one timer is its refresh`);
+      clock.advanceTo(at - 1);
+      assert.equal(tokens.length, i + 1, `token ${i + 1}: not refreshed before exp - margin`);
+      clock.advanceTo(at);
+      await until(() => sent('refresh').length === i + 1, 5000, `refresh ${i + 1}`);
+      assert.equal(tokens.length, i + 2);
+      assert.equal(sent('refresh')[i].token, tokens[i + 1], 'the refresh carries the new token');
+      rec.sockets.at(-1).send(JSON.stringify({ type: 'ping' }));
+      await until(() => got('pong').length === i + 1, 5000, `pong ${i + 1}`);
+      assert.deepEqual(got('error'), [], 'the server accepted the refresh');
+    },
+  };
+}
+
+test('with getToken, each token is refreshed a fifth of its remaining lifetime (1–60 s) before exp, by the client clock, on the same connection', async () => {
+  // Lifetimes hitting the 60 s cap, the fifth, and the 1 s floor.
+  const r = await refreshingClient('n12', [3600, 100, 3, 3600]);
+  const fifth = (exp, left) => exp - Math.min(60000, Math.max(1000, left / 5));
+  for (let i = 0; i < 3; i += 1) await r.step(i, fifth);
+  assert.deepEqual(r.closes, []);
+  assert.equal(r.welcomes.length, 1, 'the same connection');
+  assert.deepEqual((await connectionsOf('n12')).map((x) => x.conn_id), [r.c.connId]);
   // Still served.
   const seqs = [];
-  c.on('event', (e) => seqs.push(e.seq));
+  r.c.on('event', (e) => seqs.push(e.seq));
   await api(h, '/api/v1/events', { user_id: 'n12', event: 'note' });
   await until(() => seqs.length === 1, 5000, 'an event');
-  c.close();
+  r.c.close();
+});
+
+test('refreshMarginMs sets how long before exp a token is refreshed, at most half its remaining lifetime', async () => {
+  const r = await refreshingClient('n12m', [3600, 40, 3600], { refreshMarginMs: 30000 });
+  const margin = (exp, left) => exp - Math.min(30000, left / 2);
+  await r.step(0, margin); // exp - 30 s
+  await r.step(1, margin); // a 40 s token: exp - 20 s
+  assert.deepEqual(r.closes, []);
+  assert.equal(r.welcomes.length, 1, 'the same connection');
+  r.c.close();
 });
 
 test('getToken returning null stops the client with an error', async () => {
+  const clock = fakeClock();
   let calls = 0;
-  const c = new HeraldClient({ url: url(), getToken: async () => { calls += 1; return calls === 1 ? mintToken(h.secret, 'n13', 3) : null; } });
+  let first = null;
+  const getToken = async () => {
+    calls += 1;
+    if (calls > 1) return null;
+    first = mintToken(h.secret, 'n13', 3, clock.now());
+    return first;
+  };
+  const c = new HeraldClient({ url: url(), getToken, clock });
   const errors = [];
   let welcomed = false;
   c.on('error', (e) => errors.push(e.code));
   c.on('welcome', () => { welcomed = true; });
   c.connect();
   await until(() => welcomed, 5000, 'welcome');
-  // The refresh (about 1 s before expiry) gets null: stop, no reconnect.
+  // The refresh (1 s before expiry) gets null: stop, no reconnect.
+  clock.advanceTo(expOf(first) * 1000 - 1000);
   await until(() => c.state === 'closed', 5000, 'stopped');
   assert.deepEqual(errors, ['unauthorized']);
-  await new Promise((r) => setTimeout(r, 1500));
+  assert.deepEqual(clock.pending(), [], 'nothing armed: no further fetch, however long');
+  clock.advance(3600e3);
+  await settle();
   assert.equal(calls, 2, 'no further fetches');
   assert.equal(c.state, 'closed');
 });
@@ -395,26 +556,44 @@ async function freezableProxy(target) {
 
 test('a half-open socket is detected by app-level ping and resumed with nothing lost', async () => {
   const proxy = await freezableProxy(h.addr);
-  const c = new HeraldClient({ url: `ws://${proxy.addr}/ws`, token: mintToken(h.secret, 'n14'), livenessMs: 400, pongTimeoutMs: 400, backoffBaseMs: 50, network: null });
+  const clock = fakeClock();
+  const rec = wsRecorder();
+  const c = new HeraldClient({ url: `ws://${proxy.addr}/ws`, token: mintToken(h.secret, 'n14'), livenessMs: 400, pongTimeoutMs: 400, backoffBaseMs: 50, network: null, clock, WebSocket: rec.WebSocket });
   const seqs = [];
   const welcomes = [];
   c.on('event', (e) => seqs.push(e.seq));
   c.on('welcome', (w) => welcomes.push(w));
+  const pings = () => rec.sent.filter((f) => f.type === 'ping').length;
+  const pongs = () => rec.received.filter((f) => f.type === 'pong').length;
   try {
     c.connect();
     await until(() => c.state === 'open');
     const pub = (n) => api(h, '/api/v1/events', { events: Array.from({ length: n }, () => ({ user_id: 'n14', event: 'note' })) });
     await pub(2);
     await until(() => seqs.length === 2, 5000, '2 events');
-    // Idle pings are answered: the connection stays.
-    await new Promise((r) => setTimeout(r, 1200));
+    // Idle pings, each after livenessMs of silence, are answered: the
+    // connection stays, and the pong arms the next ping, not a drop.
+    for (let i = 1; i <= 2; i += 1) {
+      assert.deepEqual(clock.pending(), [clock.now() + 400], 'the next ping armed');
+      clock.advance(399);
+      assert.equal(pings(), i - 1, 'no ping before livenessMs of silence');
+      clock.advance(1);
+      assert.equal(pings(), i, 'a ping after livenessMs of silence');
+      await until(() => pongs() === i, 5000, `pong ${i}`);
+    }
     assert.equal(welcomes.length, 1, 'answered pings keep the connection');
     proxy.freeze();
-    const frozenAt = Date.now();
     await pub(3); // never reaches the frozen socket
+    clock.advance(400);
+    assert.equal(pings(), 3, 'the ping into the frozen socket');
+    clock.advance(399);
+    assert.equal(c.state, 'open', 'not dropped before pongTimeoutMs');
+    clock.advance(1);
+    assert.equal(c.state, 'reconnecting', 'dropped after pongTimeoutMs without a frame');
+    assert.equal(rec.held, 0, 'the dead socket let go');
+    clock.advance(50); // the retry (backoffBaseMs)
     await until(() => welcomes.length === 2, 5000, 'reconnected');
-    const detectedIn = Date.now() - frozenAt;
-    assert.ok(detectedIn < 400 + 400 + 1000, `detected after ${detectedIn} ms`);
+    assert.equal(rec.maxHeld, 1);
     assert.equal(welcomes[1].resumed, true);
     await until(() => seqs.length === 5, 5000, 'the 3 missed events');
     assert.deepEqual(seqs, [1, 2, 3, 4, 5]);
@@ -426,7 +605,9 @@ test('a half-open socket is detected by app-level ping and resumed with nothing 
 
 test('offline stops reconnect attempts; online reconnects at once', async () => {
   const network = new EventTarget();
-  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n15'), backoffBaseMs: 60000, network });
+  const clock = fakeClock();
+  const rec = wsRecorder();
+  const c = new HeraldClient({ url: url(), getToken: freshTokens(h.secret, 'n15'), network, clock, WebSocket: rec.WebSocket });
   const welcomes = [];
   c.on('welcome', (w) => welcomes.push(w));
   c.connect();
@@ -434,9 +615,11 @@ test('offline stops reconnect attempts; online reconnects at once', async () => 
   network.dispatchEvent(new Event('offline'));
   await api(h, '/api/v1/disconnect', { user_id: 'n15' });
   await until(() => c.state === 'reconnecting', 5000, 'reconnecting');
-  await new Promise((r) => setTimeout(r, 300));
+  // No retry armed and no socket: no attempt until the network is back.
+  assert.deepEqual(clock.pending(), [], 'no retry armed while offline');
+  assert.equal(rec.held, 0);
   assert.equal(welcomes.length, 1, 'no attempt while offline');
-  // A 60 s backoff would apply; online reconnects now.
+  // Online reconnects at once, the client's clock standing still.
   network.dispatchEvent(new Event('online'));
   await until(() => welcomes.length === 2, 3000, 'reconnected on online');
   c.close();

@@ -35,10 +35,13 @@ export function startHerald(env = {}) {
 
 const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 
-/** An HS256 JWT for `sub`, expiring `ttlSec` from now (negative: already expired). */
-export function mintToken(secret, sub, ttlSec = 3600) {
+/**
+ * An HS256 JWT for `sub`, expiring `ttlSec` from now (negative: already
+ * expired); `nowMs` is "now" (a fake clock's time, ahead of the server's).
+ */
+export function mintToken(secret, sub, ttlSec = 3600, nowMs = Date.now()) {
   const head = b64({ alg: 'HS256', typ: 'JWT' });
-  const body = b64({ sub, exp: Math.floor(Date.now() / 1000) + ttlSec });
+  const body = b64({ sub, exp: Math.floor(nowMs / 1000) + ttlSec });
   const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
   return `${head}.${body}.${sig}`;
 }
@@ -50,17 +53,90 @@ export function freshTokens(secret, sub) {
   return getToken;
 }
 
-/** A WebSocket class recording the token of every `hello` sent through it. */
-export function helloRecorder() {
-  const hellos = [];
+/** The `exp` claim (seconds) of a JWT. */
+export const expOf = (token) => JSON.parse(Buffer.from(token.split('.')[1], 'base64url')).exp;
+
+/**
+ * A WebSocket class recording what goes through it: `hellos` (the token of
+ * every `hello`), `sent` and `received` frames, `constructed` sockets and
+ * `held` — sockets neither closed by the client nor by the peer — with its
+ * highest value, `maxHeld` (a client holds at most one socket).
+ */
+export function wsRecorder() {
+  const rec = { hellos: [], sent: [], received: [], sockets: [], constructed: 0, held: 0, maxHeld: 0 };
   class Recording extends globalThis.WebSocket {
+    constructor(...args) {
+      super(...args);
+      rec.sockets.push(this);
+      rec.constructed += 1;
+      rec.held += 1;
+      rec.maxHeld = Math.max(rec.maxHeld, rec.held);
+      this.released = false;
+      // Registered before the client's handlers: counted before they run.
+      this.addEventListener('close', () => this.release());
+      this.addEventListener('message', (m) => rec.received.push(JSON.parse(m.data)));
+    }
+    release() {
+      if (this.released) return;
+      this.released = true;
+      rec.held -= 1;
+    }
     send(data) {
       const f = JSON.parse(data);
-      if (f.type === 'hello') hellos.push(f.token);
+      rec.sent.push(f);
+      if (f.type === 'hello') rec.hellos.push(f.token);
       super.send(data);
     }
+    close(...args) {
+      this.release();
+      super.close(...args);
+    }
   }
-  return { hellos, WebSocket: Recording };
+  rec.WebSocket = Recording;
+  return rec;
+}
+
+/** A WebSocket class recording the token of every `hello` sent through it. */
+export const helloRecorder = wsRecorder;
+
+/**
+ * A clock for `HeraldClient`'s `clock` option that moves only when told:
+ * `advance(ms)` / `advanceTo(t)` run the timers falling due, in order, each
+ * at its own time; `pending()` lists the due times of the armed timers.
+ */
+export function fakeClock(start = Date.now()) {
+  let now = start;
+  let nextId = 1;
+  const timers = new Map();
+  return {
+    now: () => now,
+    setTimeout(fn, ms) {
+      const id = nextId++;
+      timers.set(id, { due: now + Math.max(0, Number(ms) || 0), fn });
+      return id;
+    },
+    clearTimeout(id) { timers.delete(id); },
+    pending: () => [...timers.values()].map((t) => t.due).sort((a, b) => a - b),
+    advanceTo(t) {
+      for (;;) {
+        let next = null;
+        for (const [id, timer] of timers) if (timer.due <= t && (!next || timer.due < next[1].due)) next = [id, timer];
+        if (!next) break;
+        timers.delete(next[0]);
+        now = Math.max(now, next[1].due);
+        next[1].fn();
+      }
+      now = Math.max(now, t);
+    },
+    advance(ms) { this.advanceTo(now + ms); },
+  };
+}
+
+/** The server's live connections of `user`. */
+export async function connectionsOf(h, user) {
+  const r = await fetch(`http://${h.addr}/api/v1/connections?user_id=${user}`, { headers: { authorization: `Bearer ${h.apiKey}` } });
+  if (!r.ok) throw new Error(`connections: HTTP ${r.status} ${await r.text()}`);
+  return (await r.json()).connections;
 }
 
 export async function api(h, path, body) {
@@ -72,6 +148,13 @@ export async function api(h, path, body) {
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status} ${await r.text()}`);
   return r.json();
 }
+
+/**
+ * One turn of the event loop: promise continuations already queued run (a
+ * `getToken` resolving without I/O, the client's open after it). Not a wait
+ * for anything that takes time.
+ */
+export const settle = () => new Promise((r) => setImmediate(r));
 
 /** Resolve when `predicate()` holds, polling; reject after `ms`. */
 export async function until(predicate, ms = 10000, what = 'condition') {

@@ -1,7 +1,7 @@
 // Compiled by `tsc --noEmit` in `npm test`: the .d.ts must type real use,
 // and must refuse wrong use (each @ts-expect-error fails the check if the
 // line below it compiles).
-import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldEvent } from '../herald.js';
+import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldClock, type HeraldEvent } from '../herald.js';
 
 const c = new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null });
 c.on('agent_thinking', (e) => {
@@ -20,6 +20,17 @@ c.on('closing', (f) => { const ms: number = f.reconnect_after_ms; void ms; });
 c.on('agent_thinkin', () => {});
 // @ts-expect-error: agent_thinking's text is a string
 c.on('agent_thinking', (e) => { const n: number = e.data.text; void n; });
+
+// The timing knobs: a clock (a fake one in tests, a corrected `now` in an
+// app) and the refresh margin.
+const clock: HeraldClock = {
+  now: () => Date.now(),
+  setTimeout: (fn, ms) => setTimeout(fn, ms),
+  clearTimeout: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
+};
+new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null, clock, refreshMarginMs: 30000 });
+// @ts-expect-error: a clock has timers too
+new HeraldClient({ url: 'ws://localhost/ws', token: 't', clock: { now: () => 0 } });
 
 // A custom event map extends the default one.
 interface MyEvents { note: HeraldEvent<{ body: string }> }
