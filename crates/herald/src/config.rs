@@ -94,7 +94,7 @@ declare_keys! {
     HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event + ~640 B per user stream + idempotency keys); the oldest events are evicted first, from users over their fair share";
     RUN_MAX_BYTES = "run_max_bytes", Some("4194304"), "Payload bytes one open agent run may hold in history (its events are kept until it closes); a run outgrowing it, or a stream's open runs outgrowing 4x it together, is closed with agent_error {reason: run_too_large}";
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
-    IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered";
+    IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered (the 1,000 newest per user stream, on either broker)";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";

@@ -348,3 +348,31 @@ async fn a_stream_whose_meta_was_evicted_starts_a_new_epoch() {
         "{e}"
     );
 }
+
+/// Finding 10: idempotency keys are bounded per stream on Redis as in
+/// memory (the newest `max_idempotency_keys`; 100,000 publishes to one user
+/// used to leave 100,000 keys for the whole window). The newest still
+/// deduplicate; the oldest are forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_bounded_per_stream() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.stream_limits.max_idempotency_keys = 5;
+    let node = start_with(cfg).await;
+    let send =
+        |k: usize| json!({"user_id": "idem", "event": "note", "idempotency_key": format!("k{k}")});
+    for k in 0..20 {
+        let (status, body) = post(&node, "/api/v1/events", send(k)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let keys = redis.cli(&["KEYS", "t:{user:idem}:idem:*"]);
+    assert_eq!(keys.lines().count(), 5, "{keys}");
+    for k in 15..20 {
+        let (_, body) = post(&node, "/api/v1/events", send(k)).await;
+        assert_eq!(body["results"][0]["duplicate"], true, "k{k}: {body}");
+        assert_eq!(body["results"][0]["seq"], k as u64 + 1);
+    }
+    let (_, body) = post(&node, "/api/v1/events", send(0)).await;
+    assert_eq!(body["results"][0]["seq"], 21, "k0 was forgotten: {body}");
+    assert_eq!(redis.cli(&["ZCARD", "t:{user:idem}:idems"]), "5");
+}

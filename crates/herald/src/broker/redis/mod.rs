@@ -17,7 +17,8 @@
 //! | `…:runs` | hash | open run → `<last event ms>\t<thread_id>` |
 //! | `…:runbytes` | hash | open run → bytes of its held events; `*` → all open runs together |
 //! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs; a text entry as `<first>`, `T<before>\n<after>`) |
-//! | `…:idem:<key>` | string | the seq of a publish idempotency key (expires) |
+//! | `…:idem:<key>` | string | the seq of a publish idempotency key (expires; at most `max_idempotency_keys` per stream) |
+//! | `…:idems` | sorted set | the stream's idempotency keys by seq, so the oldest are forgotten first past the bound |
 //! | `…:ch` | channel | `<epoch>\n<seq>\n<json>` per stored event |
 //! | `<prefix>:runs` | sorted set | open runs by last event time (for the sweeper) |
 //!
@@ -587,7 +588,8 @@ impl Shared {
             .arg(self.limits.run_ttl.as_millis() as u64)
             .arg(events.len())
             .arg(self.limits.max_run_bytes)
-            .arg(self.limits.max_runs_bytes);
+            .arg(self.limits.max_runs_bytes)
+            .arg(self.limits.max_idempotency_keys);
         for e in events {
             let closes = e.frame.run_id.is_some() && runs::closes(&e.frame.event);
             script

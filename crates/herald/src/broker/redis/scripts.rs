@@ -62,7 +62,11 @@ local function start_epoch(base, epoch)
   for _, run in ipairs(redis.call('HKEYS', runs)) do
     redis.call('DEL', base .. ':run:' .. run, base .. ':parts:' .. run)
   end
-  redis.call('DEL', base .. ':log', runs, base .. ':runbytes')
+  -- An idempotency key names a seq of the old epoch: forgotten with it.
+  for _, key in ipairs(redis.call('ZRANGE', base .. ':idems', 0, -1)) do
+    redis.call('DEL', base .. ':idem:' .. key)
+  end
+  redis.call('DEL', base .. ':log', runs, base .. ':runbytes', base .. ':idems')
   redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0)
 end
 local function get_epoch(base, new_epoch)
@@ -99,7 +103,8 @@ end
 /// KEYS: meta, log, runs, run bytes (one hash tag, so one Cluster slot).
 /// ARGV: new_epoch, max_events, max_age_ms, ttl_ms, idem_ms, channel, base,
 /// publish command (`PUBLISH`, or `SPUBLISH` on Cluster), cond_run,
-/// run_ttl_ms, n, max_run_bytes, max_runs_bytes, then n × (idem, run,
+/// run_ttl_ms, n, max_run_bytes, max_runs_bytes, max_idem (idempotency
+/// keys kept per stream, oldest forgotten first), then n × (idem, run,
 /// closes, thread, tail, part, index, pre, post): for a text delta `part` is
 /// set, `tail` is its escaped text and `pre`/`post` the frame around it.
 /// With `cond_run` set, publishes only if that run is open and silent for
@@ -161,7 +166,7 @@ end
 do
   local nexts, closed, keys = {}, {}, {}
   for i = 0, n - 1 do
-    local a = 14 + i * W
+    local a = 15 + i * W
     local idem, run, closes, part, index = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 5], ARGV[a + 6]
     local skip = idem ~= '' and (keys[idem] or redis.call('EXISTS', base .. ':idem:' .. idem) == 1)
     if not skip and run ~= '' then
@@ -202,7 +207,7 @@ local grew, added = false, false
 local total = nil
 local sizes = {}
 for i = 0, n - 1 do
-  local a = 14 + i * W
+  local a = 15 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local prev = false
@@ -258,7 +263,18 @@ for i = 0, n - 1 do
       size = #json
       added = true
     end
-    if idem ~= '' then redis.call('SET', base .. ':idem:' .. idem, seq, 'PX', ARGV[5]) end
+    if idem ~= '' then
+      redis.call('SET', base .. ':idem:' .. idem, seq, 'PX', ARGV[5])
+      -- At most max_idem keys per stream: the oldest are forgotten first.
+      local order = base .. ':idems'
+      redis.call('ZADD', order, seq, idem)
+      redis.call('PEXPIRE', order, ARGV[5])
+      local over = redis.call('ZCARD', order) - tonumber(ARGV[14])
+      if over > 0 then
+        local old = redis.call('ZPOPMIN', order, over)
+        for j = 1, #old, 2 do redis.call('DEL', base .. ':idem:' .. old[j]) end
+      end
+    end
     if run ~= '' then
       if closes == '1' then
         redis.call('HDEL', KEYS[3], run)
