@@ -77,6 +77,9 @@ declare_keys! {
     HELLO_TIMEOUT = "hello_timeout", Some("10s"), "Time allowed from upgrade to a valid hello (else close 4408)";
     CLOSE_TIMEOUT = "close_timeout", Some("2s"), "Time allowed to flush, write the close frame and await the reply";
     HTTP_HEADER_TIMEOUT = "http_header_timeout", Some("10s"), "Time allowed for an HTTP request's complete head, from the accept or, on a keep-alive connection, from the previous response (so also the idle bound between requests); else the connection is closed";
+    INGEST_RATE = "ingest_rate", Some("2000"), "Text ingest: deltas appended per second per request after the burst (a faster producer is slowed by not reading, never refused); deltas skipped as duplicates do not count";
+    INGEST_BURST = "ingest_burst", Some("2000"), "Text ingest: deltas a request may append at once before ingest_rate applies";
+    INGEST_IDLE_TIMEOUT = "ingest_idle_timeout", Some("60s"), "Text ingest: a request that brings no delta line for this long (blank lines do not count) is answered 408 stream_idle";
     HTTP_BODY_TIMEOUT = "http_body_timeout", Some("10s"), "Time allowed for a whole request body of the API (publish, disconnect), from when it is read (after the API key is checked); else 408 body_timeout. The text ingest streams and has its own idle bound";
     MAX_HTTP_CONNECTIONS = "max_http_connections", Some("1024"), "HTTP connections (before any WebSocket upgrade) served at once; a connection beyond it gets 503 overloaded and is closed at once, so a flood cannot exhaust file descriptors. Keep it well under the process's open-file limit";
     WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket that takes no byte of a pending write for this long is dropped";
@@ -216,6 +219,17 @@ fn at_least(min: usize) -> impl Fn(&str) -> Result<String, String> {
             Ok(v.to_owned())
         }
     }
+}
+
+/// The text ingest's bounds, per request.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestLimits {
+    /// Deltas appended per second after the burst.
+    pub per_second: u64,
+    /// Deltas appended at once before the rate applies.
+    pub burst: u64,
+    /// Longest time without a delta line.
+    pub idle_timeout: Duration,
 }
 
 /// Raw values per key with the layer each came from.
@@ -511,6 +525,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Bound on an HTTP request head, and on keep-alive idleness.
     pub http_header_timeout: Duration,
+    /// The text ingest's per-request bounds.
+    pub ingest: IngestLimits,
     /// Deadline for a whole non-streaming request body.
     pub http_body_timeout: Duration,
     /// HTTP connections (not yet upgraded) served at once.
@@ -641,6 +657,11 @@ impl Config {
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
             http_body_timeout: raw.required(key::HTTP_BODY_TIMEOUT, duration)?,
+            ingest: IngestLimits {
+                per_second: raw.required(key::INGEST_RATE, positive)? as u64,
+                burst: raw.required(key::INGEST_BURST, positive)? as u64,
+                idle_timeout: raw.required(key::INGEST_IDLE_TIMEOUT, duration)?,
+            },
             max_http_connections: raw.required(key::MAX_HTTP_CONNECTIONS, positive)?,
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,

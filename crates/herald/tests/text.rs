@@ -827,3 +827,92 @@ async fn deltas_keep_every_key_expiring_and_refresh_a_parts_keys() {
         assert!(ttl > 0, "{key} has no TTL ({ttl})");
     }
 }
+
+/// The ingest's bounds, small enough to see in a test.
+fn ingest_config(per_second: u64, burst: u64, idle_ms: u64) -> Config {
+    let mut cfg = config();
+    cfg.ingest = herald::config::IngestLimits {
+        per_second,
+        burst,
+        idle_timeout: std::time::Duration::from_millis(idle_ms),
+    };
+    cfg
+}
+
+/// Issue 41, finding 3: past the burst, deltas are appended at the rate
+/// bound, and the answer says how long the request was held back: 30
+/// deltas with a burst of 10 at 100/s are due over 200 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_past_the_burst_are_held_to_the_rate() {
+    let server = start_with(ingest_config(100, 10, 60_000)).await;
+    start_run(&server, "ra").await;
+    let stream = TextStream::open(&server, "ra");
+    stream.lines(&words(30), 0).await;
+    let (status, r) = stream.finish().await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["appended"], 30);
+    let held = r["throttled_ms"].as_u64().unwrap();
+    assert!((1..=200).contains(&held), "held back {held} ms: {r}");
+}
+
+/// Issue 37, finding 4: deltas skipped as duplicates cost no rate budget,
+/// so a resend of everything catches up at once (they used to count: a
+/// resend of 22,000 unconfirmed deltas could never finish). With a burst of
+/// 40 at 1 delta/s, resending 40 and adding 5 is not held back at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_of_duplicates_costs_no_rate_budget() {
+    let server = start_with(ingest_config(1, 40, 60_000)).await;
+    start_run(&server, "du").await;
+    let texts = words(45);
+    let stream = TextStream::open(&server, "du");
+    stream.lines(&texts[..40], 0).await;
+    let (status, r) = stream.finish().await;
+    assert_eq!((status, r["appended"].as_u64()), (200, Some(40)), "{r}");
+    let stream = TextStream::open(&server, "du");
+    stream.lines(&texts, 0).await;
+    let (status, r) = stream.finish().await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(
+        (
+            r["appended"].as_u64(),
+            r["duplicates"].as_u64(),
+            r["throttled_ms"].as_u64()
+        ),
+        (Some(5), Some(40), Some(0)),
+        "{r}"
+    );
+}
+
+/// Issue 37, finding 12 (and issue 41, finding 3's untested 408): a request
+/// that brings only blank lines is idle: answered 408 `stream_idle` after
+/// `ingest_idle_timeout` although bytes keep coming (a blank line every
+/// 50 ms used to keep it open for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blank_lines_do_not_keep_a_request_open() {
+    let server = start_with(ingest_config(2000, 2000, 300)).await;
+    start_run(&server, "bl").await;
+    let stream = TextStream::open(&server, "bl");
+    stream.lines(&words(2), 0).await;
+    let tx = stream.tx.clone();
+    let blanks = tokio::spawn(async move {
+        // Bounded: 4 s of blank lines, far past the 300 ms bound.
+        for _ in 0..80 {
+            if tx.send(Ok(b"\n".to_vec())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    let (status, r) = stream.finish_open().await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (408, Some("stream_idle")),
+        "{r}"
+    );
+    assert_eq!(r["appended"], 2);
+    assert!(
+        !blanks.is_finished(),
+        "answered only after the blank lines ended"
+    );
+    blanks.abort();
+}

@@ -13,10 +13,13 @@
 //! appended, and what was appended already is skipped, not appended twice.
 //!
 //! Bounds, per request: a line is at most [`MAX_LINE_BYTES`]; deltas are
-//! published at most [`MAX_DELTAS_PER_SEC`] a second after a burst of
-//! [`BURST_DELTAS`] (a faster producer is slowed down by not reading, never
-//! refused); a body silent for [`IDLE_TIMEOUT`] is answered 408; a drain
-//! answers 503 at once. A run's text is bounded as any run is (`run_too_large`).
+//! appended at most `ingest_rate` a second after a burst of `ingest_burst`
+//! (a faster producer is slowed down by not reading, never refused; deltas
+//! skipped as duplicates cost nothing, so a resend catches up at once); a
+//! request that brings no delta line for `ingest_idle_timeout` (blank lines
+//! do not count) is answered 408; a drain answers 503 at once. A run's text
+//! is bounded as any run is (`run_too_large`). Each byte of the body is
+//! scanned for a line end once, however it is chunked.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,10 +43,6 @@ use crate::broker::{BrokerError, NewEvent, user_stream};
 
 /// Longest line of the body, in bytes.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
-/// Deltas published per second, per request, after the burst.
-pub const MAX_DELTAS_PER_SEC: u64 = 2000;
-/// Deltas a request may publish at once before the rate applies.
-pub const BURST_DELTAS: u64 = 2000;
 /// Most deltas in one broker call. A call's time grows with its deltas, and
 /// under overload every stream's call waits behind the others' (on Redis,
 /// one script at a time): 32 keeps 1,000 overloaded streams' calls well
@@ -51,8 +50,6 @@ pub const BURST_DELTAS: u64 = 2000;
 const MAX_DELTAS_PER_CALL: usize = 32;
 /// Most body bytes taken in one go from what has already arrived.
 const READY_BYTES: usize = 8 * 1024;
-/// Longest wait for more of the body.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 pub(super) struct IngestQuery {
@@ -76,6 +73,8 @@ struct Report {
     lines: u64,
     appended: u64,
     duplicates: u64,
+    /// Milliseconds the rate bound held this request back.
+    throttled_ms: u64,
     last_seq: Option<u64>,
     epoch: Option<String>,
     /// Per part: the index after its last numbered delta of this request.
@@ -88,6 +87,7 @@ impl Report {
             "lines": self.lines,
             "appended": self.appended,
             "duplicates": self.duplicates,
+            "throttled_ms": self.throttled_ms,
             "last_seq": self.last_seq,
             "epoch": self.epoch,
             "next": self.next,
@@ -163,14 +163,17 @@ pub(super) async fn text(
         }
     }
     let stream = user_stream(&q.user_id);
+    let limits = app.config().ingest;
     let started = tokio::time::Instant::now();
     let mut report = Report::default();
     let mut body = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = LineBuf::default();
+    // Only a delta line is progress: blank lines do not keep a request open.
+    let mut idle_until = started + limits.idle_timeout;
     let mut ended = false;
     while !ended {
         let chunk = tokio::select! {
-            chunk = tokio::time::timeout(IDLE_TIMEOUT, body.next()) => chunk,
+            chunk = tokio::time::timeout_at(idle_until, body.next()) => chunk,
             () = app.drain_started() => {
                 return report.refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -185,13 +188,13 @@ pub(super) async fn text(
                 return report.refuse(
                     StatusCode::REQUEST_TIMEOUT,
                     "stream_idle",
-                    format!("no data for {} s", IDLE_TIMEOUT.as_secs()),
+                    format!("no delta line for {} ms", limits.idle_timeout.as_millis()),
                     Value::Null,
                 );
             }
             Ok(None) => ended = true,
             Ok(Some(Err(e))) => return bad_body(&report, &e),
-            Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
+            Ok(Some(Ok(bytes))) => buf.extend(&bytes),
         }
         // Take what else has arrived already: lines that queued up while the
         // last batch was being published leave in one broker call, without
@@ -202,7 +205,7 @@ pub(super) async fn text(
         while !ended && buf.len() < READY_BYTES {
             match body.next().now_or_never() {
                 Some(Some(Ok(bytes))) => {
-                    buf.extend_from_slice(&bytes);
+                    buf.extend(&bytes);
                     yielded = false;
                 }
                 Some(Some(Err(e))) => return bad_body(&report, &e),
@@ -215,18 +218,9 @@ pub(super) async fn text(
             }
         }
         // The complete lines so far (and, at the end, a last line without `\n`).
-        let mut lines = Vec::new();
-        let mut start = 0;
-        while let Some(n) = buf[start..].iter().position(|&b| b == b'\n') {
-            lines.push(&buf[start..start + n]);
-            start += n + 1;
-        }
-        if ended && start < buf.len() {
-            lines.push(&buf[start..]);
-            start = buf.len();
-        }
+        let (lines, start) = buf.lines(ended);
         let mut batch = Vec::new();
-        for raw in lines {
+        for raw in lines.into_iter().map(|r| &buf.bytes[r]) {
             report.lines += 1;
             if raw.len() > MAX_LINE_BYTES {
                 return line_too_large(&report, raw.len());
@@ -236,7 +230,10 @@ pub(super) async fn text(
                 continue;
             }
             match parse(report.lines, raw) {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    idle_until = tokio::time::Instant::now() + limits.idle_timeout;
+                    batch.push(p);
+                }
                 Err(message) => {
                     // What came before this line in the same read still counts.
                     if let Err(r) =
@@ -253,7 +250,7 @@ pub(super) async fn text(
                 }
             }
         }
-        buf.drain(..start);
+        buf.consume(start);
         if buf.len() > MAX_LINE_BYTES {
             report.lines += 1;
             return line_too_large(&report, buf.len());
@@ -263,6 +260,55 @@ pub(super) async fn text(
         }
     }
     (StatusCode::OK, Json(report.json())).into_response()
+}
+
+/// The body read so far, split into lines. `bytes[..scanned]` holds no line
+/// end past the lines already taken, so each byte is looked at once however
+/// the body is chunked (a long line in 1-byte chunks was scanned again with
+/// every chunk: quadratic).
+#[derive(Debug, Default)]
+struct LineBuf {
+    bytes: Vec<u8>,
+    scanned: usize,
+    /// Bytes looked at for a line end, in all (for the test of the above).
+    examined: u64,
+}
+
+impl LineBuf {
+    fn extend(&mut self, more: &[u8]) {
+        self.bytes.extend_from_slice(more);
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The complete lines not taken yet, as ranges of `bytes` without their
+    /// `\n` (at the `ended` body's end, the last line without one too), and
+    /// where the unfinished rest starts.
+    fn lines(&mut self, ended: bool) -> (Vec<std::ops::Range<usize>>, usize) {
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(n) = self.bytes[self.scanned..].iter().position(|&b| b == b'\n') {
+            self.examined += n as u64 + 1;
+            lines.push(start..self.scanned + n);
+            start = self.scanned + n + 1;
+            self.scanned = start;
+        }
+        self.examined += (self.bytes.len() - self.scanned) as u64;
+        self.scanned = self.bytes.len();
+        if ended && start < self.bytes.len() {
+            lines.push(start..self.bytes.len());
+            start = self.bytes.len();
+        }
+        (lines, start)
+    }
+
+    /// Drop the bytes before `start` (the lines taken).
+    fn consume(&mut self, start: usize) {
+        self.bytes.drain(..start);
+        self.scanned -= start;
+    }
 }
 
 fn bad_body(report: &Report, e: &axum::Error) -> Response {
@@ -297,13 +343,20 @@ async fn publish(
     report: &mut Report,
     started: tokio::time::Instant,
 ) -> Result<(), Response> {
+    let limits = app.config().ingest;
     let mut batch = batch.into_iter().peekable();
     while batch.peek().is_some() {
         let chunk: Vec<Parsed> = batch.by_ref().take(MAX_DELTAS_PER_CALL).collect();
-        // The rate bound: deltas beyond the burst wait their turn.
-        let sent = report.appended + report.duplicates + chunk.len() as u64;
-        let due = sent.saturating_sub(BURST_DELTAS) * 1000 / MAX_DELTAS_PER_SEC;
-        tokio::time::sleep_until(started + Duration::from_millis(due)).await;
+        // The rate bound: deltas beyond the burst wait their turn. Only
+        // appended deltas count: a resend's duplicates cost no budget.
+        let sent = report.appended + chunk.len() as u64;
+        let due = started
+            + Duration::from_millis(sent.saturating_sub(limits.burst) * 1000 / limits.per_second);
+        let now = tokio::time::Instant::now();
+        if due > now {
+            report.throttled_ms += (due - now).as_millis() as u64;
+            tokio::time::sleep_until(due).await;
+        }
         let ts = crate::clock::now_rfc3339();
         let events = chunk
             .iter()
@@ -356,4 +409,53 @@ async fn publish(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 37, finding 12: a 64 KiB line that arrives a byte at a time is
+    /// scanned once (65,536 bytes looked at), not once per chunk (2 GiB).
+    #[test]
+    fn a_line_in_one_byte_chunks_is_scanned_once() {
+        let mut buf = LineBuf::default();
+        let line = vec![b'x'; 64 * 1024];
+        for b in &line {
+            buf.extend(std::slice::from_ref(b));
+            let (lines, start) = buf.lines(false);
+            assert!(lines.is_empty());
+            buf.consume(start);
+        }
+        buf.extend(b"\n{\"a\":1}");
+        let (lines, start) = buf.lines(true);
+        assert_eq!(lines, vec![0..line.len(), line.len() + 1..line.len() + 8]);
+        buf.consume(start);
+        assert_eq!(buf.len(), 0);
+        assert_eq!(buf.examined, line.len() as u64 + 8);
+    }
+
+    /// Lines split anywhere come out whole, in order.
+    #[test]
+    fn lines_come_out_whole_however_they_are_chunked() {
+        let text = b"one\ntwo\n\nthree\nfour";
+        for size in 1..text.len() {
+            let mut buf = LineBuf::default();
+            let mut got = Vec::new();
+            for chunk in text.chunks(size) {
+                buf.extend(chunk);
+                let (lines, start) = buf.lines(false);
+                got.extend(lines.into_iter().map(|r| buf.bytes[r].to_vec()));
+                buf.consume(start);
+            }
+            let (lines, start) = buf.lines(true);
+            got.extend(lines.into_iter().map(|r| buf.bytes[r].to_vec()));
+            buf.consume(start);
+            let want: Vec<Vec<u8>> = ["one", "two", "", "three", "four"]
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+            assert_eq!(got, want, "chunks of {size}");
+        }
+    }
 }
