@@ -14,8 +14,9 @@
 //! Environment: `LISTEN` (default 127.0.0.1:9000), `HERALD_URL` (default
 //! http://127.0.0.1:8080), `HERALD_API_KEY`, `WEBHOOK_SECRET`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -34,7 +35,33 @@ struct Backend {
     api_key: String,
     secret: String,
     http: reqwest::Client,
-    cancelled: Mutex<HashSet<String>>,
+    /// Runs in progress by (user, run id), each with its cancel flag: a
+    /// cancel reaches only that user's run, and a cancel for a run that is
+    /// not running is dropped (nothing accumulates).
+    runs: Mutex<HashMap<(String, String), Arc<AtomicBool>>>,
+    /// Delivery ids seen within the signature's replay window, so a
+    /// replayed request is not acted on twice.
+    deliveries: Mutex<HashMap<String, u64>>,
+}
+
+/// How long a delivery id is remembered: the signature's replay window.
+const REPLAY_WINDOW_S: u64 = 300;
+/// Most delivery ids remembered (a flood of valid deliveries cannot grow it).
+const MAX_DELIVERIES: usize = 65_536;
+
+impl Backend {
+    /// Whether `delivery` is new (and remember it); false for a replay.
+    fn first_delivery(&self, delivery: &str, now: u64) -> bool {
+        let mut seen = self.deliveries.lock();
+        if seen.len() >= MAX_DELIVERIES {
+            seen.retain(|_, at| now.saturating_sub(*at) <= REPLAY_WINDOW_S);
+        }
+        if seen.len() >= MAX_DELIVERIES {
+            // Still full of live ids: refuse rather than forget one (Herald retries).
+            return false;
+        }
+        seen.insert(delivery.to_owned(), now).is_none()
+    }
 }
 
 #[tokio::main]
@@ -45,7 +72,8 @@ async fn main() -> anyhow::Result<()> {
         api_key: std::env::var("HERALD_API_KEY")?,
         secret: std::env::var("WEBHOOK_SECRET")?,
         http: reqwest::Client::new(),
-        cancelled: Mutex::new(HashSet::new()),
+        runs: Mutex::new(HashMap::new()),
+        deliveries: Mutex::new(HashMap::new()),
     });
     let app = Router::new()
         .route("/webhook", post(webhook))
@@ -60,8 +88,7 @@ async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes)
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let now = herald::auth::unix_now();
     // 1. Verify the signature over the raw body and the delivery id, with a
-    //    5-minute replay window. (A backend that must not act twice on one
-    //    request also remembers delivery ids for that window.)
+    //    5-minute replay window, and act on each delivery id once.
     if let Err(e) = verify(
         &b.secret,
         SignedHeaders {
@@ -79,14 +106,29 @@ async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes)
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         return StatusCode::BAD_REQUEST;
     };
+    if !b.first_delivery(header(DELIVERY_HEADER).unwrap_or_default(), now) {
+        return StatusCode::OK; // a replay: already acted on
+    }
     // 2. Accept fast; do the work in the background.
+    let user = req["user_id"].as_str().unwrap_or_default().to_owned();
     match req["type"].as_str() {
         Some("user_message") => {
-            tokio::spawn(answer(b, req));
+            // A run id of this backend's own: message ids are the user's
+            // choice and another user may pick the same one.
+            let run = format!("run-{:016x}", rand::random::<u64>());
+            let cancel = Arc::new(AtomicBool::new(false));
+            b.runs
+                .lock()
+                .insert((user.clone(), run.clone()), cancel.clone());
+            tokio::spawn(async move {
+                answer(&b, &user, &run, &cancel, req).await;
+                b.runs.lock().remove(&(user, run));
+            });
         }
         Some("cancel") => {
-            if let Some(run) = req["run_id"].as_str() {
-                b.cancelled.lock().insert(run.to_owned());
+            let run = req["run_id"].as_str().unwrap_or_default().to_owned();
+            if let Some(flag) = b.runs.lock().get(&(user, run)) {
+                flag.store(true, Ordering::Release);
             }
         }
         _ => return StatusCode::BAD_REQUEST,
@@ -95,11 +137,9 @@ async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes)
 }
 
 /// 3. Stream the run's events back through Herald's publish API.
-async fn answer(b: Arc<Backend>, req: Value) {
-    let user = req["user_id"].as_str().unwrap_or_default().to_owned();
+async fn answer(b: &Backend, user: &str, run: &str, cancel: &AtomicBool, req: Value) {
     let thread = req["thread_id"].clone();
     let text = req["text"].as_str().unwrap_or_default().to_owned();
-    let run = format!("run-{}", req["message_id"].as_str().unwrap_or("x"));
     let steps = [
         ("agent_started", json!({})),
         ("agent_thinking", json!({"text": "Looking into it"})),
@@ -117,11 +157,11 @@ async fn answer(b: Arc<Backend>, req: Value) {
         ),
     ];
     for (i, (event, data)) in steps.into_iter().enumerate() {
-        if b.cancelled.lock().remove(&run) {
-            publish(&b, &user, &thread, &run, "agent_cancelled", json!({}), i).await;
+        if cancel.load(Ordering::Acquire) {
+            publish(b, user, &thread, run, "agent_cancelled", json!({}), i).await;
             return;
         }
-        publish(&b, &user, &thread, &run, event, data, i).await;
+        publish(b, user, &thread, run, event, data, i).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

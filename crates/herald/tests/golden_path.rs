@@ -654,6 +654,94 @@ async fn example_agent_backend_round_trip() {
     );
 }
 
+/// Issue 37, finding 15: the example backend keys runs by (user, run id)
+/// and acts on a delivery once. Two users send the same message id at
+/// once; one cancels her run: hers ends `agent_cancelled`, the other's
+/// completes (one global set of cancelled run names, keyed by message id,
+/// used to cancel whichever loop looked first). A delivery replayed with
+/// its valid signature starts no second run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_agent_backend_keeps_users_apart_and_acts_once() {
+    let bin = std::path::Path::new(BIN)
+        .with_file_name("examples")
+        .join("agent_backend");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = config();
+    cfg.webhook = Some(WebhookConfig {
+        url: format!("http://127.0.0.1:{port}/webhook"),
+        secret: HOOK_SECRET.to_owned(),
+        timeout: Duration::from_secs(2),
+        retries: 5,
+        backoff: Duration::from_millis(100),
+    });
+    let server = start_with(cfg).await;
+    let mut child = std::process::Command::new(bin)
+        .env("LISTEN", format!("127.0.0.1:{port}"))
+        .env("HERALD_URL", format!("http://{}", server.local_addr()))
+        .env("HERALD_API_KEY", API_KEY)
+        .env("WEBHOOK_SECRET", HOOK_SECRET)
+        .spawn()
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), async {
+        let (mut nia, _) = connect(&server, "nia").await;
+        let (mut ola, _) = connect(&server, "ola").await;
+        // Nia's run is a step ahead of Ola's, so after Ola's cancel lands
+        // Nia's loop is the first to look (the old example cancelled it).
+        send_json(&mut nia, message("m1", "nia asks")).await;
+        let (nia_started, _) = until_type(&mut nia, "event").await;
+        assert_eq!(nia_started["event"], "agent_started");
+        send_json(&mut ola, message("m1", "ola asks")).await;
+        until_type(&mut ola, "ack").await;
+        let (started, _) = until_type(&mut ola, "event").await;
+        assert_eq!(started["event"], "agent_started");
+        let run = started["run_id"].as_str().unwrap().to_owned();
+        send_json(&mut ola, json!({"type": "cancel", "run_id": run})).await;
+        let ola_events = run_events(&mut ola).await;
+        let mut nia_events = vec![nia_started];
+        nia_events.extend(run_events(&mut nia).await);
+        // A replayed delivery: the same body, id and signature, again.
+        let body = serde_json::to_vec(&json!({
+            "type": "user_message", "user_id": "nia", "message_id": "m2",
+            "thread_id": "t1", "text": "replayed", "data": {}
+        }))
+        .unwrap();
+        let ts = herald::auth::unix_now();
+        let delivery = "0123456789abcdef0123456789abcdef";
+        let sig = herald::agent::webhook::sign(HOOK_SECRET, ts, delivery, &body);
+        for _ in 0..2 {
+            let r = client()
+                .post(format!("http://127.0.0.1:{port}/webhook"))
+                .header(TIMESTAMP_HEADER, ts.to_string())
+                .header(DELIVERY_HEADER, delivery)
+                .header(SIGNATURE_HEADER, format!("v2={sig}"))
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let replayed = run_events(&mut nia).await;
+        // Nothing more: a marker event comes next, not a second run.
+        publish(&server, "nia", "marker", json!({})).await;
+        let (marker, _) = until_type(&mut nia, "event").await;
+        (ola_events, nia_events, replayed, marker)
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (ola_events, nia_events, replayed, marker) = result.expect("the example answered");
+    let last = |e: &[Value]| e.last().unwrap()["event"].as_str().unwrap().to_owned();
+    assert_eq!(last(&ola_events), "agent_cancelled");
+    assert_eq!(last(&nia_events), "agent_completed");
+    assert_eq!(nia_events[4]["data"]["final_response"], "Echo: nia asks");
+    assert_eq!(last(&replayed), "agent_completed");
+    assert_eq!(marker["event"], "marker", "{marker}");
+}
+
 #[tokio::test]
 async fn webhook_honours_retry_after_on_429() {
     let (url, hook) = start_hook(vec![429, 200]).await;
