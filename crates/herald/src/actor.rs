@@ -13,6 +13,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -86,16 +87,42 @@ pub(crate) fn run_echo(
     app: Arc<App>,
     slot: Slot,
 ) -> impl Future<Output = ()> + Send + 'static {
-    start(socket, app, None, slot, Mode::Echo)
+    let messages = Arc::new(AtomicU64::new(0));
+    start(socket, app, None, slot, Mode::Echo(messages))
+}
+
+/// Close an echo connection once it has read no message for
+/// `echo_idle_timeout` (checked a few times per bound; ends with it).
+async fn echo_watchdog(conn: Arc<ConnShared>, idle: Duration, messages: Arc<AtomicU64>) {
+    let messages_in = || messages.load(Ordering::Relaxed);
+    let mut seen = messages_in();
+    let mut quiet_since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(idle / 4).await;
+        if conn.with_core(|c| c.state()) == State::Closed {
+            return;
+        }
+        let now = messages_in();
+        if now != seen {
+            (seen, quiet_since) = (now, tokio::time::Instant::now());
+        } else if quiet_since.elapsed() >= idle {
+            conn.close(CloseInfo::new(
+                CloseReason::HeartbeatTimeout,
+                Initiator::Server,
+                "echo connection idle",
+            ));
+            return;
+        }
+    }
 }
 
 /// What the connection speaks.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// The Herald protocol (`/ws`).
     Herald,
-    /// Echo (`/echo`, test only).
-    Echo,
+    /// Echo (`/echo`, test only), with the messages it read so far (for its
+    /// idle bound, [`echo_watchdog`]).
+    Echo(Arc<AtomicU64>),
 }
 
 fn start(
@@ -138,6 +165,10 @@ fn start(
     };
     // The actor lives in this block and the loop borrows it: one copy of
     // it in the task (an `async fn` taking it by value would hold two).
+    if let Mode::Echo(messages) = &actor.mode {
+        let idle = actor.app.config().echo_idle_timeout;
+        tokio::spawn(echo_watchdog(actor.conn.clone(), idle, messages.clone()));
+    }
     let unwind = UnwindCleanup {
         conn: actor.conn.clone(),
         app: actor.app.clone(),
@@ -203,7 +234,7 @@ impl Actor {
     /// Before the loop: an echo connection is open at once.
     fn open(&mut self) {
         tracing::debug!("connection opened");
-        if self.mode == Mode::Echo
+        if matches!(self.mode, Mode::Echo(_))
             && self
                 .conn
                 .with_core(|c| c.open_without_hello(clock::now()))
@@ -453,7 +484,7 @@ impl Actor {
     async fn on_message(&mut self, msg: Message) {
         let now = clock::now();
         self.conn.with_core(|c| c.on_inbound(now));
-        if self.mode == Mode::Echo {
+        if matches!(self.mode, Mode::Echo(_)) {
             self.echo(msg);
             return;
         }
@@ -504,6 +535,9 @@ impl Actor {
 
     /// The echo endpoint's answer to a message: the same message back.
     fn echo(&mut self, msg: Message) {
+        if let Mode::Echo(messages) = &self.mode {
+            messages.fetch_add(1, Ordering::Relaxed);
+        }
         // A refusal (closing, queue full) is counted by `send`.
         let _ = match msg {
             Message::Text(text) => self.conn.send(OutFrame::text(text.as_str())),

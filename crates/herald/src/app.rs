@@ -51,6 +51,17 @@ pub(crate) struct App {
     /// Turns true when the drain starts (for requests that wait on it).
     drain_signal: tokio::sync::watch::Sender<bool>,
     conn_ids: AtomicU64,
+    /// Echo connections open (test-only endpoint; bounded by `echo_max_connections`).
+    echo_open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One echo connection's place (see [`App::echo_place`]).
+pub(crate) struct EchoPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for EchoPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl App {
@@ -113,6 +124,7 @@ impl App {
             drain_signal: tokio::sync::watch::Sender::new(false),
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
+            echo_open: Arc::default(),
             lifecycle: Arc::new(config.lifecycle.clone()),
             config,
         }))
@@ -166,6 +178,18 @@ impl App {
     /// The server's tracked background tasks.
     pub(crate) fn tasks(&self) -> &Tasks {
         &self.tasks
+    }
+
+    /// A place among the echo connections, or `None` when
+    /// `echo_max_connections` are open; given back when the guard drops.
+    pub(crate) fn echo_place(&self) -> Option<EchoPlace> {
+        let open = &self.echo_open;
+        let max = self.config.echo_max_connections;
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()?;
+        Some(EchoPlace(open.clone()))
     }
 
     /// A fresh id for a new connection.

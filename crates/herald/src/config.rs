@@ -102,7 +102,7 @@ declare_keys! {
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
     REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
-    ECHO_ENDPOINT = "echo_endpoint", Some("false"), "Test only: mount GET /echo, a WebSocket echo (text and binary, 16 MiB messages, no hello or auth) through the same actor and writer as /ws, for the Autobahn conformance suite. Never in production";
+    ECHO_ENDPOINT = "echo_endpoint", Some("false"), "Test only: mount GET /echo, a WebSocket echo (text and binary, 16 MiB messages, no hello or auth; at most 8 at once, each closed after 30 s without a message) through the same actor and writer as /ws, for the Autobahn conformance suite. Never in production";
     REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels (no braces or spaces), so deployments can share a Redis";
 }
 
@@ -549,6 +549,10 @@ pub struct Config {
     pub redis: Option<crate::broker::redis::RedisConfig>,
     /// Mount the test-only `GET /echo` (RFC 6455 conformance runs).
     pub echo_endpoint: bool,
+    /// Echo connections open at once (beyond: HTTP 503); 8.
+    pub echo_max_connections: usize,
+    /// An echo connection with no message for this long is closed; 30 s.
+    pub echo_idle_timeout: Duration,
 }
 
 impl Config {
@@ -710,6 +714,8 @@ impl Config {
                 }
             },
             echo_endpoint: raw.required(key::ECHO_ENDPOINT, boolean)?,
+            echo_max_connections: 8,
+            echo_idle_timeout: Duration::from_secs(30),
         })
     }
 

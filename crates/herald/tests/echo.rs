@@ -132,3 +132,52 @@ async fn invalid_utf8_is_closed_1007_and_a_drain_closes_echo_sockets_1012() {
     }
     drained.await.unwrap();
 }
+
+/// Issue 37, finding 17: when on, `/echo` is bounded: at most
+/// `echo_max_connections` at once (beyond: HTTP 503 `capacity`, and the
+/// place comes back when one closes), and a connection with no message for
+/// `echo_idle_timeout` is closed 1001 (20 connections holding 16 MiB
+/// messages used to stay for as long as they liked).
+#[tokio::test]
+async fn echo_connections_are_capped_and_closed_when_idle() {
+    let mut config = common::config();
+    config.echo_endpoint = true;
+    config.echo_max_connections = 3;
+    config.echo_idle_timeout = Duration::from_millis(400);
+    let server = common::start_with(config).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            tokio_tungstenite::connect_async(echo_url(&server))
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    match tokio_tungstenite::connect_async(echo_url(&server)).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        other => panic!("expected HTTP 503, got {other:?}"),
+    }
+    // One keeps talking past the idle bound; the silent ones are closed.
+    let mut talker = open.pop().unwrap();
+    for i in 0..8 {
+        talker.send(Message::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(next(&mut talker).await, Message::text(format!("m{i}")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for ws in &mut open {
+        match next(ws).await {
+            Message::Close(Some(f)) => assert_eq!(f.code, CloseCode::Away, "{f:?}"),
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+    drop(open);
+    wait_for_cleanups(&server, 2).await;
+    // Their places came back.
+    let (mut again, _) = tokio_tungstenite::connect_async(echo_url(&server))
+        .await
+        .unwrap();
+    again.send(Message::text("back")).await.unwrap();
+    assert_eq!(next(&mut again).await, Message::text("back"));
+    server.shutdown().await;
+}

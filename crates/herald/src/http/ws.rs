@@ -48,13 +48,28 @@ pub(super) async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Re
 
 /// The upgrade handler of the test-only `/echo`: every text and binary
 /// message comes back as it was sent, through the `/ws` actor and writer.
+/// At most `echo_max_connections` at once (beyond: 503 `capacity`), each
+/// closed after `echo_idle_timeout` without a message.
 pub(super) async fn echo(State(app): State<Arc<App>>, mut req: Request) -> Response {
+    let Some(place) = app.echo_place() else {
+        metrics::counter!(telemetry::UPGRADES_REFUSED, "reason" => "capacity").increment(1);
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "too many echo connections",
+        )
+        .into_response();
+    };
     let (handshake, slot) = match admit(&app, &mut req) {
         Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
     };
     handshake.accept(false, config(ECHO_MAX_MESSAGE), move |socket| {
-        actor::run_echo(socket, app, slot)
+        let conn = actor::run_echo(socket, app, slot);
+        async move {
+            let _place = place;
+            conn.await;
+        }
     })
 }
 
