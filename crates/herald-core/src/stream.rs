@@ -83,6 +83,8 @@ pub struct StreamLimits {
     pub max_run_bytes: usize,
     /// Most payload bytes the open runs of one stream may hold together.
     pub max_runs_bytes: usize,
+    /// Most runs open at once in one stream (a replay reads them all).
+    pub max_open_runs: usize,
 }
 
 impl Default for StreamLimits {
@@ -95,6 +97,7 @@ impl Default for StreamLimits {
             max_idempotency_keys: 1000,
             max_run_bytes: 4 << 20,
             max_runs_bytes: 16 << 20,
+            max_open_runs: 100,
         }
     }
 }
@@ -567,6 +570,21 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
         out
     }
 
+    /// Open runs beyond `max_open_runs`, to be closed with `too_many_runs`:
+    /// the least recently active first (ties: the smallest id).
+    pub fn excess_runs(&self, limits: &StreamLimits) -> Vec<(String, Option<String>)> {
+        let Some(over) = self.runs.len().checked_sub(limits.max_open_runs) else {
+            return Vec::new();
+        };
+        let mut by_age: Vec<(&Arc<str>, &OpenRun)> = self.runs.iter().collect();
+        by_age.sort_by(|a, b| a.1.last_at.cmp(&b.1.last_at).then(a.0.cmp(b.0)));
+        by_age
+            .into_iter()
+            .take(over)
+            .map(|(id, run)| (id.to_string(), run.thread_id.clone()))
+            .collect()
+    }
+
     /// The open run holding the most bytes (ties: the smallest id), if any.
     pub fn largest_run(&self) -> Option<(String, Option<String>)> {
         self.runs
@@ -738,6 +756,34 @@ mod tests {
             .map(|p| p.len())
             .sum();
         assert_eq!(s.bytes(), window);
+    }
+
+    /// Issue 37, finding 11: at most `max_open_runs` runs are open in a
+    /// stream; beyond it the least recently active are reported for closing.
+    #[test]
+    fn runs_beyond_the_open_bound_are_reported_oldest_first() {
+        let t0 = Instant::now();
+        let mut s = Stream::new("ep", t0);
+        let l = StreamLimits {
+            max_open_runs: 2,
+            ..limits(100)
+        };
+        let at = |ms| t0 + Duration::from_millis(ms);
+        think(&mut s, at(0), &l, "a", None, 10);
+        think(&mut s, at(1), &l, "b", None, 10);
+        assert!(s.excess_runs(&l).is_empty(), "two fit");
+        think(&mut s, at(2), &l, "a", None, 10);
+        think(&mut s, at(3), &l, "c", None, 10);
+        // b is the least recently active: a spoke again at 2 ms.
+        assert_eq!(s.excess_runs(&l), vec![("b".to_owned(), None)]);
+        think(&mut s, at(4), &l, "d", None, 10);
+        assert_eq!(
+            s.excess_runs(&l),
+            vec![("b".to_owned(), None), ("a".to_owned(), None)]
+        );
+        push(&mut s, at(5), meta("agent_error", Some("b")), &l);
+        push(&mut s, at(5), meta("agent_error", Some("a")), &l);
+        assert!(s.excess_runs(&l).is_empty());
     }
 
     /// Issue 14, finding 1: runs are bounded per run and per stream.

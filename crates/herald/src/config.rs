@@ -96,6 +96,7 @@ declare_keys! {
     HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
     HISTORY_MAX_BYTES = "history_max_bytes", Some("268435456"), "Memory for history in total (payload + ~288 B per event + ~640 B per user stream + idempotency keys); the oldest events are evicted first, from users over their fair share";
     RUN_MAX_BYTES = "run_max_bytes", Some("4194304"), "Payload bytes one open agent run may hold in history (its events are kept until it closes); a run outgrowing it, or a stream's open runs outgrowing 4x it together, is closed with agent_error {reason: run_too_large}";
+    MAX_OPEN_RUNS = "max_open_runs", Some("100"), "Agent runs open at once per user stream (a replaying hello reads them all); a run beyond it closes the least recently active with agent_error {reason: too_many_runs}";
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered (the 1,000 newest per user stream, on either broker)";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
@@ -680,6 +681,7 @@ impl Config {
                     .required(key::RUN_MAX_BYTES, positive)?
                     .saturating_mul(4),
                 idempotency_window: raw.required(key::IDEMPOTENCY_WINDOW, duration)?,
+                max_open_runs: raw.required(key::MAX_OPEN_RUNS, positive)?,
                 ..StreamLimits::default()
             },
             history_max_bytes: raw.required(key::HISTORY_MAX_BYTES, positive)?,

@@ -46,6 +46,8 @@ pub const HISTORY_BYTES: &str = "herald_history_bytes";
 pub const TASKS_ALIVE: &str = "herald_tasks_alive";
 /// Counter: runs closed by the server because they outgrew `run_max_bytes`.
 pub const RUNS_TOO_LARGE: &str = "herald_runs_too_large_total";
+/// Counter: runs closed by the server because their stream had `max_open_runs` open.
+pub const RUNS_TOO_MANY: &str = "herald_runs_too_many_total";
 /// Counter: runs closed by the server after `run_ttl` of silence.
 pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
 /// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`, `busy`).

@@ -376,3 +376,59 @@ async fn idempotency_keys_are_bounded_per_stream() {
     assert_eq!(body["results"][0]["seq"], 21, "k0 was forgotten: {body}");
     assert_eq!(redis.cli(&["ZCARD", "t:{user:idem}:idems"]), "5");
 }
+
+/// Finding 11: at most `max_open_runs` runs are open in a stream, on both
+/// brokers: a run beyond it closes the least recently active with
+/// `agent_error {reason: "too_many_runs"}`, so a replaying hello reads a
+/// bounded number of runs (5,000 open runs used to hold Redis 36–63 ms per
+/// hello; the replay also reads them a few runs per script now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_runs_are_bounded_per_stream_on_both_brokers() {
+    let redis = Redis::start();
+    for on_redis in [false, true] {
+        let mut cfg = if on_redis {
+            node_config(&redis)
+        } else {
+            config()
+        };
+        cfg.stream_limits.max_open_runs = 3;
+        let node = start_with(cfg).await;
+        let (mut ws, _) = connect(&node, "many").await;
+        for r in 0..20 {
+            let (status, body) = post(
+                &node,
+                "/api/v1/events",
+                // Zero-padded: runs started in the same millisecond go by name on Redis.
+                json!({"user_id": "many", "event": "agent_started", "run_id": format!("r{r:02}")}),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let mut closed = Vec::new();
+        while closed.len() < 17 {
+            let e = event_of(&mut ws).await;
+            if e["event"] == "agent_error" {
+                assert_eq!(e["data"]["reason"], "too_many_runs", "{e}");
+                closed.push(e["run_id"].as_str().unwrap().to_owned());
+            }
+        }
+        let want: Vec<String> = (0..17).map(|r| format!("r{r:02}")).collect();
+        assert_eq!(closed, want, "on redis: {on_redis}");
+        let mut replay = open(&node, &[], None).await;
+        let hello = json!({"type": "hello", "token": token("many"), "replay_active_runs": true});
+        send_json(&mut replay, hello).await;
+        assert_eq!(next_json(&mut replay).await["type"], "welcome");
+        let mut runs = Vec::new();
+        loop {
+            let v = next_json(&mut replay).await;
+            if v["type"] == "caught_up" {
+                break;
+            }
+            if v["type"] == "event" {
+                runs.push(v["run_id"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(runs, vec!["r17", "r18", "r19"], "on redis: {on_redis}");
+        node.shutdown().await;
+    }
+}

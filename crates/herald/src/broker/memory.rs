@@ -387,7 +387,21 @@ impl Broker for MemoryBroker {
                                 appended_seqs.push(seq);
                             }
                             if in_run {
-                                for (run, thread) in s.oversized_runs(&self.limits).into_iter().rev() {
+                                // Oversized runs first; the count bound is
+                                // looked at again after each of their closes.
+                                let oversized = s.oversized_runs(&self.limits);
+                                let excess = if oversized.is_empty() {
+                                    s.excess_runs(&self.limits)
+                                } else {
+                                    Vec::new()
+                                };
+                                for (run, thread) in excess.into_iter().rev() {
+                                    tracing::warn!(stream, run_id = %run, "too many open runs; closing the least recently active");
+                                    metrics::counter!(crate::telemetry::RUNS_TOO_MANY).increment(1);
+                                    let close = super::run_closed_event(&run, thread, "too_many_runs");
+                                    queue.push_front((close, None));
+                                }
+                                for (run, thread) in oversized.into_iter().rev() {
                                     tracing::warn!(stream, run_id = %run, "run outgrew its bound; closing it");
                                     metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
                                     let close = super::run_closed_event(&run, thread, "run_too_large");

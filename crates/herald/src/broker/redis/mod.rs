@@ -228,8 +228,9 @@ struct PublishReply {
     receivers: usize,
     /// Per event: its seq, and whether its idempotency key was a duplicate.
     results: Vec<(u64, bool)>,
-    /// Runs over their bounds, with their threads, for the caller to close.
-    oversized: Vec<(String, Option<String>)>,
+    /// Runs over their stream's bounds, with their threads and the reason
+    /// (`run_too_large`, `too_many_runs`), for the caller to close.
+    oversized: Vec<(String, Option<String>, &'static str)>,
 }
 
 /// What the pub/sub task shares with the broker.
@@ -589,7 +590,8 @@ impl Shared {
             .arg(events.len())
             .arg(self.limits.max_run_bytes)
             .arg(self.limits.max_runs_bytes)
-            .arg(self.limits.max_idempotency_keys);
+            .arg(self.limits.max_idempotency_keys)
+            .arg(self.limits.max_open_runs);
         for e in events {
             let closes = e.frame.run_id.is_some() && runs::closes(&e.frame.event);
             script
@@ -633,10 +635,16 @@ impl Shared {
         for _ in 0..k {
             let run: String = next_as(&mut it)?;
             let thread: String = next_as(&mut it)?;
+            let reason: String = next_as(&mut it)?;
             let run = keys::unescape(&run)
                 .ok_or_else(|| unavailable("a run name in redis that herald did not write"))?
                 .into_owned();
-            oversized.push((run, (!thread.is_empty()).then_some(thread)));
+            let reason = if reason == "too_many_runs" {
+                "too_many_runs"
+            } else {
+                "run_too_large"
+            };
+            oversized.push((run, (!thread.is_empty()).then_some(thread), reason));
         }
         let mut results = Vec::new();
         while let Some(seq) = it.next() {
@@ -709,6 +717,9 @@ impl Shared {
     }
 }
 
+/// Open runs whose events one script reads during a replay.
+const RUNS_PER_SCRIPT: usize = 8;
+
 fn next_as<T: redis::FromRedisValue>(
     it: &mut impl Iterator<Item = redis::Value>,
 ) -> Result<T, BrokerError> {
@@ -736,10 +747,15 @@ impl Broker for RedisBroker {
                 .record(started.elapsed().as_secs_f64());
             // Runs that outgrew their bound are closed right after (a close
             // does not grow a run, so this does not repeat).
-            for (run, thread) in oversized {
-                tracing::warn!(stream, run_id = %run, "run outgrew its bound; closing it");
-                metrics::counter!(crate::telemetry::RUNS_TOO_LARGE).increment(1);
-                let close = super::run_closed_event(&run, thread, "run_too_large");
+            for (run, thread, reason) in oversized {
+                tracing::warn!(stream, run_id = %run, reason, "closing a run over its stream's bounds");
+                let counter = if reason == "too_many_runs" {
+                    crate::telemetry::RUNS_TOO_MANY
+                } else {
+                    crate::telemetry::RUNS_TOO_LARGE
+                };
+                metrics::counter!(counter).increment(1);
+                let close = super::run_closed_event(&run, thread, reason);
                 if let Err(e) = self.shared.publish(stream, &[close], None).await {
                     tracing::warn!(error = %e, run_id = %run, "could not close an oversized run");
                 }
@@ -808,21 +824,31 @@ impl Broker for RedisBroker {
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>> {
         Box::pin(async move {
-            let base = self.shared.base(stream);
-            let mut events = self
-                .shared
-                .pairs(
-                    self.shared
-                        .scripts
-                        .run_events
-                        .key(format!("{base}:meta"))
-                        .key(format!("{base}:runs"))
-                        .arg(epoch)
-                        .arg(&base)
-                        .arg(until),
-                    0,
-                )
-                .await?;
+            let shared = &self.shared;
+            let base = shared.base(stream);
+            // The open runs (at most `max_open_runs`), then their events a
+            // few runs per script, so a replay holds Redis briefly each time.
+            let runs: Result<Vec<String>, _> = {
+                let mut conn = shared.conn().await?;
+                redis::cmd("HKEYS")
+                    .arg(format!("{base}:runs"))
+                    .query_async(&mut conn)
+                    .await
+            };
+            let runs = runs.map_err(|e| shared.failed(e))?;
+            let mut events = Vec::new();
+            for chunk in runs.chunks(RUNS_PER_SCRIPT) {
+                let mut script = shared.scripts.run_events.prepare_invoke();
+                script
+                    .key(format!("{base}:meta"))
+                    .arg(epoch)
+                    .arg(&base)
+                    .arg(until);
+                for run in chunk {
+                    script.arg(run);
+                }
+                events.extend(shared.pairs(&script, 0).await?);
+            }
             events.retain(|e| e.seq <= until);
             events.sort_by_key(|e| e.seq);
             Ok(events)

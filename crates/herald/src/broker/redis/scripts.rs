@@ -104,12 +104,14 @@ end
 /// ARGV: new_epoch, max_events, max_age_ms, ttl_ms, idem_ms, channel, base,
 /// publish command (`PUBLISH`, or `SPUBLISH` on Cluster), cond_run,
 /// run_ttl_ms, n, max_run_bytes, max_runs_bytes, max_idem (idempotency
-/// keys kept per stream, oldest forgotten first), then n × (idem, run,
+/// keys kept per stream, oldest forgotten first), max_open (runs open at
+/// once; beyond, the least recently active are for the caller to close with
+/// `too_many_runs`), then n × (idem, run,
 /// closes, thread, tail, part, index, pre, post): for a text delta `part` is
 /// set, `tail` is its escaped text and `pre`/`post` the frame around it.
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
-/// Returns {epoch, receivers, k, k × (oversized run, its thread), seq1, dup1, …}:
+/// Returns {epoch, receivers, k, k × (run to close, its thread, reason), seq1, dup1, …}:
 /// the oversized runs (over max_run_bytes, or the largest while the stream's
 /// runs hold more than max_runs_bytes) are for the caller to close. A
 /// numbered delta that skips ahead of its part refuses the whole batch
@@ -166,7 +168,7 @@ end
 do
   local nexts, closed, keys = {}, {}, {}
   for i = 0, n - 1 do
-    local a = 15 + i * W
+    local a = 16 + i * W
     local idem, run, closes, part, index = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 5], ARGV[a + 6]
     local skip = idem ~= '' and (keys[idem] or redis.call('EXISTS', base .. ':idem:' .. idem) == 1)
     if not skip and run ~= '' then
@@ -203,11 +205,11 @@ end
 local max_run, max_runs = tonumber(ARGV[12]), tonumber(ARGV[13])
 local out = {}
 local receivers = 0
-local grew, added = false, false
+local grew, added, crowded = false, false, false
 local total = nil
 local sizes = {}
 for i = 0, n - 1 do
-  local a = 15 + i * W
+  local a = 16 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local prev = false
@@ -301,7 +303,10 @@ for i = 0, n - 1 do
         -- The run keeps the thread its first event named.
         local held = redis.call('HGET', KEYS[3], run)
         if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
-        if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then added = true end
+        if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then
+          added = true
+          if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[15]) then crowded = true end
+        end
         sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
         total = redis.call('HINCRBY', KEYS[4], '*', size)
         grew = true
@@ -336,11 +341,32 @@ if grew then
     end
   end
 end
+local reasons = {}
+for _, r in ipairs(oversized) do reasons[r] = 'run_too_large' end
+-- More runs open than max_open: the least recently active go too.
+if crowded then
+  local all = redis.call('HGETALL', KEYS[3])
+  local over = #all / 2 - #oversized - tonumber(ARGV[15])
+  local runs = {}
+  for j = 1, #all, 2 do
+    if not reasons[all[j]] then
+      table.insert(runs, {all[j], tonumber(string.match(all[j + 1], '^(%d+)'))})
+    end
+  end
+  table.sort(runs, function(x, y) if x[2] ~= y[2] then return x[2] < y[2] end return x[1] < y[1] end)
+  for j = 1, over do
+    if runs[j] then
+      table.insert(oversized, runs[j][1])
+      reasons[runs[j][1]] = 'too_many_runs'
+    end
+  end
+end
 local head = {epoch, receivers, #oversized}
 for _, r in ipairs(oversized) do
   local v = redis.call('HGET', KEYS[3], r) or ''
   table.insert(head, r)
   table.insert(head, string.match(v, '^%d+\t(.*)$') or '')
+  table.insert(head, reasons[r])
 end
 for _, v in ipairs(out) do table.insert(head, v) end
 local tail_v = ''
@@ -407,15 +433,17 @@ end
 return out
 "#;
 
-/// KEYS: meta, runs. ARGV: epoch, base, until.
+/// KEYS: meta. ARGV: epoch, base, until, then the runs to read (a few per
+/// call, so one replay never holds Redis for all of a stream's runs).
 /// Returns {} when the epoch differs, else {1, from1, to1, json1, …}
-/// (unsorted): the open runs' frames with seqs up to `until`, a text entry
+/// (unsorted): those runs' frames with seqs up to `until`, a text entry
 /// cut there.
 const RUN_EVENTS_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return {} end
 local base, upto = ARGV[2], tonumber(ARGV[3])
 local out = {1}
-for _, run in ipairs(redis.call('HKEYS', KEYS[2])) do
+for i = 4, #ARGV do
+  local run = ARGV[i]
   local held = redis.call('LRANGE', base .. ':run:' .. run, 0, -1)
   for j = 1, #held, 2 do
     local seq, v = tonumber(held[j]), held[j + 1]
