@@ -66,6 +66,10 @@ pub enum AuthError {
     /// `sub` is empty or too long.
     #[error("invalid sub")]
     InvalidSub,
+    /// The header lists critical extensions (`crit`); Herald understands
+    /// none, so it must refuse the token (RFC 7515 §4.1.11).
+    #[error("unsupported critical header extension")]
+    CriticalExtension,
     /// `aud` does not match.
     #[error("wrong audience")]
     WrongAudience,
@@ -183,6 +187,9 @@ impl Verifier {
         if claims.sub.is_empty() || claims.sub.len() > self.max_sub_bytes {
             return Err(AuthError::InvalidSub);
         }
+        if header_json(token).is_some_and(|h| h.get("crit").is_some()) {
+            return Err(AuthError::CriticalExtension);
+        }
         Ok(claims)
     }
 }
@@ -197,13 +204,17 @@ impl Verifier {
 
 /// The `alg` of a token's header, if the header is readable JSON.
 fn header_alg(token: &str) -> Option<String> {
+    header_json(token)?.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// A token's header as JSON, if it is readable.
+fn header_json(token: &str) -> Option<serde_json::Value> {
     use base64::Engine;
     let header = token.split('.').next()?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("alg")?.as_str().map(str::to_owned)
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// A NumericDate (RFC 7519 §2): seconds since the epoch, integer or not;
@@ -445,5 +456,29 @@ mod tests {
         assert_eq!(v.verify(&nosub), Err(AuthError::MissingClaim("sub".into())));
         let empty_sub = mint_hs256(S, "", Duration::from_secs(60)).unwrap();
         assert_eq!(v.verify(&empty_sub), Err(AuthError::InvalidSub));
+    }
+
+    /// Issue 37 (also noted): a token whose header lists critical
+    /// extensions (`crit`) is refused, as RFC 7515 §4.1.11 requires of a
+    /// verifier that understands none; the same token without `crit` passes.
+    #[test]
+    fn a_token_with_a_critical_header_extension_is_refused() {
+        use base64::Engine;
+        use hmac::Mac;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let hs256 = |header: &str| {
+            let body = format!(r#"{{"sub":"a","exp":{}}}"#, unix_now() + 60);
+            let signing = format!("{}.{}", b64(header), b64(&body));
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(S.as_bytes()).unwrap();
+            mac.update(signing.as_bytes());
+            let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(mac.finalize().into_bytes());
+            format!("{signing}.{sig}")
+        };
+        let v = verifier();
+        let plain = hs256(r#"{"alg":"HS256","typ":"JWT"}"#);
+        assert!(v.verify(&plain).is_ok());
+        let crit = hs256(r#"{"alg":"HS256","typ":"JWT","crit":["x-unknown"],"x-unknown":1}"#);
+        assert_eq!(v.verify(&crit), Err(AuthError::CriticalExtension));
     }
 }

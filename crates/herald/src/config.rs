@@ -100,6 +100,7 @@ declare_keys! {
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered (the 1,000 newest per user stream, on either broker)";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
+    METRICS_TOKEN = "metrics_token", None, "Bearer token GET /metrics requires (at least 16 bytes), so a scrape, which costs O(connections), is not open to anyone who reaches the port. Unset: /metrics answers anyone";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
     REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
@@ -528,6 +529,8 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// The text ingest's per-request bounds.
     pub ingest: IngestLimits,
+    /// Bearer token `/metrics` requires, if set.
+    pub metrics_token: Option<String>,
     /// Deadline for a whole non-streaming request body.
     pub http_body_timeout: Duration,
     /// HTTP connections (not yet upgraded) served at once.
@@ -662,6 +665,7 @@ impl Config {
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
             http_body_timeout: raw.required(key::HTTP_BODY_TIMEOUT, duration)?,
+            metrics_token: raw.parse(key::METRICS_TOKEN, at_least(MIN_KEY_BYTES))?,
             ingest: IngestLimits {
                 per_second: raw.required(key::INGEST_RATE, positive)? as u64,
                 burst: raw.required(key::INGEST_BURST, positive)? as u64,

@@ -491,3 +491,39 @@ async fn health_and_readiness() {
     assert!(r.status().is_client_error());
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "not_websocket");
 }
+
+/// Issue 37 (also noted): with `metrics_token` set, `/metrics` (a scrape
+/// costs O(connections)) answers only that bearer token: 401 JSON without
+/// it or with another; 200 with it. Unset, it answers anyone (as before).
+#[tokio::test]
+async fn metrics_needs_its_token_when_one_is_set() {
+    let open = start().await;
+    let r = client()
+        .get(http_url(&open, "/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut cfg = config();
+    cfg.metrics_token = Some("scrape-token-0123456789".into());
+    let server = start_with(cfg).await;
+    let url = http_url(&server, "/metrics");
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
+    let r = client()
+        .get(&url)
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the API key is not the metrics token");
+    let r = client()
+        .get(&url)
+        .bearer_auth("scrape-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("herald_"));
+}

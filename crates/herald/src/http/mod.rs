@@ -147,7 +147,21 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: Prometheus text. A scrape walks every connection for
+/// the state and queue gauges (O(connections)), so with `metrics_token` set
+/// it answers only `Authorization: Bearer <metrics_token>`.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &app.config().metrics_token {
+        let given = crate::auth::bearer_token(&headers).unwrap_or_default();
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "`/metrics` needs `Authorization: Bearer <metrics_token>`",
+            )
+            .into_response();
+        }
+    }
     app.hub().observe_gauges();
     let body = app
         .prometheus()
