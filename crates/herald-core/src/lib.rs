@@ -5,6 +5,7 @@
 //! the caller as a value. The server crate (`herald`) drives it from tokio.
 //!
 //! Layout:
+//! - [`backoff`]: the doubling, capped delay between reconnect attempts.
 //! - [`close`]: why a connection closed, who decided it, and the WebSocket close code.
 //! - [`lifecycle`]: the per-connection state machine (`Handshaking → Ready →
 //!   Closing → Closed`) with its bounded outbound queue. It decides what may be
@@ -26,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod catchup;
 pub mod close;
 pub mod lifecycle;

@@ -716,6 +716,7 @@ impl Config {
                     Some(nodes) => Some(RedisConfig {
                         nodes,
                         prefix: raw.required(key::REDIS_PREFIX, redis_prefix)?,
+                        timing: Default::default(),
                     }),
                 }
             },

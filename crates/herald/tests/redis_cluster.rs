@@ -143,6 +143,7 @@ async fn proxied_cluster() -> (Cluster, Vec<Partition>, Config) {
                 .collect(),
         ),
         prefix: "c".into(),
+        timing: Default::default(),
     });
     (cluster, paths, cfg)
 }
@@ -163,6 +164,7 @@ async fn node(cluster: &Cluster) -> Server {
     cfg.redis = Some(RedisConfig {
         nodes: RedisNodes::Cluster(cluster.urls()),
         prefix: "c".into(),
+        timing: Default::default(),
     });
     cfg.stream_limits.run_ttl = Duration::from_millis(800);
     start_with(cfg).await

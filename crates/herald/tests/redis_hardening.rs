@@ -20,6 +20,7 @@ fn node_config(redis: &Redis) -> Config {
     cfg.redis = Some(RedisConfig {
         nodes: RedisNodes::Single(redis.url()),
         prefix: "t".into(),
+        timing: Default::default(),
     });
     cfg
 }

@@ -25,6 +25,7 @@ impl Setup {
             cfg.redis = Some(RedisConfig {
                 nodes: RedisNodes::Single(redis.url()),
                 prefix: "t".into(),
+                timing: Default::default(),
             });
         }
         start_with(cfg).await

@@ -575,6 +575,7 @@ impl Broker for MemoryBroker {
             events: self.total_events.load(Ordering::Relaxed),
             bytes: self.total_bytes.load(Ordering::Relaxed),
             charged_bytes: self.charged_bytes(),
+            reconnect_waits: Vec::new(),
         }
     }
 }

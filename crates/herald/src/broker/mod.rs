@@ -275,7 +275,7 @@ pub struct ExpiredRun {
 }
 
 /// Size of what the broker holds, for metrics and docs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BrokerStats {
     /// Streams held.
     pub streams: usize,
@@ -285,6 +285,9 @@ pub struct BrokerStats {
     pub bytes: usize,
     /// Memory charged against `history_max_bytes` (payload + per-event overhead).
     pub charged_bytes: usize,
+    /// The last waits between pub/sub reconnection attempts, newest last
+    /// (remote brokers; at most 32).
+    pub reconnect_waits: Vec<std::time::Duration>,
 }
 
 /// One row of `GET /api/v1/connections`: a connection as its node reports it.

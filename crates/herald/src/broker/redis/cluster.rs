@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use herald_core::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 
 use super::pubsub::{RESYNC_RETRY, deliver, refuse_waiting, resync_all, timed_out};
-use super::{COMMAND_TIMEOUT, MAX_RECONNECT_DELAY, RedisNodes, Shared, SubCmd, unavailable};
+use super::{RedisNodes, Shared, SubCmd, unavailable};
 use crate::broker::EventSink;
 
 /// Attempts to follow a moved slot before the connection is rebuilt.
@@ -62,8 +63,8 @@ pub(super) async fn cluster_pubsub_task(
         let client = match redis::cluster::ClusterClientBuilder::new(urls.clone())
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_tx)
-            .connection_timeout(COMMAND_TIMEOUT)
-            .response_timeout(COMMAND_TIMEOUT)
+            .connection_timeout(shared.timing.command_timeout)
+            .response_timeout(shared.timing.command_timeout)
             .build()
         {
             Ok(c) => c,
@@ -108,7 +109,7 @@ pub(super) async fn cluster_pubsub_task(
                     let mut client_info = redis::cmd("CLIENT");
                     client_info.arg("INFO");
                     let info = tokio::time::timeout(
-                        COMMAND_TIMEOUT,
+                        shared.timing.command_timeout,
                         conn.route_command(client_info, all),
                     )
                     .await;
@@ -288,16 +289,19 @@ async fn connect(
     cmds: &mut mpsc::UnboundedReceiver<SubCmd>,
     wanted: &mut BTreeSet<String>,
 ) -> redis::cluster_async::ClusterConnection {
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(shared.timing.reconnect_base, shared.timing.reconnect_max);
     loop {
         let connected = async {
             let mut c = client.get_async_connection().await?;
             c.subscribe(&[shared.control_channel(), shared.reply_channel(&shared.node)])
                 .await?;
             for stream in wanted.iter() {
-                tokio::time::timeout(COMMAND_TIMEOUT, c.ssubscribe(shared.channel(stream)))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out()))?;
+                tokio::time::timeout(
+                    shared.timing.command_timeout,
+                    c.ssubscribe(shared.channel(stream)),
+                )
+                .await
+                .unwrap_or_else(|_| Err(timed_out()))?;
             }
             Ok::<_, redis::RedisError>(c)
         };
@@ -306,8 +310,7 @@ async fn connect(
             Err(e) => {
                 shared.pubsub_up.store(false, Ordering::Release);
                 refuse_waiting(cmds, wanted, &e.to_string());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                shared.back_off(&mut backoff).await;
             }
         }
     }
@@ -333,7 +336,12 @@ async fn follow_moved_slot(
         if tokio::time::Instant::now() >= deadline {
             break;
         }
-        match tokio::time::timeout_at(within(COMMAND_TIMEOUT), conn.ssubscribe(&channel)).await {
+        match tokio::time::timeout_at(
+            within(shared.timing.command_timeout),
+            conn.ssubscribe(&channel),
+        )
+        .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, attempt, "resubscribing a moved slot");
@@ -357,7 +365,7 @@ async fn follow_moved_slot(
                 .map_err(unavailable)
         };
         let heard = matches!(
-            tokio::time::timeout_at(within(COMMAND_TIMEOUT), sent).await,
+            tokio::time::timeout_at(within(shared.timing.command_timeout), sent).await,
             Ok(Ok(_))
         ) && tokio::time::timeout_at(within(Duration::from_millis(500)), rx)
             .await

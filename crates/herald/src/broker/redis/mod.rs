@@ -73,12 +73,6 @@ use cluster::cluster_pubsub_task;
 use pubsub::pubsub_task;
 use scripts::Scripts;
 
-/// How long a command may take before the broker counts as unavailable.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a subscription may take to be confirmed.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait between two pub/sub reconnection attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 /// Runs the sweeper closes per pass at most.
 const SWEEP_BATCH: isize = 200;
 /// How long a fleet request waits for every node's answer.
@@ -115,6 +109,38 @@ pub struct RedisConfig {
     pub nodes: RedisNodes,
     /// Key and channel prefix, so deployments can share a Redis.
     pub prefix: String,
+    /// Timeouts, the liveness PING and the reconnect backoff.
+    pub timing: RedisTiming,
+}
+
+/// The Redis broker's timing. The defaults are the production values;
+/// tests shorten them to see each mechanism act in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisTiming {
+    /// How long a command may take before the broker counts as unavailable.
+    pub command_timeout: Duration,
+    /// How long a subscription may take to be confirmed.
+    pub subscribe_timeout: Duration,
+    /// How often the pub/sub connection is PINGed, so one that stopped
+    /// answering (half-open) is replaced within about this plus the command
+    /// timeout.
+    pub ping_every: Duration,
+    /// First wait between two pub/sub reconnection attempts; it doubles.
+    pub reconnect_base: Duration,
+    /// Longest wait between two pub/sub reconnection attempts.
+    pub reconnect_max: Duration,
+}
+
+impl Default for RedisTiming {
+    fn default() -> Self {
+        Self {
+            command_timeout: Duration::from_secs(2),
+            subscribe_timeout: Duration::from_secs(5),
+            ping_every: Duration::from_secs(5),
+            reconnect_base: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+        }
+    }
 }
 
 /// The command connection: one Redis (reconnecting by itself) or a Cluster
@@ -255,6 +281,30 @@ struct Shared {
     commands_ok: AtomicBool,
     /// The pub/sub connection is up and its subscriptions confirmed.
     pubsub_up: AtomicBool,
+    /// Timeouts, PING interval and reconnect backoff.
+    timing: RedisTiming,
+    /// The last waits of the pub/sub reconnect backoff, newest last (at
+    /// most [`BACKOFF_KEPT`]): what the schedule actually was.
+    backoff_waits: Mutex<std::collections::VecDeque<Duration>>,
+}
+
+/// Reconnect waits [`Shared`] keeps for [`BrokerStats`].
+const BACKOFF_KEPT: usize = 32;
+
+impl Shared {
+    /// Wait out the backoff after a failed pub/sub (re)connection, and
+    /// remember how long.
+    async fn back_off(&self, backoff: &mut herald_core::backoff::Backoff) {
+        let wait = backoff.failed();
+        {
+            let mut waits = self.backoff_waits.lock();
+            if waits.len() == BACKOFF_KEPT {
+                waits.pop_front();
+            }
+            waits.push_back(wait);
+        }
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// The Redis broker of one node.
@@ -326,6 +376,8 @@ impl RedisBroker {
             connecting: tokio::sync::Mutex::new(None),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
+            timing: cfg.timing,
+            backoff_waits: Mutex::default(),
         });
         let (subs, rx) = mpsc::unbounded_channel();
         let task = match single {
@@ -459,7 +511,7 @@ impl Shared {
             tracing::warn!("a redis command timed out; replacing the connection");
             metrics::counter!(crate::telemetry::BROKER_RECONNECTS).increment(1);
         }
-        let made = tokio::time::timeout(COMMAND_TIMEOUT * 2, self.connect())
+        let made = tokio::time::timeout(self.timing.command_timeout * 2, self.connect())
             .await
             .unwrap_or_else(|_| Err(pubsub::timed_out()));
         match made {
@@ -480,16 +532,16 @@ impl Shared {
             RedisNodes::Single(url) => {
                 let client = redis::Client::open(url.as_str())?;
                 let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_connection_timeout(Some(self.timing.command_timeout))
+                    .set_response_timeout(Some(self.timing.command_timeout))
                     .set_number_of_retries(1)
-                    .set_max_delay(MAX_RECONNECT_DELAY);
+                    .set_max_delay(self.timing.reconnect_max);
                 Link::Single(ConnectionManager::new_with_config(client, config).await?)
             }
             RedisNodes::Cluster(urls) => {
                 let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
-                    .connection_timeout(COMMAND_TIMEOUT)
-                    .response_timeout(COMMAND_TIMEOUT)
+                    .connection_timeout(self.timing.command_timeout)
+                    .response_timeout(self.timing.command_timeout)
                     .build()?;
                 Link::Cluster(client.get_async_connection().await?)
             }
@@ -518,9 +570,11 @@ impl Shared {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, BrokerError> {
         let mut conn = self.conn().await?;
-        let result =
-            tokio::time::timeout(COMMAND_TIMEOUT * 2, invocation.invoke_async::<T>(&mut conn))
-                .await;
+        let result = tokio::time::timeout(
+            self.timing.command_timeout * 2,
+            invocation.invoke_async::<T>(&mut conn),
+        )
+        .await;
         match result {
             Ok(Ok(v)) => {
                 self.ok();
@@ -874,10 +928,11 @@ impl Broker for RedisBroker {
 
     fn subscribe(&self, stream: &str) -> BoxFuture<'static, Result<(), BrokerError>> {
         let (tx, rx) = oneshot::channel();
+        let timeout = self.shared.timing.subscribe_timeout;
         let sent = self.subs.send(SubCmd::Subscribe(stream.to_owned(), tx));
         Box::pin(async move {
             sent.map_err(|_| unavailable("pub/sub task stopped"))?;
-            match tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx).await {
+            match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(unavailable("pub/sub task stopped")),
                 Err(_) => Err(unavailable("subscription not confirmed in time")),
@@ -1117,8 +1172,12 @@ impl Broker for RedisBroker {
     }
 
     fn stats(&self) -> BrokerStats {
-        // What Redis holds is Redis's to report (INFO memory); this node holds nothing.
-        BrokerStats::default()
+        // What Redis holds is Redis's to report (INFO memory); this node
+        // holds nothing but its reconnect schedule.
+        BrokerStats {
+            reconnect_waits: self.shared.backoff_waits.lock().iter().copied().collect(),
+            ..BrokerStats::default()
+        }
     }
 }
 
@@ -1139,6 +1198,8 @@ impl Shared {
             connecting: tokio::sync::Mutex::new(None),
             commands_ok: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
+            timing: RedisTiming::default(),
+            backoff_waits: Mutex::default(),
         })
     }
 }

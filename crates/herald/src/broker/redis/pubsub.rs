@@ -8,19 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use herald_core::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    COMMAND_TIMEOUT, FleetAnswer, FleetAsk, MAX_RECONNECT_DELAY, SUBSCRIBE_TIMEOUT, Shared, SubCmd,
-    unavailable,
-};
+use super::{FleetAnswer, FleetAsk, Shared, SubCmd, unavailable};
 use crate::broker::{BrokerError, EventSink, StoredEvent};
 use bytes::Bytes;
-
-/// How often the pub/sub connection is asked for a PING, so a connection
-/// that stopped answering (half-open) is replaced within about this plus
-/// the command timeout.
-const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// How soon a resync that could not read a stream's position is retried.
 pub(super) const RESYNC_RETRY: Duration = Duration::from_secs(1);
@@ -38,7 +31,8 @@ pub(super) async fn pubsub_task(
     mut cmds: mpsc::UnboundedReceiver<SubCmd>,
 ) {
     let mut wanted: BTreeSet<String> = BTreeSet::new();
-    let mut delay = Duration::from_millis(50);
+    let timing = shared.timing;
+    let mut backoff = Backoff::new(timing.reconnect_base, timing.reconnect_max);
     let mut reconnect = false;
     // Streams resynced after a reconnect whose position could not be read yet.
     let mut unsynced: BTreeSet<String> = BTreeSet::new();
@@ -47,7 +41,7 @@ pub(super) async fn pubsub_task(
         // SUBSCRIBE (an ACL without channel rights) backs off like a
         // refused connection.
         let connected = async {
-            let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
+            let pubsub = tokio::time::timeout(timing.command_timeout, client.get_async_pubsub())
                 .await
                 .unwrap_or_else(|_| Err(timed_out()))?;
             let (mut subscriber, messages) = pubsub.split();
@@ -65,13 +59,12 @@ pub(super) async fn pubsub_task(
                 shared.pubsub_up.store(false, Ordering::Release);
                 tracing::warn!(error = %e, "redis pub/sub (re)subscribe failed");
                 refuse_waiting(&mut cmds, &mut wanted, &e.to_string());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_RECONNECT_DELAY);
+                shared.back_off(&mut backoff).await;
                 reconnect = true;
                 continue;
             }
         };
-        delay = Duration::from_millis(50);
+        backoff.succeeded();
         shared.pubsub_up.store(true, Ordering::Release);
         if reconnect {
             metrics::counter!(crate::telemetry::BROKER_PUBSUB_RECONNECTS).increment(1);
@@ -82,7 +75,7 @@ pub(super) async fn pubsub_task(
             unsynced = resync_all(&shared, &sink, &wanted).await;
         }
         reconnect = true;
-        let mut liveness = tokio::time::interval(PING_EVERY);
+        let mut liveness = tokio::time::interval(timing.ping_every);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(RESYNC_RETRY);
         loop {
@@ -94,7 +87,7 @@ pub(super) async fn pubsub_task(
                 _ = liveness.tick() => {
                     // A half-open connection delivers nothing and reports
                     // nothing: only a command it does not answer shows it.
-                    let pong = tokio::time::timeout(COMMAND_TIMEOUT, subscriber.ping::<redis::Value>()).await;
+                    let pong = tokio::time::timeout(timing.command_timeout, subscriber.ping::<redis::Value>()).await;
                     if !matches!(pong, Ok(Ok(_))) {
                         tracing::warn!("redis pub/sub connection stopped answering");
                         break;
@@ -111,7 +104,7 @@ pub(super) async fn pubsub_task(
                     // a SUBSCRIBE on a half-open connection would otherwise
                     // hold this task, and its PING, for good.
                     let applied = tokio::time::timeout(
-                        SUBSCRIBE_TIMEOUT,
+                        timing.subscribe_timeout,
                         apply(&shared, &mut subscriber, &mut wanted, batch),
                     )
                     .await
