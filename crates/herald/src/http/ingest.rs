@@ -75,6 +75,9 @@ struct Report {
     duplicates: u64,
     /// Milliseconds the rate bound held this request back.
     throttled_ms: u64,
+    /// Broker calls this request made (deltas that arrived together leave
+    /// together, up to 32 a call).
+    broker_calls: u64,
     last_seq: Option<u64>,
     epoch: Option<String>,
     /// Per part: the index after its last numbered delta of this request.
@@ -88,6 +91,7 @@ impl Report {
             "appended": self.appended,
             "duplicates": self.duplicates,
             "throttled_ms": self.throttled_ms,
+            "broker_calls": self.broker_calls,
             "last_seq": self.last_seq,
             "epoch": self.epoch,
             "next": self.next,
@@ -371,6 +375,7 @@ async fn publish(
                 )
             })
             .collect();
+        report.broker_calls += 1;
         match app.broker().publish(stream, events).await {
             Ok(results) => {
                 for (p, r) in chunk.iter().zip(&results) {
