@@ -10,6 +10,7 @@ mod common;
 
 use std::process::Child;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::redis_server::Redis;
@@ -106,7 +107,15 @@ struct Seen {
 
 /// One user's client: connect to some node, resume, check every seq, and
 /// reconnect elsewhere when the connection ends — until it has `ROUNDS`.
-async fn client(user: String, addrs: Arc<Mutex<Vec<Option<String>>>>, start: usize) -> Seen {
+/// Its first welcome's seq is where it starts (issue 41, finding 6: a
+/// client that assumed 0 failed `out_of_order` whenever an event came
+/// before it joined); `welcomed` counts the clients that have joined.
+async fn client(
+    user: String,
+    addrs: Arc<Mutex<Vec<Option<String>>>>,
+    start: usize,
+    welcomed: Arc<AtomicUsize>,
+) -> Seen {
     let mut seen = Seen::default();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut k = start;
@@ -146,9 +155,14 @@ async fn client(user: String, addrs: Arc<Mutex<Vec<Option<String>>>>, start: usi
             let v: Value = serde_json::from_str(&t).unwrap();
             match v["type"].as_str() {
                 Some("welcome") => {
+                    let seq = v["seq"].as_u64().unwrap();
                     if v["reset"] == true {
                         seen.resets += 1;
-                        seen.last = 0;
+                        seen.last = seq;
+                    }
+                    if seen.epoch.is_none() {
+                        seen.last = seq;
+                        welcomed.fetch_add(1, Ordering::SeqCst);
                     }
                     seen.epoch = v["epoch"].as_str().map(str::to_owned);
                 }
@@ -171,8 +185,9 @@ async fn client(user: String, addrs: Arc<Mutex<Vec<Option<String>>>>, start: usi
 }
 
 /// Publish `ROUNDS` events per user, each through some live node, retrying
-/// through the next one with the same idempotency key until it is stored.
-async fn publisher(addrs: Arc<Mutex<Vec<Option<String>>>>) -> usize {
+/// through the next one with the same idempotency key until it is stored;
+/// `rounds` counts the rounds done.
+async fn publisher(addrs: Arc<Mutex<Vec<Option<String>>>>, rounds: Arc<AtomicU64>) -> usize {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -210,6 +225,7 @@ async fn publisher(addrs: Arc<Mutex<Vec<Option<String>>>>) -> usize {
                 }
             }
         }
+        rounds.store(round, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     retries
@@ -219,16 +235,39 @@ async fn drill(disrupt: impl FnOnce(&mut Fleet) + Send + 'static) {
     let redis = Redis::start();
     let fleet = Arc::new(Mutex::new(Fleet::start(&redis, 3)));
     let addrs = fleet.lock().addrs.clone();
+    let welcomed = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..USERS)
-        .map(|u| tokio::spawn(client(format!("u{u}"), addrs.clone(), u)))
+        .map(|u| tokio::spawn(client(format!("u{u}"), addrs.clone(), u, welcomed.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let publishing = tokio::spawn(publisher(addrs.clone()));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Every client has joined before the first event, so each must see all.
+    wait_until(
+        Duration::from_secs(20),
+        || welcomed.load(Ordering::SeqCst) == USERS,
+        || {
+            format!(
+                "{} of {USERS} clients welcomed",
+                welcomed.load(Ordering::SeqCst)
+            )
+        },
+    )
+    .await;
+    let rounds = Arc::new(AtomicU64::new(0));
+    let publishing = tokio::spawn(publisher(addrs.clone(), rounds.clone()));
+    // The disruption lands in the middle of the publishing, whatever the
+    // machine's speed: a third of the rounds done, and not all of them.
+    wait_until(
+        Duration::from_secs(30),
+        || rounds.load(Ordering::SeqCst) >= ROUNDS / 3,
+        || format!("{} rounds published", rounds.load(Ordering::SeqCst)),
+    )
+    .await;
+    let at_disruption = rounds.load(Ordering::SeqCst);
+    assert!(at_disruption < ROUNDS, "the disruption begins under load");
     let f = fleet.clone();
     tokio::task::spawn_blocking(move || disrupt(&mut f.lock()))
         .await
         .unwrap();
+    let at_disruption_end = rounds.load(Ordering::SeqCst);
     let retries = publishing.await.unwrap();
     let mut reconnects = 0;
     for (u, c) in clients.into_iter().enumerate() {
@@ -238,7 +277,10 @@ async fn drill(disrupt: impl FnOnce(&mut Fleet) + Send + 'static) {
         assert!(seen.out_of_order.is_empty(), "u{u}: {seen:?}");
         assert_eq!(seen.resets, 0, "u{u}: {seen:?}");
     }
-    eprintln!("drill done: publisher retries {retries}, client reconnects {reconnects}");
+    eprintln!(
+        "drill done: publisher retries {retries}, client reconnects {reconnects}, \
+         {at_disruption_end} of {ROUNDS} rounds published when the disruption ended"
+    );
     assert!(reconnects > 0, "the disruption reached connected clients");
 }
 
