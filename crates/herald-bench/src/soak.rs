@@ -35,6 +35,10 @@ struct Counts {
     published: AtomicU64,
     steady_received: AtomicU64,
     steady_gaps: AtomicU64,
+    /// Events a reader got twice or out of order (a seq at or below the last).
+    repeats: AtomicU64,
+    /// Gaps seen by churners after their welcome or resume.
+    churn_gaps: AtomicU64,
     resets: AtomicU64,
     errors: AtomicU64,
 }
@@ -75,6 +79,8 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     let counts = Arc::new(Counts::default());
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let http = api_client()?;
+    // The server before any client: what it must come back to.
+    let baseline = sample(&http, &args.url, pid, 0.0).await?;
     let mut tasks = Vec::new();
     let ctx = Arc::new(Ctx {
         addr,
@@ -156,7 +162,55 @@ pub async fn soak(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         println!("  server resets by cause: {}", causes.join(", "));
     }
-    Ok(())
+    let failures = verdict(&counts, &baseline, &end);
+    if failures.is_empty() {
+        println!("soak: PASS");
+        Ok(())
+    } else {
+        bail!("soak: FAIL: {}", failures.join("; "))
+    }
+}
+
+/// Descriptors and runtime tasks the server may hold after the run beyond
+/// its baseline (the metrics scrape's own connection, timers settling).
+const END_SLACK: f64 = 8.0;
+
+/// What makes the soak fail: any gap, repeat or reorder a reader saw, any
+/// reset (every client resumes within the history the server keeps, so a
+/// reset is unexplained), connections left, or descriptors or tasks the
+/// server did not give back once every client left.
+fn verdict(c: &Counts, baseline: &Sample, end: &Sample) -> Vec<String> {
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for (what, n) in [
+        ("steady readers' gaps", l(&c.steady_gaps)),
+        ("churners' gaps", l(&c.churn_gaps)),
+        ("events repeated or out of order", l(&c.repeats)),
+        ("resets", l(&c.resets)),
+    ] {
+        if n > 0 {
+            failures.push(format!("{n} {what}"));
+        }
+    }
+    if end.live > 0.0 {
+        failures.push(format!("{} connections left after the run", end.live));
+    }
+    if end.fds > baseline.fds + END_SLACK {
+        failures.push(format!(
+            "open fds grew from {} to {}",
+            baseline.fds, end.fds
+        ));
+    }
+    if end.tasks > baseline.tasks + END_SLACK {
+        failures.push(format!(
+            "runtime tasks grew from {} to {}",
+            baseline.tasks, end.tasks
+        ));
+    }
+    if l(&c.steady_received) == 0 {
+        failures.push("the steady readers received nothing".into());
+    }
+    failures
 }
 
 async fn sample(http: &reqwest::Client, base: &str, pid: u32, t: f64) -> anyhow::Result<Sample> {
@@ -282,10 +336,12 @@ fn report(args: &BenchArgs, samples: &[Sample], end: Sample, c: &Counts) {
     );
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
-        "  published {} events; steady readers received {} with {} gaps; {} reconnects with resume ({} resets), {} kicks, {} slow consumers closed, {} client errors",
+        "  published {} events; steady readers received {} with {} gaps; churners {} gaps; {} repeated or out of order; {} reconnects with resume ({} resets), {} kicks, {} slow consumers closed, {} client errors",
         l(&c.published),
         l(&c.steady_received),
         l(&c.steady_gaps),
+        l(&c.churn_gaps),
+        l(&c.repeats),
         l(&c.reconnects),
         l(&c.resets),
         l(&c.kicks),
@@ -354,6 +410,10 @@ async fn steady(ctx: Arc<Ctx>, i: usize) {
                         .ok()
                         .and_then(|v| v["seq"].as_u64())
                         .unwrap_or(0);
+                    if seq <= last {
+                        c.repeats.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if seq != last + 1 {
                         c.steady_gaps.fetch_add(1, Ordering::Relaxed);
                     }
@@ -393,18 +453,30 @@ async fn churner(ctx: Arc<Ctx>, i: usize) {
             note_reset(c, &user, position.as_ref(), &welcome);
         }
         let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
-        let mut last = welcome["seq"].as_u64().unwrap_or(0);
+        // Resumed: the replay starts after where it left off.
+        let mut last = match &position {
+            Some((e, s)) if *e == epoch && welcome["reset"] != true => *s,
+            _ => welcome["seq"].as_u64().unwrap_or(0),
+        };
         let stay = Duration::from_millis(1000 + (rand::random::<u64>() % 4000));
         let until = Instant::now() + stay;
         while let Ok(Some(Ok(msg))) =
             tokio::time::timeout(until.saturating_duration_since(Instant::now()), ws.next()).await
         {
             if let Message::Text(t) = msg
+                && t.starts_with("{\"type\":\"event\"")
                 && let Some(seq) = serde_json::from_str::<serde_json::Value>(&t)
                     .ok()
                     .and_then(|v| v["seq"].as_u64())
             {
-                last = last.max(seq);
+                if seq <= last {
+                    c.repeats.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    if seq != last + 1 {
+                        c.churn_gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last = seq;
+                }
             }
         }
         if round.is_multiple_of(3) {
@@ -507,5 +579,72 @@ async fn kicker(http: reqwest::Client, args: BenchArgs, c: Arc<Counts>, deadline
                 c.kicks.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(fds: f64, tasks: f64, live: f64) -> Sample {
+        Sample {
+            t: 0.0,
+            rss: 0.0,
+            fds,
+            threads: 0.0,
+            live,
+            history: 0.0,
+            heap: f64::NAN,
+            tasks,
+        }
+    }
+
+    /// The soak fails on any gap, repeat or reset, on connections left and
+    /// on descriptors or tasks not given back; a clean run passes.
+    #[test]
+    fn the_verdict_fails_on_every_kind_of_fault() {
+        let base = sample(100.0, 50.0, 0.0);
+        let clean = Counts::default();
+        clean.steady_received.store(10, Ordering::Relaxed);
+        assert!(verdict(&clean, &base, &sample(104.0, 55.0, 0.0)).is_empty());
+        let faults: [(&str, fn(&Counts)); 4] = [
+            ("gaps", |c| {
+                c.steady_gaps.store(1, Ordering::Relaxed);
+            }),
+            ("churners", |c| {
+                c.churn_gaps.store(1, Ordering::Relaxed);
+            }),
+            ("repeated", |c| {
+                c.repeats.store(1, Ordering::Relaxed);
+            }),
+            ("resets", |c| {
+                c.resets.store(1, Ordering::Relaxed);
+            }),
+        ];
+        for (what, fault) in faults {
+            let c = Counts::default();
+            c.steady_received.store(10, Ordering::Relaxed);
+            fault(&c);
+            let failures = verdict(&c, &base, &base);
+            assert!(
+                failures.iter().any(|f| f.contains(what)),
+                "{what}: {failures:?}"
+            );
+        }
+        for (end, what) in [
+            (sample(100.0, 50.0, 3.0), "connections left"),
+            (sample(140.0, 50.0, 0.0), "open fds grew"),
+            (sample(100.0, 90.0, 0.0), "runtime tasks grew"),
+        ] {
+            let failures = verdict(&clean, &base, &end);
+            assert!(
+                failures.iter().any(|f| f.contains(what)),
+                "{what}: {failures:?}"
+            );
+        }
+        assert!(
+            !verdict(&Counts::default(), &base, &base).is_empty(),
+            "nothing received"
+        );
     }
 }

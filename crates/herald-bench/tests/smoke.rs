@@ -106,4 +106,40 @@ async fn every_scenario_runs_and_reports() {
     .await;
     assert_eq!(s["connections"], 30);
     assert!(figure(&s, "RSS per idle connection").ends_with("KiB)"));
+
+    let s = bench(
+        &server,
+        &["text", "-n", "5", "--events", "60", "--rate", "300"],
+    )
+    .await;
+    assert_eq!(figure(&s, "deltas appended"), "300");
+    assert_eq!(figure(&s, "deltas received"), "300");
+    assert_eq!(figure(&s, "answers received whole"), "5");
+    assert_eq!(figure(&s, "seq gaps"), "0");
+
+    // The soak (issue 41): its verdict is its exit status; here a short run
+    // on a healthy server passes (`verdict`'s unit tests show it can fail).
+    let url = format!("http://{}", server.local_addr());
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "soak",
+            "--duration",
+            "4",
+            "--rate",
+            "300",
+            "--sample-secs",
+            "1",
+        ])
+        .args(["--url", &url, "--secret", SECRET, "--api-key", API_KEY])
+        .args(["--server-pid", &pid])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("soak: PASS"), "{stdout}");
 }
