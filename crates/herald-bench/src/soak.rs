@@ -607,7 +607,8 @@ mod tests {
         let clean = Counts::default();
         clean.steady_received.store(10, Ordering::Relaxed);
         assert!(verdict(&clean, &base, &sample(104.0, 55.0, 0.0)).is_empty());
-        let faults: [(&str, fn(&Counts)); 4] = [
+        type Fault = (&'static str, fn(&Counts));
+        let faults: [Fault; 4] = [
             ("gaps", |c| {
                 c.steady_gaps.store(1, Ordering::Relaxed);
             }),
