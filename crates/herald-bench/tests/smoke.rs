@@ -143,3 +143,86 @@ async fn every_scenario_runs_and_reports() {
     );
     assert!(stdout.contains("soak: PASS"), "{stdout}");
 }
+
+/// The benchmark guide's quick start ("How to run" in docs/BENCHMARKS.md),
+/// read from the guide and run at a small scale (issue 41: its first
+/// command exported keys the server had refused since the weak-key check).
+/// The guide's environment must make a valid server configuration, as
+/// `herald serve` reads it; then every `herald-bench` line runs against
+/// that server with the guide's own arguments, sizes cut down (`-n` at most
+/// 40, `--duration` 1 s, `--rate` at most 400, a plot into a temporary
+/// directory) and the secret and key taken from the environment as the
+/// guide does. The floor scripts and `cargo bench` are not run here (each
+/// takes minutes); their own smoke is the bench's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_guide_runs_as_written() {
+    let guide = include_str!("../../../docs/BENCHMARKS.md");
+    let block = guide
+        .split("## How to run")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the guide's quick start");
+    let env: Vec<(String, String)> = block
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert!(!env.is_empty(), "the guide exports its secrets");
+    let mut serve_env = env.clone();
+    serve_env.push(("HERALD_ADDR".into(), "127.0.0.1:0".into()));
+    let raw = herald::config::RawConfig::load(None, serve_env, &Default::default()).unwrap();
+    let config = herald::Config::from_raw(&raw)
+        .unwrap_or_else(|e| panic!("`herald serve` refuses the guide's environment: {e}"));
+    let server = Server::start(config).await.unwrap();
+    let url = format!("http://{}", server.local_addr());
+    let plots = tempfile::tempdir().unwrap();
+    let pid = std::process::id().to_string();
+    let mut ran = Vec::new();
+    for line in block
+        .lines()
+        .filter(|l| l.starts_with("./target/release/herald-bench "))
+    {
+        let mut args: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
+        for i in 0..args.len() {
+            let Some(value) = args.get(i + 1).cloned() else {
+                break;
+            };
+            let small = |cap: u64| value.parse::<u64>().unwrap().min(cap).to_string();
+            match args[i].as_str() {
+                "-n" => args[i + 1] = small(40),
+                "--duration" => args[i + 1] = "1".into(),
+                "--rate" => args[i + 1] = small(400),
+                "--server-pid" => args[i + 1] = pid.clone(),
+                "--plot" => {
+                    args[i + 1] = plots.path().join(&value).to_string_lossy().into_owned();
+                }
+                _ => {}
+            }
+        }
+        let out = tokio::process::Command::new(BIN)
+            .args(&args)
+            .args(["--url", &url])
+            .envs(env.iter().cloned())
+            .env_remove("HERALD_LOG")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ran.push(args[0].clone());
+    }
+    for scenario in ["idle", "connect", "fanout", "resume"] {
+        assert!(
+            ran.iter().any(|s| s == scenario),
+            "the guide runs {scenario}: {ran:?}"
+        );
+    }
+    let plotted = std::fs::read_dir(plots.path()).unwrap().count();
+    assert_eq!(plotted, 1, "the guide's fanout plot was written");
+}
