@@ -34,6 +34,7 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 apt_install redis-server /usr/bin/redis-server
 apt_install openssl /usr/bin/openssl
+apt_install curl /usr/bin/curl   # the README tour test runs its curl commands
 if [ -z "${CHROMIUM:-}" ]; then
   apt_install chromium /usr/bin/chromium
 elif [ ! -x "$CHROMIUM" ]; then

@@ -53,6 +53,8 @@ pub(crate) struct App {
     conn_ids: AtomicU64,
     /// Echo connections open (test-only endpoint; bounded by `echo_max_connections`).
     echo_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sweeper passes completed.
+    sweeps: AtomicU64,
 }
 
 /// One echo connection's place (see [`App::echo_place`]).
@@ -125,6 +127,7 @@ impl App {
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
             echo_open: Arc::default(),
+            sweeps: AtomicU64::new(0),
             lifecycle: Arc::new(config.lifecycle.clone()),
             config,
         }))
@@ -190,6 +193,16 @@ impl App {
         })
         .ok()?;
         Some(EchoPlace(open.clone()))
+    }
+
+    /// Count a completed sweeper pass.
+    pub(crate) fn swept(&self) {
+        self.sweeps.fetch_add(1, Ordering::Release);
+    }
+
+    /// Sweeper passes completed.
+    pub(crate) fn sweeps(&self) -> u64 {
+        self.sweeps.load(Ordering::Acquire)
     }
 
     /// A fresh id for a new connection.

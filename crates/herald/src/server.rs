@@ -107,6 +107,12 @@ impl Server {
         })
     }
 
+    /// Sweeper passes completed so far (tests wait for a pass instead of
+    /// sleeping past one).
+    pub fn sweeps(&self) -> u64 {
+        self.app.sweeps()
+    }
+
     /// HTTP connections being served (not upgraded, not yet closed).
     pub fn http_connections(&self) -> usize {
         self.app.config().max_http_connections - self.http_permits.available_permits()
@@ -231,6 +237,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             .metrics()
             .num_alive_tasks();
         metrics::gauge!(telemetry::TASKS_ALIVE).set(tasks as f64);
+        app.swept();
     }
 }
 

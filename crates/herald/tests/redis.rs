@@ -308,8 +308,15 @@ async fn a_silent_run_is_closed_once_across_the_fleet() {
         (Some("agent_error"), Some("r9"), Some("t9"))
     );
     assert_eq!(e["data"]["reason"], "run_timeout");
-    // Three sweepers, one close: the next event is seq 3.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Three sweepers, one close: once every node has swept twice more
+    // (a whole pass after the close), the next event is seq 3.
+    let swept: Vec<u64> = nodes.iter().map(|n| n.sweeps()).collect();
+    wait_until(
+        Duration::from_secs(10),
+        || nodes.iter().zip(&swept).all(|(n, s)| n.sweeps() >= s + 2),
+        || "every node swept after the close".into(),
+    )
+    .await;
     let r = publish(&nodes[2], "di", "note", json!({})).await;
     assert_eq!(r["seq"], 3);
     assert_eq!(event_of(&mut ws).await["seq"], 3);
@@ -783,7 +790,10 @@ async fn commands_behind_a_dead_path_fail_together() {
     cfg.redis = Some(RedisConfig {
         nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
         prefix: "t".into(),
-        timing: Default::default(),
+        timing: RedisTiming {
+            command_timeout: Duration::from_millis(300),
+            ..RedisTiming::default()
+        },
     });
     let node = start_with(cfg).await;
     let (_ws, _) = connect(&node, "ff").await;
@@ -841,7 +851,11 @@ async fn a_resync_that_cannot_read_the_position_is_retried() {
     cfg.redis = Some(RedisConfig {
         nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
         prefix: "t".into(),
-        timing: Default::default(),
+        timing: RedisTiming {
+            ping_every: Duration::from_millis(200),
+            command_timeout: Duration::from_millis(500),
+            ..RedisTiming::default()
+        },
     });
     let behind = start_with(cfg).await;
     let mut cfg = config();
