@@ -591,10 +591,9 @@ async fn a_pong_flood_is_rate_limited_and_closed() {
     }
 }
 
-/// The example backend (`examples/agent_backend.rs`) against a real server:
-/// signature verified, events published back through the API.
-#[tokio::test]
-async fn example_agent_backend_round_trip() {
+/// A server whose webhook is the example backend (`examples/agent_backend.rs`,
+/// built by `cargo test`), started beside it; and the backend's port.
+async fn with_example_backend() -> (herald::Server, std::process::Child, u16) {
     let bin = std::path::Path::new(BIN)
         .with_file_name("examples")
         .join("agent_backend");
@@ -617,13 +616,21 @@ async fn example_agent_backend_round_trip() {
         backoff: Duration::from_millis(100),
     });
     let server = start_with(cfg).await;
-    let mut child = std::process::Command::new(bin)
+    let child = std::process::Command::new(bin)
         .env("LISTEN", format!("127.0.0.1:{port}"))
         .env("HERALD_URL", format!("http://{}", server.local_addr()))
         .env("HERALD_API_KEY", API_KEY)
         .env("WEBHOOK_SECRET", HOOK_SECRET)
         .spawn()
         .unwrap();
+    (server, child, port)
+}
+
+/// The example backend (`examples/agent_backend.rs`) against a real server:
+/// signature verified, events published back through the API.
+#[tokio::test]
+async fn example_agent_backend_round_trip() {
+    let (server, mut child, _) = with_example_backend().await;
     let (mut ws, _) = connect(&server, "nia").await;
     send_json(&mut ws, message("m1", "ping the backend")).await;
     let result = tokio::time::timeout(Duration::from_secs(15), async {
@@ -662,30 +669,7 @@ async fn example_agent_backend_round_trip() {
 /// its valid signature starts no second run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_agent_backend_keeps_users_apart_and_acts_once() {
-    let bin = std::path::Path::new(BIN)
-        .with_file_name("examples")
-        .join("agent_backend");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cfg = config();
-    cfg.webhook = Some(WebhookConfig {
-        url: format!("http://127.0.0.1:{port}/webhook"),
-        secret: HOOK_SECRET.to_owned(),
-        timeout: Duration::from_secs(2),
-        retries: 5,
-        backoff: Duration::from_millis(100),
-    });
-    let server = start_with(cfg).await;
-    let mut child = std::process::Command::new(bin)
-        .env("LISTEN", format!("127.0.0.1:{port}"))
-        .env("HERALD_URL", format!("http://{}", server.local_addr()))
-        .env("HERALD_API_KEY", API_KEY)
-        .env("WEBHOOK_SECRET", HOOK_SECRET)
-        .spawn()
-        .unwrap();
+    let (server, mut child, port) = with_example_backend().await;
     let result = tokio::time::timeout(Duration::from_secs(30), async {
         let (mut nia, _) = connect(&server, "nia").await;
         let (mut ola, _) = connect(&server, "ola").await;

@@ -13,23 +13,13 @@ use std::time::Duration;
 use common::redis_server::*;
 use common::*;
 use futures_util::StreamExt;
+use herald::Server;
 use herald::broker::memory::MemoryBroker;
 use herald::broker::redis::{RedisBroker, RedisConfig, RedisNodes, RedisTiming};
 use herald::broker::{Broker, BrokerError, NewEvent, user_stream};
-use herald::{Config, Server};
 use herald_core::stream::StreamLimits;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-fn node_config(redis: &Redis) -> Config {
-    let mut cfg = config();
-    cfg.redis = Some(RedisConfig {
-        nodes: RedisNodes::Single(redis.url()),
-        prefix: "t".into(),
-        timing: Default::default(),
-    });
-    cfg
-}
 
 async fn node(redis: &Redis) -> Server {
     start_with(node_config(redis)).await
@@ -310,13 +300,7 @@ async fn a_silent_run_is_closed_once_across_the_fleet() {
     assert_eq!(e["data"]["reason"], "run_timeout");
     // Three sweepers, one close: once every node has swept twice more
     // (a whole pass after the close), the next event is seq 3.
-    let swept: Vec<u64> = nodes.iter().map(|n| n.sweeps()).collect();
-    wait_until(
-        Duration::from_secs(10),
-        || nodes.iter().zip(&swept).all(|(n, s)| n.sweeps() >= s + 2),
-        || "every node swept after the close".into(),
-    )
-    .await;
+    wait_for_sweeps(&nodes.iter().collect::<Vec<_>>()).await;
     let r = publish(&nodes[2], "di", "note", json!({})).await;
     assert_eq!(r["seq"], 3);
     assert_eq!(event_of(&mut ws).await["seq"], 3);
@@ -670,19 +654,27 @@ async fn rediss_connects_over_tls() {
     assert_eq!(event_of(&mut ws).await["seq"], 1);
 }
 
-/// A node behind `path` with `timing`, and a node straight on `redis`.
-async fn behind_and_direct(
-    redis: &Redis,
-    path: &Partition,
-    timing: RedisTiming,
-) -> (Server, Server) {
+/// The half-open drills' setup: a node behind a proxy to `redis` with
+/// `timing`, a node straight on it, a socket of user `ho` on the first that
+/// got event 1 published through the second; then the proxy's open
+/// connections are cut silently. Returns (proxy, behind, direct, socket).
+async fn cut_behind(redis: &Redis, timing: RedisTiming) -> (Partition, Server, Server, Ws) {
+    let path = Partition::start(redis.port).await;
     let mut cfg = config();
     cfg.redis = Some(RedisConfig {
         nodes: RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port)),
         prefix: "t".into(),
         timing,
     });
-    (start_with(cfg).await, node(redis).await)
+    let (behind, direct) = (start_with(cfg).await, node(redis).await);
+    let (mut ws, _) = connect(&behind, "ho").await;
+    assert_eq!(
+        publish(&direct, "ho", "note", json!({"n": 1})).await["seq"],
+        1
+    );
+    assert_eq!(event_of(&mut ws).await["seq"], 1);
+    path.cut();
+    (path, behind, direct, ws)
 }
 
 /// Issue 41, finding 1: a pub/sub connection cut silently (half-open) is
@@ -693,21 +685,13 @@ async fn behind_and_direct(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_redis_connection_is_found_by_its_ping_and_nothing_is_lost() {
     let redis = Redis::start();
-    let path = Partition::start(redis.port).await;
     let timing = RedisTiming {
         ping_every: Duration::from_millis(200),
         command_timeout: Duration::from_millis(500),
         subscribe_timeout: Duration::from_secs(3600),
         ..RedisTiming::default()
     };
-    let (behind, direct) = behind_and_direct(&redis, &path, timing).await;
-    let (mut ws, _) = connect(&behind, "ho").await;
-    assert_eq!(
-        publish(&direct, "ho", "note", json!({"n": 1})).await["seq"],
-        1
-    );
-    assert_eq!(event_of(&mut ws).await["seq"], 1);
-    path.cut();
+    let (_path, behind, direct, mut ws) = cut_behind(&redis, timing).await;
     for n in [2, 3] {
         assert_eq!(
             publish(&direct, "ho", "note", json!({"n": n})).await["seq"],
@@ -740,21 +724,13 @@ async fn a_half_open_redis_connection_is_found_by_its_ping_and_nothing_is_lost()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_on_a_half_open_connection_is_bounded() {
     let redis = Redis::start();
-    let path = Partition::start(redis.port).await;
     let timing = RedisTiming {
         ping_every: Duration::from_secs(3600),
         command_timeout: Duration::from_millis(500),
         subscribe_timeout: Duration::from_millis(500),
         ..RedisTiming::default()
     };
-    let (behind, direct) = behind_and_direct(&redis, &path, timing).await;
-    let (mut ws, _) = connect(&behind, "ho").await;
-    assert_eq!(
-        publish(&direct, "ho", "note", json!({"n": 1})).await["seq"],
-        1
-    );
-    assert_eq!(event_of(&mut ws).await["seq"], 1);
-    path.cut();
+    let (_path, behind, direct, mut ws) = cut_behind(&redis, timing).await;
     let mut late = open(&behind, &[], None).await;
     send_json(&mut late, json!({"type": "hello", "token": token("ho2")})).await;
     assert_eq!(

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::redis_server::{
-    Partition, cli, event_of, expect_seqs, free_port, publish_in_background,
+    Partition, cli, event_of, expect_seqs, free_port, publish_in_background, wait_for_sweeps,
 };
 use common::*;
 use herald::broker::redis::{RedisConfig, RedisNodes};
@@ -283,14 +283,7 @@ async fn a_fleet_on_a_redis_cluster() {
     );
     assert_eq!(e["data"]["reason"], "run_timeout");
     // Once every node has swept twice more, the next event is seq 3.
-    let nodes = [&a, &b, &c];
-    let swept: Vec<u64> = nodes.iter().map(|n| n.sweeps()).collect();
-    wait_until(
-        Duration::from_secs(10),
-        || nodes.iter().zip(&swept).all(|(n, s)| n.sweeps() >= s + 2),
-        || "every node swept after the close".into(),
-    )
-    .await;
+    wait_for_sweeps(&[&a, &b, &c]).await;
     assert_eq!(publish(&a, "dee", "note", json!({})).await["seq"], 3);
 
     // The pub/sub audit (CLIENT INFO, every second) reaches every master,

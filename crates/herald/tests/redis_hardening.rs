@@ -12,18 +12,7 @@ use std::time::Duration;
 use common::redis_server::*;
 use common::*;
 use herald::Config;
-use herald::broker::redis::{RedisConfig, RedisNodes};
 use serde_json::{Value, json};
-
-fn node_config(redis: &Redis) -> Config {
-    let mut cfg = config();
-    cfg.redis = Some(RedisConfig {
-        nodes: RedisNodes::Single(redis.url()),
-        prefix: "t".into(),
-        timing: Default::default(),
-    });
-    cfg
-}
 
 /// Finding 7: user `a` publishing with idempotency key `x}:meta` named the
 /// key `t:{user:a}:idem:x}:meta`, which is the meta hash of user

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{API_KEY, Ws, client, next_json};
+use super::{API_KEY, Ws, client, config, next_json};
 
 /// A `redis-server` of this test, killed on drop.
 pub struct Redis {
@@ -335,4 +335,27 @@ fn first_command(bytes: &[u8]) -> Option<&[u8]> {
         at = next + len + 2;
     }
     bytes.get(..at)
+}
+
+/// A test server's config on `redis` (prefix `t`, default timing).
+pub fn node_config(redis: &Redis) -> herald::Config {
+    let mut cfg = config();
+    cfg.redis = Some(herald::broker::redis::RedisConfig {
+        nodes: herald::broker::redis::RedisNodes::Single(redis.url()),
+        prefix: "t".into(),
+        timing: Default::default(),
+    });
+    cfg
+}
+
+/// Wait until every one of `nodes` has completed two more sweeper passes
+/// (so each swept whole after the moment this is called).
+pub async fn wait_for_sweeps(nodes: &[&herald::Server]) {
+    let swept: Vec<u64> = nodes.iter().map(|n| n.sweeps()).collect();
+    super::wait_until(
+        Duration::from_secs(10),
+        || nodes.iter().zip(&swept).all(|(n, s)| n.sweeps() >= s + 2),
+        || "every node swept twice more".into(),
+    )
+    .await;
 }
