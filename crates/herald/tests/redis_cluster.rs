@@ -242,12 +242,13 @@ async fn a_fleet_on_a_redis_cluster() {
     assert_eq!(cli(p, &["-c", "HEXISTS", "c:nodes", "quiet"]), "1");
 
     // Kick and listing from a node that holds none of the sockets.
-    tokio::time::sleep(Duration::from_millis(1500)).await; // every node's heartbeat is in
-    assert_eq!(
-        cli(p, &["-c", "HLEN", "c:nodes"]),
-        "4",
-        "three live nodes and the quiet one"
-    );
+    // Every node's heartbeat is in: three live nodes and the quiet one.
+    wait_until(
+        Duration::from_secs(10),
+        || cli(p, &["-c", "HLEN", "c:nodes"]) == "4",
+        || "three live nodes and the quiet one".into(),
+    )
+    .await;
     let (_, list) = get_json(&a, "/api/v1/connections?user_id=ann").await;
     assert_eq!(list["total"], 2, "{list}");
     let (status, body) = post(&a, "/api/v1/disconnect", json!({"user_id": "ann"})).await;
