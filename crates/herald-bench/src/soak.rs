@@ -565,8 +565,12 @@ async fn publisher(http: reqwest::Client, args: BenchArgs, c: Arc<Counts>, deadl
 /// Every 5 s, kick one steady user and one churning user.
 async fn kicker(http: reqwest::Client, args: BenchArgs, c: Arc<Counts>, deadline: Instant) {
     let mut k = 0usize;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(5)).await;
+    // The first kick a second in (so a short run has one), then every 5 s;
+    // none after the deadline. A kick counts when it closed a connection.
+    let mut next = Instant::now() + Duration::from_secs(1);
+    while next < deadline {
+        tokio::time::sleep_until(next.into()).await;
+        next += Duration::from_secs(5);
         k += 1;
         for user in [format!("steady{}", k % STEADY), format!("churn{}", k % 40)] {
             let r = http
@@ -575,7 +579,14 @@ async fn kicker(http: reqwest::Client, args: BenchArgs, c: Arc<Counts>, deadline
                 .json(&json!({ "user_id": user }))
                 .send()
                 .await;
-            if r.is_ok_and(|r| r.status().is_success()) {
+            let Ok(r) = r else { continue };
+            let closed = r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["disconnected"].as_u64())
+                .unwrap_or(0);
+            if closed > 0 {
                 c.kicks.fetch_add(1, Ordering::Relaxed);
             }
         }

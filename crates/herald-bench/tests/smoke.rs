@@ -142,6 +142,14 @@ async fn every_scenario_runs_and_reports() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("soak: PASS"), "{stdout}");
+    // The kick-and-resume path ran: at least one kick closed a connection.
+    let kicks: u64 = stdout
+        .split(" kicks,")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no kick count in {stdout}"));
+    assert!(kicks > 0, "{stdout}");
 }
 
 /// The benchmark guide's quick start ("How to run" in docs/BENCHMARKS.md),
