@@ -742,6 +742,13 @@ async fn a_subscribe_on_a_half_open_connection_is_bounded() {
         (e["seq"].as_u64(), e["data"]["n"].as_u64()),
         (Some(2), Some(2))
     );
+    // Nothing twice: the next event is the next one published.
+    assert_eq!(
+        publish(&direct, "ho", "note", json!({"n": 3})).await["seq"],
+        3
+    );
+    let e = event_within(&mut ws, Duration::from_secs(20), "the next event").await;
+    assert_eq!(e["seq"].as_u64(), Some(3));
     let reply = tokio::time::timeout(Duration::from_secs(20), late.next())
         .await
         .expect("the hello during the cut was answered")

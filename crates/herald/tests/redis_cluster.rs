@@ -556,6 +556,7 @@ async fn a_half_open_path_to_the_cluster_is_replaced_and_nothing_is_lost() {
         publish_note(&b, "hc", n, Duration::from_secs(30)).await;
     }
     expect_notes(&mut ws, &[2, 3], Duration::from_secs(30), "after the cut").await;
+    then_only(&mut ws, &b, "hc", 4).await;
     drop(cluster);
 }
 
@@ -585,6 +586,15 @@ async fn publish_note(node: &Server, user: &str, n: u64, limit: Duration) {
             "note {n} was never published: {body}"
         );
     }
+}
+
+/// Nothing came after the notes read so far but what `node` publishes
+/// next: note `n` is the next event on `ws` (a late duplicate of an earlier
+/// note, e.g. from a resync that replayed what the live path had delivered,
+/// would come first).
+async fn then_only(ws: &mut Ws, node: &Server, user: &str, n: u64) {
+    publish_note(node, user, n, Duration::from_secs(10)).await;
+    expect_notes(ws, &[n], Duration::from_secs(20), "the next note").await;
 }
 
 /// The next events on `ws` are the notes `ns`, in order, each within `limit`.
@@ -630,5 +640,6 @@ async fn a_subscription_lost_without_notice_is_noticed_and_nothing_is_lost() {
         "after the redial",
     )
     .await;
+    then_only(&mut ws, &b, "ls", 4).await;
     drop(cluster);
 }
