@@ -5,6 +5,8 @@
 //! the caller as a value. The server crate (`herald`) drives it from tokio.
 //!
 //! Layout:
+//! - [`aisdk`]: the AI SDK `WebSocketChatTransport` wire protocol (client
+//!   frames validated, server frames written, per-response sequences).
 //! - [`backoff`]: the doubling, capped delay between reconnect attempts.
 //! - [`close`]: why a connection closed, who decided it, and the WebSocket close code.
 //! - [`lifecycle`]: the per-connection state machine (`Handshaking → Ready →
@@ -27,6 +29,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod aisdk;
 pub mod backoff;
 pub mod catchup;
 pub mod close;

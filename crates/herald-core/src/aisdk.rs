@@ -1,0 +1,653 @@
+//! The AI SDK's `WebSocketChatTransport` wire protocol (the `ai` package's
+//! `useChat` transport), as a server speaks it: client frames (`send`,
+//! `resume`, `abort`) parsed and validated strictly, server frames (`start`,
+//! `chunk`, `end`, `error`, `no-active`) written, and each response's
+//! `sequence` numbered from 0 without a gap.
+//!
+//! Every frame is a JSON object with a `type` and the `requestId` it
+//! answers. A frame this module refuses is a protocol error the endpoint
+//! answers with close 1008, as the transport's own server outline does.
+//! Sans-IO: no socket, no clock.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// Longest `requestId`, chat `id` and `messageId`, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// Most entries of a frame's `headers`.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Longest header value, in bytes (a bearer JWT fits).
+pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
+
+/// A client frame, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Start a turn (a new message, or a regeneration) of chat `id`.
+    Send(Send),
+    /// Replay the retained response of chat `id`, then follow it live.
+    Resume(Resume),
+    /// Cancel the operation `request_id` started.
+    Abort {
+        /// The request to cancel.
+        request_id: String,
+    },
+}
+
+impl Request {
+    /// The `requestId` the frame carries.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Request::Send(s) => &s.request_id,
+            Request::Resume(r) => &r.request_id,
+            Request::Abort { request_id } => request_id,
+        }
+    }
+}
+
+/// What a turn asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A new user message.
+    SubmitMessage,
+    /// Regenerate the assistant's last answer.
+    RegenerateMessage,
+}
+
+impl Trigger {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::SubmitMessage => "submit-message",
+            Trigger::RegenerateMessage => "regenerate-message",
+        }
+    }
+}
+
+/// A `send` frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Send {
+    /// Correlates the response frames.
+    pub request_id: String,
+    /// The chat.
+    pub id: String,
+    /// New message or regeneration.
+    pub trigger: Trigger,
+    /// The message to regenerate, if any.
+    pub message_id: Option<String>,
+    /// The chat's UI messages (objects with `id`, `role`, `parts`).
+    pub messages: Vec<Value>,
+    /// Request headers (lower-cased names), e.g. `authorization`.
+    pub headers: HashMap<String, String>,
+    /// Application data.
+    pub body: Value,
+    /// Request metadata, any JSON (`null` when absent).
+    pub metadata: Value,
+}
+
+/// A `resume` frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resume {
+    /// Correlates the response frames.
+    pub request_id: String,
+    /// The chat.
+    pub id: String,
+    /// Replay after this sequence (the transport omits it: replay all).
+    pub last_sequence: Option<u64>,
+    /// Request headers (lower-cased names).
+    pub headers: HashMap<String, String>,
+    /// Application data.
+    pub body: Value,
+    /// Request metadata (`null` when absent).
+    pub metadata: Value,
+}
+
+/// Why a client frame was refused (the endpoint closes 1008).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Not a JSON object.
+    #[error("the frame is not a JSON object: {0}")]
+    NotJson(String),
+    /// A field is missing, of the wrong type, or out of its bounds.
+    #[error("`{field}` {problem}")]
+    Invalid {
+        /// The field, e.g. `messages[2].role`.
+        field: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> FrameError {
+    FrameError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A `send` frame as it arrives (without its `type`); unknown fields are refused.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SendWire {
+    request_id: String,
+    id: String,
+    trigger: String,
+    #[serde(default)]
+    message_id: Option<String>,
+    messages: Vec<Value>,
+    #[serde(default)]
+    headers: HashMap<String, String>,
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    metadata: Value,
+}
+
+/// A `resume` frame as it arrives (without its `type`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ResumeWire {
+    request_id: String,
+    id: String,
+    #[serde(default)]
+    last_sequence: Option<u64>,
+    #[serde(default)]
+    headers: HashMap<String, String>,
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    metadata: Value,
+}
+
+/// An `abort` frame as it arrives (without its `type`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AbortWire {
+    request_id: String,
+}
+
+/// `value` as a `T`, or the field that is wrong.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, FrameError> {
+    crate::protocol::deserialize_named(value).map_err(|(field, problem)| invalid(field, problem))
+}
+
+/// Parse and validate one client frame.
+pub fn parse_request(text: &str) -> Result<Request, FrameError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.to_string()))?;
+    let Value::Object(mut fields) = value else {
+        return Err(FrameError::NotJson("not an object".into()));
+    };
+    let kind = match fields.remove("type") {
+        Some(Value::String(kind)) => kind,
+        _ => return Err(invalid("type", "must be `send`, `resume` or `abort`")),
+    };
+    let fields = Value::Object(fields);
+    match kind.as_str() {
+        "abort" => {
+            let AbortWire { request_id } = typed(fields)?;
+            check_id("requestId", &request_id)?;
+            Ok(Request::Abort { request_id })
+        }
+        "send" => {
+            let SendWire {
+                request_id,
+                id,
+                trigger,
+                message_id,
+                messages,
+                headers,
+                body,
+                metadata,
+            } = typed(fields)?;
+            check_id("requestId", &request_id)?;
+            check_id("id", &id)?;
+            if let Some(m) = &message_id {
+                check_id("messageId", m)?;
+            }
+            let trigger = match trigger.as_str() {
+                "submit-message" => Trigger::SubmitMessage,
+                "regenerate-message" => Trigger::RegenerateMessage,
+                _ => {
+                    return Err(invalid(
+                        "trigger",
+                        "must be `submit-message` or `regenerate-message`",
+                    ));
+                }
+            };
+            for (i, m) in messages.iter().enumerate() {
+                check_message(i, m)?;
+            }
+            Ok(Request::Send(Send {
+                request_id,
+                id,
+                trigger,
+                message_id,
+                messages,
+                headers: check_headers(headers)?,
+                body: check_body(body)?,
+                metadata,
+            }))
+        }
+        "resume" => {
+            let ResumeWire {
+                request_id,
+                id,
+                last_sequence,
+                headers,
+                body,
+                metadata,
+            } = typed(fields)?;
+            check_id("requestId", &request_id)?;
+            check_id("id", &id)?;
+            Ok(Request::Resume(Resume {
+                request_id,
+                id,
+                last_sequence,
+                headers: check_headers(headers)?,
+                body: check_body(body)?,
+                metadata,
+            }))
+        }
+        _ => Err(invalid("type", "must be `send`, `resume` or `abort`")),
+    }
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), FrameError> {
+    if v.is_empty() || v.len() > MAX_ID_BYTES {
+        return Err(invalid(field, format!("must be 1 to {MAX_ID_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// A UI message: an object with a string `id`, a `role` of `system`,
+/// `user` or `assistant`, and an array of `parts` (each an object with a
+/// string `type`); other fields (`metadata`) pass as they are.
+fn check_message(i: usize, m: &Value) -> Result<(), FrameError> {
+    let at = |f: &str| format!("messages[{i}].{f}");
+    let Value::Object(o) = m else {
+        return Err(invalid(format!("messages[{i}]"), "must be an object"));
+    };
+    if !o.get("id").is_some_and(Value::is_string) {
+        return Err(invalid(at("id"), "must be a string"));
+    }
+    match o.get("role").and_then(Value::as_str) {
+        Some("system" | "user" | "assistant") => {}
+        _ => {
+            return Err(invalid(
+                at("role"),
+                "must be `system`, `user` or `assistant`",
+            ));
+        }
+    }
+    let Some(Value::Array(parts)) = o.get("parts") else {
+        return Err(invalid(at("parts"), "must be an array"));
+    };
+    for (j, p) in parts.iter().enumerate() {
+        if !p.get("type").is_some_and(Value::is_string) {
+            return Err(invalid(at(&format!("parts[{j}].type")), "must be a string"));
+        }
+    }
+    Ok(())
+}
+
+/// Header names lower-cased; bounded in number and size.
+fn check_headers(headers: HashMap<String, String>) -> Result<HashMap<String, String>, FrameError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(invalid(
+            "headers",
+            format!("must have at most {MAX_HEADERS} entries"),
+        ));
+    }
+    let mut out = HashMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_BYTES {
+            return Err(invalid(
+                "headers",
+                format!("a name must be 1 to {MAX_HEADER_NAME_BYTES} bytes"),
+            ));
+        }
+        if value.len() > MAX_HEADER_VALUE_BYTES {
+            return Err(invalid(
+                format!("headers.{name}"),
+                format!("must be at most {MAX_HEADER_VALUE_BYTES} bytes"),
+            ));
+        }
+        out.insert(name.to_ascii_lowercase(), value);
+    }
+    Ok(out)
+}
+
+/// `body` is an object (absent or `null`: an empty one).
+fn check_body(body: Option<Value>) -> Result<Value, FrameError> {
+    match body {
+        None | Some(Value::Null) => Ok(Value::Object(Default::default())),
+        Some(v @ Value::Object(_)) => Ok(v),
+        Some(_) => Err(invalid("body", "must be an object")),
+    }
+}
+
+/// A server frame.
+#[derive(Debug, Clone, Copy)]
+pub enum Response<'a> {
+    /// A resume found an active response.
+    Start {
+        /// The request answered.
+        request_id: &'a str,
+    },
+    /// One UI message chunk of the response, numbered.
+    Chunk {
+        /// The request answered.
+        request_id: &'a str,
+        /// From 0, no gap, per request.
+        sequence: u64,
+        /// The chunk, serialized JSON (an object with a `type`).
+        chunk: &'a RawValue,
+    },
+    /// The response is complete.
+    End {
+        /// The request answered.
+        request_id: &'a str,
+    },
+    /// The response failed.
+    Error {
+        /// The request answered.
+        request_id: &'a str,
+        /// What the user may be told.
+        error_text: &'a str,
+    },
+    /// A resume found nothing active; a send closed without an answer.
+    NoActive {
+        /// The request answered.
+        request_id: &'a str,
+    },
+}
+
+impl Response<'_> {
+    /// The frame's JSON text.
+    pub fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        #[serde(tag = "type", rename_all = "kebab-case")]
+        enum Out<'a> {
+            Start {
+                #[serde(rename = "requestId")]
+                request_id: &'a str,
+            },
+            Chunk {
+                #[serde(rename = "requestId")]
+                request_id: &'a str,
+                sequence: u64,
+                chunk: &'a RawValue,
+            },
+            End {
+                #[serde(rename = "requestId")]
+                request_id: &'a str,
+            },
+            Error {
+                #[serde(rename = "requestId")]
+                request_id: &'a str,
+                #[serde(rename = "errorText")]
+                error_text: &'a str,
+            },
+            NoActive {
+                #[serde(rename = "requestId")]
+                request_id: &'a str,
+            },
+        }
+        let out = match *self {
+            Response::Start { request_id } => Out::Start { request_id },
+            Response::Chunk {
+                request_id,
+                sequence,
+                chunk,
+            } => Out::Chunk {
+                request_id,
+                sequence,
+                chunk,
+            },
+            Response::End { request_id } => Out::End { request_id },
+            Response::Error {
+                request_id,
+                error_text,
+            } => Out::Error {
+                request_id,
+                error_text,
+            },
+            Response::NoActive { request_id } => Out::NoActive { request_id },
+        };
+        // Serializing borrowed strings and raw JSON cannot fail.
+        serde_json::to_string(&out).unwrap_or_default()
+    }
+}
+
+/// The responses open on one socket, by `requestId`, each with the next
+/// `sequence` it writes: 0, 1, 2, … with no gap (the transport errors every
+/// stream of the socket on a gap).
+#[derive(Debug, Default)]
+pub struct Responses {
+    next: HashMap<String, u64>,
+}
+
+impl Responses {
+    /// Open a response for `request_id`; false if one is open already.
+    pub fn open(&mut self, request_id: &str) -> bool {
+        if self.next.contains_key(request_id) {
+            return false;
+        }
+        self.next.insert(request_id.to_owned(), 0);
+        true
+    }
+
+    /// The sequence of the next chunk of `request_id`, or `None` if that
+    /// response is not open (never opened, or ended).
+    pub fn next_sequence(&mut self, request_id: &str) -> Option<u64> {
+        let n = self.next.get_mut(request_id)?;
+        let seq = *n;
+        *n += 1;
+        Some(seq)
+    }
+
+    /// Close `request_id` (after `end`, `error` or an abort); true if it was open.
+    pub fn close(&mut self, request_id: &str) -> bool {
+        self.next.remove(request_id).is_some()
+    }
+
+    /// Responses open.
+    pub fn len(&self) -> usize {
+        self.next.len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.next.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn send_frame() -> Value {
+        json!({
+            "type": "send", "requestId": "r1", "id": "chat1", "trigger": "submit-message",
+            "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+            "headers": {"Authorization": "Bearer x"}, "body": {"k": 1}, "metadata": {"a": true}
+        })
+    }
+
+    #[test]
+    fn frames_the_transport_sends_are_read() {
+        let Request::Send(s) = parse_request(&send_frame().to_string()).unwrap() else {
+            panic!("a send")
+        };
+        assert_eq!((s.request_id.as_str(), s.id.as_str()), ("r1", "chat1"));
+        assert_eq!(s.trigger, Trigger::SubmitMessage);
+        assert_eq!(s.message_id, None);
+        assert_eq!(
+            s.headers.get("authorization").map(String::as_str),
+            Some("Bearer x")
+        );
+        assert_eq!(s.body, json!({"k": 1}));
+        assert_eq!(s.metadata, json!({"a": true}));
+        // The transport omits what is undefined: lastSequence, metadata.
+        let resume =
+            json!({"type": "resume", "requestId": "r2", "id": "chat1", "headers": {}, "body": {}});
+        assert_eq!(
+            parse_request(&resume.to_string()).unwrap(),
+            Request::Resume(Resume {
+                request_id: "r2".into(),
+                id: "chat1".into(),
+                last_sequence: None,
+                headers: HashMap::new(),
+                body: json!({}),
+                metadata: Value::Null,
+            })
+        );
+        let abort = parse_request(r#"{"type":"abort","requestId":"r1"}"#).unwrap();
+        assert_eq!(abort.request_id(), "r1");
+    }
+
+    /// Each malformed frame is refused, naming the field.
+    #[test]
+    fn malformed_frames_are_refused_by_field() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = send_frame();
+            f(&mut v);
+            v.to_string()
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (with(&|v| v["trigger"] = json!("resubmit")), "trigger"),
+            (with(&|v| v["requestId"] = json!("")), "requestId"),
+            (with(&|v| v["id"] = json!(long.clone())), "id"),
+            (
+                with(&|v| v["messages"][0]["role"] = json!("tool")),
+                "messages[0].role",
+            ),
+            (
+                with(&|v| v["messages"][0]["parts"] = json!({})),
+                "messages[0].parts",
+            ),
+            (
+                with(&|v| v["messages"][0]["parts"][0] = json!({"text": "x"})),
+                "messages[0].parts[0].type",
+            ),
+            (
+                with(&|v| v["messages"][0]["id"] = json!(7)),
+                "messages[0].id",
+            ),
+            (with(&|v| v["body"] = json!([1])), "body"),
+            (with(&|v| v["headers"]["x"] = json!(1)), "headers.x"),
+            (with(&|v| v["extra"] = json!(1)), ""),
+            (with(&|v| v["messages"] = json!("no")), "messages"),
+        ];
+        for (frame, field) in cases {
+            match parse_request(&frame) {
+                Err(FrameError::Invalid { field: f, .. }) => {
+                    assert!(f.contains(field), "{frame}: named {f:?}, not {field:?}")
+                }
+                other => panic!("{frame}: {other:?}"),
+            }
+        }
+        for text in [
+            "",
+            "[]",
+            "7",
+            "{",
+            r#"{"type":"ping","requestId":"r"}"#,
+            r#"{"requestId":"r"}"#,
+        ] {
+            assert!(parse_request(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn server_frames_are_written_as_the_transport_reads_them() {
+        let chunk =
+            RawValue::from_string(r#"{"type":"text-delta","id":"t1","delta":"Hel\"lo"}"#.into())
+                .unwrap();
+        let frames = [
+            (
+                Response::Start { request_id: "r\"1" },
+                json!({"type": "start", "requestId": "r\"1"}),
+            ),
+            (
+                Response::Chunk {
+                    request_id: "r1",
+                    sequence: 3,
+                    chunk: &chunk,
+                },
+                json!({"type": "chunk", "requestId": "r1", "sequence": 3,
+                       "chunk": {"type": "text-delta", "id": "t1", "delta": "Hel\"lo"}}),
+            ),
+            (
+                Response::End { request_id: "r1" },
+                json!({"type": "end", "requestId": "r1"}),
+            ),
+            (
+                Response::Error {
+                    request_id: "r1",
+                    error_text: "the agent stopped answering",
+                },
+                json!({"type": "error", "requestId": "r1", "errorText": "the agent stopped answering"}),
+            ),
+            (
+                Response::NoActive { request_id: "r1" },
+                json!({"type": "no-active", "requestId": "r1"}),
+            ),
+        ];
+        for (frame, want) in frames {
+            let got: Value = serde_json::from_str(&frame.to_json()).unwrap();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn responses_are_numbered_from_zero_without_a_gap() {
+        let mut r = Responses::default();
+        assert_eq!(r.next_sequence("a"), None, "not open");
+        assert!(r.open("a"));
+        assert!(!r.open("a"), "open once");
+        assert!(r.open("b"));
+        assert_eq!(
+            (r.next_sequence("a"), r.next_sequence("a")),
+            (Some(0), Some(1))
+        );
+        assert_eq!(r.next_sequence("b"), Some(0));
+        assert!(r.close("a"));
+        assert!(!r.close("a"));
+        assert_eq!(r.next_sequence("a"), None, "ended");
+        assert!(r.open("a"), "a new response may reuse the id");
+        assert_eq!(r.next_sequence("a"), Some(0));
+        assert_eq!(r.len(), 2);
+    }
+
+    proptest! {
+        /// Any text at all: a frame or a refusal, never a panic.
+        #[test]
+        fn any_text_is_parsed_or_refused(text in ".{0,200}") {
+            let _ = parse_request(&text);
+        }
+
+        /// Interleaved responses each see 0, 1, 2, … whatever the order.
+        #[test]
+        fn sequences_never_skip(order in proptest::collection::vec(0usize..4, 0..200)) {
+            let mut r = Responses::default();
+            let ids = ["a", "b", "c", "d"];
+            for id in ids {
+                r.open(id);
+            }
+            let mut seen = [0u64; 4];
+            for i in order {
+                prop_assert_eq!(r.next_sequence(ids[i]), Some(seen[i]));
+                seen[i] += 1;
+            }
+        }
+    }
+}
