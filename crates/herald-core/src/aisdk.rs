@@ -1,8 +1,9 @@
 //! The AI SDK's `WebSocketChatTransport` wire protocol (the `ai` package's
 //! `useChat` transport), as a server speaks it: client frames (`send`,
 //! `resume`, `abort`) parsed and validated strictly, server frames (`start`,
-//! `chunk`, `end`, `error`, `no-active`) written, and each response's
-//! `sequence` numbered from 0 without a gap.
+//! `chunk`, `end`, `error`, `no-active`) written, each response's
+//! `sequence` numbered from 0 without a gap ([`Responses`]), and Herald's
+//! agent run events mapped to UI message chunks ([`Chunks`]).
 //!
 //! Every frame is a JSON object with a `type` and the `requestId` it
 //! answers. A frame this module refuses is a protocol error the endpoint
@@ -467,6 +468,134 @@ impl Responses {
     }
 }
 
+/// Herald's agent run events as AI SDK UI message chunks, for one response
+/// (one run): `agent_started` → `start` (its `messageId` the run id, stable
+/// across replays); `agent_thinking` → reasoning; `tool_executing` /
+/// `tool_completed` → tool input / output (by `tool_call_id`, or paired by
+/// tool name when the events carry none); `agent_text_delta` → text, one
+/// text part per Herald part; `agent_completed` → `finish`; `agent_error` →
+/// `error`; `agent_cancelled` → `abort`. A part left open is ended before
+/// whatever comes next, so every `*-start` has its `*-end`. Other events
+/// (the application's own) are not part of the UI message: none.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    /// The text or reasoning part open now: (kind, id).
+    open: Option<(&'static str, String)>,
+    /// Reasoning parts started so far (their ids are `reasoning-<n>`).
+    reasonings: u64,
+    /// Tool calls without an id: their names, in the order they started.
+    unnamed_calls: Vec<(String, String)>,
+    /// Tool calls started so far (ids of calls that carry none).
+    calls: u64,
+    /// The run ended (`finish`, `error` or `abort` written).
+    ended: bool,
+}
+
+impl Chunks {
+    /// The chunks `event` of this run makes (its `data` as published).
+    pub fn on_event(&mut self, event: &str, run_id: &str, data: &Value) -> Vec<Value> {
+        use serde_json::json;
+        let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        let text = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or_default();
+        match event {
+            "agent_started" => out.push(json!({"type": "start", "messageId": run_id})),
+            "agent_thinking" => {
+                if !matches!(&self.open, Some(("reasoning", _))) {
+                    self.end_open(&mut out);
+                    self.reasonings += 1;
+                    let id = format!("reasoning-{}", self.reasonings);
+                    out.push(json!({"type": "reasoning-start", "id": id}));
+                    self.open = Some(("reasoning", id));
+                }
+                if let Some((_, id)) = &self.open {
+                    out.push(json!({"type": "reasoning-delta", "id": id, "delta": text("text")}));
+                }
+            }
+            "agent_text_delta" => {
+                let part = text("part");
+                if !matches!(&self.open, Some(("text", id)) if id == part) {
+                    self.end_open(&mut out);
+                    out.push(json!({"type": "text-start", "id": part}));
+                    self.open = Some(("text", part.to_owned()));
+                }
+                out.push(json!({"type": "text-delta", "id": part, "delta": text("text")}));
+            }
+            "tool_executing" => {
+                self.end_open(&mut out);
+                let name = text("tool");
+                let id = match data.get("tool_call_id").and_then(Value::as_str) {
+                    Some(id) => id.to_owned(),
+                    None => {
+                        self.calls += 1;
+                        let id = format!("call-{}", self.calls);
+                        self.unnamed_calls.push((name.to_owned(), id.clone()));
+                        id
+                    }
+                };
+                let input = data.get("input").cloned().unwrap_or(Value::Null);
+                out.push(json!({"type": "tool-input-available", "toolCallId": id, "toolName": name, "input": input}));
+            }
+            "tool_completed" => {
+                self.end_open(&mut out);
+                let name = text("tool");
+                let id = match data.get("tool_call_id").and_then(Value::as_str) {
+                    Some(id) => Some(id.to_owned()),
+                    None => self
+                        .unnamed_calls
+                        .iter()
+                        .position(|(n, _)| n == name)
+                        .map(|i| self.unnamed_calls.remove(i).1),
+                };
+                if let Some(id) = id {
+                    let output = data.get("output").cloned().unwrap_or(Value::Null);
+                    out.push(json!({"type": "tool-output-available", "toolCallId": id, "output": output}));
+                }
+            }
+            "agent_completed" => {
+                self.end_open(&mut out);
+                out.push(json!({"type": "finish"}));
+                self.ended = true;
+            }
+            "agent_error" => {
+                self.end_open(&mut out);
+                let why = match (text("message"), text("reason")) {
+                    ("", "") => "the agent failed".to_owned(),
+                    ("", reason) => format!("the agent failed: {reason}"),
+                    (message, _) => message.to_owned(),
+                };
+                out.push(json!({"type": "error", "errorText": why}));
+                self.ended = true;
+            }
+            "agent_cancelled" => {
+                self.end_open(&mut out);
+                out.push(json!({"type": "abort"}));
+                self.ended = true;
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Whether the run ended (nothing more follows).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn end_open(&mut self, out: &mut Vec<Value>) {
+        if let Some((kind, id)) = self.open.take() {
+            let end = if kind == "text" {
+                "text-end"
+            } else {
+                "reasoning-end"
+            };
+            out.push(serde_json::json!({"type": end, "id": id}));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,6 +776,132 @@ mod tests {
             for i in order {
                 prop_assert_eq!(r.next_sequence(ids[i]), Some(seen[i]));
                 seen[i] += 1;
+            }
+        }
+    }
+
+    /// The demo agent's golden path, as chunks: every part started is
+    /// ended, tool input and output paired by `tool_call_id`, then `finish`.
+    #[test]
+    fn a_run_maps_to_the_chunks_use_chat_expects() {
+        let mut c = Chunks::default();
+        let events = [
+            ("agent_started", json!({})),
+            ("agent_thinking", json!({"text": "Reading"})),
+            ("agent_thinking", json!({"text": " more"})),
+            (
+                "tool_executing",
+                json!({"tool": "search", "tool_call_id": "c1", "input": {"q": "x"}}),
+            ),
+            (
+                "tool_completed",
+                json!({"tool": "search", "tool_call_id": "c1", "output": {"n": 3}}),
+            ),
+            ("agent_text_delta", json!({"part": "answer", "text": "Hel"})),
+            ("agent_text_delta", json!({"part": "answer", "text": "lo"})),
+            ("agent_note", json!({"x": 1})),
+            ("agent_completed", json!({"final_response": "Hello"})),
+            ("agent_thinking", json!({"text": "after the end"})),
+        ];
+        let chunks: Vec<Value> = events
+            .iter()
+            .flat_map(|(e, d)| c.on_event(e, "run-7", d))
+            .collect();
+        assert_eq!(
+            chunks,
+            vec![
+                json!({"type": "start", "messageId": "run-7"}),
+                json!({"type": "reasoning-start", "id": "reasoning-1"}),
+                json!({"type": "reasoning-delta", "id": "reasoning-1", "delta": "Reading"}),
+                json!({"type": "reasoning-delta", "id": "reasoning-1", "delta": " more"}),
+                json!({"type": "reasoning-end", "id": "reasoning-1"}),
+                json!({"type": "tool-input-available", "toolCallId": "c1", "toolName": "search", "input": {"q": "x"}}),
+                json!({"type": "tool-output-available", "toolCallId": "c1", "output": {"n": 3}}),
+                json!({"type": "text-start", "id": "answer"}),
+                json!({"type": "text-delta", "id": "answer", "delta": "Hel"}),
+                json!({"type": "text-delta", "id": "answer", "delta": "lo"}),
+                json!({"type": "text-end", "id": "answer"}),
+                json!({"type": "finish"}),
+            ]
+        );
+        assert!(c.ended());
+    }
+
+    /// Calls without ids pair by tool name in order; errors and cancels
+    /// end the open part and then the stream.
+    #[test]
+    fn unnamed_calls_errors_and_cancels() {
+        let mut c = Chunks::default();
+        let mut all = Vec::new();
+        for (e, d) in [
+            ("tool_executing", json!({"tool": "a", "input": 1})),
+            ("tool_executing", json!({"tool": "b", "input": 2})),
+            ("tool_completed", json!({"tool": "b", "output": 20})),
+            ("tool_completed", json!({"tool": "a", "output": 10})),
+            ("agent_text_delta", json!({"part": "p", "text": "x"})),
+            ("agent_error", json!({"reason": "run_timeout"})),
+        ] {
+            all.extend(c.on_event(e, "r", &d));
+        }
+        let ids: Vec<(&str, &str)> = all
+            .iter()
+            .filter_map(|v| Some((v["type"].as_str()?, v["toolCallId"].as_str()?)))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("tool-input-available", "call-1"),
+                ("tool-input-available", "call-2"),
+                ("tool-output-available", "call-2"),
+                ("tool-output-available", "call-1"),
+            ]
+        );
+        assert_eq!(
+            &all[all.len() - 2..],
+            &[
+                json!({"type": "text-end", "id": "p"}),
+                json!({"type": "error", "errorText": "the agent failed: run_timeout"}),
+            ]
+        );
+        let mut c = Chunks::default();
+        c.on_event("agent_thinking", "r", &json!({"text": "t"}));
+        assert_eq!(
+            c.on_event("agent_cancelled", "r", &json!({})),
+            vec![
+                json!({"type": "reasoning-end", "id": "reasoning-1"}),
+                json!({"type": "abort"})
+            ]
+        );
+    }
+
+    proptest! {
+        /// Whatever the events, every part started is ended once, no part
+        /// is ended that was not started, and nothing follows the end.
+        #[test]
+        fn parts_are_balanced(events in proptest::collection::vec(0usize..8, 0..60)) {
+            let names = ["agent_started", "agent_thinking", "agent_text_delta", "agent_text_delta",
+                         "tool_executing", "tool_completed", "agent_completed", "agent_cancelled"];
+            let mut c = Chunks::default();
+            let mut open: Option<String> = None;
+            let mut ended = false;
+            for (k, i) in events.into_iter().enumerate() {
+                let data = json!({"text": "t", "part": format!("p{}", k % 2), "tool": "s", "input": 1, "output": 2});
+                for chunk in c.on_event(names[i], "r", &data) {
+                    prop_assert!(!ended, "a chunk after the end: {}", chunk);
+                    let t = chunk["type"].as_str().unwrap_or_default().to_owned();
+                    let id = chunk["id"].as_str().map(str::to_owned);
+                    if t.ends_with("-start") && t != "start" {
+                        prop_assert!(open.is_none(), "two parts open");
+                        open = id;
+                    } else if t.ends_with("-end") {
+                        prop_assert_eq!(open.take(), id);
+                    } else if t.ends_with("-delta") {
+                        prop_assert_eq!(open.clone(), id);
+                    } else if matches!(t.as_str(), "finish" | "abort" | "error") {
+                        prop_assert!(open.is_none(), "the end with a part open");
+                        ended = true;
+                    }
+                }
             }
         }
     }

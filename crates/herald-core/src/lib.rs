@@ -6,7 +6,8 @@
 //!
 //! Layout:
 //! - [`aisdk`]: the AI SDK `WebSocketChatTransport` wire protocol (client
-//!   frames validated, server frames written, per-response sequences).
+//!   frames validated, server frames written, per-response sequences) and
+//!   Herald's run events as UI message chunks.
 //! - [`backoff`]: the doubling, capped delay between reconnect attempts.
 //! - [`close`]: why a connection closed, who decided it, and the WebSocket close code.
 //! - [`lifecycle`]: the per-connection state machine (`Handshaking → Ready →
