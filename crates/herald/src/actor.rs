@@ -204,9 +204,12 @@ impl Drop for UnwindCleanup {
             Initiator::Server,
             "connection task failed",
         );
+        // After `finish` the token is gone and nothing is left to do.
         let token = self.conn.with_locked(|l| {
             let token = l.core.on_transport_closed(end);
-            l.wire.detach();
+            if token.is_some() {
+                l.wire.detach();
+            }
             token
         });
         if let Some(info) = token {

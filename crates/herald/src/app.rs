@@ -51,19 +51,10 @@ pub(crate) struct App {
     /// Turns true when the drain starts (for requests that wait on it).
     drain_signal: tokio::sync::watch::Sender<bool>,
     conn_ids: AtomicU64,
-    /// Echo connections open (test-only endpoint; bounded by `echo_max_connections`).
-    echo_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// One permit per echo connection (test-only endpoint; `echo_max_connections`).
+    echo_permits: Arc<tokio::sync::Semaphore>,
     /// Sweeper passes completed.
     sweeps: AtomicU64,
-}
-
-/// One echo connection's place (see [`App::echo_place`]).
-pub(crate) struct EchoPlace(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for EchoPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl App {
@@ -126,7 +117,7 @@ impl App {
             drain_signal: tokio::sync::watch::Sender::new(false),
             // Random start, so ids are not reused across restarts.
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
-            echo_open: Arc::default(),
+            echo_permits: Arc::new(tokio::sync::Semaphore::new(config.echo_max_connections)),
             sweeps: AtomicU64::new(0),
             lifecycle: Arc::new(config.lifecycle.clone()),
             config,
@@ -184,15 +175,9 @@ impl App {
     }
 
     /// A place among the echo connections, or `None` when
-    /// `echo_max_connections` are open; given back when the guard drops.
-    pub(crate) fn echo_place(&self) -> Option<EchoPlace> {
-        let open = &self.echo_open;
-        let max = self.config.echo_max_connections;
-        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .ok()?;
-        Some(EchoPlace(open.clone()))
+    /// `echo_max_connections` are open; given back when the permit drops.
+    pub(crate) fn echo_place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.echo_permits.clone().try_acquire_owned().ok()
     }
 
     /// Count a completed sweeper pass.

@@ -12,28 +12,9 @@ use herald_core::text::{MAX_PART_LEN, TEXT_DELTA};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, authorize, parse_json, read_body, typed};
+use super::{ApiError, authorize, broker_failed, parse_json, read_body, typed};
 use crate::app::App;
 use crate::broker::{BrokerError, ConnInfo, FleetRequest, NewEvent, Published, user_stream};
-
-/// 503 `broker_unavailable`: the broker could not do the work (never a success
-/// for work that was not done); 500 `stream_error` when the store answered
-/// but this stream's data refused it.
-pub(super) fn unavailable(err: BrokerError) -> ApiError {
-    tracing::error!(error = %err, "broker failed");
-    if let BrokerError::Stream(_) = err {
-        return ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "stream_error",
-            err.to_string(),
-        );
-    }
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "broker_unavailable",
-        err.to_string(),
-    )
-}
 
 /// What a broker's refusal of a publish tells the caller: 409
 /// `delta_out_of_order` (naming the event and the index its part expects;
@@ -59,7 +40,7 @@ fn refused(err: BrokerError, positions: &[usize], batch: bool) -> ApiError {
                 expected: Some(expected),
             }
         }
-        e => unavailable(e),
+        e => broker_failed(e),
     }
 }
 
@@ -545,7 +526,7 @@ pub(super) async fn disconnect(
             stream: user_stream(&d.user_id),
         })
         .await
-        .map_err(unavailable)?;
+        .map_err(broker_failed)?;
     let n: usize = replies.iter().map(|r| r.closed).sum();
     Ok(Json(json!({ "disconnected": n })))
 }
@@ -581,7 +562,7 @@ pub(super) async fn connections(
         .broker()
         .ask_fleet(FleetRequest::List { stream, limit })
         .await
-        .map_err(unavailable)?;
+        .map_err(broker_failed)?;
     let total: usize = replies.iter().map(|r| r.total).sum();
     let mut rows: Vec<ConnInfo> = replies.into_iter().flat_map(|r| r.rows).collect();
     rows.sort_by(|a, b| a.conn_id.cmp(&b.conn_id));

@@ -408,7 +408,7 @@ async fn publish(
                 ));
             }
             Err(e) => {
-                let e = super::api::unavailable(e);
+                let e = super::broker_failed(e);
                 return Err(report.refuse(e.status, e.code, e.message, Value::Null));
             }
         }

@@ -17,6 +17,7 @@ use herald_core::protocol::deserialize_named;
 use serde_json::{Value, json};
 
 use crate::app::App;
+use crate::broker::BrokerError;
 
 pub(crate) mod api;
 mod ingest;
@@ -168,6 +169,19 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
         .map(crate::telemetry::render)
         .unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// What a broker's failure tells an API caller: 503 `broker_unavailable`
+/// when the broker could not do the work (never a success for work that was
+/// not done); 500 `stream_error` when the store answered but this stream's
+/// data refused it.
+fn broker_failed(err: BrokerError) -> ApiError {
+    tracing::error!(error = %err, "broker failed");
+    let (status, code) = match err {
+        BrokerError::Stream(_) => (StatusCode::INTERNAL_SERVER_ERROR, "stream_error"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+    };
+    ApiError::new(status, code, err.to_string())
 }
 
 /// Check `Authorization: Bearer <api key>` in constant time.
