@@ -331,10 +331,9 @@ fn is_stream_error(e: &redis::RedisError) -> bool {
     }
     match e.code() {
         Some("WRONGTYPE") => true,
-        Some("ERR") => {
-            let text = e.to_string();
-            text.contains("script") && !text.contains("max number of clients")
-        }
+        // A Lua runtime error names the script; "max number of clients" and
+        // other server-wide ERRs do not.
+        Some("ERR") => e.to_string().contains("script"),
         _ => false,
     }
 }
