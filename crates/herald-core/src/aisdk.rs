@@ -10,7 +10,8 @@
 //! answers with close 1008, as the transport's own server outline does.
 //! Sans-IO: no socket, no clock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -130,9 +131,11 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> FrameError {
     }
 }
 
-/// A `send` frame as it arrives (without its `type`); unknown fields are refused.
+/// A `send` frame as it arrives (without its `type`). Unknown fields are
+/// ignored, as the SDK's own validator
+/// (`safeValidateWebSocketChatTransportRequest`) ignores them.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct SendWire {
     request_id: String,
     id: String,
@@ -150,7 +153,7 @@ struct SendWire {
 
 /// A `resume` frame as it arrives (without its `type`).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct ResumeWire {
     request_id: String,
     id: String,
@@ -166,7 +169,7 @@ struct ResumeWire {
 
 /// An `abort` frame as it arrives (without its `type`).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct AbortWire {
     request_id: String,
 }
@@ -468,17 +471,32 @@ impl Responses {
     }
 }
 
+/// How a response ended: what the last frame after its chunks is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// `finish`, then `end`: the answer is complete.
+    Finished,
+    /// The `error` chunk, then the `error` frame with this text.
+    Failed(String),
+    /// `abort`, then `end`: the run was cancelled.
+    Aborted,
+}
+
 /// Herald's agent run events as AI SDK UI message chunks, for one response
-/// (one run): `agent_started` → `start` (its `messageId` the run id, stable
-/// across replays); `agent_thinking` → reasoning; `tool_executing` /
-/// `tool_completed` → tool input / output (by `tool_call_id`, or paired by
-/// tool name when the events carry none); `agent_text_delta` → text, one
-/// text part per Herald part; `agent_completed` → `finish`; `agent_error` →
-/// `error`; `agent_cancelled` → `abort`. A part left open is ended before
-/// whatever comes next, so every `*-start` has its `*-end`. Other events
-/// (the application's own) are not part of the UI message: none.
+/// (one run): `agent_started` → `start` (its `messageId` the run id, or the
+/// event's `data.message_id`, stable across replays; once, however many
+/// `agent_started` the run has); `agent_thinking` → reasoning;
+/// `tool_executing` / `tool_completed` → tool input / output (by
+/// `tool_call_id`, or paired by tool name when the events carry none);
+/// `agent_text_delta` → text, one text part per Herald part;
+/// `agent_completed` → `finish`; `agent_error` → `error`;
+/// `agent_cancelled` → `abort`. A part left open is ended before whatever
+/// comes next, so every `*-start` has its `*-end`. Other events (the
+/// application's own) are not part of the UI message: none.
 #[derive(Debug, Default)]
 pub struct Chunks {
+    /// The `start` chunk was written.
+    started: bool,
     /// The text or reasoning part open now: (kind, id).
     open: Option<(&'static str, String)>,
     /// Reasoning parts started so far (their ids are `reasoning-<n>`).
@@ -487,8 +505,8 @@ pub struct Chunks {
     unnamed_calls: Vec<(String, String)>,
     /// Tool calls started so far (ids of calls that carry none).
     calls: u64,
-    /// The run ended (`finish`, `error` or `abort` written).
-    ended: bool,
+    /// How the run ended, once it did (nothing more follows).
+    ended: Option<Ending>,
 }
 
 impl Chunks {
@@ -496,12 +514,18 @@ impl Chunks {
     pub fn on_event(&mut self, event: &str, run_id: &str, data: &Value) -> Vec<Value> {
         use serde_json::json;
         let mut out = Vec::new();
-        if self.ended {
+        if self.ended.is_some() {
             return out;
         }
         let text = |k: &str| data.get(k).and_then(Value::as_str).unwrap_or_default();
         match event {
-            "agent_started" => out.push(json!({"type": "start", "messageId": run_id})),
+            "agent_started" if !std::mem::replace(&mut self.started, true) => {
+                let id = data
+                    .get("message_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or(run_id);
+                out.push(json!({"type": "start", "messageId": id}));
+            }
             "agent_thinking" => {
                 if !matches!(&self.open, Some(("reasoning", _))) {
                     self.end_open(&mut out);
@@ -557,7 +581,7 @@ impl Chunks {
             "agent_completed" => {
                 self.end_open(&mut out);
                 out.push(json!({"type": "finish"}));
-                self.ended = true;
+                self.ended = Some(Ending::Finished);
             }
             "agent_error" => {
                 self.end_open(&mut out);
@@ -567,12 +591,12 @@ impl Chunks {
                     (message, _) => message.to_owned(),
                 };
                 out.push(json!({"type": "error", "errorText": why}));
-                self.ended = true;
+                self.ended = Some(Ending::Failed(why));
             }
             "agent_cancelled" => {
                 self.end_open(&mut out);
                 out.push(json!({"type": "abort"}));
-                self.ended = true;
+                self.ended = Some(Ending::Aborted);
             }
             _ => {}
         }
@@ -581,7 +605,12 @@ impl Chunks {
 
     /// Whether the run ended (nothing more follows).
     pub fn ended(&self) -> bool {
-        self.ended
+        self.ended.is_some()
+    }
+
+    /// How the run ended, once it did.
+    pub fn ending(&self) -> Option<&Ending> {
+        self.ended.as_ref()
     }
 
     fn end_open(&mut self, out: &mut Vec<Value>) {
@@ -594,6 +623,364 @@ impl Chunks {
             out.push(serde_json::json!({"type": end, "id": id}));
         }
     }
+}
+
+/// Most responses one socket follows at once.
+pub const MAX_FOLLOWS: usize = 16;
+
+/// Why a socket cannot follow one more response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FollowError {
+    /// The socket follows [`MAX_FOLLOWS`] responses already.
+    #[error("this socket follows {MAX_FOLLOWS} responses already")]
+    TooMany,
+    /// A response with this `requestId` is open on the socket.
+    #[error("request id already in use on this socket")]
+    InUse,
+}
+
+/// A response a socket stopped following ([`View::abort`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfollowed {
+    /// The run it followed.
+    pub run_id: String,
+    /// It was opened by a `resume` (not by the `send` that started the run).
+    pub resumed: bool,
+}
+
+/// A stored event frame, as much of it as the view reads.
+#[derive(Debug, Clone, Deserialize)]
+struct Event {
+    seq: u64,
+    event: String,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    data: Value,
+}
+
+/// Where a followed response is.
+#[derive(Debug)]
+enum Phase {
+    /// Every event of the run is written as it passes.
+    Live,
+    /// A `resume` waits for the run's history up to `after`; events of the
+    /// run past `after` that pass meanwhile are held, in order.
+    Replaying { after: u64, held: Vec<Event> },
+}
+
+#[derive(Debug)]
+struct Follow {
+    request_id: Arc<str>,
+    run_id: String,
+    resumed: bool,
+    chunks: Chunks,
+    /// The next chunk's `sequence`.
+    next: u64,
+    phase: Phase,
+}
+
+/// A frame waiting to be written: chunks keep their JSON unserialized so a
+/// delta can still absorb the next delta of the same part.
+#[derive(Debug)]
+enum Pending {
+    Frame(String),
+    Chunk {
+        request_id: Arc<str>,
+        sequence: u64,
+        chunk: Value,
+    },
+}
+
+/// What one socket of the AI SDK endpoint shows: the responses it follows
+/// (each a run of the user's stream, by `requestId`) and the frames waiting
+/// to be written.
+///
+/// Every event of the user's stream passes [`View::on_event`] in seq order,
+/// once (the connection's catch-up merge guarantees it); the events of a
+/// followed run become chunks, numbered per request from 0 without a gap.
+/// A `resume` follows a run from its history: [`View::follow_from`] marks
+/// the position its history read stops at, events of the run past it are
+/// held until [`View::replayed`] hands the history over, so each event is
+/// shown once. Consecutive deltas of one part that have not been written
+/// yet are joined into one chunk (a replay's reasoning and text arrive
+/// compacted; a slow socket catches up in fewer frames).
+#[derive(Debug, Default)]
+pub struct View {
+    follows: Vec<Follow>,
+    out: VecDeque<Pending>,
+}
+
+impl View {
+    /// Whether the socket follows any response (if not, events pass unread).
+    pub fn is_following(&self) -> bool {
+        !self.follows.is_empty()
+    }
+
+    /// Whether a response for `request_id` is open.
+    pub fn follows_request(&self, request_id: &str) -> bool {
+        self.follows.iter().any(|f| &*f.request_id == request_id)
+    }
+
+    /// Whether frames wait to be written.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    fn check_room(&self, request_id: &str) -> Result<(), FollowError> {
+        if self.follows_request(request_id) {
+            return Err(FollowError::InUse);
+        }
+        if self.follows.len() >= MAX_FOLLOWS {
+            return Err(FollowError::TooMany);
+        }
+        Ok(())
+    }
+
+    /// Follow `run_id` for `request_id` (a `send`): each of its events
+    /// that passes from now on is written.
+    pub fn follow(&mut self, request_id: &str, run_id: &str) -> Result<(), FollowError> {
+        self.check_room(request_id)?;
+        self.follows.push(Follow {
+            request_id: request_id.into(),
+            run_id: run_id.to_owned(),
+            resumed: false,
+            chunks: Chunks::default(),
+            next: 0,
+            phase: Phase::Live,
+        });
+        Ok(())
+    }
+
+    /// Follow `run_id` for `request_id` (a `resume`) from its history up to
+    /// seq `after` (the last seq handed to this socket), which
+    /// [`View::replayed`] brings; its later events are held until then.
+    pub fn follow_from(
+        &mut self,
+        request_id: &str,
+        run_id: &str,
+        after: u64,
+    ) -> Result<(), FollowError> {
+        self.check_room(request_id)?;
+        self.follows.push(Follow {
+            request_id: request_id.into(),
+            run_id: run_id.to_owned(),
+            resumed: true,
+            chunks: Chunks::default(),
+            next: 0,
+            phase: Phase::Replaying {
+                after,
+                held: Vec::new(),
+            },
+        });
+        Ok(())
+    }
+
+    /// The run's history for a `resume` of `request_id`: its stored event
+    /// frames (seq ≤ the `after` it was followed from), in order. Writes
+    /// `start`, the history's chunks, then those of the events held
+    /// meanwhile; from here on the response is live. An empty history (the
+    /// run closed before the read) answers `no-active` instead. False if
+    /// the request is no longer followed.
+    pub fn replayed<'a>(
+        &mut self,
+        request_id: &str,
+        history: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        let Some(i) = self
+            .follows
+            .iter()
+            .position(|f| &*f.request_id == request_id)
+        else {
+            return false;
+        };
+        let Phase::Replaying { after, held } =
+            std::mem::replace(&mut self.follows[i].phase, Phase::Live)
+        else {
+            return false;
+        };
+        let run = self.follows[i].run_id.clone();
+        let mut events: Vec<Event> = history
+            .into_iter()
+            .filter_map(|json| serde_json::from_str::<Event>(json).ok())
+            .filter(|e| e.seq <= after && e.run_id.as_deref() == Some(run.as_str()))
+            .collect();
+        // The run closed before its history was read (a resume follows a
+        // run open at its mark, so its history starts it): nothing to show,
+        // whatever tail of it passed meanwhile.
+        if events.is_empty() {
+            self.follows.remove(i);
+            self.out
+                .push_back(Pending::Frame(Response::NoActive { request_id }.to_json()));
+            return true;
+        }
+        self.out
+            .push_back(Pending::Frame(Response::Start { request_id }.to_json()));
+        events.extend(held);
+        for e in &events {
+            if self.feed(i, e) {
+                break;
+            }
+        }
+        true
+    }
+
+    /// One event frame of the user's stream (its stored JSON), in seq
+    /// order. A frame that is not an event is ignored.
+    pub fn on_event(&mut self, json: &str) {
+        if self.follows.is_empty() {
+            return;
+        }
+        let Ok(e) = serde_json::from_str::<Event>(json) else {
+            return;
+        };
+        let Some(run) = e.run_id.as_deref() else {
+            return;
+        };
+        let mut i = 0;
+        while i < self.follows.len() {
+            let f = &mut self.follows[i];
+            if f.run_id != run {
+                i += 1;
+                continue;
+            }
+            match &mut f.phase {
+                Phase::Replaying { after, held } => {
+                    if e.seq > *after {
+                        held.push(e.clone());
+                    }
+                    i += 1;
+                }
+                Phase::Live => {
+                    if !self.feed(i, &e) {
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write the chunks of event `e` for follow `i`; true if that ended
+    /// the response (the follow is then gone).
+    fn feed(&mut self, i: usize, e: &Event) -> bool {
+        let f = &mut self.follows[i];
+        let chunks = f.chunks.on_event(&e.event, &f.run_id, &e.data);
+        for chunk in chunks {
+            let f = &mut self.follows[i];
+            if let Some(Pending::Chunk {
+                request_id,
+                chunk: last,
+                ..
+            }) = self.out.back_mut()
+                && Arc::ptr_eq(request_id, &f.request_id)
+                && join_delta(last, &chunk)
+            {
+                continue;
+            }
+            let sequence = f.next;
+            f.next += 1;
+            self.out.push_back(Pending::Chunk {
+                request_id: f.request_id.clone(),
+                sequence,
+                chunk,
+            });
+        }
+        let f = &self.follows[i];
+        let Some(ending) = f.chunks.ending() else {
+            return false;
+        };
+        let frame = match ending {
+            Ending::Failed(why) => Response::Error {
+                request_id: &f.request_id,
+                error_text: why,
+            },
+            Ending::Finished | Ending::Aborted => Response::End {
+                request_id: &f.request_id,
+            },
+        }
+        .to_json();
+        self.out.push_back(Pending::Frame(frame));
+        self.follows.remove(i);
+        true
+    }
+
+    /// Queue a frame that answers a request outside any followed run
+    /// (`no-active`, the `error` of a refused `send`).
+    pub fn respond(&mut self, response: Response<'_>) {
+        self.out.push_back(Pending::Frame(response.to_json()));
+    }
+
+    /// Stop following `request_id` (an `abort`): nothing more is written
+    /// for it. `None` if it was not followed.
+    pub fn abort(&mut self, request_id: &str) -> Option<Unfollowed> {
+        let i = self
+            .follows
+            .iter()
+            .position(|f| &*f.request_id == request_id)?;
+        let f = self.follows.remove(i);
+        Some(Unfollowed {
+            run_id: f.run_id,
+            resumed: f.resumed,
+        })
+    }
+
+    /// End every followed response with an `error` frame saying `why`
+    /// (the server stops before they end).
+    pub fn fail_all(&mut self, why: &str) {
+        for f in std::mem::take(&mut self.follows) {
+            self.respond(Response::Error {
+                request_id: &f.request_id,
+                error_text: why,
+            });
+        }
+    }
+
+    /// The next frame to write, serialized.
+    pub fn pop(&mut self) -> Option<String> {
+        Some(match self.out.pop_front()? {
+            Pending::Frame(text) => text,
+            Pending::Chunk {
+                request_id,
+                sequence,
+                chunk,
+            } => {
+                // A `Value` always serializes.
+                let raw = serde_json::value::to_raw_value(&chunk).unwrap_or_default();
+                Response::Chunk {
+                    request_id: &request_id,
+                    sequence,
+                    chunk: &raw,
+                }
+                .to_json()
+            }
+        })
+    }
+}
+
+/// Append delta chunk `next` to `last` when both are deltas of the same
+/// kind and part (`text-delta`/`reasoning-delta` by `id`,
+/// `tool-input-delta` by `toolCallId`); false (nothing changed) otherwise.
+fn join_delta(last: &mut Value, next: &Value) -> bool {
+    let kind = next.get("type").and_then(Value::as_str).unwrap_or_default();
+    let (key, field) = match kind {
+        "text-delta" | "reasoning-delta" => ("id", "delta"),
+        "tool-input-delta" => ("toolCallId", "inputTextDelta"),
+        _ => return false,
+    };
+    if last.get("type").and_then(Value::as_str) != Some(kind)
+        || last.get(key) != next.get(key)
+        || last.as_object().is_some_and(|o| o.len() != 3)
+        || next.as_object().is_some_and(|o| o.len() != 3)
+    {
+        return false;
+    }
+    let (Some(Value::String(a)), Some(b)) =
+        (last.get_mut(field), next.get(field).and_then(Value::as_str))
+    else {
+        return false;
+    };
+    a.push_str(b);
+    true
 }
 
 #[cfg(test)]
@@ -638,7 +1025,7 @@ mod tests {
                 metadata: Value::Null,
             })
         );
-        let abort = parse_request(r#"{"type":"abort","requestId":"r1"}"#).unwrap();
+        let abort = parse_request(r#"{"type":"abort","requestId":"r1","later":1}"#).unwrap();
         assert_eq!(abort.request_id(), "r1");
     }
 
@@ -673,7 +1060,6 @@ mod tests {
             ),
             (with(&|v| v["body"] = json!([1])), "body"),
             (with(&|v| v["headers"]["x"] = json!(1)), "headers.x"),
-            (with(&|v| v["extra"] = json!(1)), ""),
             (with(&|v| v["messages"] = json!("no")), "messages"),
         ];
         for (frame, field) in cases {
@@ -903,6 +1289,261 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+    /// An event frame as the broker stores it.
+    fn ev(seq: u64, event: &str, run: &str, data: Value) -> String {
+        json!({"type": "event", "seq": seq, "event": event, "run_id": run, "data": data,
+               "ts": "2026-12-06T00:00:00Z"})
+        .to_string()
+    }
+
+    fn drain(v: &mut View) -> Vec<Value> {
+        std::iter::from_fn(|| v.pop())
+            .map(|t| serde_json::from_str(&t).unwrap())
+            .collect()
+    }
+
+    /// The text a response's frames show, and whether its sequences ran
+    /// 0, 1, 2, … without a gap.
+    fn shown(frames: &[Value], request: &str) -> (String, bool) {
+        let mut text = String::new();
+        let mut next = 0;
+        let mut gapless = true;
+        for f in frames.iter().filter(|f| f["requestId"] == request) {
+            if f["type"] == "chunk" {
+                gapless &= f["sequence"] == next;
+                next += 1;
+                if f["chunk"]["type"] == "text-delta" {
+                    text.push_str(f["chunk"]["delta"].as_str().unwrap());
+                }
+            }
+        }
+        (text, gapless)
+    }
+
+    /// A `send`'s response: the run's events as numbered chunks, then
+    /// `end`; other runs' events and non-run events are not shown.
+    #[test]
+    fn a_followed_run_is_written_and_ended() {
+        let mut v = View::default();
+        v.on_event(&ev(1, "agent_started", "r1", json!({})));
+        assert!(!v.has_output(), "nothing followed");
+        v.follow("q1", "r1").unwrap();
+        assert_eq!(v.follow("q1", "r2"), Err(FollowError::InUse));
+        for e in [
+            ev(2, "agent_started", "r1", json!({})),
+            ev(
+                3,
+                "agent_text_delta",
+                "r9",
+                json!({"part": "a", "text": "other"}),
+            ),
+            ev(
+                4,
+                "agent_text_delta",
+                "r1",
+                json!({"part": "a", "text": "Hi"}),
+            ),
+            json!({"type": "event", "seq": 5, "event": "note", "data": {}}).to_string(),
+        ] {
+            v.on_event(&e);
+        }
+        // Written as they come: the socket takes each before the next.
+        let mut frames = drain(&mut v);
+        v.on_event(&ev(
+            6,
+            "agent_text_delta",
+            "r1",
+            json!({"part": "a", "text": "!"}),
+        ));
+        v.on_event(&ev(7, "agent_completed", "r1", json!({})));
+        v.on_event(&ev(
+            8,
+            "agent_text_delta",
+            "r1",
+            json!({"part": "a", "text": "late"}),
+        ));
+        frames.extend(drain(&mut v));
+        let types: Vec<(&str, &str)> = frames
+            .iter()
+            .map(|f| {
+                (
+                    f["type"].as_str().unwrap(),
+                    f["chunk"]["type"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            types,
+            vec![
+                ("chunk", "start"),
+                ("chunk", "text-start"),
+                ("chunk", "text-delta"),
+                ("chunk", "text-delta"),
+                ("chunk", "text-end"),
+                ("chunk", "finish"),
+                ("end", ""),
+            ]
+        );
+        assert_eq!(shown(&frames, "q1"), ("Hi!".to_owned(), true));
+        assert!(!v.is_following(), "the response ended");
+    }
+
+    /// A `resume`: history up to the mark, then the events held while it
+    /// was read, each once, after `start`; the run's deltas not yet
+    /// written are joined.
+    #[test]
+    fn a_resume_shows_history_then_what_was_held() {
+        let mut v = View::default();
+        v.follow_from("q", "r", 4).unwrap();
+        // Live events while the history is read: one the history also has
+        // (seq 4) and two after it.
+        for e in [
+            ev(
+                4,
+                "agent_text_delta",
+                "r",
+                json!({"part": "a", "text": "c"}),
+            ),
+            ev(
+                5,
+                "agent_text_delta",
+                "r",
+                json!({"part": "a", "text": "d"}),
+            ),
+            ev(6, "agent_completed", "r", json!({})),
+        ] {
+            v.on_event(&e);
+        }
+        assert!(!v.has_output(), "held until the history comes");
+        let history = [
+            ev(1, "agent_started", "r", json!({})),
+            ev(2, "agent_thinking", "r", json!({"text": "hm"})),
+            ev(3, "agent_thinking", "r", json!({"text": "m"})),
+            ev(
+                4,
+                "agent_text_delta",
+                "r",
+                json!({"part": "a", "text": "abc"}),
+            ),
+            ev(
+                4,
+                "agent_text_delta",
+                "other",
+                json!({"part": "a", "text": "x"}),
+            ),
+        ];
+        assert!(v.replayed("q", history.iter().map(String::as_str)));
+        let frames = drain(&mut v);
+        assert_eq!(frames[0], json!({"type": "start", "requestId": "q"}));
+        let chunks: Vec<&Value> = frames[1..].iter().map(|f| &f["chunk"]).collect();
+        assert_eq!(
+            chunks[..3],
+            [
+                &json!({"type": "start", "messageId": "r"}),
+                &json!({"type": "reasoning-start", "id": "reasoning-1"}),
+                &json!({"type": "reasoning-delta", "id": "reasoning-1", "delta": "hmm"}),
+            ]
+        );
+        assert_eq!(shown(&frames, "q"), ("abcd".to_owned(), true));
+        assert_eq!(frames.last().unwrap()["type"], "end");
+        assert!(!v.replayed("q", []), "no longer followed");
+    }
+
+    /// A resume whose run closed before its history was read has nothing
+    /// to show: `no-active`, not an empty stream.
+    #[test]
+    fn a_resume_of_a_closed_run_is_no_active() {
+        let mut v = View::default();
+        v.follow_from("q", "r", 9).unwrap();
+        // Its last event passed after the mark, while the history was read.
+        v.on_event(&ev(10, "agent_completed", "r", json!({})));
+        assert!(v.replayed("q", []));
+        assert_eq!(
+            drain(&mut v),
+            vec![json!({"type": "no-active", "requestId": "q"})]
+        );
+        assert!(!v.is_following());
+    }
+
+    /// An aborted request gets nothing more; errors and the server's stop
+    /// end a response with an `error` frame.
+    #[test]
+    fn aborts_errors_and_stops() {
+        let mut v = View::default();
+        v.follow("a", "r1").unwrap();
+        v.follow_from("b", "r1", 0).unwrap();
+        v.follow("c", "r2").unwrap();
+        assert_eq!(
+            v.abort("b"),
+            Some(Unfollowed {
+                run_id: "r1".into(),
+                resumed: true
+            })
+        );
+        assert_eq!(v.abort("b"), None);
+        v.on_event(&ev(
+            1,
+            "agent_error",
+            "r1",
+            json!({"reason": "run_timeout"}),
+        ));
+        let frames = drain(&mut v);
+        assert!(frames.iter().all(|f| f["requestId"] == "a"));
+        assert_eq!(
+            frames.last().unwrap(),
+            &json!({"type": "error", "requestId": "a", "errorText": "the agent failed: run_timeout"})
+        );
+        v.fail_all("server restarting");
+        assert_eq!(
+            drain(&mut v),
+            vec![json!({"type": "error", "requestId": "c", "errorText": "server restarting"})]
+        );
+        for i in 0..MAX_FOLLOWS {
+            v.follow(&format!("q{i}"), "r").unwrap();
+        }
+        assert_eq!(v.follow("one more", "r"), Err(FollowError::TooMany));
+    }
+
+    proptest! {
+        /// Wherever the resume's mark falls and however many live events
+        /// pass before the history arrives, the response shows the run's
+        /// whole text once, with gapless sequences, and ends once.
+        #[test]
+        fn a_resume_shows_every_delta_once(
+            deltas in proptest::collection::vec("[a-z]{1,3}", 1..30),
+            // The caller marks a seq at or past the run's start.
+            mark in 1usize..40,
+            passed in 0usize..40,
+            written_every in 1usize..5,
+        ) {
+            let mut events = vec![ev(1, "agent_started", "r", json!({}))];
+            for (i, d) in deltas.iter().enumerate() {
+                events.push(ev(i as u64 + 2, "agent_text_delta", "r", json!({"part": "p", "text": d})));
+            }
+            events.push(ev(deltas.len() as u64 + 2, "agent_completed", "r", json!({})));
+            let mark = mark.min(events.len());
+            let mut v = View::default();
+            v.follow_from("q", "r", mark as u64).unwrap();
+            let passed = (mark + passed).min(events.len());
+            for e in &events[..passed] {
+                v.on_event(e);
+            }
+            let mut frames = Vec::new();
+            v.replayed("q", events[..mark].iter().map(String::as_str));
+            for (k, e) in events[passed..].iter().enumerate() {
+                if k % written_every == 0 {
+                    frames.extend(drain(&mut v));
+                }
+                v.on_event(e);
+            }
+            frames.extend(drain(&mut v));
+            let (text, gapless) = shown(&frames, "q");
+            prop_assert_eq!(text, deltas.concat());
+            prop_assert!(gapless);
+            prop_assert_eq!(frames.iter().filter(|f| f["type"] == "end").count(), 1);
+            prop_assert_eq!(&frames[0]["type"], "start");
         }
     }
 }
