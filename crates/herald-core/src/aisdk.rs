@@ -484,7 +484,7 @@ pub enum Ending {
 
 /// Herald's agent run events as AI SDK UI message chunks, for one response
 /// (one run): `agent_started` → `start` (its `messageId` the run id, or the
-/// event's `data.message_id`, stable across replays; once, however many
+/// event's `data.ui_message_id`, stable across replays; once, however many
 /// `agent_started` the run has); `agent_thinking` → reasoning;
 /// `tool_executing` / `tool_completed` → tool input / output (by
 /// `tool_call_id`, or paired by tool name when the events carry none);
@@ -521,7 +521,7 @@ impl Chunks {
         match event {
             "agent_started" if !std::mem::replace(&mut self.started, true) => {
                 let id = data
-                    .get("message_id")
+                    .get("ui_message_id")
                     .and_then(Value::as_str)
                     .unwrap_or(run_id);
                 out.push(json!({"type": "start", "messageId": id}));

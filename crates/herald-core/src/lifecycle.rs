@@ -247,6 +247,25 @@ impl<P: Payload> Connection<P> {
         welcome: P,
         plan: Plan,
     ) -> Result<(), LifecycleError> {
+        self.authenticate_with(now, Some(welcome), plan)
+    }
+
+    /// [`Connection::authenticate`] without a welcome frame: for a protocol
+    /// whose client expects none (the AI SDK endpoint).
+    pub fn authenticate_silently(
+        &mut self,
+        now: Instant,
+        plan: Plan,
+    ) -> Result<(), LifecycleError> {
+        self.authenticate_with(now, None, plan)
+    }
+
+    fn authenticate_with(
+        &mut self,
+        now: Instant,
+        welcome: Option<P>,
+        plan: Plan,
+    ) -> Result<(), LifecycleError> {
         if self.state != State::Handshaking {
             return Err(LifecycleError::NotHandshaking(self.state));
         }
@@ -254,8 +273,10 @@ impl<P: Payload> Connection<P> {
         self.joining = false;
         self.last_inbound = now;
         self.next_ping = now + self.cfg.heartbeat_interval;
-        self.queued_bytes += welcome.wire_len();
-        self.queue.push_front(welcome);
+        if let Some(welcome) = welcome {
+            self.queued_bytes += welcome.wire_len();
+            self.queue.push_front(welcome);
+        }
         let mut ready = Vec::new();
         self.merge.start(plan, &mut ready);
         self.admit_events(ready);

@@ -40,6 +40,8 @@ use crate::hub::{JoinError, KICKED};
 use crate::telemetry;
 use crate::wire::Flushed;
 
+mod ai;
+
 /// Which way the socket became ready.
 enum Ready {
     Write,
@@ -91,6 +93,18 @@ pub(crate) fn run_echo(
     start(socket, app, None, slot, Mode::Echo(messages))
 }
 
+/// One connection of the AI SDK endpoint (`GET /ai`): the user's stream
+/// shown as the AI SDK's `WebSocketChatTransport` protocol ([`ai`]), joined
+/// with the upgrade's token or the first frame's.
+pub(crate) fn run_ai(
+    socket: Socket,
+    app: Arc<App>,
+    header_token: Option<String>,
+    slot: Slot,
+) -> impl Future<Output = ()> + Send + 'static {
+    start(socket, app, header_token, slot, Mode::Ai(Box::default()))
+}
+
 /// Close an echo connection once it has read no message for
 /// `echo_idle_timeout` (checked a few times per bound; ends with it).
 async fn echo_watchdog(conn: Arc<ConnShared>, idle: Duration, messages: Arc<AtomicU64>) {
@@ -123,6 +137,8 @@ enum Mode {
     /// Echo (`/echo`, test only), with the messages it read so far (for its
     /// idle bound, [`echo_watchdog`]).
     Echo(Arc<AtomicU64>),
+    /// The AI SDK's chat protocol (`/ai`), with what the socket follows.
+    Ai(Box<ai::AiSession>),
 }
 
 fn start(
@@ -140,6 +156,9 @@ fn start(
     drop(read);
     let sock = Arc::new(tcp);
     conn.attach(sock.clone(), app.stats().clone());
+    if matches!(mode, Mode::Ai(_)) {
+        conn.with_locked(|l| l.wire.present_ai());
+    }
     app.hub().insert(conn.clone());
     // At error level so it is enabled whenever any log is: warn and error lines
     // about a connection always carry its conn_id and user_id.
@@ -179,6 +198,7 @@ fn start(
         // unwinds the task, this is what closes and cleans up (I2).
         let _unwind = unwind;
         actor.open();
+        actor.open_ai().await;
         let end = actor.drive().await;
         actor.finish(end);
     }
@@ -250,7 +270,9 @@ impl Actor {
     /// After the loop: closed first, so sends are refused from now on, then
     /// the socket goes (a close reply still pending gets one last try;
     /// dropping the last handle closes the TCP connection), then cleanup.
-    fn finish(self, end: CloseInfo) {
+    fn finish(mut self, end: CloseInfo) {
+        // Gone without resuming them: the runs its aborts named stop now.
+        self.ai_cancels_due(None);
         let token = self.conn.with_locked(|l| {
             let token = l.core.on_transport_closed(end);
             l.wire.flush(&mut l.core);
@@ -324,11 +346,11 @@ impl Actor {
                 }
             }
             let lifecycle = self.conn.with_core(|c| c.poll_timeout());
-            let deadline = match (lifecycle, write_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-            .map(tokio::time::Instant::from_std);
+            let deadline = [lifecycle, write_deadline, self.ai_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
             if let Some(d) = deadline
                 && timer.deadline() != d
             {
@@ -358,6 +380,7 @@ impl Actor {
                         return write_timed_out();
                     }
                     self.conn.with_core(|c| c.handle_timeout(now));
+                    self.ai_cancels_due(Some(now));
                 }
                 r = ready, if write_deadline.is_some() || reading => match r {
                     Ok(Ready::Write) => {}
@@ -518,6 +541,9 @@ impl Actor {
             }
         }
         match msg {
+            Message::Text(text) if matches!(self.mode, Mode::Ai(_)) => {
+                self.on_ai_text(text.as_str()).await;
+            }
             Message::Text(text) => {
                 let decision =
                     session::on_text(self.conn.state(), text.as_str(), &self.app.config().limits);
@@ -595,8 +621,6 @@ impl Actor {
     /// on), read its position, decide resume or reset, and queue the welcome;
     /// the catch-up then replays history and merges it with the held events.
     async fn on_hello(&mut self, hello: Hello) {
-        // A kick from now on reaches this connection, joined or not yet.
-        let kick_mark = self.app.hub().kick_mark();
         let Some(token) = hello.token.clone().or_else(|| self.header_token.take()) else {
             self.close(
                 CloseReason::Unauthorized,
@@ -605,69 +629,10 @@ impl Actor {
             );
             return;
         };
-        let claims = match self.app.verifier().verify(&token) {
-            Ok(c) => c,
-            Err(AuthError::Expired) => {
-                self.close(
-                    CloseReason::TokenExpired,
-                    Initiator::Client,
-                    "token expired",
-                );
-                return;
-            }
-            Err(e) => {
-                self.close(CloseReason::Unauthorized, Initiator::Client, &e.to_string());
-                return;
-            }
+        let Some((claims, pos)) = self.join_stream(&token).await else {
+            return;
         };
         let user = claims.sub.as_str();
-        let stream = user_stream(user);
-        self.conn.set_user(user);
-        let joined = self
-            .app
-            .hub()
-            .join(
-                &stream,
-                &self.conn,
-                self.app.config().max_connections_per_user,
-                kick_mark,
-            )
-            .await;
-        let position = match joined {
-            Ok(()) => self
-                .app
-                .broker()
-                .position(&stream)
-                .await
-                .map_err(JoinError::from),
-            Err(e) => Err(e),
-        };
-        let pos = match position {
-            Ok(pos) => pos,
-            Err(JoinError::UserFull) => {
-                self.close(
-                    CloseReason::Capacity,
-                    Initiator::Server,
-                    "too many connections for this user",
-                );
-                return;
-            }
-            // Closing already (e.g. shutdown raced the hello): nothing to do.
-            Err(JoinError::NotHandshaking) => return,
-            Err(JoinError::Kicked) => {
-                self.close(CloseReason::Kicked, Initiator::Server, KICKED);
-                return;
-            }
-            Err(JoinError::Broker(e)) => {
-                tracing::warn!(error = %e, "broker failed at hello");
-                self.close(
-                    CloseReason::BrokerUnavailable,
-                    Initiator::Server,
-                    "history unavailable; try again later",
-                );
-                return;
-            }
-        };
         let resume = hello.resume.as_ref().map(|r| (r.epoch.as_str(), r.seq));
         let decision = decide_join(&pos, resume, hello.replay_active_runs);
         if decision.reset
@@ -699,6 +664,80 @@ impl Actor {
             self.span.record("user_id", user);
             self.set_expiry(self.app.verifier().expires_at(&claims));
             tracing::debug!("hello accepted");
+        }
+    }
+
+    /// Verify `token`, join its user's stream (live events are held from
+    /// here on) and read the stream's position. `None` when refused: the
+    /// connection is then closing (or already was) with the reason.
+    async fn join_stream(
+        &mut self,
+        token: &str,
+    ) -> Option<(crate::auth::Claims, herald_core::catchup::StreamPosition)> {
+        // A kick from now on reaches this connection, joined or not yet.
+        let kick_mark = self.app.hub().kick_mark();
+        let claims = match self.app.verifier().verify(token) {
+            Ok(c) => c,
+            Err(AuthError::Expired) => {
+                self.close(
+                    CloseReason::TokenExpired,
+                    Initiator::Client,
+                    "token expired",
+                );
+                return None;
+            }
+            Err(e) => {
+                self.close(CloseReason::Unauthorized, Initiator::Client, &e.to_string());
+                return None;
+            }
+        };
+        let user = claims.sub.as_str();
+        let stream = user_stream(user);
+        self.conn.set_user(user);
+        let joined = self
+            .app
+            .hub()
+            .join(
+                &stream,
+                &self.conn,
+                self.app.config().max_connections_per_user,
+                kick_mark,
+            )
+            .await;
+        let position = match joined {
+            Ok(()) => self
+                .app
+                .broker()
+                .position(&stream)
+                .await
+                .map_err(JoinError::from),
+            Err(e) => Err(e),
+        };
+        match position {
+            Ok(pos) => Some((claims, pos)),
+            Err(JoinError::UserFull) => {
+                self.close(
+                    CloseReason::Capacity,
+                    Initiator::Server,
+                    "too many connections for this user",
+                );
+                None
+            }
+            // Closing already (e.g. shutdown raced the hello): nothing to do.
+            Err(JoinError::NotHandshaking) => None,
+            Err(JoinError::Kicked) => {
+                self.close(CloseReason::Kicked, Initiator::Server, KICKED);
+                None
+            }
+            Err(JoinError::Broker(e)) => {
+                tracing::warn!(error = %e, "broker failed at hello");
+                self.close(
+                    CloseReason::BrokerUnavailable,
+                    Initiator::Server,
+                    "history unavailable; try again later",
+                );
+                None
+            }
         }
     }
 

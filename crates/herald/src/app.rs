@@ -55,6 +55,20 @@ pub(crate) struct App {
     echo_permits: Arc<tokio::sync::Semaphore>,
     /// Sweeper passes completed.
     sweeps: AtomicU64,
+    /// AI SDK chats (`user\tchat`) a `send` is opening a run for on this node.
+    chats_starting: Arc<dashmap::DashSet<String>>,
+}
+
+/// A chat's place in [`App::start_chat`], given back on drop.
+pub(crate) struct ChatStart {
+    set: Arc<dashmap::DashSet<String>>,
+    key: String,
+}
+
+impl Drop for ChatStart {
+    fn drop(&mut self) {
+        self.set.remove(&self.key);
+    }
 }
 
 impl App {
@@ -119,6 +133,7 @@ impl App {
             conn_ids: AtomicU64::new(rand::random::<u32>() as u64 * 1_000_000),
             echo_permits: Arc::new(tokio::sync::Semaphore::new(config.echo_max_connections)),
             sweeps: AtomicU64::new(0),
+            chats_starting: Arc::default(),
             lifecycle: Arc::new(config.lifecycle.clone()),
             config,
         }))
@@ -172,6 +187,16 @@ impl App {
     /// The server's tracked background tasks.
     pub(crate) fn tasks(&self) -> &Tasks {
         &self.tasks
+    }
+
+    /// Mark `user`'s `chat` as having a run opened on this node until the
+    /// guard drops; `None` if another `send` of it is opening one now.
+    pub(crate) fn start_chat(&self, user: &str, chat: &str) -> Option<ChatStart> {
+        let key = format!("{user}\t{chat}");
+        self.chats_starting.insert(key.clone()).then(|| ChatStart {
+            set: self.chats_starting.clone(),
+            key,
+        })
     }
 
     /// A place among the echo connections, or `None` when

@@ -88,6 +88,8 @@ declare_keys! {
     QUEUE_MAX_FRAMES = "queue_max_frames", Some("1024"), "Outbound queue bound in frames per connection (else close 4001)";
     QUEUE_MAX_BYTES = "queue_max_bytes", Some("4194304"), "Outbound queue bound in bytes per connection (else close 4001)";
     MAX_MESSAGE_BYTES = "max_message_bytes", Some("65536"), "Largest inbound WebSocket message (else close 1009)";
+    AI_MAX_MESSAGE_BYTES = "ai_max_message_bytes", Some("1048576"), "Largest inbound message on the AI SDK endpoint GET /ai (a send carries the chat's UI messages); else close 1009";
+    AI_ABORT_GRACE = "ai_abort_grace", Some("1s"), "AI SDK endpoint: an abort of a resumed response stops the run only if the same socket does not resume that chat within this time (useChat aborts a resume it replaces)";
     MAX_CONNECTIONS = "max_connections", Some("100000"), "Live WebSocket connections in total; further upgrades get HTTP 503";
     MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
     MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
@@ -491,6 +493,16 @@ pub struct InFlightLimits {
     pub per_user: usize,
 }
 
+/// The AI SDK endpoint's (`GET /ai`) settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AiConfig {
+    /// Largest inbound message.
+    pub max_message_bytes: usize,
+    /// How long an abort of a resumed response waits for the socket to
+    /// resume the chat again before it stops the run.
+    pub abort_grace: Duration,
+}
+
 /// The typed, validated configuration of a server.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -523,6 +535,8 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// Inbound size limits.
     pub limits: Limits,
+    /// The AI SDK endpoint's bounds.
+    pub ai: AiConfig,
     /// Longest a socket write may block.
     pub write_timeout: Duration,
     /// Bound on an HTTP request head, and on keep-alive idleness.
@@ -662,6 +676,10 @@ impl Config {
                 heartbeat_timeout: raw.required(key::HEARTBEAT_TIMEOUT, duration)?,
             },
             limits,
+            ai: AiConfig {
+                max_message_bytes: raw.required(key::AI_MAX_MESSAGE_BYTES, positive)?,
+                abort_grace: raw.required(key::AI_ABORT_GRACE, duration)?,
+            },
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
             http_body_timeout: raw.required(key::HTTP_BODY_TIMEOUT, duration)?,

@@ -66,6 +66,11 @@ impl OutFrame {
         }
     }
 
+    /// The payload as text (empty for a binary message that is not UTF-8).
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).unwrap_or_default()
+    }
+
     /// The payload, for a text message.
     #[cfg(test)]
     pub fn as_text(&self) -> Option<&str> {
@@ -372,6 +377,25 @@ impl ConnShared {
     fn refused(&self, reason: SendRefused) {
         telemetry::send_refused(reason);
         tracing::debug!(conn_id = %self.id_str, reason = reason.as_str(), "send refused");
+    }
+
+    /// Run `f` on the AI SDK view of a ready `/ai` connection (with the
+    /// last seq its lifecycle handed over) and write what it queued. `None`
+    /// on any other connection, or once the connection is not `Ready`: no
+    /// frame is queued after a close was decided (I1).
+    pub(crate) fn with_view<R>(
+        &self,
+        f: impl FnOnce(&mut herald_core::aisdk::View, u64) -> R,
+    ) -> Option<R> {
+        let mut locked = self.core.lock();
+        if locked.core.state() != State::Ready {
+            return None;
+        }
+        let Locked { core, wire, .. } = &mut *locked;
+        let sent = core.sent_seq();
+        let out = f(wire.view()?, sent);
+        self.after_send(locked, false);
+        Some(out)
     }
 
     /// Decide to close. Idempotent: returns `true` only for the call that decided.

@@ -174,6 +174,9 @@ impl Server {
             .to_json();
             // Refused for connections still handshaking or already closing: fine.
             let _ = conn.send(OutFrame::from(closing));
+            // An AI SDK socket's responses end with an `error` (its client
+            // has no `closing`): never a stream that just stops.
+            conn.with_view(|view, _| view.fail_all(DRAINED));
             conn.close(CloseInfo::new(
                 CloseReason::Shutdown,
                 Initiator::Server,
@@ -201,6 +204,9 @@ impl Server {
         tracing::info!("drained");
     }
 }
+
+/// What an AI SDK response still open at a drain ends with.
+const DRAINED: &str = "The server is restarting; resume the chat.";
 
 /// Once a second: let the broker enforce history bounds and close runs
 /// silent for `run_ttl` (with an `agent_error` published like any event, so

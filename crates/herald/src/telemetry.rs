@@ -52,6 +52,12 @@ pub const RUNS_TOO_MANY: &str = "herald_runs_too_many_total";
 pub const RUNS_TIMED_OUT: &str = "herald_runs_timed_out_total";
 /// Counter: user messages, labelled `outcome` (`accepted`, `duplicate`, `nack`, `busy`).
 pub const MESSAGES: &str = "herald_user_messages_total";
+/// Counter: AI SDK chat turns (`send` on `/ai`) handed to the agent
+/// backend, labelled `outcome` (`accepted`, `nack`).
+pub const CHAT_REQUESTS: &str = "herald_chat_requests_total";
+/// Counter: AI SDK `send` frames refused before a run was opened, labelled
+/// `reason` (`active`: a response is active for the chat; `unavailable`).
+pub const CHAT_REFUSED: &str = "herald_chat_refused_total";
 /// Gauge: user message ids remembered for deduplication on this node.
 pub const MESSAGE_IDS_REMEMBERED: &str = "herald_message_ids_remembered";
 /// Gauge: agent backend requests in flight on this node.

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use herald_core::Connection;
+use herald_core::aisdk::View;
 use herald_core::queue::InlineQueue;
 use tokio::net::TcpStream;
 
@@ -100,6 +101,10 @@ pub(crate) struct Wire {
     failed: Option<io::Error>,
     close_written: bool,
     close_received: bool,
+    /// For a socket of the AI SDK endpoint: what it shows of the user's
+    /// stream. The lifecycle's frames (the stream's events) pass through
+    /// it, and only what it makes of them is written.
+    view: Option<Box<View>>,
 }
 
 impl Wire {
@@ -115,7 +120,19 @@ impl Wire {
             failed: None,
             close_written: false,
             close_received: false,
+            view: None,
         }
+    }
+
+    /// From now on, write what an AI SDK [`View`] makes of the frames
+    /// (the `/ai` endpoint) instead of the frames themselves.
+    pub(crate) fn present_ai(&mut self) {
+        self.view.get_or_insert_default();
+    }
+
+    /// The AI SDK view, on a socket of the `/ai` endpoint.
+    pub(crate) fn view(&mut self) -> Option<&mut View> {
+        self.view.as_deref_mut()
     }
 
     /// Write to `sock` from now on, counting in `stats`.
@@ -244,8 +261,23 @@ impl Wire {
     ) {
         let (mut frames, mut bytes) = (0u64, 0u64);
         while self.pending.len() < BATCH {
-            let Some(frame) = core.poll_frame() else {
-                break;
+            let frame = match self.view.as_deref_mut() {
+                None => match core.poll_frame() {
+                    Some(frame) => frame,
+                    None => break,
+                },
+                // What the view made of earlier frames first, then the
+                // next frame through it.
+                Some(view) => match view.pop() {
+                    Some(text) => OutFrame::text(&text),
+                    None => match core.poll_frame() {
+                        Some(frame) => {
+                            view.on_event(frame.as_str());
+                            continue;
+                        }
+                        None => break,
+                    },
+                },
             };
             if self.close_written || self.close_received {
                 self.violation();

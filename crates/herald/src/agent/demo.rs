@@ -5,7 +5,8 @@
 //! `answer`), `agent_completed` with the same text as `final_response` — over
 //! about a second and a half, through the same publish path external
 //! backends use. A `cancel` ends the run with `agent_cancelled`, and nothing
-//! of that run follows it.
+//! of that run follows it. An AI SDK chat turn (`chat_request`) is answered
+//! the same way, in the run Herald opened for it, about its last user message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,12 +182,31 @@ impl AgentBackend for Arc<DemoAgent> {
     }
 
     fn after_ack(&self, req: BackendRequest) {
-        if let BackendRequest::UserMessage(msg) = req {
-            let run_id = format!("run_{:012x}", rand::random::<u64>() >> 16);
-            let cancel = Arc::new(Notify::new());
-            self.runs
-                .insert(run_id.clone(), (msg.user_id.clone(), cancel.clone()));
-            self.tasks.spawn(self.clone().run(msg, run_id, cancel));
-        }
+        let (msg, run_id) = match req {
+            BackendRequest::UserMessage(msg) => {
+                let run_id = format!("run_{:012x}", rand::random::<u64>() >> 16);
+                (msg, run_id)
+            }
+            // An AI SDK chat turn: Herald opened the run; the demo answers
+            // the last user message in it.
+            BackendRequest::ChatRequest(chat) => {
+                let text = chat.last_user_text();
+                let msg = MessageOut {
+                    user_id: chat.user_id,
+                    thread_id: chat.chat_id,
+                    message_id: chat.run_id.clone(),
+                    text,
+                    data: serde_json::Map::new(),
+                    conn_id: chat.conn_id,
+                    received_at: chat.received_at,
+                };
+                (msg, chat.run_id)
+            }
+            BackendRequest::Cancel(_) => return,
+        };
+        let cancel = Arc::new(Notify::new());
+        self.runs
+            .insert(run_id.clone(), (msg.user_id.clone(), cancel.clone()));
+        self.tasks.spawn(self.clone().run(msg, run_id, cancel));
     }
 }

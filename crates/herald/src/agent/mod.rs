@@ -70,12 +70,65 @@ pub struct CancelOut {
     pub received_at: String,
 }
 
-/// What is sent to the backend; the JSON has a `type` of `user_message` or `cancel`.
+/// A turn of an AI SDK chat (a `send` on `GET /ai`): Herald opened run
+/// `run_id` in the user's stream (its `agent_started` is published) and
+/// the backend answers by publishing that run's events with `thread_id` =
+/// `chat_id`, or by streaming its UI message chunks to the ingest.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatOut {
+    /// The sender (`sub`).
+    pub user_id: String,
+    /// The chat (`id` of the frame); the run's thread.
+    pub chat_id: String,
+    /// The run Herald opened for the answer.
+    pub run_id: String,
+    /// `submit-message` or `regenerate-message`.
+    pub trigger: &'static str,
+    /// The message to regenerate, if any (`messageId` of the frame).
+    pub message_id: Option<String>,
+    /// The chat's UI messages, as the client sent them.
+    pub messages: Vec<Value>,
+    /// Application data (`body` of the frame).
+    pub body: Value,
+    /// Request metadata (`metadata` of the frame; `null` when absent).
+    pub metadata: Value,
+    /// The connection it arrived on.
+    pub conn_id: String,
+    /// When Herald received it, RFC 3339.
+    pub received_at: String,
+}
+
+impl ChatOut {
+    /// The text of the last user message (its text parts joined).
+    pub fn last_user_text(&self) -> String {
+        let Some(last) = self
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        else {
+            return String::new();
+        };
+        last.get("parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// What is sent to the backend; the JSON has a `type` of `user_message`,
+/// `chat_request` or `cancel`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BackendRequest {
     /// A chat message.
     UserMessage(MessageOut),
+    /// A turn of an AI SDK chat.
+    ChatRequest(ChatOut),
     /// A cancel.
     Cancel(CancelOut),
 }
@@ -467,6 +520,40 @@ impl Inbound {
                 Err(e) => {
                     tracing::warn!(error = %e, "cancel not forwarded");
                     send_error(&conn, &e);
+                }
+            }
+        });
+    }
+
+    /// Forward an AI SDK chat turn whose run is open (its `agent_started`
+    /// published). If the backend does not take it, the run is closed with
+    /// `agent_error {reason}` (the code: `backend_busy`, `backend_rejected`,
+    /// `backend_unavailable`), so every follower sees it end.
+    pub(crate) fn submit_chat(self: &Arc<Self>, chat: ChatOut) {
+        let permit = self.permit(&chat.user_id);
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let stream = user_stream(&chat.user_id);
+            let (run_id, thread_id) = (chat.run_id.clone(), chat.chat_id.clone());
+            let req = BackendRequest::ChatRequest(chat);
+            let outcome = match permit {
+                Some(permit) => {
+                    let outcome = this.backend.deliver(&req).await;
+                    drop(permit);
+                    outcome
+                }
+                None => Err(DeliveryError::Busy),
+            };
+            let label = if outcome.is_ok() { "accepted" } else { "nack" };
+            metrics::counter!(telemetry::CHAT_REQUESTS, "outcome" => label).increment(1);
+            match outcome {
+                Ok(()) => this.backend.after_ack(req),
+                Err(e) => {
+                    tracing::warn!(run_id = %run_id, error = %e, "chat request not forwarded");
+                    let close = crate::broker::run_closed_event(&run_id, Some(thread_id), e.code());
+                    if let Err(e) = this.broker.publish(&stream, vec![close]).await {
+                        tracing::warn!(error = %e, "could not close the run of a refused chat request");
+                    }
                 }
             }
         });

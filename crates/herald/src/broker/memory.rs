@@ -18,7 +18,8 @@ use herald_core::stream::{Appended, EventMeta, Stream, StreamLimits};
 use parking_lot::Mutex;
 
 use super::{
-    Broker, BrokerError, BrokerStats, EventSink, ExpiredRun, NewEvent, Published, StoredEvent,
+    Broker, BrokerError, BrokerStats, EventSink, ExpiredRun, NewEvent, Published, RunRef,
+    StoredEvent,
 };
 use crate::BoxFuture;
 
@@ -492,6 +493,22 @@ impl Broker for MemoryBroker {
                 }
                 Ok(s.active_run_events(0, until))
             })
+        })
+    }
+
+    fn open_runs<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<RunRef>, BrokerError>> {
+        Box::pin(async move {
+            // Do not create a stream just to look.
+            Ok(self.streams.get(stream).map_or_else(Vec::new, |s| {
+                s.lock()
+                    .open_runs()
+                    .iter()
+                    .map(|(id, run)| RunRef {
+                        run_id: id.to_string(),
+                        thread_id: run.thread_id.clone(),
+                    })
+                    .collect()
+            }))
         })
     }
 

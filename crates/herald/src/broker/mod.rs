@@ -263,6 +263,15 @@ pub fn run_closed_event(run_id: &str, thread_id: Option<String>, reason: &str) -
     )
 }
 
+/// An open run of a stream, and its thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRef {
+    /// The run.
+    pub run_id: String,
+    /// The thread its first event named, if any.
+    pub thread_id: Option<String>,
+}
+
 /// A run closed by the sweeper because it was silent for `run_ttl`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiredRun {
@@ -432,6 +441,9 @@ pub trait Broker: Send + Sync + Debug {
         epoch: &'a str,
         until: u64,
     ) -> BoxFuture<'a, Result<Vec<StoredEvent>, BrokerError>>;
+
+    /// The open runs of `stream`, in no order.
+    fn open_runs<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<RunRef>, BrokerError>>;
 
     /// Whether `run_id` is an open run of `stream`.
     fn is_open_run<'a>(

@@ -89,6 +89,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     router
         .route("/herald.js", get(web::client_js))
         .route("/ws", get(ws::upgrade))
+        .route("/ai", get(ws::ai_upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -39,10 +39,52 @@ pub(super) async fn upgrade(State(app): State<Arc<App>>, mut req: Request) -> Re
     let token = crate::auth::bearer_token(headers)
         .map(str::to_owned)
         .or_else(|| bearer_subprotocol(headers));
-    let protocol = offers(headers, SUBPROTOCOL);
+    let protocol = offers(headers, SUBPROTOCOL).then(|| HeaderValue::from_static(SUBPROTOCOL));
     let max = app.config().limits.max_message_bytes;
     handshake.accept(protocol, config(max), move |socket| {
         actor::run(socket, app, token, slot)
+    })
+}
+
+/// The subprotocol an AI SDK client may offer beside its token (selected
+/// when offered).
+pub(crate) const AI_SUBPROTOCOL: &str = "herald.ai";
+
+/// The query of `GET /ai`: the token, for clients that cannot set headers
+/// or subprotocols (the transport's `params`). Never logged.
+#[derive(serde::Deserialize)]
+struct AiQuery {
+    token: Option<String>,
+}
+
+/// The upgrade handler of `/ai`, the AI SDK's `WebSocketChatTransport`
+/// protocol: the same admission as `/ws`; the token from the
+/// `Authorization` header, a `bearer.<jwt>` subprotocol or the `token`
+/// query parameter (or, when none is there, from the first frame's
+/// `headers.authorization`). A client that offers subprotocols gets
+/// `herald.ai` selected if it offered it, else its bearer subprotocol
+/// (a browser fails a handshake that selects none of those it offered).
+pub(super) async fn ai_upgrade(State(app): State<Arc<App>>, mut req: Request) -> Response {
+    let (handshake, slot) = match admit(&app, &mut req) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused.into_response(),
+    };
+    let headers = req.headers();
+    let query = axum::extract::Query::<AiQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.token);
+    let token = crate::auth::bearer_token(headers)
+        .map(str::to_owned)
+        .or_else(|| bearer_subprotocol(headers))
+        .or(query);
+    let protocol = if offers(headers, AI_SUBPROTOCOL) {
+        Some(HeaderValue::from_static(AI_SUBPROTOCOL))
+    } else {
+        offered_bearer(headers)
+    };
+    let max = app.config().ai.max_message_bytes;
+    handshake.accept(protocol, config(max), move |socket| {
+        actor::run_ai(socket, app, token, slot)
     })
 }
 
@@ -64,7 +106,7 @@ pub(super) async fn echo(State(app): State<Arc<App>>, mut req: Request) -> Respo
         Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
     };
-    handshake.accept(false, config(ECHO_MAX_MESSAGE), move |socket| {
+    handshake.accept(None, config(ECHO_MAX_MESSAGE), move |socket| {
         let conn = actor::run_echo(socket, app, slot);
         async move {
             let _place = place;
@@ -126,8 +168,14 @@ impl Handshake {
         Ok(Self { key, on_upgrade })
     }
 
-    /// Answer 101 and run `f` on the socket once hyper hands it over.
-    fn accept<F, Fut>(self, protocol: bool, config: WebSocketConfig, f: F) -> Response
+    /// Answer 101 (selecting subprotocol `protocol`, if any) and run `f` on
+    /// the socket once hyper hands it over.
+    fn accept<F, Fut>(
+        self,
+        protocol: Option<HeaderValue>,
+        config: WebSocketConfig,
+        f: F,
+    ) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -165,11 +213,8 @@ impl Handshake {
         if let Ok(v) = HeaderValue::from_str(&accept) {
             h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
         }
-        if protocol {
-            h.insert(
-                header::SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(SUBPROTOCOL),
-            );
+        if let Some(protocol) = protocol {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
         }
         response
     }
@@ -237,4 +282,16 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
                 .strip_prefix(BEARER_SUBPROTOCOL_PREFIX)
                 .map(str::to_owned)
         })
+}
+
+/// The first `bearer.<jwt>` subprotocol offered, as offered.
+fn offered_bearer(headers: &HeaderMap) -> Option<HeaderValue> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| p.starts_with(BEARER_SUBPROTOCOL_PREFIX))
+        .and_then(|p| HeaderValue::from_str(p).ok())
 }

@@ -60,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Broker, BrokerError, BrokerStats, EventSink, ExpiredRun, FleetReply, FleetRequest, NewEvent,
-    Published, StoredEvent,
+    Published, RunRef, StoredEvent,
 };
 use crate::BoxFuture;
 
@@ -905,6 +905,30 @@ impl Broker for RedisBroker {
             events.retain(|e| e.seq <= until);
             events.sort_by_key(|e| e.seq);
             Ok(events)
+        })
+    }
+
+    fn open_runs<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<RunRef>, BrokerError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.conn().await?;
+            let key = format!("{}:runs", self.shared.base(stream));
+            let runs: Result<Vec<(String, String)>, _> =
+                redis::cmd("HGETALL").arg(key).query_async(&mut conn).await;
+            let runs = runs.map_err(|e| self.shared.failed(e))?;
+            // Values are `<last event ms>\t<thread>`; run ids are escaped.
+            Ok(runs
+                .into_iter()
+                .filter_map(|(run, value)| {
+                    let thread = value
+                        .split_once('\t')
+                        .map(|(_, t)| t.to_owned())
+                        .filter(|t| !t.is_empty());
+                    Some(RunRef {
+                        run_id: keys::unescape(&run)?.into_owned(),
+                        thread_id: thread,
+                    })
+                })
+                .collect())
         })
     }
 
