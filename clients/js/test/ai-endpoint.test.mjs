@@ -48,15 +48,15 @@ test('a send streams the demo agent\'s whole answer: reasoning, a tool call, the
 });
 
 /** A raw `/ws` socket of `user`, recording the events of its stream. */
-async function watch(user) {
-  const ws = new WebSocket(`ws://${h.addr}/ws`, ['herald.v1']);
+async function watch(user, server = h) {
+  const ws = new WebSocket(`ws://${server.addr}/ws`, ['herald.v1']);
   const events = [];
   ws.addEventListener('message', (m) => {
     const f = JSON.parse(m.data);
     if (f.type === 'event') events.push(f);
   });
   await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
-  ws.send(JSON.stringify({ type: 'hello', token: mintToken(h.secret, user) }));
+  ws.send(JSON.stringify({ type: 'hello', token: mintToken(server.secret, user) }));
   await until(() => ws.readyState === WebSocket.OPEN);
   return { ws, events, close: () => ws.close() };
 }
@@ -248,5 +248,60 @@ test('a backend that falls silent mid-answer, or refuses the turn, ends the stre
     t.close();
     await hw.stop();
     backend.close();
+  }
+});
+
+test('an AI SDK backend (streamText, mock model) streams its UI chunks in through the ingest: the same UI message reaches useChat, resumable', async () => {
+  const { startBackend, mockModel } = await import('../examples/ai-backend/backend.mjs');
+  const secret = 'ai-backend-hook-0123456789';
+  let hw;
+  const backend = await startBackend({ herald: 'http://placeholder', apiKey: '', secret, model: mockModel({ delayMs: 40 }) });
+  await backend.close();
+  // The backend needs Herald's address and Herald the backend's: start the
+  // backend on a known port after Herald picked its own.
+  hw = await startHerald({
+    HERALD_JWT_HS256_SECRET: 'ai-be-secret-0123456789-abcdefghijkl', HERALD_API_KEY: 'ai-be-key-0123456789ab',
+    HERALD_WEBHOOK_URL: `http://127.0.0.1:${backend.port}/hook`, HERALD_WEBHOOK_SECRET: secret,
+  });
+  const b = await startBackend({ herald: `http://${hw.addr}`, apiKey: hw.apiKey, secret, port: backend.port, model: mockModel({ delayMs: 40 }) });
+  const t = new WebSocketChatTransport({ url: `ws://${hw.addr}/ai`, protocols: ['bearer.' + mintToken(hw.secret, 'be1')] });
+  try {
+    const stream = await submit(t, 'chat-be', 'weather please');
+    const [mine, rest] = stream.tee();
+    const { reader } = await readSome(mine, 5);
+    reader.releaseLock();
+    // Mid-answer, another socket resumes: the same message, once.
+    const other = new WebSocketChatTransport({ url: `ws://${hw.addr}/ai`, protocols: ['bearer.' + mintToken(hw.secret, 'be1')] });
+    const resumed = await other.reconnectToStream({ chatId: 'chat-be' });
+    const [live, again] = await Promise.all([collect(rest), collect(resumed)]);
+    other.close();
+    for (const { message } of [live, again]) {
+      const kinds = message.parts.map((p) => p.type);
+      assert.deepEqual(kinds.filter((k) => k !== 'step-start'), ['reasoning', 'tool-weather', 'text'], kinds.join());
+      assert.equal(message.parts.find((p) => p.type === 'reasoning').text, 'The user asks about the weather.');
+      const call = message.parts.find((p) => p.type === 'tool-weather');
+      assert.deepEqual([call.state, call.input, call.output], ['output-available', { city: 'Oslo' }, { city: 'Oslo', celsius: 3 }]);
+      assert.equal(textOf(message), 'It is 3 degrees in Oslo. You said: “weather please”.');
+    }
+    assert.equal(live.message.id, again.message.id, 'one stable message id');
+    assert.equal(again.chunks.filter((c) => c.type === 'start').length, 1);
+    await until(() => [...b.runs.values()].some((r) => r.status === 'done'), 5000, 'the ingest answer');
+    const report = [...b.runs.values()][0].report;
+    assert.equal(report.duplicates, 0);
+    assert.ok(report.appended > 10, JSON.stringify(report));
+    // Stop: the cancel webhook aborts streamText, whose `abort` chunk ends
+    // the run (agent_cancelled) long before its 100 words would.
+    const w = await watch('be1', hw);
+    const stop = new AbortController();
+    const stopped = await submit(t, 'chat-be-stop', 'stop ' + 'word '.repeat(100), stop.signal);
+    const { reader: r2 } = await readSome(stopped, 5);
+    stop.abort();
+    r2.releaseLock();
+    await until(() => w.events.some((e) => e.event === 'agent_cancelled' && e.thread_id === 'chat-be-stop'), 3000, 'agent_cancelled');
+    w.close();
+  } finally {
+    t.close();
+    await b.close();
+    await hw.stop();
   }
 });

@@ -524,7 +524,11 @@ impl Chunks {
                     .get("ui_message_id")
                     .and_then(Value::as_str)
                     .unwrap_or(run_id);
-                out.push(json!({"type": "start", "messageId": id}));
+                let mut start = json!({"type": "start", "messageId": id});
+                if let Some(meta) = data.get("message_metadata") {
+                    start["messageMetadata"] = meta.clone();
+                }
+                out.push(start);
             }
             "agent_thinking" => {
                 if !matches!(&self.open, Some(("reasoning", _))) {
@@ -539,13 +543,46 @@ impl Chunks {
                 }
             }
             "agent_text_delta" => {
+                // A part named `reasoning:<id>` is reasoning (how the UI
+                // chunk ingest stores it, compacted like any text).
                 let part = text("part");
-                if !matches!(&self.open, Some(("text", id)) if id == part) {
+                let (kind, id) = match part.strip_prefix(REASONING_PART) {
+                    Some(id) => ("reasoning", id),
+                    None => ("text", part),
+                };
+                if !matches!(&self.open, Some((k, open)) if *k == kind && open == id) {
                     self.end_open(&mut out);
-                    out.push(json!({"type": "text-start", "id": part}));
-                    self.open = Some(("text", part.to_owned()));
+                    out.push(json!({"type": format!("{kind}-start"), "id": id}));
+                    self.open = Some((kind, id.to_owned()));
                 }
-                out.push(json!({"type": "text-delta", "id": part, "delta": text("text")}));
+                out.push(json!({"type": format!("{kind}-delta"), "id": id, "delta": text("text")}));
+            }
+            UI_CHUNK => {
+                let Some(chunk) = data.get("chunk").filter(|c| check_chunk(c).is_ok()) else {
+                    return out;
+                };
+                match chunk.get("type").and_then(Value::as_str) {
+                    // The end of a part: written if that part is open (a
+                    // part ended already, by what came between, is not
+                    // ended twice).
+                    Some(end @ ("text-end" | "reasoning-end")) => {
+                        let kind = &end[..end.len() - "-end".len()];
+                        let id = chunk.get("id").and_then(Value::as_str);
+                        if matches!(&self.open, Some((k, open)) if *k == kind && Some(open.as_str()) == id)
+                        {
+                            self.open = None;
+                            out.push(chunk.clone());
+                        }
+                    }
+                    // A step's bounds end its parts (the SDK forgets the
+                    // open parts there); other chunks (sources, files,
+                    // data, approvals) sit beside an open part.
+                    Some("start-step" | "finish-step" | "reset-step") => {
+                        self.end_open(&mut out);
+                        out.push(chunk.clone());
+                    }
+                    _ => out.push(chunk.clone()),
+                }
             }
             "tool_executing" => {
                 self.end_open(&mut out);
@@ -574,13 +611,31 @@ impl Chunks {
                         .map(|i| self.unnamed_calls.remove(i).1),
                 };
                 if let Some(id) = id {
-                    let output = data.get("output").cloned().unwrap_or(Value::Null);
-                    out.push(json!({"type": "tool-output-available", "toolCallId": id, "output": output}));
+                    match data.get("error").and_then(Value::as_str) {
+                        Some(error) => out.push(
+                            json!({"type": "tool-output-error", "toolCallId": id, "errorText": error}),
+                        ),
+                        None => {
+                            let output = data.get("output").cloned().unwrap_or(Value::Null);
+                            out.push(json!({"type": "tool-output-available", "toolCallId": id, "output": output}));
+                        }
+                    }
                 }
             }
             "agent_completed" => {
                 self.end_open(&mut out);
-                out.push(json!({"type": "finish"}));
+                let mut finish = json!({"type": "finish"});
+                if let Some(reason) = data
+                    .get("finish_reason")
+                    .and_then(Value::as_str)
+                    .filter(|r| FINISH_REASONS.contains(r))
+                {
+                    finish["finishReason"] = json!(reason);
+                }
+                if let Some(meta) = data.get("message_metadata") {
+                    finish["messageMetadata"] = meta.clone();
+                }
+                out.push(finish);
                 self.ended = Some(Ending::Finished);
             }
             "agent_error" => {
@@ -622,6 +677,299 @@ impl Chunks {
             };
             out.push(serde_json::json!({"type": end, "id": id}));
         }
+    }
+}
+
+/// The event that carries a UI message chunk Herald has no event of its
+/// own for (`data` is `{"chunk": …}`); written to `/ai` sockets as it is.
+pub const UI_CHUNK: &str = "ui_chunk";
+/// Text parts whose name starts with this are reasoning (the UI chunk
+/// ingest stores `reasoning-delta`s as such parts, compacted like text).
+pub const REASONING_PART: &str = "reasoning:";
+/// `finish.finishReason`'s values.
+const FINISH_REASONS: [&str; 7] = [
+    "stop",
+    "length",
+    "content-filter",
+    "tool-calls",
+    "error",
+    "interrupted",
+    "other",
+];
+
+/// What a field of a UI message chunk must be.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Bool,
+    Obj,
+    Arr,
+    Any,
+}
+
+/// Named fields and the kind of value each must hold.
+type Fields = &'static [(&'static str, Kind)];
+
+/// The chunk types the AI SDK's `uiMessageChunkSchema` (ai 7) accepts, with
+/// their required and optional typed fields (other fields pass, as the
+/// schema's loose objects let them).
+fn chunk_fields(kind: &str) -> Option<(Fields, Fields)> {
+    use Kind::*;
+    const PM: (&str, Kind) = ("providerMetadata", Obj);
+    const TOOL_OPT: &[(&str, Kind)] = &[
+        ("providerExecuted", Bool),
+        PM,
+        ("toolMetadata", Obj),
+        ("dynamic", Bool),
+        ("title", Str),
+    ];
+    Some(match kind {
+        "text-start" | "reasoning-start" | "reasoning-end" => (&[("id", Str)], &[PM]),
+        "text-delta" | "reasoning-delta" => (&[("id", Str), ("delta", Str)], &[PM]),
+        "text-end" => (&[("id", Str)], &[("citations", Arr), PM]),
+        "error" => (&[("errorText", Str)], &[]),
+        "tool-input-start" => (&[("toolCallId", Str), ("toolName", Str)], TOOL_OPT),
+        "tool-input-delta" => (&[("toolCallId", Str), ("inputTextDelta", Str)], &[]),
+        "tool-input-available" => (
+            &[("toolCallId", Str), ("toolName", Str), ("input", Any)],
+            TOOL_OPT,
+        ),
+        "tool-input-error" => (
+            &[
+                ("toolCallId", Str),
+                ("toolName", Str),
+                ("input", Any),
+                ("errorText", Str),
+            ],
+            TOOL_OPT,
+        ),
+        "tool-approval-request" => (
+            &[("approvalId", Str), ("toolCallId", Str)],
+            &[("reason", Str), ("isAutomatic", Bool), ("signature", Str)],
+        ),
+        "tool-approval-response" => (
+            &[("approvalId", Str), ("approved", Bool)],
+            &[("reason", Str), ("providerExecuted", Bool), PM],
+        ),
+        "tool-output-available" => (
+            &[("toolCallId", Str), ("output", Any)],
+            &[
+                ("providerExecuted", Bool),
+                PM,
+                ("toolMetadata", Obj),
+                ("dynamic", Bool),
+                ("preliminary", Bool),
+            ],
+        ),
+        "tool-output-error" => (
+            &[("toolCallId", Str), ("errorText", Str)],
+            &[
+                ("providerExecuted", Bool),
+                PM,
+                ("toolMetadata", Obj),
+                ("dynamic", Bool),
+            ],
+        ),
+        "tool-output-denied" => (&[("toolCallId", Str)], &[]),
+        "custom" => (&[("kind", Str)], &[PM]),
+        "source-url" => (&[("sourceId", Str), ("url", Str)], &[("title", Str), PM]),
+        "source-document" => (
+            &[("sourceId", Str), ("mediaType", Str), ("title", Str)],
+            &[("filename", Str), PM],
+        ),
+        "file" | "reasoning-file" => (&[("url", Str), ("mediaType", Str)], &[PM]),
+        "start-step" | "finish-step" | "reset-step" => (&[], &[]),
+        "start" => (&[], &[("messageId", Str), ("messageMetadata", Any)]),
+        "finish" => (&[], &[("finishReason", Str), ("messageMetadata", Any)]),
+        "abort" => (&[], &[("reason", Str)]),
+        "message-metadata" => (&[("messageMetadata", Any)], &[]),
+        k if k.starts_with("data-") => (&[("data", Any)], &[("id", Str), ("transient", Bool)]),
+        _ => return None,
+    })
+}
+
+/// Whether `chunk` is a UI message chunk the AI SDK's transport accepts:
+/// an object of a known `type` with its fields' types (the transport closes
+/// the socket, and errors every stream on it, at a chunk it refuses).
+pub fn check_chunk(chunk: &Value) -> Result<(), String> {
+    let Some(obj) = chunk.as_object() else {
+        return Err("a chunk must be a JSON object".into());
+    };
+    let Some(kind) = obj.get("type").and_then(Value::as_str) else {
+        return Err("a chunk needs a string `type`".into());
+    };
+    let Some((required, optional)) = chunk_fields(kind) else {
+        return Err(format!("`{kind}` is not a UI message chunk type"));
+    };
+    let fits = |v: &Value, k: Kind| match k {
+        Kind::Str => v.is_string(),
+        Kind::Bool => v.is_boolean(),
+        Kind::Obj => v.is_object(),
+        Kind::Arr => v.is_array(),
+        Kind::Any => true,
+    };
+    for (name, k) in required {
+        match obj.get(*name) {
+            Some(v) if fits(v, *k) => {}
+            // `input`/`output`/`data` may be any JSON but must be there.
+            _ => return Err(format!("`{kind}` needs `{name}` of the right type")),
+        }
+    }
+    for (name, k) in optional {
+        if let Some(v) = obj.get(*name)
+            && !fits(v, *k)
+        {
+            return Err(format!("`{kind}`: `{name}` has the wrong type"));
+        }
+    }
+    if kind == "finish"
+        && let Some(r) = obj.get("finishReason").and_then(Value::as_str)
+        && !FINISH_REASONS.contains(&r)
+    {
+        return Err(format!(
+            "`finish`: `finishReason` `{r}` is not one the SDK knows"
+        ));
+    }
+    Ok(())
+}
+
+/// How the UI chunk ingest stores one chunk in the user's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// An `agent_text_delta` of `part` (text, or `reasoning:<id>`): the
+    /// `index`-th of its part in this request, so a resend is skipped.
+    Delta {
+        /// The part.
+        part: String,
+        /// The text it appends.
+        text: String,
+        /// Its position among its part's deltas of the request, from 0.
+        index: u64,
+    },
+    /// Any other event; `nth` counts the request's events from 0 (its
+    /// idempotency key, so a resend is skipped).
+    Event {
+        /// The event name.
+        event: &'static str,
+        /// Its data.
+        data: Value,
+        /// Its position among the request's events.
+        nth: u64,
+    },
+    /// Nothing to store (a part's start: written again when it opens).
+    Nothing,
+}
+
+/// The UI message chunk ingest of one request: each chunk a backend's
+/// `toUIMessageStream()` writes, as the event Herald stores — so `/ws`
+/// clients see the same run, and `/ai` sockets get the chunks back through
+/// [`Chunks`]: `start` → `agent_started`; `text-delta` → `agent_text_delta`
+/// (part = its id) and `reasoning-delta` → `agent_text_delta` (part =
+/// `reasoning:<id>`), both compacted in history; `tool-input-available` →
+/// `tool_executing`; `tool-output-available` / `tool-output-error` →
+/// `tool_completed` (with `output` / `error`); `finish` →
+/// `agent_completed`; `error` → `agent_error`; `abort` → `agent_cancelled`;
+/// `text-start` / `reasoning-start` and the streamed tool input
+/// (`tool-input-start`, `tool-input-delta`) → nothing (the part opens with
+/// its first delta; the input arrives whole); every other chunk → a
+/// [`UI_CHUNK`] event that carries it.
+#[derive(Debug, Default)]
+pub struct Ingest {
+    /// Deltas per part so far.
+    deltas: HashMap<String, u64>,
+    /// Tool names by call id (an output chunk names only the call).
+    tools: HashMap<String, String>,
+    /// Events so far.
+    events: u64,
+}
+
+impl Ingest {
+    /// Store one chunk; an invalid chunk is refused with why.
+    pub fn chunk(&mut self, chunk: Value) -> Result<Stored, String> {
+        use serde_json::json;
+        check_chunk(&chunk)?;
+        let s = |k: &str| {
+            chunk
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let kind = s("type");
+        let (event, data) = match kind.as_str() {
+            "text-delta" | "reasoning-delta" => {
+                let part = if kind == "text-delta" {
+                    s("id")
+                } else {
+                    format!("{REASONING_PART}{}", s("id"))
+                };
+                if part.is_empty() || part.len() > crate::text::MAX_PART_LEN {
+                    return Err("a part id must be 1 to 128 bytes".into());
+                }
+                let n = self.deltas.entry(part.clone()).or_default();
+                let index = *n;
+                *n += 1;
+                return Ok(Stored::Delta {
+                    part,
+                    text: s("delta"),
+                    index,
+                });
+            }
+            "text-start" | "reasoning-start" | "tool-input-start" | "tool-input-delta" => {
+                return Ok(Stored::Nothing);
+            }
+            "start" => {
+                let mut data = json!({});
+                if let Some(id) = chunk.get("messageId") {
+                    data["ui_message_id"] = id.clone();
+                }
+                if let Some(meta) = chunk.get("messageMetadata") {
+                    data["message_metadata"] = meta.clone();
+                }
+                (crate::stream::runs::STARTED, data)
+            }
+            "tool-input-available" => {
+                self.tools.insert(s("toolCallId"), s("toolName"));
+                let input = chunk.get("input").cloned().unwrap_or(Value::Null);
+                (
+                    "tool_executing",
+                    json!({"tool": s("toolName"), "tool_call_id": s("toolCallId"), "input": input}),
+                )
+            }
+            "tool-output-available" | "tool-output-error" => {
+                let call = s("toolCallId");
+                let tool = self.tools.get(&call).cloned().unwrap_or_default();
+                let mut data = json!({"tool": tool, "tool_call_id": call});
+                if kind == "tool-output-error" {
+                    data["error"] = json!(s("errorText"));
+                } else {
+                    data["output"] = chunk.get("output").cloned().unwrap_or(Value::Null);
+                }
+                ("tool_completed", data)
+            }
+            "finish" => {
+                let mut data = json!({});
+                if let Some(r) = chunk.get("finishReason") {
+                    data["finish_reason"] = r.clone();
+                }
+                if let Some(meta) = chunk.get("messageMetadata") {
+                    data["message_metadata"] = meta.clone();
+                }
+                (crate::stream::runs::COMPLETED, data)
+            }
+            "error" => (
+                crate::stream::runs::ERROR,
+                json!({"message": s("errorText")}),
+            ),
+            "abort" => (
+                crate::stream::runs::CANCELLED,
+                json!({"reason": s("reason")}),
+            ),
+            _ => (UI_CHUNK, json!({ "chunk": chunk })),
+        };
+        let nth = self.events;
+        self.events += 1;
+        Ok(Stored::Event { event, data, nth })
     }
 }
 
@@ -1544,6 +1892,142 @@ mod tests {
             prop_assert!(gapless);
             prop_assert_eq!(frames.iter().filter(|f| f["type"] == "end").count(), 1);
             prop_assert_eq!(&frames[0]["type"], "start");
+        }
+    }
+    /// A UI message stream as `streamText(…).toUIMessageStream()` writes it.
+    fn ui_stream() -> Vec<Value> {
+        vec![
+            json!({"type": "start", "messageId": "msg-1"}),
+            json!({"type": "start-step"}),
+            json!({"type": "reasoning-start", "id": "r0"}),
+            json!({"type": "reasoning-delta", "id": "r0", "delta": "Let me "}),
+            json!({"type": "reasoning-delta", "id": "r0", "delta": "think."}),
+            json!({"type": "reasoning-end", "id": "r0"}),
+            json!({"type": "tool-input-start", "toolCallId": "c1", "toolName": "weather"}),
+            json!({"type": "tool-input-delta", "toolCallId": "c1", "inputTextDelta": "{\"city\":"}),
+            json!({"type": "tool-input-available", "toolCallId": "c1", "toolName": "weather", "input": {"city": "Oslo"}}),
+            json!({"type": "tool-output-available", "toolCallId": "c1", "output": {"c": 3}}),
+            json!({"type": "finish-step"}),
+            json!({"type": "start-step"}),
+            json!({"type": "text-start", "id": "t0"}),
+            json!({"type": "text-delta", "id": "t0", "delta": "It is "}),
+            json!({"type": "source-url", "sourceId": "s1", "url": "https://example.com"}),
+            json!({"type": "text-delta", "id": "t0", "delta": "3 degrees."}),
+            json!({"type": "text-end", "id": "t0"}),
+            json!({"type": "data-weather", "data": {"c": 3}}),
+            json!({"type": "finish-step"}),
+            json!({"type": "finish", "finishReason": "stop"}),
+        ]
+    }
+
+    /// What a UI message shows: each text and reasoning part's text, the
+    /// tools' input and output, the other parts by type, in order (the
+    /// essentials of the SDK's `processUIMessageStream`).
+    fn assembled(chunks: &[Value]) -> Vec<String> {
+        let mut parts: Vec<String> = Vec::new();
+        let mut open: HashMap<String, usize> = HashMap::new();
+        for c in chunks {
+            let t = c["type"].as_str().unwrap();
+            let id = c["id"].as_str().unwrap_or_default().to_owned();
+            match t {
+                "text-start" | "reasoning-start" => {
+                    open.insert(format!("{t}{id}"), parts.len());
+                    parts.push(format!("{}:", &t[..t.len() - 6]));
+                }
+                "text-delta" | "reasoning-delta" => {
+                    let kind = &t[..t.len() - 6];
+                    let i = open[&format!("{kind}-start{id}")];
+                    parts[i].push_str(c["delta"].as_str().unwrap());
+                }
+                "tool-input-available" => {
+                    parts.push(format!("tool {} {}", c["toolName"], c["input"]))
+                }
+                "tool-output-available" => {
+                    parts.push(format!("output {} {}", c["toolCallId"], c["output"]))
+                }
+                "text-end" | "reasoning-end" | "tool-input-start" | "tool-input-delta" => {}
+                other => parts.push(other.to_owned()),
+            }
+        }
+        parts
+    }
+
+    /// A backend's UI chunks go into the stream as Herald events and come
+    /// back out of `Chunks` as the same UI message: every chunk valid.
+    #[test]
+    fn ui_chunks_round_trip_through_the_stream() {
+        let mut ingest = Ingest::default();
+        let mut c = Chunks::default();
+        let mut out = Vec::new();
+        let mut keys = Vec::new();
+        for chunk in ui_stream() {
+            let (event, data) = match ingest.chunk(chunk).unwrap() {
+                Stored::Delta { part, text, index } => {
+                    keys.push(format!("{part}#{index}"));
+                    ("agent_text_delta", json!({"part": part, "text": text}))
+                }
+                Stored::Event { event, data, nth } => {
+                    keys.push(format!("event#{nth}"));
+                    (event, data)
+                }
+                Stored::Nothing => continue,
+            };
+            out.extend(c.on_event(event, "run-1", &data));
+        }
+        for chunk in &out {
+            assert_eq!(check_chunk(chunk), Ok(()), "{chunk}");
+        }
+        assert_eq!(assembled(&out), assembled(&ui_stream()));
+        assert_eq!(out[0], json!({"type": "start", "messageId": "msg-1"}));
+        assert_eq!(
+            out.last().unwrap(),
+            &json!({"type": "finish", "finishReason": "stop"})
+        );
+        // Deltas are numbered per part, other events in order: a resend of
+        // the same stream maps to the same keys.
+        assert_eq!(
+            &keys[..4],
+            ["event#0", "event#1", "reasoning:r0#0", "reasoning:r0#1"]
+        );
+        // Every part started is ended once.
+        let starts = out
+            .iter()
+            .filter(|c| {
+                c["type"].as_str().unwrap().ends_with("-start") && c["type"] != "tool-input-start"
+            })
+            .count();
+        let ends = out
+            .iter()
+            .filter(|c| c["type"].as_str().unwrap().ends_with("-end"))
+            .count();
+        assert_eq!(starts, ends);
+    }
+
+    /// Chunks the SDK would refuse are refused at the ingest, and a
+    /// `ui_chunk` event published by hand that carries one is not written.
+    #[test]
+    fn invalid_ui_chunks_are_refused() {
+        for bad in [
+            json!("text"),
+            json!({"type": 7}),
+            json!({"type": "text-delta", "id": "t"}),
+            json!({"type": "tool-input-available", "toolCallId": "c", "toolName": "x"}),
+            json!({"type": "finish", "finishReason": "because"}),
+            json!({"type": "source-url", "sourceId": "s", "url": 1}),
+            json!({"type": "text-start", "id": "t", "providerMetadata": "x"}),
+            json!({"type": "typing"}),
+        ] {
+            assert!(check_chunk(&bad).is_err(), "{bad}");
+            assert!(Ingest::default().chunk(bad.clone()).is_err(), "{bad}");
+            let mut c = Chunks::default();
+            assert!(c.on_event(UI_CHUNK, "r", &json!({"chunk": bad})).is_empty());
+        }
+        for good in [
+            json!({"type": "data-x", "data": null, "later": 1}),
+            json!({"type": "text-end", "id": "t", "citations": []}),
+            json!({"type": "abort"}),
+        ] {
+            assert_eq!(check_chunk(&good), Ok(()), "{good}");
         }
     }
 }

@@ -20,6 +20,14 @@
 //! do not count) is answered 408; a drain answers 503 at once. A run's text
 //! is bounded as any run is (`run_too_large`). Each byte of the body is
 //! scanned for a line end once, however it is chunked.
+//!
+//! `POST /api/v1/runs/{run_id}/ui` reads the same way, one AI SDK UI message
+//! chunk per line (NDJSON, or the SSE `toUIMessageStream()` piped through
+//! `JsonToSseTransformStream` writes), validated as the SDK's transport
+//! would and stored as the run's events ([`herald_core::aisdk::Ingest`]):
+//! text and reasoning deltas are numbered per part, other events keyed by
+//! their position, so a resend of the stream from its first chunk stores
+//! nothing twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,15 +121,50 @@ impl Report {
     }
 }
 
-/// One delta line ready to publish, with the line number it came from.
+/// One line ready to publish, with the line number it came from.
 struct Parsed {
     line: u64,
-    part: String,
-    text: String,
-    index: Option<u64>,
+    what: Item,
 }
 
-fn parse(line_no: u64, raw: &[u8]) -> Result<Parsed, String> {
+/// What a line publishes.
+enum Item {
+    /// A text delta of `part`.
+    Delta {
+        part: String,
+        text: String,
+        index: Option<u64>,
+    },
+    /// Another event of the run (the UI chunk ingest), with the key that
+    /// makes a resend of it a duplicate.
+    Event {
+        event: &'static str,
+        data: Value,
+        key: String,
+    },
+}
+
+/// How a request's lines are read.
+enum Format {
+    /// `…/text`: one text delta per line.
+    Text,
+    /// `…/ui`: one AI SDK UI message chunk per line, as NDJSON or as the
+    /// SSE the SDK writes (`data: {…}`, `data: [DONE]`).
+    Ui(herald_core::aisdk::Ingest),
+}
+
+impl Format {
+    /// The item of one non-blank line (`None`: a line that publishes
+    /// nothing, e.g. an SSE comment or a part's start), or why it is refused.
+    fn parse(&mut self, run_id: &str, line_no: u64, raw: &[u8]) -> Result<Option<Item>, String> {
+        match self {
+            Format::Text => parse_delta(line_no, raw).map(Some),
+            Format::Ui(ingest) => parse_chunk(ingest, run_id, line_no, raw),
+        }
+    }
+}
+
+fn parse_delta(line_no: u64, raw: &[u8]) -> Result<Item, String> {
     let field = |f: &str| format!("line {line_no}: `{f}`");
     let line: Line = serde_json::from_slice(raw).map_err(|e| {
         format!("line {line_no} is not a delta (`{{\"part\",\"text\",\"index\"}}`): {e}")
@@ -129,12 +172,56 @@ fn parse(line_no: u64, raw: &[u8]) -> Result<Parsed, String> {
     if line.part.is_empty() || line.part.len() > MAX_PART_LEN {
         return Err(format!("{} must be 1 to 128 bytes", field("part")));
     }
-    Ok(Parsed {
-        line: line_no,
+    Ok(Item::Delta {
         part: line.part,
         text: line.text,
         index: line.index,
     })
+}
+
+/// A UI chunk line: NDJSON (`{…}`) or an SSE line (`data: {…}`; `data:
+/// [DONE]`, comments and the other SSE fields publish nothing).
+fn parse_chunk(
+    ingest: &mut herald_core::aisdk::Ingest,
+    run_id: &str,
+    line_no: u64,
+    raw: &[u8],
+) -> Result<Option<Item>, String> {
+    use herald_core::aisdk::Stored;
+    let payload = match raw.strip_prefix(b"data:") {
+        Some(rest) => rest.strip_prefix(b" ").unwrap_or(rest),
+        None if raw.starts_with(b":")
+            || raw.starts_with(b"event:")
+            || raw.starts_with(b"id:")
+            || raw.starts_with(b"retry:") =>
+        {
+            return Ok(None);
+        }
+        None => raw,
+    };
+    if payload == b"[DONE]" {
+        return Ok(None);
+    }
+    let chunk: Value = serde_json::from_slice(payload)
+        .map_err(|e| format!("line {line_no} is not a UI message chunk: {e}"))?;
+    Ok(
+        match ingest
+            .chunk(chunk)
+            .map_err(|e| format!("line {line_no}: {e}"))?
+        {
+            Stored::Delta { part, text, index } => Some(Item::Delta {
+                part,
+                text,
+                index: Some(index),
+            }),
+            Stored::Event { event, data, nth } => Some(Item::Event {
+                event,
+                data,
+                key: format!("ui\t{run_id}\t{nth}"),
+            }),
+            Stored::Nothing => None,
+        },
+    )
 }
 
 /// `POST /api/v1/runs/{run_id}/text?user_id=…[&thread_id=…]`.
@@ -144,6 +231,32 @@ pub(super) async fn text(
     query: Result<Query<IngestQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    ingest(app, run_id, query, headers, body, Format::Text).await
+}
+
+/// `POST /api/v1/runs/{run_id}/ui?user_id=…[&thread_id=…]`: a run's UI
+/// message chunks (what the AI SDK's `toUIMessageStream()` writes), as
+/// NDJSON or SSE, stored as the run's events
+/// ([`herald_core::aisdk::Ingest`]).
+pub(super) async fn ui(
+    State(app): State<Arc<App>>,
+    Path(run_id): Path<String>,
+    query: Result<Query<IngestQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let format = Format::Ui(herald_core::aisdk::Ingest::default());
+    ingest(app, run_id, query, headers, body, format).await
+}
+
+async fn ingest(
+    app: Arc<App>,
+    run_id: String,
+    query: Result<Query<IngestQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+    mut format: Format,
 ) -> Response {
     if let Err(e) = authorize(&app, &headers) {
         return e.into_response();
@@ -233,10 +346,13 @@ pub(super) async fn text(
             if raw.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match parse(report.lines, raw) {
-                Ok(p) => {
+            match format.parse(&run_id, report.lines, raw) {
+                Ok(item) => {
                     idle_until = tokio::time::Instant::now() + limits.idle_timeout;
-                    batch.push(p);
+                    batch.extend(item.map(|what| Parsed {
+                        line: report.lines,
+                        what,
+                    }));
                 }
                 Err(message) => {
                     // What came before this line in the same read still counts.
@@ -364,15 +480,26 @@ async fn publish(
         let ts = crate::clock::now_rfc3339();
         let events = chunk
             .iter()
-            .map(|p| {
-                NewEvent::text_delta(
+            .map(|p| match &p.what {
+                Item::Delta { part, text, index } => NewEvent::text_delta(
                     run_id.to_owned(),
                     q.thread_id.clone(),
-                    p.part.clone(),
-                    &p.text,
-                    p.index,
+                    part.clone(),
+                    text,
+                    *index,
                     ts.clone(),
-                )
+                ),
+                Item::Event { event, data, key } => {
+                    let mut e = NewEvent::new(
+                        (*event).to_owned(),
+                        q.thread_id.clone(),
+                        Some(run_id.to_owned()),
+                        data.clone(),
+                        ts.clone(),
+                    );
+                    e.idempotency_key = Some(key.clone());
+                    e
+                }
             })
             .collect();
         report.broker_calls += 1;
@@ -385,8 +512,13 @@ async fn publish(
                         report.appended += 1;
                         report.last_seq = Some(r.seq);
                     }
-                    if let Some(i) = p.index {
-                        let next = report.next.entry(p.part.clone()).or_default();
+                    if let Item::Delta {
+                        part,
+                        index: Some(i),
+                        ..
+                    } = &p.what
+                    {
+                        let next = report.next.entry(part.clone()).or_default();
                         *next = (*next).max(i + 1);
                     }
                     report.epoch = Some(r.epoch.clone());
