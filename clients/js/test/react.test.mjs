@@ -1,6 +1,7 @@
-// The React example (examples/react-chat: useChat + HeraldChatTransport),
-// built with esbuild and served by its own app server, against a real
-// `herald serve` and its demo agent, in Debian's headless Chromium.
+// The React example (examples/react-chat: useChat + HeraldChatTransport,
+// and its /stock page: useChat + the AI SDK's own WebSocketChatTransport on
+// GET /ai), built with esbuild and served by its own app server, against a
+// real `herald serve` and its demo agent, in Debian's headless Chromium.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
@@ -10,7 +11,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startHerald } from './helpers.mjs';
+import { startHerald, mintToken, until } from './helpers.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const EXAMPLE = path.resolve(here, '../examples/react-chat');
@@ -186,5 +187,69 @@ test('the app server mints tokens for its own host and origin only (no DNS rebin
     assert.equal((await postToken(proxied.url, { host: 'evil.example' })).status, 403);
   } finally {
     proxied.proc.kill('SIGTERM');
+  }
+});
+
+/** The events of `user`'s stream, from a raw `/ws` socket (what the agent side sees). */
+async function watchEvents(user) {
+  const ws = new WebSocket(`ws://${h.addr}/ws`, ['herald.v1']);
+  const events = [];
+  ws.addEventListener('message', (m) => { const f = JSON.parse(m.data); if (f.type === 'event') events.push(f); });
+  await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
+  ws.send(JSON.stringify({ type: 'hello', token: mintToken(SECRET, user) }));
+  return { events, close: () => ws.close() };
+}
+
+const toolParts = (msg) => msg.parts.filter((p) => p.type.startsWith('tool-'));
+
+test('stock transport: a message streams reasoning, a tool call and the answer (no Herald code in the page)', async () => {
+  await page.goto(`${app.url}/stock?user=sam&chat=s1`);
+  await page.waitForSelector('#messages[data-status="ready"]', { state: 'attached' });
+  assert.equal(await page.evaluate(() => 'HeraldClient' in window || !!window.__herald), false);
+  await send('stock transport to Lisbon');
+  await page.waitForSelector('#messages[data-status="streaming"]');
+  await page.waitForSelector('#messages[data-status="ready"] .msg.assistant .text', { timeout: 10000 });
+  const [answer] = assistant(await chat());
+  const reasoning = partsOf(answer, 'reasoning').map((p) => p.text).join('');
+  assert.deepEqual(reasoning.split(/(?=Thinking|Writing)/), ['Reading your message', 'Thinking about “stock transport to Lisbon”', 'Writing the answer']);
+  const tools = toolParts(answer);
+  assert.deepEqual(tools.map((t) => [t.type, t.state]), [['tool-search', 'output-available']]);
+  assert.match(partsOf(answer, 'text')[0].text, /^You said: “stock transport to Lisbon”/);
+});
+
+test('stock transport: a reload mid-answer resumes it (resume: true), each part once', async () => {
+  await send('reload me mid answer');
+  await page.waitForFunction(() => {
+    const a = window.__chat?.messages.at(-1);
+    return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+  });
+  assert.ok(!assistant(await chat()).at(-1).parts.some((p) => p.type === 'text'), 'still answering at the reload');
+  await page.reload();
+  await page.waitForSelector('#messages[data-status="ready"] .msg.assistant:nth-child(4) .text', { timeout: 10000 });
+  const after = await chat();
+  assert.deepEqual(after.messages.map((m) => m.role), ['user', 'assistant', 'user', 'assistant']);
+  const resumed = after.messages[3];
+  const reasoning = partsOf(resumed, 'reasoning').map((p) => p.text).join('');
+  assert.deepEqual(reasoning.split(/(?=Thinking|Writing)/), ['Reading your message', 'Thinking about “reload me mid answer”', 'Writing the answer']);
+  assert.equal(toolParts(resumed).length, 1);
+  assert.equal(partsOf(resumed, 'text').length, 1);
+  assert.match(partsOf(resumed, 'text')[0].text, /^You said: “reload me mid answer”.*connect your own\.$/);
+});
+
+test('stock transport: Stop reaches the agent (the run ends agent_cancelled)', async () => {
+  const w = await watchEvents('sam');
+  try {
+    await send('stop this one');
+    await page.waitForFunction(() => {
+      const a = window.__chat?.messages.at(-1);
+      return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+    });
+    await page.click('#stop');
+    await page.waitForSelector('#messages[data-status="ready"]');
+    await until(() => w.events.some((e) => e.event === 'agent_cancelled' && e.thread_id === 's1'), 5000, 'agent_cancelled');
+    const run = w.events.find((e) => e.event === 'agent_cancelled').run_id;
+    assert.ok(!w.events.some((e) => e.run_id === run && e.event === 'agent_completed'));
+  } finally {
+    w.close();
   }
 });

@@ -5,6 +5,8 @@
 //
 //   HERALD_JWT_HS256_SECRET=...  the secret Herald verifies tokens with (required)
 //   HERALD_URL=ws://127.0.0.1:8080/ws  where the page connects
+//   HERALD_AI_URL=ws://127.0.0.1:8080/ai  where the stock-transport page (/stock) connects
+//                                (default: HERALD_URL with /ws replaced by /ai)
 //   PORT=3000                    where this server listens (0: any free port)
 //   ALLOWED_HOSTS=chat.example.com,...  more `Host` values it answers (behind a proxy)
 //
@@ -25,6 +27,7 @@ if (!secret) {
   process.exit(2);
 }
 const heraldUrl = process.env.HERALD_URL ?? 'ws://127.0.0.1:8080/ws';
+const aiUrl = process.env.HERALD_AI_URL ?? heraldUrl.replace(/\/ws$/, '/ai');
 const TOKEN_TTL_S = Number(process.env.TOKEN_TTL_S ?? 600);
 const ALLOWED_HOSTS = (process.env.ALLOWED_HOSTS ?? '')
   .split(',').map((h) => h.trim().toLowerCase()).filter(Boolean);
@@ -40,7 +43,10 @@ function mint(sub) {
 
 const files = {
   '/': ['index.html', 'text/html; charset=utf-8'],
-  '/app.js': ['dist/app.js', 'text/javascript; charset=utf-8'],
+  '/app.js': ['dist/main.js', 'text/javascript; charset=utf-8'],
+  // The same chat on the AI SDK's own WebSocketChatTransport (GET /ai).
+  '/stock': ['stock.html', 'text/html; charset=utf-8'],
+  '/stock.js': ['dist/stock.js', 'text/javascript; charset=utf-8'],
 };
 
 /** Reads a small JSON body; null when it is not JSON. */
@@ -91,7 +97,7 @@ const server = createServer(async (req, res) => {
       return send(200, type, await readFile(path.join(here, file)));
     }
     if (req.method === 'GET' && url.pathname === '/config.json') {
-      return send(200, 'application/json', JSON.stringify({ heraldUrl }));
+      return send(200, 'application/json', JSON.stringify({ heraldUrl, aiUrl }));
     }
     if (req.method === 'POST' && url.pathname === '/token') {
       // A real app takes the user from its session; the example trusts the name.
