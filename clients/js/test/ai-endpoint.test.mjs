@@ -99,6 +99,20 @@ test('reconnectToStream mid-answer gets the answer whole and once; both sockets 
   a.close(); b.close();
 });
 
+test('a reload right after a response completed still shows the whole answer (ai_replay_window)', async () => {
+  const t = transportFor('s3b');
+  const first = await collect(await submit(t, 'chat-3b', 'just finished'));
+  t.close();
+  // A new page (a new socket) resumes the chat after the answer ended.
+  const reloaded = transportFor('s3b');
+  const again = await collect(await reloaded.reconnectToStream({ chatId: 'chat-3b' }));
+  reloaded.close();
+  assert.equal(textOf(again.message), textOf(first.message));
+  assert.equal(again.message.id, first.message.id, 'the same message: useChat replaces it, no duplicate');
+  assert.deepEqual(again.message.parts.map((p) => p.type), first.message.parts.map((p) => p.type));
+  assert.equal(again.chunks.at(-1).type, 'finish');
+});
+
 test('no active response: reconnectToStream resolves null', async () => {
   const t = transportFor('s3');
   assert.equal(await t.reconnectToStream({ chatId: 'never-started' }), null);
@@ -136,8 +150,10 @@ test('abort of a send reaches the backend: the run ends agent_cancelled for ever
   const run = w.events.find((e) => e.event === 'agent_cancelled').run_id;
   assert.ok(w.events.some((e) => e.event === 'agent_started' && e.run_id === run && e.thread_id === 'chat-6'));
   reader.releaseLock();
-  // Nothing is active any more.
-  assert.equal(await t.reconnectToStream({ chatId: 'chat-6' }), null);
+  // A reload right after Stop shows the stopped answer again, ending in `abort`.
+  const again = await collect(await t.reconnectToStream({ chatId: 'chat-6' }));
+  assert.equal(again.chunks[0].type, 'start');
+  assert.equal(again.chunks.at(-1).type, 'abort');
   t.close(); w.close();
 });
 
@@ -242,7 +258,8 @@ test('a backend that falls silent mid-answer, or refuses the turn, ends the stre
     assert.deepEqual(req.messages, [userMessage('m-chat-silent', 'hello')]);
     // A backend that refuses the turn: the run is closed and the stream errors.
     await assert.rejects(collect(await submit(t, 'chat-refused', 'hi')), /backend_rejected/);
-    // And the chat is free again: nothing active.
+    // And the chat is free again: nothing active, and a failed response is
+    // not offered to a resume (a retry starts a new one).
     assert.equal(await t.reconnectToStream({ chatId: 'chat-refused' }), null);
   } finally {
     t.close();

@@ -973,6 +973,44 @@ impl Ingest {
     }
 }
 
+/// In a page of stored event frames (in seq order, the newest of the
+/// user's stream), the last run of chat `chat` if it completed or was
+/// cancelled in the page — its closing event's `ts` judged `recent` — and
+/// started in it (a failed one, never): the run id
+/// and its frames, for a resume of a response that has just completed (a
+/// reload right after the answer). `None` otherwise.
+pub fn ended_run<'a>(
+    frames: &[&'a str],
+    chat: &str,
+    recent: impl Fn(&str) -> bool,
+) -> Option<(String, Vec<&'a str>)> {
+    let events: Vec<(&str, Event)> = frames
+        .iter()
+        .filter_map(|f| Some((*f, serde_json::from_str::<Event>(f).ok()?)))
+        .collect();
+    let (_, last) = events.iter().rev().find(|(_, e)| {
+        e.thread_id.as_deref() == Some(chat)
+            && e.run_id.is_some()
+            && crate::stream::runs::closes(&e.event)
+    })?;
+    // A failed response is not offered again (a retry starts a new one),
+    // as the transport's own server outline does.
+    if last.event == crate::stream::runs::ERROR || !last.ts.as_deref().is_some_and(&recent) {
+        return None;
+    }
+    let run = last.run_id.clone()?;
+    let mine: Vec<(&str, &Event)> = events
+        .iter()
+        .filter(|(_, e)| e.run_id.as_deref() == Some(run.as_str()))
+        .map(|(f, e)| (*f, e))
+        .collect();
+    let (_, first) = mine.first()?;
+    if first.event != crate::stream::runs::STARTED {
+        return None;
+    }
+    Some((run, mine.into_iter().map(|(f, _)| f).collect()))
+}
+
 /// Most responses one socket follows at once.
 pub const MAX_FOLLOWS: usize = 16;
 
@@ -1003,6 +1041,10 @@ struct Event {
     event: String,
     #[serde(default)]
     run_id: Option<String>,
+    #[serde(default)]
+    thread_id: Option<String>,
+    #[serde(default)]
+    ts: Option<String>,
     #[serde(default)]
     data: Value,
 }
@@ -2029,5 +2071,42 @@ mod tests {
         ] {
             assert_eq!(check_chunk(&good), Ok(()), "{good}");
         }
+    }
+    /// A response completed moments ago is found whole in the newest
+    /// history page; one that started before the page, or ended long ago,
+    /// or is another chat's, is not.
+    #[test]
+    fn a_just_completed_run_is_found_in_the_history_page() {
+        let at = |seq: u64, event: &str, run: &str, chat: &str, ts: &str| {
+            json!({"type": "event", "seq": seq, "event": event, "run_id": run, "thread_id": chat,
+                   "data": {"part": "a", "text": "x"}, "ts": ts})
+            .to_string()
+        };
+        let page = [
+            at(1, "agent_started", "r1", "c", "old"),
+            at(2, "agent_completed", "r1", "c", "old"),
+            at(3, "agent_started", "r2", "c", "new"),
+            at(4, "agent_text_delta", "r2", "c", "new"),
+            at(5, "agent_started", "r3", "other", "new"),
+            at(6, "agent_completed", "r2", "c", "new"),
+        ];
+        let frames: Vec<&str> = page.iter().map(String::as_str).collect();
+        let recent = |ts: &str| ts == "new";
+        let (run, mine) = ended_run(&frames, "c", recent).unwrap();
+        assert_eq!(run, "r2");
+        assert_eq!(mine, vec![frames[2], frames[3], frames[5]]);
+        assert!(ended_run(&frames, "c", |_| false).is_none(), "too old");
+        assert!(ended_run(&frames, "other", recent).is_none(), "still open");
+        assert!(
+            ended_run(&frames[3..], "c", recent).is_none(),
+            "started before the page"
+        );
+        assert!(ended_run(&frames, "nobody", recent).is_none());
+        let failed = [
+            at(7, "agent_started", "r4", "f", "new"),
+            at(8, "agent_error", "r4", "f", "new"),
+        ];
+        let frames: Vec<&str> = failed.iter().map(String::as_str).collect();
+        assert!(ended_run(&frames, "f", recent).is_none(), "failed");
     }
 }

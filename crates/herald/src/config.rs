@@ -89,6 +89,7 @@ declare_keys! {
     QUEUE_MAX_BYTES = "queue_max_bytes", Some("4194304"), "Outbound queue bound in bytes per connection (else close 4001)";
     MAX_MESSAGE_BYTES = "max_message_bytes", Some("65536"), "Largest inbound WebSocket message (else close 1009)";
     AI_MAX_MESSAGE_BYTES = "ai_max_message_bytes", Some("1048576"), "Largest inbound message on the AI SDK endpoint GET /ai (a send carries the chat's UI messages); else close 1009";
+    AI_REPLAY_WINDOW = "ai_replay_window", Some("30s"), "AI SDK endpoint: a resume of a chat whose response completed less than this long ago replays that response whole (a reload right after the answer); 0s: only active responses are resumed";
     AI_ABORT_GRACE = "ai_abort_grace", Some("1s"), "AI SDK endpoint: an abort of a resumed response stops the run only if the same socket does not resume that chat within this time (useChat aborts a resume it replaces)";
     MAX_CONNECTIONS = "max_connections", Some("100000"), "Live WebSocket connections in total; further upgrades get HTTP 503";
     MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
@@ -501,6 +502,8 @@ pub struct AiConfig {
     /// How long an abort of a resumed response waits for the socket to
     /// resume the chat again before it stops the run.
     pub abort_grace: Duration,
+    /// How long after its end a completed response is still replayed.
+    pub replay_window: Duration,
 }
 
 /// The typed, validated configuration of a server.
@@ -679,6 +682,7 @@ impl Config {
             ai: AiConfig {
                 max_message_bytes: raw.required(key::AI_MAX_MESSAGE_BYTES, positive)?,
                 abort_grace: raw.required(key::AI_ABORT_GRACE, duration)?,
+                replay_window: raw.required(key::AI_REPLAY_WINDOW, duration)?,
             },
             write_timeout: raw.required(key::WRITE_TIMEOUT, duration)?,
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,

@@ -253,3 +253,49 @@ async fn a_response_resumes_on_another_node_after_its_node_is_killed() {
         let _ = n.wait();
     }
 }
+
+/// A resume right after a response completed replays it whole; once
+/// `ai_replay_window` has passed since its end, the chat has no active
+/// response (`no-active`); with a window of 0, only active responses are
+/// resumed.
+#[tokio::test]
+async fn a_completed_response_is_replayed_within_the_window_only() {
+    let mut cfg = config();
+    cfg.ai.replay_window = Duration::from_secs(1);
+    let server = start_with(cfg).await;
+    let addr = server.local_addr().to_string();
+    let resume = |request: &str| json!({"type": "resume", "requestId": request, "id": "done", "headers": {}, "body": {}});
+    let mut ws = ai_at(&addr, "rw1").await;
+    send_json(&mut ws, send_frame("r1", "done", "hi")).await;
+    let (answer, _) = read_response(&mut ws, "r1").await;
+    send_json(&mut ws, resume("r2")).await;
+    let (again, frames) = read_response(&mut ws, "r2").await;
+    assert_eq!(again, answer);
+    assert_eq!(frames[0]["type"], "start");
+    assert_eq!(frames.last().unwrap()["type"], "end");
+    // The window passes (its end is judged by the run's last event's time).
+    let mut n = 0;
+    loop {
+        n += 1;
+        let request = format!("late{n}");
+        send_json(&mut ws, resume(&request)).await;
+        let (_, frames) = read_response(&mut ws, &request).await;
+        if frames.last().unwrap()["type"] == "no-active" {
+            break;
+        }
+        assert!(n < 100, "still replayed after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut cfg = config();
+    cfg.ai.replay_window = Duration::ZERO;
+    let server = start_with(cfg).await;
+    let mut ws = ai_at(&server.local_addr().to_string(), "rw2").await;
+    send_json(&mut ws, send_frame("r1", "done", "hi")).await;
+    read_response(&mut ws, "r1").await;
+    send_json(&mut ws, resume("r2")).await;
+    let (_, frames) = read_response(&mut ws, "r2").await;
+    assert_eq!(
+        frames,
+        vec![json!({"type": "no-active", "requestId": "r2"})]
+    );
+}

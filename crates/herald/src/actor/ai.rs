@@ -30,6 +30,9 @@ use crate::auth::AuthError;
 use crate::broker::{BrokerError, MessageClaim, NewEvent, RunRef, user_stream};
 use crate::{clock, telemetry};
 
+/// Seqs of history a resume reads back for a response that just completed.
+const REPLAY_PAGE: usize = 512;
+
 /// How long a `send` holds the claim that serializes its chat's check.
 const START_CLAIM: Duration = Duration::from_secs(10);
 
@@ -308,7 +311,7 @@ impl Actor {
             }
         };
         let Some(RunRef { run_id, .. }) = found else {
-            return self.ai_respond(Response::NoActive { request_id });
+            return self.ai_replay_ended(&stream, &epoch, &resume).await;
         };
         let last = match broker.position(&stream).await {
             Ok(pos) if pos.epoch == epoch => pos.last_seq,
@@ -375,6 +378,50 @@ impl Actor {
             });
         }
         ai.chats.insert(request_id.to_owned(), chat.to_owned());
+    }
+
+    /// A resume of a chat with no active response: its response that
+    /// completed within `ai_replay_window` (found whole in the newest page
+    /// of history), replayed to its end; else `no-active`.
+    async fn ai_replay_ended(&mut self, stream: &str, epoch: &str, resume: &aisdk::Resume) {
+        let request_id = resume.request_id.as_str();
+        let window = self.app.config().ai.replay_window;
+        let broker = self.app.broker().clone();
+        let page = async {
+            if window.is_zero() {
+                return None;
+            }
+            let pos = broker.position(stream).await.ok()?;
+            let after = pos
+                .last_seq
+                .saturating_sub(REPLAY_PAGE as u64)
+                .max(pos.first_seq.saturating_sub(1));
+            broker
+                .history(stream, epoch, after, pos.last_seq, REPLAY_PAGE)
+                .await
+                .ok()
+        };
+        let Some(page) = page.await else {
+            return self.ai_respond(Response::NoActive { request_id });
+        };
+        let frames: Vec<&str> = page
+            .iter()
+            .filter_map(|e| std::str::from_utf8(&e.json).ok())
+            .collect();
+        let now = std::time::SystemTime::now();
+        let recent = |ts: &str| {
+            humantime::parse_rfc3339_weak(ts)
+                .is_ok_and(|at| now.duration_since(at).unwrap_or_default() <= window)
+        };
+        let Some((run_id, mine)) = aisdk::ended_run(&frames, &resume.id, recent) else {
+            return self.ai_respond(Response::NoActive { request_id });
+        };
+        // Followed from beyond every seq: the history is the whole of it.
+        self.conn.with_view(|view, _| {
+            if view.follow_from(request_id, &run_id, u64::MAX).is_ok() {
+                view.replayed(request_id, mine);
+            }
+        });
     }
 
     /// Stop following a request; stop its run as the docs say.
