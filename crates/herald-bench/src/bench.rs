@@ -57,6 +57,9 @@ pub enum Scenario {
     /// Answers streamed as text deltas over the streaming ingest, one per
     /// user at once (see `text.rs`).
     Text,
+    /// The same answers read over `/ws` and over the AI SDK endpoint `/ai`,
+    /// one phase each, compared by the server's CPU (see `ai.rs`).
+    Ai,
 }
 
 /// Options of `herald-bench`.
@@ -249,8 +252,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.worker.is_some() {
         return worker(args).await;
     }
-    if args.procs > 1 && matches!(args.scenario, Scenario::Resume | Scenario::Text) {
-        bail!("the resume and text scenarios run in one process (at most ~19,000 connections)");
+    if args.procs > 1
+        && matches!(
+            args.scenario,
+            Scenario::Resume | Scenario::Text | Scenario::Ai
+        )
+    {
+        bail!("the resume, text and ai scenarios run in one process (at most ~19,000 connections)");
     }
     let summary = match args.scenario {
         Scenario::Soak => return crate::soak::soak(&args).await,
@@ -259,6 +267,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Resume => resume(&args).await?,
         Scenario::Idle => idle(&args).await?,
         Scenario::Text => crate::text::text(&args).await?,
+        Scenario::Ai => crate::ai::ai(&args).await?,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -270,7 +279,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- clients --
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 pub(crate) fn token(secret: &str, user: &str) -> anyhow::Result<String> {
     #[derive(Serialize)]
@@ -652,6 +661,7 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         Scenario::Idle => "idle",
         Scenario::Soak => "soak",
         Scenario::Text => "text",
+        Scenario::Ai => "ai",
     };
     vec![
         scenario.to_owned(),

@@ -5,6 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 
+mod ai;
 mod bench;
 mod soak;
 mod text;

@@ -32,7 +32,7 @@ struct Seen {
 }
 
 /// The token `i` of an answer (a word and a space; ~5 bytes, as LLM tokens).
-fn token_text(i: usize) -> String {
+pub(crate) fn token_text(i: usize) -> String {
     format!("w{} ", i % 1000)
 }
 
@@ -104,6 +104,58 @@ async fn reload(args: &BenchArgs, user: &str, epoch: &str, seq: u64) -> anyhow::
         }
     }
     bail!("closed before caught_up")
+}
+
+/// Stream `args.events` tokens at `args.rate` to run `runs[u]` of each user
+/// `users[u]` (thread `thread`), one streaming ingest request per answer,
+/// all at once; returns the deltas appended.
+pub(crate) async fn stream_answers(
+    args: &BenchArgs,
+    http: &reqwest::Client,
+    users: &[String],
+    runs: &[String],
+    thread: Option<&str>,
+) -> anyhow::Result<u64> {
+    let (tokens, rate) = (args.events, args.rate.max(1));
+    let mut streams = Vec::with_capacity(users.len());
+    for (user, run) in users.iter().zip(runs) {
+        let mut url = format!("{}/api/v1/runs/{run}/text?user_id={user}", args.url);
+        if let Some(t) = thread {
+            url.push_str(&format!("&thread_id={t}"));
+        }
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let body = futures_util::stream::unfold(0usize, move |i| async move {
+            if i >= tokens {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            let line =
+                json!({"part": "answer", "index": i, "text": token_text(i)}).to_string() + "\n";
+            Some((Ok::<_, std::io::Error>(line.into_bytes()), i + 1))
+        });
+        let req = http
+            .post(url)
+            .bearer_auth(&args.api_key)
+            // Generous: a saturated server reads the bodies slower than they are written.
+            .timeout(Duration::from_secs(tokens as u64 * 20 / rate + 120))
+            .body(reqwest::Body::wrap_stream(body))
+            .send();
+        streams.push(tokio::spawn(async move {
+            let resp = req.await?;
+            let status = resp.status();
+            let report: serde_json::Value = resp.json().await?;
+            anyhow::ensure!(status.is_success(), "{status}: {report}");
+            anyhow::Ok(report)
+        }));
+    }
+    let mut appended = 0u64;
+    for s in streams {
+        let report = s.await??;
+        appended += report["appended"].as_u64().unwrap_or(0);
+    }
+    Ok(appended)
 }
 
 /// Run the scenario.
@@ -182,45 +234,9 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
 
     // The answers: one streaming request each, a line every 1/rate s.
     let started = Instant::now();
-    let mut streams = Vec::with_capacity(n);
-    for u in 0..n {
-        let url = format!(
-            "{}/api/v1/runs/answer/text?user_id={}",
-            args.url,
-            user_of(u)
-        );
-        let interval = Duration::from_secs_f64(1.0 / rate as f64);
-        let body = futures_util::stream::unfold(0usize, move |i| async move {
-            if i >= tokens {
-                return None;
-            }
-            if i > 0 {
-                tokio::time::sleep(interval).await;
-            }
-            let line =
-                json!({"part": "answer", "index": i, "text": token_text(i)}).to_string() + "\n";
-            Some((Ok::<_, std::io::Error>(line.into_bytes()), i + 1))
-        });
-        let req = http
-            .post(url)
-            .bearer_auth(&args.api_key)
-            // Generous: a saturated server reads the bodies slower than they are written.
-            .timeout(Duration::from_secs(tokens as u64 * 20 / rate + 120))
-            .body(reqwest::Body::wrap_stream(body))
-            .send();
-        streams.push(tokio::spawn(async move {
-            let resp = req.await?;
-            let status = resp.status();
-            let report: serde_json::Value = resp.json().await?;
-            anyhow::ensure!(status.is_success(), "{status}: {report}");
-            anyhow::Ok(report)
-        }));
-    }
-    let mut appended = 0u64;
-    for s in streams {
-        let report = s.await??;
-        appended += report["appended"].as_u64().unwrap_or(0);
-    }
+    let runs: Vec<String> = (0..n).map(|_| "answer".to_owned()).collect();
+    let users: Vec<String> = (0..n).map(user_of).collect();
+    let appended = stream_answers(args, &http, &users, &runs, None).await?;
     let streamed = started.elapsed();
     // Every reader has its whole text (or give it 30 s more).
     let deadline = Instant::now() + Duration::from_secs(30);

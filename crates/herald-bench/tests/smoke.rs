@@ -117,6 +117,29 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(figure(&s, "answers received whole"), "5");
     assert_eq!(figure(&s, "seq gaps"), "0");
 
+    // The same answers over /ws and over the AI SDK endpoint (issue 42).
+    let s = bench(
+        &server,
+        &[
+            "ai",
+            "-n",
+            "4",
+            "--events",
+            "50",
+            "--rate",
+            "300",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    for proto in ["/ws", "/ai"] {
+        assert_eq!(figure(&s, &format!("{proto} deltas received")), "200");
+        assert_eq!(figure(&s, &format!("{proto} answers received whole")), "4");
+        assert_eq!(figure(&s, &format!("{proto} gaps")), "0");
+    }
+    assert!(figure(&s, "/ai ÷ /ws CPU per delta").ends_with('×'));
+
     // The soak (issue 41): its verdict is its exit status; here a short run
     // on a healthy server passes (`verdict`'s unit tests show it can fail).
     let url = format!("http://{}", server.local_addr());
