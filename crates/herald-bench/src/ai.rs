@@ -1,6 +1,7 @@
 //! `herald-bench ai`: what serving the AI SDK's protocol (`GET /ai`) costs
 //! against `/ws`, on the same server in the same run (issue 42). Two phases
-//! of `--connections` users each, one socket per user: `/ws` sockets read
+//! of `--connections` sockets each, `--per-user` sockets per user (several
+//! tabs following one answer: the per-socket work weighs more): `/ws` sockets read
 //! `agent_text_delta` events; `/ai` sockets follow the same kind of run
 //! through a `resume` and read `text-delta` chunks. In each phase every
 //! user's run gets `--events` tokens at `--rate` tokens/s over the
@@ -77,7 +78,9 @@ async fn ai_follower(args: &BenchArgs, user: &str) -> anyhow::Result<crate::benc
 }
 
 async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase> {
-    let n = args.connections;
+    let sockets = args.connections;
+    let per_user = args.per_user.max(1);
+    let n = sockets.div_ceil(per_user);
     let http = api_client()?;
     let addr = server_addr(&args.url)?;
     let pid = args.server_pid.first().copied();
@@ -99,9 +102,9 @@ async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase
             .error_for_status()?;
     }
     let seen = Arc::new(Seen::default());
-    let mut readers = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(sockets);
     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    for user in &users {
+    for user in (0..sockets).map(|i| &users[i / per_user]) {
         let mut ws = match proto {
             Proto::Ws => {
                 let url = ws_url(&args.url);
@@ -149,7 +152,7 @@ async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase
     let thread = Some(CHAT);
     let appended = stream_answers(args, &http, &users, &runs, thread).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.done.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
+    while seen.done.load(Ordering::Relaxed) < sockets as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
@@ -173,15 +176,21 @@ pub async fn ai(args: &BenchArgs) -> anyhow::Result<Summary> {
     let tag = now_ns();
     let ws = phase(args, Proto::Ws, tag).await.context("the /ws phase")?;
     let ai = phase(args, Proto::Ai, tag).await.context("the /ai phase")?;
+    let per_user = args.per_user.max(1);
     let mut figures = vec![(
         "answers × tokens".to_owned(),
-        format!("{n} × {} at {}/s, per protocol", args.events, args.rate),
+        format!(
+            "{} × {} at {}/s, {per_user} socket(s) each, per protocol",
+            n.div_ceil(per_user),
+            args.events,
+            args.rate
+        ),
     )];
     let mut per_delta = Vec::new();
     for (name, p) in [("/ws", &ws), ("/ai", &ai)] {
         figures.push((format!("{name} deltas appended"), p.appended.to_string()));
         figures.push((format!("{name} deltas received"), p.received.to_string()));
-        figures.push((format!("{name} answers received whole"), p.done.to_string()));
+        figures.push((format!("{name} sockets with the whole answer"), p.done.to_string()));
         figures.push((format!("{name} gaps"), p.gaps.to_string()));
         figures.push((
             format!("{name} took"),

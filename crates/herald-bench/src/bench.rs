@@ -85,7 +85,7 @@ pub struct BenchArgs {
     /// Connections in total.
     #[arg(long, short = 'n', default_value_t = 1000)]
     pub connections: usize,
-    /// Connections per user (fanout); users = connections / per_user.
+    /// Connections per user (fanout, ai); users = connections / per_user.
     #[arg(long, default_value_t = 10)]
     pub per_user: usize,
     /// Events per second to publish (fanout).

@@ -124,6 +124,8 @@ async fn every_scenario_runs_and_reports() {
             "ai",
             "-n",
             "4",
+            "--per-user",
+            "2",
             "--events",
             "50",
             "--rate",
@@ -134,8 +136,10 @@ async fn every_scenario_runs_and_reports() {
     )
     .await;
     for proto in ["/ws", "/ai"] {
+        // Two answers of 50, each to two sockets.
+        assert_eq!(figure(&s, &format!("{proto} deltas appended")), "100");
         assert_eq!(figure(&s, &format!("{proto} deltas received")), "200");
-        assert_eq!(figure(&s, &format!("{proto} answers received whole")), "4");
+        assert_eq!(figure(&s, &format!("{proto} sockets with the whole answer")), "4");
         assert_eq!(figure(&s, &format!("{proto} gaps")), "0");
     }
     assert!(figure(&s, "/ai ÷ /ws CPU per delta").ends_with('×'));
