@@ -190,7 +190,10 @@ pub async fn ai(args: &BenchArgs) -> anyhow::Result<Summary> {
     for (name, p) in [("/ws", &ws), ("/ai", &ai)] {
         figures.push((format!("{name} deltas appended"), p.appended.to_string()));
         figures.push((format!("{name} deltas received"), p.received.to_string()));
-        figures.push((format!("{name} sockets with the whole answer"), p.done.to_string()));
+        figures.push((
+            format!("{name} sockets with the whole answer"),
+            p.done.to_string(),
+        ));
         figures.push((format!("{name} gaps"), p.gaps.to_string()));
         figures.push((
             format!("{name} took"),

@@ -139,7 +139,10 @@ async fn every_scenario_runs_and_reports() {
         // Two answers of 50, each to two sockets.
         assert_eq!(figure(&s, &format!("{proto} deltas appended")), "100");
         assert_eq!(figure(&s, &format!("{proto} deltas received")), "200");
-        assert_eq!(figure(&s, &format!("{proto} sockets with the whole answer")), "4");
+        assert_eq!(
+            figure(&s, &format!("{proto} sockets with the whole answer")),
+            "4"
+        );
         assert_eq!(figure(&s, &format!("{proto} gaps")), "0");
     }
     assert!(figure(&s, "/ai ÷ /ws CPU per delta").ends_with('×'));

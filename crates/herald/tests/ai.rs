@@ -299,3 +299,36 @@ async fn a_completed_response_is_replayed_within_the_window_only() {
         vec![json!({"type": "no-active", "requestId": "r2"})]
     );
 }
+
+/// A drain ends every response an `/ai` socket follows with an `error`
+/// (the transport has no `closing` frame): never a stream that just stops.
+/// The socket then gets 1012 like any other.
+#[tokio::test]
+async fn a_drain_ends_open_responses_with_error() {
+    let mut cfg = config();
+    cfg.drain_window = Duration::from_millis(200);
+    let server = start_with(cfg).await;
+    let addr = server.local_addr().to_string();
+    let mut ws = ai_at(&addr, "dr1").await;
+    // A long answer (the demo agent repeats the message).
+    send_json(&mut ws, send_frame("r1", "c", &"word ".repeat(300))).await;
+    loop {
+        let f = next_json(&mut ws).await;
+        if f["chunk"]["type"] == "reasoning-delta" {
+            break;
+        }
+    }
+    let drained = tokio::spawn(server.shutdown());
+    let (code, _, frames) = read_until_close(&mut ws).await;
+    assert_eq!(code, Some(1012));
+    let last = frames.last().expect("frames before the close");
+    assert_eq!(
+        last,
+        &json!({"type": "error", "requestId": "r1", "errorText": "The server is restarting; resume the chat."})
+    );
+    assert!(
+        !frames.iter().any(|f| f["type"] == "closing"),
+        "no /ws frame on an /ai socket"
+    );
+    drained.await.unwrap();
+}
