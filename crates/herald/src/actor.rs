@@ -209,6 +209,13 @@ fn start(
 /// beyond it (up to u64::MAX seconds) would overflow the clock.
 const MAX_TOKEN_LEFT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// How long a token with `exp` (Unix seconds) has left at `now`. An `exp`
+/// centuries ahead is "does not expire while connected": clamped to
+/// [`MAX_TOKEN_LEFT`], so the deadline is an instant the clock can represent.
+fn token_left(exp: u64, now: u64) -> Duration {
+    Duration::from_secs(exp.saturating_sub(now)).min(MAX_TOKEN_LEFT)
+}
+
 /// Cleanup on unwind: if a connection's task ends without [`Actor::finish`]
 /// (a panic anywhere in it), the connection is closed and cleaned up all
 /// the same, so it never stays live, counted and holding its user's place.
@@ -790,10 +797,7 @@ impl Actor {
     }
 
     fn set_expiry(&self, exp: u64) {
-        // An `exp` centuries ahead is "does not expire while connected":
-        // clamped, so the deadline is an instant the clock can represent.
-        let left = Duration::from_secs(exp.saturating_sub(clock::unix_now())).min(MAX_TOKEN_LEFT);
-        let at = clock::now() + left;
+        let at = clock::now() + token_left(exp, clock::unix_now());
         self.conn.with_core(|c| c.set_token_expiry(Some(at)));
     }
 
@@ -998,6 +1002,58 @@ impl Write for SyncIo<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mutation testing (issue 41): a token's lifetime is honoured exactly
+    /// up to a century, and only an absurd `exp` is clamped.
+    #[test]
+    fn a_token_lifetime_is_clamped_only_beyond_a_century() {
+        let now = 1_800_000_000;
+        let fifty_years = 50 * 365 * 24 * 3600;
+        assert_eq!(token_left(now + 60, now), Duration::from_secs(60));
+        assert_eq!(token_left(now - 5, now), Duration::ZERO, "already expired");
+        assert_eq!(
+            token_left(now + fifty_years, now),
+            Duration::from_secs(fifty_years)
+        );
+        assert_eq!(token_left(u64::MAX, now), MAX_TOKEN_LEFT);
+        assert!(MAX_TOKEN_LEFT >= Duration::from_secs(99 * 365 * 24 * 3600));
+        // The clamped deadline is an instant the clock can represent.
+        assert!(clock::now().checked_add(MAX_TOKEN_LEFT).is_some());
+    }
+
+    /// Mutation testing (issue 41): the echo watchdog closes a connection
+    /// silent for `idle` within a quarter of it more, and never one that
+    /// keeps sending (paused time: each step is exact).
+    #[tokio::test(start_paused = true)]
+    async fn the_echo_watchdog_closes_silent_connections_only() {
+        let idle = Duration::from_secs(4);
+        let ready = || {
+            let conn = Arc::new(ConnShared::new(1, herald_core::LifecycleConfig::default()));
+            conn.with_core(|c| c.open_without_hello(clock::now()))
+                .unwrap();
+            conn
+        };
+        // Silent: open at 3.9 s, closed by 5 s (checked every idle / 4).
+        let silent = ready();
+        tokio::spawn(echo_watchdog(silent.clone(), idle, Arc::default()));
+        tokio::time::sleep(Duration::from_millis(3900)).await;
+        assert_eq!(silent.state(), State::Ready, "closed before `idle`");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_ne!(silent.state(), State::Ready, "open past idle + idle / 4");
+        // A message every 3 s: open after 30 s.
+        let busy = ready();
+        let messages = Arc::new(AtomicU64::new(0));
+        tokio::spawn(echo_watchdog(busy.clone(), idle, messages.clone()));
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            messages.fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(
+            busy.state(),
+            State::Ready,
+            "a connection that sends stays open"
+        );
+    }
 
     /// Issue 37, finding 5: a connection task that panics is still closed
     /// and cleaned up once (the guard dropped in the unwind), so it does not
