@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::bench::{
     BenchArgs, Summary, api_client, cpu_ticks, now_ns, open_client, server_addr, token, ws_url,
 };
-use crate::text::{stream_answers, token_text};
+use crate::text::{publish_all, stream_answers, token_text};
 
 /// The chat every run answers in.
 const CHAT: &str = "chat";
@@ -89,18 +89,10 @@ async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase
     let users: Vec<String> = (0..n).map(|u| format!("ai-{tag}-{label}-{u}")).collect();
     let runs: Vec<String> = (0..n).map(|u| format!("run-{tag}-{label}-{u}")).collect();
     // The runs first (an `/ai` resume follows an open run).
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let events: Vec<Value> = chunk
-            .iter()
-            .map(|&u| json!({"user_id": users[u], "event": "agent_started", "run_id": runs[u], "thread_id": CHAT}))
-            .collect();
-        http.post(format!("{}/api/v1/events", args.url))
-            .bearer_auth(&args.api_key)
-            .json(&json!({ "events": events }))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    let starts = users.iter().zip(&runs).map(|(user, run)| {
+        json!({"user_id": user, "event": "agent_started", "run_id": run, "thread_id": CHAT})
+    });
+    publish_all(args, &http, starts).await?;
     let seen = Arc::new(Seen::default());
     let mut readers = Vec::with_capacity(sockets);
     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);

@@ -106,6 +106,24 @@ async fn reload(args: &BenchArgs, user: &str, epoch: &str, seq: u64) -> anyhow::
     bail!("closed before caught_up")
 }
 
+/// Publish `events` through `POST /api/v1/events`, 500 a request.
+pub(crate) async fn publish_all(
+    args: &BenchArgs,
+    http: &reqwest::Client,
+    events: impl Iterator<Item = serde_json::Value>,
+) -> anyhow::Result<()> {
+    let events: Vec<serde_json::Value> = events.collect();
+    for batch in events.chunks(500) {
+        http.post(format!("{}/api/v1/events", args.url))
+            .bearer_auth(&args.api_key)
+            .json(&json!({ "events": batch }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok(())
+}
+
 /// Stream `args.events` tokens at `args.rate` to run `runs[u]` of each user
 /// `users[u]` (thread `thread`), one streaming ingest request per answer,
 /// all at once; returns the deltas appended.
@@ -219,17 +237,9 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let history_before = gauge(&http, &args.url, "herald_history_events")
         .await
         .unwrap_or(f64::NAN);
-    let start_run =
-        |u: usize| json!({"user_id": user_of(u), "event": "agent_started", "run_id": "answer"});
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let events: Vec<_> = chunk.iter().map(|&u| start_run(u)).collect();
-        http.post(format!("{}/api/v1/events", args.url))
-            .bearer_auth(&args.api_key)
-            .json(&json!({ "events": events }))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    let starts = (0..n)
+        .map(|u| json!({"user_id": user_of(u), "event": "agent_started", "run_id": "answer"}));
+    publish_all(args, &http, starts).await?;
     let before = Probe::read(pid, args)?;
 
     // The answers: one streaming request each, a line every 1/rate s.

@@ -45,7 +45,7 @@ const files = {
   '/': ['index.html', 'text/html; charset=utf-8'],
   '/app.js': ['dist/main.js', 'text/javascript; charset=utf-8'],
   // The same chat on the AI SDK's own WebSocketChatTransport (GET /ai).
-  '/stock': ['stock.html', 'text/html; charset=utf-8'],
+  '/stock': ['index.html', 'text/html; charset=utf-8'],
   '/stock.js': ['dist/stock.js', 'text/javascript; charset=utf-8'],
 };
 
@@ -94,7 +94,10 @@ const server = createServer(async (req, res) => {
     if (refused) return send(403, 'application/json', JSON.stringify({ error: refused }));
     if (req.method === 'GET' && files[url.pathname]) {
       const [file, type] = files[url.pathname];
-      return send(200, type, await readFile(path.join(here, file)));
+      let body = await readFile(path.join(here, file));
+      // The same page, with the stock transport's script.
+      if (url.pathname === '/stock') body = body.toString().replace('/app.js', '/stock.js');
+      return send(200, type, body);
     }
     if (req.method === 'GET' && url.pathname === '/config.json') {
       return send(200, 'application/json', JSON.stringify({ heraldUrl, aiUrl }));

@@ -230,14 +230,19 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Whether the client offered subprotocol `name`.
-fn offers(headers: &HeaderMap, name: &str) -> bool {
+/// The subprotocols the client offered, in order.
+fn offered(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == name)
+        .map(str::trim)
+}
+
+/// Whether the client offered subprotocol `name`.
+fn offers(headers: &HeaderMap, name: &str) -> bool {
+    offered(headers).any(|p| p == name)
 }
 
 /// The checks every upgrade passes: a valid WebSocket handshake, not
@@ -271,27 +276,14 @@ fn admit(app: &App, req: &mut Request) -> Result<(Handshake, Slot), ApiError> {
     }
 }
 
+/// The token of the first `bearer.<jwt>` subprotocol offered.
 fn bearer_subprotocol(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| {
-            p.trim()
-                .strip_prefix(BEARER_SUBPROTOCOL_PREFIX)
-                .map(str::to_owned)
-        })
+    offered(headers).find_map(|p| p.strip_prefix(BEARER_SUBPROTOCOL_PREFIX).map(str::to_owned))
 }
 
 /// The first `bearer.<jwt>` subprotocol offered, as offered.
 fn offered_bearer(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    offered(headers)
         .find(|p| p.starts_with(BEARER_SUBPROTOCOL_PREFIX))
         .and_then(|p| HeaderValue::from_str(p).ok())
 }

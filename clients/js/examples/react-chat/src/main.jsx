@@ -7,6 +7,7 @@ import { createRoot } from 'react-dom/client';
 import { useChat } from '@ai-sdk/react';
 import { HeraldClient } from 'herald-gateway';
 import { HeraldChatTransport } from 'herald-gateway/ai';
+import { Part, history } from './shared.jsx';
 
 const params = new URLSearchParams(location.search);
 const user = params.get('user') ?? 'guest';
@@ -35,41 +36,13 @@ const transport = new HeraldChatTransport({ client });
 client.connect();
 window.__herald = { client, transport }; // for the end-to-end test
 
-// The app keeps its chat history (a real one on its server): the user's
-// messages at once, an answer once it is complete. A reload mid-answer
-// therefore finds the question stored and useChat resumes the answer.
-const historyKey = `chat:${user}:${chatId}`;
-const stored = JSON.parse(sessionStorage.getItem(historyKey) ?? '[]');
-function keep(messages, status) {
-  const done = status === 'ready' || status === 'error';
-  const last = messages.at(-1);
-  const kept = !done && last?.role === 'assistant' ? messages.slice(0, -1) : messages;
-  sessionStorage.setItem(historyKey, JSON.stringify(kept));
-}
+// The app's chat history: a reload mid-answer finds the question stored.
+const { stored, useKept } = history(`chat:${user}:${chatId}`);
 
 function useConnectionState() {
   const [state, setState] = useState(client.state);
   useEffect(() => client.on('state', setState), []);
   return state;
-}
-
-function Part({ part }) {
-  switch (part.type) {
-    case 'text':
-      return <div className="text">{part.text}</div>;
-    case 'reasoning':
-      return <div className="reasoning">{part.text.trimEnd()}</div>;
-    case 'dynamic-tool':
-      return (
-        <div className="tool" data-state={part.state} data-tool-call-id={part.toolCallId}>
-          {part.toolName}({JSON.stringify(part.input)})
-          {part.state === 'output-available' && <> → {part.output?.summary ?? JSON.stringify(part.output)}</>}
-          {part.state === 'output-error' && <> failed: {part.errorText}</>}
-        </div>
-      );
-    default:
-      return null;
-  }
 }
 
 function Chat() {
@@ -81,7 +54,7 @@ function Chat() {
   });
   const [input, setInput] = useState('');
   const connection = useConnectionState();
-  useEffect(() => keep(messages, status), [messages, status]);
+  useKept(messages, status);
   // For the end-to-end test: what useChat holds.
   useEffect(() => { window.__chat = { status, messages, connection }; }, [status, messages, connection]);
 

@@ -7,6 +7,7 @@ import { StrictMode, useEffect, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 import { useChat } from '@ai-sdk/react';
 import { WebSocketChatTransport } from 'ai';
+import { Part, history } from './shared.jsx';
 
 const params = new URLSearchParams(location.search);
 const user = params.get('user') ?? 'guest';
@@ -27,38 +28,13 @@ const transport = new WebSocketChatTransport({
   headers: async () => ({ authorization: `Bearer ${await token()}` }),
 });
 
-// The app keeps its chat history (a real one on its server): the user's
-// messages at once, an answer once it is complete. A reload mid-answer
-// finds the question stored, and useChat's `resume` asks Herald for the rest.
-const historyKey = `stock:${user}:${chatId}`;
-const stored = JSON.parse(sessionStorage.getItem(historyKey) ?? '[]');
-function keep(messages, status) {
-  const done = status === 'ready' || status === 'error';
-  const last = messages.at(-1);
-  const kept = !done && last?.role === 'assistant' ? messages.slice(0, -1) : messages;
-  sessionStorage.setItem(historyKey, JSON.stringify(kept));
-}
-
-function Part({ part }) {
-  if (part.type === 'text') return <div className="text">{part.text}</div>;
-  if (part.type === 'reasoning') return <div className="reasoning">{part.text.trimEnd()}</div>;
-  if (part.type.startsWith('tool-') || part.type === 'dynamic-tool') {
-    const name = part.toolName ?? part.type.slice('tool-'.length);
-    return (
-      <div className="tool" data-state={part.state} data-tool-call-id={part.toolCallId}>
-        {name}({JSON.stringify(part.input)})
-        {part.state === 'output-available' && <> → {part.output?.summary ?? JSON.stringify(part.output)}</>}
-        {part.state === 'output-error' && <> failed: {part.errorText}</>}
-      </div>
-    );
-  }
-  return null;
-}
+// The app's chat history: a reload mid-answer finds the question stored.
+const { stored, useKept } = history(`stock:${user}:${chatId}`);
 
 function Chat() {
   const { messages, sendMessage, status, stop, error } = useChat({ id: chatId, messages: stored, transport, resume: true });
   const [input, setInput] = useState('');
-  useEffect(() => keep(messages, status), [messages, status]);
+  useKept(messages, status);
   // For the end-to-end test: what useChat holds.
   useEffect(() => { window.__chat = { status, messages }; }, [status, messages]);
   const busy = status === 'submitted' || status === 'streaming';
