@@ -253,3 +253,39 @@ test('stock transport: Stop reaches the agent (the run ends agent_cancelled)', a
     w.close();
   }
 });
+
+test('stock transport: useChat\'s resumeStream() twice in a row does not stop the answer; Stop after a resume does', async () => {
+  const w = await watchEvents('sam');
+  try {
+    await send('resume me twice ' + 'word '.repeat(40));
+    await page.waitForFunction(() => {
+      const a = window.__chat?.messages.at(-1);
+      return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+    });
+    // The second call, once the first one's resume is on the wire, aborts
+    // it (the same frame as Stop); Herald's grace keeps the answer going.
+    await page.evaluate(async () => {
+      window.__resumeStream();
+      await new Promise((r) => setTimeout(r, 300));
+      window.__resumeStream();
+    });
+    await page.waitForSelector('#messages[data-status="ready"] .msg.assistant:last-child .text', { timeout: 15000 });
+    const done = (await chat()).messages.at(-1);
+    assert.match(partsOf(done, 'text')[0].text, /connect your own\.$/, 'the answer ran to its end');
+    assert.equal(partsOf(done, 'text').length, 1);
+    const run = w.events.filter((e) => e.event === 'agent_started').at(-1).run_id;
+    assert.ok(!w.events.some((e) => e.run_id === run && e.event === 'agent_cancelled'), 'not cancelled');
+    // Stop after a resume: a reload mid-answer resumes it, then Stop.
+    await send('stop after reload ' + 'word '.repeat(60));
+    await page.waitForFunction(() => {
+      const a = window.__chat?.messages.at(-1);
+      return a?.role === 'assistant' && a.parts.some((p) => p.type === 'reasoning');
+    });
+    await page.reload();
+    await page.waitForSelector('#messages[data-status="streaming"]', { timeout: 10000 });
+    await page.click('#stop');
+    await until(() => w.events.some((e) => e.event === 'agent_cancelled' && e.thread_id === 's1'), 5000, 'the stop after the resume');
+  } finally {
+    w.close();
+  }
+});

@@ -32,11 +32,12 @@ const transport = new WebSocketChatTransport({
 const { stored, useKept } = history(`stock:${user}:${chatId}`);
 
 function Chat() {
-  const { messages, sendMessage, status, stop, error } = useChat({ id: chatId, messages: stored, transport, resume: true });
+  const { messages, sendMessage, status, stop, error, resumeStream } = useChat({ id: chatId, messages: stored, transport, resume: true });
   const [input, setInput] = useState('');
   useKept(messages, status);
   // For the end-to-end test: what useChat holds.
   useEffect(() => { window.__chat = { status, messages }; }, [status, messages]);
+  useEffect(() => { window.__resumeStream = resumeStream; }, [resumeStream]);
   const busy = status === 'submitted' || status === 'streaming';
   const submit = (e) => {
     e.preventDefault();
