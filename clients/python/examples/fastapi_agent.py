@@ -1,11 +1,14 @@
 """A FastAPI agent backend for Herald.
 
-Herald POSTs each user message (and cancel) to ``/herald/webhook``; this app
-verifies the signature, answers 200 at once, and runs a fake agent in the
+Herald POSTs each user message, AI SDK chat turn (``chat_request``, from
+``useChat`` on Herald's ``GET /ai``) and cancel to ``/herald/webhook``; this
+app verifies the signature, answers 200 at once, and runs a fake agent in the
 background that streams a run back through Herald's API: thinking, one tool
-call, a final answer. A ``cancel`` stops the run, which then ends with
-``agent_cancelled``. A delivery is acted on once (deduplicated by its
-``X-Herald-Delivery`` id), and runs are told apart by user and message id.
+call, a final answer (for a chat turn also streamed as text, which is what
+``useChat`` shows), in the run Herald opened for a chat turn. A ``cancel``
+stops the run, which then ends with ``agent_cancelled``. A delivery is acted
+on once (deduplicated by its ``X-Herald-Delivery`` id); a user message is
+answered once per user and message id, a chat turn once per run id.
 
 Run it (Herald configured with ``HERALD_WEBHOOK_URL=http://127.0.0.1:9000/herald/webhook``
 and the same ``HERALD_WEBHOOK_SECRET``)::
@@ -18,14 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from collections import OrderedDict
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 from fastapi import FastAPI, HTTPException, Request
 
-from herald_gateway import AsyncHerald, Cancel, InvalidSignature, UserMessage, verify_webhook
+from herald_gateway import (
+    AsyncHerald,
+    Cancel,
+    ChatRequest,
+    InvalidSignature,
+    UserMessage,
+    verify_webhook,
+)
 
 SECRET = os.environ.get("HERALD_WEBHOOK_SECRET", "")
 STEP = float(os.environ.get("AGENT_STEP_SECONDS", "0.3"))
@@ -63,38 +74,56 @@ class SeenDeliveries:
 
 
 deliveries = SeenDeliveries()
-#: Runs in flight, by (user_id, message_id): message ids are the user's own,
-#: so two users may well send the same one.
+#: Runs in flight, by (user_id, run_id), for cancels.
 runs: Dict[Tuple[str, str], "asyncio.Task[None]"] = {}
-#: The same runs by (user_id, run_id), for cancels.
-by_run_id: Dict[Tuple[str, str], Tuple[str, str]] = {}
+#: The runs answering user messages, by (user_id, message_id): message ids
+#: are the user's own, so two users may well send the same one.
+by_message: Dict[Tuple[str, str], str] = {}
 
 
-async def agent(msg: UserMessage, run_id: str) -> None:
-    """The fake agent: one streamed run per message."""
-    async with herald.run(msg.user_id, thread_id=msg.thread_id, run_id=run_id) as run:
-        await run.thinking(f"Reading: {msg.text}")
+async def agent(event: Union[UserMessage, ChatRequest], run_id: str) -> None:
+    """The fake agent: one streamed run per message or chat turn."""
+    # A ChatRequest's run is Herald's (its run_id, thread = the chat id, and
+    # agent_started already published); a UserMessage's is ours.
+    run = herald.run(event) if isinstance(event, ChatRequest) else herald.run(event, run_id=run_id)
+    async with run:
+        await run.thinking(f"Reading: {event.text}")
         await asyncio.sleep(STEP)
-        async with run.tool("search", {"query": msg.text}) as call:
+        async with run.tool("search", {"query": event.text}) as call:
             await asyncio.sleep(STEP)
             call.result = {"hits": 3}
         await run.thinking("Writing the answer")
         await asyncio.sleep(STEP)
-        run.complete(f"You said: {msg.text}")
+        answer = f"You said: {event.text}"
+        if isinstance(event, ChatRequest):
+            # useChat shows the run's text (agent_text_delta), word by word.
+            for word in re.findall(r"\S+\s*", answer):
+                run.text(word)
+                await asyncio.sleep(STEP / 10)
+        run.complete(answer)
 
 
-def start(msg: UserMessage) -> None:
-    key = (msg.user_id, msg.message_id)
+def start(event: Union[UserMessage, ChatRequest]) -> None:
+    message = None
+    if isinstance(event, ChatRequest):
+        run_id = event.run_id
+    else:
+        message = (event.user_id, event.message_id)
+        if message in by_message:
+            return
+        run_id = f"run_{uuid.uuid4().hex}"
+    key = (event.user_id, run_id)
     if key in runs:
         return
-    run_id = f"run_{uuid.uuid4().hex}"
-    task = asyncio.create_task(agent(msg, run_id))
+    task = asyncio.create_task(agent(event, run_id))
     runs[key] = task
-    by_run_id[(msg.user_id, run_id)] = key
+    if message is not None:
+        by_message[message] = run_id
 
     def done(_: "asyncio.Task[None]") -> None:
         runs.pop(key, None)
-        by_run_id.pop((msg.user_id, run_id), None)
+        if message is not None:
+            by_message.pop(message, None)
 
     task.add_done_callback(done)
 
@@ -109,11 +138,10 @@ async def webhook(request: Request) -> Dict[str, bool]:
         raise HTTPException(status_code=401, detail=str(e)) from e
     if event.delivery_id is not None and not deliveries.first_time(event.delivery_id):
         return {"ok": True}  # acted on already: a retry or a replay
-    if isinstance(event, UserMessage):
+    if isinstance(event, (UserMessage, ChatRequest)):
         start(event)
     elif isinstance(event, Cancel):
-        key = by_run_id.get((event.user_id, event.run_id))
-        task = runs.get(key) if key is not None else None
+        task = runs.get((event.user_id, event.run_id))
         if task is not None:
             task.cancel()
     return {"ok": True}

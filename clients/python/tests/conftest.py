@@ -67,6 +67,11 @@ class HeraldProcess:
         assert welcome["type"] == "welcome", welcome
         return ws
 
+    def ai(self, user: str) -> ClientConnection:
+        """A socket on `GET /ai` (the AI SDK's WebSocketChatTransport
+        protocol) as `user`, its token in the query."""
+        return connect(f"ws://{self.addr}/ai?token={mint_token(SECRET, user)}")
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -90,3 +95,18 @@ def events(ws: ClientConnection, n: int) -> list:
         if frame["type"] == "event":
             out.append(frame)
     return out
+
+
+def ai_response(ws: ClientConnection, request_id: str) -> tuple:
+    """One `/ai` response, read to its `end` or `error` frame: its chunks
+    (checking that their sequences run 0, 1, 2, …) and that last frame."""
+    chunks = []
+    while True:
+        frame = json.loads(ws.recv(timeout=15))
+        if frame.get("requestId") != request_id:
+            continue
+        if frame["type"] == "chunk":
+            assert frame["sequence"] == len(chunks), frame
+            chunks.append(frame["chunk"])
+        elif frame["type"] in ("end", "error"):
+            return chunks, frame

@@ -15,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import API_KEY, HeraldProcess, free_port
+from conftest import API_KEY, HeraldProcess, ai_response, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HOOK_SECRET = "py-example-secret-0123456789"
@@ -99,10 +99,16 @@ def test_fastapi_example_streams_a_run_and_honours_cancel(example):
 
 def _delivery(user: str, message_id: str, text: str, delivery_id: str) -> tuple:
     """A signed webhook request as Herald sends it: (headers, body)."""
-    body = json.dumps(
+    return _signed(
         {"type": "user_message", "user_id": user, "thread_id": "t1", "message_id": message_id,
-         "text": text, "data": {}, "conn_id": "c1", "received_at": "2026-01-01T00:00:00Z"}
-    ).encode()
+         "text": text, "data": {}, "conn_id": "c1", "received_at": "2026-01-01T00:00:00Z"},
+        delivery_id,
+    )
+
+
+def _signed(payload: dict, delivery_id: str) -> tuple:
+    """`payload` signed as Herald signs its webhook requests: (headers, body)."""
+    body = json.dumps(payload).encode()
     ts = str(int(time.time()))
     mac = hmac.new(HOOK_SECRET.encode(), f"{ts}.{delivery_id}.".encode() + body, hashlib.sha256)
     headers = {
@@ -164,3 +170,80 @@ def test_fastapi_example_answers_401_to_malformed_headers(example):
     ]:
         bad = {**headers, name: value}
         assert httpx.post(hook, headers=bad, content=body).status_code == 401, (name, value)
+
+
+def _send(request_id: str, chat: str, text: str) -> str:
+    """useChat's `send` frame on /ai (WebSocketChatTransport)."""
+    return json.dumps(
+        {"type": "send", "requestId": request_id, "id": chat, "trigger": "submit-message",
+         "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}],
+         "headers": {}, "body": {}}
+    )
+
+
+def test_fastapi_example_answers_usechat_in_heralds_run(example):
+    server, _ = example
+    watcher = server.ws("uma")
+    ai = server.ai("uma")
+    ai.send(_send("r1", "chat-1", "hello there"))
+    chunks, last = ai_response(ai, "r1")
+    assert last["type"] == "end", last
+    kinds = [c["type"] for c in chunks]
+    assert kinds[0] == "start" and kinds.count("start") == 1 and kinds[-1] == "finish", kinds
+    run_id = chunks[0]["messageId"]
+    assert "reasoning-delta" in kinds
+    assert [c["toolName"] for c in chunks if c["type"] == "tool-input-available"] == ["search"]
+    text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+    assert text == "You said: hello there"
+    # The run is Herald's, in the chat's thread, and opened once.
+    got = frames_until(watcher, lambda f: f.get("event") == "agent_completed")
+    got = [f for f in got if f.get("type") == "event"]
+    assert [f["event"] for f in got].count("agent_started") == 1
+    assert got[0]["event"] == "agent_started" and got[0]["data"]["source"] == "ai_sdk"
+    assert {f["run_id"] for f in got} == {run_id}
+    assert {f["thread_id"] for f in got} == {"chat-1"}
+    assert got[-1]["data"] == {"final_response": "You said: hello there"}
+    ai.close()
+    watcher.close()
+
+
+def test_fastapi_example_stops_a_usechat_answer(example):
+    server, _ = example
+    watcher = server.ws("vic")
+    ai = server.ai("vic")
+    ai.send(_send("r1", "chat-s", "stop me"))
+    # The agent is working (its first thought is out): the user presses Stop.
+    frames_until(watcher, lambda f: f.get("event") == "agent_thinking")
+    ai.send(json.dumps({"type": "abort", "requestId": "r1"}))
+    rest = frames_until(watcher, _ended)
+    assert rest[-1]["event"] == "agent_cancelled", rest
+    ai.close()
+    watcher.close()
+
+
+def test_fastapi_example_acts_once_on_a_replayed_chat_request(example):
+    server, hook = example
+    ws = server.ws("wes")
+
+    def turn(run_id: str, text: str) -> dict:
+        return {"type": "chat_request", "user_id": "wes", "chat_id": "chat-r", "run_id": run_id,
+                "trigger": "submit-message", "message_id": None,
+                "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": text}]}],
+                "body": {}, "metadata": None, "conn_id": "c1", "received_at": "2026-01-01T00:00:00Z"}
+
+    headers, body = _signed(turn("run_" + "a" * 24, "once"), "chat-delivery-1")
+    assert httpx.post(hook, headers=headers, content=body).status_code == 200
+    assert httpx.post(hook, headers=headers, content=body).status_code == 200  # a retry or a replay
+    headers, body = _signed(turn("run_" + "b" * 24, "next"), "chat-delivery-2")
+    assert httpx.post(hook, headers=headers, content=body).status_code == 200
+    got = frames_until(ws, lambda f: _ended(f) and f["run_id"] == "run_" + "b" * 24)
+    got = [f for f in got if f.get("type") == "event"]
+    ended = [(f["run_id"], f["event"], f["data"]) for f in got if _ended(f)]
+    assert ended == [
+        ("run_" + "a" * 24, "agent_completed", {"final_response": "You said: once"}),
+        ("run_" + "b" * 24, "agent_completed", {"final_response": "You said: next"}),
+    ]
+    # Herald opened neither run here, and the example does not open them.
+    assert "agent_started" not in [f["event"] for f in got]
+    thoughts = [f["data"]["text"] for f in got if f["event"] == "agent_thinking"]
+    assert thoughts.count("Reading: once") == 1

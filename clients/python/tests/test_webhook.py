@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from herald_gateway import InvalidSignature, UserMessage, mint_token, verify_webhook
+from herald_gateway import ChatRequest, InvalidSignature, UserMessage, mint_token, verify_webhook
 
 from conftest import HeraldProcess, free_port
 
@@ -207,3 +207,149 @@ def test_well_formed_requests_verify_whatever_their_types():
         (headers, bytearray(BODY), HOOK_SECRET.encode()),
     ]:
         assert verify_webhook(secret, h, body, now=NOW) == expected
+
+
+# --- chat_request: an AI SDK chat turn (GET /ai) ----------------------------
+
+CHAT = {
+    "type": "chat_request",
+    "user_id": "u1",
+    "chat_id": "chat1",
+    "run_id": "run_0123456789abcdef01234567",
+    "trigger": "regenerate-message",
+    "message_id": "m2",
+    "messages": [
+        {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]},
+        {"id": "m2", "role": "assistant", "parts": [{"type": "text", "text": "hello"}]},
+    ],
+    "body": {"model": "small", "n": [1, 2]},
+    "metadata": {"source": "tests", "k": [None, 1.5]},
+    "conn_id": "c1",
+    "received_at": "2026-12-06T16:00:00.000Z",
+}
+
+
+def test_a_chat_request_parses_with_every_field():
+    headers, body = _signed(CHAT)
+    event = verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+    assert isinstance(event, ChatRequest)
+    assert event == ChatRequest(
+        user_id="u1",
+        chat_id="chat1",
+        run_id="run_0123456789abcdef01234567",
+        trigger="regenerate-message",
+        message_id="m2",
+        messages=CHAT["messages"],
+        body={"model": "small", "n": [1, 2]},
+        metadata={"source": "tests", "k": [None, 1.5]},
+        conn_id="c1",
+        received_at="2026-12-06T16:00:00.000Z",
+        delivery_id="d2",
+    )
+    assert (event.thread_id, event.text) == ("chat1", "hi")
+
+
+def test_a_chat_request_as_herald_sends_a_submit_and_its_defaults():
+    # Herald's own shape for a submit: message_id and metadata null.
+    sent = {**CHAT, "trigger": "submit-message", "message_id": None, "metadata": None, "body": {}}
+    event = verify_webhook(HOOK_SECRET, *_signed(sent), now=NOW)
+    assert isinstance(event, ChatRequest)
+    assert (event.trigger, event.message_id, event.metadata, event.body) == (
+        "submit-message", None, None, {},
+    )
+    # Optional fields left out: their defaults.
+    minimal = {k: CHAT[k] for k in ("type", "user_id", "chat_id", "run_id", "trigger", "messages")}
+    event = verify_webhook(HOOK_SECRET, *_signed(minimal), now=NOW)
+    assert isinstance(event, ChatRequest)
+    assert (event.message_id, event.body, event.metadata, event.conn_id, event.received_at) == (
+        None, {}, None, "", "",
+    )
+    assert event.delivery_id == "d2"
+    # Metadata is any JSON, kept as it came; a null body is an empty one.
+    for metadata in ("note", 7, [1, "x"], False):
+        event = verify_webhook(HOOK_SECRET, *_signed({**CHAT, "metadata": metadata}), now=NOW)
+        assert event.metadata == metadata
+    assert verify_webhook(HOOK_SECRET, *_signed({**CHAT, "body": None}), now=NOW).body == {}
+    assert verify_webhook(HOOK_SECRET, *_signed({**CHAT, "messages": []}), now=NOW).text == ""
+
+
+def _without(name: str) -> dict:
+    return {k: v for k, v in CHAT.items() if k != name}
+
+
+MALFORMED_CHAT = {
+    **{f"no {name}": _without(name) for name in ("user_id", "chat_id", "run_id", "trigger", "messages")},
+    **{
+        f"{name} {kind}": {**CHAT, name: value}
+        for name in ("user_id", "chat_id", "run_id", "trigger")
+        for kind, value in (("null", None), ("a number", 5), ("a list", ["x"]), ("an object", {}))
+    },
+    "message_id a number": {**CHAT, "message_id": 5},
+    "message_id an object": {**CHAT, "message_id": {"id": "m1"}},
+    "message_id false": {**CHAT, "message_id": False},
+    "messages null": {**CHAT, "messages": None},
+    "messages an object": {**CHAT, "messages": {"id": "m1"}},
+    "messages a string": {**CHAT, "messages": "hi"},
+    "messages of strings": {**CHAT, "messages": ["hi"]},
+    "messages with a null": {**CHAT, "messages": [CHAT["messages"][0], None]},
+    "messages with a list": {**CHAT, "messages": [[CHAT["messages"][0]]]},
+    "body a list": {**CHAT, "body": [1]},
+    "body a string": {**CHAT, "body": "{}"},
+    "body a number": {**CHAT, "body": 0},
+    "conn_id a number": {**CHAT, "conn_id": 5},
+    "conn_id null": {**CHAT, "conn_id": None},
+    "received_at a number": {**CHAT, "received_at": 1_800_000_000},
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_CHAT)
+def test_a_malformed_chat_request_is_an_invalid_signature(case):
+    headers, body = _signed(MALFORMED_CHAT[case])
+    with pytest.raises(InvalidSignature):
+        verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+
+
+def _chat(*messages: dict) -> ChatRequest:
+    return ChatRequest("u", "c", "r", "submit-message", None, list(messages))
+
+
+def test_a_chat_requests_text_is_its_last_user_messages_text():
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    chat = _chat(
+        {"id": "1", "role": "user", "parts": [text("first")]},
+        {"id": "2", "role": "assistant", "parts": [text("answer")]},
+        {
+            "id": "3",
+            "role": "user",
+            "parts": [
+                text("line one"),
+                {"type": "file", "mediaType": "image/png", "url": "data:,"},
+                {"type": "step-start"},
+                text(""),
+                text("line two"),
+            ],
+        },
+        {"id": "4", "role": "assistant", "parts": [text("being regenerated")]},
+    )
+    assert chat.text == "line one\n\nline two"
+    assert chat.thread_id == "c"
+    # No user message, or nothing readable in it: no text.
+    assert _chat().text == ""
+    assert _chat({"id": "1", "role": "assistant", "parts": [text("x")]}).text == ""
+    assert _chat({"id": "1", "role": "system", "parts": [text("x")]}).text == ""
+    assert _chat({"id": "1", "role": "user", "parts": [{"type": "file", "url": "u"}]}).text == ""
+    # Whatever the client sent, the property never raises.
+    odd = _chat(
+        {"id": "1", "role": "user", "parts": [text("kept")]},
+        {"id": "2", "role": "user", "parts": [None, "x", {"type": "text"}, {"type": "text", "text": 5}, text("ok")]},
+    )
+    assert odd.text == "ok"
+    assert _chat({"id": "1", "role": "user"}).text == ""
+    assert _chat({"id": "1", "role": "user", "parts": "hi"}).text == ""
+
+
+def test_an_unknown_verified_type_is_still_a_value_error():
+    headers, body = _signed({**CHAT, "type": "chat_request_v2"})
+    with pytest.raises(ValueError, match="unknown webhook type") as e:
+        verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+    assert not isinstance(e.value, InvalidSignature)

@@ -4,7 +4,8 @@
   idempotency key, so never twice), kick users, list connections, and run
   agent runs as context managers that are never left open.
 - :func:`verify_webhook`: check and parse Herald's signed webhook requests
-  (:class:`UserMessage`, :class:`Cancel`).
+  (:class:`UserMessage`, :class:`ChatRequest` — an AI SDK chat turn, answered
+  with ``herald.run(request)`` in the run Herald opened — :class:`Cancel`).
 - :class:`HeraldError` (a refused or failed request), :class:`TextStreamError`
   (a run's text was not delivered), :class:`InvalidSignature` (a webhook
   request that does not verify).
@@ -15,13 +16,14 @@ from ._client import AsyncHerald, Herald, Published
 from ._errors import HeraldError, InvalidSignature, TextStreamError
 from ._runs import AsyncRun, AsyncToolCall, Run, ToolCall
 from ._tokens import mint_token
-from ._webhook import Cancel, UserMessage, WebhookEvent, verify_webhook
+from ._webhook import Cancel, ChatRequest, UserMessage, WebhookEvent, verify_webhook
 
 __all__ = [
     "AsyncHerald",
     "AsyncRun",
     "AsyncToolCall",
     "Cancel",
+    "ChatRequest",
     "Herald",
     "HeraldError",
     "InvalidSignature",

@@ -12,7 +12,7 @@ import httpx
 
 from ._errors import HeraldError
 from ._retry import RETRIES, delay, error_of
-from ._runs import AsyncRun, Run
+from ._runs import AsyncRun, Run, Target, _target
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,24 @@ class Herald:
         return list(self._request("GET", "/api/v1/connections", params=params)["connections"])
 
     def run(
-        self, user_id: str, *, thread_id: Optional[str] = None, run_id: Optional[str] = None
+        self,
+        user: Target,
+        *,
+        thread_id: Optional[str] = None,
+        run_id: Optional[str] = None,
+        started: Optional[bool] = None,
     ) -> Run:
-        """An agent run, as a context manager that is never left open."""
-        return Run(self, user_id, thread_id, run_id)
+        """An agent run, as a context manager that is never left open.
+
+        ``user`` is a user id, or the webhook event the run answers: a
+        :class:`UserMessage` (its user and thread; a new run id unless
+        ``run_id`` is given) or a :class:`ChatRequest` (its user, Herald's
+        ``run_id`` and ``thread_id`` = its ``chat_id``; neither may be
+        passed). ``started=True`` says Herald opened the run already, so
+        entering it publishes no ``agent_started`` — the default for a
+        ``ChatRequest``, whose run Herald opened; ``False`` otherwise.
+        """
+        return Run(self, *_target(user, thread_id, run_id, started))
 
 
 class AsyncHerald:
@@ -255,7 +269,13 @@ class AsyncHerald:
         return list(body["connections"])
 
     def run(
-        self, user_id: str, *, thread_id: Optional[str] = None, run_id: Optional[str] = None
+        self,
+        user: Target,
+        *,
+        thread_id: Optional[str] = None,
+        run_id: Optional[str] = None,
+        started: Optional[bool] = None,
     ) -> AsyncRun:
-        """An agent run, as an async context manager that is never left open."""
-        return AsyncRun(self, user_id, thread_id, run_id)
+        """An agent run, as an async context manager that is never left open
+        (the arguments as for :meth:`Herald.run`)."""
+        return AsyncRun(self, *_target(user, thread_id, run_id, started))

@@ -4,21 +4,54 @@ whatever happens in the block. ``run.text()`` streams the answer as
 ``agent_text_delta`` events over one request (see ``_text``); the text is
 confirmed before any other event of the run is published, so events keep
 their order. Text that cannot be delivered ends the run with ``agent_error``
-and raises :class:`TextStreamError` out of the block: never a silent loss."""
+and raises :class:`TextStreamError` out of the block: never a silent loss.
+
+A run Herald opened itself (an AI SDK chat turn, :class:`ChatRequest`) is
+answered in that run: its id and thread are the request's, and it is not
+opened again (no second ``agent_started``)."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, Optional, Type
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Type, Union
 
 from ._errors import HeraldError
 from ._text import AsyncTextStream, TextStream
+from ._webhook import ChatRequest, UserMessage
 
 if TYPE_CHECKING:
     from ._client import AsyncHerald, Herald
 
 _CANCELLED = (KeyboardInterrupt, asyncio.CancelledError)
+
+
+#: Whom a run answers: a user id, or the webhook event it answers.
+Target = Union[str, UserMessage, ChatRequest]
+
+
+def _target(
+    to: Target, thread_id: Optional[str], run_id: Optional[str], started: Optional[bool]
+) -> Tuple[str, Optional[str], Optional[str], bool]:
+    """The user, thread and run ids of a run, and whether Herald opened it
+    already, from :meth:`Herald.run`'s arguments."""
+    if isinstance(to, ChatRequest):
+        if thread_id is not None or run_id is not None:
+            raise TypeError(
+                "a run answering a ChatRequest uses its run_id and chat_id: "
+                "do not pass thread_id or run_id"
+            )
+        # Herald opened the run (and published its agent_started).
+        return to.user_id, to.chat_id, to.run_id, True if started is None else started
+    if isinstance(to, UserMessage):
+        if thread_id is not None:
+            raise TypeError("a run answering a UserMessage uses its thread_id: do not pass one")
+        return to.user_id, to.thread_id, run_id, bool(started)
+    if not isinstance(to, str):
+        raise TypeError(
+            f"a run's user is a user id, a UserMessage or a ChatRequest, not {type(to).__name__}"
+        )
+    return to, thread_id, run_id, bool(started)
 
 
 def _closing(
@@ -81,11 +114,18 @@ class Run:
     """A blocking agent run (see :meth:`Herald.run`)."""
 
     def __init__(
-        self, client: "Herald", user_id: str, thread_id: Optional[str], run_id: Optional[str]
+        self,
+        client: "Herald",
+        user_id: str,
+        thread_id: Optional[str],
+        run_id: Optional[str],
+        started: bool = False,
     ) -> None:
         self._client, self.user_id, self.thread_id = client, user_id, thread_id
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
+        #: Whether Herald opened the run already (then entering it publishes nothing).
+        self.started = started
         self._final: Any = None
         self._text = TextStream(client, user_id, self.run_id, thread_id)
 
@@ -104,6 +144,8 @@ class Run:
         self._text.text(delta, part)
 
     def __enter__(self) -> "Run":
+        if self.started:
+            return self
         try:
             self._emit("agent_started", {})
         except _CANCELLED as e:
@@ -179,10 +221,13 @@ class AsyncRun:
         user_id: str,
         thread_id: Optional[str],
         run_id: Optional[str],
+        started: bool = False,
     ) -> None:
         self._client, self.user_id, self.thread_id = client, user_id, thread_id
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
+        #: Whether Herald opened the run already (then entering it publishes nothing).
+        self.started = started
         self._final: Any = None
         self._text = AsyncTextStream(client, user_id, self.run_id, thread_id)
 
@@ -198,6 +243,8 @@ class AsyncRun:
         self._text.text(delta, part)
 
     async def __aenter__(self) -> "AsyncRun":
+        if self.started:
+            return self
         try:
             await self._emit("agent_started", {})
         except _CANCELLED as e:

@@ -1,4 +1,5 @@
-"""Verifying Herald's webhook requests (user messages and cancels)."""
+"""Verifying Herald's webhook requests (user messages, AI SDK chat turns and
+cancels)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from ._errors import InvalidSignature
 
@@ -31,6 +32,60 @@ class UserMessage:
 
 
 @dataclass(frozen=True)
+class ChatRequest:
+    """A turn of an AI SDK chat (``useChat`` on Herald's ``GET /ai``).
+
+    Herald has already opened run :attr:`run_id` (its ``agent_started`` is
+    published) in thread :attr:`chat_id`; the backend answers by publishing
+    that run's events — ``herald.run(request)`` is a run of exactly that
+    run id and thread that does not publish ``agent_started`` again. A
+    ``cancel`` for :attr:`run_id` follows when the user presses Stop.
+    """
+
+    user_id: str
+    chat_id: str
+    #: Herald's run id: every event of the answer carries it.
+    run_id: str
+    #: ``"submit-message"`` or ``"regenerate-message"``.
+    trigger: str
+    #: The message to regenerate (``regenerate-message``), or ``None``.
+    message_id: Optional[str]
+    #: The chat's AI SDK UI messages as the client sent them (objects with
+    #: ``id``, ``role`` and ``parts``).
+    messages: List[Dict[str, Any]]
+    #: The transport's ``body`` (an object).
+    body: Dict[str, Any] = field(default_factory=dict)
+    #: The transport's ``metadata`` (any JSON; ``None`` when absent).
+    metadata: Any = None
+    conn_id: str = ""
+    received_at: str = ""
+    delivery_id: Optional[str] = None
+
+    @property
+    def thread_id(self) -> str:
+        """The chat id: the thread of the run's events."""
+        return self.chat_id
+
+    @property
+    def text(self) -> str:
+        """The text of the last user message: its ``text`` parts joined with
+        newlines (``""`` when there is none)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                parts = message.get("parts")
+                if not isinstance(parts, list):
+                    return ""
+                return "\n".join(
+                    part["text"]
+                    for part in parts
+                    if isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                )
+        return ""
+
+
+@dataclass(frozen=True)
 class Cancel:
     """A user asked the agent to stop a run."""
 
@@ -41,7 +96,7 @@ class Cancel:
     delivery_id: Optional[str] = None
 
 
-WebhookEvent = Union[UserMessage, Cancel]
+WebhookEvent = Union[UserMessage, ChatRequest, Cancel]
 
 
 #: Longest timestamp accepted: unix seconds have 10 digits for centuries.
@@ -120,6 +175,28 @@ def _field(payload: Dict[str, Any], name: str, default: Optional[str] = None) ->
     return value
 
 
+def _optional_field(payload: Dict[str, Any], name: str) -> Optional[str]:
+    value = payload.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidSignature(f"signed body: `{name}` is not a string or null")
+    return value
+
+
+def _object(payload: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """An optional object field (``{}`` when missing or null)."""
+    value = payload.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise InvalidSignature(f"signed body: `{name}` is not an object")
+    return value or {}
+
+
+def _messages(payload: Dict[str, Any]) -> List[Dict[str, Any]]:
+    value = payload.get("messages")
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise InvalidSignature("signed body: `messages` is missing or not a list of objects")
+    return value
+
+
 def verify_webhook(
     secret: Union[str, bytes],
     headers: Mapping[str, str],
@@ -128,7 +205,8 @@ def verify_webhook(
     tolerance: int = 300,
     now: Optional[float] = None,
 ) -> WebhookEvent:
-    """Check a webhook request's signature and parse it.
+    """Check a webhook request's signature and parse it: a
+    :class:`UserMessage`, a :class:`ChatRequest` or a :class:`Cancel`.
 
     ``headers`` is any mapping of the request's headers (looked up
     case-insensitively), or a sequence of ``(name, value)`` pairs; values may
@@ -165,16 +243,27 @@ def verify_webhook(
     if not isinstance(payload, dict):
         raise InvalidSignature("signed body is not a JSON object")
     kind = payload.get("type")
-    data = payload.get("data")
     if kind == "user_message":
-        if data is not None and not isinstance(data, dict):
-            raise InvalidSignature("signed body: `data` is not an object")
         return UserMessage(
             user_id=_field(payload, "user_id"),
             thread_id=_field(payload, "thread_id"),
             message_id=_field(payload, "message_id"),
             text=_field(payload, "text"),
-            data=data or {},
+            data=_object(payload, "data"),
+            conn_id=_field(payload, "conn_id", ""),
+            received_at=_field(payload, "received_at", ""),
+            delivery_id=delivery,
+        )
+    if kind == "chat_request":
+        return ChatRequest(
+            user_id=_field(payload, "user_id"),
+            chat_id=_field(payload, "chat_id"),
+            run_id=_field(payload, "run_id"),
+            trigger=_field(payload, "trigger"),
+            message_id=_optional_field(payload, "message_id"),
+            messages=_messages(payload),
+            body=_object(payload, "body"),
+            metadata=payload.get("metadata"),
             conn_id=_field(payload, "conn_id", ""),
             received_at=_field(payload, "received_at", ""),
             delivery_id=delivery,
