@@ -672,6 +672,17 @@ async fn a_bad_line_ends_the_stream_with_what_was_appended_before_it(setup: Setu
         (413, Some("line_too_large")),
         "{r}"
     );
+    // Refused as soon as the unfinished line outgrows the bound, the body
+    // still open (mutation testing, issue 41: `LineBuf::len` → 0 survived).
+    let s = TextStream::open(&server, "jo");
+    s.send(huge.clone()).await;
+    let (status, r) = s.finish_open().await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (413, Some("line_too_large")),
+        "{r}"
+    );
+
     // A last line without its newline counts; a wrong key is 401.
     let (status, r) = send_one(good(3)).await;
     assert_eq!((status, r["appended"].as_u64()), (200, Some(1)), "{r}");
@@ -703,6 +714,12 @@ async fn a_bad_line_ends_the_stream_with_what_was_appended_before_it(setup: Setu
         e["data"]["text"].as_str(),
         Some(texts[..4].concat().as_str())
     );
+    // A line just under 64 KiB is a delta like any other (mutation
+    // testing, issue 41: `64 * 1024` → `64 + 1024` survived).
+    let big = json!({"part": "big", "text": "y".repeat(60 * 1024)}).to_string();
+    assert!(big.len() < 64 * 1024);
+    let (status, r) = send_one(format!("{big}\n")).await;
+    assert_eq!((status, r["appended"].as_u64()), (200, Some(1)), "{r}");
 }
 
 async fn a_drain_answers_a_stream_at_once_with_what_was_appended(setup: Setup) {
