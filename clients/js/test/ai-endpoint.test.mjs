@@ -272,7 +272,7 @@ test('an AI SDK backend (streamText, mock model) streams its UI chunks in throug
   const { startBackend, mockModel } = await import('../examples/ai-backend/backend.mjs');
   const secret = 'ai-backend-hook-0123456789';
   let hw;
-  const backend = await startBackend({ herald: 'http://placeholder', apiKey: '', secret, model: mockModel({ delayMs: 40 }) });
+  const backend = await startBackend({ herald: 'http://placeholder', apiKey: 'placeholder', secret, model: mockModel({ delayMs: 40 }) });
   await backend.close();
   // The backend needs Herald's address and Herald the backend's: start the
   // backend on a known port after Herald picked its own.

@@ -1,5 +1,6 @@
 // The npm package: importable by its name through the `exports` map (the
-// client, and the AI SDK transport at `herald-gateway/ai`), and `npm pack`
+// client, the AI SDK transport at `herald-gateway/ai`, the backend SDK at
+// `herald-gateway/server`), and `npm pack`
 // ships the modules, their types and the README — nothing else.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -20,12 +21,16 @@ test('imports by package name', async () => {
   assert.deepEqual(json.exports['.'], { types: './herald.d.ts', default: './herald.js' });
   const ai = await import('herald-gateway/ai');
   assert.equal(typeof ai.HeraldChatTransport, 'function');
+  const server = await import('herald-gateway/server');
+  assert.equal(typeof server.Herald, 'function');
+  assert.equal(typeof server.verifyWebhook, 'function');
+  assert.deepEqual(json.exports['./server'], { types: './server.d.ts', default: './server.js' });
 });
 
 test('npm pack ships the module, its types and the README', () => {
   const out = execFileSync('npm', ['pack', '--dry-run', '--json'], { cwd: root, encoding: 'utf8' });
   const files = JSON.parse(out)[0].files.map((f) => f.path).sort();
-  assert.deepEqual(files, ['README.md', 'ai.d.ts', 'ai.js', 'herald.d.ts', 'herald.js', 'package.json']);
+  assert.deepEqual(files, ['README.md', 'ai.d.ts', 'ai.js', 'herald.d.ts', 'herald.js', 'package.json', 'server.d.ts', 'server.js']);
   const js = readFileSync(path.join(root, 'herald.js'));
   console.log(`herald.js: ${js.length} bytes, ${gzipSync(js, { level: 9 }).length} gzipped`);
 });

@@ -1,9 +1,10 @@
-// An agent backend written with the AI SDK: Herald hands it each chat turn
-// of its `GET /ai` endpoint (a signed `chat_request` webhook), it runs
-// `streamText` and streams the UI message chunks (`toUIMessageStream()`)
-// into the run Herald opened, through `POST /api/v1/runs/{run}/ui`, as the
-// SSE the SDK writes. A `cancel` webhook (the user pressed Stop) aborts the
-// generation; the stream then ends with `abort`.
+// An agent backend written with the AI SDK and herald-gateway/server:
+// Herald hands it each chat turn of its `GET /ai` endpoint (a signed
+// `chat_request` webhook; a `user_message` from `/ws` is answered the same
+// way), it runs `streamText` and pipes the UI message chunks
+// (`toUIMessageStream()`) into the run, through Herald's UI chunk ingest. A
+// `cancel` webhook (the user pressed Stop) aborts the generation through
+// the run's signal; the stream then ends with `abort`.
 //
 // Offline it answers with the SDK's mock model (`ai/test`): reasoning, a
 // `weather` tool call, then text. With AI_GATEWAY_API_KEY set it uses a
@@ -15,14 +16,13 @@
 //   herald serve with HERALD_WEBHOOK_URL=http://127.0.0.1:8090/hook and
 //     HERALD_WEBHOOK_SECRET=… (the same secret)
 import http from 'node:http';
-import { createHmac, timingSafeEqual } from 'node:crypto';
 import {
-  JsonToSseTransformStream, convertToModelMessages, jsonSchema, stepCountIs, streamText, tool,
-  toUIMessageStream, validateUIMessages,
+  convertToModelMessages, jsonSchema, stepCountIs, streamText, tool, toUIMessageStream, validateUIMessages,
 } from 'ai';
 import { MockLanguageModelV4, simulateReadableStream } from 'ai/test';
+import { Herald, InvalidSignature, verifyWebhook } from '../../server.js';
 
-/** The SDK's mock model: reasoning and a tool call, then the answer to `text`, word by word. */
+/** The SDK's mock model: reasoning and a tool call, then the answer to the last user message, word by word. */
 export function mockModel({ delayMs = 20 } = {}) {
   const usage = { inputTokens: { total: 1, noCache: 1 }, outputTokens: { total: 1, text: 1 } };
   const finish = (unified) => ({ type: 'finish', finishReason: { unified, raw: undefined }, usage });
@@ -57,70 +57,59 @@ const weather = tool({
   execute: async ({ city }) => ({ city, celsius: 3 }),
 });
 
-/** Whether Herald signed this webhook request (`X-Herald-Signature: v2=…`). */
-export function verified(secret, headers, body, nowSec = Date.now() / 1000) {
-  const ts = Number(headers['x-herald-timestamp']);
-  const delivery = headers['x-herald-delivery'] ?? '';
-  const sig = String(headers['x-herald-signature'] ?? '').replace(/^v2=/, '');
-  if (!Number.isFinite(ts) || Math.abs(nowSec - ts) > 300) return false;
-  const want = createHmac('sha256', secret).update(`${ts}.${delivery}.`).update(body).digest('hex');
-  return sig.length === want.length && timingSafeEqual(Buffer.from(sig), Buffer.from(want));
+/** The UI messages of a turn: a chat_request's, or one user message's. */
+function messagesOf(event) {
+  if (event.type === 'chat_request') return event.messages;
+  return [{ id: event.messageId, role: 'user', parts: [{ type: 'text', text: event.text }] }];
 }
 
 /**
  * Start the backend: `{ herald: base URL, apiKey, secret, port, model }`.
  * Resolves `{ port, url, close(), runs }` (`runs`: what each run did, for tests).
  */
-export async function startBackend({ herald, apiKey, secret, port = 0, model = mockModel() }) {
-  const active = new Map(); // run id → AbortController
-  const seen = new Set(); // delivery ids (Herald retries with the same id)
-  const runs = new Map(); // run id → { status, error }
+export async function startBackend({ herald: url, apiKey, secret, port = 0, model = mockModel() }) {
+  const herald = new Herald({ url, apiKey });
+  const seen = new Set(); // delivery ids: Herald retries a request with the same id
+  const runs = new Map(); // run id → { status, report | error }
 
-  async function answer(turn) {
-    const abort = new AbortController();
-    active.set(turn.run_id, abort);
-    runs.set(turn.run_id, { status: 'streaming' });
+  async function answer(event) {
     try {
-      const messages = await validateUIMessages({ messages: turn.messages });
-      const result = streamText({
-        model, messages: await convertToModelMessages(messages), tools: { weather },
-        stopWhen: stepCountIs(3), abortSignal: abort.signal,
+      await herald.run(event, {}, async (run) => {
+        runs.set(run.id, { status: 'streaming' });
+        const messages = await validateUIMessages({ messages: messagesOf(event) });
+        const result = streamText({
+          model, messages: await convertToModelMessages(messages), tools: { weather },
+          stopWhen: stepCountIs(3), abortSignal: run.signal, // Stop reaches the model call
+        });
+        const report = await run.pipe(toUIMessageStream({
+          stream: result.stream, tools: { weather }, originalMessages: messages, sendReasoning: true,
+          // The assistant message's id is the run's: what Herald's `start` said.
+          generateMessageId: () => run.id,
+        }));
+        runs.set(run.id, { status: 'done', report });
       });
-      const chunks = toUIMessageStream({
-        stream: result.stream, tools: { weather }, originalMessages: messages, sendReasoning: true,
-        // The assistant message's id is the run's: what Herald's `start` said.
-        generateMessageId: () => turn.run_id,
-      });
-      const query = new URLSearchParams({ user_id: turn.user_id, thread_id: turn.chat_id });
-      const res = await fetch(`${herald}/api/v1/runs/${encodeURIComponent(turn.run_id)}/ui?${query}`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'text/event-stream' },
-        body: chunks.pipeThrough(new JsonToSseTransformStream()).pipeThrough(new TextEncoderStream()),
-        duplex: 'half',
-      });
-      const report = await res.json();
-      runs.set(turn.run_id, { status: res.ok ? 'done' : 'failed', report });
     } catch (error) {
-      runs.set(turn.run_id, { status: 'failed', error: String(error) });
-    } finally {
-      active.delete(turn.run_id);
+      runs.set(event.runId ?? event.messageId, { status: 'failed', error: String(error) });
     }
   }
 
   const server = http.createServer((req, res) => {
     const parts = [];
     req.on('data', (d) => parts.push(d));
-    req.on('end', () => {
-      const body = Buffer.concat(parts);
-      if (!verified(secret, req.headers, body)) { res.writeHead(401); return res.end(); }
+    req.on('end', async () => {
+      let event;
+      try {
+        event = await verifyWebhook(secret, req.headers, Buffer.concat(parts));
+      } catch (e) {
+        res.writeHead(e instanceof InvalidSignature ? 401 : 400);
+        return res.end();
+      }
       res.writeHead(200);
       res.end();
-      const delivery = req.headers['x-herald-delivery'];
-      if (seen.has(delivery)) return;
-      seen.add(delivery);
-      const msg = JSON.parse(body);
-      if (msg.type === 'chat_request') answer(msg);
-      if (msg.type === 'cancel') active.get(msg.run_id)?.abort();
+      if (seen.has(event.deliveryId)) return;
+      seen.add(event.deliveryId);
+      if (event.type === 'cancel') herald.cancelled(event);
+      else answer(event);
     });
   });
   await new Promise((resolve) => server.listen(port, '127.0.0.1', resolve));
@@ -129,7 +118,7 @@ export async function startBackend({ herald, apiKey, secret, port = 0, model = m
     port: bound,
     url: `http://127.0.0.1:${bound}/hook`,
     runs,
-    close: () => new Promise((resolve) => { for (const a of active.values()) a.abort(); server.close(resolve); server.closeAllConnections(); }),
+    close: () => new Promise((resolve) => { server.close(resolve); server.closeAllConnections(); }),
   };
 }
 

@@ -1,0 +1,260 @@
+// herald-gateway/server against a real `herald serve` (and, for the
+// restart, a real redis-server): publishing with idempotency keys, runs and
+// their lifecycle, text and the AI SDK bridge, webhook checks.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import net from 'node:net';
+import { Herald, HeraldError, InvalidSignature, TextStreamError, mintToken, verifyWebhook } from '../server.js';
+import { startHerald, until } from './helpers.mjs';
+
+const SECRET = 'srv-secret-0123456789-abcdefghijklmno';
+const API_KEY = 'srv-key-0123456789abcd';
+let h;
+before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: API_KEY }); });
+after(async () => { await h.stop(); });
+
+const heraldOf = (server, options = {}) => new Herald({ url: `http://${server.addr}`, apiKey: API_KEY, ...options });
+
+/** A `/ws` socket of `user` (token from mintToken), welcomed, recording its events. */
+async function watch(server, user, hello = {}) {
+  const ws = new WebSocket(`ws://${server.addr}/ws`, ['herald.v1']);
+  const events = [];
+  let welcome;
+  ws.addEventListener('message', (m) => {
+    const f = JSON.parse(m.data);
+    if (f.type === 'event') events.push(f);
+    if (f.type === 'welcome') welcome = f;
+  });
+  await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
+  ws.send(JSON.stringify({ type: 'hello', token: await mintToken(SECRET, user), ...hello }));
+  await until(() => welcome !== undefined, 5000, 'the welcome');
+  return { ws, events, welcome, close: () => ws.close() };
+}
+
+/** The text of `part` the events show, joined. */
+const textOf = (events, part = 'answer') => events
+  .filter((e) => e.event === 'agent_text_delta' && e.data.part === part).map((e) => e.data.text).join('');
+
+test('a publish whose answer was lost is retried with the same key and stored once', async () => {
+  const w = await watch(h, 'p1');
+  let calls = 0;
+  // The first answer is lost after Herald stored the event.
+  const lossy = async (url, init) => {
+    const response = await fetch(url, init);
+    if (++calls === 1) throw new TypeError('fetch failed: the answer was lost');
+    return response;
+  };
+  const herald = heraldOf(h, { fetch: lossy });
+  const r = await herald.publish({ userId: 'p1', event: 'agent_note', data: { n: 1 } });
+  assert.equal(calls, 2);
+  assert.equal(r.duplicate, true, 'the retry found the key: nothing stored twice');
+  await until(() => w.events.length >= 1, 5000, 'the event');
+  await new Promise((res) => setTimeout(res, 100));
+  assert.equal(w.events.filter((e) => e.event === 'agent_note').length, 1);
+  // A refusal is a HeraldError naming the field.
+  await assert.rejects(herald.publish({ userId: '', event: 'x' }), (e) => e instanceof HeraldError && e.status === 400 && e.code === 'invalid_field' && e.field === 'events[0].user_id');
+  // A wrong key: 401, not retried.
+  calls = 0;
+  const wrong = new Herald({ url: `http://${h.addr}`, apiKey: 'wrong-key-0123456789', fetch: async (u, i) => { calls++; return fetch(u, i); } });
+  await assert.rejects(wrong.publish({ userId: 'p1', event: 'x' }), (e) => e.status === 401);
+  assert.equal(calls, 1);
+  // An aborted call stops at once.
+  const stop = new AbortController();
+  stop.abort(new Error('stopped'));
+  await assert.rejects(herald.publish({ userId: 'p1', event: 'x' }, { signal: stop.signal }), /stopped/);
+  w.close();
+});
+
+test('runs: completed, failed (rethrown), cancelled; tools and thoughts in order', async () => {
+  const w = await watch(h, 'r1');
+  const herald = heraldOf(h);
+  const value = await herald.run('r1', { threadId: 't1' }, async (run) => {
+    await run.thinking('hmm');
+    const call = await run.tool('search', { q: 'x' });
+    await call.done({ n: 3 });
+    run.text('Hel');
+    run.text('lo');
+    return 'Hello';
+  });
+  assert.equal(value, 'Hello');
+  await assert.rejects(herald.run('r1', { threadId: 't1' }, async (run) => {
+    run.text('partial');
+    throw new RangeError('the model broke');
+  }), RangeError);
+  const stop = new AbortController();
+  await assert.rejects(herald.run('r1', { signal: stop.signal }, async (run) => {
+    await run.thinking('working');
+    stop.abort(new Error('user stopped'));
+    run.signal.throwIfAborted();
+  }), /user stopped/);
+  // `await using`'s disposal: a run left without complete() is an error.
+  const left = await herald.run('r1');
+  await left[Symbol.asyncDispose]();
+  await until(() => w.events.filter((e) => ['agent_completed', 'agent_error', 'agent_cancelled'].includes(e.event)).length === 4, 5000, 'four run ends');
+  const runs = new Map();
+  for (const e of w.events) runs.set(e.run_id, [...(runs.get(e.run_id) ?? []), e]);
+  const [ok, failed, cancelled, unfinished] = [...runs.values()].map((es) => es.map((e) => e.event));
+  assert.deepEqual(ok, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_text_delta', 'agent_text_delta', 'agent_completed']);
+  assert.equal(textOf([...runs.values()][0]), 'Hello');
+  assert.deepEqual(failed, ['agent_started', 'agent_text_delta', 'agent_error']);
+  assert.equal([...runs.values()][1].at(-1).data.message, 'the model broke');
+  assert.deepEqual(cancelled, ['agent_started', 'agent_thinking', 'agent_cancelled']);
+  assert.deepEqual(unfinished, ['agent_started', 'agent_error']);
+  // herald.cancelled(event) aborts the run's signal (a `cancel` webhook).
+  const run = await herald.run('r1');
+  assert.equal(herald.cancelled({ type: 'cancel', runId: run.id }), true);
+  assert.equal(run.signal.aborted, true);
+  await run[Symbol.asyncDispose]();
+  assert.equal(herald.cancelled({ type: 'cancel', runId: run.id }), false, 'ended: no longer tracked');
+  w.close();
+});
+
+test('5,000 text deltas through run.text and through the AI SDK bridge arrive whole and in order', async () => {
+  const w = await watch(h, 'b1');
+  const herald = heraldOf(h);
+  const words = Array.from({ length: 5000 }, (_, i) => `w${i} `);
+  await herald.run('b1', { threadId: 'c' }, async (run) => {
+    for (const word of words) run.text(word);
+  });
+  // The bridge: a UI message stream (what toUIMessageStream() writes) piped in.
+  const chunks = [
+    { type: 'start' }, { type: 'start-step' }, { type: 'text-start', id: 'bridge' },
+    ...words.map((delta) => ({ type: 'text-delta', id: 'bridge', delta })),
+    { type: 'text-end', id: 'bridge' }, { type: 'finish-step' }, { type: 'finish', finishReason: 'stop' },
+  ];
+  const stream = new ReadableStream({
+    start(c) { for (const chunk of chunks) c.enqueue(chunk); c.close(); },
+  });
+  const run = await herald.run('b1', { threadId: 'c2' });
+  const answer = await run.pipe(stream);
+  assert.equal(answer.duplicates, 0);
+  assert.equal(run.ended, true, 'the stream\'s finish ended the run');
+  await until(() => textOf(w.events, 'bridge').length === words.join('').length, 30000, 'the bridged text');
+  assert.equal(textOf(w.events), words.join(''));
+  assert.equal(textOf(w.events, 'bridge'), words.join(''));
+  const seqs = w.events.map((e) => e.seq);
+  assert.ok(seqs.every((s, i) => i === 0 || s === seqs[i - 1] + 1), 'in order, no gap');
+  const bridged = w.events.filter((e) => e.run_id === run.id).map((e) => e.event);
+  assert.equal(bridged.at(-1), 'agent_completed');
+  w.close();
+});
+
+/** Every event of `user`'s stream, from a socket that resumes from seq 0 of its epoch. */
+async function replay(server, user) {
+  const first = await watch(server, user);
+  const { epoch } = first.welcome;
+  first.close();
+  const again = await watch(server, user, { resume: { epoch, seq: 0 } });
+  await until(() => again.events.some((e) => e.event === 'agent_completed'), 10000, 'the replayed run');
+  again.close();
+  return again.events;
+}
+
+/** A free TCP port on 127.0.0.1. */
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+test('a server restart in the middle of a text stream: resumed without a duplicated or missing delta', async (t) => {
+  let redisBin;
+  try { redisBin = execFileSync('sh', ['-c', 'command -v redis-server'], { encoding: 'utf8' }).trim(); } catch { /* none */ }
+  if (!redisBin) return t.skip('redis-server is not installed (scripts/test.sh installs it)');
+  const rport = await freePort();
+  const redis = spawn(redisBin, ['--port', String(rport), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const port = await freePort();
+  const env = { HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: API_KEY, HERALD_REDIS_URL: `redis://127.0.0.1:${rport}`, HERALD_ADDR: `127.0.0.1:${port}`, HERALD_DRAIN_WINDOW: '200ms' };
+  let node;
+  try {
+    await until(async () => { try { node = await startHerald(env); return true; } catch { return false; } }, 10000, 'herald on redis');
+    // Count the text requests and the probes that located the parts after the restart.
+    const text = { requests: 0, probes: 0 };
+    const counting = async (url, init) => {
+      if (String(url).includes('/text?')) {
+        text.requests += 1;
+        if (init.body instanceof Uint8Array && new TextDecoder().decode(init.body).includes('9007199254740992')) text.probes += 1;
+      }
+      return fetch(url, init);
+    };
+    const herald = new Herald({ url: `http://127.0.0.1:${port}`, apiKey: API_KEY, fetch: counting });
+    const words = Array.from({ length: 3000 }, (_, i) => `t${i} `);
+    const run = await herald.run('rs1', { threadId: 'c' });
+    for (const word of words.slice(0, 1500)) run.text(word);
+    await new Promise((r) => setTimeout(r, 300));
+    // The node goes away mid-request (a redeploy) and comes back on the same address.
+    await node.stop();
+    node = await startHerald(env);
+    for (const word of words.slice(1500)) run.text(word);
+    await run.complete();
+    // The stream's history from its first event: the text whole, each delta once.
+    const history = await replay({ addr: `127.0.0.1:${port}` }, 'rs1');
+    assert.equal(textOf(history), words.join(''), 'every delta once, in order');
+    assert.ok(text.probes >= 1 && text.requests >= 3, `the stream was located and resent: ${JSON.stringify(text)}`);
+  } finally {
+    await node?.stop();
+    redis.kill('SIGKILL');
+  }
+});
+
+/** A webhook request as Herald signs it. */
+function signed(body, { secret = 'hook-secret-0123456789', ts = Math.floor(Date.now() / 1000), delivery = 'd-1' } = {}) {
+  const mac = createHmac('sha256', secret).update(`${ts}.${delivery}.${body}`).digest('hex');
+  return { 'x-herald-timestamp': String(ts), 'x-herald-delivery': delivery, 'x-herald-signature': `v2=${mac}` };
+}
+
+test('verifyWebhook: every event type parsed; forged, stale, replayed with a new id and malformed inputs rejected', async () => {
+  const secret = 'hook-secret-0123456789';
+  const chat = JSON.stringify({
+    type: 'chat_request', user_id: 'u1', chat_id: 'c1', run_id: 'run_1', trigger: 'submit-message', message_id: null,
+    messages: [{ id: 'm1', role: 'user', parts: [{ type: 'text', text: 'hi' }, { type: 'text', text: 'there' }] }],
+    body: { k: 1 }, metadata: null, conn_id: 'x', received_at: 'now',
+  });
+  const e = await verifyWebhook(secret, signed(chat), chat);
+  assert.deepEqual([e.type, e.userId, e.chatId, e.threadId, e.runId, e.trigger, e.messageId, e.text, e.deliveryId], ['chat_request', 'u1', 'c1', 'c1', 'run_1', 'submit-message', null, 'hi\nthere', 'd-1']);
+  const msg = JSON.stringify({ type: 'user_message', user_id: 'u1', thread_id: 't', message_id: 'm', text: 'yo', data: { a: 1 } });
+  assert.deepEqual(await verifyWebhook(secret, new Headers(signed(msg)), new TextEncoder().encode(msg)), {
+    type: 'user_message', userId: 'u1', threadId: 't', messageId: 'm', text: 'yo', data: { a: 1 }, connId: '', receivedAt: '', deliveryId: 'd-1',
+  });
+  const cancel = JSON.stringify({ type: 'cancel', user_id: 'u1', run_id: 'r' });
+  assert.equal((await verifyWebhook(secret, Object.entries(signed(cancel)), cancel)).runId, 'r');
+  const rejected = async (headers, body, why) => {
+    await assert.rejects(verifyWebhook(secret, headers, body), (err) => err instanceof InvalidSignature, why);
+  };
+  await rejected(signed(msg, { secret: 'another-secret-0123456' }), msg, 'forged (another secret)');
+  await rejected(signed(msg), msg.replace('yo', 'yo!'), 'the body changed');
+  await rejected(signed(msg, { ts: Math.floor(Date.now() / 1000) - 301 }), msg, 'stale');
+  await rejected({ ...signed(msg), 'x-herald-delivery': 'd-2' }, msg, 'replayed under a new delivery id');
+  for (const [headers, why] of [
+    [{}, 'no headers'],
+    [{ ...signed(msg), 'x-herald-timestamp': 'abc' }, 'timestamp not digits'],
+    [{ ...signed(msg), 'x-herald-signature': 'v1=00' }, 'old scheme'],
+    [{ ...signed(msg), 'x-herald-signature': 'v2=zz' }, 'not hex'],
+    [{ ...signed(msg), 'x-herald-delivery': '' }, 'empty delivery'],
+  ]) await rejected(headers, msg, why);
+  for (const body of ['not json', '[1]', '{"type":"user_message"}', JSON.stringify({ type: 'chat_request', user_id: 'u', chat_id: 'c', run_id: 'r', trigger: 'resubmit', messages: [] })]) {
+    await rejected(signed(body), body, body);
+  }
+  await rejected(signed(msg), 42, 'a body that is not bytes');
+  await assert.rejects(verifyWebhook(secret, signed('{"type":"typing","user_id":"u"}'), '{"type":"typing","user_id":"u"}'), TypeError);
+});
+
+test('text that cannot be delivered throws from the run, which ends agent_error', async () => {
+  const w = await watch(h, 'x1');
+  const herald = heraldOf(h);
+  // A part name over 128 bytes: Herald refuses the line (400 invalid_line).
+  await assert.rejects(herald.run('x1', async (run) => {
+    run.text('fine');
+    run.text('refused', { part: 'p'.repeat(200) });
+    await run.thinking('after the text');
+  }), (e) => e instanceof TextStreamError && e.status === 400 && e.code === 'invalid_line');
+  await until(() => w.events.some((e) => e.event === 'agent_error'), 5000, 'agent_error');
+  const events = w.events.map((e) => e.event);
+  assert.deepEqual(events, ['agent_started', 'agent_text_delta', 'agent_error']);
+  assert.ok(!events.includes('agent_thinking'), 'nothing after the failed text');
+  w.close();
+});
