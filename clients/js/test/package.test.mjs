@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { gzipSync } from 'node:zlib';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -33,4 +33,19 @@ test('npm pack ships the module, its types and the README', () => {
   assert.deepEqual(files, ['README.md', 'ai.d.ts', 'ai.js', 'herald.d.ts', 'herald.js', 'package.json', 'server.d.ts', 'server.js']);
   const js = readFileSync(path.join(root, 'herald.js'));
   console.log(`herald.js: ${js.length} bytes, ${gzipSync(js, { level: 9 }).length} gzipped`);
+});
+
+test('the README\'s backend quick start typechecks against herald-gateway/server', () => {
+  const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
+  const start = readme.indexOf("```ts\nimport http from 'node:http';");
+  assert.ok(start >= 0, 'the quick start is in the README');
+  const code = readme.slice(start + 6, readme.indexOf('```', start + 6));
+  const dir = mkdtempSync(path.join(root, 'test', '.readme-'));
+  try {
+    writeFileSync(path.join(dir, 'quickstart.ts'), code);
+    writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({ extends: '../tsconfig.json', files: ['quickstart.ts'] }));
+    execFileSync(path.join(root, 'node_modules/.bin/tsc'), ['-p', dir], { cwd: root, encoding: 'utf8' });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
