@@ -399,13 +399,25 @@ class TextStream {
     else this.#write([item]);
   }
 
+  /** Lines written in this turn of the event loop, sent together at its end. */
+  #lines = [];
+
   #write(items) {
     this.#sent += items.length;
-    this.#controller.enqueue(this.#encoder.encode(items.map((i) => i.line).join('')));
+    for (const i of items) this.#lines.push(i.line);
+    if (this.#lines.length === items.length) queueMicrotask(() => this.#drain());
+  }
+
+  /** Hand the lines written so far to the request's body, as one chunk. */
+  #drain() {
+    if (this.#lines.length === 0 || !this.#controller) return;
+    this.#controller.enqueue(this.#encoder.encode(this.#lines.join('')));
+    this.#lines = [];
   }
 
   /** Start a request carrying `items` first (and what comes next). */
   #open(items) {
+    this.#drain();
     this.#controller?.close();
     let controller;
     const body = new ReadableStream({ start(c) { controller = c; } });
@@ -419,6 +431,7 @@ class TextStream {
   async flush() {
     if (this.#error) throw this.#error;
     if (!this.#controller) return;
+    this.#drain();
     this.#controller.close();
     this.#controller = null;
     for (let failures = 0; ;) {
@@ -446,6 +459,7 @@ class TextStream {
       }
       if (this.#pending.length === 0) return;
       this.#open(this.#pending);
+      this.#drain();
       this.#controller.close();
       this.#controller = null;
     }
@@ -478,10 +492,22 @@ async function pipeChunks(herald, run, chunks) {
   const url = `/api/v1/runs/${segment(run.id)}/ui?${q}`;
   const encoder = new TextEncoder();
   const seen = [];
-  let source = chunks[Symbol.asyncIterator] ? chunks[Symbol.asyncIterator]() : chunks.getReader();
-  const nextChunk = async () => {
-    const r = source.next ? await source.next() : await source.read();
-    return r.done ? null : r.value;
+  const source = chunks[Symbol.asyncIterator] ? chunks[Symbol.asyncIterator]() : chunks.getReader();
+  // A read not taken yet (it lost the race against the end of a turn).
+  let waiting = null;
+  const nextChunk = () => {
+    const read = waiting ?? (source.next ? source.next() : source.read()).then((r) => (r.done ? null : r.value));
+    waiting = null;
+    return read;
+  };
+  const TURN = Symbol('turn');
+  /** The next chunk if the source has one at hand, else TURN (the read is kept for later). */
+  const readyChunk = async () => {
+    const read = nextChunk();
+    const turn = new Promise((resolve) => setTimeout(resolve, 0, TURN));
+    const first = await Promise.race([read, turn]);
+    if (first === TURN) waiting = read;
+    return first;
   };
   let ended = false;
   for (let attempt = 0; ; attempt++) {
@@ -493,10 +519,18 @@ async function pipeChunks(herald, run, chunks) {
           return;
         }
         if (ended) { controller.close(); return; }
-        const chunk = await nextChunk();
-        if (chunk === null) { ended = true; controller.close(); return; }
-        seen.push(chunk);
-        controller.enqueue(encoder.encode(`${JSON.stringify(chunk)}\n`));
+        // The next chunk, and those the source has at hand in this turn of
+        // the event loop: one write for a burst, one per chunk when they trickle.
+        const batch = [];
+        for (let chunk = await nextChunk(); ; chunk = await readyChunk()) {
+          if (chunk === TURN) break;
+          if (chunk === null) { ended = true; break; }
+          seen.push(chunk);
+          batch.push(`${JSON.stringify(chunk)}\n`);
+          if (batch.length >= 256) break;
+        }
+        if (batch.length) controller.enqueue(encoder.encode(batch.join('')));
+        if (ended) controller.close();
       },
     });
     let result;
