@@ -258,3 +258,23 @@ test('text that cannot be delivered throws from the run, which ends agent_error'
   assert.ok(!events.includes('agent_thinking'), 'nothing after the failed text');
   w.close();
 });
+
+test('publishMany, connections and disconnect', async () => {
+  const w = await watch(h, 'd1');
+  const herald = heraldOf(h);
+  const results = await herald.publishMany([
+    { userId: 'd1', event: 'agent_note', data: { n: 1 } },
+    { userId: 'd1', event: 'agent_note', data: { n: 2 }, idempotencyKey: 'd1-k2' },
+  ]);
+  assert.deepEqual(results.map((r) => r.seq - results[0].seq), [0, 1]);
+  const again = await herald.publish({ userId: 'd1', event: 'agent_note', data: { n: 2 }, idempotencyKey: 'd1-k2' });
+  assert.equal(again.duplicate, true);
+  const listed = await herald.connections({ userId: 'd1' });
+  assert.equal(listed.total, 1);
+  assert.equal(listed.connections[0].user_id, 'd1');
+  const closed = new Promise((res) => w.ws.addEventListener('close', (e) => res(e.code)));
+  assert.equal(await herald.disconnect('d1'), 1);
+  assert.equal(await closed, 4409);
+  assert.deepEqual(w.events.map((e) => e.data.n), [1, 2]);
+  await assert.rejects(herald.connections({ limit: 0 }), (e) => e instanceof HeraldError && e.status === 400 && e.field === 'limit');
+});
