@@ -35,10 +35,11 @@ use crate::app::App;
 use crate::auth::AuthError;
 use crate::broker::{StoredEvent, user_stream};
 use crate::clock;
-use crate::connection::{ConnShared, Locked, OutFrame};
+use crate::connection::{ConnShared, Locked};
 use crate::hub::{JoinError, KICKED};
 use crate::telemetry;
 use crate::wire::Flushed;
+use crate::wire::OutFrame;
 
 mod ai;
 

@@ -476,14 +476,7 @@ pub enum JwtKey {
     PublicKeyPem(Vec<u8>),
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// Bounds on agent backend requests in flight on one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,9 @@ use std::time::Instant;
 use crate::broker::{
     Broker, BrokerError, ConnInfo, EventSink, FleetReply, FleetRequest, StoredEvent,
 };
-use crate::connection::{ConnShared, OutFrame};
+use crate::connection::ConnShared;
 use crate::telemetry::{self, Stats};
+use crate::wire::OutFrame;
 use dashmap::DashMap;
 use herald_core::{CloseInfo, CloseReason, Initiator, LiveOutcome, State};
 use parking_lot::Mutex;

@@ -21,10 +21,10 @@ use crate::app::{App, AppError};
 use crate::broker::ConnInfo;
 use crate::broker::stream_user;
 use crate::config::Config;
-use crate::connection::OutFrame;
 use crate::hub::Hub;
 use crate::tasks::Tasks;
 use crate::telemetry::{self, StatsSnapshot};
+use crate::wire::OutFrame;
 
 /// Listen backlog; tokio's default of 128 drops connection storms.
 const LISTEN_BACKLOG: u32 = 8192;

@@ -8,8 +8,6 @@ use std::sync::OnceLock;
 use herald_core::{CloseInfo, SendRefused};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::config::LogFormat;
-
 pub(crate) mod latency;
 
 /// Gauge: live WebSocket connections (any state but closed).
@@ -110,6 +108,15 @@ pub fn render(handle: &PrometheusHandle) -> String {
     let mut out = handle.render();
     latency::render(PUBLISH_TO_WRITE, &mut out);
     out
+}
+
+/// Log output format (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Install the tracing subscriber: level from `HERALD_LOG` or `RUST_LOG`

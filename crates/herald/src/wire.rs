@@ -27,7 +27,9 @@ use herald_core::aisdk::View;
 use herald_core::queue::InlineQueue;
 use tokio::net::TcpStream;
 
-use crate::connection::OutFrame;
+use herald_core::lifecycle::Payload;
+
+use crate::broker::StoredEvent;
 use crate::telemetry::{self, Stats, latency};
 
 /// The opcode of a text frame.
@@ -63,6 +65,99 @@ pub(crate) fn frame(opcode: u8, parts: &[&[u8]]) -> (Bytes, u8) {
         out.extend_from_slice(p);
     }
     (out.freeze(), header)
+}
+
+/// How a replayed event frame ends (the stored frame's closing `}` replaced),
+/// so its `{"type":"event"` start stays the same for clients that match it.
+const REPLAYED: &[u8] = br#","replayed":true}"#;
+
+/// An outbound message: a complete WebSocket frame (header and payload).
+/// Cloning shares the bytes, so a fan-out frames an event once for all
+/// connections.
+#[derive(Debug, Clone)]
+pub struct OutFrame {
+    wire: Bytes,
+    header: u8,
+    /// When a live event was published (for the publish→write latency
+    /// histogram); `None` for replies and replayed history.
+    pub published: Option<Instant>,
+}
+
+impl OutFrame {
+    /// A live event's frame, published at `published`; `None` if `json`
+    /// is not UTF-8 (a broker fault).
+    pub fn event(json: &[u8], published: Instant) -> Option<Self> {
+        std::str::from_utf8(json).ok()?;
+        Some(Self::framed(TEXT, &[json], Some(published)))
+    }
+
+    /// A text message that is not a live event (a reply, an echo).
+    pub fn text(text: &str) -> Self {
+        Self::framed(TEXT, &[text.as_bytes()], None)
+    }
+
+    /// A binary message (the echo endpoint).
+    pub fn binary(bytes: &[u8]) -> Self {
+        Self::framed(BINARY, &[bytes], None)
+    }
+
+    fn framed(opcode: u8, parts: &[&[u8]], published: Option<Instant>) -> Self {
+        let (wire, header) = frame(opcode, parts);
+        Self {
+            wire,
+            header,
+            published,
+        }
+    }
+
+    /// The payload as text (empty for a binary message that is not UTF-8).
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).unwrap_or_default()
+    }
+
+    /// The payload, for a text message.
+    #[cfg(test)]
+    pub fn as_text(&self) -> Option<&str> {
+        if self.wire.first()? & 0x0F != TEXT {
+            return None;
+        }
+        std::str::from_utf8(&self.wire[usize::from(self.header)..]).ok()
+    }
+
+    /// Bytes of payload (what the queue bounds count).
+    pub fn payload_len(&self) -> usize {
+        self.wire.len() - usize::from(self.header)
+    }
+
+    /// The frame as it goes on the wire.
+    pub(crate) fn into_wire(self) -> Bytes {
+        self.wire
+    }
+
+    /// A stored event read from history (no publish time), marked
+    /// `"replayed":true` for the client; `None` if its bytes are not a JSON
+    /// object in UTF-8 (a broker fault). Costs one copy, on replay only.
+    pub fn replayed(event: StoredEvent) -> Option<Self> {
+        // The object without its closing brace.
+        let body = event
+            .json
+            .strip_suffix(b"}")
+            .filter(|b| b.starts_with(b"{"))?;
+        std::str::from_utf8(body).ok()?;
+        Some(Self::framed(TEXT, &[body, REPLAYED], None))
+    }
+}
+
+impl Payload for OutFrame {
+    fn wire_len(&self) -> usize {
+        self.payload_len()
+    }
+}
+
+impl From<String> for OutFrame {
+    fn from(s: String) -> Self {
+        Self::text(&s)
+    }
 }
 
 /// A control frame written by the transport (the actor's WebSocket
@@ -462,6 +557,22 @@ fn split_control(mut out: Bytes) -> Vec<(Bytes, Control)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replayed frames are marked for the client; a stored frame that is not
+    /// a JSON object is refused (a broker fault), never sent half-marked.
+    #[test]
+    fn replayed_frames_are_marked() {
+        let stored = crate::broker::StoredEvent::new(
+            3,
+            bytes::Bytes::from_static(br#"{"type":"event","seq":3}"#),
+        );
+        let frame = OutFrame::replayed(stored).unwrap();
+        let text = frame.as_text().unwrap();
+        assert_eq!(text, r#"{"type":"event","seq":3,"replayed":true}"#);
+        assert_eq!(frame.wire_len(), text.len());
+        let broken = crate::broker::StoredEvent::new(4, bytes::Bytes::from_static(b"[1]"));
+        assert!(OutFrame::replayed(broken).is_none());
+    }
 
     /// Headers of every length class, as RFC 6455 §5.2 spells them.
     #[test]

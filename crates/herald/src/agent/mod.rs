@@ -31,9 +31,10 @@ use tokio::sync::watch;
 use crate::BoxFuture;
 use crate::broker::{Broker, MessageClaim, user_stream};
 pub use crate::config::InFlightLimits;
-use crate::connection::{ConnShared, OutFrame};
+use crate::connection::ConnShared;
 use crate::tasks::Tasks;
 use crate::telemetry;
+use crate::wire::OutFrame;
 
 pub(crate) mod demo;
 pub mod webhook;
