@@ -1,4 +1,4 @@
-//! The `herald` binary: `serve` and `token`.
+//! The `herald` binary: `serve`, `token` and `probe`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,6 +47,16 @@ enum Cmd {
         ttl: humantime::Duration,
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Exit 0 if a Herald answers 200 at URL (a container's health check:
+    /// the image has no curl), else print why and exit 1.
+    Probe {
+        /// What to ask (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// How long the whole check may take.
+        #[arg(long, default_value = "2s")]
+        timeout: humantime::Duration,
     },
 }
 
@@ -123,7 +133,44 @@ fn main() -> anyhow::Result<()> {
             println!("{}", auth::mint_hs256(secret, &user, Duration::from(ttl))?);
             Ok(())
         }
+        Cmd::Probe { url, timeout } => match probe(&url, Duration::from(timeout)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("herald probe {url}: {e:#}");
+                std::process::exit(1);
+            }
+        },
     }
+}
+
+/// GET `url` (plain `http://host:port/path`) and require a 200 within `timeout`.
+fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let rest = url
+        .strip_prefix("http://")
+        .context("only http:// URLs can be probed")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr = host
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("no address for {host}"))?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    write!(
+        sock,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = sock.read(&mut head)?;
+    let status = std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|h| h.split_whitespace().nth(1))
+        .unwrap_or("none");
+    anyhow::ensure!(status == "200", "answered {status}");
+    Ok(())
 }
 
 /// With `--features dhat-heap`: the live heap as the gauge `herald_heap_bytes`,

@@ -240,3 +240,52 @@ async fn json_logs_carry_conn_id_and_user_id() {
         "{line}"
     );
 }
+
+/// `herald probe` (the container image's health check): 0 for a ready
+/// server, 1 with the reason for a draining one, a closed port or a path
+/// that is not 200.
+#[test]
+fn probe_exits_0_only_for_a_ready_server() {
+    let probe = |url: &str| {
+        Command::new(BIN)
+            .args(["probe", "--url", url, "--timeout", "2s"])
+            .output()
+            .unwrap()
+    };
+    let (mut child, addr, _) = serve(&[
+        ("HERALD_ADDR", "127.0.0.1:0"),
+        ("HERALD_DRAIN_WINDOW", "2s"),
+        ("HERALD_JWT_HS256_SECRET", common::SECRET),
+        ("HERALD_API_KEY", common::API_KEY),
+    ]);
+    let ready = probe(&format!("http://{addr}/readyz"));
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    let missing = probe(&format!("http://{addr}/nowhere"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("answered 404"));
+    // Draining: /readyz answers 503 while the connections are closed (this
+    // one, never read, holds the drain for its close timeout).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (_ws, _) = runtime.block_on(common::hello_at(&addr, &common::token("probe")));
+    sigterm(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = probe(&format!("http://{addr}/readyz"));
+        if String::from_utf8_lossy(&out.stderr).contains("answered 503") {
+            assert_eq!(out.status.code(), Some(1));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered 503 while draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait().unwrap();
+    let gone = probe(&format!("http://{addr}/readyz"));
+    assert_eq!(gone.status.code(), Some(1), "nothing listening");
+}
