@@ -786,8 +786,11 @@ async fn lines_that_arrived_together_leave_in_few_broker_calls() {
     let body = answer.split("\r\n\r\n").nth(1).unwrap();
     let calls: Value = serde_json::from_str(body.trim()).unwrap();
     let calls = calls["broker_calls"].as_u64().unwrap();
+    // 10 here, unloaded or not; 14 when a read takes 1 KiB instead of
+    // 8 KiB (mutation testing, issue 41: `READY_BYTES` `8 * 1024` →
+    // `8 + 1024` survived the old bound of 16).
     assert!(
-        (10..=16).contains(&calls),
+        (10..=13).contains(&calls),
         "300 lines took {calls} broker calls"
     );
     let (text, _, _) = read_text(&mut ws, started, texts.concat().len()).await;
