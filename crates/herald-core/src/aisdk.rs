@@ -2109,4 +2109,67 @@ mod tests {
         let frames: Vec<&str> = failed.iter().map(String::as_str).collect();
         assert!(ended_run(&frames, "f", recent).is_none(), "failed");
     }
+    /// Any JSON value, a few levels deep.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z:-]{0,12}".prop_map(Value::from),
+            Just(json!("text-delta")),
+            Just(json!("data-x")),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_owned()),
+                        Just("id".to_owned()),
+                        Just("delta".to_owned()),
+                        Just("text".to_owned()),
+                        Just("part".to_owned()),
+                        Just("tool".to_owned()),
+                        Just("tool_call_id".to_owned()),
+                        Just("chunk".to_owned()),
+                        Just("ui_message_id".to_owned()),
+                        Just("finish_reason".to_owned()),
+                        Just("toolCallId".to_owned()),
+                        Just("toolName".to_owned()),
+                        Just("input".to_owned()),
+                        Just("output".to_owned()),
+                        Just("errorText".to_owned()),
+                        "[a-z]{1,6}",
+                    ],
+                    inner,
+                    0..5,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever a backend publishes (any event name among the mapped
+        /// ones, any data), every chunk written to an `/ai` socket is one
+        /// the transport accepts: a bad event never closes a browser's
+        /// socket. And any value offered to the UI chunk ingest is stored
+        /// or refused, never a panic.
+        #[test]
+        fn every_chunk_written_is_valid(
+            events in proptest::collection::vec((0usize..11, any_json()), 0..30),
+        ) {
+            let names = ["agent_started", "agent_thinking", "agent_text_delta", "tool_executing",
+                         "tool_completed", "agent_completed", "agent_error", "agent_cancelled",
+                         UI_CHUNK, "agent_note", "agent_text_delta"];
+            let mut c = Chunks::default();
+            let mut ingest = Ingest::default();
+            for (i, data) in events {
+                let _ = ingest.chunk(data.clone());
+                for chunk in c.on_event(names[i], "r", &data) {
+                    prop_assert_eq!(check_chunk(&chunk), Ok(()), "{} {} -> {}", names[i], data, chunk);
+                }
+            }
+        }
+    }
 }
