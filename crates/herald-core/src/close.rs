@@ -56,6 +56,9 @@ pub enum CloseReason {
     Kicked,
     /// The server is draining (SIGTERM/SIGINT).
     Shutdown,
+    /// The connection reached `max_connection_age`: the client reconnects
+    /// and resumes (on any node).
+    Rotated,
     /// The server or the user is at its connection limit.
     Capacity,
     /// The broker (Redis) cannot serve the connection now; try again later.
@@ -66,7 +69,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, for exhaustive tests and metric pre-registration.
-    pub const ALL: [CloseReason; 19] = [
+    pub const ALL: [CloseReason; 20] = [
         CloseReason::ClientClose,
         CloseReason::PeerGone,
         CloseReason::IoError,
@@ -83,6 +86,7 @@ impl CloseReason {
         CloseReason::PolicyViolation,
         CloseReason::Kicked,
         CloseReason::Shutdown,
+        CloseReason::Rotated,
         CloseReason::Capacity,
         CloseReason::BrokerUnavailable,
         CloseReason::Internal,
@@ -108,7 +112,7 @@ impl CloseReason {
             CloseReason::UnsupportedData => 1003,
             CloseReason::PolicyViolation => 1008,
             CloseReason::Kicked => 4409,
-            CloseReason::Shutdown => 1012,
+            CloseReason::Shutdown | CloseReason::Rotated => 1012,
             CloseReason::Capacity | CloseReason::BrokerUnavailable => 1013,
             CloseReason::Internal => 1011,
         }
@@ -133,6 +137,7 @@ impl CloseReason {
             CloseReason::PolicyViolation => "policy_violation",
             CloseReason::Kicked => "kicked",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Rotated => "rotated",
             CloseReason::Capacity => "capacity",
             CloseReason::BrokerUnavailable => "broker_unavailable",
             CloseReason::Internal => "internal",
@@ -157,6 +162,7 @@ impl CloseReason {
             self,
             CloseReason::Kicked
                 | CloseReason::Shutdown
+                | CloseReason::Rotated
                 | CloseReason::TokenExpired
                 | CloseReason::Capacity
         )

@@ -161,6 +161,8 @@ pub struct Connection<P> {
     close_deadline: Option<Instant>,
     close_deadline_passed: bool,
     token_expiry: Option<Instant>,
+    /// When the connection is rotated, and the notice it gets first.
+    rotation: Option<(Instant, P)>,
     last_inbound: Instant,
     next_ping: Instant,
     ping_due: bool,
@@ -187,6 +189,7 @@ impl<P: Payload> Connection<P> {
             close_deadline: None,
             close_deadline_passed: false,
             token_expiry: None,
+            rotation: None,
             last_inbound: now,
             next_ping: now,
             ping_due: false,
@@ -411,6 +414,13 @@ impl<P: Payload> Connection<P> {
         self.token_expiry = at;
     }
 
+    /// Rotate the connection at `at` (`max_connection_age`): `notice` (the
+    /// protocol's `closing`) is queued, then the close with
+    /// [`CloseReason::Rotated`] (1012), after what is queued was written.
+    pub fn set_rotation(&mut self, at: Instant, notice: P) {
+        self.rotation = Some((at, notice));
+    }
+
     /// Admit an outbound frame. Only `Ready` connections accept frames.
     ///
     /// When the queue is at its bound the frame is refused with
@@ -550,7 +560,8 @@ impl<P: Payload> Connection<P> {
             State::Ready => {
                 let silence = self.last_inbound + self.cfg.heartbeat_timeout;
                 let next = silence.min(self.next_ping);
-                Some(self.token_expiry.map_or(next, |t| t.min(next)))
+                let next = self.token_expiry.map_or(next, |t| t.min(next));
+                Some(self.rotation.as_ref().map_or(next, |(t, _)| next.min(*t)))
             }
             State::Closing if !self.close_deadline_passed => self.close_deadline,
             _ => None,
@@ -577,6 +588,20 @@ impl<P: Payload> Connection<P> {
                         CloseReason::TokenExpired,
                         Initiator::Server,
                         "token expired",
+                    ),
+                );
+            }
+            State::Ready if self.rotation.as_ref().is_some_and(|(t, _)| now >= *t) => {
+                if let Some((_, notice)) = self.rotation.take() {
+                    // Refused only when the queue is full: the close follows anyway.
+                    let _ = self.send(now, notice);
+                }
+                self.close(
+                    now,
+                    CloseInfo::new(
+                        CloseReason::Rotated,
+                        Initiator::Server,
+                        "connection rotated; resume",
                     ),
                 );
             }
@@ -855,6 +880,27 @@ mod tests {
             }]
         );
         assert!(c.should_drop_transport());
+    }
+
+    #[test]
+    fn rotation_sends_its_notice_then_closes_1012() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        let _ = drain(&mut c);
+        c.set_rotation(now + Duration::from_secs(5), "closing".into());
+        assert_eq!(c.poll_timeout(), Some(now + Duration::from_secs(5)));
+        c.handle_timeout(now + Duration::from_secs(4));
+        assert_eq!(c.state(), State::Ready);
+        c.send(now, "event".into()).unwrap();
+        c.handle_timeout(now + Duration::from_secs(5));
+        let info = c.close_info().cloned().unwrap();
+        assert_eq!((info.reason, info.code), (CloseReason::Rotated, 1012));
+        // What was queued first, then the notice, then the close.
+        let out = drain(&mut c);
+        assert!(
+            matches!(&out[..], [Transmit::Frame(a), Transmit::Frame(b), Transmit::Close { code: 1012, .. }] if a == "event" && b == "closing"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -671,6 +671,7 @@ impl Actor {
             self.slot.authenticated();
             self.span.record("user_id", user);
             self.set_expiry(self.app.verifier().expires_at(&claims));
+            self.set_rotation(now);
             tracing::debug!("hello accepted");
         }
     }
@@ -795,6 +796,23 @@ impl Actor {
                 message: format!("refresh rejected: {e}"),
             }),
         }
+    }
+
+    /// With `max_connection_age`: rotate this connection after it, plus a
+    /// random fifth of it at most (a fleet's connections, opened together,
+    /// do not reconnect in one wave); told to come back at once.
+    fn set_rotation(&self, now: Instant) {
+        let Some(age) = self.app.config().max_connection_age else {
+            return;
+        };
+        let at = now + age + age.mul_f64(rand::random::<f64>() / 5.0);
+        let notice = ServerFrame::Closing {
+            reason: "rotate",
+            reconnect_after_ms: rand::random_range(0..=250),
+        }
+        .to_json();
+        self.conn
+            .with_core(|c| c.set_rotation(at, OutFrame::from(notice)));
     }
 
     fn set_expiry(&self, exp: u64) {

@@ -102,6 +102,7 @@ declare_keys! {
     MAX_OPEN_RUNS = "max_open_runs", Some("100"), "Agent runs open at once per user stream (a replaying hello reads them all); a run beyond it closes the least recently active with agent_error {reason: too_many_runs}";
     RUN_TTL = "run_ttl", Some("10m"), "An agent run with no event for this long is closed with agent_error {reason: run_timeout}";
     IDEMPOTENCY_WINDOW = "idempotency_window", Some("10m"), "How long a publish idempotency_key is remembered (the 1,000 newest per user stream, on either broker)";
+    MAX_CONNECTION_AGE = "max_connection_age", Some("0s"), "A /ws connection older than this (plus up to a fifth of it more, at random, so a fleet does not reconnect in one wave) gets closing {reason: rotate} and close 1012, and its client resumes on whichever node it reaches: under a proxy or platform that cuts connections at a fixed age (Cloud Run's request timeout, a load balancer's), set it below that. 0s: never";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     METRICS_TOKEN = "metrics_token", None, "Bearer token GET /metrics requires (at least 16 bytes), so a scrape, which costs O(connections), is not open to anyone who reaches the port. Unset: /metrics answers anyone";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
@@ -553,6 +554,8 @@ pub struct Config {
     pub max_pending_connections: usize,
     /// Drain window on shutdown.
     pub drain_window: Duration,
+    /// Rotate `/ws` connections older than this (plus jitter); `None`: never.
+    pub max_connection_age: Option<Duration>,
     /// Per-stream history retention.
     pub stream_limits: StreamLimits,
     /// Total history bytes.
@@ -691,6 +694,8 @@ impl Config {
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,
             drain_window: raw.required(key::DRAIN_WINDOW, duration)?,
+            max_connection_age: Some(raw.required(key::MAX_CONNECTION_AGE, duration)?)
+                .filter(|age| !age.is_zero()),
             stream_limits: StreamLimits {
                 max_events: raw.required(key::HISTORY_MAX_EVENTS, positive)?,
                 max_age: raw.required(key::HISTORY_MAX_AGE, duration)?,

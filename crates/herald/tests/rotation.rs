@@ -1,0 +1,174 @@
+//! Connection rotation (`max_connection_age`): a connection past its age
+//! gets `closing {reason: "rotate"}` and close 1012, and its client resumes
+//! — under steady publishing, every event once and in order, nothing reset.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const USERS: usize = 30;
+const AGE: Duration = Duration::from_millis(800);
+/// How long events are published: several ages, so every client rotates.
+const PUBLISHING: Duration = Duration::from_secs(4);
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    seqs: Vec<u64>,
+    rotations: usize,
+    notices: usize,
+    resets: usize,
+    /// When each rotation's close arrived, from the client's start.
+    closed_at: Vec<Duration>,
+}
+
+/// A client that reads until `done`, reconnecting with resume whenever its
+/// connection is rotated (the notice, then close 1012).
+async fn client(server: String, user: String, done: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen::default();
+    let mut position: Option<(String, u64)> = None;
+    let started = Instant::now();
+    loop {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{server}/ws"))
+            .await
+            .unwrap();
+        let mut hello = json!({"type": "hello", "token": token(&user)});
+        if let Some((epoch, seq)) = &position {
+            hello["resume"] = json!({"epoch": epoch, "seq": seq});
+        }
+        futures_util::SinkExt::send(&mut ws, Message::text(hello.to_string()))
+            .await
+            .unwrap();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("a frame or the close within 10 s");
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let f: Value = serde_json::from_str(&t).unwrap();
+                    match f["type"].as_str().unwrap() {
+                        "welcome" => {
+                            if f["reset"] == true {
+                                seen.resets += 1;
+                            }
+                            let epoch = f["epoch"].as_str().unwrap().to_owned();
+                            let seq = position
+                                .as_ref()
+                                .map_or(f["seq"].as_u64().unwrap(), |p| p.1);
+                            position = Some((epoch, seq));
+                        }
+                        "event" => {
+                            let seq = f["seq"].as_u64().unwrap();
+                            seen.seqs.push(seq);
+                            if let Some(p) = position.as_mut() {
+                                p.1 = seq;
+                            }
+                        }
+                        "closing" => {
+                            assert_eq!(f["reason"], "rotate", "{f}");
+                            seen.notices += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    assert_eq!(code, Some(1012), "a rotation closes 1012");
+                    seen.rotations += 1;
+                    seen.closed_at.push(started.elapsed());
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+            if done.load(Ordering::Relaxed) {
+                return seen;
+            }
+        }
+        if done.load(Ordering::Relaxed) {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_connections_resume_and_lose_nothing() {
+    let mut cfg = config();
+    cfg.max_connection_age = Some(AGE);
+    let server = start_with(cfg).await;
+    let addr = server.local_addr().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let users: Vec<String> = (0..USERS).map(|u| format!("rot-{u}")).collect();
+    let clients: Vec<_> = users
+        .iter()
+        .map(|u| tokio::spawn(client(addr.clone(), u.clone(), done.clone())))
+        .collect();
+    wait_for_connections(&server, USERS).await;
+    // Steady publishing: one event per user every 20 ms.
+    let http = client_http();
+    let mut published = 0u64;
+    let until = Instant::now() + PUBLISHING;
+    while Instant::now() < until {
+        let events: Vec<Value> = users
+            .iter()
+            .map(|u| json!({"user_id": u, "event": "tick", "data": {}}))
+            .collect();
+        let r = http
+            .post(http_url(&server, "/api/v1/events"))
+            .bearer_auth(API_KEY)
+            .json(&json!({ "events": events }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        published += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then stop the clients: each returns at its next frame, which this
+    // last event makes sure comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.store(true, Ordering::Relaxed);
+    for u in &users {
+        publish(&server, u, "tick", json!({})).await;
+    }
+    for (u, c) in users.iter().zip(clients) {
+        let seen = c.await.unwrap();
+        assert_eq!(seen.resets, 0, "{u}: reset");
+        assert!(
+            seen.rotations >= 3,
+            "{u}: rotated {} times in {PUBLISHING:?}",
+            seen.rotations
+        );
+        // Each rotation announced (the last notice may come as the client stops).
+        assert!(
+            seen.notices == seen.rotations || seen.notices == seen.rotations + 1,
+            "{u}: {} notices, {} rotations",
+            seen.notices,
+            seen.rotations
+        );
+        // Every seq once, in order, from the first the client saw.
+        for w in seen.seqs.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "{u}: {:?}", &seen.seqs);
+        }
+        assert!(
+            seen.seqs.len() as u64 >= published,
+            "{u}: {} of {published}",
+            seen.seqs.len()
+        );
+        // Ages spread over [AGE, AGE * 1.2] (plus the reconnect).
+        let first = seen.closed_at[0];
+        assert!(first >= AGE, "{u}: rotated after {first:?}");
+    }
+}
+
+fn client_http() -> reqwest::Client {
+    reqwest::Client::new()
+}
