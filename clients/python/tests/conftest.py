@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import http.server
+import queue
 import subprocess
 import threading
 import time
@@ -110,3 +112,37 @@ def ai_response(ws: ClientConnection, request_id: str) -> tuple:
             chunks.append(frame["chunk"])
         elif frame["type"] in ("end", "error"):
             return chunks, frame
+
+
+class Hooked:
+    """A `herald serve` whose webhook is a recorder in this process, signed
+    with `secret`: `received` gets each request's (headers, body)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.received: "queue.Queue[tuple]" = queue.Queue()
+        received = self.received
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.put((dict(self.headers.items()), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        port = free_port()
+        self.hook = http.server.HTTPServer(("127.0.0.1", port), Hook)
+        threading.Thread(target=self.hook.serve_forever, daemon=True).start()
+        self.server = HeraldProcess(
+            {
+                "HERALD_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
+                "HERALD_WEBHOOK_SECRET": secret,
+            }
+        )
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.hook.shutdown()

@@ -5,10 +5,7 @@ httpx mock transport for what each kind of run publishes."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import queue
-import threading
 from typing import Iterator, List
 
 import httpx
@@ -23,51 +20,23 @@ from herald_gateway import (
     verify_webhook,
 )
 
-from conftest import API_KEY, HeraldProcess, ai_response, events, free_port
+from conftest import API_KEY, Hooked as BaseHooked, ai_response, events
 
 HOOK_SECRET = "py-chat-hook-secret-0123456789"
 WORDS = ["It ", "is ", "21 ", "°C ", "in ", "\"Oslo\"", ".\n", "😀"]
 
 
-class Hooked:
-    """A Herald whose webhook is a recorder: `received` gets (headers, body)."""
-
-    def __init__(self) -> None:
-        self.received: "queue.Queue[tuple]" = queue.Queue()
-        received = self.received
-
-        class Hook(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.put((dict(self.headers.items()), body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        port = free_port()
-        self.hook = http.server.HTTPServer(("127.0.0.1", port), Hook)
-        threading.Thread(target=self.hook.serve_forever, daemon=True).start()
-        self.server = HeraldProcess(
-            {
-                "HERALD_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
-                "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
-            }
-        )
+class Hooked(BaseHooked):
+    """The recorder Herald, with each webhook verified as it is taken."""
 
     def next_event(self):
         headers, body = self.received.get(timeout=10)
         return verify_webhook(HOOK_SECRET, headers, body)
 
-    def stop(self) -> None:
-        self.server.stop()
-        self.hook.shutdown()
-
 
 @pytest.fixture
 def hooked() -> Iterator[Hooked]:
-    h = Hooked()
+    h = Hooked(HOOK_SECRET)
     yield h
     h.stop()
 

@@ -4,43 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
-import queue
-import threading
 import time
 
 import pytest
 
 from herald_gateway import ChatRequest, InvalidSignature, UserMessage, mint_token, verify_webhook
 
-from conftest import HeraldProcess, free_port
+from conftest import Hooked
 
 HOOK_SECRET = "py-hook-secret-0123456789"
 
 
 def test_real_deliveries_verify_and_tampering_does_not():
-    received: "queue.Queue[tuple]" = queue.Queue()
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.put((dict(self.headers.items()), body))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    hook = http.server.HTTPServer(("127.0.0.1", port), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    server = HeraldProcess(
-        {
-            "HERALD_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
-            "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
-        }
-    )
+    hooked = Hooked(HOOK_SECRET)
+    received, server = hooked.received, hooked.server
     try:
         ws = server.ws("fay")
         ws.send(json.dumps({"type": "user_message", "id": "m1", "thread_id": "t1", "text": "hi"}))
@@ -69,8 +47,7 @@ def test_real_deliveries_verify_and_tampering_does_not():
         with pytest.raises(InvalidSignature):
             verify_webhook(HOOK_SECRET, missing, body)
     finally:
-        server.stop()
-        hook.shutdown()
+        hooked.stop()
 
 
 def test_minted_tokens_are_accepted(herald_server):

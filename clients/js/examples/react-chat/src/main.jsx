@@ -7,7 +7,7 @@ import { createRoot } from 'react-dom/client';
 import { useChat } from '@ai-sdk/react';
 import { HeraldClient } from 'herald-gateway';
 import { HeraldChatTransport } from 'herald-gateway/ai';
-import { Part, history } from './shared.jsx';
+import { ChatView, history } from './shared.jsx';
 
 const params = new URLSearchParams(location.search);
 const user = params.get('user') ?? 'guest';
@@ -46,45 +46,19 @@ function useConnectionState() {
 }
 
 function Chat() {
-  const { messages, sendMessage, status, stop, error } = useChat({
+  const chat = useChat({
     id: chatId,
     messages: stored,
     transport,
     resume: true, // after a reload, ask the transport for the chat's open run
   });
-  const [input, setInput] = useState('');
   const connection = useConnectionState();
-  useKept(messages, status);
+  useKept(chat.messages, chat.status);
   // For the end-to-end test: what useChat holds.
-  useEffect(() => { window.__chat = { status, messages, connection }; }, [status, messages, connection]);
-
-  const busy = status === 'submitted' || status === 'streaming';
-  const submit = (e) => {
-    e.preventDefault();
-    if (!input.trim() || busy) return;
-    sendMessage({ text: input });
-    setInput('');
-  };
-  return (
-    <>
-      <header>
-        <h1>Herald × useChat</h1>
-        <span className="conn" id="conn" data-state={connection}>{user} · {connection}</span>
-      </header>
-      <main id="messages" data-status={status}>
-        {messages.map((m) => (
-          <div key={m.id} className={`msg ${m.role}`} data-id={m.id}>
-            {m.parts.map((part, i) => <Part key={i} part={part} />)}
-          </div>
-        ))}
-        {error && <div className="error" role="alert">{error.message}</div>}
-      </main>
-      <form onSubmit={submit}>
-        <input id="text" value={input} onChange={(e) => setInput(e.target.value)} placeholder="Ask the agent…" autoComplete="off" />
-        {busy ? <button id="stop" type="button" onClick={() => { transport.cancel(chatId); stop(); }}>Stop</button> : <button id="send" type="submit">Send</button>}
-      </form>
-    </>
-  );
+  useEffect(() => { window.__chat = { status: chat.status, messages: chat.messages, connection }; }, [chat.status, chat.messages, connection]);
+  const badge = <span className="conn" id="conn" data-state={connection}>{user} · {connection}</span>;
+  // useChat's stop() only detaches the stream: the agent is asked to stop too.
+  return <ChatView title="Herald × useChat" status={badge} chat={chat} onStop={() => { transport.cancel(chatId); chat.stop(); }} />;
 }
 
 createRoot(document.getElementById('root')).render(<StrictMode><Chat /></StrictMode>);

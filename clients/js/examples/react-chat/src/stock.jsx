@@ -3,11 +3,11 @@
 // socket (the token rides in each frame's headers, fetched fresh from the
 // app's backend), keeps the answer resumable across reloads and nodes, and
 // stops the agent when useChat's Stop aborts the stream.
-import { StrictMode, useEffect, useState } from 'react';
+import { StrictMode, useEffect } from 'react';
 import { createRoot } from 'react-dom/client';
 import { useChat } from '@ai-sdk/react';
 import { WebSocketChatTransport } from 'ai';
-import { Part, history } from './shared.jsx';
+import { ChatView, history } from './shared.jsx';
 
 const params = new URLSearchParams(location.search);
 const user = params.get('user') ?? 'guest';
@@ -32,39 +32,14 @@ const transport = new WebSocketChatTransport({
 const { stored, useKept } = history(`stock:${user}:${chatId}`);
 
 function Chat() {
-  const { messages, sendMessage, status, stop, error, resumeStream } = useChat({ id: chatId, messages: stored, transport, resume: true });
-  const [input, setInput] = useState('');
-  useKept(messages, status);
-  // For the end-to-end test: what useChat holds.
-  useEffect(() => { window.__chat = { status, messages }; }, [status, messages]);
-  useEffect(() => { window.__resumeStream = resumeStream; }, [resumeStream]);
-  const busy = status === 'submitted' || status === 'streaming';
-  const submit = (e) => {
-    e.preventDefault();
-    if (!input.trim() || busy) return;
-    sendMessage({ text: input });
-    setInput('');
-  };
-  return (
-    <>
-      <header>
-        <h1>useChat × Herald (stock transport)</h1>
-        <span className="conn" id="conn">{user}</span>
-      </header>
-      <main id="messages" data-status={status}>
-        {messages.map((m) => (
-          <div key={m.id} className={`msg ${m.role}`} data-id={m.id}>
-            {m.parts.map((part, i) => <Part key={i} part={part} />)}
-          </div>
-        ))}
-        {error && <div className="error" role="alert">{error.message}</div>}
-      </main>
-      <form onSubmit={submit}>
-        <input id="text" value={input} onChange={(e) => setInput(e.target.value)} placeholder="Ask the agent…" autoComplete="off" />
-        {busy ? <button id="stop" type="button" onClick={() => stop()}>Stop</button> : <button id="send" type="submit">Send</button>}
-      </form>
-    </>
-  );
+  const chat = useChat({ id: chatId, messages: stored, transport, resume: true });
+  useKept(chat.messages, chat.status);
+  // For the end-to-end test: what useChat holds, and its resumeStream.
+  useEffect(() => { window.__chat = { status: chat.status, messages: chat.messages }; }, [chat.status, chat.messages]);
+  useEffect(() => { window.__resumeStream = chat.resumeStream; }, [chat.resumeStream]);
+  const badge = <span className="conn" id="conn">{user}</span>;
+  // Stop aborts the stream; Herald stops the agent.
+  return <ChatView title="useChat × Herald (stock transport)" status={badge} chat={chat} onStop={() => chat.stop()} />;
 }
 
 createRoot(document.getElementById('root')).render(<StrictMode><Chat /></StrictMode>);
