@@ -66,6 +66,22 @@ pub mod runs {
     }
 }
 
+/// A user's turn in the stream: the `user_message` event Herald publishes
+/// for every accepted message, and how a run names the message it answers.
+pub mod turns {
+    /// The event name of a user's accepted message.
+    pub const USER_MESSAGE: &str = "user_message";
+    /// The field of a run's opening event's `data` naming the message it
+    /// answers (the `user_message`'s `id`).
+    pub const ANSWERS_FIELD: &str = "message_id";
+
+    /// The idempotency key a user's message is stored under: once per id,
+    /// and found again when a run names it.
+    pub fn message_key(id: &str) -> String {
+        format!("herald:msg:{id}")
+    }
+}
+
 /// Retention limits of one stream.
 #[derive(Debug, Clone)]
 pub struct StreamLimits {
@@ -113,6 +129,10 @@ pub struct EventMeta {
     pub thread_id: Option<String>,
     /// Set when the event is a text delta (`agent_text_delta`).
     pub delta: Option<Delta>,
+    /// The `user_message` id its run answers (`data.message_id`), read when
+    /// the event opens a run: that message is then kept with the run, so a
+    /// replay of the run shows the question that started it.
+    pub answers: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +472,7 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
                     Some((k, _)) => k.clone(),
                     None => Arc::from(run),
                 };
+                let opens = !self.runs.contains_key(run);
                 let open = self.runs.entry(key.clone()).or_insert_with(|| OpenRun {
                     first_seq: seq,
                     last_at: now,
@@ -470,6 +491,9 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
                     let part = open.parts.entry(d.part.as_str().into()).or_default();
                     part.next += 1;
                     part.last_seq = seq;
+                }
+                if opens && let Some(message) = &meta.answers {
+                    self.pin_question(&key, message);
                 }
                 run_id = Some(key);
             }
@@ -493,6 +517,30 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
         } else {
             Appended::New(seq)
         }
+    }
+
+    /// Keep the `user_message` `message` with `run`, which answers it: if
+    /// it is still in the window and kept by no other run, it is pinned
+    /// with the run's events (replayed with them, dropped when it closes).
+    fn pin_question(&mut self, run: &Arc<str>, message: &str) {
+        let Some(&(seq, _)) = self.idempotency.get(&turns::message_key(message)) else {
+            return;
+        };
+        let Ok(i) = self.window.binary_search_by_key(&seq, |e| e.seq) else {
+            return;
+        };
+        let entry = &mut self.window[i];
+        if entry.run_id.is_some() || !matches!(entry.body, Body::Event(_)) {
+            return;
+        }
+        let Some(open) = self.runs.get_mut(run) else {
+            return;
+        };
+        entry.run_id = Some(run.clone());
+        let len = entry.bytes();
+        open.seqs.push_front(seq);
+        open.bytes += len;
+        self.run_bytes += len;
     }
 
     fn remember_key(&mut self, key: &str, seq: u64, now: Instant, limits: &StreamLimits) {
@@ -711,6 +759,7 @@ mod tests {
             run_id: run.map(Into::into),
             thread_id: None,
             delta: None,
+            answers: None,
         }
     }
 
@@ -832,6 +881,7 @@ mod tests {
             run_id: Some(run.into()),
             thread_id: thread.map(Into::into),
             delta: None,
+            answers: None,
         };
         s.append(now, &m, None, l, |_| "x".repeat(bytes));
     }
@@ -1134,5 +1184,78 @@ mod tests {
             s.expired_runs(t0 + Duration::from_secs(30) + Duration::from_nanos(1), &l),
             vec![("r".to_owned(), None)]
         );
+    }
+
+    /// Issue 39: a run that names the message it answers keeps that
+    /// message with its events — replayed with the run, pinned past the
+    /// window while the run is open, released when it closes — and only
+    /// the run that opened naming it does.
+    #[test]
+    fn a_run_keeps_the_question_it_answers() {
+        let t0 = Instant::now();
+        let mut s = Stream::new("ep", t0);
+        let l = limits(3);
+        let key = turns::message_key("m1");
+        let q = s
+            .append(t0, &meta(turns::USER_MESSAGE, None), Some(&key), &l, |q| {
+                format!("e{q}")
+            })
+            .seq();
+        push(&mut s, t0, meta("note", None), &l);
+        let answering = EventMeta {
+            answers: Some("m1".into()),
+            ..meta(runs::STARTED, Some("r"))
+        };
+        push(&mut s, t0, answering.clone(), &l);
+        assert_eq!(s.active_run_events(0, 3), vec!["e1", "e3"]);
+        assert_eq!(s.active_run_events(q, 3), vec!["e3"]);
+        // A second run naming the same message does not take it.
+        push(
+            &mut s,
+            t0,
+            EventMeta {
+                answers: Some("m1".into()),
+                ..meta(runs::STARTED, Some("r2"))
+            },
+            &l,
+        );
+        push(&mut s, t0, meta(runs::COMPLETED, Some("r2")), &l);
+        // The window (3 events) has moved past the question: still replayed.
+        push(&mut s, t0, meta("note", None), &l);
+        assert_eq!(s.active_run_events(0, 6), vec!["e1", "e3"]);
+        let held = s.run_bytes();
+        assert_eq!(
+            held, 4,
+            "the question and the run's opening event, 2 bytes each"
+        );
+        push(&mut s, t0, meta(runs::COMPLETED, Some("r")), &l);
+        assert!(s.active_run_events(0, 7).is_empty());
+        assert_eq!(s.run_bytes(), 0);
+        assert_eq!(
+            s.bytes(),
+            6,
+            "the window's three events: the pinned ones were dropped"
+        );
+
+        // A message evicted before its run opens is not brought back, and
+        // a run naming an unknown message keeps only its own events.
+        let mut s = Stream::new("ep", t0);
+        s.append(t0, &meta(turns::USER_MESSAGE, None), Some(&key), &l, |q| {
+            format!("e{q}")
+        });
+        for _ in 0..3 {
+            push(&mut s, t0, meta("note", None), &l);
+        }
+        push(&mut s, t0, answering, &l);
+        push(
+            &mut s,
+            t0,
+            EventMeta {
+                answers: Some("nope".into()),
+                ..meta(runs::STARTED, Some("r3"))
+            },
+            &l,
+        );
+        assert_eq!(s.active_run_events(0, 6), vec!["e5", "e6"]);
     }
 }

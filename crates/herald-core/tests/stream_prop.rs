@@ -219,7 +219,7 @@ proptest! {
                         (Some(_), false) => "agent_thinking",
                         (None, _) => "note",
                     };
-                    let meta = EventMeta { event: event.into(), run_id: run_id.clone(), thread_id: None, delta: None };
+                    let meta = EventMeta { event: event.into(), run_id: run_id.clone(), thread_id: None, delta: None, answers: None };
                     let key_str = key.map(|k| format!("k{k}"));
                     let got = s.append(now, &meta, key_str.as_deref(), &limits, |q| format!("e{q}"));
                     if let Some(seq) = m.key(key) {
@@ -251,6 +251,7 @@ proptest! {
                         run_id: Some(r.clone()),
                         thread_id: None,
                         delta: Some(Delta::new(&format!("p{part}"), &text, index, template(&r, part))),
+                        answers: None,
                     };
                     let key_str = key.map(|k| format!("k{k}"));
                     let refused = s.first_out_of_order([(&meta, key_str.as_deref())]);

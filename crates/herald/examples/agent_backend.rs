@@ -141,7 +141,8 @@ async fn answer(b: &Backend, user: &str, run: &str, cancel: &AtomicBool, req: Va
     let thread = req["thread_id"].clone();
     let text = req["text"].as_str().unwrap_or_default().to_owned();
     let steps = [
-        ("agent_started", json!({})),
+        // Naming the message it answers keeps the question with the run.
+        ("agent_started", json!({"message_id": req["message_id"]})),
         ("agent_thinking", json!({"text": "Looking into it"})),
         (
             "tool_executing",

@@ -23,13 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_core::protocol::ServerFrame;
+use herald_core::stream::turns;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::BoxFuture;
-use crate::broker::{Broker, MessageClaim, user_stream};
+use crate::broker::{Broker, MessageClaim, NewEvent, user_stream};
 pub use crate::config::InFlightLimits;
 use crate::connection::ConnShared;
 use crate::tasks::Tasks;
@@ -152,6 +153,13 @@ pub enum DeliveryError {
     /// Too many requests are in flight (on this node, or for this user).
     #[error("agent backend busy: too many requests in flight")]
     Busy,
+    /// The broker could not claim or store the message (it is
+    /// unavailable): it was not forwarded.
+    #[error("the message was not stored: {detail}")]
+    NotStored {
+        /// The broker's error.
+        detail: String,
+    },
 }
 
 impl DeliveryError {
@@ -161,6 +169,7 @@ impl DeliveryError {
             DeliveryError::Rejected { .. } => "backend_rejected",
             DeliveryError::Unavailable { .. } => "backend_unavailable",
             DeliveryError::Busy => "backend_busy",
+            DeliveryError::NotStored { .. } => "broker_unavailable",
         }
     }
 
@@ -173,6 +182,7 @@ impl DeliveryError {
             DeliveryError::Busy => {
                 "too many requests are waiting for the agent backend; retry later"
             }
+            DeliveryError::NotStored { .. } => "the message could not be stored; retry later",
         }
     }
 
@@ -182,6 +192,7 @@ impl DeliveryError {
             DeliveryError::Rejected { .. } => None,
             DeliveryError::Unavailable { .. } => Some(5000),
             DeliveryError::Busy => Some(1000),
+            DeliveryError::NotStored { .. } => Some(1000),
         }
     }
 }
@@ -378,11 +389,32 @@ impl Inbound {
     /// renewed while the forward runs: if this node dies mid-forward, the
     /// claim lapses within the lease and a retry elsewhere forwards again
     /// (the backend may then see the message twice: it deduplicates by id).
-    async fn forward_once(&self, req: &BackendRequest, stream: &str, id: &str) -> (Outcome, bool) {
+    ///
+    /// The node that claims it first stores `question` in the stream (once
+    /// per id: its idempotency key is the message's), so every reader sees
+    /// the turn before any answer to it; a message that could not be stored
+    /// is not forwarded.
+    async fn forward_once(
+        &self,
+        req: &BackendRequest,
+        stream: &str,
+        id: &str,
+        question: NewEvent,
+    ) -> (Outcome, bool) {
         let deadline = tokio::time::Instant::now() + FOREIGN_WAIT;
+        let mut question = Some(question);
         loop {
             match self.broker.claim_message(stream, id, self.lease).await {
                 Ok(MessageClaim::New) => {
+                    if let Some(q) = question.take()
+                        && let Err(e) = self.broker.publish(stream, vec![q]).await
+                    {
+                        self.broker
+                            .settle_message(stream, id, false, self.window)
+                            .await;
+                        let detail = e.to_string();
+                        return (Err(DeliveryError::NotStored { detail }), true);
+                    }
                     let deliver = self.backend.deliver(req);
                     tokio::pin!(deliver);
                     let every = self.lease / 3;
@@ -416,12 +448,8 @@ impl Inbound {
                     );
                 }
                 Err(e) => {
-                    return (
-                        Err(DeliveryError::Unavailable {
-                            detail: e.to_string(),
-                        }),
-                        false,
-                    );
+                    let detail = e.to_string();
+                    return (Err(DeliveryError::NotStored { detail }), false);
                 }
             }
         }
@@ -473,8 +501,9 @@ impl Inbound {
         self.tasks.spawn(async move {
             let user_id = msg.user_id.clone();
             let stream = user_stream(&user_id);
+            let question = question_event(&msg);
             let req = BackendRequest::UserMessage(msg);
-            let (outcome, forwarded) = this.forward_once(&req, &stream, &id).await;
+            let (outcome, forwarded) = this.forward_once(&req, &stream, &id, question).await;
             drop(permit);
             {
                 let mut seen = this.seen.lock();
@@ -559,6 +588,26 @@ impl Inbound {
             }
         });
     }
+}
+
+/// The `user_message` event of an accepted message: its id, text, data and
+/// sender, in its thread, stored once per id.
+fn question_event(msg: &MessageOut) -> NewEvent {
+    let data = serde_json::json!({
+        "id": msg.message_id,
+        "text": msg.text,
+        "data": msg.data,
+        "user_id": msg.user_id,
+    });
+    let mut event = NewEvent::new(
+        turns::USER_MESSAGE.to_owned(),
+        Some(msg.thread_id.clone()),
+        None,
+        data,
+        msg.received_at.clone(),
+    );
+    event.idempotency_key = Some(turns::message_key(&msg.message_id));
+    event
 }
 
 fn send_error(conn: &ConnShared, e: &DeliveryError) {

@@ -132,7 +132,18 @@ impl NewEvent {
             run_id: self.frame.run_id.clone(),
             thread_id: self.frame.thread_id.clone(),
             delta: self.delta.clone(),
+            answers: self.answers().map(str::to_owned),
         }
+    }
+
+    /// The `user_message` id its run answers, if it names one (`data.message_id`
+    /// of an event of a run; the broker reads it when the event opens the run).
+    pub fn answers(&self) -> Option<&str> {
+        self.frame.run_id.as_ref()?;
+        self.frame
+            .data
+            .get(herald_core::stream::turns::ANSWERS_FIELD)?
+            .as_str()
     }
 
     /// Everything after `{"type":"event","seq":N` in its frame (`None` if

@@ -18,6 +18,7 @@
 //! | `…:runbytes` | hash | open run → bytes of its held events; `*` → all open runs together |
 //! | `…:run:<run_id>` | list | the open run's events (`seq`, `json` pairs; a text entry as `<first>`, `T<before>\n<after>`) |
 //! | `…:idem:<key>` | string | the seq of a publish idempotency key (expires; at most `max_idempotency_keys` per stream) |
+//! | `…:ans:<key>` | string | set when a run opened naming the user's message stored under idempotency key `<key>` and took a copy of it into its list (one run per message; expires with the key) |
 //! | `…:idems` | sorted set | the stream's idempotency keys by seq, so the oldest are forgotten first past the bound |
 //! | `…:ch` | channel | `<epoch>\n<seq>\n<json>` per stored event |
 //! | `<prefix>:runs` | sorted set | open runs by last event time (for the sweeper) |
@@ -51,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use herald_core::catchup::StreamPosition;
-use herald_core::stream::{StreamLimits, runs};
+use herald_core::stream::{StreamLimits, runs, turns};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
@@ -669,6 +670,7 @@ impl Shared {
                     script.arg(tail).arg("").arg("").arg("").arg("");
                 }
             }
+            script.arg(e.answers().map(turns::message_key).unwrap_or_default());
         }
         let reply: Vec<redis::Value> = self.run(&script).await?;
         let mut it = reply.into_iter();

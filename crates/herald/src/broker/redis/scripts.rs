@@ -64,10 +64,25 @@ local function start_epoch(base, epoch)
   end
   -- An idempotency key names a seq of the old epoch: forgotten with it.
   for _, key in ipairs(redis.call('ZRANGE', base .. ':idems', 0, -1)) do
-    redis.call('DEL', base .. ':idem:' .. key)
+    redis.call('DEL', base .. ':idem:' .. key, base .. ':ans:' .. key)
   end
   redis.call('DEL', base .. ':log', runs, base .. ':runbytes', base .. ':idems')
   redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0)
+end
+-- A run that opens naming the user's message it answers (stored under
+-- idempotency key `qkey`) keeps a copy of it in its list, ahead of its own
+-- events, so a replay of the run shows the question; `:ans:<qkey>` records
+-- that a run took it (one run only). Returns the bytes the run now holds
+-- for it.
+local function pin_question(base, rk, qkey, idem_ms)
+  local q = redis.call('GET', base .. ':idem:' .. qkey)
+  if not q then return 0 end
+  local e = redis.call('XRANGE', base .. ':log', q .. '-0', q .. '-0')
+  if #e == 0 or e[1][2][5] == 'k' then return 0 end
+  if not redis.call('SET', base .. ':ans:' .. qkey, q, 'NX', 'PX', idem_ms) then return 0 end
+  local json = e[1][2][2]
+  redis.call('LPUSH', rk, json, q)
+  return #json
 end
 local function get_epoch(base, new_epoch)
   local epoch = redis.call('HGET', base .. ':meta', 'epoch')
@@ -107,8 +122,10 @@ end
 /// keys kept per stream, oldest forgotten first), max_open (runs open at
 /// once; beyond, the least recently active are for the caller to close with
 /// `too_many_runs`), then n × (idem, run,
-/// closes, thread, tail, part, index, pre, post): for a text delta `part` is
-/// set, `tail` is its escaped text and `pre`/`post` the frame around it.
+/// closes, thread, tail, part, index, pre, post, qkey): for a text delta
+/// `part` is set, `tail` is its escaped text and `pre`/`post` the frame
+/// around it; `qkey` is the idempotency key of the user's message the
+/// event's run answers, if it names one (used when the event opens the run).
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
 /// Returns {epoch, receivers, k, k × (run to close, its thread, reason), seq1, dup1, …}:
@@ -146,7 +163,7 @@ if cond_run ~= '' then
   if now - last <= tonumber(ARGV[10]) then return {epoch, 0, 0} end
 end
 local n = tonumber(ARGV[11])
-local W = 9
+local W = 10
 -- Where each part stands, read once: {next index, seq of its latest delta,
 -- ms of its keys' last TTL refresh}, kept up to date as the batch writes.
 local parts = {}
@@ -212,6 +229,7 @@ for i = 0, n - 1 do
   local a = 16 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
+  local qkey = ARGV[a + 9]
   local prev = false
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
   local nx, plast, pfresh = 0, 0, 0
@@ -274,7 +292,7 @@ for i = 0, n - 1 do
       local over = redis.call('ZCARD', order) - tonumber(ARGV[14])
       if over > 0 then
         local old = redis.call('ZPOPMIN', order, over)
-        for j = 1, #old, 2 do redis.call('DEL', base .. ':idem:' .. old[j]) end
+        for j = 1, #old, 2 do redis.call('DEL', base .. ':idem:' .. old[j], base .. ':ans:' .. old[j]) end
       end
     end
     if run ~= '' then
@@ -306,6 +324,7 @@ for i = 0, n - 1 do
         if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then
           added = true
           if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[15]) then crowded = true end
+          if qkey ~= '' then size = size + pin_question(base, rk, qkey, ARGV[5]) end
         end
         sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
         total = redis.call('HINCRBY', KEYS[4], '*', size)
