@@ -82,6 +82,50 @@ test('reload mid-run shows the whole run', async () => {
   assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
   const seqs = await page.evaluate(() => window.__herald.seqs);
   assert.equal(new Set(seqs).size, seqs.length, `duplicates after reload: ${seqs}`);
+  // The question that started the run is shown with it, once, before it.
+  const asked = page.locator('.msg.user', { hasText: 'a question to reload during' });
+  assert.equal(await asked.count(), 1);
+  assert.ok(await precedes(asked, card), 'the question comes before its run');
+});
+
+/** Whether `a`'s element comes before `b`'s in the document. */
+async function precedes(a, b) {
+  const other = await b.elementHandle();
+  return a.evaluate((x, y) => Boolean(x.compareDocumentPosition(y) & Node.DOCUMENT_POSITION_FOLLOWING), other);
+}
+
+test('a question sent in one tab appears in the other before its answer', async () => {
+  const other = await browser.newPage({ viewport: { width: 1100, height: 800 } });
+  other.on('pageerror', (e) => console.error('page error (second tab):', e));
+  try {
+    await other.goto(`http://${h.addr}/`);
+    await other.fill('#name', 'pat');
+    await other.press('#name', 'Enter');
+    await other.waitForSelector('#status[data-state="open"]');
+    const text = 'asked in one tab, seen in both';
+    await send(text);
+    const there = other.locator('.msg.user', { hasText: text });
+    await there.waitFor();
+    await other.waitForSelector('.run[data-status="completed"] >> nth=-1');
+    const card = other.locator('.run').last();
+    assert.ok(await precedes(there, card), 'the question is above the run that answers it');
+    const questionSeq = Number(await there.getAttribute('data-seq'));
+    const seqs = await other.evaluate(() => window.__herald.seqs);
+    const at = seqs.indexOf(questionSeq);
+    assert.ok(at >= 0, `question seq ${questionSeq} in ${seqs}`);
+    assert.ok(seqs.slice(at + 1).length > 5, 'the run followed the question');
+    assert.equal(await there.count(), 1);
+    // The sending tab shows its own bubble once: the stored event matched it.
+    await page.waitForSelector(`.run[data-status="completed"] >> nth=-1`);
+    const mine = page.locator('.msg.user', { hasText: text });
+    assert.equal(await mine.count(), 1);
+    assert.equal(await mine.getAttribute('data-stored'), 'true');
+    assert.equal(await mine.getAttribute('data-pending'), 'false');
+    mkdirSync(SHOTS, { recursive: true });
+    await other.screenshot({ path: path.join(SHOTS, 'demo-second-tab.png'), fullPage: true });
+  } finally {
+    await other.close();
+  }
 });
 
 test('reload mid-answer shows the answer text once', async () => {
