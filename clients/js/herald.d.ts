@@ -106,8 +106,37 @@ export interface TextUpdate {
   replayed: boolean;
 }
 
-/** The agent events of docs/PROTOCOL.md, by name: the default event map. */
+/**
+ * The `data` of a `user_message` event: a chat message Herald accepted (the
+ * frame `sendMessage` sent, with its sender).
+ */
+export interface UserMessageData {
+  /** The message id: `sendMessage`'s (its ack's `id`). */
+  id: string;
+  text: string;
+  /** The message's `data` object, as sent (`{}` when none). */
+  data: Record<string, unknown>;
+  /** The sender (the token's `sub`). */
+  user_id: string;
+}
+
+/**
+ * A chat message Herald accepted: published in the sender's stream (in its
+ * thread, with no `run_id`) once per message id, before it is forwarded to
+ * the agent, so every tab (the sender's included) sees the question before
+ * the answer. A run answering it names it in `agent_started.data.message_id`;
+ * a page opened mid-run is replayed this event first, then the run.
+ */
+export type UserMessageEvent = HeraldEvent<UserMessageData> & { event: 'user_message'; thread_id: string };
+
+/**
+ * The events of docs/PROTOCOL.md, by name: the default event map — the
+ * accepted `user_message`s and the agent events.
+ */
 export interface AgentEvents {
+  /** A message Herald accepted (see `UserMessageEvent`). */
+  user_message: UserMessageEvent;
+  /** A run opened; `message_id` names the `user_message` it answers. */
   agent_started: HeraldEvent<{ message_id?: string; agent?: string; [k: string]: unknown }>;
   agent_thinking: HeraldEvent<{ text?: string; [k: string]: unknown }>;
   tool_executing: HeraldEvent<{ tool: string; tool_call_id?: string; input?: unknown; [k: string]: unknown }>;

@@ -89,8 +89,9 @@ export class HeraldClient {
   get state() { return this._state; }
 
   /**
-   * Subscribe. Names: any event name (`agent_thinking`, …), `event` (every
-   * event), `text` (a run's text part grew: `{runId, part, text, delta, seq,
+   * Subscribe. Names: any event name (`user_message` — a message Herald
+   * accepted, the sender's own included —, `agent_started`,
+   * `agent_thinking`, …), `event` (every event), `text` (a run's text part grew: `{runId, part, text, delta, seq,
    * replayed}`, `text` being the part so far), `state`, `welcome`, `reset`,
    * `caught_up` (after each welcome, once the replay is over), `closing`,
    * `error`, `close`.

@@ -130,14 +130,20 @@ export interface ToolCall {
 export type ChunkSource = ReadableStream<unknown> | AsyncIterable<unknown>;
 
 /**
- * One agent run: opened with `agent_started` (unless Herald opened it),
- * ended with exactly one of `agent_completed`, `agent_error`,
- * `agent_cancelled`.
+ * One agent run: opened with `agent_started` (unless Herald opened it; with
+ * `{ message_id }` when it answers a `user_message`), ended with exactly one
+ * of `agent_completed`, `agent_error`, `agent_cancelled`.
  */
 export declare class Run implements AsyncDisposable {
   readonly id: string;
   readonly userId: string;
   readonly threadId: string | undefined;
+  /**
+   * The id of the `user_message` the run answers (`herald.run(message)`),
+   * sent as `message_id` in its `agent_started` so Herald keeps the question
+   * with the run; `undefined` otherwise.
+   */
+  readonly messageId: string | undefined;
   /** True once the run's closing event was published (or a piped stream ended it). */
   readonly ended: boolean;
   /** Aborted when the user stops the run (`herald.cancelled(event)`) or your signal aborts: pass it to `streamText`. */
@@ -166,7 +172,11 @@ export declare class Herald {
   publishMany(events: EventIn[], options?: CallOptions): Promise<Published[]>;
   disconnect(userId: string, options?: CallOptions): Promise<number>;
   connections(filter?: { userId?: string; limit?: number }, options?: CallOptions): Promise<{ connections: ConnectionInfo[]; total: number; truncated: boolean }>;
-  /** The started run, for `await using`. */
+  /**
+   * The started run, for `await using`. A run of a `UserMessage` opens with
+   * `agent_started` `{ message_id: messageId }`; a `ChatRequest`'s is
+   * Herald's run (no second `agent_started`).
+   */
   run(to: string | UserMessage | ChatRequest, options?: RunOptions): Promise<Run>;
   /** The callback form: the run ends with the callback (completed, error, cancelled); resolves its value. */
   run<T>(to: string | UserMessage | ChatRequest, options: RunOptions, body: (run: Run) => Promise<T>): Promise<T>;

@@ -154,6 +154,8 @@ export class Herald {
 
   /**
    * An agent run. `to` is a user id, or the webhook event it answers (a
+   * `user_message`: its user and thread, and its `agent_started` names the
+   * message, `{message_id}`, so Herald keeps the question with the run; a
    * `chat_request` is answered in the run Herald opened: its id and chat,
    * no second `agent_started`). With `body`, the callback form: the run
    * ends `agent_completed` when it resolves (its value as the final
@@ -227,7 +229,8 @@ function target(to, { threadId, runId, started, signal }) {
     return { userId: to.userId, threadId: to.chatId, runId: to.runId, started: started ?? true, signal };
   }
   if (to && typeof to === 'object' && to.type === 'user_message') {
-    return { userId: to.userId, threadId: to.threadId, runId: runId ?? newRunId(), started: started ?? false, signal };
+    // Its agent_started names the message: Herald keeps the question with the run.
+    return { userId: to.userId, threadId: to.threadId, runId: runId ?? newRunId(), started: started ?? false, signal, messageId: to.messageId };
   }
   if (typeof to !== 'string' || to === '') throw new TypeError('a run answers a user id, a user_message or a chat_request');
   return { userId: to, threadId, runId: runId ?? newRunId(), started: started ?? false, signal };
@@ -238,8 +241,8 @@ const newRunId = () => `run_${randomId().replaceAll('-', '')}`;
 const segment = (v) => encodeURIComponent(v);
 
 /**
- * One agent run: opened with `agent_started` (unless Herald opened it),
- * ended with exactly one of `agent_completed`, `agent_error`,
+ * One agent run: opened with `agent_started` (unless Herald opened it; with
+ * `{message_id}` when it answers a `user_message`), ended with exactly one of `agent_completed`, `agent_error`,
  * `agent_cancelled`. Text is confirmed before any other event of the run is
  * published, so events keep their order.
  */
@@ -249,11 +252,13 @@ export class Run {
   #text = null;
   #calls = 0;
 
-  constructor(herald, { userId, threadId, runId, started, signal }) {
+  constructor(herald, { userId, threadId, runId, started, signal, messageId }) {
     this.#herald = herald;
     this.userId = userId;
     this.threadId = threadId;
     this.id = runId;
+    /** The id of the user message the run answers (named in its `agent_started`), if any. */
+    this.messageId = messageId;
     this.ended = false;
     this.opened = started;
     if (signal) signal.addEventListener('abort', () => this.#controller.abort(signal.reason), { once: true });
@@ -265,7 +270,7 @@ export class Run {
   /** @internal */
   async start() {
     this.#herald.track(this.id, this.#controller);
-    if (!this.opened) await this.#publish('agent_started', {});
+    if (!this.opened) await this.#publish('agent_started', this.messageId === undefined ? {} : { message_id: this.messageId });
     this.opened = true;
   }
 

@@ -45,7 +45,14 @@ test('sendMessage resolves on ack and the demo agent run arrives in order', asyn
   const final = await done;
   assert.match(final.data.final_response, /hello agent/);
   const names = [...new Set(events.map((e) => e.event))];
-  assert.deepEqual(names, ['agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_text_delta', 'agent_completed']);
+  // The accepted message is in the stream first (published before the
+  // agent sees it), then the run that names it.
+  assert.deepEqual(names, ['user_message', 'agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_text_delta', 'agent_completed']);
+  assert.equal(events.filter((e) => e.event === 'user_message').length, 1);
+  assert.deepEqual(events[0].data, { id: ack.id, text: 'hello agent', data: {}, user_id: 'n2' });
+  assert.equal(events[0].thread_id, 't1');
+  assert.equal(events[0].run_id, undefined);
+  assert.equal(events[1].data.message_id, ack.id);
   // The answer, assembled from its deltas, is the final response.
   assert.ok(texts.length > 10, `${texts.length} text updates`);
   assert.equal(texts.at(-1).text, final.data.final_response);

@@ -28,6 +28,8 @@ export async function handle(req: Request): Promise<Response> {
     }
     case 'user_message': {
       const answer: string = await herald.run(event, {}, async (run: Run) => {
+        const answers: string | undefined = run.messageId; // named in its agent_started
+        void answers;
         await run.thinking(`about ${event.text}`);
         run.text(event.text);
         return event.text;

@@ -5,6 +5,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
+import http from 'node:http';
 import net from 'node:net';
 import { Herald, HeraldError, InvalidSignature, TextStreamError, mintToken, verifyWebhook } from '../server.js';
 import { startHerald, until } from './helpers.mjs';
@@ -17,20 +18,22 @@ after(async () => { await h.stop(); });
 
 const heraldOf = (server, options = {}) => new Herald({ url: `http://${server.addr}`, apiKey: API_KEY, ...options });
 
-/** A `/ws` socket of `user` (token from mintToken), welcomed, recording its events. */
+/** A `/ws` socket of `user` (token from mintToken), welcomed, recording its events (and its `caught_up`). */
 async function watch(server, user, hello = {}) {
   const ws = new WebSocket(`ws://${server.addr}/ws`, ['herald.v1']);
   const events = [];
   let welcome;
+  let caughtUp;
   ws.addEventListener('message', (m) => {
     const f = JSON.parse(m.data);
     if (f.type === 'event') events.push(f);
     if (f.type === 'welcome') welcome = f;
+    if (f.type === 'caught_up') caughtUp = f;
   });
   await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
   ws.send(JSON.stringify({ type: 'hello', token: await mintToken(SECRET, user), ...hello }));
   await until(() => welcome !== undefined, 5000, 'the welcome');
-  return { ws, events, welcome, close: () => ws.close() };
+  return { ws, events, welcome, get caughtUp() { return caughtUp; }, close: () => ws.close() };
 }
 
 /** The text of `part` the events show, joined. */
@@ -109,6 +112,108 @@ test('runs: completed, failed (rethrown), cancelled; tools and thoughts in order
   await run[Symbol.asyncDispose]();
   assert.equal(herald.cancelled({ type: 'cancel', runId: run.id }), false, 'ended: no longer tracked');
   w.close();
+});
+
+test('a run of a user_message names it in agent_started; runs of a user id or a chat_request do not', async () => {
+  const w = await watch(h, 'um1');
+  const herald = heraldOf(h);
+  const message = { type: 'user_message', userId: 'um1', threadId: 't1', messageId: 'msg-42', text: 'hi', data: {} };
+  // The callback form and `await using`'s, of a message; then of a user id.
+  const answered = await herald.run(message, async (run) => { assert.equal(run.messageId, 'msg-42'); return run.id; });
+  const open = await herald.run(message, { runId: 'run_um1_open' });
+  await open.complete();
+  const plain = await herald.run('um1', { threadId: 't1' });
+  assert.equal(plain.messageId, undefined);
+  await plain.complete();
+  await until(() => w.events.filter((e) => e.event === 'agent_completed').length === 3, 5000, 'three runs');
+  const started = w.events.filter((e) => e.event === 'agent_started').map((e) => [e.run_id, e.thread_id, e.data]);
+  assert.deepEqual(started, [
+    [answered, 't1', { message_id: 'msg-42' }],
+    ['run_um1_open', 't1', { message_id: 'msg-42' }],
+    [plain.id, 't1', {}],
+  ]);
+  // A chat_request's run is Herald's (nothing published on opening), and
+  // opened again on request it names no message.
+  const bodies = [];
+  const recording = new Herald({
+    url: 'http://herald.test', apiKey: API_KEY,
+    fetch: async (url, init) => {
+      bodies.push(...JSON.parse(init.body).events);
+      return new Response(JSON.stringify({ results: [{ seq: bodies.length, epoch: 'e', delivered: 0 }] }), { status: 200 });
+    },
+  });
+  const chat = { type: 'chat_request', userId: 'um1', chatId: 'c1', threadId: 'c1', runId: 'run_c', trigger: 'regenerate-message', messageId: 'm-old', messages: [] };
+  await recording.run(chat, async () => {});
+  await recording.run(chat, { started: false }, async () => {});
+  await recording.run(message, { runId: 'run_s', started: true }, async () => {});
+  assert.deepEqual(bodies.map((e) => [e.event, e.run_id, e.data]), [
+    ['agent_completed', 'run_c', {}],
+    ['agent_started', 'run_c', {}],
+    ['agent_completed', 'run_c', {}],
+    ['agent_completed', 'run_s', {}],
+  ]);
+  w.close();
+});
+
+test('a page opened mid-run is replayed the user_message, then the run that answers it (run(event) of the webhook)', async () => {
+  const hookSecret = 'srv-turns-hook-0123456789';
+  const deliveries = [];
+  const hook = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (d) => chunks.push(d));
+    req.on('end', () => {
+      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
+      res.writeHead(200);
+      res.end();
+    });
+  });
+  await new Promise((r) => hook.listen(0, '127.0.0.1', r));
+  const hw = await startHerald({
+    HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: API_KEY,
+    HERALD_WEBHOOK_URL: `http://127.0.0.1:${hook.address().port}/hook`, HERALD_WEBHOOK_SECRET: hookSecret,
+  });
+  let page;
+  try {
+    const sender = await watch(hw, 'kai');
+    sender.ws.send(JSON.stringify({ type: 'user_message', id: 'q-1', thread_id: 't9', text: 'what time is it?', data: { lang: 'en' } }));
+    await until(() => deliveries.length === 1, 5000, 'the webhook delivery');
+    const message = await verifyWebhook(hookSecret, deliveries[0].headers, new Uint8Array(deliveries[0].body));
+    assert.equal(message.type, 'user_message');
+    assert.equal(message.messageId, 'q-1');
+    // The backend answers with the SDK's run of the message, left open.
+    const run = await heraldOf(hw).run(message);
+    await run.thinking('looking at the clock');
+    await until(() => sender.events.length === 3, 5000, 'the live events');
+    assert.deepEqual(sender.events.map((e) => e.event), ['user_message', 'agent_started', 'agent_thinking']);
+    // A new page asks for the open runs (no resume).
+    page = await watch(hw, 'kai', { replay_active_runs: true });
+    assert.equal(page.welcome.replaying, true);
+    await until(() => page.caughtUp !== undefined, 5000, 'caught_up');
+    const replayed = page.events.slice();
+    assert.deepEqual(replayed.map((e) => e.event), ['user_message', 'agent_started', 'agent_thinking'], 'the question first, then the run');
+    const [question, started, thinking] = replayed;
+    assert.deepEqual(question.data, { id: 'q-1', text: 'what time is it?', data: { lang: 'en' }, user_id: 'kai' });
+    assert.equal(question.thread_id, 't9');
+    assert.equal(question.run_id, undefined);
+    assert.deepEqual([started.run_id, thinking.run_id], [run.id, run.id]);
+    assert.deepEqual(started.data, { message_id: 'q-1' });
+    const seqs = replayed.map((e) => e.seq);
+    assert.deepEqual(seqs, [...new Set(seqs)].sort((a, b) => a - b), 'each once, in seq order');
+    assert.deepEqual(seqs, sender.events.map((e) => e.seq), 'the events the sender saw live');
+    assert.ok(replayed.every((e) => e.replayed === true));
+    assert.equal(page.caughtUp.seq, seqs.at(-1));
+    // Nothing comes a second time; the run's end arrives live, once.
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(page.events.length, 3);
+    await run.complete('noon');
+    await until(() => page.events.length === 4, 5000, 'the end of the run');
+    assert.deepEqual([page.events[3].event, page.events[3].run_id, page.events[3].replayed], ['agent_completed', run.id, undefined]);
+    sender.close();
+  } finally {
+    page?.close();
+    await hw.stop();
+    hook.close();
+  }
 });
 
 test('5,000 text deltas through run.text and through the AI SDK bridge arrive whole and in order', async () => {

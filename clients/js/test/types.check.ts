@@ -1,7 +1,7 @@
 // Compiled by `tsc --noEmit` in `npm test`: the .d.ts must type real use,
 // and must refuse wrong use (each @ts-expect-error fails the check if the
 // line below it compiles).
-import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldClock, type HeraldEvent } from '../herald.js';
+import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldClock, type HeraldEvent, type UserMessageEvent } from '../herald.js';
 
 const c = new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null });
 c.on('agent_thinking', (e) => {
@@ -15,6 +15,18 @@ c.on('tool_completed', (e) => {
   void tool; void id;
 });
 c.on('event', (e) => { const name: string = e.event; void name; });
+// Every accepted message is an event; its run's agent_started names it.
+c.on('user_message', (e) => {
+  const id: string = e.data.id;
+  const text: string = e.data.text;
+  const data: Record<string, unknown> = e.data.data;
+  const sender: string = e.data.user_id;
+  const thread: string = e.thread_id;
+  void id; void text; void data; void sender; void thread;
+});
+c.on('agent_started', (e) => { const answers: string | undefined = e.data.message_id; void answers; });
+// @ts-expect-error: a message's id is a string
+c.on('user_message', (e) => { const n: number = e.data.id; void n; });
 c.on('closing', (f) => { const ms: number = f.reconnect_after_ms; void ms; });
 // @ts-expect-error: not an event of the map
 c.on('agent_thinkin', () => {});
@@ -37,6 +49,8 @@ interface MyEvents { note: HeraldEvent<{ body: string }> }
 const mine = new HeraldClient<AgentEvents & MyEvents>({ url: 'ws://localhost/ws', token: 't' });
 mine.on('note', (e) => { const body: string = e.data.body; void body; });
 mine.on('agent_completed', (e) => { void e.data.final_response; });
+const question = (e: UserMessageEvent): string => `${e.data.user_id}: ${e.data.text}`;
+mine.on('user_message', (e) => { void question(e); });
 
 async function sends(): Promise<void> {
   const ack: { id: string } = await c.sendMessage('t1', 'hi', {}, { id: 'm1' });

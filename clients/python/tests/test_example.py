@@ -83,11 +83,16 @@ def test_fastapi_example_streams_a_run_and_honours_cancel(example):
     ws = server.ws("hal")
     ws.send(json.dumps({"type": "user_message", "id": "m1", "thread_id": "t1", "text": "hello"}))
     got = frames_until(ws, lambda f: f.get("event") in ("agent_completed", "agent_error"))
-    assert got[0] == {"type": "ack", "id": "m1", "status": "accepted"}
-    assert [f["event"] for f in got[1:]] == [
+    # Herald publishes the accepted message before it forwards it: the
+    # question comes first, then the ack, then the run.
+    assert (got[0]["type"], got[0]["event"], got[0]["thread_id"]) == ("event", "user_message", "t1")
+    assert got[0]["data"] == {"id": "m1", "text": "hello", "data": {}, "user_id": "hal"}
+    assert got[1] == {"type": "ack", "id": "m1", "status": "accepted"}
+    assert [f["event"] for f in got[2:]] == [
         "agent_started", "agent_thinking", "tool_executing", "tool_completed",
         "agent_thinking", "agent_completed",
     ]
+    assert got[2]["data"]["message_id"] == "m1", "the run names the message it answers"
     assert got[-1]["data"] == {"final_response": "You said: hello"}
 
     ws.send(json.dumps({"type": "user_message", "id": "m2", "thread_id": "t1", "text": "stop me"}))
@@ -150,7 +155,12 @@ def test_fastapi_example_answers_two_users_who_use_the_same_message_id(example):
         if {"type": "ack", "id": "same", "status": "accepted"} not in got:
             got += frames_until(ws, lambda f: f.get("type") == "ack", timeout=10)
         assert {"type": "ack", "id": "same", "status": "accepted"} in got
-        runs = {f["run_id"] for f in got if f.get("type") == "event"}
+        # Each user's own question (published before the run), then one run.
+        questions = [f for f in got if f.get("event") == "user_message"]
+        assert [(q["data"]["id"], q["data"]["user_id"], q["data"]["text"]) for q in questions] == [
+            ("same", user, f"from {user}"),
+        ]
+        runs = {f["run_id"] for f in got if f.get("type") == "event" and f["event"] != "user_message"}
         assert len(runs) == 1
         completed = [f for f in got if f.get("event") == "agent_completed"]
         assert [f["data"] for f in completed] == [{"final_response": f"You said: from {user}"}]

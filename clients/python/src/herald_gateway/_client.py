@@ -168,7 +168,9 @@ class Herald:
 
         ``user`` is a user id, or the webhook event the run answers: a
         :class:`UserMessage` (its user and thread; a new run id unless
-        ``run_id`` is given) or a :class:`ChatRequest` (its user, Herald's
+        ``run_id`` is given; its ``agent_started`` carries the message's id as
+        ``message_id``, so Herald keeps the question with the run) or a
+        :class:`ChatRequest` (its user, Herald's
         ``run_id`` and ``thread_id`` = its ``chat_id``; neither may be
         passed). ``started=True`` says Herald opened the run already, so
         entering it publishes no ``agent_started`` — the default for a

@@ -6,6 +6,11 @@ confirmed before any other event of the run is published, so events keep
 their order. Text that cannot be delivered ends the run with ``agent_error``
 and raises :class:`TextStreamError` out of the block: never a silent loss.
 
+A run of a :class:`UserMessage` names the message it answers: its
+``agent_started`` carries ``{"message_id": <the message's id>}``, so Herald
+keeps the question with the run (a client that joins mid-run is replayed the
+``user_message`` event, then the run).
+
 A run Herald opened itself (an AI SDK chat turn, :class:`ChatRequest`) is
 answered in that run: its id and thread are the request's, and it is not
 opened again (no second ``agent_started``)."""
@@ -32,9 +37,10 @@ Target = Union[str, UserMessage, ChatRequest]
 
 def _target(
     to: Target, thread_id: Optional[str], run_id: Optional[str], started: Optional[bool]
-) -> Tuple[str, Optional[str], Optional[str], bool]:
-    """The user, thread and run ids of a run, and whether Herald opened it
-    already, from :meth:`Herald.run`'s arguments."""
+) -> Tuple[str, Optional[str], Optional[str], bool, Optional[str]]:
+    """The user, thread and run ids of a run, whether Herald opened it
+    already, and the id of the message it answers (a :class:`UserMessage`'s,
+    else ``None``), from :meth:`Herald.run`'s arguments."""
     if isinstance(to, ChatRequest):
         if thread_id is not None or run_id is not None:
             raise TypeError(
@@ -42,16 +48,23 @@ def _target(
                 "do not pass thread_id or run_id"
             )
         # Herald opened the run (and published its agent_started).
-        return to.user_id, to.chat_id, to.run_id, True if started is None else started
+        return to.user_id, to.chat_id, to.run_id, True if started is None else started, None
     if isinstance(to, UserMessage):
         if thread_id is not None:
             raise TypeError("a run answering a UserMessage uses its thread_id: do not pass one")
-        return to.user_id, to.thread_id, run_id, bool(started)
+        # Its agent_started names the message, so Herald keeps the question
+        # with the run.
+        return to.user_id, to.thread_id, run_id, bool(started), to.message_id
     if not isinstance(to, str):
         raise TypeError(
             f"a run's user is a user id, a UserMessage or a ChatRequest, not {type(to).__name__}"
         )
-    return to, thread_id, run_id, bool(started)
+    return to, thread_id, run_id, bool(started), None
+
+
+def _opening(message_id: Optional[str]) -> Dict[str, Any]:
+    """The data of a run's ``agent_started``: the message it answers, if any."""
+    return {} if message_id is None else {"message_id": message_id}
 
 
 def _closing(
@@ -120,12 +133,16 @@ class Run:
         thread_id: Optional[str],
         run_id: Optional[str],
         started: bool = False,
+        message_id: Optional[str] = None,
     ) -> None:
         self._client, self.user_id, self.thread_id = client, user_id, thread_id
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         #: Whether Herald opened the run already (then entering it publishes nothing).
         self.started = started
+        #: The id of the user message the run answers (a :class:`UserMessage`'s),
+        #: sent as ``message_id`` in its ``agent_started``; ``None`` otherwise.
+        self.message_id = message_id
         self._final: Any = None
         self._text = TextStream(client, user_id, self.run_id, thread_id)
 
@@ -147,7 +164,7 @@ class Run:
         if self.started:
             return self
         try:
-            self._emit("agent_started", {})
+            self._emit("agent_started", _opening(self.message_id))
         except _CANCELLED as e:
             # Interrupted with the opening event in flight: Herald may have
             # delivered it, so the run still gets its closing event.
@@ -222,12 +239,16 @@ class AsyncRun:
         thread_id: Optional[str],
         run_id: Optional[str],
         started: bool = False,
+        message_id: Optional[str] = None,
     ) -> None:
         self._client, self.user_id, self.thread_id = client, user_id, thread_id
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         #: Whether Herald opened the run already (then entering it publishes nothing).
         self.started = started
+        #: The id of the user message the run answers (a :class:`UserMessage`'s),
+        #: sent as ``message_id`` in its ``agent_started``; ``None`` otherwise.
+        self.message_id = message_id
         self._final: Any = None
         self._text = AsyncTextStream(client, user_id, self.run_id, thread_id)
 
@@ -246,7 +267,7 @@ class AsyncRun:
         if self.started:
             return self
         try:
-            await self._emit("agent_started", {})
+            await self._emit("agent_started", _opening(self.message_id))
         except _CANCELLED as e:
             # Cancelled with the opening event in flight: Herald may have
             # delivered it, so the run still gets its closing event.
