@@ -125,6 +125,12 @@ pub enum LifecycleError {
     /// `authenticate` is only legal while handshaking.
     #[error("cannot authenticate a connection in state {0:?}")]
     NotHandshaking(State),
+    /// `subscribe` is only legal while ready.
+    #[error("cannot subscribe a connection in state {0:?}")]
+    NotReady(State),
+    /// The subscription id is in use.
+    #[error("subscription {0} exists")]
+    Subscribed(u32),
 }
 
 /// What the writer must put on the wire next.
@@ -154,6 +160,9 @@ pub struct Connection<P> {
     /// Set by [`Connection::join`]: live events are accepted (held) before the welcome.
     joining: bool,
     merge: Merge<P>,
+    /// The shared streams it subscribed to besides its own, each with its
+    /// own merge-by-seq (ids chosen by the I/O layer).
+    subs: Vec<(u32, Merge<P>)>,
     close: Option<CloseInfo>,
     close_sent: bool,
     close_received: bool,
@@ -183,6 +192,7 @@ impl<P: Payload> Connection<P> {
             queued_bytes: 0,
             joining: false,
             merge: Merge::joining(),
+            subs: Vec::new(),
             close: None,
             close_sent: false,
             close_received: false,
@@ -206,9 +216,11 @@ impl<P: Payload> Connection<P> {
         self.close.as_ref()
     }
 
-    /// Frames waiting to be written, plus live events held by the catch-up.
+    /// Frames waiting to be written, plus live events held by the catch-ups.
     pub fn queue_len(&self) -> usize {
-        self.queue.len() + self.merge.held()
+        self.queue.len()
+            + self.merge.held()
+            + self.subs.iter().map(|(_, m)| m.held()).sum::<usize>()
     }
 
     /// Bytes waiting in the outbound queue.
@@ -224,6 +236,153 @@ impl<P: Payload> Connection<P> {
     /// True while a `Ready` connection still replays history or runs.
     pub fn catching_up(&self) -> bool {
         self.state == State::Ready && !self.merge.is_live()
+    }
+
+    /// Subscribe to another stream under `id`: from now on its live events
+    /// ([`Connection::send_sub_event`]) are held until
+    /// [`Connection::start_subscription`]. Only while `Ready`; an `id` in
+    /// use is refused.
+    pub fn subscribe(&mut self, id: u32) -> Result<(), LifecycleError> {
+        if self.state != State::Ready {
+            return Err(LifecycleError::NotReady(self.state));
+        }
+        if self.subs.iter().any(|(i, _)| *i == id) {
+            return Err(LifecycleError::Subscribed(id));
+        }
+        self.subs.push((id, Merge::joining()));
+        Ok(())
+    }
+
+    /// Subscription `id`'s position is known: `subscribed` (the protocol's
+    /// answer) is queued, then its catch-up starts with `plan`, merged with
+    /// the events held since [`Connection::subscribe`] as for the own stream.
+    pub fn start_subscription(&mut self, id: u32, subscribed: P, plan: Plan) {
+        if self.state != State::Ready {
+            return;
+        }
+        let Some(merge) = self.sub_mut(id) else {
+            return;
+        };
+        let mut ready = vec![subscribed];
+        merge.start(plan, &mut ready);
+        self.admit_events(ready);
+    }
+
+    /// Drop subscription `id` (held events go with it); false if there was none.
+    pub fn unsubscribe(&mut self, id: u32) -> bool {
+        let before = self.subs.len();
+        self.subs.retain(|(i, _)| *i != id);
+        self.subs.len() != before
+    }
+
+    /// The subscriptions, by id.
+    pub fn subscriptions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.subs.iter().map(|(i, _)| *i)
+    }
+
+    /// The highest seq of subscription `id` handed to the queue.
+    pub fn sub_sent_seq(&self, id: u32) -> Option<u64> {
+        self.subs
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, m)| m.sent())
+    }
+
+    /// True while subscription `id` still replays history or runs.
+    pub fn sub_catching_up(&self, id: u32) -> bool {
+        self.subs.iter().any(|(i, m)| *i == id && !m.is_live())
+    }
+
+    fn sub_mut(&mut self, id: u32) -> Option<&mut Merge<P>> {
+        self.subs.iter_mut().find(|(i, _)| *i == id).map(|(_, m)| m)
+    }
+
+    /// What history a subscription's catch-up needs next, once the own
+    /// stream's needs none and what is queued was written.
+    pub fn wants_sub_history(&self) -> Option<(u32, HistoryRequest)> {
+        if self.state != State::Ready || !self.queue.is_empty() {
+            return None;
+        }
+        self.subs
+            .iter()
+            .find_map(|(i, m)| m.wants_history().map(|r| (*i, r)))
+    }
+
+    /// [`Connection::push_history`] for subscription `id`.
+    pub fn push_sub_history(
+        &mut self,
+        id: u32,
+        page: impl IntoIterator<Item = impl Covering<P>>,
+    ) -> Result<(), Gap> {
+        if self.state != State::Ready {
+            return Ok(());
+        }
+        let Some(merge) = self.sub_mut(id) else {
+            return Ok(());
+        };
+        let mut ready = Vec::new();
+        let result = merge.on_history(page, &mut ready);
+        self.admit_events(ready);
+        result
+    }
+
+    /// [`Connection::push_runs`] for subscription `id`.
+    pub fn push_sub_runs(&mut self, id: u32, frames: impl IntoIterator<Item = P>) {
+        if self.state != State::Ready {
+            return;
+        }
+        let Some(merge) = self.sub_mut(id) else {
+            return;
+        };
+        let mut ready = Vec::new();
+        merge.on_runs(frames, &mut ready);
+        self.admit_events(ready);
+    }
+
+    /// [`Connection::expect_seq`] for subscription `id`.
+    pub fn expect_sub_seq(&mut self, id: u32, last_seq: u64) {
+        if self.state == State::Ready
+            && let Some(merge) = self.sub_mut(id)
+        {
+            merge.expect(last_seq);
+        }
+    }
+
+    /// [`Connection::send_event`] for subscription `id`: a live event of
+    /// that stream. An event for a subscription that is gone is dropped
+    /// ([`LiveOutcome::Duplicate`]).
+    pub fn send_sub_event(
+        &mut self,
+        now: Instant,
+        id: u32,
+        seq: u64,
+        frame: P,
+    ) -> Result<LiveOutcome, SendRefused> {
+        match self.state {
+            State::Handshaking => return Err(SendRefused::Handshaking),
+            State::Closing => return Err(SendRefused::Closing),
+            State::Closed => return Err(SendRefused::Closed),
+            State::Ready => {}
+        }
+        let max = self.cfg.max_queue_frames;
+        let Some(merge) = self.sub_mut(id) else {
+            return Ok(LiveOutcome::Duplicate);
+        };
+        if merge.held() >= max {
+            self.close_slow(now);
+            return Err(SendRefused::QueueFull);
+        }
+        let mut ready = Released::default();
+        let outcome = merge.on_live(seq, frame, &mut ready);
+        let live = merge.is_live();
+        match ready {
+            Released {
+                first: Some(frame),
+                rest,
+            } if rest.is_empty() && live => self.send(now, frame)?,
+            ready => self.admit_events(ready.into_vec()),
+        }
+        Ok(outcome)
     }
 
     /// The connection joined its stream (subscribed) but its position is not
@@ -1232,5 +1391,146 @@ mod tests {
         assert_eq!(c.queue_len(), 4, "at the frame bound");
         c.push_catch_up_frame("caught_up".into());
         assert_eq!((c.queue_len(), c.state()), (5, State::Ready));
+    }
+
+    fn frames(c: &mut Connection<String>) -> Vec<String> {
+        drain(c)
+            .into_iter()
+            .filter_map(|t| match t {
+                Transmit::Frame(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 39: a subscription is a second merge-by-seq on the same queue.
+    /// Events of the subscribed stream held before its position was known
+    /// are merged with its history after the `subscribed` frame; the own
+    /// stream flows meanwhile; an unsubscribed stream's events are dropped.
+    #[test]
+    fn a_subscription_merges_its_own_seqs_beside_the_own_stream() {
+        let now = Instant::now();
+        let mut c = ready(now);
+        assert_eq!(frames(&mut c), vec!["welcome"]);
+        c.subscribe(7).unwrap();
+        assert_eq!(c.subscribe(7), Err(LifecycleError::Subscribed(7)));
+        // Live events of the shared stream before its position is known: held.
+        assert_eq!(
+            c.send_sub_event(now, 7, 11, "t11".into()),
+            Ok(LiveOutcome::Held)
+        );
+        assert_eq!(
+            c.send_sub_event(now, 7, 12, "t12".into()),
+            Ok(LiveOutcome::Held)
+        );
+        // The own stream is not held back by it.
+        assert_eq!(
+            c.send_event(now, 1, "u1".into()),
+            Ok(LiveOutcome::Delivered)
+        );
+        assert_eq!(c.queue_len(), 3, "one queued, two held");
+        // Resume at 9 of the shared stream: 10 comes from history.
+        c.start_subscription(
+            7,
+            "subscribed".into(),
+            Plan::Replay {
+                after: 9,
+                until: 12,
+            },
+        );
+        assert!(c.sub_catching_up(7));
+        assert_eq!(c.wants_sub_history(), None, "the queue is written first");
+        assert_eq!(frames(&mut c), vec!["u1", "subscribed"]);
+        assert_eq!(
+            c.wants_sub_history(),
+            Some((
+                7,
+                HistoryRequest::Range {
+                    after: 9,
+                    until: 12
+                }
+            ))
+        );
+        let page = [(10, "t10"), (11, "t11"), (12, "t12")].map(|(q, f)| (q, f.to_owned()));
+        c.push_sub_history(7, page).unwrap();
+        assert!(!c.sub_catching_up(7));
+        assert_eq!(c.sub_sent_seq(7), Some(12));
+        assert_eq!(frames(&mut c), vec!["t10", "t11", "t12"]);
+        // Live from here: duplicates dropped, the next one straight through.
+        assert_eq!(
+            c.send_sub_event(now, 7, 12, "dup".into()),
+            Ok(LiveOutcome::Duplicate)
+        );
+        assert_eq!(
+            c.send_sub_event(now, 7, 13, "t13".into()),
+            Ok(LiveOutcome::Delivered)
+        );
+        // A gap is filled from history first.
+        assert_eq!(
+            c.send_sub_event(now, 7, 15, "t15".into()),
+            Ok(LiveOutcome::Held)
+        );
+        assert_eq!(frames(&mut c), vec!["t13"]);
+        assert_eq!(
+            c.wants_sub_history(),
+            Some((
+                7,
+                HistoryRequest::Range {
+                    after: 13,
+                    until: 14
+                }
+            ))
+        );
+        assert_eq!(
+            c.push_sub_history(7, vec![(15, "t15".to_owned())]),
+            Err(Gap { after: 13 }),
+            "a page that skips 14 is a gap, never written past"
+        );
+        // Unsubscribed: its events are dropped, the own stream goes on.
+        assert!(c.unsubscribe(7));
+        assert!(!c.unsubscribe(7));
+        assert_eq!(
+            c.send_sub_event(now, 7, 16, "t16".into()),
+            Ok(LiveOutcome::Duplicate)
+        );
+        assert_eq!(
+            c.send_event(now, 2, "u2".into()),
+            Ok(LiveOutcome::Delivered)
+        );
+        assert_eq!(frames(&mut c), vec!["u2"]);
+        assert_eq!(c.subscriptions().count(), 0);
+    }
+
+    /// Subscribing needs a ready connection; a subscription's held events
+    /// count against the queue bound like the own stream's (slow consumer).
+    #[test]
+    fn subscriptions_are_bounded_like_the_own_stream() {
+        let now = Instant::now();
+        let mut fresh: Connection<String> = Connection::new(now, cfg());
+        assert_eq!(
+            fresh.subscribe(1),
+            Err(LifecycleError::NotReady(State::Handshaking))
+        );
+        assert_eq!(
+            fresh.send_sub_event(now, 1, 1, "x".into()),
+            Err(SendRefused::Handshaking)
+        );
+        let mut c = ready(now);
+        c.subscribe(1).unwrap();
+        for seq in 1..=4 {
+            assert_eq!(
+                c.send_sub_event(now, 1, seq, format!("s{seq}")),
+                Ok(LiveOutcome::Held)
+            );
+        }
+        assert_eq!(
+            c.send_sub_event(now, 1, 5, "s5".into()),
+            Err(SendRefused::QueueFull)
+        );
+        assert_eq!(c.state(), State::Closing);
+        assert_eq!(
+            c.close_info().map(|i| i.reason),
+            Some(CloseReason::SlowConsumer)
+        );
     }
 }

@@ -78,6 +78,46 @@ pub struct UserMessage {
     /// Free-form extra data; must be an object.
     #[serde(default)]
     pub data: Map<String, Value>,
+    /// The shared stream it is written to (subscribed, with write
+    /// permission); absent: the user's own stream.
+    #[serde(default)]
+    pub stream: Option<String>,
+}
+
+/// A request to read a shared stream on this connection.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Subscribe {
+    /// The stream (see [`shared_stream_problem`]).
+    pub stream: String,
+    /// Where to resume it from.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+    /// Replay the events of the stream's open agent runs.
+    #[serde(default)]
+    pub replay_active_runs: bool,
+}
+
+/// Longest shared stream name, in bytes.
+pub const MAX_STREAM_BYTES: usize = 200;
+
+/// Why `name` is not a shared stream's name, if it is not: 1–200 bytes of
+/// `A–Z a–z 0–9 _ . : @ -`, with a `:` after a non-empty namespace
+/// (`thread:abc`), and not a user's own stream (`user:…`).
+pub fn shared_stream_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > MAX_STREAM_BYTES {
+        return Some("must be 1 to 200 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+    {
+        return Some("may hold only A-Z a-z 0-9 _ . : @ -");
+    }
+    match name.split_once(':') {
+        Some(("user", _)) => Some("names a user's own stream (`user:`), which is not shared"),
+        Some((ns, rest)) if !ns.is_empty() && !rest.is_empty() => None,
+        _ => Some("must be `<namespace>:<name>`, e.g. `thread:abc`"),
+    }
 }
 
 /// A parsed, validated client frame.
@@ -103,6 +143,13 @@ pub enum ClientFrame {
     Refresh {
         /// The new JWT.
         token: String,
+    },
+    /// `subscribe`: read a shared stream on this connection too.
+    Subscribe(Subscribe),
+    /// `unsubscribe`: stop reading a shared stream.
+    Unsubscribe {
+        /// The stream.
+        stream: String,
     },
     /// A `type` this server does not know (answered with `error`, not a close).
     Unknown {
@@ -179,6 +226,9 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, Fr
             let msg: UserMessage = typed("user_message", value, id.clone())?;
             check_id("user_message", "id", &msg.id, limits, &id)?;
             check_id("user_message", "thread_id", &msg.thread_id, limits, &id)?;
+            if let Some(problem) = msg.stream.as_deref().and_then(shared_stream_problem) {
+                return Err(invalid("user_message", "stream", problem, id));
+            }
             if msg.text.len() > limits.max_text_bytes {
                 return Err(too_long("user_message", "text", limits.max_text_bytes, id));
             }
@@ -200,6 +250,34 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, Fr
             }
             let a: Ack = typed("ack", value, None)?;
             Ok(ClientFrame::Ack { seq: a.seq })
+        }
+        "subscribe" => {
+            let sub: Subscribe = typed("subscribe", value, None)?;
+            if let Some(problem) = shared_stream_problem(&sub.stream) {
+                return Err(invalid("subscribe", "stream", problem, None));
+            }
+            if let Some(r) = &sub.resume
+                && r.epoch.len() > limits.max_epoch_bytes
+            {
+                return Err(too_long(
+                    "subscribe",
+                    "resume.epoch",
+                    limits.max_epoch_bytes,
+                    None,
+                ));
+            }
+            Ok(ClientFrame::Subscribe(sub))
+        }
+        "unsubscribe" => {
+            #[derive(Deserialize)]
+            struct Unsubscribe {
+                stream: String,
+            }
+            let u: Unsubscribe = typed("unsubscribe", value, None)?;
+            if let Some(problem) = shared_stream_problem(&u.stream) {
+                return Err(invalid("unsubscribe", "stream", problem, None));
+            }
+            Ok(ClientFrame::Unsubscribe { stream: u.stream })
         }
         "ping" => Ok(ClientFrame::Ping),
         "refresh" => {
@@ -280,6 +358,15 @@ fn check_id(
     Ok(())
 }
 
+fn invalid(kind: &'static str, field: &str, problem: &str, id: Option<String>) -> FrameError {
+    FrameError::InvalidField {
+        kind,
+        field: field.to_owned(),
+        problem: problem.to_owned(),
+        id,
+    }
+}
+
 fn too_long(kind: &'static str, field: &str, max: usize, id: Option<String>) -> FrameError {
     FrameError::InvalidField {
         kind,
@@ -315,10 +402,53 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         replaying: bool,
     },
-    /// The replay announced by the welcome is over: live events follow.
+    /// The replay announced by the welcome (or by `subscribed`) is over:
+    /// live events follow.
     CaughtUp {
         /// The last seq handed over so far.
         seq: u64,
+        /// The shared stream it is about; absent for the user's own.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stream: Option<&'a str>,
+    },
+    /// Answer to a granted `subscribe`: the stream's position, then its
+    /// replayed events (if any), then its live events.
+    Subscribed {
+        /// The stream.
+        stream: &'a str,
+        /// Its epoch.
+        epoch: &'a str,
+        /// Its latest seq at this moment.
+        seq: u64,
+        /// Whether the requested resume point was honoured.
+        resumed: bool,
+        /// Present and true when the resume point could not be honoured.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
+        /// Present and true when replayed events follow (a `caught_up`
+        /// with this stream marks their end).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        replaying: bool,
+        /// Whether this user may write to it (`user_message`, `cancel`).
+        write: bool,
+    },
+    /// The connection no longer reads a shared stream.
+    Unsubscribed {
+        /// The stream.
+        stream: &'a str,
+        /// `client` (asked for), `removed` (through the API).
+        reason: &'a str,
+    },
+    /// A refused request about a shared stream (`subscribe`, a write to it):
+    /// an `error` frame naming the stream; the connection stays.
+    #[serde(rename = "error")]
+    StreamError {
+        /// Machine-readable code.
+        code: &'a str,
+        /// Human-readable detail.
+        message: &'a str,
+        /// The stream it is about.
+        stream: &'a str,
     },
     /// An agent event on the user's stream.
     Event(&'a EventFrame),
@@ -372,8 +502,11 @@ impl ServerFrame<'_> {
 /// The body of an `event` frame (without `type`, which [`ServerFrame`] adds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventFrame {
-    /// Position in the user's stream.
+    /// Position in its stream.
     pub seq: u64,
+    /// The shared stream it belongs to; absent for the user's own stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     /// Event name, e.g. `agent_thinking`.
     pub event: String,
     /// Conversation thread, if any.
@@ -419,6 +552,15 @@ pub mod codes {
     pub const RATE_LIMITED: &str = "rate_limited";
     /// A refresh token was rejected.
     pub const INVALID_TOKEN: &str = "invalid_token";
+    /// The stream may not be read (or written) by this user, or does not
+    /// exist: the two are not told apart.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// The connection reads `max_streams_per_connection` shared streams already.
+    pub const TOO_MANY_STREAMS: &str = "too_many_streams";
+    /// The connection does not read that stream.
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+    /// The broker could not serve the request; try again later.
+    pub const BROKER_UNAVAILABLE: &str = "broker_unavailable";
 }
 
 #[cfg(test)]
@@ -518,11 +660,16 @@ mod tests {
             json!({"type":"welcome","conn_id":"c1","user_id":"u1","epoch":"e","seq":57,"resumed":false,"reset":true,"heartbeat_ms":25000,"replaying":true})
         );
         assert_eq!(
-            ServerFrame::CaughtUp { seq: 9 }.to_json(),
+            ServerFrame::CaughtUp {
+                seq: 9,
+                stream: None
+            }
+            .to_json(),
             r#"{"type":"caught_up","seq":9}"#
         );
         let e = EventFrame {
             seq: 3,
+            stream: None,
             event: "agent_thinking".into(),
             thread_id: Some("t1".into()),
             run_id: None,
@@ -554,5 +701,87 @@ mod tests {
         assert_eq!(field, "seq");
         assert!(problem.starts_with("invalid type"), "{problem}");
         assert!(!problem.contains(" at line "), "{problem}");
+    }
+
+    /// Issue 39: `subscribe` / `unsubscribe` parse, and only shared stream
+    /// names pass (never a user's own stream, never a name a key could
+    /// confuse); a `user_message` may name one.
+    #[test]
+    fn subscribe_frames_and_stream_names() {
+        let f = parse(r#"{"type":"subscribe","stream":"thread:t1","resume":{"epoch":"e","seq":3},"replay_active_runs":true}"#)
+            .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Subscribe(Subscribe {
+                stream: "thread:t1".into(),
+                resume: Some(Resume {
+                    epoch: "e".into(),
+                    seq: 3
+                }),
+                replay_active_runs: true
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"unsubscribe","stream":"room:a.b@c-d_e"}"#).unwrap(),
+            ClientFrame::Unsubscribe {
+                stream: "room:a.b@c-d_e".into()
+            }
+        );
+        for bad in [
+            "",
+            "thread",
+            ":x",
+            "thread:",
+            "user:bob",
+            "thread:a}b",
+            "thread:a b",
+            "t:\u{e9}",
+        ] {
+            let frame = format!(r#"{{"type":"subscribe","stream":"{bad}"}}"#);
+            match parse(&frame) {
+                Err(FrameError::InvalidField { field, .. }) => assert_eq!(field, "stream", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let long = format!("thread:{}", "a".repeat(MAX_STREAM_BYTES));
+        assert!(shared_stream_problem(&long).is_some());
+        assert!(shared_stream_problem(&long[..MAX_STREAM_BYTES]).is_none());
+        match parse(
+            r#"{"type":"user_message","id":"m","thread_id":"t","text":"x","stream":"user:me"}"#,
+        ) {
+            Err(FrameError::InvalidField { field, id, .. }) => {
+                assert_eq!((field.as_str(), id.as_deref()), ("stream", Some("m")))
+            }
+            other => panic!("{other:?}"),
+        }
+        let m = parse(
+            r#"{"type":"user_message","id":"m","thread_id":"t","text":"x","stream":"thread:t"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(m, ClientFrame::UserMessage(UserMessage { stream: Some(s), .. }) if s == "thread:t")
+        );
+        let sub = ServerFrame::Subscribed {
+            stream: "thread:t",
+            epoch: "e",
+            seq: 4,
+            resumed: true,
+            reset: false,
+            replaying: true,
+            write: false,
+        };
+        assert_eq!(
+            sub.to_json(),
+            r#"{"type":"subscribed","stream":"thread:t","epoch":"e","seq":4,"resumed":true,"replaying":true,"write":false}"#
+        );
+        let err = ServerFrame::StreamError {
+            code: codes::FORBIDDEN,
+            message: "no",
+            stream: "thread:t",
+        };
+        assert_eq!(
+            err.to_json(),
+            r#"{"type":"error","code":"forbidden","message":"no","stream":"thread:t"}"#
+        );
     }
 }

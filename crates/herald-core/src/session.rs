@@ -14,7 +14,8 @@
 use crate::close::{CloseInfo, CloseReason, Initiator};
 use crate::lifecycle::State;
 use crate::protocol::{
-    ClientFrame, FrameError, Hello, Limits, ServerFrame, UserMessage, codes, parse_client_frame,
+    ClientFrame, FrameError, Hello, Limits, ServerFrame, Subscribe, UserMessage, codes,
+    parse_client_frame,
 };
 
 /// A frame the server answers with, owned (see [`Reply::to_json`]).
@@ -83,6 +84,13 @@ pub enum Inbound {
         /// The token.
         token: String,
     },
+    /// Subscribe to a shared stream, if permitted.
+    Subscribe(Subscribe),
+    /// Drop a shared stream.
+    Unsubscribe {
+        /// The stream.
+        stream: String,
+    },
     /// Nothing to do (the connection is closing).
     Ignore,
 }
@@ -133,6 +141,8 @@ pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
         (_, ClientFrame::Refresh { token }) => Inbound::Refresh { token },
         (_, ClientFrame::UserMessage(m)) => Inbound::UserMessage(m),
         (_, ClientFrame::Cancel { run_id }) => Inbound::Cancel { run_id },
+        (_, ClientFrame::Subscribe(sub)) => Inbound::Subscribe(sub),
+        (_, ClientFrame::Unsubscribe { stream }) => Inbound::Unsubscribe { stream },
         (_, ClientFrame::Unknown { kind }) => Inbound::Reply(Reply::Error {
             code: codes::UNKNOWN_TYPE,
             message: format!("unknown frame type `{kind}`"),

@@ -87,6 +87,18 @@ impl Template {
         }
     }
 
+    /// The same frame in shared stream `stream` (its frames name it right
+    /// after their seq, as every event of a shared stream does).
+    pub fn in_stream(self, stream: Option<&str>) -> Self {
+        match stream {
+            None => self,
+            Some(stream) => Self {
+                pre: format!(",\"stream\":{}{}", json_string(stream), self.pre).into(),
+                post: self.post,
+            },
+        }
+    }
+
     /// What follows `"seq":N` in a single delta's frame with this (escaped) text.
     pub fn tail(&self, text: &str) -> String {
         let mut out = String::with_capacity(self.pre.len() + text.len() + self.post.len());

@@ -96,7 +96,7 @@ fn valid_frame(limits: Limits) -> impl Strategy<Value = (ClientFrame, String)> {
     )
         .prop_map(|(id, thread_id, text, data)| {
             let v = json!({"type": "user_message", "id": id, "thread_id": thread_id, "text": text, "data": data});
-            let m = UserMessage { id, thread_id, text, data };
+            let m = UserMessage { id, thread_id, text, data, stream: None };
             (ClientFrame::UserMessage(m), v.to_string())
         });
     let cancel = text_up_to(l.max_id_bytes).prop_map(|run_id| {

@@ -122,6 +122,20 @@ fn check_limits(frame: &ClientFrame, limits: &Limits, kind: &str) {
             within(&m.id, limits.max_id_bytes);
             within(&m.thread_id, limits.max_id_bytes);
             within(&m.text, limits.max_text_bytes);
+            if let Some(stream) = &m.stream {
+                shared(stream);
+            }
+        }
+        ClientFrame::Subscribe(sub) => {
+            assert_eq!(kind, "subscribe");
+            shared(&sub.stream);
+            if let Some(r) = &sub.resume {
+                within(&r.epoch, limits.max_epoch_bytes);
+            }
+        }
+        ClientFrame::Unsubscribe { stream } => {
+            assert_eq!(kind, "unsubscribe");
+            shared(stream);
         }
         ClientFrame::Cancel { run_id } => {
             assert_eq!(kind, "cancel");
@@ -136,12 +150,37 @@ fn check_limits(frame: &ClientFrame, limits: &Limits, kind: &str) {
         ClientFrame::Unknown { kind: k } => {
             assert_eq!(k, kind);
             assert!(
-                !["hello", "user_message", "cancel", "refresh", "ack", "ping"]
-                    .contains(&k.as_str()),
+                ![
+                    "hello",
+                    "user_message",
+                    "cancel",
+                    "refresh",
+                    "ack",
+                    "ping",
+                    "subscribe",
+                    "unsubscribe"
+                ]
+                .contains(&k.as_str()),
                 "a known type parsed as unknown"
             );
         }
     }
+}
+
+/// A shared stream name that parsed: 1–200 bytes of the allowed set, with a
+/// namespace, never a user's own stream.
+fn shared(stream: &str) {
+    assert!(!stream.is_empty() && stream.len() <= 200, "{stream:?}");
+    assert!(
+        stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b)),
+        "{stream:?}"
+    );
+    assert!(
+        !stream.starts_with("user:") && stream.contains(':'),
+        "{stream:?}"
+    );
 }
 
 fn verifier() -> &'static Verifier {

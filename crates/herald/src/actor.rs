@@ -42,6 +42,7 @@ use crate::wire::Flushed;
 use crate::wire::OutFrame;
 
 mod ai;
+mod streams;
 
 /// Which way the socket became ready.
 enum Ready {
@@ -182,6 +183,8 @@ fn start(
         bucket: Bucket::new(rate, clock::now()),
         replaying: false,
         mode,
+        claims: None,
+        sub_replaying: Vec::new(),
     };
     // The actor lives in this block and the loop borrows it: one copy of
     // it in the task (an `async fn` taking it by value would hold two).
@@ -259,6 +262,10 @@ struct Actor {
     /// The welcome announced a replay whose end (`caught_up`) is not sent yet.
     replaying: bool,
     mode: Mode,
+    /// The token's claims, kept when they grant shared streams.
+    claims: Option<Box<crate::auth::Claims>>,
+    /// Subscriptions whose `subscribed` announced a replay not over yet.
+    sub_replaying: Vec<u32>,
 }
 
 impl Actor {
@@ -318,6 +325,10 @@ impl Actor {
                 // Boxed: rare, large futures would otherwise be part of every
                 // idle connection's task (the future is sized for its largest state).
                 Box::pin(self.catch_up(request)).await;
+                continue;
+            }
+            if let Some((id, request)) = self.conn.with_core(|c| c.wants_sub_history()) {
+                Box::pin(self.catch_up_sub(id, request)).await;
                 continue;
             }
             if self.conn.with_core(|c| c.should_drop_transport()) {
@@ -608,9 +619,26 @@ impl Actor {
             Inbound::Hello(hello) => self.on_hello(hello).await,
             Inbound::Ack { seq } => self.conn.record_ack(seq),
             Inbound::Refresh { token } => self.on_refresh(&token),
+            Inbound::Subscribe(sub) => Box::pin(self.on_subscribe(sub)).await,
+            Inbound::Unsubscribe { stream } => self.on_unsubscribe(&stream),
             Inbound::UserMessage(m) => {
                 let Some(user) = self.conn.user() else { return };
+                if let Some(stream) = &m.stream
+                    && !self.conn.sub(stream).is_some_and(|s| s.write)
+                {
+                    // Not subscribed, or read only: refused, and nothing
+                    // says whether the stream exists.
+                    let nack = ServerFrame::Nack {
+                        id: &m.id,
+                        error: codes::FORBIDDEN,
+                        message: Some("subscribe to the stream, with write permission, first"),
+                        retry_after_ms: None,
+                    };
+                    let _ = self.conn.send(OutFrame::from(nack.to_json()));
+                    return;
+                }
                 let msg = MessageOut {
+                    stream: m.stream,
                     user_id: user.to_owned(),
                     thread_id: m.thread_id,
                     message_id: m.id,
@@ -668,6 +696,9 @@ impl Actor {
             .conn
             .with_core(|c| c.authenticate(now, OutFrame::from(welcome), decision.plan));
         if authenticated.is_ok() {
+            if !claims.streams.is_empty() {
+                self.claims = Some(Box::new(claims.clone()));
+            }
             self.slot.authenticated();
             self.span.record("user_id", user);
             self.set_expiry(self.app.verifier().expires_at(&claims));
@@ -790,7 +821,11 @@ impl Actor {
             }
         });
         match result {
-            Ok(claims) => self.set_expiry(self.app.verifier().expires_at(&claims)),
+            Ok(claims) => {
+                self.set_expiry(self.app.verifier().expires_at(&claims));
+                // Later subscribes are judged by the newer token's grants.
+                self.claims = (!claims.streams.is_empty()).then(|| Box::new(claims));
+            }
             Err(e) => self.reply(&Reply::Error {
                 code: codes::INVALID_TOKEN,
                 message: format!("refresh rejected: {e}"),
@@ -839,6 +874,7 @@ fn caught_up(core: &mut herald_core::Connection<OutFrame>, replaying: &mut bool)
         *replaying = false;
         let frame = ServerFrame::CaughtUp {
             seq: core.sent_seq(),
+            stream: None,
         };
         core.push_catch_up_frame(OutFrame::from(frame.to_json()));
     }

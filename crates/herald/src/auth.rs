@@ -1,6 +1,7 @@
 //! Client authentication: JWT verification (HS256, RS256, ES256) and minting
 //! development tokens.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -16,6 +17,68 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// The shared streams the user may read (`"r"`) or read and write
+    /// (`"rw"`): a stream's name, or a prefix ending in `*`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub streams: BTreeMap<String, String>,
+}
+
+/// What a user may do with a shared stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// Nothing: not readable, and not told apart from a stream that does not exist.
+    None,
+    /// Read it (`subscribe`).
+    Read,
+    /// Read it and write to it (`user_message`, `cancel`).
+    Write,
+}
+
+/// Most entries of a token's `streams` claim.
+pub const MAX_STREAM_GRANTS: usize = 64;
+
+impl Claims {
+    /// What the token grants on shared stream `stream`: the most any of
+    /// its entries gives (an exact name, or a prefix ending in `*`).
+    pub fn access(&self, stream: &str) -> Access {
+        self.streams
+            .iter()
+            .filter(|(pattern, _)| match pattern.strip_suffix('*') {
+                Some(prefix) => stream.starts_with(prefix),
+                None => pattern.as_str() == stream,
+            })
+            .map(|(_, mode)| {
+                if mode == "rw" {
+                    Access::Write
+                } else {
+                    Access::Read
+                }
+            })
+            .max()
+            .unwrap_or(Access::None)
+    }
+}
+
+/// The `streams` claim checked: an object of at most [`MAX_STREAM_GRANTS`]
+/// entries, each a name or prefix (`…*`) of 1–201 bytes mapped to `"r"` or `"rw"`.
+fn stream_grants(v: Option<serde_json::Value>) -> Result<BTreeMap<String, String>, AuthError> {
+    let Some(v) = v else {
+        return Ok(BTreeMap::new());
+    };
+    let serde_json::Value::Object(map) = v else {
+        return Err(AuthError::InvalidStreams);
+    };
+    if map.len() > MAX_STREAM_GRANTS {
+        return Err(AuthError::InvalidStreams);
+    }
+    map.into_iter()
+        .map(|(pattern, mode)| match mode.as_str() {
+            Some(m @ ("r" | "rw")) if !pattern.is_empty() && pattern.len() <= 201 => {
+                Ok((pattern, m.to_owned()))
+            }
+            _ => Err(AuthError::InvalidStreams),
+        })
+        .collect()
 }
 
 /// The claims as decoded, before Herald checks their presence and types
@@ -26,6 +89,8 @@ struct RawClaims {
     sub: Option<serde_json::Value>,
     #[serde(default)]
     exp: Option<serde_json::Value>,
+    #[serde(default)]
+    streams: Option<serde_json::Value>,
 }
 
 /// Why a JWT key could not be used.
@@ -66,6 +131,10 @@ pub enum AuthError {
     /// `sub` is empty or too long.
     #[error("invalid sub")]
     InvalidSub,
+    /// The `streams` claim is not an object of at most 64 names or
+    /// prefixes (`…*`) mapped to `"r"` or `"rw"`.
+    #[error("invalid streams claim")]
+    InvalidStreams,
     /// The header lists critical extensions (`crit`); Herald understands
     /// none, so it must refuse the token (RFC 7515 §4.1.11).
     #[error("unsupported critical header extension")]
@@ -178,9 +247,11 @@ impl Verifier {
             RawClaims {
                 sub: Some(serde_json::Value::String(sub)),
                 exp: Some(exp),
+                streams,
             } => Claims {
                 sub,
                 exp: numeric_date(&exp).ok_or(AuthError::Malformed)?,
+                streams: stream_grants(streams)?,
             },
             RawClaims { .. } => return Err(AuthError::Malformed),
         };
@@ -234,6 +305,17 @@ pub fn mint_hs256(
     user: &str,
     ttl: Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    mint_hs256_with_streams(secret, user, ttl, &BTreeMap::new())
+}
+
+/// [`mint_hs256`] with a `streams` claim (shared streams the user may read,
+/// `"r"`, or read and write, `"rw"`; names or prefixes ending in `*`).
+pub fn mint_hs256_with_streams(
+    secret: &str,
+    user: &str,
+    ttl: Duration,
+    streams: &BTreeMap<String, String>,
+) -> Result<String, jsonwebtoken::errors::Error> {
     /// What a minted token says: `iat` and a random `jti` make two tokens
     /// minted for one user in the same second different (a client that must
     /// not reuse a kicked token can tell a fresh one).
@@ -243,6 +325,8 @@ pub fn mint_hs256(
         exp: u64,
         iat: u64,
         jti: String,
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        streams: &'a BTreeMap<String, String>,
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -252,6 +336,7 @@ pub fn mint_hs256(
         exp: (now + ttl).as_secs(),
         iat: now.as_secs(),
         jti: format!("{:016x}", rand::random::<u64>()),
+        streams,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -437,6 +522,7 @@ mod tests {
             &Claims {
                 sub: "a".into(),
                 exp,
+                streams: BTreeMap::new(),
             },
             &EncodingKey::from_secret(S.as_bytes()),
         )
@@ -447,6 +533,7 @@ mod tests {
             &Claims {
                 sub: "a".into(),
                 exp: unix_now() + 60,
+                streams: BTreeMap::new(),
             },
             &EncodingKey::from_secret(S.as_bytes()),
         )
@@ -503,5 +590,59 @@ mod tests {
         let v = verifier();
         assert_eq!(v.verify(&a).unwrap().sub, "u");
         assert_eq!(v.verify(&b).unwrap().sub, "u");
+    }
+
+    /// Issue 39: the `streams` claim grants read or write per name or
+    /// prefix (the most any entry gives); any other shape invalidates the
+    /// token rather than granting something by accident.
+    #[test]
+    fn the_streams_claim_grants_per_name_or_prefix() {
+        let v = verifier();
+        let grants: BTreeMap<String, String> = [
+            ("thread:t1", "r"),
+            ("thread:*", "r"),
+            ("thread:t*", "rw"),
+            ("room:a", "rw"),
+        ]
+        .into_iter()
+        .map(|(k, m)| (k.to_owned(), m.to_owned()))
+        .collect();
+        let token = mint_hs256_with_streams(S, "ana", Duration::from_secs(60), &grants).unwrap();
+        let claims = v.verify(&token).unwrap();
+        assert_eq!(
+            claims.access("thread:t1"),
+            Access::Write,
+            "the prefix thread:t* gives more"
+        );
+        assert_eq!(claims.access("thread:x"), Access::Read);
+        assert_eq!(claims.access("room:a"), Access::Write);
+        assert_eq!(
+            claims.access("room:ab"),
+            Access::None,
+            "an exact name is not a prefix"
+        );
+        assert_eq!(claims.access("threads:x"), Access::None);
+        assert_eq!(
+            v.verify(&mint_hs256(S, "bob", Duration::from_secs(60)).unwrap())
+                .unwrap()
+                .access("thread:t1"),
+            Access::None
+        );
+        let exp = unix_now() + 60;
+        for bad in [
+            serde_json::json!("thread:t1"),
+            serde_json::json!(["thread:t1"]),
+            serde_json::json!({"thread:t1": "w"}),
+            serde_json::json!({"thread:t1": true}),
+            serde_json::json!({"": "r"}),
+            serde_json::Value::Object(
+                (0..65)
+                    .map(|i| (format!("t:{i}"), serde_json::json!("r")))
+                    .collect(),
+            ),
+        ] {
+            let token = signed(serde_json::json!({"sub": "a", "exp": exp, "streams": bad}));
+            assert_eq!(v.verify(&token), Err(AuthError::InvalidStreams), "{bad}");
+        }
     }
 }

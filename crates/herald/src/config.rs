@@ -94,6 +94,7 @@ declare_keys! {
     MAX_CONNECTIONS = "max_connections", Some("100000"), "Live WebSocket connections in total; further upgrades get HTTP 503";
     MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
     MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
+    MAX_STREAMS_PER_CONNECTION = "max_streams_per_connection", Some("16"), "Shared streams one connection may read besides its own; a further subscribe gets error too_many_streams";
     INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
     HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
     HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
@@ -550,6 +551,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Per-user live connection limit.
     pub max_connections_per_user: usize,
+    /// Shared streams one connection may read besides its own.
+    pub max_streams_per_connection: usize,
     /// Limit on connections before their `hello` is accepted.
     pub max_pending_connections: usize,
     /// Drain window on shutdown.
@@ -692,6 +695,7 @@ impl Config {
             max_http_connections: raw.required(key::MAX_HTTP_CONNECTIONS, positive)?,
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
+            max_streams_per_connection: raw.required(key::MAX_STREAMS_PER_CONNECTION, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,
             drain_window: raw.required(key::DRAIN_WINDOW, duration)?,
             max_connection_age: Some(raw.required(key::MAX_CONNECTION_AGE, duration)?)

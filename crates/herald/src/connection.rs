@@ -106,6 +106,39 @@ pub struct ConnShared {
     core: Mutex<Locked>,
     wake: Notify,
     acked_seq: AtomicU64,
+    /// The shared streams it reads besides its own (issue 39).
+    subs: parking_lot::Mutex<Subs>,
+}
+
+/// One shared stream a connection reads.
+#[derive(Debug, Clone)]
+pub(crate) struct Sub {
+    /// Its id in the connection's lifecycle.
+    pub(crate) id: u32,
+    /// The stream.
+    pub(crate) stream: Arc<str>,
+    /// The epoch it was subscribed in, once its position was read.
+    pub(crate) epoch: Option<Arc<str>>,
+    /// Whether the user may write to it.
+    pub(crate) write: bool,
+}
+
+/// A connection's subscriptions, and the next id to hand out.
+#[derive(Debug, Default)]
+struct Subs {
+    list: Vec<Sub>,
+    next_id: u32,
+}
+
+/// Why a subscription could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubRefused {
+    /// The connection reads the stream already.
+    Already,
+    /// The connection reads the most shared streams it may.
+    TooMany,
+    /// The connection is not ready (closing).
+    NotReady,
 }
 
 impl ConnShared {
@@ -127,7 +160,125 @@ impl ConnShared {
             }),
             wake: Notify::new(),
             acked_seq: AtomicU64::new(0),
+            subs: parking_lot::Mutex::new(Subs::default()),
         }
+    }
+
+    /// Start reading shared stream `stream` (at most `max` of them): its
+    /// live events are held from now on until the subscription starts.
+    pub(crate) fn add_sub(&self, stream: &str, write: bool, max: usize) -> Result<u32, SubRefused> {
+        let mut subs = self.subs.lock();
+        if subs.list.iter().any(|s| &*s.stream == stream) {
+            return Err(SubRefused::Already);
+        }
+        if subs.list.len() >= max {
+            return Err(SubRefused::TooMany);
+        }
+        subs.next_id += 1;
+        let id = subs.next_id;
+        self.with_core(|c| c.subscribe(id))
+            .map_err(|_| SubRefused::NotReady)?;
+        subs.list.push(Sub {
+            id,
+            stream: Arc::from(stream),
+            epoch: None,
+            write,
+        });
+        Ok(id)
+    }
+
+    /// The subscription to `stream`, if any.
+    pub(crate) fn sub(&self, stream: &str) -> Option<Sub> {
+        self.subs
+            .lock()
+            .list
+            .iter()
+            .find(|s| &*s.stream == stream)
+            .cloned()
+    }
+
+    /// Subscription `id`, if it is still there.
+    pub(crate) fn sub_by_id(&self, id: u32) -> Option<Sub> {
+        self.subs.lock().list.iter().find(|s| s.id == id).cloned()
+    }
+
+    /// Every subscription.
+    pub(crate) fn subs(&self) -> Vec<Sub> {
+        self.subs.lock().list.clone()
+    }
+
+    /// Record the epoch subscription `id` was subscribed in.
+    pub(crate) fn set_sub_epoch(&self, id: u32, epoch: &str) {
+        if let Some(s) = self.subs.lock().list.iter_mut().find(|s| s.id == id) {
+            s.epoch = Some(Arc::from(epoch));
+        }
+    }
+
+    /// Stop reading `stream`; its held events are dropped. The removed
+    /// subscription, if there was one.
+    pub(crate) fn remove_sub(&self, stream: &str) -> Option<Sub> {
+        let mut subs = self.subs.lock();
+        let at = subs.list.iter().position(|s| &*s.stream == stream)?;
+        let sub = subs.list.remove(at);
+        self.with_core(|c| c.unsubscribe(sub.id));
+        Some(sub)
+    }
+
+    /// True once subscription `id` was subscribed in an epoch other than `epoch`.
+    fn sub_in_other_epoch(&self, id: u32, epoch: &str) -> bool {
+        self.subs
+            .lock()
+            .list
+            .iter()
+            .any(|s| s.id == id && s.epoch.as_deref().is_some_and(|e| e != epoch))
+    }
+
+    /// [`ConnShared::queue_events`] for subscription `id` in `epoch`: a
+    /// subscription of another epoch closes the connection (its client
+    /// resubscribes and is told `reset`).
+    pub(crate) fn queue_sub_events(
+        &self,
+        now: Instant,
+        id: u32,
+        epoch: &str,
+        events: impl IntoIterator<Item = (u64, OutFrame)>,
+    ) -> (Delivery, bool) {
+        if self.sub_in_other_epoch(id, epoch) {
+            self.close(CloseInfo::new(
+                herald_core::CloseReason::SlowConsumer,
+                herald_core::Initiator::Server,
+                "a shared stream's history was lost; subscribe again",
+            ));
+            return (Delivery::default(), false);
+        }
+        let mut locked = self.core.lock();
+        let mut delivery = Delivery::default();
+        let mut full = false;
+        for (seq, frame) in events {
+            let outcome = locked.core.send_sub_event(now, id, seq, frame);
+            match outcome {
+                Ok(LiveOutcome::Delivered | LiveOutcome::Held) => delivery.accepted += 1,
+                Ok(LiveOutcome::Duplicate) => {}
+                Err(r) => {
+                    self.refused(r);
+                    full |= r == SendRefused::QueueFull;
+                }
+            }
+            delivery.last = Some(outcome);
+        }
+        if full {
+            drop(locked);
+            self.wake.notify_one();
+            return (delivery, false);
+        }
+        let listed = delivery.accepted > 0 && !std::mem::replace(&mut locked.dirty, true);
+        (delivery, listed)
+    }
+
+    /// Deliveries of subscription `id` may have been missed up to `last_seq`.
+    pub(crate) fn expect_sub_seq(&self, id: u32, last_seq: u64) {
+        self.core.lock().core.expect_sub_seq(id, last_seq);
+        self.wake.notify_one();
     }
 
     /// The authenticated user, once `hello` succeeded.

@@ -128,6 +128,10 @@ const KICK_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 /// One stream's local connections.
 type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
 
+/// One shared stream's local subscribers: each connection with the id of
+/// its subscription.
+type SharedConns = Arc<Mutex<Vec<(Arc<ConnShared>, u32)>>>;
+
 /// This node's connections.
 #[derive(Debug)]
 pub struct Hub {
@@ -136,6 +140,8 @@ pub struct Hub {
     broker: Arc<dyn Broker>,
     conns: DashMap<u64, (Arc<ConnShared>, Arc<AtomicBool>)>,
     streams: DashMap<Arc<str>, StreamConns>,
+    /// Shared streams (issue 39) and the connections subscribed to them.
+    shared: DashMap<Arc<str>, SharedConns>,
     stats: Arc<Stats>,
     /// Signalled when the last connection is cleaned up (the drain waits on it).
     empty: tokio::sync::Notify,
@@ -158,6 +164,7 @@ impl Hub {
             broker,
             conns: DashMap::new(),
             streams: DashMap::new(),
+            shared: DashMap::new(),
             stats,
             empty: tokio::sync::Notify::new(),
             events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
@@ -258,6 +265,48 @@ impl Hub {
         Ok(())
     }
 
+    /// Add subscription `id` of `conn` to shared stream `stream`'s local
+    /// subscribers and wait until the broker's deliveries for the stream
+    /// are certain to reach this node.
+    pub(crate) async fn subscribe_shared(
+        &self,
+        stream: &str,
+        conn: &Arc<ConnShared>,
+        id: u32,
+    ) -> Result<(), BrokerError> {
+        let confirmed = loop {
+            let entry = match self.shared.get(stream) {
+                Some(e) => e.clone(),
+                None => self.shared.entry(Arc::from(stream)).or_default().clone(),
+            };
+            let mut list = entry.lock();
+            if !self
+                .shared
+                .get(stream)
+                .is_some_and(|e| Arc::ptr_eq(&e, &entry))
+            {
+                continue;
+            }
+            list.push((conn.clone(), id));
+            break self.broker.subscribe(stream);
+        };
+        confirmed.await
+    }
+
+    /// Take subscription `id` of connection `conn_id` out of shared stream
+    /// `stream`; the last one out unsubscribes the node.
+    pub(crate) fn unsubscribe_shared(&self, stream: &str, conn_id: u64, id: u32) {
+        let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
+            return;
+        };
+        let mut list = entry.lock();
+        list.retain(|(c, i)| !(c.id == conn_id && *i == id));
+        if list.is_empty() {
+            self.broker.unsubscribe(stream);
+            self.shared.remove_if(stream, |_, e| Arc::ptr_eq(e, &entry));
+        }
+    }
+
     /// Close every connection of `stream` with `reason`; returns how many
     /// closes this call decided.
     pub(crate) fn close_stream(&self, stream: &str, reason: CloseReason, detail: &str) -> usize {
@@ -352,6 +401,9 @@ impl Hub {
         if let Some(stream) = conn.stream() {
             self.leave(stream, conn.id);
         }
+        for sub in conn.subs() {
+            self.unsubscribe_shared(&sub.stream, conn.id, sub.id);
+        }
         self.conns.remove(&conn.id);
         self.stats.cleanups.fetch_add(1, Ordering::Relaxed);
         telemetry::connection_closed(info);
@@ -411,6 +463,43 @@ fn epoch_changed() -> CloseInfo {
     )
 }
 
+impl Hub {
+    /// [`EventSink::deliver`] for a shared stream: to each subscription.
+    fn deliver_shared(
+        &self,
+        stream: &str,
+        epoch: &str,
+        events: &[StoredEvent],
+        published_at: Instant,
+    ) -> usize {
+        let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
+            return 0;
+        };
+        let subs = entry.lock();
+        let frames: Vec<(u64, OutFrame)> = events
+            .iter()
+            .filter_map(|event| Some((event.seq, OutFrame::event(&event.json, published_at)?)))
+            .collect();
+        let (mut delivered, mut queued) = (0, 0);
+        let mut listed = Vec::with_capacity(subs.len());
+        let now = crate::clock::now();
+        for (conn, id) in subs.iter() {
+            let (delivery, list) = conn.queue_sub_events(now, *id, epoch, frames.iter().cloned());
+            queued += delivery.accepted;
+            if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
+                delivered += 1;
+            }
+            if list {
+                listed.push(conn.clone());
+            }
+        }
+        drop(subs);
+        self.flusher.add(listed);
+        self.events_queued.increment(queued as u64);
+        delivered
+    }
+}
+
 impl EventSink for Hub {
     fn deliver(
         &self,
@@ -420,7 +509,7 @@ impl EventSink for Hub {
         published_at: Instant,
     ) -> usize {
         let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
-            return 0;
+            return self.deliver_shared(stream, epoch, events, published_at);
         };
         let conns = entry.lock();
         // Framed once per event, then shared by every connection.
@@ -462,6 +551,17 @@ impl EventSink for Hub {
     }
 
     fn resync(&self, stream: &str, epoch: &str, last_seq: u64) {
+        if let Some(entry) = self.shared.get(stream).map(|e| e.clone()) {
+            for (conn, id) in entry.lock().iter() {
+                match conn.sub_by_id(*id).and_then(|s| s.epoch) {
+                    Some(e) if &*e != epoch => {
+                        conn.close(epoch_changed());
+                    }
+                    Some(_) => conn.expect_sub_seq(*id, last_seq),
+                    None => {}
+                }
+            }
+        }
         let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
             return;
         };

@@ -56,6 +56,9 @@ pub const CHAT_REQUESTS: &str = "herald_chat_requests_total";
 /// Counter: AI SDK `send` frames refused before a run was opened, labelled
 /// `reason` (`active`: a response is active for the chat; `unavailable`).
 pub const CHAT_REFUSED: &str = "herald_chat_refused_total";
+/// Counter: `subscribe` frames to shared streams, labelled `outcome`
+/// (`subscribed`, `forbidden`, `unavailable`).
+pub const SUBSCRIBES: &str = "herald_subscribes_total";
 /// Gauge: user message ids remembered for deduplication on this node.
 pub const MESSAGE_IDS_REMEMBERED: &str = "herald_message_ids_remembered";
 /// Gauge: agent backend requests in flight on this node.

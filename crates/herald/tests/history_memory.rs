@@ -36,6 +36,7 @@ async fn bytes_per_stored_event() {
         for u in 0..USERS {
             let frame = EventFrame {
                 seq: 0,
+                stream: None,
                 event: "agent_thinking".into(),
                 thread_id: Some("thread-1".into()),
                 run_id: if i % 2 == 0 {

@@ -140,7 +140,12 @@ impl DemoAgent {
     }
 
     async fn send(&self, msg: &MessageOut, event: NewEvent) {
-        let stream = user_stream(&msg.user_id);
+        // A message written to a shared stream is answered there.
+        let stream = msg
+            .stream
+            .clone()
+            .unwrap_or_else(|| user_stream(&msg.user_id));
+        let event = event.in_stream(Some(&stream));
         if let Err(e) = self.broker.publish(&stream, vec![event]).await {
             tracing::warn!(error = %e, "demo agent could not publish");
         }
@@ -192,6 +197,7 @@ impl AgentBackend for Arc<DemoAgent> {
             BackendRequest::ChatRequest(chat) => {
                 let text = chat.last_user_text();
                 let msg = MessageOut {
+                    stream: None,
                     user_id: chat.user_id,
                     thread_id: chat.chat_id,
                     message_id: chat.run_id.clone(),

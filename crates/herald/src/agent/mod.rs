@@ -43,6 +43,10 @@ pub mod webhook;
 /// A chat message for the agent backend.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MessageOut {
+    /// The shared stream it was written to (the sender may write to it);
+    /// absent: the sender's own stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     /// The sender (`sub`).
     pub user_id: String,
     /// The conversation thread.
@@ -500,7 +504,7 @@ impl Inbound {
         let this = self.clone();
         self.tasks.spawn(async move {
             let user_id = msg.user_id.clone();
-            let stream = user_stream(&user_id);
+            let stream = msg.stream.clone().unwrap_or_else(|| user_stream(&user_id));
             let question = question_event(&msg);
             let req = BackendRequest::UserMessage(msg);
             let (outcome, forwarded) = this.forward_once(&req, &stream, &id, question).await;
@@ -607,7 +611,7 @@ fn question_event(msg: &MessageOut) -> NewEvent {
         msg.received_at.clone(),
     );
     event.idempotency_key = Some(turns::message_key(&msg.message_id));
-    event
+    event.in_stream(msg.stream.as_deref())
 }
 
 fn send_error(conn: &ConnShared, e: &DeliveryError) {

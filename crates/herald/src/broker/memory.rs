@@ -624,6 +624,7 @@ mod tests {
         vec![NewEvent {
             frame: EventFrame {
                 seq: 0,
+                stream: None,
                 event: event.into(),
                 thread_id: None,
                 run_id: run.map(Into::into),

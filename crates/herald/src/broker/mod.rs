@@ -95,6 +95,7 @@ impl NewEvent {
         Self {
             frame: EventFrame {
                 seq: 0,
+                stream: None,
                 event,
                 thread_id,
                 run_id,
@@ -123,6 +124,19 @@ impl NewEvent {
             delta: Some(delta),
             ..Self::new(TEXT_DELTA.to_owned(), thread_id, Some(run_id), data, ts)
         }
+    }
+
+    /// The event as published to `stream`: an event of a shared stream
+    /// names it (`"stream"` right after its seq); one of a user's own stream
+    /// (`None`, or a `user:` name) does not.
+    pub fn in_stream(mut self, stream: Option<&str>) -> Self {
+        let shared = stream.filter(|s| stream_user(s).is_none());
+        self.frame.stream = shared.map(str::to_owned);
+        if let Some(d) = self.delta.take() {
+            let template = d.template.in_stream(shared);
+            self.delta = Some(Delta { template, ..d });
+        }
+        self
     }
 
     /// What the stream's retention needs to know of it.

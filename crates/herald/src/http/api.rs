@@ -57,7 +57,11 @@ pub const MAX_REF_BYTES: usize = 128;
 
 #[derive(Debug, Deserialize)]
 struct PublishEvent {
-    user_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    /// A shared stream, instead of a user's own (exactly one of the two).
+    #[serde(default)]
+    stream: Option<String>,
     event: String,
     #[serde(default)]
     idempotency_key: Option<String>,
@@ -78,7 +82,10 @@ struct DeltaFields {
 
 /// A validated event, ready to publish.
 struct ValidEvent {
-    user_id: String,
+    /// The `user_id` or shared `stream` as given.
+    target: String,
+    /// The stream it goes to (`user:<user_id>`, or the shared stream).
+    stream: String,
     event: String,
     idempotency_key: Option<String>,
     thread_id: Option<String>,
@@ -100,9 +107,28 @@ fn check(e: PublishEvent, at: &str) -> Result<ValidEvent, ApiError> {
             format!("{at}.{f}")
         }
     };
-    if e.user_id.is_empty() || e.user_id.len() > MAX_USER_ID_BYTES {
-        return Err(ApiError::field(name("user_id"), "must be 1 to 256 bytes"));
-    }
+    let (target, stream) = match (e.user_id, e.stream) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                name("stream"),
+                "must not be given with `user_id`",
+            ));
+        }
+        (None, None) => return Err(ApiError::field(name("user_id"), "is required")),
+        (Some(user), None) => {
+            if user.is_empty() || user.len() > MAX_USER_ID_BYTES {
+                return Err(ApiError::field(name("user_id"), "must be 1 to 256 bytes"));
+            }
+            let stream = user_stream(&user);
+            (user, stream)
+        }
+        (None, Some(stream)) => {
+            if let Some(problem) = herald_core::protocol::shared_stream_problem(&stream) {
+                return Err(ApiError::field(name("stream"), problem));
+            }
+            (stream.clone(), stream)
+        }
+    };
     if !is_valid_event_name(&e.event) {
         return Err(ApiError::field(
             name("event"),
@@ -150,7 +176,8 @@ fn check(e: PublishEvent, at: &str) -> Result<ValidEvent, ApiError> {
         None
     };
     Ok(ValidEvent {
-        user_id: e.user_id,
+        target,
+        stream,
         event: e.event,
         idempotency_key: e.idempotency_key,
         thread_id: e.thread_id,
@@ -237,6 +264,8 @@ struct FastBody {
     #[serde(default)]
     user_id: Option<String>,
     #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
     event: Option<String>,
     #[serde(default)]
     idempotency_key: Option<String>,
@@ -281,7 +310,8 @@ fn events_fast(body: &[u8]) -> Option<Result<(bool, Vec<ValidEvent>), ApiError>>
         }
         None => {
             let e = PublishEvent {
-                user_id: fast.user_id?,
+                user_id: fast.user_id,
+                stream: fast.stream,
                 event: fast.event?,
                 idempotency_key: fast.idempotency_key,
                 thread_id: fast.thread_id,
@@ -352,7 +382,7 @@ pub(crate) fn check_publish_body(body: &[u8]) -> Result<Vec<(String, String, usi
             .into_iter()
             .map(|e| {
                 let len = serialized_len(&e.data);
-                (e.user_id, e.event, len)
+                (e.target, e.event, len)
             })
             .collect())
     };
@@ -420,8 +450,8 @@ pub(super) async fn publish(
     let mut group_of: HashMap<String, usize> = HashMap::new();
     let count = events.len();
     for (i, e) in events.into_iter().enumerate() {
-        let g = *group_of.entry(e.user_id.clone()).or_insert_with(|| {
-            groups.push((e.user_id.clone(), Vec::new(), Vec::new()));
+        let g = *group_of.entry(e.stream.clone()).or_insert_with(|| {
+            groups.push((e.stream.clone(), Vec::new(), Vec::new()));
             groups.len() - 1
         });
         groups[g].1.push(i);
@@ -431,10 +461,13 @@ pub(super) async fn publish(
             }
             (_, run_id) => NewEvent::new(e.event, e.thread_id, run_id, e.data, ts.clone()),
         };
-        groups[g].2.push(NewEvent {
-            idempotency_key: e.idempotency_key,
-            ..event
-        });
+        groups[g].2.push(
+            NewEvent {
+                idempotency_key: e.idempotency_key,
+                ..event
+            }
+            .in_stream(Some(&e.stream)),
+        );
     }
     let mut results: Vec<Option<Published>> = vec![None; count];
     for (positions, published) in publish_groups(&app, groups).await {
@@ -447,7 +480,7 @@ pub(super) async fn publish(
     Ok(Json(json!({ "results": results })))
 }
 
-/// One user's events of a batch: their places in the request, and the events.
+/// One stream's events of a batch: the stream, their places in the request, and the events.
 type Group = (String, Vec<usize>, Vec<NewEvent>);
 
 /// Publish each user's group with one broker call, all concurrently. A batch
@@ -464,8 +497,7 @@ async fn publish_groups(
         let broker = app.broker();
         let calls = groups
             .into_iter()
-            .map(|(user, positions, events)| async move {
-                let stream = user_stream(&user);
+            .map(|(stream, positions, events)| async move {
                 (positions, broker.publish(&stream, events).await)
             });
         futures_util::future::join_all(calls).await

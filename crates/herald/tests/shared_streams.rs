@@ -1,0 +1,380 @@
+//! Shared streams (issue 39, items 2–4): one socket reads its user's own
+//! stream and subscribed shared streams (`thread:…`), each with its own
+//! epoch, seq and resume position; who may read or write one comes from
+//! the token's `streams` claim; the HTTP API publishes to one. Three users
+//! on three nodes sharing a real Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::redis_server::{Redis, node_config};
+use common::*;
+use herald::Server;
+use serde_json::{Value, json};
+
+/// A token for `user` granting `grants` (stream or prefix → "r" / "rw").
+fn token_with(user: &str, grants: &[(&str, &str)]) -> String {
+    let streams: BTreeMap<String, String> = grants
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    herald::auth::mint_hs256_with_streams(SECRET, user, Duration::from_secs(3600), &streams)
+        .unwrap()
+}
+
+async fn hello(server: &Server, token: &str, resume: Option<Value>) -> (Ws, Value) {
+    let mut ws = open(server, &[], None).await;
+    let mut frame = json!({"type": "hello", "token": token});
+    if let Some(r) = resume {
+        frame["resume"] = r;
+    }
+    send_json(&mut ws, frame).await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+/// Frames until one satisfies `pred` (returned last).
+async fn until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        let done = pred(&v);
+        seen.push(v);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// Subscribe and return the answer (`subscribed` or an `error`), with any
+/// frames before it.
+async fn subscribe(ws: &mut Ws, stream: &str, resume: Option<Value>) -> Value {
+    let mut frame = json!({"type": "subscribe", "stream": stream});
+    if let Some(r) = resume {
+        frame["resume"] = r;
+    }
+    send_json(ws, frame).await;
+    let seen = until(ws, |v| {
+        (v["type"] == "subscribed" || v["type"] == "error") && v["stream"] == stream
+    })
+    .await;
+    seen.last().unwrap().clone()
+}
+
+fn is_event_of(v: &Value, stream: &str, name: &str) -> bool {
+    v["type"] == "event" && v["stream"] == stream && v["event"] == name
+}
+
+async fn publish_to(server: &Server, body: Value) -> (u16, Value) {
+    post(server, "/api/v1/events", body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_users_on_three_nodes_share_a_thread() {
+    let redis = Redis::start();
+    let nodes = [
+        start_with(node_config(&redis)).await,
+        start_with(node_config(&redis)).await,
+        start_with(node_config(&redis)).await,
+    ];
+    let t = "thread:t1";
+    let (mut ana, _) = hello(&nodes[0], &token_with("ana", &[(t, "rw")]), None).await;
+    let (mut bob, _) = hello(&nodes[1], &token_with("bob", &[("thread:*", "rw")]), None).await;
+    let (mut cy, _) = hello(&nodes[2], &token_with("cy", &[(t, "r")]), None).await;
+    let mut epoch = None;
+    for (ws, write) in [(&mut ana, true), (&mut bob, true), (&mut cy, false)] {
+        let s = subscribe(ws, t, None).await;
+        assert_eq!(s["type"], "subscribed", "{s}");
+        assert_eq!(s["write"], write);
+        assert_eq!(s["seq"], 0);
+        epoch.get_or_insert_with(|| s["epoch"].clone());
+        assert_eq!(
+            Some(&s["epoch"]),
+            epoch.as_ref(),
+            "one stream, one epoch on every node"
+        );
+    }
+
+    // Ana asks in the thread: everyone sees her question, then the demo
+    // agent's run, in the thread, once each, in order.
+    send_json(
+        &mut ana,
+        json!({"type": "user_message", "id": "q1", "thread_id": "t1", "text": "hello all", "stream": t}),
+    )
+    .await;
+    let mut seen: HashMap<&str, Vec<Value>> = HashMap::new();
+    for (name, ws) in [("ana", &mut ana), ("bob", &mut bob), ("cy", &mut cy)] {
+        let frames = until(ws, |v| is_event_of(v, t, "agent_completed")).await;
+        let events: Vec<Value> = frames
+            .into_iter()
+            .filter(|v| v["type"] == "event")
+            .collect();
+        assert!(
+            events.iter().all(|e| e["stream"] == t),
+            "{name}: {events:?}"
+        );
+        assert_eq!(events[0]["event"], "user_message", "{name}");
+        assert_eq!(events[0]["data"]["user_id"], "ana");
+        assert_eq!(events[0]["data"]["text"], "hello all");
+        assert_eq!(events[1]["event"], "agent_started");
+        assert_eq!(events[1]["data"]["message_id"], "q1");
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "{name}: every seq once, in order"
+        );
+        seen.insert(name, events);
+    }
+    assert_eq!(seen["ana"], seen["bob"]);
+    assert_eq!(seen["bob"], seen["cy"]);
+
+    // Cy reads only: her write is refused and not stored.
+    send_json(
+        &mut cy,
+        json!({"type": "user_message", "id": "q2", "thread_id": "t1", "text": "me too", "stream": t}),
+    )
+    .await;
+    let nack = until(&mut cy, |v| v["type"] == "nack").await.pop().unwrap();
+    assert_eq!(
+        (nack["id"].as_str(), nack["error"].as_str()),
+        (Some("q2"), Some("forbidden"))
+    );
+
+    // The backend publishes to the thread through the API: every member gets it.
+    let (status, body) = publish_to(
+        &nodes[1],
+        json!({"stream": t, "event": "note", "data": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seq = body["results"][0]["seq"].as_u64().unwrap();
+    assert_eq!(
+        seq,
+        seen["ana"].len() as u64 + 1,
+        "cy's refused write stored nothing"
+    );
+    for ws in [&mut ana, &mut bob, &mut cy] {
+        let note = until(ws, |v| is_event_of(v, t, "note"))
+            .await
+            .pop()
+            .unwrap();
+        assert_eq!(note["seq"].as_u64(), Some(seq));
+    }
+
+    // Bob leaves the thread: he gets `unsubscribed`, then nothing of it.
+    send_json(&mut bob, json!({"type": "unsubscribe", "stream": t})).await;
+    let left = until(&mut bob, |v| v["type"] == "unsubscribed")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        left,
+        json!({"type": "unsubscribed", "stream": t, "reason": "client"})
+    );
+    publish_to(&nodes[0], json!({"stream": t, "event": "after_bob"})).await;
+    publish(&nodes[0], "bob", "marker", json!({})).await;
+    let rest = until(&mut bob, |v| v["event"] == "marker").await;
+    assert!(rest.iter().all(|v| v["event"] != "after_bob"), "{rest:?}");
+    until(&mut ana, |v| is_event_of(v, t, "after_bob")).await;
+}
+
+/// A user the token does not grant a stream learns nothing of it: the
+/// answer for an existing thread is the answer for one that never existed,
+/// and the API refuses bad stream names.
+#[tokio::test]
+async fn a_user_without_permission_learns_nothing_of_a_thread() {
+    let server = start().await;
+    let (mut ana, _) = hello(
+        &server,
+        &token_with("ana", &[("thread:secret", "rw")]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        subscribe(&mut ana, "thread:secret", None).await["type"],
+        "subscribed"
+    );
+    publish_to(&server, json!({"stream": "thread:secret", "event": "note"})).await;
+
+    let (mut eve, _) = hello(&server, &token_with("eve", &[("thread:other", "r")]), None).await;
+    let real = subscribe(&mut eve, "thread:secret", None).await;
+    let never = subscribe(&mut eve, "thread:never", None).await;
+    assert_eq!(real["code"], "forbidden", "{real}");
+    let strip = |mut v: Value| {
+        v["stream"] = Value::Null;
+        v
+    };
+    assert_eq!(
+        strip(real),
+        strip(never),
+        "existing and missing streams are answered alike"
+    );
+    // Writing without a subscription is refused the same way.
+    send_json(
+        &mut eve,
+        json!({"type": "user_message", "id": "x1", "thread_id": "t", "text": "hi", "stream": "thread:secret"}),
+    )
+    .await;
+    let nack = until(&mut eve, |v| v["type"] == "nack")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(nack["error"], "forbidden");
+    // Nothing of the thread reached her; a plain token has no shared streams.
+    publish(&server, "eve", "marker", json!({})).await;
+    let all = until(&mut eve, |v| v["event"] == "marker").await;
+    assert!(
+        all.iter()
+            .all(|v| v["type"] != "event" || v["stream"].is_null()),
+        "{all:?}"
+    );
+    let (mut plain, _) = connect(&server, "zed").await;
+    assert_eq!(
+        subscribe(&mut plain, "thread:secret", None).await["code"],
+        "forbidden"
+    );
+
+    // Bad names: refused at the frame (the connection stays) and at the API.
+    send_json(
+        &mut plain,
+        json!({"type": "subscribe", "stream": "user:ana"}),
+    )
+    .await;
+    let err = until(&mut plain, |v| v["type"] == "error")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(err["code"], "invalid_field", "{err}");
+    for (body, field) in [
+        (json!({"stream": "user:ana", "event": "x"}), "stream"),
+        (json!({"stream": "nocolon", "event": "x"}), "stream"),
+        (
+            json!({"stream": "thread:a", "user_id": "ana", "event": "x"}),
+            "stream",
+        ),
+        (json!({"event": "x"}), "user_id"),
+    ] {
+        let (status, reply) = publish_to(&server, body.clone()).await;
+        assert_eq!(status, 400, "{body} → {reply}");
+        assert_eq!(reply["field"], field, "{reply}");
+    }
+}
+
+/// Several streams resumed at once after a reconnect on another node: the
+/// own stream and each shared one get exactly their missed events; a
+/// stream whose history is gone gets `reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_streams_resume_at_once_on_another_node() {
+    let redis = Redis::start();
+    let one = start_with(node_config(&redis)).await;
+    let two = start_with(node_config(&redis)).await;
+    let token = token_with("ana", &[("thread:*", "rw")]);
+    let streams = ["thread:a", "thread:b", "thread:c"];
+    let (mut ws, welcome) = hello(&one, &token, None).await;
+    let mut at = HashMap::new();
+    for s in streams {
+        let sub = subscribe(&mut ws, s, None).await;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        at.insert(s, (sub["epoch"].clone(), 0u64));
+    }
+    // Some events each, read live.
+    for (i, s) in streams.iter().enumerate() {
+        for n in 0..=i {
+            publish_to(
+                &one,
+                json!({"stream": s, "event": "before", "data": {"n": n}}),
+            )
+            .await;
+        }
+    }
+    publish(&one, "ana", "own_before", json!({})).await;
+    let mut left = 1 + 2 + 3 + 1;
+    let mut own_seq = 0;
+    while left > 0 {
+        let v = next_json(&mut ws).await;
+        if v["type"] != "event" {
+            continue;
+        }
+        left -= 1;
+        match v["stream"].as_str() {
+            Some(s) => at.get_mut(s).unwrap().1 = v["seq"].as_u64().unwrap(),
+            None => own_seq = v["seq"].as_u64().unwrap(),
+        }
+    }
+    drop(ws);
+    // While away: 2 events to a, none to b, 3 to c, 1 to the own stream;
+    // c's history is lost (its keys deleted: a new epoch on next use).
+    for _ in 0..2 {
+        publish_to(&two, json!({"stream": "thread:a", "event": "missed"})).await;
+    }
+    for _ in 0..3 {
+        publish_to(&two, json!({"stream": "thread:c", "event": "missed"})).await;
+    }
+    publish(&two, "ana", "own_missed", json!({})).await;
+    let keys = redis.cli(&["KEYS", "t:{thread:c}:*"]);
+    for k in keys.split_whitespace() {
+        redis.cli(&["DEL", k]);
+    }
+
+    let (mut ws, again) = hello(
+        &two,
+        &token,
+        Some(json!({"epoch": welcome["epoch"], "seq": own_seq})),
+    )
+    .await;
+    assert_eq!(again["resumed"], true, "{again}");
+    let own = until(&mut ws, |v| v["type"] == "event" && v["stream"].is_null()).await;
+    assert_eq!(own.last().unwrap()["event"], "own_missed");
+    for s in streams {
+        let (epoch, seq) = at[s].clone();
+        send_json(
+            &mut ws,
+            json!({"type": "subscribe", "stream": s, "resume": {"epoch": epoch, "seq": seq}}),
+        )
+        .await;
+    }
+    // Each stream: `subscribed`, then exactly its missed events.
+    let mut got: HashMap<String, (Value, Vec<String>)> = HashMap::new();
+    let mut frames = Vec::new();
+    while got.len() < 3 || got.values().any(|(s, _)| s["replaying"] == true) {
+        let v = next_json(&mut ws).await;
+        frames.push(v.clone());
+        let Some(stream) = v["stream"].as_str().map(str::to_owned) else {
+            continue;
+        };
+        match v["type"].as_str() {
+            Some("subscribed") => {
+                got.insert(stream, (v, Vec::new()));
+            }
+            Some("event") => got
+                .get_mut(&stream)
+                .unwrap()
+                .1
+                .push(v["event"].as_str().unwrap().to_owned()),
+            Some("caught_up") => got.get_mut(&stream).unwrap().0["replaying"] = json!(false),
+            _ => {}
+        }
+    }
+    let (a, a_events) = &got["thread:a"];
+    assert_eq!(
+        (a["resumed"].as_bool(), a["seq"].as_u64()),
+        (Some(true), Some(3)),
+        "{a}"
+    );
+    assert_eq!(a_events, &["missed", "missed"], "{frames:?}");
+    let (b, b_events) = &got["thread:b"];
+    assert_eq!(
+        (b["resumed"].as_bool(), b_events.len()),
+        (Some(true), 0),
+        "{b}"
+    );
+    let (c, c_events) = &got["thread:c"];
+    assert_eq!(c["reset"], true, "c's history is gone: {c}");
+    assert_ne!(c["epoch"], at["thread:c"].0, "a new epoch");
+    assert!(c_events.is_empty(), "{c_events:?}");
+}
