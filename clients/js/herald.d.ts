@@ -83,6 +83,8 @@ export interface HeraldOptions {
 export interface HeraldEvent<D = Record<string, unknown>> {
   type: 'event';
   seq: number;
+  /** The shared stream the event belongs to (`thread:t1`); absent on the user's own stream's events. */
+  stream?: string;
   event: string;
   thread_id?: string;
   run_id?: string;
@@ -177,6 +179,93 @@ export interface HeraldError {
   message?: string;
 }
 
+/** Options of `sendMessage`. */
+export interface SendOptions {
+  /** The message id (generated when absent); the same id is forwarded once. */
+  id?: string;
+  /** Write to this shared stream (needs a subscription with `write`). */
+  stream?: string;
+}
+
+/** Options of `subscribe`. */
+export interface SubscribeOptions {
+  /**
+   * On the first subscribe of this subscription (a fresh or reloaded page),
+   * replay the stream's open agent runs (default false). Reconnects never ask.
+   */
+  replayActiveRuns?: boolean;
+}
+
+export type SubscriptionState = 'subscribing' | 'subscribed' | 'failed' | 'unsubscribed';
+
+/** A shared stream's `subscribed` frame (after every subscribe, reconnects included). */
+export interface Subscribed {
+  type: 'subscribed';
+  stream: string;
+  epoch: string;
+  /** The stream's latest seq. */
+  seq: number;
+  /** The resume position was honoured: the missed events follow. */
+  resumed: boolean;
+  /** The resume position could not be honoured: live from `seq` on. */
+  reset?: boolean;
+  /** Replayed events follow; `caught_up` marks their end. */
+  replaying?: boolean;
+  /** The user may write to the stream (`sendMessage(…, { stream })`). */
+  write: boolean;
+}
+
+/**
+ * A refusal of a subscribe: `forbidden` (not granted, or no such stream),
+ * `too_many_streams`, `invalid_field` (a bad name: refused by the client
+ * without asking) — the subscription is then `failed` and not retried —
+ * or `broker_unavailable`, retried with the client's backoff.
+ */
+export interface StreamError {
+  type: 'error';
+  code: 'forbidden' | 'too_many_streams' | 'invalid_field' | 'broker_unavailable' | (string & {});
+  message?: string;
+  stream: string;
+}
+
+export interface Unsubscribed {
+  type: 'unsubscribed';
+  stream: string;
+  reason: string;
+}
+
+/**
+ * A shared stream read through a client (`client.subscribe(stream)`), with
+ * its own resume position (persisted under `${storageKey}:stream:${stream}`
+ * when the client has a `storageKey`), handlers and text parts.
+ */
+export class Subscription<Events extends { [K in keyof Events]: HeraldEvent<any> } = AgentEvents> {
+  private constructor();
+  readonly client: HeraldClient<Events>;
+  readonly stream: string;
+  /** The stream's epoch and the highest seq processed; null before the first `subscribed` (unless stored). */
+  readonly position: { epoch: string; seq: number } | null;
+  /** The user may write to the stream, once subscribed. */
+  readonly write: boolean;
+  readonly state: SubscriptionState;
+  /** After every (re)subscribe; `reset` comes first when the resume position was lost. */
+  on(name: 'subscribed' | 'reset', handler: (f: Subscribed) => void): () => void;
+  /** After each subscribe, once replayed events (if any) are all delivered. */
+  on(name: 'caught_up', handler: (c: { seq: number; stream: string }) => void): () => void;
+  on(name: 'error', handler: (e: StreamError) => void): () => void;
+  on(name: 'unsubscribed', handler: (u: Unsubscribed) => void): () => void;
+  /** A run's text part grew, in this stream. */
+  on(name: 'text', handler: (t: TextUpdate) => void): () => void;
+  /** Every event of the stream. */
+  on(name: 'event', handler: (e: (Events[keyof Events] | HeraldEvent) & { stream: string }) => void): () => void;
+  /** Events of the stream by name, typed by the event map. */
+  on<K extends keyof Events & string>(name: K, handler: (e: Events[K] & { stream: string }) => void): () => void;
+  /** The text of an open run's part in this stream so far (`''` when none). */
+  text(runId: string, part?: string): string;
+  /** Stop reading the stream (`unsubscribed` follows); it is never resubscribed. */
+  unsubscribe(): void;
+}
+
 /** A send rejected because `close()` was called before its ack came. */
 export class HeraldClosedError extends Error {
   readonly code: 'closed';
@@ -226,14 +315,27 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
   /**
    * Send a chat message; resolves on ack, rejects on nack, timeout (counted
    * only while on an open socket) or `close()`. Pass `options.id` to retry a
-   * message with the same id: the server forwards an id once.
+   * message with the same id: the server forwards an id once. With
+   * `options.stream` the message goes to that shared stream (every member
+   * sees it, and the agent answers there): it needs a subscription with
+   * `write` — else a nack with code `forbidden`.
    */
   sendMessage(
     threadId: string,
     text: string,
     data?: Record<string, unknown>,
-    options?: { id?: string },
+    options?: SendOptions,
   ): Promise<{ id: string }>;
+  /**
+   * Read a shared stream (`thread:t1`) the token's `streams` claim grants.
+   * Its events go to the returned subscription's handlers, never to the
+   * client's. Subscribed now when connected, else after the next welcome,
+   * and again after every reconnect from the position reached (each event
+   * once, in seq order, or `reset`). While a subscription of the stream is
+   * live (`subscribing` / `subscribed`), the same one is returned; after it
+   * failed or was unsubscribed, a new one.
+   */
+  subscribe(stream: string, options?: SubscribeOptions): Subscription<Events>;
   /** Ask the agent to stop a run; queued while disconnected, resolves once sent. */
   cancel(runId: string): Promise<void>;
   /** The text of an open run's part so far (`''` when none). */

@@ -1,6 +1,7 @@
 // Herald browser client: protocol v1 over WebSocket, with resume, automatic
 // reconnect (exponential backoff with jitter, honouring close codes), acked
-// messages and cancel. Dependency-free ES module; types in herald.d.ts.
+// messages, cancel and shared streams (`subscribe`). Dependency-free ES
+// module; types in herald.d.ts.
 
 /** Close codes after which reconnecting with the same token is pointless. */
 const AUTH_CODES = new Set([4401, 4403]);
@@ -12,6 +13,8 @@ const FATAL_CODES = new Set([1002, 1003, 1007, 1009, 4000]);
  * different token from `getToken` reconnects.
  */
 const KICKED = 4409;
+/** Refusals of a `subscribe` that the same token would get again: not retried. */
+const FINAL_REFUSALS = new Set(['forbidden', 'too_many_streams', 'invalid_field']);
 
 /** The clock of a client without a `clock` option: `Date` and the global timers. */
 const SYSTEM_CLOCK = {
@@ -81,6 +84,12 @@ export class HeraldClient {
     this.position = this._load() || { epoch: null, seq: 0 };
     /** Text parts of open runs, assembled from `agent_text_delta`: "run\u0000part" → text. */
     this._texts = new Map();
+    /** Shared-stream subscriptions by stream name (live, failed or unsubscribed). */
+    this._subs = new Map();
+    /** Subscriptions whose `unsubscribe` is on the wire, awaiting `unsubscribed`: stream → Subscription. */
+    this._leaving = new Map();
+    /** Positions of shared streams read by this client, when there is no storage: stream → {epoch, seq}. */
+    this._streamPositions = new Map();
     this.connId = null;
     this.userId = null;
   }
@@ -150,6 +159,7 @@ export class HeraldClient {
     const existing = this._pending.get(id);
     if (existing) return existing.promise;
     const frame = { type: 'user_message', id, thread_id: threadId, text, data };
+    if (options.stream != null) frame.stream = options.stream;
     const entry = { frame, resolve: null, reject: null, timer: null, promise: null };
     entry.promise = new Promise((resolve, reject) => {
       entry.resolve = resolve;
@@ -190,6 +200,38 @@ export class HeraldClient {
     return this._texts.get(`${runId}\u0000${part}`) ?? '';
   }
 
+  /**
+   * Read a shared stream (`thread:t1`) on this connection too; the token's
+   * `streams` claim must grant it. Returns its `Subscription`: its events
+   * go to the subscription's handlers, never to the client's. Subscribed at
+   * once when connected, else after the next welcome; resubscribed after
+   * every reconnect from the position it reached, so each event of the
+   * stream is delivered once, in seq order (or a `reset` says a gap could
+   * not be filled). While a subscription of `stream` is live (subscribing or
+   * subscribed), calling `subscribe` again returns it; after it failed or
+   * was unsubscribed, a new one is made.
+   * @param {string} stream
+   * @param {{replayActiveRuns?: boolean}} [options]
+   * @returns {Subscription}
+   */
+  subscribe(stream, { replayActiveRuns = false } = {}) {
+    const existing = this._subs.get(stream);
+    if (existing && existing._live()) return existing;
+    const sub = new Subscription(this, stream, replayActiveRuns);
+    this._subs.set(stream, sub);
+    const problem = streamNameProblem(stream);
+    if (problem) {
+      // Refused here as the server would (its refusal would not name the
+      // stream): failed, told once the caller had a chance to listen.
+      sub.state = 'failed';
+      const error = { type: 'error', code: 'invalid_field', message: `subscribe: field \`stream\` ${problem}`, stream };
+      queueMicrotask(() => sub._emit('error', error));
+      return sub;
+    }
+    if (this._isOpen()) this._sendSubscribe(sub);
+    return sub;
+  }
+
   // -- internals ------------------------------------------------------------
 
   /**
@@ -199,17 +241,67 @@ export class HeraldClient {
    * across reconnects and reloads alike.
    */
   _onRunEvent(f) {
-    if (f.event === 'agent_text_delta') {
-      const part = String(f.data?.part ?? '');
-      const delta = String(f.data?.text ?? '');
-      const key = `${f.run_id}\u0000${part}`;
-      const text = (this._texts.get(key) ?? '') + delta;
-      this._texts.set(key, text);
-      this._emit('text', { runId: f.run_id, part, text, delta, seq: f.seq, replayed: f.replayed === true });
-    } else if (f.event === 'agent_completed' || f.event === 'agent_error' || f.event === 'agent_cancelled') {
-      const prefix = `${f.run_id}\u0000`;
-      for (const key of [...this._texts.keys()]) if (key.startsWith(prefix)) this._texts.delete(key);
+    assembleText(this._texts, f, (t) => this._emit('text', t));
+  }
+
+  /** Put `subscribe` for `sub` on the open socket (once per socket). */
+  _sendSubscribe(sub) {
+    const ws = this._ws;
+    this._clock.clearTimeout(sub._retryTimer);
+    sub._retryTimer = null;
+    if (!this._isOpen() || sub._sentOn === ws || !sub._live()) return;
+    sub._sentOn = ws;
+    const frame = { type: 'subscribe', stream: sub.stream };
+    if (sub.position?.epoch) frame.resume = { epoch: sub.position.epoch, seq: sub.position.seq };
+    // As for the own stream: open runs are replayed on the first subscribe
+    // (a fresh or reloaded page), not on a reconnect of a page showing them.
+    sub._askedRuns = sub._replayActiveRuns && !sub._everSubscribed;
+    if (sub._askedRuns) frame.replay_active_runs = true;
+    ws.send(JSON.stringify(frame));
+  }
+
+  /** A frame about shared stream `f.stream`: to its subscription. */
+  _onStreamFrame(f) {
+    const leaving = this._leaving.get(f.stream);
+    if (leaving && (f.type === 'unsubscribed' || (f.type === 'error' && f.code === 'not_subscribed'))) {
+      this._leaving.delete(f.stream);
+      leaving._emit('unsubscribed', { type: 'unsubscribed', stream: f.stream, reason: f.reason ?? 'client' });
+      return;
     }
+    const sub = this._subs.get(f.stream);
+    // Nothing of ours reads it (an event before `unsubscribed` came, the
+    // answer to a subscribe given up): dropped. The client's own handlers
+    // never hear of shared streams.
+    if (!sub || !sub._live()) return;
+    switch (f.type) {
+      case 'subscribed': sub._onSubscribed(f); break;
+      case 'event': sub._onEvent(f); break;
+      case 'caught_up':
+        sub._replayingRuns = false;
+        sub._emit('caught_up', { seq: f.seq, stream: f.stream });
+        break;
+      case 'error': sub._onError(f); break;
+      case 'unsubscribed':
+        // Not asked by this client (a server-side end): not resubscribed.
+        sub.state = 'unsubscribed';
+        sub._emit('unsubscribed', f);
+        break;
+      default: break;
+    }
+  }
+
+  /** The socket is gone: live subscriptions wait for the next welcome; leaving ones are left. */
+  _streamsDisconnected() {
+    for (const sub of this._subs.values()) {
+      this._clock.clearTimeout(sub._retryTimer);
+      sub._retryTimer = null;
+      sub._sentOn = null;
+      if (sub.state === 'subscribed') sub.state = 'subscribing';
+    }
+    const leaving = [...this._leaving.values()];
+    this._leaving.clear();
+    // No connection reads them any more.
+    for (const sub of leaving) sub._emit('unsubscribed', { type: 'unsubscribed', stream: sub.stream, reason: 'client' });
   }
 
   /**
@@ -309,6 +401,9 @@ export class HeraldClient {
         if (this._ws !== ws) return;
         this._scheduleRefresh();
         this._armLiveness();
+        // Every live subscription again, from its position; before the
+        // pending messages, which may need a write subscription.
+        for (const sub of [...this._subs.values()]) this._sendSubscribe(sub);
         this._emit('welcome', f);
         if (this._ws !== ws) return;
         if (!f.replaying) {
@@ -322,7 +417,12 @@ export class HeraldClient {
         this._cancels.clear();
         for (const [id, p] of this._pending) this._transmit(id, p);
         break;
+      case 'subscribed':
+      case 'unsubscribed':
+        if (f.stream != null) this._onStreamFrame(f);
+        break;
       case 'event': {
+        if (f.stream != null) { this._onStreamFrame(f); break; }
         // Replayed run events may be older than the position; everything else
         // arrives in increasing seq order.
         if (f.seq > this.position.seq) {
@@ -349,6 +449,7 @@ export class HeraldClient {
         break;
       }
       case 'caught_up':
+        if (f.stream != null) { this._onStreamFrame(f); break; }
         // The replay announced by the welcome is over (replayed events carry
         // `replayed: true`); live events follow.
         this._emit('caught_up', { seq: f.seq });
@@ -358,6 +459,7 @@ export class HeraldClient {
         this._emit('closing', f);
         break;
       case 'error':
+        if (f.stream != null) { this._onStreamFrame(f); break; }
         this._emit('error', f);
         break;
       default:
@@ -374,6 +476,7 @@ export class HeraldClient {
     this._livenessTimer = null;
     // Messages in flight are not any more: their ack timers stop until resent.
     for (const p of this._pending.values()) { this._clock.clearTimeout(p.timer); p.timer = null; }
+    this._streamsDisconnected();
     // What follows is decided before the app hears of the close, so that a
     // `close` handler meets the decision: its connect() neither opens a
     // second socket beside the retry nor reconnects with a kicked token.
@@ -536,6 +639,7 @@ export class HeraldClient {
     if (ws) {
       try { ws.close(1000, 'client closed'); } catch { /* already closing */ }
     }
+    this._streamsDisconnected();
     if (!rejectPending) return;
     for (const [id, p] of this._pending) {
       this._clock.clearTimeout(p.timer);
@@ -600,6 +704,195 @@ export class HeraldClient {
   _save() {
     if (!this._storage || !this._storageKey) return;
     try { this._storage.setItem(this._storageKey, JSON.stringify(this.position)); } catch { /* quota: ignore */ }
+  }
+
+  /** The stored position of shared stream `stream`, or null. */
+  _loadStream(stream) {
+    if (this._storage && this._storageKey) {
+      try {
+        const p = JSON.parse(this._storage.getItem(`${this._storageKey}:stream:${stream}`));
+        if (p && typeof p.epoch === 'string' && typeof p.seq === 'number') return p;
+      } catch { /* unreadable: fresh */ }
+    }
+    return this._streamPositions.get(stream) ?? null;
+  }
+
+  _saveStream(stream, position) {
+    this._streamPositions.set(stream, position);
+    if (!this._storage || !this._storageKey) return;
+    try { this._storage.setItem(`${this._storageKey}:stream:${stream}`, JSON.stringify(position)); } catch { /* quota: ignore */ }
+  }
+}
+
+/**
+ * A shared stream read through a `HeraldClient` (`client.subscribe(stream)`):
+ * its own position, handlers and text parts. States: `subscribing` (sent,
+ * or waiting for a connection), `subscribed`, `failed` (refused for good:
+ * `forbidden`, `too_many_streams`, `invalid_field`), `unsubscribed`.
+ */
+export class Subscription {
+  constructor(client, stream, replayActiveRuns) {
+    this.client = client;
+    this.stream = stream;
+    /** The stream's epoch and the highest seq processed, or null before the first `subscribed`. */
+    this.position = client._loadStream(stream);
+    /** The user may write to the stream (`sendMessage(…, {stream})`), once subscribed. */
+    this.write = false;
+    /** @type {'subscribing'|'subscribed'|'failed'|'unsubscribed'} */
+    this.state = 'subscribing';
+    this._replayActiveRuns = replayActiveRuns;
+    this._handlers = new Map();
+    this._texts = new Map();
+    /** The socket the current `subscribe` went out on (one per socket). */
+    this._sentOn = null;
+    this._everSubscribed = false;
+    this._askedRuns = false;
+    /** Between `subscribed {replaying}` and `caught_up` of a subscribe that asked for open runs. */
+    this._replayingRuns = false;
+    this._attempt = 0;
+    this._retryTimer = null;
+  }
+
+  /**
+   * Handlers: `subscribed` (after every (re)subscribe), `event` (every event
+   * of the stream), any event name, `text` (a run's text part grew),
+   * `caught_up`, `reset`, `error` (a refusal for this stream), `unsubscribed`.
+   * @returns {() => void} removes the handler
+   */
+  on(name, handler) {
+    if (!this._handlers.has(name)) this._handlers.set(name, new Set());
+    this._handlers.get(name).add(handler);
+    return () => this._handlers.get(name)?.delete(handler);
+  }
+
+  /** The text of `runId`'s `part` in this stream so far, or `''` (as `client.text`). */
+  text(runId, part = 'answer') {
+    return this._texts.get(`${runId}\u0000${part}`) ?? '';
+  }
+
+  /**
+   * Stop reading the stream: sends `unsubscribe` when connected (then
+   * `unsubscribed` comes), and it is never resubscribed. Without a
+   * connection, `unsubscribed` is emitted at once.
+   */
+  unsubscribe() {
+    if (!this._live()) return;
+    const c = this.client;
+    const wasSent = this._sentOn != null && this._sentOn === c._ws && c._isOpen();
+    c._clock.clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this.state = 'unsubscribed';
+    this._sentOn = null;
+    if (c._subs.get(this.stream) === this) c._subs.delete(this.stream);
+    if (wasSent) {
+      c._leaving.set(this.stream, this);
+      c._ws.send(JSON.stringify({ type: 'unsubscribe', stream: this.stream }));
+    } else {
+      this._emit('unsubscribed', { type: 'unsubscribed', stream: this.stream, reason: 'client' });
+    }
+  }
+
+  // -- internals ------------------------------------------------------------
+
+  _live() { return this.state === 'subscribing' || this.state === 'subscribed'; }
+
+  _onSubscribed(f) {
+    this._attempt = 0;
+    if (!f.resumed || !this.position) {
+      // A fresh position: live from `seq` on (told when a resume failed).
+      if (f.reset) {
+        this._emit('reset', f);
+        if (!this._live()) return;
+      }
+      this.position = { epoch: f.epoch, seq: f.seq };
+      this.client._saveStream(this.stream, this.position);
+    }
+    this.write = f.write === true;
+    this.state = 'subscribed';
+    this._everSubscribed = true;
+    // Open runs replayed on request may be older than the position.
+    this._replayingRuns = f.replaying === true && this._askedRuns;
+    this._emit('subscribed', f);
+    if (!f.replaying && this._live()) this._emit('caught_up', { seq: f.seq, stream: this.stream });
+  }
+
+  _onEvent(f) {
+    if (this.state !== 'subscribed') return;
+    const pos = this.position;
+    // Each seq once per stream: an event at or before the position was
+    // processed already — unless it is an open run replayed on request.
+    if (f.seq <= pos.seq && !(this._replayingRuns && f.replayed === true)) return;
+    if (f.seq > pos.seq) {
+      this.position = { epoch: pos.epoch, seq: f.seq };
+      this.client._saveStream(this.stream, this.position);
+    }
+    this._emit(f.event, f);
+    this._emit('event', f);
+    if (f.run_id != null) assembleText(this._texts, f, (t) => this._emit('text', t));
+  }
+
+  _onError(f) {
+    if (FINAL_REFUSALS.has(f.code)) {
+      this.state = 'failed';
+      this._sentOn = null;
+      this._emit('error', f);
+      return;
+    }
+    this._emit('error', f);
+    if (f.code !== 'broker_unavailable' || !this._live()) return;
+    // Not subscribed: ask again after the client's backoff (full jitter).
+    const c = this.client;
+    const ws = this._sentOn;
+    const cap = Math.min(c._backoff.maxMs, c._backoff.baseMs * 2 ** this._attempt);
+    this._attempt += 1;
+    c._clock.clearTimeout(this._retryTimer);
+    this._retryTimer = c._clock.setTimeout(() => {
+      this._retryTimer = null;
+      if (!this._live() || c._ws !== ws) return; // a reconnect resubscribes anyway
+      this._sentOn = null;
+      c._sendSubscribe(this);
+    }, Math.random() * cap);
+  }
+
+  _emit(name, payload) {
+    const hs = this._handlers.get(name);
+    if (!hs) return;
+    for (const h of hs) {
+      try { h(payload); } catch (err) { console.error('herald handler failed', err); }
+    }
+  }
+}
+
+/**
+ * Why `name` is not a shared stream's name, or null: 1–200 bytes of
+ * `A–Z a–z 0–9 _ . : @ -`, `<namespace>:<name>`, not `user:…` (the
+ * server's rule, docs/PROTOCOL.md "Shared streams").
+ */
+function streamNameProblem(name) {
+  if (typeof name !== 'string' || name.length === 0 || name.length > 200) return 'must be 1 to 200 bytes';
+  if (!/^[A-Za-z0-9_.:@-]+$/.test(name)) return 'may hold only A-Z a-z 0-9 _ . : @ -';
+  const colon = name.indexOf(':');
+  if (colon > 0 && name.slice(0, colon) === 'user') return "names a user's own stream (`user:`), which is not shared";
+  if (colon <= 0 || colon === name.length - 1) return 'must be `<namespace>:<name>`, e.g. `thread:abc`';
+  return null;
+}
+
+/**
+ * Assemble the text parts of runs into `texts` ("run\u0000part" → text)
+ * and tell `emit` each growth; a closed run's parts are forgotten. Each seq
+ * reaches a reader once, so appending every delta frame is exact.
+ */
+function assembleText(texts, f, emit) {
+  if (f.event === 'agent_text_delta') {
+    const part = String(f.data?.part ?? '');
+    const delta = String(f.data?.text ?? '');
+    const key = `${f.run_id}\u0000${part}`;
+    const text = (texts.get(key) ?? '') + delta;
+    texts.set(key, text);
+    emit({ runId: f.run_id, part, text, delta, seq: f.seq, replayed: f.replayed === true });
+  } else if (f.event === 'agent_completed' || f.event === 'agent_error' || f.event === 'agent_cancelled') {
+    const prefix = `${f.run_id}\u0000`;
+    for (const key of [...texts.keys()]) if (key.startsWith(prefix)) texts.delete(key);
   }
 }
 

@@ -46,6 +46,17 @@ export function mintToken(secret, sub, ttlSec = 3600, nowMs = Date.now()) {
   return `${head}.${body}.${sig}`;
 }
 
+/**
+ * An HS256 JWT for `sub` with a `streams` claim (`{"thread:t1": "rw",
+ * "room:*": "r"}`): the shared streams it may read or write.
+ */
+export function mintTokenWithStreams(secret, sub, streams, ttlSec = 3600, nowMs = Date.now()) {
+  const head = b64({ alg: 'HS256', typ: 'JWT' });
+  const body = b64({ sub, exp: Math.floor(nowMs / 1000) + ttlSec, streams });
+  const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest('base64url');
+  return `${head}.${body}.${sig}`;
+}
+
 /** A `getToken` minting a different token for `sub` on every call (`.calls` counts them). */
 export function freshTokens(secret, sub) {
   const getToken = async () => { getToken.calls += 1; return mintToken(secret, sub, 3600 + getToken.calls); };

@@ -1,7 +1,7 @@
 // Compiled by `tsc --noEmit` in `npm test`: the .d.ts must type real use,
 // and must refuse wrong use (each @ts-expect-error fails the check if the
 // line below it compiles).
-import { HeraldClient, HeraldClosedError, type AgentEvents, type HeraldClock, type HeraldEvent, type UserMessageEvent } from '../herald.js';
+import { HeraldClient, HeraldClosedError, Subscription, type AgentEvents, type HeraldClock, type HeraldEvent, type SendOptions, type StreamError, type Subscribed, type SubscriptionState, type UserMessageEvent } from '../herald.js';
 
 const c = new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null });
 c.on('agent_thinking', (e) => {
@@ -66,6 +66,47 @@ async function sends(): Promise<void> {
   await c.sendMessage('t1', 'hi', {}, 'm1');
 }
 void sends;
+
+// Shared streams: a subscription with its own handlers, typed by the client's event map.
+const sub: Subscription = c.subscribe('thread:t1', { replayActiveRuns: true });
+const same: Subscription = c.subscribe('thread:t1');
+void same;
+const subState: SubscriptionState = sub.state;
+const canWrite: boolean = sub.write;
+const streamName: string = sub.stream;
+const at: { epoch: string; seq: number } | null = sub.position;
+void subState; void canWrite; void streamName; void at;
+sub.on('subscribed', (f: Subscribed) => { const w: boolean = f.write; const e: string = f.epoch; void w; void e; });
+sub.on('reset', (f) => { const r: boolean | undefined = f.reset; void r; });
+sub.on('caught_up', (f) => { const s: string = f.stream; const n: number = f.seq; void s; void n; });
+sub.on('error', (e: StreamError) => { if (e.code === 'forbidden') { const s: string = e.stream; void s; } });
+sub.on('unsubscribed', (u) => { const why: string = u.reason; void why; });
+sub.on('event', (e) => { const s: string = e.stream; const n: number = e.seq; void s; void n; });
+sub.on('user_message', (e) => { const sender: string = e.data.user_id; const s: string = e.stream; void sender; void s; });
+sub.on('text', (t) => { const text: string = t.text; void text; });
+const partSoFar: string = sub.text('run_1', 'answer');
+void partSoFar;
+sub.unsubscribe();
+// An own-stream event may name no stream.
+c.on('event', (e) => { const s: string | undefined = e.stream; void s; });
+const mySub = mine.subscribe('room:acme.support');
+mySub.on('note', (e) => { const body: string = e.data.body; void body; });
+async function sendsToStream(): Promise<void> {
+  const opts: SendOptions = { stream: 'thread:t1' };
+  await c.sendMessage('t1', 'hi all', {}, opts);
+  await c.sendMessage('t1', 'hi all', {}, { id: 'm2', stream: 'thread:t1' });
+  // @ts-expect-error: a stream is a string
+  await c.sendMessage('t1', 'hi', {}, { stream: 1 });
+}
+void sendsToStream;
+// @ts-expect-error: replayActiveRuns is a boolean
+c.subscribe('thread:t1', { replayActiveRuns: 'yes' });
+// @ts-expect-error: not an event of the map
+sub.on('agent_thinkin', () => {});
+// @ts-expect-error: a subscription is made by the client
+new Subscription();
+// @ts-expect-error: the state is the client's to change
+sub.state = 'subscribed';
 
 // The transport is an AI SDK ChatTransport.
 import type { ChatTransport, UIMessage } from 'ai';
