@@ -131,6 +131,8 @@ pub enum ClientFrame {
     Cancel {
         /// The run to cancel.
         run_id: String,
+        /// The shared stream the run is in; absent: the user's own.
+        stream: Option<String>,
     },
     /// `ack`: the highest seq the client processed.
     Ack {
@@ -238,10 +240,18 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, Fr
             #[derive(Deserialize)]
             struct Cancel {
                 run_id: String,
+                #[serde(default)]
+                stream: Option<String>,
             }
             let c: Cancel = typed("cancel", value, None)?;
             check_id("cancel", "run_id", &c.run_id, limits, &None)?;
-            Ok(ClientFrame::Cancel { run_id: c.run_id })
+            if let Some(problem) = c.stream.as_deref().and_then(shared_stream_problem) {
+                return Err(invalid("cancel", "stream", problem, None));
+            }
+            Ok(ClientFrame::Cancel {
+                run_id: c.run_id,
+                stream: c.stream,
+            })
         }
         "ack" => {
             #[derive(Deserialize)]

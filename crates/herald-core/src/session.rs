@@ -30,6 +30,16 @@ pub enum Reply {
         /// Human-readable detail.
         message: String,
     },
+    /// `error` about a shared stream (a refused `subscribe`/`unsubscribe`
+    /// whose `stream` was readable), naming it.
+    StreamError {
+        /// Machine-readable code.
+        code: &'static str,
+        /// Human-readable detail.
+        message: String,
+        /// The stream as the frame gave it.
+        stream: String,
+    },
     /// `nack` of a `user_message`.
     Nack {
         /// The message id.
@@ -47,6 +57,16 @@ impl Reply {
         match self {
             Reply::Pong => ServerFrame::Pong.to_json(),
             Reply::Error { code, message } => ServerFrame::Error { code, message }.to_json(),
+            Reply::StreamError {
+                code,
+                message,
+                stream,
+            } => ServerFrame::StreamError {
+                code,
+                message,
+                stream,
+            }
+            .to_json(),
             Reply::Nack { id, error, message } => ServerFrame::Nack {
                 id,
                 error,
@@ -69,10 +89,13 @@ pub enum Inbound {
     Hello(Hello),
     /// Forward a chat message to the agent backend.
     UserMessage(UserMessage),
-    /// Forward a cancel, if the run is open and the user's.
+    /// Forward a cancel, if the run is open in the user's own stream (or
+    /// in a shared stream the user may write to).
     Cancel {
         /// The run.
         run_id: String,
+        /// The shared stream, if any.
+        stream: Option<String>,
     },
     /// Record the client's highest processed seq.
     Ack {
@@ -103,6 +126,14 @@ fn protocol_error(detail: impl Into<String>) -> Inbound {
     ))
 }
 
+/// The `stream` field of a refused frame, if it is a string of at most 256
+/// bytes (so the client can tell which of its streams was refused).
+fn stream_field(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let stream = value.get("stream")?.as_str()?;
+    (stream.len() <= 256).then(|| stream.to_owned())
+}
+
 /// Decide what the text frame `text` means for a connection in `state`.
 pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
     if state >= State::Closing {
@@ -125,6 +156,14 @@ pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
                     error: codes::INVALID_FIELD,
                     message,
                 },
+                FrameError::InvalidField {
+                    kind: "subscribe" | "unsubscribe" | "cancel",
+                    ..
+                } if let Some(stream) = stream_field(text) => Reply::StreamError {
+                    code: codes::INVALID_FIELD,
+                    message,
+                    stream,
+                },
                 _ => Reply::Error {
                     code: codes::INVALID_FIELD,
                     message,
@@ -140,7 +179,7 @@ pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
         (_, ClientFrame::Ack { seq }) => Inbound::Ack { seq },
         (_, ClientFrame::Refresh { token }) => Inbound::Refresh { token },
         (_, ClientFrame::UserMessage(m)) => Inbound::UserMessage(m),
-        (_, ClientFrame::Cancel { run_id }) => Inbound::Cancel { run_id },
+        (_, ClientFrame::Cancel { run_id, stream }) => Inbound::Cancel { run_id, stream },
         (_, ClientFrame::Subscribe(sub)) => Inbound::Subscribe(sub),
         (_, ClientFrame::Unsubscribe { stream }) => Inbound::Unsubscribe { stream },
         (_, ClientFrame::Unknown { kind }) => Inbound::Reply(Reply::Error {
@@ -232,5 +271,35 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&n.to_json()).unwrap(),
             serde_json::json!({"type": "nack", "id": "m1", "error": "invalid_message", "message": "bad"})
         );
+    }
+
+    /// Issue 39: a refused `subscribe` (a bad name) names the stream it was
+    /// about, so the client knows which of its subscriptions failed; a frame
+    /// whose `stream` is not a short string gets a plain `error`.
+    #[test]
+    fn a_refused_subscribe_names_its_stream() {
+        let l = Limits::default();
+        match on_text(
+            State::Ready,
+            r#"{"type":"subscribe","stream":"user:bob"}"#,
+            &l,
+        ) {
+            Inbound::Reply(r @ Reply::StreamError { .. }) => {
+                let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+                assert_eq!(v["type"], "error");
+                assert_eq!(v["code"], "invalid_field");
+                assert_eq!(v["stream"], "user:bob");
+            }
+            other => panic!("{other:?}"),
+        }
+        match on_text(State::Ready, r#"{"type":"unsubscribe","stream":7}"#, &l) {
+            Inbound::Reply(Reply::Error { code, .. }) => assert_eq!(code, codes::INVALID_FIELD),
+            other => panic!("{other:?}"),
+        }
+        let long = format!(r#"{{"type":"subscribe","stream":"t:{}"}}"#, "a".repeat(300));
+        assert!(matches!(
+            on_text(State::Ready, &long, &l),
+            Inbound::Reply(Reply::Error { .. })
+        ));
     }
 }

@@ -101,7 +101,13 @@ fn valid_frame(limits: Limits) -> impl Strategy<Value = (ClientFrame, String)> {
         });
     let cancel = text_up_to(l.max_id_bytes).prop_map(|run_id| {
         let v = json!({"type": "cancel", "run_id": run_id});
-        (ClientFrame::Cancel { run_id }, v.to_string())
+        (
+            ClientFrame::Cancel {
+                run_id,
+                stream: None,
+            },
+            v.to_string(),
+        )
     });
     let ack = any::<u64>().prop_map(|seq| {
         (

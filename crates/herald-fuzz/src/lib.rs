@@ -137,7 +137,10 @@ fn check_limits(frame: &ClientFrame, limits: &Limits, kind: &str) {
             assert_eq!(kind, "unsubscribe");
             shared(stream);
         }
-        ClientFrame::Cancel { run_id } => {
+        ClientFrame::Cancel { run_id, stream } => {
+            if let Some(stream) = stream {
+                shared(stream);
+            }
             assert_eq!(kind, "cancel");
             within(run_id, limits.max_id_bytes);
         }

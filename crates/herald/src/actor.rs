@@ -649,7 +649,7 @@ impl Actor {
                 };
                 self.app.inbound().submit_message(self.conn.clone(), msg);
             }
-            Inbound::Cancel { run_id } => self.on_cancel(run_id).await,
+            Inbound::Cancel { run_id, stream } => self.on_cancel(run_id, stream).await,
         }
     }
 
@@ -782,13 +782,28 @@ impl Actor {
     }
 
     /// Forward a cancel only for a run that is open in this user's own stream.
-    async fn on_cancel(&mut self, run_id: String) {
-        let (Some(user), Some(stream)) = (
+    ///
+    /// A run of a shared stream may be cancelled by any user subscribed to
+    /// it with write permission; otherwise the answer is `forbidden`, as
+    /// for a write, whether or not the stream exists.
+    async fn on_cancel(&mut self, run_id: String, shared: Option<String>) {
+        let (Some(user), Some(own)) = (
             self.conn.user().map(str::to_owned),
             self.conn.stream().map(str::to_owned),
         ) else {
             return;
         };
+        if let Some(s) = &shared
+            && !self.conn.sub(s).is_some_and(|sub| sub.write)
+        {
+            self.stream_error(
+                s,
+                codes::FORBIDDEN,
+                "subscribe to the stream, with write permission, first",
+            );
+            return;
+        }
+        let stream = shared.clone().unwrap_or(own);
         let open = match self.app.broker().is_open_run(&stream, &run_id).await {
             Ok(open) => open,
             Err(e) => {
@@ -804,6 +819,7 @@ impl Actor {
             return;
         }
         let cancel = CancelOut {
+            stream: shared,
             user_id: user,
             run_id,
             conn_id: self.conn.id_str.clone(),

@@ -114,8 +114,8 @@ pub enum JoinError {
 /// Agent runs executed on this node (the built-in demo agent's), which a
 /// fleet request can stop.
 pub(crate) trait LocalRuns: Send + Sync + std::fmt::Debug {
-    /// Stop `run_id` of `user` if it runs here; true if it did.
-    fn cancel(&self, user: &str, run_id: &str) -> bool;
+    /// Stop `run_id` of `stream` if it runs here; true if it did.
+    fn cancel(&self, stream: &str, run_id: &str) -> bool;
 }
 
 /// The close detail of a kicked connection.
@@ -291,6 +291,33 @@ impl Hub {
             break self.broker.subscribe(stream);
         };
         confirmed.await
+    }
+
+    /// End every local subscription of `user` to shared stream `stream`,
+    /// each told `unsubscribed {reason: removed}`; returns how many.
+    pub(crate) fn remove_from_shared(&self, stream: &str, user: &str) -> usize {
+        let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
+            return 0;
+        };
+        let theirs: Vec<Arc<ConnShared>> = entry
+            .lock()
+            .iter()
+            .filter(|(c, _)| c.user() == Some(user))
+            .map(|(c, _)| c.clone())
+            .collect();
+        let mut n = 0;
+        for conn in theirs {
+            if let Some(sub) = conn.remove_sub(stream) {
+                self.unsubscribe_shared(stream, conn.id, sub.id);
+                let frame = herald_core::protocol::ServerFrame::Unsubscribed {
+                    stream,
+                    reason: "removed",
+                };
+                let _ = conn.send(OutFrame::from(frame.to_json()));
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Take subscription `id` of connection `conn_id` out of shared stream
@@ -583,12 +610,21 @@ impl EventSink for Hub {
                 closed: self.kick(stream),
                 ..FleetReply::default()
             },
-            FleetRequest::CancelRun { user, run_id } => FleetReply {
-                closed: usize::from(
-                    self.local_runs
-                        .get()
-                        .is_some_and(|runs| runs.cancel(user, run_id)),
-                ),
+            FleetRequest::CancelRun {
+                user,
+                run_id,
+                stream,
+            } => FleetReply {
+                closed: usize::from(self.local_runs.get().is_some_and(|runs| {
+                    let stream = stream
+                        .clone()
+                        .unwrap_or_else(|| crate::broker::user_stream(user));
+                    runs.cancel(&stream, run_id)
+                })),
+                ..FleetReply::default()
+            },
+            FleetRequest::Unsubscribe { stream, user } => FleetReply {
+                closed: self.remove_from_shared(stream, user),
                 ..FleetReply::default()
             },
             FleetRequest::List { stream, limit } => {

@@ -422,6 +422,7 @@ async fn webhook_url_secrets_reach_neither_clients_nor_logs() {
     })
     .unwrap();
     let req = BackendRequest::Cancel(CancelOut {
+        stream: None,
         user_id: "liv".into(),
         run_id: "r".into(),
         conn_id: "c".into(),

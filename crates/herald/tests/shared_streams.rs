@@ -378,3 +378,143 @@ async fn several_streams_resume_at_once_on_another_node() {
     assert_ne!(c["epoch"], at["thread:c"].0, "a new epoch");
     assert!(c_events.is_empty(), "{c_events:?}");
 }
+
+/// A writer cancels a run of the thread (any member with write may; a
+/// reader is refused), the text ingest streams into the thread, and a
+/// member removed through the API stops receiving on every node at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ingest_and_removal_in_a_thread_across_nodes() {
+    let redis = Redis::start();
+    let nodes = [
+        start_with(node_config(&redis)).await,
+        start_with(node_config(&redis)).await,
+        start_with(node_config(&redis)).await,
+    ];
+    let t = "thread:ops";
+    let (mut ana, _) = hello(&nodes[0], &token_with("ana", &[(t, "rw")]), None).await;
+    let (mut bob, _) = hello(&nodes[1], &token_with("bob", &[(t, "rw")]), None).await;
+    let (mut cy, _) = hello(&nodes[2], &token_with("cy", &[(t, "r")]), None).await;
+    // Bob reads the thread on two nodes.
+    let (mut bob2, _) = hello(&nodes[2], &token_with("bob", &[(t, "rw")]), None).await;
+    for ws in [&mut ana, &mut bob, &mut cy, &mut bob2] {
+        assert_eq!(subscribe(ws, t, None).await["type"], "subscribed");
+    }
+
+    // Ana asks; the demo agent runs on node 0; Bob (node 1) cancels it.
+    send_json(
+        &mut ana,
+        json!({"type": "user_message", "id": "c1", "thread_id": "t", "text": "a long task", "stream": t}),
+    )
+    .await;
+    let started = until(&mut bob, |v| is_event_of(v, t, "agent_started"))
+        .await
+        .pop()
+        .unwrap();
+    let run = started["run_id"].as_str().unwrap().to_owned();
+    // A reader may not cancel: refused, nothing forwarded.
+    send_json(
+        &mut cy,
+        json!({"type": "cancel", "run_id": run, "stream": t}),
+    )
+    .await;
+    let refused = until(&mut cy, |v| v["type"] == "error")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (refused["code"].as_str(), refused["stream"].as_str()),
+        (Some("forbidden"), Some(t))
+    );
+    send_json(
+        &mut bob,
+        json!({"type": "cancel", "run_id": run, "stream": t}),
+    )
+    .await;
+    for ws in [&mut ana, &mut cy] {
+        let end = until(ws, |v| {
+            v["type"] == "event"
+                && v["run_id"] == run.as_str()
+                && v["event"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("agent_c"))
+        })
+        .await
+        .pop()
+        .unwrap();
+        assert_eq!(end["event"], "agent_cancelled", "{end}");
+        assert_eq!(end["stream"], t);
+    }
+
+    // The text ingest streams an answer into the thread.
+    let url = http_url(
+        &nodes[1],
+        &format!("/api/v1/runs/r-text/text?stream={t}&thread_id=t"),
+    );
+    let resp = client()
+        .post(url)
+        .bearer_auth(API_KEY)
+        .body("{\"part\":\"answer\",\"text\":\"Hello \"}\n{\"part\":\"answer\",\"text\":\"all\"}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    for ws in [&mut ana, &mut cy] {
+        let mut text = String::new();
+        while text != "Hello all" {
+            let d = until(ws, |v| is_event_of(v, t, "agent_text_delta"))
+                .await
+                .pop()
+                .unwrap();
+            assert_eq!(d["run_id"], "r-text");
+            text.push_str(d["data"]["text"].as_str().unwrap());
+        }
+    }
+    let bad = client()
+        .post(http_url(&nodes[1], "/api/v1/runs/r/text?stream=user:ana"))
+        .bearer_auth(API_KEY)
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // Bob is removed through node 0: both his subscriptions (nodes 1 and 2) end.
+    let (status, body) = post(
+        &nodes[0],
+        "/api/v1/streams/unsubscribe",
+        json!({"stream": t, "user_id": "bob"}),
+    )
+    .await;
+    assert_eq!((status, body["removed"].as_u64()), (200, Some(2)), "{body}");
+    for ws in [&mut bob, &mut bob2] {
+        let gone = until(ws, |v| v["type"] == "unsubscribed")
+            .await
+            .pop()
+            .unwrap();
+        assert_eq!(
+            gone,
+            json!({"type": "unsubscribed", "stream": t, "reason": "removed"})
+        );
+    }
+    publish_to(&nodes[0], json!({"stream": t, "event": "after_removal"})).await;
+    for ws in [&mut bob, &mut bob2] {
+        publish(&nodes[0], "bob", "marker", json!({})).await;
+        let rest = until(ws, |v| v["event"] == "marker").await;
+        assert!(
+            rest.iter().all(|v| v["event"] != "after_removal"),
+            "{rest:?}"
+        );
+    }
+    until(&mut ana, |v| is_event_of(v, t, "after_removal")).await;
+    let (status, body) = post(
+        &nodes[0],
+        "/api/v1/streams/unsubscribe",
+        json!({"stream": "user:bob", "user_id": "bob"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("stream")),
+        "{body}"
+    );
+}

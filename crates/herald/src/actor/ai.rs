@@ -447,6 +447,7 @@ impl Actor {
     fn cancel_run(&self, run_id: String) {
         let Some(user) = self.conn.user() else { return };
         let cancel = CancelOut {
+            stream: None,
             user_id: user.to_owned(),
             run_id,
             conn_id: self.conn.id_str.clone(),

@@ -37,7 +37,7 @@ enum Step {
 pub struct DemoAgent {
     broker: Arc<dyn Broker>,
     tasks: Tasks,
-    /// Open runs: run id → (user, cancel signal).
+    /// Open runs: run id → (its stream, cancel signal).
     runs: DashMap<String, (String, Arc<Notify>)>,
 }
 
@@ -141,10 +141,7 @@ impl DemoAgent {
 
     async fn send(&self, msg: &MessageOut, event: NewEvent) {
         // A message written to a shared stream is answered there.
-        let stream = msg
-            .stream
-            .clone()
-            .unwrap_or_else(|| user_stream(&msg.user_id));
+        let stream = stream_of(msg.stream.as_deref(), &msg.user_id);
         let event = event.in_stream(Some(&stream));
         if let Err(e) = self.broker.publish(&stream, vec![event]).await {
             tracing::warn!(error = %e, "demo agent could not publish");
@@ -152,10 +149,15 @@ impl DemoAgent {
     }
 }
 
+/// The stream a request is about: its shared stream, else its user's own.
+fn stream_of(shared: Option<&str>, user: &str) -> String {
+    shared.map_or_else(|| user_stream(user), str::to_owned)
+}
+
 impl LocalRuns for DemoAgent {
-    fn cancel(&self, user: &str, run_id: &str) -> bool {
+    fn cancel(&self, stream: &str, run_id: &str) -> bool {
         match self.runs.get(run_id) {
-            Some(run) if run.0 == user => {
+            Some(run) if run.0 == stream => {
                 // notify_one stores a permit, so a cancel between steps is not lost.
                 run.1.notify_one();
                 true
@@ -169,12 +171,13 @@ impl AgentBackend for Arc<DemoAgent> {
     fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
         Box::pin(async move {
             if let BackendRequest::Cancel(c) = req
-                && !self.cancel(&c.user_id, &c.run_id)
+                && !self.cancel(&stream_of(c.stream.as_deref(), &c.user_id), &c.run_id)
             {
                 // The run may be executing on another node.
                 let ask = FleetRequest::CancelRun {
                     user: c.user_id.clone(),
                     run_id: c.run_id.clone(),
+                    stream: c.stream.clone(),
                 };
                 if let Err(e) = self.broker.ask_fleet(ask).await {
                     return Err(DeliveryError::Unavailable {
@@ -211,8 +214,8 @@ impl AgentBackend for Arc<DemoAgent> {
             BackendRequest::Cancel(_) => return,
         };
         let cancel = Arc::new(Notify::new());
-        self.runs
-            .insert(run_id.clone(), (msg.user_id.clone(), cancel.clone()));
+        let stream = stream_of(msg.stream.as_deref(), &msg.user_id);
+        self.runs.insert(run_id.clone(), (stream, cancel.clone()));
         self.tasks.spawn(self.clone().run(msg, run_id, cancel));
     }
 }

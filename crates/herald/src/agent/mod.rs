@@ -66,7 +66,12 @@ pub struct MessageOut {
 /// A request to stop an agent run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CancelOut {
-    /// The requester (`sub`), who owns the run.
+    /// The shared stream the run is in (the requester may write to it);
+    /// absent: the requester's own stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// The requester (`sub`), who owns the run (in a shared stream: a
+    /// member who may write to it).
     pub user_id: String,
     /// The run to stop.
     pub run_id: String,

@@ -355,12 +355,25 @@ pub enum FleetRequest {
         /// The stream.
         stream: String,
     },
-    /// Stop agent run `run_id` of `user` wherever the built-in demo agent runs it.
+    /// Stop agent run `run_id` of `user` (or of shared stream `stream`)
+    /// wherever the built-in demo agent runs it.
     CancelRun {
-        /// The run's user.
+        /// The run's user (the requester, for a shared stream's run).
         user: String,
         /// The run.
         run_id: String,
+        /// The shared stream the run is in, if any (absent from nodes of
+        /// an earlier version: their requests name a user's own run).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<String>,
+    },
+    /// End `user`'s subscriptions to shared stream `stream`
+    /// (`unsubscribed {reason: removed}`).
+    Unsubscribe {
+        /// The shared stream.
+        stream: String,
+        /// The user removed from it.
+        user: String,
     },
     /// Describe the connections of `stream` (or all), at most `limit` rows.
     List {
@@ -374,7 +387,8 @@ pub enum FleetRequest {
 /// One node's answer to a [`FleetRequest`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetReply {
-    /// Connections this node closed (`Kick`), or runs it stopped (`CancelRun`).
+    /// Connections this node closed (`Kick`), runs it stopped
+    /// (`CancelRun`), or subscriptions it ended (`Unsubscribe`).
     pub closed: usize,
     /// Connections this node describes (`List`), in conn_id order.
     pub rows: Vec<ConnInfo>,

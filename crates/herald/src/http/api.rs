@@ -564,6 +564,41 @@ pub(super) async fn disconnect(
 }
 
 #[derive(Debug, Deserialize)]
+struct Unsubscribe {
+    stream: String,
+    user_id: String,
+}
+
+/// `POST /api/v1/streams/unsubscribe`: remove a user from a shared stream
+/// on every node at once (each of the user's subscriptions to it ends
+/// with `unsubscribed {reason: removed}`). Reply `{"removed": N}`.
+pub(super) async fn unsubscribe(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let body = read_body(&app, &headers, body).await?;
+    let u: Unsubscribe = typed(parse_json(&body)?, "")?;
+    if let Some(problem) = herald_core::protocol::shared_stream_problem(&u.stream) {
+        return Err(ApiError::field("stream", problem));
+    }
+    if u.user_id.is_empty() || u.user_id.len() > MAX_USER_ID_BYTES {
+        return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
+    }
+    let replies = app
+        .broker()
+        .ask_fleet(FleetRequest::Unsubscribe {
+            stream: u.stream,
+            user: u.user_id,
+        })
+        .await
+        .map_err(broker_failed)?;
+    let n: usize = replies.iter().map(|r| r.closed).sum();
+    Ok(Json(json!({ "removed": n })))
+}
+
+#[derive(Debug, Deserialize)]
 pub(super) struct ConnQuery {
     user_id: Option<String>,
     limit: Option<usize>,

@@ -61,7 +61,11 @@ const READY_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct IngestQuery {
-    user_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    /// A shared stream, instead of a user's own (exactly one of the two).
+    #[serde(default)]
+    stream: Option<String>,
     #[serde(default)]
     thread_id: Option<String>,
 }
@@ -268,9 +272,25 @@ async fn ingest(
                 .into_response();
         }
     };
-    if q.user_id.is_empty() || q.user_id.len() > MAX_USER_ID_BYTES {
-        return super::ApiError::field("user_id", "must be 1 to 256 bytes").into_response();
-    }
+    let stream = match (&q.user_id, &q.stream) {
+        (Some(_), Some(_)) => {
+            return super::ApiError::field("stream", "must not be given with `user_id`")
+                .into_response();
+        }
+        (None, None) => return super::ApiError::field("user_id", "is required").into_response(),
+        (Some(user), None) => {
+            if user.is_empty() || user.len() > MAX_USER_ID_BYTES {
+                return super::ApiError::field("user_id", "must be 1 to 256 bytes").into_response();
+            }
+            user_stream(user)
+        }
+        (None, Some(shared)) => {
+            if let Some(problem) = herald_core::protocol::shared_stream_problem(shared) {
+                return super::ApiError::field("stream", problem).into_response();
+            }
+            shared.clone()
+        }
+    };
     for (field, v) in [
         ("run_id", Some(&run_id)),
         ("thread_id", q.thread_id.as_ref()),
@@ -279,7 +299,6 @@ async fn ingest(
             return super::ApiError::field(field, "must be 1 to 128 bytes").into_response();
         }
     }
-    let stream = user_stream(&q.user_id);
     let limits = app.config().ingest;
     let started = tokio::time::Instant::now();
     let mut report = Report::default();
@@ -488,7 +507,8 @@ async fn publish(
                     text,
                     *index,
                     ts.clone(),
-                ),
+                )
+                .in_stream(Some(stream)),
                 Item::Event { event, data, key } => {
                     let mut e = NewEvent::new(
                         (*event).to_owned(),
@@ -498,7 +518,7 @@ async fn publish(
                         ts.clone(),
                     );
                     e.idempotency_key = Some(key.clone());
-                    e
+                    e.in_stream(Some(stream))
                 }
             })
             .collect();
