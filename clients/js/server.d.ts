@@ -21,9 +21,19 @@ export declare class TextStreamError extends HeraldError {
 /** A webhook request that does not verify (any malformed input included). */
 export declare class InvalidSignature extends Error {}
 
-/** An event to publish. */
-export interface EventIn {
-  userId: string;
+/**
+ * Where an event goes: a user's own stream (`userId`) or a shared stream
+ * (`stream`, e.g. `thread:t1`) — exactly one of the two.
+ */
+export type PublishTarget =
+  | { userId: string; stream?: undefined }
+  | { /** A shared stream's name, `<namespace>:<name>`, e.g. `thread:t1`. */ stream: string; userId?: undefined };
+
+/** An event to publish: its fields, and its target (`userId` or `stream`). */
+export type EventIn = EventFields & PublishTarget;
+
+/** An event's fields, besides where it goes. */
+export interface EventFields {
   /** 1–64 of `[A-Za-z0-9_.:-]`, e.g. `agent_thinking`. */
   event: string;
   runId?: string;
@@ -61,7 +71,14 @@ export interface CallOptions {
 /** A `user_message` webhook. */
 export interface UserMessage {
   type: 'user_message';
+  /** The sender. */
   userId: string;
+  /**
+   * The shared stream it was written to (e.g. `thread:t1`): every member
+   * saw the question there, and `herald.run(message)` answers there.
+   * Absent for a message to the sender's own stream.
+   */
+  stream?: string;
   threadId: string;
   messageId: string;
   text: string;
@@ -96,7 +113,10 @@ export interface ChatRequest {
 /** A `cancel` webhook: the user stopped run `runId`. */
 export interface Cancel {
   type: 'cancel';
+  /** Who stopped it: the run's user, or for a shared stream's run any member who may write to it. */
   userId: string;
+  /** The shared stream the run is in; absent for the user's own stream. */
+  stream?: string;
   runId: string;
   connId: string;
   receivedAt: string;
@@ -104,6 +124,14 @@ export interface Cancel {
 }
 
 export type WebhookEvent = UserMessage | ChatRequest | Cancel;
+
+/** A run in a shared stream that answers no message: `herald.run({ stream: 'thread:t1' })`. */
+export interface StreamTarget {
+  stream: string;
+}
+
+/** Whom a run answers: a user id, a shared stream, or the webhook event it answers. */
+export type RunTarget = string | StreamTarget | UserMessage | ChatRequest;
 
 export interface RunOptions {
   /** The run's thread (a chat); taken from the event when answering one. */
@@ -136,7 +164,10 @@ export type ChunkSource = ReadableStream<unknown> | AsyncIterable<unknown>;
  */
 export declare class Run implements AsyncDisposable {
   readonly id: string;
-  readonly userId: string;
+  /** The user the run answers (a shared stream's message: its sender); `undefined` for `run({ stream })`. */
+  readonly userId: string | undefined;
+  /** The shared stream the run publishes to (and streams its text into); `undefined`: the user's own. */
+  readonly stream: string | undefined;
   readonly threadId: string | undefined;
   /**
    * The id of the `user_message` the run answers (`herald.run(message)`),
@@ -170,17 +201,24 @@ export declare class Herald {
   request(method: string, path: string, options?: { body?: unknown; signal?: AbortSignal; retries?: number }): Promise<any>;
   publish(event: EventIn, options?: CallOptions): Promise<Published>;
   publishMany(events: EventIn[], options?: CallOptions): Promise<Published[]>;
+  /**
+   * End every subscription of `userId` to the shared `stream`, on every
+   * node (each socket is told `unsubscribed`, reason `removed`); resolves
+   * how many. What the user's token grants is unchanged.
+   */
+  unsubscribe(stream: string, userId: string, options?: CallOptions): Promise<number>;
   disconnect(userId: string, options?: CallOptions): Promise<number>;
   connections(filter?: { userId?: string; limit?: number }, options?: CallOptions): Promise<{ connections: ConnectionInfo[]; total: number; truncated: boolean }>;
   /**
    * The started run, for `await using`. A run of a `UserMessage` opens with
-   * `agent_started` `{ message_id: messageId }`; a `ChatRequest`'s is
-   * Herald's run (no second `agent_started`).
+   * `agent_started` `{ message_id: messageId }` (in its `stream`, when it
+   * was written to a shared one); a `ChatRequest`'s is Herald's run (no
+   * second `agent_started`); `{ stream }` runs in a shared stream.
    */
-  run(to: string | UserMessage | ChatRequest, options?: RunOptions): Promise<Run>;
+  run(to: RunTarget, options?: RunOptions): Promise<Run>;
   /** The callback form: the run ends with the callback (completed, error, cancelled); resolves its value. */
-  run<T>(to: string | UserMessage | ChatRequest, options: RunOptions, body: (run: Run) => Promise<T>): Promise<T>;
-  run<T>(to: string | UserMessage | ChatRequest, body: (run: Run) => Promise<T>): Promise<T>;
+  run<T>(to: RunTarget, options: RunOptions, body: (run: Run) => Promise<T>): Promise<T>;
+  run<T>(to: RunTarget, body: (run: Run) => Promise<T>): Promise<T>;
   /** A `cancel` webhook arrived: abort the run it names, if this process runs it. */
   cancelled(event: Cancel | string): boolean;
 }
@@ -193,5 +231,12 @@ export declare function verifyWebhook(
   options?: { tolerance?: number; now?: number },
 ): Promise<WebhookEvent>;
 
-/** An HS256 client token for development and tests. */
-export declare function mintToken(secret: string, userId: string, options?: { ttl?: number; now?: number }): Promise<string>;
+/** A `streams` claim: a stream's name, or a prefix ending in `*`, to read (`r`) or read and write (`rw`). */
+export type StreamGrants = Record<string, 'r' | 'rw'>;
+
+/** An HS256 client token for development and tests; `streams` grants shared streams. */
+export declare function mintToken(
+  secret: string,
+  userId: string,
+  options?: { ttl?: number; now?: number; streams?: StreamGrants },
+): Promise<string>;

@@ -124,8 +124,10 @@ export class Herald {
   }
 
   /**
-   * Publish one event to a user. It carries an idempotency key (yours, or
-   * a random one), so a retry after a lost answer is stored once.
+   * Publish one event to a user (`userId`) or to a shared stream (`stream`,
+   * e.g. `thread:t1`): exactly one of the two, else a TypeError. It carries
+   * an idempotency key (yours, or a random one), so a retry after a lost
+   * answer is stored once.
    */
   async publish(event, { signal } = {}) {
     const [result] = await this.publishMany([event], { signal });
@@ -137,6 +139,16 @@ export class Herald {
     const body = { events: events.map(wireEvent) };
     const answer = await this.request('POST', '/api/v1/events', { body, signal });
     return answer.results;
+  }
+
+  /**
+   * End every subscription of `userId` to the shared `stream`, on every
+   * node (each socket is told `unsubscribed`, reason `removed`); resolves
+   * how many. What the user's token grants is unchanged.
+   */
+  async unsubscribe(stream, userId, { signal } = {}) {
+    const body = { stream, user_id: userId };
+    return (await this.request('POST', '/api/v1/streams/unsubscribe', { body, signal })).removed;
   }
 
   /** Close every connection of `userId` on every node (4409); resolves how many. */
@@ -153,11 +165,12 @@ export class Herald {
   }
 
   /**
-   * An agent run. `to` is a user id, or the webhook event it answers (a
-   * `user_message`: its user and thread, and its `agent_started` names the
-   * message, `{message_id}`, so Herald keeps the question with the run; a
-   * `chat_request` is answered in the run Herald opened: its id and chat,
-   * no second `agent_started`). With `body`, the callback form: the run
+   * An agent run. `to` is a user id, a shared stream (`{ stream:
+   * 'thread:t1' }`), or the webhook event it answers (a `user_message`: its
+   * user and thread — and its stream, when it was written to a shared one —
+   * and its `agent_started` names the message, `{message_id}`, so Herald
+   * keeps the question with the run; a `chat_request` is answered in the
+   * run Herald opened: its id and chat, no second `agent_started`). With `body`, the callback form: the run
    * ends `agent_completed` when it resolves (its value as the final
    * response if `complete` was not called), `agent_error` when it throws
    * (rethrown), `agent_cancelled` when the run's signal aborted. Without,
@@ -212,8 +225,16 @@ export class Herald {
   }
 }
 
-function wireEvent(e) {
-  const out = { user_id: e.userId, event: e.event, idempotency_key: e.idempotencyKey ?? randomId() };
+/** Where an event goes: `{user_id}` (the user's own stream) or `{stream}` (a shared one), exactly one. */
+function destination(userId, stream, what) {
+  if ((userId === undefined) === (stream === undefined)) {
+    throw new TypeError(`${what} goes to a user (userId) or to a shared stream (stream): give exactly one, not ${userId === undefined ? 'neither' : 'both'}`);
+  }
+  return userId !== undefined ? { user_id: userId } : { stream };
+}
+
+function wireEvent(e, i) {
+  const out = { ...destination(e.userId, e.stream, `events[${i}]`), event: e.event, idempotency_key: e.idempotencyKey ?? randomId() };
   if (e.runId !== undefined) out.run_id = e.runId;
   if (e.threadId !== undefined) out.thread_id = e.threadId;
   if (e.data !== undefined) out.data = e.data;
@@ -229,11 +250,25 @@ function target(to, { threadId, runId, started, signal }) {
     return { userId: to.userId, threadId: to.chatId, runId: to.runId, started: started ?? true, signal };
   }
   if (to && typeof to === 'object' && to.type === 'user_message') {
-    // Its agent_started names the message: Herald keeps the question with the run.
-    return { userId: to.userId, threadId: to.threadId, runId: runId ?? newRunId(), started: started ?? false, signal, messageId: to.messageId };
+    // Its agent_started names the message: Herald keeps the question with
+    // the run. A message written to a shared stream is answered there.
+    return { userId: to.userId, stream: to.stream, threadId: to.threadId, runId: runId ?? newRunId(), started: started ?? false, signal, messageId: to.messageId };
   }
-  if (typeof to !== 'string' || to === '') throw new TypeError('a run answers a user id, a user_message or a chat_request');
+  if (to && typeof to === 'object' && to.type === undefined) {
+    if (typeof to.stream !== 'string' || to.stream === '' || to.userId !== undefined) {
+      throw new TypeError('a run in a shared stream is run({ stream: name }), without a userId');
+    }
+    return { stream: to.stream, threadId, runId: runId ?? newRunId(), started: started ?? false, signal };
+  }
+  if (typeof to !== 'string' || to === '') throw new TypeError('a run answers a user id, a { stream }, a user_message or a chat_request');
   return { userId: to, threadId, runId: runId ?? newRunId(), started: started ?? false, signal };
+}
+
+/** The query naming a run's stream for the text and UI ingests (and its thread). */
+function ingestQuery(run) {
+  const q = new URLSearchParams(run.stream !== undefined ? { stream: run.stream } : { user_id: run.userId });
+  if (run.threadId !== undefined) q.set('thread_id', run.threadId);
+  return q;
 }
 
 const newRunId = () => `run_${randomId().replaceAll('-', '')}`;
@@ -252,9 +287,12 @@ export class Run {
   #text = null;
   #calls = 0;
 
-  constructor(herald, { userId, threadId, runId, started, signal, messageId }) {
+  constructor(herald, { userId, stream, threadId, runId, started, signal, messageId }) {
     this.#herald = herald;
+    /** The user the run answers (a stream's message: its sender); undefined for `run({ stream })`. */
     this.userId = userId;
+    /** The shared stream the run publishes to; undefined: the user's own. */
+    this.stream = stream;
     this.threadId = threadId;
     this.id = runId;
     /** The id of the user message the run answers (named in its `agent_started`), if any. */
@@ -277,7 +315,12 @@ export class Run {
   async #publish(event, data) {
     if (this.ended) throw new TypeError(`run ${this.id} has ended`);
     await this.#text?.flush();
-    await this.#herald.publish({ userId: this.userId, event, runId: this.id, threadId: this.threadId, data });
+    await this.#herald.publish({ ...this.#to(), event, runId: this.id, threadId: this.threadId, data });
+  }
+
+  /** Where the run's events go: the shared stream, or the user's own. */
+  #to() {
+    return this.stream !== undefined ? { stream: this.stream } : { userId: this.userId };
   }
 
   /** A thought, shown as reasoning. */
@@ -350,7 +393,7 @@ export class Run {
     }
     this.ended = true;
     this.#herald.track(this.id, null);
-    await this.#herald.publish({ userId: this.userId, event, runId: this.id, threadId: this.threadId, data });
+    await this.#herald.publish({ ...this.#to(), event, runId: this.id, threadId: this.threadId, data });
     if (textError) throw textError;
   }
 
@@ -389,9 +432,7 @@ class TextStream {
   constructor(herald, run) {
     this.#herald = herald;
     this.#run = run;
-    const q = new URLSearchParams({ user_id: run.userId });
-    if (run.threadId !== undefined) q.set('thread_id', run.threadId);
-    this.#url = `/api/v1/runs/${segment(run.id)}/text?${q}`;
+    this.#url = `/api/v1/runs/${segment(run.id)}/text?${ingestQuery(run)}`;
   }
 
   push(part, text) {
@@ -492,9 +533,7 @@ class TextStream {
  * from the first (Herald stores nothing twice).
  */
 async function pipeChunks(herald, run, chunks) {
-  const q = new URLSearchParams({ user_id: run.userId });
-  if (run.threadId !== undefined) q.set('thread_id', run.threadId);
-  const url = `/api/v1/runs/${segment(run.id)}/ui?${q}`;
+  const url = `/api/v1/runs/${segment(run.id)}/ui?${ingestQuery(run)}`;
   const encoder = new TextEncoder();
   const seen = [];
   const source = chunks[Symbol.asyncIterator] ? chunks[Symbol.asyncIterator]() : chunks.getReader();
@@ -636,11 +675,16 @@ export async function verifyWebhook(secret, headers, rawBody, { tolerance = 300,
     receivedAt: str(payload, 'received_at', ''),
     deliveryId: delivery,
   };
+  // The shared stream a user_message was written to, or a cancelled run is
+  // in; absent for the user's own stream.
+  const stream = payload.stream ?? undefined;
+  if (stream !== undefined && typeof stream !== 'string') throw new InvalidSignature('signed body: `stream` is not a string');
+  const inStream = stream === undefined ? {} : { stream };
   switch (payload.type) {
     case 'user_message': {
       const data = payload.data ?? {};
       if (typeof data !== 'object' || Array.isArray(data)) throw new InvalidSignature('signed body: `data` is not an object');
-      return { type: 'user_message', ...common, threadId: str(payload, 'thread_id'), messageId: str(payload, 'message_id'), text: str(payload, 'text'), data };
+      return { type: 'user_message', ...common, ...inStream, threadId: str(payload, 'thread_id'), messageId: str(payload, 'message_id'), text: str(payload, 'text'), data };
     }
     case 'chat_request': {
       const trigger = str(payload, 'trigger');
@@ -658,7 +702,7 @@ export async function verifyWebhook(secret, headers, rawBody, { tolerance = 300,
       };
     }
     case 'cancel':
-      return { type: 'cancel', ...common, runId: str(payload, 'run_id') };
+      return { type: 'cancel', ...common, ...inStream, runId: str(payload, 'run_id') };
     default:
       throw new TypeError(`unknown webhook type ${JSON.stringify(payload.type)}`);
   }
@@ -682,12 +726,20 @@ const b64url = (bytes) => {
 /**
  * An HS256 client token for `userId`, valid `ttl` seconds (default an hour),
  * signed with Herald's `jwt_hs256_secret`: for development and tests (in
- * production the app's auth issues them).
+ * production the app's auth issues them). `streams` grants shared streams,
+ * by name or prefix ending in `*`: `{ 'thread:t1': 'rw', 'room:*': 'r' }`.
  */
-export async function mintToken(secret, userId, { ttl = 3600, now = Date.now() / 1000 } = {}) {
+export async function mintToken(secret, userId, { ttl = 3600, now = Date.now() / 1000, streams } = {}) {
+  const claims = { sub: userId, exp: Math.floor(now + ttl) };
+  if (streams !== undefined) {
+    for (const [name, grant] of Object.entries(streams)) {
+      if (grant !== 'r' && grant !== 'rw') throw new TypeError(`streams[${JSON.stringify(name)}] is ${JSON.stringify(grant)}: a grant is 'r' or 'rw'`);
+    }
+    claims.streams = { ...streams };
+  }
   const enc = new TextEncoder();
   const head = b64url(enc.encode(JSON.stringify({ alg: 'HS256', typ: 'JWT' })));
-  const body = b64url(enc.encode(JSON.stringify({ sub: userId, exp: Math.floor(now + ttl) })));
+  const body = b64url(enc.encode(JSON.stringify(claims)));
   const sig = b64url(await hmacSha256(secret, enc.encode(`${head}.${body}`)));
   return `${head}.${body}.${sig}`;
 }

@@ -1,7 +1,7 @@
 // Compiled by `tsc --strict --noEmit` in `npm test`: herald-gateway/server's
 // types must type real use (a webhook handler answering with runs, `await
 // using`, the AI SDK bridge) and refuse wrong use.
-import { Herald, HeraldError, InvalidSignature, mintToken, verifyWebhook, type Run, type WebhookEvent } from '../server.js';
+import { Herald, HeraldError, InvalidSignature, mintToken, verifyWebhook, type Published, type Run, type StreamGrants, type WebhookEvent } from '../server.js';
 
 const herald = new Herald({ url: 'http://127.0.0.1:8080', apiKey: 'k' });
 
@@ -60,4 +60,42 @@ export async function publishAndBridge(chunks: ReadableStream<unknown>) {
   await herald.publish({ event: 'x' });
   // @ts-expect-error: text takes a string
   (await herald.run('u')).text(5);
+}
+
+// Shared streams: publishing to one, runs in one, removing a member, grants.
+export async function sharedStreams(event: WebhookEvent) {
+  const r: Published = await herald.publish({ stream: 'thread:t1', event: 'note', data: { n: 1 } });
+  void r;
+  await herald.publishMany([{ stream: 'thread:t1', event: 'a' }, { userId: 'u', event: 'b' }]);
+  // @ts-expect-error: a user or a stream, not both
+  await herald.publish({ userId: 'u', stream: 'thread:t1', event: 'x' });
+  // @ts-expect-error: a stream is a string
+  await herald.publish({ stream: 1, event: 'x' });
+  if (event.type === 'user_message' || event.type === 'cancel') {
+    const stream: string | undefined = event.stream; // absent: the user's own stream
+    void stream;
+  }
+  if (event.type === 'user_message') {
+    await herald.run(event, {}, async (run) => {
+      const where: string | undefined = run.stream; // the message's stream, if any
+      const asker: string | undefined = run.userId;
+      void where; void asker;
+      run.text('on it');
+    });
+  }
+  const run: Run = await herald.run({ stream: 'room:ops' }, { threadId: 'daily' });
+  await run.complete();
+  await herald.run({ stream: 'room:ops' }, async (r2) => { r2.text('hi'); });
+  // @ts-expect-error: a run's stream is a string
+  await herald.run({ stream: 5 });
+  // @ts-expect-error: a run's userId may be undefined (a run in a stream)
+  const user: string = run.userId;
+  void user;
+  const removed: number = await herald.unsubscribe('thread:t1', 'bob', { signal: AbortSignal.timeout(1000) });
+  void removed;
+  const grants: StreamGrants = { 'thread:t1': 'rw', 'room:*': 'r' };
+  const token: string = await mintToken('secret', 'ana', { streams: grants });
+  void token;
+  // @ts-expect-error: a grant is 'r' or 'rw'
+  await mintToken('secret', 'ana', { streams: { 'thread:t1': 'w' } });
 }

@@ -1,6 +1,6 @@
 // herald-gateway/server against a real `herald serve` (and, for the
 // restart, a real redis-server): publishing with idempotency keys, runs and
-// their lifecycle, text and the AI SDK bridge, webhook checks.
+// their lifecycle, text and the AI SDK bridge, webhook checks, shared streams.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
@@ -386,4 +386,192 @@ test('publishMany, connections and disconnect', async () => {
   assert.equal(await closed, 4409);
   assert.deepEqual(w.events.map((e) => e.data.n), [1, 2]);
   await assert.rejects(herald.connections({ limit: 0 }), (e) => e instanceof HeraldError && e.status === 400 && e.field === 'limit');
+});
+
+// ---- shared streams ----
+
+/**
+ * A `/ws` socket of `user` whose token (the SDK's mintToken) grants
+ * `grants`, subscribed to each of `streams`; records its events and every
+ * other frame.
+ */
+async function member(server, user, grants, streams = []) {
+  const ws = new WebSocket(`ws://${server.addr}/ws`, ['herald.v1']);
+  const events = [];
+  const frames = [];
+  ws.addEventListener('message', (m) => {
+    const f = JSON.parse(m.data);
+    if (f.type === 'event') events.push(f); else frames.push(f);
+  });
+  await new Promise((res, rej) => { ws.onopen = res; ws.onerror = rej; });
+  ws.send(JSON.stringify({ type: 'hello', token: await mintToken(SECRET, user, { streams: grants }) }));
+  await until(() => frames.some((f) => f.type === 'welcome'), 5000, 'the welcome');
+  for (const stream of streams) {
+    ws.send(JSON.stringify({ type: 'subscribe', stream }));
+    await until(() => {
+      const refused = frames.find((f) => f.type === 'error');
+      if (refused) throw new Error(`subscribe ${stream}: ${JSON.stringify(refused)}`);
+      return frames.some((f) => f.type === 'subscribed' && f.stream === stream);
+    }, 5000, `subscribed to ${stream}`);
+  }
+  return { ws, events, frames, close: () => ws.close() };
+}
+
+/** The events of `m` up to its `n`th run end (`agent_completed` / `agent_cancelled`). */
+async function runsOf(m, n = 1) {
+  const ends = () => m.events.filter((e) => ['agent_completed', 'agent_cancelled', 'agent_error'].includes(e.event)).length;
+  await until(() => ends() >= n, 5000, `${n} run end(s)`);
+  return m.events.slice();
+}
+
+const quiet = () => new Promise((r) => setTimeout(r, 300));
+
+test('shared streams: publish({stream}) and publishMany reach every member; bad targets throw', async () => {
+  const ana = await member(h, 'sa', { 'thread:p1': 'rw' }, ['thread:p1']);
+  const bob = await member(h, 'sb', { 'thread:*': 'r' }, ['thread:p1']);
+  const herald = heraldOf(h);
+  const one = await herald.publish({ stream: 'thread:p1', event: 'note', data: { n: 1 }, threadId: 't1', idempotencyKey: 'sk1' });
+  const again = await herald.publish({ stream: 'thread:p1', event: 'note', data: { n: 1 }, idempotencyKey: 'sk1' });
+  const many = await herald.publishMany([{ stream: 'thread:p1', event: 'a', data: { n: 2 } }, { userId: 'sa', event: 'own' }]);
+  // The stream has its own seq; the key stored the event once.
+  assert.deepEqual([one.seq, one.duplicate ?? false, again.seq, again.duplicate], [1, false, 1, true]);
+  assert.deepEqual(many.map((r) => r.seq), [2, 1]);
+  await until(() => ana.events.length === 3 && bob.events.length === 2, 5000, 'the events');
+  assert.deepEqual(ana.events.filter((e) => e.stream === 'thread:p1').map((e) => [e.seq, e.event, e.data]), [[1, 'note', { n: 1 }], [2, 'a', { n: 2 }]]);
+  assert.deepEqual(ana.events.filter((e) => !('stream' in e)).map((e) => [e.seq, e.event]), [[1, 'own']]);
+  assert.deepEqual(bob.events.map((e) => [e.stream, e.seq, e.event]), [['thread:p1', 1, 'note'], ['thread:p1', 2, 'a']]);
+  // Both targets, or neither: refused before anything is sent.
+  await assert.rejects(herald.publish({ userId: 'sa', stream: 'thread:p1', event: 'x' }), (e) => e instanceof TypeError && /exactly one/.test(e.message));
+  await assert.rejects(herald.publish({ event: 'x' }), (e) => e instanceof TypeError && /events\[0\].*neither/.test(e.message));
+  await assert.rejects(herald.publishMany([{ stream: 'thread:p1', event: 'a' }, { event: 'b' }]), (e) => e instanceof TypeError && /events\[1\]/.test(e.message));
+  await assert.rejects(herald.run({ stream: 'thread:p1', userId: 'sa' }), TypeError);
+  await assert.rejects(herald.run({}), TypeError);
+  // A name Herald refuses: 400 naming the field.
+  for (const bad of ['user:sa', 'no namespace', '']) {
+    await assert.rejects(herald.publish({ stream: bad, event: 'x' }), (e) => e instanceof HeraldError && e.status === 400 && e.field === 'events[0].stream', bad);
+  }
+  await assert.rejects(herald.unsubscribe('user:sb', 'sb'), (e) => e instanceof HeraldError && e.status === 400 && e.field === 'stream');
+  await assert.rejects(mintToken(SECRET, 'sa', { streams: { 'thread:p1': 'w' } }), TypeError);
+  await quiet();
+  assert.equal(bob.events.length, 2, 'nothing else reached the stream');
+  ana.close();
+  bob.close();
+});
+
+test('a run of a user_message written to a stream answers in it; a run({stream}) pipes UI chunks into it; a member\'s cancel names the stream', async () => {
+  const hookSecret = 'srv-streams-hook-0123456789';
+  const deliveries = [];
+  const hook = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (d) => chunks.push(d));
+    req.on('end', () => {
+      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
+      res.writeHead(200);
+      res.end();
+    });
+  });
+  await new Promise((r) => hook.listen(0, '127.0.0.1', r));
+  const hw = await startHerald({
+    HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: API_KEY,
+    HERALD_WEBHOOK_URL: `http://127.0.0.1:${hook.address().port}/hook`, HERALD_WEBHOOK_SECRET: hookSecret,
+  });
+  const delivered = async (n) => {
+    await until(() => deliveries.length >= n, 5000, `webhook delivery ${n}`);
+    const d = deliveries[n - 1];
+    return verifyWebhook(hookSecret, d.headers, new Uint8Array(d.body));
+  };
+  try {
+    const ana = await member(hw, 'ana', { 'thread:t1': 'rw' }, ['thread:t1']);
+    const bob = await member(hw, 'bob', { 'thread:t1': 'rw' }, ['thread:t1']);
+    ana.ws.send(JSON.stringify({ type: 'user_message', id: 'q-1', thread_id: 't1', text: 'who is on call?', stream: 'thread:t1' }));
+    const message = await delivered(1);
+    assert.deepEqual([message.type, message.userId, message.stream, message.messageId], ['user_message', 'ana', 'thread:t1', 'q-1']);
+    const herald = heraldOf(hw);
+    const run = await herald.run(message);
+    assert.deepEqual([run.stream, run.userId, run.messageId], ['thread:t1', 'ana', 'q-1']);
+    await run.thinking('checking the rota');
+    const call = await run.tool('rota', { day: 'today' });
+    await call.done('bob');
+    run.text('Bo');
+    run.text('b.');
+    await run.complete('Bob.');
+    for (const m of [ana, bob]) {
+      const got = await runsOf(m);
+      // Everything is in the stream (ana's socket reads her own stream too:
+      // nothing of the run went there).
+      assert.ok(got.every((e) => e.stream === 'thread:t1'), JSON.stringify(got));
+      assert.deepEqual(got.map((e) => e.event), ['user_message', 'agent_started', 'agent_thinking', 'tool_executing', 'tool_completed', 'agent_text_delta', 'agent_text_delta', 'agent_completed']);
+      assert.equal(got[0].data.user_id, 'ana');
+      assert.deepEqual([got[1].data, got[1].thread_id], [{ message_id: 'q-1' }, 't1']);
+      assert.ok(got.slice(1).every((e) => e.run_id === run.id));
+      assert.equal(textOf(got), 'Bob.');
+    }
+
+    // A run in the stream answering no message, its UI chunks through the
+    // UI ingest (their `start` opens it).
+    ana.events.length = 0;
+    const piped = await herald.run({ stream: 'thread:t1' }, { threadId: 'daily', started: true });
+    assert.deepEqual([piped.stream, piped.userId], ['thread:t1', undefined]);
+    const chunks = [
+      { type: 'start' }, { type: 'text-start', id: 'x' },
+      { type: 'text-delta', id: 'x', delta: 'all ' }, { type: 'text-delta', id: 'x', delta: 'green' },
+      { type: 'text-end', id: 'x' }, { type: 'finish', finishReason: 'stop' },
+    ];
+    await piped.pipe(new ReadableStream({ start(c) { for (const chunk of chunks) c.enqueue(chunk); c.close(); } }));
+    const ui = await runsOf(ana);
+    assert.ok(ui.every((e) => e.stream === 'thread:t1' && e.run_id === piped.id && e.thread_id === 'daily'), JSON.stringify(ui));
+    assert.deepEqual(ui.map((e) => e.event), ['agent_started', 'agent_text_delta', 'agent_text_delta', 'ui_chunk', 'agent_completed']);
+    assert.equal(textOf(ui, 'x'), 'all green');
+
+    // Bob, another member who may write, stops the run of ana's question.
+    ana.ws.send(JSON.stringify({ type: 'user_message', id: 'q-2', thread_id: 't1', text: 'a long one', stream: 'thread:t1' }));
+    const second = await delivered(2);
+    const open = await herald.run(second);
+    bob.ws.send(JSON.stringify({ type: 'cancel', run_id: open.id, stream: 'thread:t1' }));
+    const cancel = await delivered(3);
+    assert.deepEqual([cancel.type, cancel.userId, cancel.runId, cancel.stream], ['cancel', 'bob', open.id, 'thread:t1']);
+    assert.equal(herald.cancelled(cancel), true);
+    assert.equal(open.signal.aborted, true);
+    await open[Symbol.asyncDispose]();
+    const stopped = await runsOf(bob, 3);
+    assert.deepEqual([stopped.at(-1).event, stopped.at(-1).run_id, stopped.at(-1).stream], ['agent_cancelled', open.id, 'thread:t1']);
+    ana.close();
+    bob.close();
+  } finally {
+    await hw.stop();
+    hook.close();
+  }
+});
+
+test('unsubscribe(stream, userId) removes a member on every socket', async () => {
+  const ana = await member(h, 'ua', { 'thread:u1': 'rw' }, ['thread:u1']);
+  const bob = await member(h, 'ub', { 'thread:u1': 'r' }, ['thread:u1']);
+  const bob2 = await member(h, 'ub', { 'thread:u1': 'r' }, ['thread:u1']);
+  const herald = heraldOf(h);
+  assert.equal(await herald.unsubscribe('thread:u1', 'ub'), 2);
+  assert.equal(await herald.unsubscribe('thread:u1', 'ub'), 0);
+  for (const m of [bob, bob2]) {
+    await until(() => m.frames.some((f) => f.type === 'unsubscribed'), 5000, 'unsubscribed');
+    assert.deepEqual(m.frames.filter((f) => f.type === 'unsubscribed'), [{ type: 'unsubscribed', stream: 'thread:u1', reason: 'removed' }]);
+  }
+  await herald.publish({ stream: 'thread:u1', event: 'after' });
+  await until(() => ana.events.length === 1, 5000, 'the member who stays reads on');
+  await quiet();
+  assert.deepEqual([bob.events.length, bob2.events.length], [0, 0]);
+  ana.close();
+  bob.close();
+  bob2.close();
+});
+
+test('verifyWebhook: the stream of a user_message or a cancel, absent for the own stream; not a string: InvalidSignature', async () => {
+  const secret = 'hook-secret-0123456789';
+  const parse = (payload) => { const body = JSON.stringify(payload); return verifyWebhook(secret, signed(body), body); };
+  const msg = { type: 'user_message', user_id: 'u1', thread_id: 't', message_id: 'm', text: 'yo' };
+  const cancel = { type: 'cancel', user_id: 'u1', run_id: 'r' };
+  assert.equal((await parse({ ...msg, stream: 'thread:t1' })).stream, 'thread:t1');
+  assert.equal((await parse({ ...cancel, stream: 'thread:t1' })).stream, 'thread:t1');
+  assert.ok(!('stream' in await parse(msg)) && !('stream' in await parse(cancel)));
+  for (const bad of [{ ...msg, stream: 5 }, { ...cancel, stream: ['thread:t1'] }]) {
+    await assert.rejects(parse(bad), InvalidSignature);
+  }
 });

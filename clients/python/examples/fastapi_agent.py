@@ -8,7 +8,9 @@ call, a final answer (for a chat turn also streamed as text, which is what
 ``useChat`` shows), in the run Herald opened for a chat turn. A ``cancel``
 stops the run, which then ends with ``agent_cancelled``. A delivery is acted
 on once (deduplicated by its ``X-Herald-Delivery`` id); a user message is
-answered once per user and message id, a chat turn once per run id.
+answered once per user and message id, a chat turn once per run id. A
+message written to a shared stream (``thread:t1``) is answered in that
+stream, and any member's ``cancel`` (one who may write to it) stops its run.
 
 Run it (Herald configured with ``HERALD_WEBHOOK_URL=http://127.0.0.1:9000/herald/webhook``
 and the same ``HERALD_WEBHOOK_SECRET``)::
@@ -74,11 +76,20 @@ class SeenDeliveries:
 
 
 deliveries = SeenDeliveries()
-#: Runs in flight, by (user_id, run_id), for cancels.
+#: Runs in flight, by (owner, run_id), for cancels.
 runs: Dict[Tuple[str, str], "asyncio.Task[None]"] = {}
-#: The runs answering user messages, by (user_id, message_id): message ids
-#: are the user's own, so two users may well send the same one.
+#: The runs answering user messages, by (owner, message_id): message ids
+#: are the user's own (or a shared stream's), so two users may well send
+#: the same one.
 by_message: Dict[Tuple[str, str], str] = {}
+
+
+def owner(event: Union[UserMessage, ChatRequest, Cancel]) -> str:
+    """Whose runs these are: a shared stream's (``thread:t1``; any member
+    who may write to it may cancel them), else the user's (``user:<id>``,
+    which no shared stream's name can be)."""
+    stream = getattr(event, "stream", None)  # a ChatRequest is always the user's
+    return stream if stream is not None else f"user:{event.user_id}"
 
 
 async def agent(event: Union[UserMessage, ChatRequest], run_id: str) -> None:
@@ -108,11 +119,11 @@ def start(event: Union[UserMessage, ChatRequest]) -> None:
     if isinstance(event, ChatRequest):
         run_id = event.run_id
     else:
-        message = (event.user_id, event.message_id)
+        message = (owner(event), event.message_id)
         if message in by_message:
             return
         run_id = f"run_{uuid.uuid4().hex}"
-    key = (event.user_id, run_id)
+    key = (owner(event), run_id)
     if key in runs:
         return
     task = asyncio.create_task(agent(event, run_id))
@@ -141,7 +152,7 @@ async def webhook(request: Request) -> Dict[str, bool]:
     if isinstance(event, (UserMessage, ChatRequest)):
         start(event)
     elif isinstance(event, Cancel):
-        task = runs.get((event.user_id, event.run_id))
+        task = runs.get((owner(event), event.run_id))
         if task is not None:
             task.cancel()
     return {"ok": True}

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
@@ -97,6 +97,29 @@ def events(ws: ClientConnection, n: int) -> list:
         if frame["type"] == "event":
             out.append(frame)
     return out
+
+
+def member(server: "HeraldProcess", user: str, grants: Dict[str, str], *streams: str) -> ClientConnection:
+    """A socket of `user` whose token grants `grants` (minted with
+    `mint_token(…, streams=…)`), subscribed to each of `streams`."""
+    ws = connect(f"ws://{server.addr}/ws", subprotocols=["herald.v1"])  # type: ignore[list-item]
+    ws.send(json.dumps({"type": "hello", "token": mint_token(SECRET, user, streams=grants)}))
+    welcome = json.loads(ws.recv(timeout=10))
+    assert welcome["type"] == "welcome", welcome
+    for stream in streams:
+        ws.send(json.dumps({"type": "subscribe", "stream": stream}))
+        subscribed = frame(ws, "subscribed")
+        assert subscribed["stream"] == stream, subscribed
+    return ws
+
+
+def frame(ws: ClientConnection, kind: str) -> Dict[str, Any]:
+    """The next frame of type `kind` (others skipped; an `error` fails)."""
+    while True:
+        f = json.loads(ws.recv(timeout=10))
+        if f["type"] == kind:
+            return f
+        assert f["type"] != "error", f
 
 
 def ai_response(ws: ClientConnection, request_id: str) -> tuple:

@@ -15,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import API_KEY, HeraldProcess, ai_response, free_port
+from conftest import API_KEY, HeraldProcess, ai_response, free_port, member
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HOOK_SECRET = "py-example-secret-0123456789"
@@ -100,6 +100,25 @@ def test_fastapi_example_streams_a_run_and_honours_cancel(example):
     ws.send(json.dumps({"type": "cancel", "run_id": started[-1]["run_id"]}))
     rest = frames_until(ws, lambda f: f.get("event") in ("agent_cancelled", "agent_completed"))
     assert rest[-1]["event"] == "agent_cancelled", rest
+
+
+def test_fastapi_example_answers_in_a_shared_stream_and_any_writer_may_stop_it(example):
+    server, _ = example
+    ana = member(server, "ana", {"thread:ex": "rw"}, "thread:ex")
+    bob = member(server, "bob", {"thread:ex": "rw"}, "thread:ex")
+    ana.send(json.dumps({
+        "type": "user_message", "id": "s1", "thread_id": "t1", "text": "stop me", "stream": "thread:ex",
+    }))
+    started = frames_until(bob, lambda f: f.get("event") == "agent_started")
+    assert (started[-1]["stream"], started[-1]["data"]["message_id"]) == ("thread:ex", "s1")
+    # Bob stops the run answering ana's question: the example finds it by
+    # the stream, not by the user who asked.
+    bob.send(json.dumps({"type": "cancel", "run_id": started[-1]["run_id"], "stream": "thread:ex"}))
+    rest = frames_until(ana, _ended)
+    assert rest[-1]["event"] == "agent_cancelled", rest
+    assert all(f.get("stream") == "thread:ex" for f in rest if f["type"] == "event"), rest
+    ana.close()
+    bob.close()
 
 
 def _delivery(user: str, message_id: str, text: str, delivery_id: str) -> tuple:

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, overload
 
 import httpx
 
@@ -25,16 +25,31 @@ class Published:
     duplicate: bool = False
 
 
+def _destination(user_id: Optional[str], stream: Optional[str], what: str = "an event") -> Dict[str, str]:
+    """Where an event goes: ``{"user_id": …}`` (the user's own stream) or
+    ``{"stream": …}`` (a shared stream); exactly one of the two."""
+    if (user_id is None) == (stream is None):
+        raise TypeError(
+            f"{what} goes to a user (user_id) or to a shared stream (stream): give exactly one, "
+            f"not {'both' if user_id is not None else 'neither'}"
+        )
+    return {"user_id": user_id} if user_id is not None else {"stream": stream}  # type: ignore[dict-item]
+
+
 def _event(
-    user_id: str,
-    event: str,
+    user_id: Optional[str],
+    event: Optional[str],
     data: Optional[Mapping[str, Any]],
     thread_id: Optional[str],
     run_id: Optional[str],
     idempotency_key: Optional[str],
+    stream: Optional[str] = None,
+    what: str = "an event",
 ) -> Dict[str, Any]:
+    if event is None:
+        raise TypeError(f"{what} needs its name (event)")
     body: Dict[str, Any] = {
-        "user_id": user_id,
+        **_destination(user_id, stream, what),
         "event": event,
         # Every publish carries a key, so a retry never appends twice.
         "idempotency_key": idempotency_key or uuid.uuid4().hex,
@@ -46,6 +61,22 @@ def _event(
     if run_id is not None:
         body["run_id"] = run_id
     return body
+
+
+def _batch(events: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    return [
+        _event(
+            e.get("user_id"),
+            e.get("event"),
+            e.get("data"),
+            e.get("thread_id"),
+            e.get("run_id"),
+            e.get("idempotency_key"),
+            e.get("stream"),
+            f"events[{i}]",
+        )
+        for i, e in enumerate(events)
+    ]
 
 
 def _retryable(response: Optional[httpx.Response]) -> bool:
@@ -117,34 +148,63 @@ class Herald:
             raise last
         raise error_of(None, last)
 
+    @overload
     def publish(
         self,
         user_id: str,
         event: str,
         *,
+        data: Optional[Mapping[str, Any]] = ...,
+        thread_id: Optional[str] = ...,
+        run_id: Optional[str] = ...,
+        idempotency_key: Optional[str] = ...,
+    ) -> Published: ...
+
+    @overload
+    def publish(
+        self,
+        user_id: None = ...,
+        *,
+        event: str,
+        stream: str,
+        data: Optional[Mapping[str, Any]] = ...,
+        thread_id: Optional[str] = ...,
+        run_id: Optional[str] = ...,
+        idempotency_key: Optional[str] = ...,
+    ) -> Published: ...
+
+    def publish(
+        self,
+        user_id: Optional[str] = None,
+        event: Optional[str] = None,
+        *,
         data: Optional[Mapping[str, Any]] = None,
         thread_id: Optional[str] = None,
         run_id: Optional[str] = None,
         idempotency_key: Optional[str] = None,
+        stream: Optional[str] = None,
     ) -> Published:
-        """Publish one event to ``user_id``'s stream (retried safely)."""
-        body = _event(user_id, event, data, thread_id, run_id, idempotency_key)
+        """Publish one event to ``user_id``'s stream, or with ``stream=`` to a
+        shared stream (``publish(event="note", stream="thread:t1")``);
+        exactly one of the two, else ``TypeError``. Retried safely."""
+        body = _event(user_id, event, data, thread_id, run_id, idempotency_key, stream)
         return _published(self._request("POST", "/api/v1/events", json=body))[0]
 
     def publish_many(self, events: Iterable[Mapping[str, Any]]) -> List[Published]:
-        """Publish a batch: each item has the keys of :meth:`publish`'s arguments."""
-        batch = [
-            _event(
-                e["user_id"],
-                e["event"],
-                e.get("data"),
-                e.get("thread_id"),
-                e.get("run_id"),
-                e.get("idempotency_key"),
-            )
-            for e in events
-        ]
+        """Publish a batch: each item has the keys of :meth:`publish`'s
+        arguments (``user_id`` or ``stream``, exactly one)."""
+        batch = _batch(events)
         return _published(self._request("POST", "/api/v1/events", json={"events": batch}))
+
+    def unsubscribe(self, stream: str, user_id: str) -> int:
+        """End every subscription of ``user_id`` to the shared ``stream``, on
+        every node (each socket is told ``unsubscribed``, reason
+        ``removed``); returns how many. What the user's token grants is
+        unchanged: a token that still grants the stream may subscribe again."""
+        body = self._request(
+            "POST", "/api/v1/streams/unsubscribe", json={"stream": stream, "user_id": user_id}
+        )
+        return int(body["removed"])
 
     def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` (4409); returns how many."""
@@ -158,25 +218,28 @@ class Herald:
 
     def run(
         self,
-        user: Target,
+        user: Optional[Target] = None,
         *,
         thread_id: Optional[str] = None,
         run_id: Optional[str] = None,
         started: Optional[bool] = None,
+        stream: Optional[str] = None,
     ) -> Run:
         """An agent run, as a context manager that is never left open.
 
         ``user`` is a user id, or the webhook event the run answers: a
         :class:`UserMessage` (its user and thread; a new run id unless
         ``run_id`` is given; its ``agent_started`` carries the message's id as
-        ``message_id``, so Herald keeps the question with the run) or a
+        ``message_id``, so Herald keeps the question with the run; a message
+        written to a shared stream is answered in that stream) or a
         :class:`ChatRequest` (its user, Herald's
         ``run_id`` and ``thread_id`` = its ``chat_id``; neither may be
-        passed). ``started=True`` says Herald opened the run already, so
+        passed). Instead of ``user``, ``stream="thread:t1"`` runs in a shared
+        stream. ``started=True`` says Herald opened the run already, so
         entering it publishes no ``agent_started`` — the default for a
         ``ChatRequest``, whose run Herald opened; ``False`` otherwise.
         """
-        return Run(self, *_target(user, thread_id, run_id, started))
+        return Run(self, *_target(user, thread_id, run_id, started, stream))
 
 
 class AsyncHerald:
@@ -229,35 +292,61 @@ class AsyncHerald:
             raise last
         raise error_of(None, last)
 
+    @overload
     async def publish(
         self,
         user_id: str,
         event: str,
         *,
+        data: Optional[Mapping[str, Any]] = ...,
+        thread_id: Optional[str] = ...,
+        run_id: Optional[str] = ...,
+        idempotency_key: Optional[str] = ...,
+    ) -> Published: ...
+
+    @overload
+    async def publish(
+        self,
+        user_id: None = ...,
+        *,
+        event: str,
+        stream: str,
+        data: Optional[Mapping[str, Any]] = ...,
+        thread_id: Optional[str] = ...,
+        run_id: Optional[str] = ...,
+        idempotency_key: Optional[str] = ...,
+    ) -> Published: ...
+
+    async def publish(
+        self,
+        user_id: Optional[str] = None,
+        event: Optional[str] = None,
+        *,
         data: Optional[Mapping[str, Any]] = None,
         thread_id: Optional[str] = None,
         run_id: Optional[str] = None,
         idempotency_key: Optional[str] = None,
+        stream: Optional[str] = None,
     ) -> Published:
-        """Publish one event to ``user_id``'s stream (retried safely)."""
-        body = _event(user_id, event, data, thread_id, run_id, idempotency_key)
+        """Publish one event to ``user_id``'s stream or to a shared
+        ``stream`` (see :meth:`Herald.publish`)."""
+        body = _event(user_id, event, data, thread_id, run_id, idempotency_key, stream)
         return _published(await self._request("POST", "/api/v1/events", json=body))[0]
 
     async def publish_many(self, events: Iterable[Mapping[str, Any]]) -> List[Published]:
-        """Publish a batch: each item has the keys of :meth:`publish`'s arguments."""
-        batch = [
-            _event(
-                e["user_id"],
-                e["event"],
-                e.get("data"),
-                e.get("thread_id"),
-                e.get("run_id"),
-                e.get("idempotency_key"),
-            )
-            for e in events
-        ]
+        """Publish a batch: each item has the keys of :meth:`publish`'s
+        arguments (``user_id`` or ``stream``, exactly one)."""
+        batch = _batch(events)
         body = await self._request("POST", "/api/v1/events", json={"events": batch})
         return _published(body)
+
+    async def unsubscribe(self, stream: str, user_id: str) -> int:
+        """Remove ``user_id`` from the shared ``stream`` on every node (see
+        :meth:`Herald.unsubscribe`); returns how many subscriptions ended."""
+        body = await self._request(
+            "POST", "/api/v1/streams/unsubscribe", json={"stream": stream, "user_id": user_id}
+        )
+        return int(body["removed"])
 
     async def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` (4409); returns how many."""
@@ -272,12 +361,13 @@ class AsyncHerald:
 
     def run(
         self,
-        user: Target,
+        user: Optional[Target] = None,
         *,
         thread_id: Optional[str] = None,
         run_id: Optional[str] = None,
         started: Optional[bool] = None,
+        stream: Optional[str] = None,
     ) -> AsyncRun:
         """An agent run, as an async context manager that is never left open
         (the arguments as for :meth:`Herald.run`)."""
-        return AsyncRun(self, *_target(user, thread_id, run_id, started))
+        return AsyncRun(self, *_target(user, thread_id, run_id, started, stream))

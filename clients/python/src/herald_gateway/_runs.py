@@ -11,6 +11,11 @@ A run of a :class:`UserMessage` names the message it answers: its
 keeps the question with the run (a client that joins mid-run is replayed the
 ``user_message`` event, then the run).
 
+A run of a :class:`UserMessage` written to a shared stream (its ``stream``,
+e.g. ``"thread:t1"``) publishes every event, and streams its text, into that
+stream, where every member sees it; ``herald.run(stream="thread:t1")`` is a
+run in a shared stream that answers no message.
+
 A run Herald opened itself (an AI SDK chat turn, :class:`ChatRequest`) is
 answered in that run: its id and thread are the request's, and it is not
 opened again (no second ``agent_started``)."""
@@ -36,30 +41,49 @@ Target = Union[str, UserMessage, ChatRequest]
 
 
 def _target(
-    to: Target, thread_id: Optional[str], run_id: Optional[str], started: Optional[bool]
-) -> Tuple[str, Optional[str], Optional[str], bool, Optional[str]]:
+    to: Optional[Target],
+    thread_id: Optional[str],
+    run_id: Optional[str],
+    started: Optional[bool],
+    stream: Optional[str] = None,
+) -> Tuple[Optional[str], Optional[str], Optional[str], bool, Optional[str], Optional[str]]:
     """The user, thread and run ids of a run, whether Herald opened it
-    already, and the id of the message it answers (a :class:`UserMessage`'s,
-    else ``None``), from :meth:`Herald.run`'s arguments."""
+    already, the id of the message it answers (a :class:`UserMessage`'s,
+    else ``None``) and the shared stream it runs in (else ``None``: the
+    user's own stream), from :meth:`Herald.run`'s arguments."""
     if isinstance(to, ChatRequest):
-        if thread_id is not None or run_id is not None:
+        if thread_id is not None or run_id is not None or stream is not None:
             raise TypeError(
-                "a run answering a ChatRequest uses its run_id and chat_id: "
-                "do not pass thread_id or run_id"
+                "a run answering a ChatRequest uses its run_id and chat_id, in the user's stream: "
+                "do not pass thread_id, run_id or stream"
             )
         # Herald opened the run (and published its agent_started).
-        return to.user_id, to.chat_id, to.run_id, True if started is None else started, None
+        return to.user_id, to.chat_id, to.run_id, True if started is None else started, None, None
     if isinstance(to, UserMessage):
-        if thread_id is not None:
-            raise TypeError("a run answering a UserMessage uses its thread_id: do not pass one")
+        if thread_id is not None or stream is not None:
+            raise TypeError(
+                "a run answering a UserMessage uses its thread_id and stream: do not pass them"
+            )
         # Its agent_started names the message, so Herald keeps the question
-        # with the run.
-        return to.user_id, to.thread_id, run_id, bool(started), to.message_id
+        # with the run; a message written to a shared stream is answered there.
+        return to.user_id, to.thread_id, run_id, bool(started), to.message_id, to.stream
+    if to is None:
+        if stream is None:
+            raise TypeError("a run needs a user id, a UserMessage, a ChatRequest or a stream")
+        return None, thread_id, run_id, bool(started), None, stream
     if not isinstance(to, str):
         raise TypeError(
             f"a run's user is a user id, a UserMessage or a ChatRequest, not {type(to).__name__}"
         )
-    return to, thread_id, run_id, bool(started), None
+    if stream is not None:
+        raise TypeError("a run goes to a user or to a shared stream: give exactly one, not both")
+    return to, thread_id, run_id, bool(started), None, None
+
+
+def _owner(user_id: Optional[str], stream: Optional[str]) -> Optional[str]:
+    """The user whose own stream a run publishes to: none when it runs in a
+    shared stream (then the user, if any, is the message's sender)."""
+    return None if stream is not None else user_id
 
 
 def _opening(message_id: Optional[str]) -> Dict[str, Any]:
@@ -129,13 +153,19 @@ class Run:
     def __init__(
         self,
         client: "Herald",
-        user_id: str,
+        user_id: Optional[str],
         thread_id: Optional[str],
         run_id: Optional[str],
         started: bool = False,
         message_id: Optional[str] = None,
+        stream: Optional[str] = None,
     ) -> None:
-        self._client, self.user_id, self.thread_id = client, user_id, thread_id
+        #: The user the run answers (for a run of a shared stream's message,
+        #: its sender; ``None`` for ``run(stream=…)``).
+        self.user_id = user_id
+        self._client, self.thread_id = client, thread_id
+        #: The shared stream the run publishes to, or ``None``: the user's own.
+        self.stream = stream
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         #: Whether Herald opened the run already (then entering it publishes nothing).
@@ -144,12 +174,17 @@ class Run:
         #: sent as ``message_id`` in its ``agent_started``; ``None`` otherwise.
         self.message_id = message_id
         self._final: Any = None
-        self._text = TextStream(client, user_id, self.run_id, thread_id)
+        self._text = TextStream(client, _owner(user_id, stream), self.run_id, thread_id, stream)
 
     def _emit(self, event: str, data: Dict[str, Any]) -> None:
         self._text.flush()
         self._client.publish(
-            self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
+            _owner(self.user_id, self.stream),
+            event,
+            data=data,
+            thread_id=self.thread_id,
+            run_id=self.run_id,
+            stream=self.stream,
         )
 
     def text(self, delta: str, part: str = "answer") -> None:
@@ -235,13 +270,19 @@ class AsyncRun:
     def __init__(
         self,
         client: "AsyncHerald",
-        user_id: str,
+        user_id: Optional[str],
         thread_id: Optional[str],
         run_id: Optional[str],
         started: bool = False,
         message_id: Optional[str] = None,
+        stream: Optional[str] = None,
     ) -> None:
-        self._client, self.user_id, self.thread_id = client, user_id, thread_id
+        #: The user the run answers (for a run of a shared stream's message,
+        #: its sender; ``None`` for ``run(stream=…)``).
+        self.user_id = user_id
+        self._client, self.thread_id = client, thread_id
+        #: The shared stream the run publishes to, or ``None``: the user's own.
+        self.stream = stream
         #: The run's id (generated when not given).
         self.run_id = run_id or f"run_{uuid.uuid4().hex[:16]}"
         #: Whether Herald opened the run already (then entering it publishes nothing).
@@ -250,12 +291,17 @@ class AsyncRun:
         #: sent as ``message_id`` in its ``agent_started``; ``None`` otherwise.
         self.message_id = message_id
         self._final: Any = None
-        self._text = AsyncTextStream(client, user_id, self.run_id, thread_id)
+        self._text = AsyncTextStream(client, _owner(user_id, stream), self.run_id, thread_id, stream)
 
     async def _emit(self, event: str, data: Dict[str, Any]) -> None:
         await self._text.flush()
         await self._client.publish(
-            self.user_id, event, data=data, thread_id=self.thread_id, run_id=self.run_id
+            _owner(self.user_id, self.stream),
+            event,
+            data=data,
+            thread_id=self.thread_id,
+            run_id=self.run_id,
+            stream=self.stream,
         )
 
     def text(self, delta: str, part: str = "answer") -> None:

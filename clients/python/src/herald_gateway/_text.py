@@ -117,8 +117,18 @@ class _Stream:
     """What both senders share: the request, the deltas numbered per part,
     the lines not yet confirmed, and what an answer means."""
 
-    def __init__(self, base: Optional[float], user_id: str, run_id: str, thread_id: Optional[str]) -> None:
-        params = {"user_id": user_id}
+    def __init__(
+        self,
+        base: Optional[float],
+        user_id: Optional[str],
+        run_id: str,
+        thread_id: Optional[str],
+        stream: Optional[str] = None,
+    ) -> None:
+        # The run's stream: the user's own, or a shared one (``?stream=``).
+        params: Dict[str, str] = (
+            {"stream": stream} if stream is not None else {"user_id": user_id or ""}
+        )
         if thread_id is not None:
             params["thread_id"] = thread_id
         # Caller-given values, escaped: the run id as one path segment, the
@@ -243,8 +253,15 @@ class _Stream:
 class TextStream(_Stream):
     """The blocking client's text stream of one run (see :meth:`Run.text`)."""
 
-    def __init__(self, client: "Herald", user_id: str, run_id: str, thread_id: Optional[str]) -> None:
-        super().__init__(client._timeout, user_id, run_id, thread_id)
+    def __init__(
+        self,
+        client: "Herald",
+        user_id: Optional[str],
+        run_id: str,
+        thread_id: Optional[str],
+        stream: Optional[str] = None,
+    ) -> None:
+        super().__init__(client._timeout, user_id, run_id, thread_id, stream)
         self._client = client
         self._queue: "queue.Queue[Optional[_Item]]" = queue.Queue()
         self._sender: Optional[threading.Thread] = None
@@ -331,9 +348,14 @@ class AsyncTextStream(_Stream):
     """The asyncio client's text stream of one run (see :meth:`AsyncRun.text`)."""
 
     def __init__(
-        self, client: "AsyncHerald", user_id: str, run_id: str, thread_id: Optional[str]
+        self,
+        client: "AsyncHerald",
+        user_id: Optional[str],
+        run_id: str,
+        thread_id: Optional[str],
+        stream: Optional[str] = None,
     ) -> None:
-        super().__init__(client._timeout, user_id, run_id, thread_id)
+        super().__init__(client._timeout, user_id, run_id, thread_id, stream)
         self._client = client
         self._queue: "asyncio.Queue[Optional[_Item]]" = asyncio.Queue()
         self._sender: "Optional[asyncio.Task[None]]" = None

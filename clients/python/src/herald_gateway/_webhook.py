@@ -21,6 +21,7 @@ DELIVERY_HEADER = "x-herald-delivery"
 class UserMessage:
     """A chat message a user sent to the agent."""
 
+    #: The sender.
     user_id: str
     thread_id: str
     message_id: str
@@ -29,6 +30,10 @@ class UserMessage:
     conn_id: str = ""
     received_at: str = ""
     delivery_id: Optional[str] = None
+    #: The shared stream it was written to (``"thread:t1"``): every member
+    #: saw the question there, and ``herald.run(message)`` answers there.
+    #: ``None`` for a message to the sender's own stream.
+    stream: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,15 @@ class ChatRequest:
 class Cancel:
     """A user asked the agent to stop a run."""
 
+    #: Who asked: the run's user, or, for a run of a shared stream, any
+    #: member who may write to it.
     user_id: str
     run_id: str
     conn_id: str = ""
     received_at: str = ""
     delivery_id: Optional[str] = None
+    #: The shared stream the run is in; ``None`` for the user's own stream.
+    stream: Optional[str] = None
 
 
 WebhookEvent = Union[UserMessage, ChatRequest, Cancel]
@@ -253,6 +262,7 @@ def verify_webhook(
             conn_id=_field(payload, "conn_id", ""),
             received_at=_field(payload, "received_at", ""),
             delivery_id=delivery,
+            stream=_optional_field(payload, "stream"),
         )
     if kind == "chat_request":
         return ChatRequest(
@@ -275,5 +285,6 @@ def verify_webhook(
             conn_id=_field(payload, "conn_id", ""),
             received_at=_field(payload, "received_at", ""),
             delivery_id=delivery,
+            stream=_optional_field(payload, "stream"),
         )
     raise ValueError(f"unknown webhook type {kind!r}")
