@@ -153,6 +153,16 @@ pub enum ClientFrame {
         /// The stream.
         stream: String,
     },
+    /// `typing`: tell a shared stream's other members this user is typing.
+    Typing {
+        /// The stream.
+        stream: String,
+    },
+    /// `presence`: who is in a shared stream (answered with `presence`).
+    Presence {
+        /// The stream.
+        stream: String,
+    },
     /// A `type` this server does not know (answered with `error`, not a close).
     Unknown {
         /// The unknown type name.
@@ -278,16 +288,26 @@ pub fn parse_client_frame(text: &str, limits: &Limits) -> Result<ClientFrame, Fr
             }
             Ok(ClientFrame::Subscribe(sub))
         }
-        "unsubscribe" => {
+        kind @ ("unsubscribe" | "typing" | "presence") => {
             #[derive(Deserialize)]
-            struct Unsubscribe {
+            struct Named {
                 stream: String,
             }
-            let u: Unsubscribe = typed("unsubscribe", value, None)?;
+            let kind: &'static str = match kind {
+                "unsubscribe" => "unsubscribe",
+                "typing" => "typing",
+                _ => "presence",
+            };
+            let u: Named = typed(kind, value, None)?;
             if let Some(problem) = shared_stream_problem(&u.stream) {
-                return Err(invalid("unsubscribe", "stream", problem, None));
+                return Err(invalid(kind, "stream", problem, None));
             }
-            Ok(ClientFrame::Unsubscribe { stream: u.stream })
+            let stream = u.stream;
+            Ok(match kind {
+                "unsubscribe" => ClientFrame::Unsubscribe { stream },
+                "typing" => ClientFrame::Typing { stream },
+                _ => ClientFrame::Presence { stream },
+            })
         }
         "ping" => Ok(ClientFrame::Ping),
         "refresh" => {
@@ -442,6 +462,39 @@ pub enum ServerFrame<'a> {
         /// Whether this user may write to it (`user_message`, `cancel`).
         write: bool,
     },
+    /// Who is in a shared stream (answer to `presence`, and the API's).
+    Presence {
+        /// The stream.
+        stream: &'a str,
+        /// Users present, each with its live connections (at most the
+        /// listing limit; sorted by user id).
+        users: &'a [PresentUser],
+        /// Users present in all.
+        total_users: usize,
+        /// Their connections in all.
+        total_connections: usize,
+    },
+    /// A user's first connection joined a shared stream.
+    PresenceJoin {
+        /// The stream.
+        stream: &'a str,
+        /// The user.
+        user_id: &'a str,
+    },
+    /// A user's last connection left a shared stream (or its node died).
+    PresenceLeave {
+        /// The stream.
+        stream: &'a str,
+        /// The user.
+        user_id: &'a str,
+    },
+    /// Another member of a shared stream is typing (not stored).
+    Typing {
+        /// The stream.
+        stream: &'a str,
+        /// The user typing.
+        user_id: &'a str,
+    },
     /// The connection no longer reads a shared stream.
     Unsubscribed {
         /// The stream.
@@ -507,6 +560,15 @@ impl ServerFrame<'_> {
         // values are plain data.
         serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"type\":\"error\"}"))
     }
+}
+
+/// A user present in a shared stream, with its live connections there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresentUser {
+    /// The user.
+    pub user_id: String,
+    /// Its connections reading the stream, on every node.
+    pub connections: usize,
 }
 
 /// The body of an `event` frame (without `type`, which [`ServerFrame`] adds).
@@ -645,9 +707,9 @@ mod tests {
     #[test]
     fn unknown_type_is_not_fatal() {
         assert_eq!(
-            parse(r#"{"type":"typing"}"#),
+            parse(r#"{"type":"shouting"}"#),
             Ok(ClientFrame::Unknown {
-                kind: "typing".into()
+                kind: "shouting".into()
             })
         );
     }

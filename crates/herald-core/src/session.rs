@@ -114,6 +114,16 @@ pub enum Inbound {
         /// The stream.
         stream: String,
     },
+    /// Relay "typing" to a shared stream's other members.
+    Typing {
+        /// The stream.
+        stream: String,
+    },
+    /// Answer who is in a shared stream.
+    Presence {
+        /// The stream.
+        stream: String,
+    },
     /// Nothing to do (the connection is closing).
     Ignore,
 }
@@ -157,7 +167,7 @@ pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
                     message,
                 },
                 FrameError::InvalidField {
-                    kind: "subscribe" | "unsubscribe" | "cancel",
+                    kind: "subscribe" | "unsubscribe" | "cancel" | "typing" | "presence",
                     ..
                 } if let Some(stream) = stream_field(text) => Reply::StreamError {
                     code: codes::INVALID_FIELD,
@@ -182,6 +192,8 @@ pub fn on_text(state: State, text: &str, limits: &Limits) -> Inbound {
         (_, ClientFrame::Cancel { run_id, stream }) => Inbound::Cancel { run_id, stream },
         (_, ClientFrame::Subscribe(sub)) => Inbound::Subscribe(sub),
         (_, ClientFrame::Unsubscribe { stream }) => Inbound::Unsubscribe { stream },
+        (_, ClientFrame::Typing { stream }) => Inbound::Typing { stream },
+        (_, ClientFrame::Presence { stream }) => Inbound::Presence { stream },
         (_, ClientFrame::Unknown { kind }) => Inbound::Reply(Reply::Error {
             code: codes::UNKNOWN_TYPE,
             message: format!("unknown frame type `{kind}`"),
@@ -241,7 +253,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            decide(State::Ready, r#"{"type":"typing"}"#),
+            decide(State::Ready, r#"{"type":"shouting"}"#),
             Inbound::Reply(Reply::Error {
                 code: "unknown_type",
                 ..

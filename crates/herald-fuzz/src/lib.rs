@@ -137,6 +137,14 @@ fn check_limits(frame: &ClientFrame, limits: &Limits, kind: &str) {
             assert_eq!(kind, "unsubscribe");
             shared(stream);
         }
+        ClientFrame::Typing { stream } => {
+            assert_eq!(kind, "typing");
+            shared(stream);
+        }
+        ClientFrame::Presence { stream } => {
+            assert_eq!(kind, "presence");
+            shared(stream);
+        }
         ClientFrame::Cancel { run_id, stream } => {
             if let Some(stream) = stream {
                 shared(stream);
@@ -161,7 +169,9 @@ fn check_limits(frame: &ClientFrame, limits: &Limits, kind: &str) {
                     "ack",
                     "ping",
                     "subscribe",
-                    "unsubscribe"
+                    "unsubscribe",
+                    "typing",
+                    "presence"
                 ]
                 .contains(&k.as_str()),
                 "a known type parsed as unknown"

@@ -185,6 +185,7 @@ fn start(
         mode,
         claims: None,
         sub_replaying: Vec::new(),
+        typing_at: Vec::new(),
     };
     // The actor lives in this block and the loop borrows it: one copy of
     // it in the task (an `async fn` taking it by value would hold two).
@@ -266,6 +267,8 @@ struct Actor {
     claims: Option<Box<crate::auth::Claims>>,
     /// Subscriptions whose `subscribed` announced a replay not over yet.
     sub_replaying: Vec<u32>,
+    /// When this connection last relayed `typing`, per subscription.
+    typing_at: Vec<(u32, Instant)>,
 }
 
 impl Actor {
@@ -621,6 +624,8 @@ impl Actor {
             Inbound::Refresh { token } => self.on_refresh(&token),
             Inbound::Subscribe(sub) => Box::pin(self.on_subscribe(sub)).await,
             Inbound::Unsubscribe { stream } => self.on_unsubscribe(&stream),
+            Inbound::Typing { stream } => self.on_typing(&stream).await,
+            Inbound::Presence { stream } => Box::pin(self.on_presence(&stream)).await,
             Inbound::UserMessage(m) => {
                 let Some(user) = self.conn.user() else { return };
                 if let Some(stream) = &m.stream

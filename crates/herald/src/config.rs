@@ -95,6 +95,8 @@ declare_keys! {
     MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
     MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
     MAX_STREAMS_PER_CONNECTION = "max_streams_per_connection", Some("16"), "Shared streams one connection may read besides its own; a further subscribe gets error too_many_streams";
+    PRESENCE_TTL = "presence_ttl", Some("30s"), "How long a node's presence entries live unless renewed (every third of it): a node that dies takes its members out of every stream's presence within this, plus a third of it for the leave notices";
+    PRESENCE_MAX_LISTED = "presence_max_listed", Some("100"), "Most users a presence answer lists (all are counted: total_users, total_connections)";
     INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
     HISTORY_MAX_EVENTS = "history_max_events", Some("1000"), "Events kept per user stream for resume (events of open agent runs are kept beyond it)";
     HISTORY_MAX_AGE = "history_max_age", Some("1h"), "Oldest event kept for resume";
@@ -430,6 +432,15 @@ fn boolean(v: &str) -> Result<bool, String> {
     }
 }
 
+/// A duration of at least 100 ms (a period something is renewed at).
+fn at_least_100ms(v: &str) -> Result<Duration, String> {
+    let d = duration(v)?;
+    if d < Duration::from_millis(100) {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(d)
+}
+
 fn positive(v: &str) -> Result<usize, String> {
     match v.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -553,6 +564,10 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Shared streams one connection may read besides its own.
     pub max_streams_per_connection: usize,
+    /// Lifetime of a node's presence entries unless renewed.
+    pub presence_ttl: Duration,
+    /// Most users a presence answer lists.
+    pub presence_max_listed: usize,
     /// Limit on connections before their `hello` is accepted.
     pub max_pending_connections: usize,
     /// Drain window on shutdown.
@@ -696,6 +711,8 @@ impl Config {
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
             max_streams_per_connection: raw.required(key::MAX_STREAMS_PER_CONNECTION, positive)?,
+            presence_ttl: raw.required(key::PRESENCE_TTL, at_least_100ms)?,
+            presence_max_listed: raw.required(key::PRESENCE_MAX_LISTED, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,
             drain_window: raw.required(key::DRAIN_WINDOW, duration)?,
             max_connection_age: Some(raw.required(key::MAX_CONNECTION_AGE, duration)?)

@@ -128,6 +128,9 @@ const KICK_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
 /// One stream's local connections.
 type StreamConns = Arc<Mutex<Vec<Arc<ConnShared>>>>;
 
+/// A (stream, user) pair whose local presence changed.
+type PresenceDirty = (Arc<str>, String);
+
 /// One shared stream's local subscribers: each connection with the id of
 /// its subscription.
 type SharedConns = Arc<Mutex<Vec<(Arc<ConnShared>, u32)>>>;
@@ -142,6 +145,9 @@ pub struct Hub {
     streams: DashMap<Arc<str>, StreamConns>,
     /// Shared streams (issue 39) and the connections subscribed to them.
     shared: DashMap<Arc<str>, SharedConns>,
+    /// (stream, user) pairs whose local presence changed, for the presence task.
+    presence_tx: tokio::sync::mpsc::UnboundedSender<PresenceDirty>,
+    presence_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PresenceDirty>>>,
     stats: Arc<Stats>,
     /// Signalled when the last connection is cleaned up (the drain waits on it).
     empty: tokio::sync::Notify,
@@ -158,7 +164,10 @@ pub struct Hub {
 impl Hub {
     /// An empty hub subscribing through `broker` and counting into `stats`.
     pub(crate) fn new(node: String, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
+        let (presence_tx, presence_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            presence_tx,
+            presence_rx: Mutex::new(Some(presence_rx)),
             node,
             local_runs: std::sync::OnceLock::new(),
             broker,
@@ -293,6 +302,103 @@ impl Hub {
         confirmed.await
     }
 
+    /// `user`'s subscriptions to shared stream `stream` on this node changed:
+    /// the presence task tells the broker (and the members, if the user
+    /// joined or left the stream fleet-wide).
+    pub(crate) fn presence_dirty(&self, stream: &str, user: &str) {
+        let _ = self.presence_tx.send((Arc::from(stream), user.to_owned()));
+    }
+
+    /// `user`'s subscriptions to `stream` on this node.
+    fn local_presence(&self, stream: &str, user: &str) -> usize {
+        self.shared.get(stream).map_or(0, |e| {
+            e.lock()
+                .iter()
+                .filter(|(c, _)| c.user() == Some(user))
+                .count()
+        })
+    }
+
+    /// The presence task (one per server, until `stop`): sets this node's
+    /// count for each (stream, user) that changed — the current count, so
+    /// the order of changes does not matter — and sends `presence_join` /
+    /// `presence_leave` when the user's presence changed fleet-wide; every
+    /// third of `ttl` renews this node's entries and reports the users
+    /// whose every entry expired (their node died).
+    pub(crate) async fn run_presence(
+        self: Arc<Self>,
+        ttl: std::time::Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let Some(mut rx) = self.presence_rx.lock().take() else {
+            return;
+        };
+        let mut renew = tokio::time::interval(ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                changed = rx.recv() => {
+                    let Some((stream, user)) = changed else { return };
+                    let count = self.local_presence(&stream, &user);
+                    match self.broker.presence_set(&stream, &user, count, ttl).await {
+                        Ok(crate::broker::PresenceChange::Joined) => self.announce(&stream, &user, true).await,
+                        Ok(crate::broker::PresenceChange::Left) => self.announce(&stream, &user, false).await,
+                        Ok(crate::broker::PresenceChange::None) => {}
+                        Err(e) => tracing::warn!(error = %e, stream = %stream, "presence not recorded"),
+                    }
+                }
+                _ = renew.tick() => self.renew_presence(ttl).await,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Renew this node's presence entries, stream by stream; announce the
+    /// users who left with a dead node's entries.
+    async fn renew_presence(&self, ttl: std::time::Duration) {
+        let streams: Vec<Arc<str>> = self.shared.iter().map(|e| e.key().clone()).collect();
+        for stream in streams {
+            let mut users: std::collections::BTreeMap<String, usize> = Default::default();
+            if let Some(entry) = self.shared.get(&stream).map(|e| e.clone()) {
+                for (c, _) in entry.lock().iter() {
+                    if let Some(u) = c.user() {
+                        *users.entry(u.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+            match self
+                .broker
+                .presence_refresh(&stream, users.into_iter().collect(), ttl)
+                .await
+            {
+                Ok(left) => {
+                    for user in left {
+                        self.announce(&stream, &user, false).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, stream = %stream, "presence not renewed"),
+            }
+        }
+    }
+
+    /// Tell `stream`'s members, on every node, that `user` joined or left.
+    async fn announce(&self, stream: &str, user: &str, joined: bool) {
+        let frame = if joined {
+            herald_core::protocol::ServerFrame::PresenceJoin {
+                stream,
+                user_id: user,
+            }
+        } else {
+            herald_core::protocol::ServerFrame::PresenceLeave {
+                stream,
+                user_id: user,
+            }
+        };
+        if let Err(e) = self.broker.signal(stream, None, frame.to_json()).await {
+            tracing::warn!(error = %e, stream, "presence change not announced");
+        }
+    }
+
     /// End every local subscription of `user` to shared stream `stream`,
     /// each told `unsubscribed {reason: removed}`; returns how many.
     pub(crate) fn remove_from_shared(&self, stream: &str, user: &str) -> usize {
@@ -316,6 +422,9 @@ impl Hub {
                 let _ = conn.send(OutFrame::from(frame.to_json()));
                 n += 1;
             }
+        }
+        if n > 0 {
+            self.presence_dirty(stream, user);
         }
         n
     }
@@ -430,6 +539,9 @@ impl Hub {
         }
         for sub in conn.subs() {
             self.unsubscribe_shared(&sub.stream, conn.id, sub.id);
+            if let Some(user) = conn.user() {
+                self.presence_dirty(&sub.stream, user);
+            }
         }
         self.conns.remove(&conn.id);
         self.stats.cleanups.fetch_add(1, Ordering::Relaxed);
@@ -575,6 +687,22 @@ impl EventSink for Hub {
         self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
         delivered
+    }
+
+    fn signal(&self, stream: &str, from_user: Option<&str>, json: &str) {
+        let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
+            return;
+        };
+        let frame = OutFrame::text(json);
+        for (conn, id) in entry.lock().iter() {
+            if from_user.is_some() && conn.user() == from_user {
+                continue;
+            }
+            // Only to subscriptions answered already (`subscribed` first).
+            if conn.sub_by_id(*id).is_some_and(|s| s.epoch.is_some()) {
+                let _ = conn.send(frame.clone());
+            }
+        }
     }
 
     fn resync(&self, stream: &str, epoch: &str, last_seq: u64) {

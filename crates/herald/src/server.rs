@@ -94,6 +94,11 @@ impl Server {
             http.clone(),
             stop_rx.clone(),
         ));
+        tokio::spawn(
+            app.hub()
+                .clone()
+                .run_presence(app.config().presence_ttl, stop_rx.clone()),
+        );
         let sweeper = tokio::spawn(sweep_loop(app.clone(), stop_rx));
         tracing::info!(addr = %local_addr, "herald listening");
         Ok(Server {

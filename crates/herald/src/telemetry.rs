@@ -59,6 +59,9 @@ pub const CHAT_REFUSED: &str = "herald_chat_refused_total";
 /// Counter: `subscribe` frames to shared streams, labelled `outcome`
 /// (`subscribed`, `forbidden`, `unavailable`).
 pub const SUBSCRIBES: &str = "herald_subscribes_total";
+/// Counter: `typing` frames to shared streams, labelled `outcome`
+/// (`relayed`, `dropped`: within a second of the last one relayed).
+pub const TYPING: &str = "herald_typing_total";
 /// Gauge: user message ids remembered for deduplication on this node.
 pub const MESSAGE_IDS_REMEMBERED: &str = "herald_message_ids_remembered";
 /// Gauge: agent backend requests in flight on this node.

@@ -58,7 +58,7 @@ async fn bad_frames_before_and_after_hello() {
 
     // After hello: unknown type and invalid fields answer, connection stays.
     let (mut ws, _) = connect(&server, "u1").await;
-    send_json(&mut ws, json!({"type": "typing"})).await;
+    send_json(&mut ws, json!({"type": "shouting"})).await;
     let e = next_json(&mut ws).await;
     assert_eq!(
         (e["type"].as_str(), e["code"].as_str()),

@@ -643,3 +643,85 @@ async fn a_subscription_lost_without_notice_is_noticed_and_nothing_is_lost() {
     then_only(&mut ws, &b, "ls", 4).await;
     drop(cluster);
 }
+
+/// Issue 39 on a Redis Cluster: shared streams whose keys sit on every
+/// master carry events, presence and typing between two nodes (sharded
+/// pub/sub per stream, presence hashes in the stream's slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_streams_presence_and_typing_across_a_cluster() {
+    let cluster = Cluster::start();
+    let (a, b) = (node(&cluster).await, node(&cluster).await);
+    // Two streams per master.
+    let mut per_master: std::collections::HashMap<u16, Vec<String>> = Default::default();
+    for i in 0.. {
+        let stream = format!("room:{i}");
+        let slot: u16 = cli(
+            cluster.ports[0],
+            &["CLUSTER", "KEYSLOT", &format!("c:{{{stream}}}:presence")],
+        )
+        .trim()
+        .parse()
+        .unwrap();
+        let (port, _) = owner(cluster.ports[0], slot);
+        let list = per_master.entry(port).or_default();
+        if list.len() < 2 {
+            list.push(stream);
+        }
+        if per_master.len() == 3 && per_master.values().all(|l| l.len() == 2) {
+            break;
+        }
+    }
+    let streams: Vec<String> = per_master.into_values().flatten().collect();
+    let grant = |user: &str| {
+        let s = [("room:*".to_owned(), "rw".to_owned())]
+            .into_iter()
+            .collect();
+        herald::auth::mint_hs256_with_streams(SECRET, user, Duration::from_secs(3600), &s).unwrap()
+    };
+    let (mut ann, _) = hello_at(&a.local_addr().to_string(), &grant("ann")).await;
+    let (mut bo, _) = hello_at(&b.local_addr().to_string(), &grant("bo")).await;
+    // Ann is a member of every stream before Bo joins (a join is told to
+    // the members at that moment).
+    for s in &streams {
+        send_json(&mut ann, json!({"type": "subscribe", "stream": s})).await;
+    }
+    let mut subscribed = 0;
+    while subscribed < streams.len() {
+        let v = next_json(&mut ann).await;
+        assert_ne!(v["type"], "error", "{v}");
+        subscribed += usize::from(v["type"] == "subscribed");
+    }
+    for s in &streams {
+        send_json(&mut bo, json!({"type": "subscribe", "stream": s})).await;
+    }
+    // Ann sees Bo join every stream, whichever master holds it.
+    let mut joined: std::collections::HashSet<String> = Default::default();
+    while joined.len() < streams.len() {
+        let v = next_json(&mut ann).await;
+        if v["type"] == "presence_join" && v["user_id"] == "bo" {
+            joined.insert(v["stream"].as_str().unwrap().to_owned());
+        }
+    }
+    for s in &streams {
+        let (status, p) = get_json(&a, &format!("/api/v1/streams/presence?stream={s}")).await;
+        assert_eq!(status, 200, "{p}");
+        assert_eq!(p["total_users"], 2, "{s}: {p}");
+        let (status, _) = post(&b, "/api/v1/events", json!({"stream": s, "event": "note"})).await;
+        assert_eq!(status, 200);
+        send_json(&mut bo, json!({"type": "typing", "stream": s})).await;
+    }
+    // Every stream's note and Bo's typing reach Ann on the other node.
+    let (mut notes, mut typing) = (
+        std::collections::HashSet::<String>::new(),
+        std::collections::HashSet::<String>::new(),
+    );
+    while notes.len() < streams.len() || typing.len() < streams.len() {
+        let v = next_json(&mut ann).await;
+        let s = v["stream"].as_str().unwrap_or_default().to_owned();
+        match v["type"].as_str() {
+            Some("event") if v["event"] == "note" => assert!(notes.insert(s), "each note once"),
+            Some("typing") => assert!(typing.insert(s)),
+            _ => {}
+        }
+    }
+}

@@ -518,3 +518,150 @@ async fn cancel_ingest_and_removal_in_a_thread_across_nodes() {
         "{body}"
     );
 }
+
+/// A frame of `type` about stream `t` (skipping others).
+async fn frame_of(ws: &mut Ws, kind: &str, t: &str) -> Value {
+    until(ws, |v| v["type"] == kind && v["stream"] == t)
+        .await
+        .pop()
+        .unwrap()
+}
+
+/// Presence and typing across three nodes on Redis (issue 39, items 5
+/// and 6): members see each other join and leave; a user with two
+/// connections joins once and leaves with the last; `presence` lists users
+/// with connection counts (the API too, capped by `limit`); `typing` is
+/// relayed to the other members only, at most once a second per
+/// connection, and a reader may not send it; a SIGKILLed node's members
+/// leave within `presence_ttl` (1 s here) plus a third of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_across_nodes_and_a_killed_node() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.presence_ttl = Duration::from_secs(1);
+    let one = start_with(cfg.clone()).await;
+    let two = start_with(cfg).await;
+    let t = "room:lobby";
+    let (mut ana, _) = hello(&one, &token_with("ana", &[("room:*", "rw")]), None).await;
+    assert_eq!(subscribe(&mut ana, t, None).await["type"], "subscribed");
+    let joined = frame_of(&mut ana, "presence_join", t).await;
+    assert_eq!(joined["user_id"], "ana", "a member sees its own join too");
+
+    let (mut bob, _) = hello(&two, &token_with("bob", &[(t, "rw")]), None).await;
+    assert_eq!(subscribe(&mut bob, t, None).await["type"], "subscribed");
+    assert_eq!(
+        frame_of(&mut ana, "presence_join", t).await["user_id"],
+        "bob"
+    );
+    // Bob's second tab: no second join.
+    let (mut bob2, _) = hello(&one, &token_with("bob", &[(t, "r")]), None).await;
+    assert_eq!(subscribe(&mut bob2, t, None).await["type"], "subscribed");
+
+    // Counted by the node's presence task, right after `subscribed`: asked
+    // until it shows (within 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let p = loop {
+        send_json(&mut ana, json!({"type": "presence", "stream": t})).await;
+        let p = frame_of(&mut ana, "presence", t).await;
+        if p["total_connections"] == 3 || std::time::Instant::now() > deadline {
+            break p;
+        }
+    };
+    assert_eq!(
+        (p["total_users"].as_u64(), p["total_connections"].as_u64()),
+        (Some(2), Some(3)),
+        "{p}"
+    );
+    assert_eq!(
+        p["users"],
+        json!([{"user_id": "ana", "connections": 1}, {"user_id": "bob", "connections": 2}])
+    );
+    let (status, api) = get_json(
+        &two,
+        &format!("/api/v1/streams/presence?stream={t}&limit=1"),
+    )
+    .await;
+    assert_eq!(status, 200, "{api}");
+    assert_eq!(
+        (
+            api["total_users"].as_u64(),
+            api["users"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(1))
+    );
+
+    // Typing: relayed to the other user's connections, not to the sender's.
+    send_json(&mut ana, json!({"type": "typing", "stream": t})).await;
+    for ws in [&mut bob, &mut bob2] {
+        let typing = frame_of(ws, "typing", t).await;
+        assert_eq!(
+            typing,
+            json!({"type": "typing", "stream": t, "user_id": "ana"})
+        );
+    }
+    // At most once a second: a burst relays nothing more.
+    for _ in 0..5 {
+        send_json(&mut ana, json!({"type": "typing", "stream": t})).await;
+    }
+    // A reader may not type.
+    send_json(&mut bob2, json!({"type": "typing", "stream": t})).await;
+    assert_eq!(frame_of(&mut bob2, "error", t).await["code"], "forbidden");
+    // Ana's frames are handled in order: once her `presence` is answered,
+    // any relay of the burst was sent before the marker below.
+    send_json(&mut ana, json!({"type": "presence", "stream": t})).await;
+    frame_of(&mut ana, "presence", t).await;
+    publish_to(&one, json!({"stream": t, "event": "marker"})).await;
+    let before_marker = until(&mut bob, |v| is_event_of(v, t, "marker")).await;
+    assert!(
+        before_marker.iter().all(|v| v["type"] != "typing"),
+        "{before_marker:?}"
+    );
+
+    // Bob's first tab leaves: no leave yet; his last one leaves: leave.
+    send_json(&mut bob, json!({"type": "unsubscribe", "stream": t})).await;
+    drop(bob2);
+    let left = frame_of(&mut ana, "presence_leave", t).await;
+    assert_eq!(left["user_id"], "bob");
+
+    // A node killed with SIGKILL: its member leaves within the TTL bound.
+    let env = [
+        ("HERALD_JWT_HS256_SECRET", SECRET),
+        ("HERALD_API_KEY", API_KEY),
+        ("HERALD_REDIS_URL", &redis.url()),
+        ("HERALD_REDIS_PREFIX", "t"),
+        ("HERALD_PRESENCE_TTL", "1s"),
+        ("HERALD_ADDR", "127.0.0.1:0"),
+    ];
+    let (mut child, addr, _) = serve(&env);
+    let cy_token = token_with("cy", &[(t, "r")]);
+    let (mut cy, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    send_json(&mut cy, json!({"type": "hello", "token": cy_token})).await;
+    assert_eq!(next_json(&mut cy).await["type"], "welcome");
+    assert_eq!(subscribe(&mut cy, t, None).await["type"], "subscribed");
+    assert_eq!(
+        frame_of(&mut ana, "presence_join", t).await["user_id"],
+        "cy"
+    );
+    child.kill().unwrap();
+    let killed = std::time::Instant::now();
+    child.wait().unwrap();
+    let gone = tokio::time::timeout(
+        Duration::from_secs(10),
+        frame_of(&mut ana, "presence_leave", t),
+    )
+    .await
+    .expect("cy's leave within 10 s");
+    assert_eq!(gone["user_id"], "cy");
+    let took = killed.elapsed();
+    send_json(&mut ana, json!({"type": "presence", "stream": t})).await;
+    let p = frame_of(&mut ana, "presence", t).await;
+    assert_eq!(
+        p["users"],
+        json!([{"user_id": "ana", "connections": 1}]),
+        "{p}"
+    );
+    // Printed, not asserted (no timed assertions): the bound is ttl + ttl/3.
+    println!("a SIGKILLed node's member left after {took:?} (presence_ttl 1 s)");
+}

@@ -12,11 +12,17 @@
 use herald_core::catchup::{HistoryRequest, Plan, decide_join};
 use herald_core::protocol::{ServerFrame, Subscribe, codes};
 
+use std::time::Duration;
+
 use super::{Actor, HISTORY_PAGE, frames};
 use crate::auth::Access;
+use crate::clock;
 use crate::connection::SubRefused;
 use crate::telemetry;
 use crate::wire::OutFrame;
+
+/// A connection relays `typing` to a stream at most once per this.
+const TYPING_EVERY: Duration = Duration::from_secs(1);
 
 impl Actor {
     /// What the token grants on `stream`.
@@ -97,6 +103,68 @@ impl Actor {
             c.start_subscription(id, OutFrame::from(frame), decision.plan);
         });
         metrics::counter!(telemetry::SUBSCRIBES, "outcome" => "subscribed").increment(1);
+        if let Some(user) = self.conn.user() {
+            hub.presence_dirty(stream, user);
+        }
+    }
+
+    /// Relay "typing" to the stream's other members (write permission
+    /// needed; at most one relay per [`TYPING_EVERY`] per subscription, the
+    /// rest dropped; nothing stored).
+    pub(super) async fn on_typing(&mut self, stream: &str) {
+        let Some(sub) = self.conn.sub(stream).filter(|s| s.write) else {
+            self.stream_error(
+                stream,
+                codes::FORBIDDEN,
+                "subscribe to the stream, with write permission, first",
+            );
+            return;
+        };
+        let now = clock::now();
+        self.typing_at.retain(|(id, at)| {
+            now.saturating_duration_since(*at) < TYPING_EVERY && self.conn.sub_by_id(*id).is_some()
+        });
+        if self.typing_at.iter().any(|(id, _)| *id == sub.id) {
+            metrics::counter!(telemetry::TYPING, "outcome" => "dropped").increment(1);
+            return;
+        }
+        self.typing_at.push((sub.id, now));
+        let Some(user) = self.conn.user().map(str::to_owned) else {
+            return;
+        };
+        let frame = ServerFrame::Typing {
+            stream,
+            user_id: &user,
+        }
+        .to_json();
+        match self.app.broker().signal(stream, Some(&user), frame).await {
+            Ok(()) => metrics::counter!(telemetry::TYPING, "outcome" => "relayed").increment(1),
+            Err(e) => tracing::debug!(error = %e, "typing not relayed"),
+        }
+    }
+
+    /// Answer who is in a stream this connection reads.
+    pub(super) async fn on_presence(&mut self, stream: &str) {
+        if self.conn.sub(stream).is_none() {
+            self.stream_error(stream, codes::FORBIDDEN, "subscribe to the stream first");
+            return;
+        }
+        let limit = self.app.config().presence_max_listed;
+        match self.app.broker().presence(stream, limit).await {
+            Ok(p) => {
+                let frame = ServerFrame::Presence {
+                    stream,
+                    users: &p.users,
+                    total_users: p.total_users,
+                    total_connections: p.total_connections,
+                };
+                let _ = self.conn.send(OutFrame::from(frame.to_json()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, stream, "presence unavailable");
+                self.stream_error(stream, codes::BROKER_UNAVAILABLE, "try again later");
+            }
+        }
     }
 
     /// Stop reading a shared stream: `unsubscribed {reason: client}`.
@@ -107,6 +175,9 @@ impl Actor {
                     .hub()
                     .unsubscribe_shared(stream, self.conn.id, sub.id);
                 self.sub_replaying.retain(|i| *i != sub.id);
+                if let Some(user) = self.conn.user() {
+                    self.app.hub().presence_dirty(stream, user);
+                }
                 let frame = ServerFrame::Unsubscribed {
                     stream,
                     reason: "client",

@@ -7,10 +7,10 @@
 //! networked broker keeps. History does not survive a restart: a restart is a
 //! new epoch, so resuming clients get `reset`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use herald_core::catchup::StreamPosition;
@@ -50,6 +50,9 @@ pub struct MemoryBroker {
     order: Mutex<VecDeque<(Arc<str>, u64)>>,
     /// Events appended (resolved once, not per publish).
     published: metrics::Counter,
+    /// Presence in shared streams: stream → user → connections (one node,
+    /// so nothing expires: a connection's cleanup sets its count).
+    presence: Mutex<HashMap<Arc<str>, BTreeMap<String, usize>>>,
 }
 
 /// Memory per stored event beyond its payload (entry, queue slots, shared
@@ -90,6 +93,7 @@ impl MemoryBroker {
             enforcing_runs: AtomicBool::new(false),
             order: Mutex::new(VecDeque::new()),
             published: metrics::counter!(crate::telemetry::EVENTS_PUBLISHED),
+            presence: Mutex::new(HashMap::new()),
         }
     }
 
@@ -544,6 +548,84 @@ impl Broker for MemoryBroker {
         // One process, one node.
         let reply = self.sink.upgrade().map(|sink| sink.answer(&request));
         Box::pin(async move { Ok(reply.into_iter().collect()) })
+    }
+
+    fn presence_set<'a>(
+        &'a self,
+        stream: &'a str,
+        user: &'a str,
+        count: usize,
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<super::PresenceChange, BrokerError>> {
+        let mut all = self.presence.lock();
+        let before = all
+            .get(stream)
+            .and_then(|s| s.get(user))
+            .copied()
+            .unwrap_or(0);
+        if count == 0 {
+            if let Some(users) = all.get_mut(stream) {
+                users.remove(user);
+                if users.is_empty() {
+                    all.remove(stream);
+                }
+            }
+        } else {
+            all.entry(Arc::from(stream))
+                .or_default()
+                .insert(user.to_owned(), count);
+        }
+        let change = match (before, count) {
+            (0, c) if c > 0 => super::PresenceChange::Joined,
+            (b, 0) if b > 0 => super::PresenceChange::Left,
+            _ => super::PresenceChange::None,
+        };
+        Box::pin(async move { Ok(change) })
+    }
+
+    fn presence_refresh<'a>(
+        &'a self,
+        _stream: &'a str,
+        _users: Vec<(String, usize)>,
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {
+        // One node: its entries are exact, and no other node can die.
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        stream: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::Presence, BrokerError>> {
+        let all = self.presence.lock();
+        let users = all.get(stream);
+        let presence = super::Presence {
+            users: users
+                .into_iter()
+                .flatten()
+                .take(limit)
+                .map(|(u, n)| herald_core::protocol::PresentUser {
+                    user_id: u.clone(),
+                    connections: *n,
+                })
+                .collect(),
+            total_users: users.map_or(0, BTreeMap::len),
+            total_connections: users.map_or(0, |u| u.values().sum()),
+        };
+        Box::pin(async move { Ok(presence) })
+    }
+
+    fn signal<'a>(
+        &'a self,
+        stream: &'a str,
+        from_user: Option<&'a str>,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        if let Some(sink) = self.sink.upgrade() {
+            sink.signal(stream, from_user, &json);
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn sweep(&self, now: Instant) -> BoxFuture<'_, Vec<ExpiredRun>> {

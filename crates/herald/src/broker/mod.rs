@@ -396,6 +396,29 @@ pub struct FleetReply {
     pub total: usize,
 }
 
+/// How a user's presence in a shared stream changed, fleet-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// It did not (other connections of the user are there, or were not).
+    None,
+    /// The user's first connection joined.
+    Joined,
+    /// The user's last connection left.
+    Left,
+}
+
+/// Who is in a shared stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// Users present with their connection counts, by user id, at most
+    /// the limit asked for.
+    pub users: Vec<herald_core::protocol::PresentUser>,
+    /// Users present in all.
+    pub total_users: usize,
+    /// Their connections in all.
+    pub total_connections: usize,
+}
+
 /// Who forwards a `user_message` id (deduplication across nodes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageClaim {
@@ -440,6 +463,11 @@ pub trait EventSink: Send + Sync + Debug {
 
     /// Answer a request of some node (this one included).
     fn answer(&self, request: &FleetRequest) -> FleetReply;
+
+    /// Hand an ephemeral frame (`json`: presence or typing, not stored, no
+    /// seq) to this node's subscribers of shared stream `stream`, except
+    /// the connections of `from_user` when given.
+    fn signal(&self, _stream: &str, _from_user: Option<&str>, _json: &str) {}
 }
 
 /// Where events live and how they reach every node.
@@ -548,6 +576,43 @@ pub trait Broker: Send + Sync + Debug {
     ) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+
+    /// Set this node's count of `user`'s connections reading shared stream
+    /// `stream` (0: none; the entry lives `ttl` unless refreshed) and say
+    /// whether that changed the user's presence fleet-wide.
+    fn presence_set<'a>(
+        &'a self,
+        stream: &'a str,
+        user: &'a str,
+        count: usize,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<PresenceChange, BrokerError>>;
+
+    /// Renew this node's entries of `stream` (`users` with their counts)
+    /// for `ttl`, and drop the entries of other nodes that were not renewed
+    /// in time (a node that died): the users that left with them.
+    fn presence_refresh<'a>(
+        &'a self,
+        stream: &'a str,
+        users: Vec<(String, usize)>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, BrokerError>>;
+
+    /// Who is in `stream`: at most `limit` users listed, all counted.
+    fn presence<'a>(
+        &'a self,
+        stream: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Presence, BrokerError>>;
+
+    /// Send an ephemeral frame to every node's subscribers of `stream`
+    /// ([`EventSink::signal`]).
+    fn signal<'a>(
+        &'a self,
+        stream: &'a str,
+        from_user: Option<&'a str>,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
     /// Whether the broker can serve requests now (`/readyz`).
     fn is_ready(&self) -> bool {

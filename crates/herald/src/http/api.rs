@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use herald_core::protocol::{AGENT_EVENTS, is_valid_event_name};
@@ -596,6 +597,41 @@ pub(super) async fn unsubscribe(
         .map_err(broker_failed)?;
     let n: usize = replies.iter().map(|r| r.closed).sum();
     Ok(Json(json!({ "removed": n })))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct PresenceQuery {
+    stream: String,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/streams/presence?stream=…[&limit=N]`: who is in a shared
+/// stream, on every node (`users` at most `limit`, default and cap
+/// `presence_max_listed`; all counted).
+pub(super) async fn presence(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    query: Result<Query<PresenceQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&app, &headers)?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    if let Some(problem) = herald_core::protocol::shared_stream_problem(&q.stream) {
+        return Err(ApiError::field("stream", problem));
+    }
+    let max = app.config().presence_max_listed;
+    let limit = q.limit.unwrap_or(max).min(max);
+    let p = app
+        .broker()
+        .presence(&q.stream, limit)
+        .await
+        .map_err(broker_failed)?;
+    Ok(Json(json!({
+        "stream": q.stream,
+        "users": p.users,
+        "total_users": p.total_users,
+        "total_connections": p.total_connections,
+    })))
 }
 
 #[derive(Debug, Deserialize)]

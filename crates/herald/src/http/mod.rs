@@ -98,6 +98,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/v1/runs/{run_id}/ui", post(ingest::ui))
         .route("/api/v1/disconnect", post(api::disconnect))
         .route("/api/v1/streams/unsubscribe", post(api::unsubscribe))
+        .route("/api/v1/streams/presence", get(api::presence))
         .route("/api/v1/connections", get(api::connections))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

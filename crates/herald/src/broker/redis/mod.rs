@@ -403,6 +403,21 @@ impl Shared {
         format!("{}:ch", self.base(stream))
     }
 
+    /// This node's name in presence entries: its id with anything but
+    /// `A–Z a–z 0–9 . _ -` replaced (the entries are `<node>=<n>@<ms>;…`).
+    fn presence_node(&self) -> String {
+        self.node
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || ".-_".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    }
+
     /// What this node's claim on a message holds while it forwards it.
     fn claim_value(&self) -> String {
         format!("inflight:{}", self.node)
@@ -1188,6 +1203,104 @@ impl Broker for RedisBroker {
                         .arg(lease.as_millis() as u64),
                 )
                 .await
+        })
+    }
+
+    fn presence_set<'a>(
+        &'a self,
+        stream: &'a str,
+        user: &'a str,
+        count: usize,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<super::PresenceChange, BrokerError>> {
+        Box::pin(async move {
+            let mut script = self.shared.scripts.presence_set.prepare_invoke();
+            script
+                .key(format!("{}:presence", self.shared.base(stream)))
+                .arg(self.shared.presence_node())
+                .arg(user)
+                .arg(count)
+                .arg(ttl.as_millis() as u64);
+            let change: u8 = self.shared.run(&script).await?;
+            Ok(match change {
+                1 => super::PresenceChange::Joined,
+                2 => super::PresenceChange::Left,
+                _ => super::PresenceChange::None,
+            })
+        })
+    }
+
+    fn presence_refresh<'a>(
+        &'a self,
+        stream: &'a str,
+        users: Vec<(String, usize)>,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Vec<String>, BrokerError>> {
+        Box::pin(async move {
+            let mut script = self.shared.scripts.presence_refresh.prepare_invoke();
+            script
+                .key(format!("{}:presence", self.shared.base(stream)))
+                .arg(self.shared.presence_node())
+                .arg(ttl.as_millis() as u64)
+                .arg(users.len());
+            for (user, count) in &users {
+                script.arg(user).arg(*count);
+            }
+            self.shared.run(&script).await
+        })
+    }
+
+    fn presence<'a>(
+        &'a self,
+        stream: &'a str,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<super::Presence, BrokerError>> {
+        Box::pin(async move {
+            let mut script = self.shared.scripts.presence_list.prepare_invoke();
+            script
+                .key(format!("{}:presence", self.shared.base(stream)))
+                .arg(limit);
+            let reply: Vec<redis::Value> = self.shared.run(&script).await?;
+            let mut it = reply.into_iter();
+            let total_users: usize = next_as(&mut it)?;
+            let total_connections: usize = next_as(&mut it)?;
+            let mut users = Vec::new();
+            while it.len() >= 2 {
+                let user_id: String = next_as(&mut it)?;
+                let connections: usize = next_as(&mut it)?;
+                users.push(herald_core::protocol::PresentUser {
+                    user_id,
+                    connections,
+                });
+            }
+            Ok(super::Presence {
+                users,
+                total_users,
+                total_connections,
+            })
+        })
+    }
+
+    fn signal<'a>(
+        &'a self,
+        stream: &'a str,
+        from_user: Option<&'a str>,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let command = if self.shared.is_cluster() {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            };
+            let payload = format!("signal\n{}\n{json}", from_user.unwrap_or(""));
+            let mut conn = self.shared.conn().await?;
+            let sent: Result<usize, _> = redis::cmd(command)
+                .arg(self.shared.channel(stream))
+                .arg(payload)
+                .query_async(&mut conn)
+                .await;
+            sent.map(drop).map_err(|e| self.shared.failed(e))
         })
     }
 

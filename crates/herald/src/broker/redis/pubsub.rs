@@ -272,6 +272,17 @@ pub(super) fn deliver(
         }
         return;
     }
+    if let Some(signal) = payload.strip_prefix(b"signal\n") {
+        // An ephemeral frame (presence, typing): `<from user>\n<json>`.
+        let mut parts = signal.splitn(2, |b| *b == b'\n');
+        if let (Some(from), Some(json)) = (parts.next(), parts.next())
+            && let (Ok(from), Ok(json)) = (std::str::from_utf8(from), std::str::from_utf8(json))
+            && let Some(sink) = sink.upgrade()
+        {
+            sink.signal(stream, (!from.is_empty()).then_some(from), json);
+        }
+        return;
+    }
     let mut parts = payload.splitn(3, |b| *b == b'\n');
     let (Some(epoch), Some(seq), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
         tracing::error!(stream, "malformed message on a herald channel");

@@ -492,6 +492,98 @@ const RELEASE_CLAIM_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 "#;
 
+/// Presence of one shared stream: hash `…:presence`, field = user id,
+/// value = that user's entries, one per node: `<node>=<count>@<expiry ms>`
+/// joined by `;`. An entry not renewed by its expiry (its node died) counts
+/// for nothing and is dropped by the next refresh of any node.
+const PRESENCE_HELPERS_LUA: &str = r#"
+-- The live entries of `v` other than `node`'s (as strings), their total,
+-- this node's live count, and whether an entry of another node expired.
+local function entries_of(v, node, now)
+  local others, total, mine, expired = {}, 0, 0, false
+  for n, c, e in string.gmatch(v or '', '([^=;]+)=(%d+)@(%d+)') do
+    if tonumber(e) > now then
+      if n == node then mine = tonumber(c) else
+        table.insert(others, n .. '=' .. c .. '@' .. e)
+        total = total + tonumber(c)
+      end
+    elseif n ~= node then expired = true end
+  end
+  return others, total, mine, expired
+end
+local function store(key, user, entries)
+  if #entries == 0 then redis.call('HDEL', key, user) else redis.call('HSET', key, user, table.concat(entries, ';')) end
+end
+"#;
+
+/// KEYS: the stream's presence hash. ARGV: node, user, count, ttl ms.
+/// Sets this node's count of the user's connections (0: removes it).
+/// Returns 1 if the user was absent and is present now, 2 if the reverse,
+/// else 0.
+const PRESENCE_SET_LUA: &str = r#"
+local now = now_ms()
+local node, user, count, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local others, total, mine = entries_of(redis.call('HGET', KEYS[1], user), node, now)
+if count > 0 then table.insert(others, node .. '=' .. count .. '@' .. (now + ttl)) end
+store(KEYS[1], user, others)
+if count > 0 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
+local before, after = total + mine, total + count
+if before == 0 and after > 0 then return 1 end
+if before > 0 and after == 0 then return 2 end
+return 0
+"#;
+
+/// KEYS: the stream's presence hash. ARGV: node, ttl ms, n, then n ×
+/// (user, count): this node's users of the stream. Renews this node's
+/// entries (and writes any that are missing), drops every expired entry,
+/// and returns the users who are no longer present because of it.
+const PRESENCE_REFRESH_LUA: &str = r#"
+local now = now_ms()
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local mine = {}
+for i = 0, tonumber(ARGV[3]) - 1 do mine[ARGV[4 + 2 * i]] = tonumber(ARGV[5 + 2 * i]) end
+local left = {}
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all, 2 do
+  local user = all[j]
+  local others, total, _, expired = entries_of(all[j + 1], node, now)
+  local count = mine[user] or 0
+  mine[user] = nil
+  if count > 0 then table.insert(others, node .. '=' .. count .. '@' .. (now + ttl)) end
+  store(KEYS[1], user, others)
+  if expired and total + count == 0 then table.insert(left, user) end
+end
+for user, count in pairs(mine) do
+  if count > 0 then redis.call('HSET', KEYS[1], user, node .. '=' .. count .. '@' .. (now + ttl)) end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
+return left
+"#;
+
+/// KEYS: the stream's presence hash. ARGV: most users to list.
+/// Returns {users present, their connections, user1, count1, …} (users by
+/// id, at most the limit).
+const PRESENCE_LIST_LUA: &str = r#"
+local now = now_ms()
+local users, total_users, total = {}, 0, 0
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all, 2 do
+  local _, n, mine = entries_of(all[j + 1], '', now)
+  if n + mine > 0 then
+    total_users = total_users + 1
+    total = total + n + mine
+    table.insert(users, {all[j], n + mine})
+  end
+end
+table.sort(users, function(a, b) return a[1] < b[1] end)
+local out = {total_users, total}
+for i = 1, math.min(#users, tonumber(ARGV[1])) do
+  table.insert(out, users[i][1])
+  table.insert(out, users[i][2])
+end
+return out
+"#;
+
 #[derive(Debug)]
 pub(super) struct Scripts {
     pub(super) publish: redis::Script,
@@ -500,11 +592,17 @@ pub(super) struct Scripts {
     pub(super) run_events: redis::Script,
     pub(super) renew_claim: redis::Script,
     pub(super) release_claim: redis::Script,
+    pub(super) presence_set: redis::Script,
+    pub(super) presence_refresh: redis::Script,
+    pub(super) presence_list: redis::Script,
 }
 
 impl Scripts {
     pub(super) fn new() -> Self {
         let with_helpers = |body: &str| redis::Script::new(&format!("{HELPERS_LUA}\n{body}"));
+        let with_presence = |body: &str| {
+            redis::Script::new(&format!("{HELPERS_LUA}\n{PRESENCE_HELPERS_LUA}\n{body}"))
+        };
         Self {
             publish: with_helpers(PUBLISH_LUA),
             position: with_helpers(POSITION_LUA),
@@ -512,6 +610,9 @@ impl Scripts {
             run_events: with_helpers(RUN_EVENTS_LUA),
             renew_claim: redis::Script::new(RENEW_CLAIM_LUA),
             release_claim: redis::Script::new(RELEASE_CLAIM_LUA),
+            presence_set: with_presence(PRESENCE_SET_LUA),
+            presence_refresh: with_presence(PRESENCE_REFRESH_LUA),
+            presence_list: with_presence(PRESENCE_LIST_LUA),
         }
     }
 }
