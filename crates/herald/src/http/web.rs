@@ -85,10 +85,20 @@ pub(super) async fn dev_token(
             "no such route",
         ));
     };
-    let token = crate::auth::mint_hs256(secret, user, Duration::from_secs(24 * 3600))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    // The demo's shared rooms: every development user may read and write them.
+    let streams = [(DEMO_ROOMS.to_owned(), "rw".to_owned())].into_iter().collect();
+    let token = crate::auth::mint_hs256_with_streams(
+        secret,
+        user,
+        Duration::from_secs(24 * 3600),
+        &streams,
+    )
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     Ok(Json(json!({ "token": token })))
 }
+
+/// The shared streams a development token grants (read and write).
+const DEMO_ROOMS: &str = "room:*";
 
 /// 127.0.0.0/8, ::1, and IPv4-mapped loopback (`::ffff:127.0.0.1`).
 fn is_loopback(ip: IpAddr) -> bool {
