@@ -273,6 +273,21 @@ async fn a_damaged_stream_fails_alone_and_the_node_stays_ready() {
             "{body}"
         );
     }
+    // A Lua runtime error in the stream's script (its seq no longer a
+    // number: "ERR user_script…") is the stream's fault too, not Redis's.
+    publish(&node, "garbled", "note", json!({})).await;
+    redis.cli(&["HSET", "t:{user:garbled}:meta", "seq", "not a number"]);
+    let (status, body) = post(
+        &node,
+        "/api/v1/events",
+        json!({"user_id": "garbled", "event": "note"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (500, Some("stream_error")),
+        "{body}"
+    );
     let (status, body) = get_json(&node, "/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(publish(&node, "fine", "note", json!({})).await["seq"], 1);
@@ -419,6 +434,21 @@ async fn open_runs_are_bounded_per_stream_on_both_brokers() {
             }
         }
         assert_eq!(runs, vec!["r17", "r18", "r19"], "on redis: {on_redis}");
+        // Counted as too many runs (the recorder is the process's, so the
+        // count adds up over both brokers; no other test here closes runs
+        // for that reason).
+        let text = metrics_text(&node).await;
+        let counter = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let want = if on_redis { 34 } else { 17 };
+        assert_eq!(
+            counter("herald_runs_too_many_total"),
+            want,
+            "on redis: {on_redis}"
+        );
         node.shutdown().await;
     }
 }

@@ -86,7 +86,9 @@ pub(super) async fn dev_token(
         ));
     };
     // The demo's shared rooms: every development user may read and write them.
-    let streams = [(DEMO_ROOMS.to_owned(), "rw".to_owned())].into_iter().collect();
+    let streams = [(DEMO_ROOMS.to_owned(), "rw".to_owned())]
+        .into_iter()
+        .collect();
     let token = crate::auth::mint_hs256_with_streams(
         secret,
         user,

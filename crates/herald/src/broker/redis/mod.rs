@@ -323,6 +323,20 @@ impl Drop for RedisBroker {
     }
 }
 
+/// An open run as the stream's `…:runs` hash holds it: field the escaped
+/// run id, value `<last event ms>\t<thread>` (an empty thread is none);
+/// `None` for a field Herald did not write.
+fn run_ref(run: &str, value: &str) -> Option<RunRef> {
+    let thread = value
+        .split_once('\t')
+        .map(|(_, t)| t.to_owned())
+        .filter(|t| !t.is_empty());
+    Some(RunRef {
+        run_id: keys::unescape(run)?.into_owned(),
+        thread_id: thread,
+    })
+}
+
 /// Whether a failed command is the stream's data refusing it (a key of the
 /// wrong type, a Lua runtime error in the stream's script) rather than
 /// Redis being unreachable, overloaded or failing over.
@@ -932,19 +946,9 @@ impl Broker for RedisBroker {
             let runs: Result<Vec<(String, String)>, _> =
                 redis::cmd("HGETALL").arg(key).query_async(&mut conn).await;
             let runs = runs.map_err(|e| self.shared.failed(e))?;
-            // Values are `<last event ms>\t<thread>`; run ids are escaped.
             Ok(runs
-                .into_iter()
-                .filter_map(|(run, value)| {
-                    let thread = value
-                        .split_once('\t')
-                        .map(|(_, t)| t.to_owned())
-                        .filter(|t| !t.is_empty());
-                    Some(RunRef {
-                        run_id: keys::unescape(&run)?.into_owned(),
-                        thread_id: thread,
-                    })
-                })
+                .iter()
+                .filter_map(|(run, value)| run_ref(run, value))
                 .collect())
         })
     }
@@ -1364,6 +1368,34 @@ mod tests {
             };
             assert_eq!(Shared::unconnected("n", limits).ttl_ms(), want);
         }
+    }
+
+    /// An open run's thread is read back as it was written; a run with no
+    /// thread has none (not an empty one, which no chat could match);
+    /// a field Herald did not write is skipped.
+    #[test]
+    fn an_open_run_reads_back_its_thread_or_none() {
+        let r = run_ref("r%7B1", "1733500000000\tchat-1").unwrap();
+        assert_eq!(
+            (r.run_id.as_str(), r.thread_id.as_deref()),
+            ("r{1", Some("chat-1"))
+        );
+        assert_eq!(run_ref("r", "1733500000000\t").unwrap().thread_id, None);
+        assert_eq!(run_ref("r", "1733500000000").unwrap().thread_id, None);
+        assert_eq!(run_ref("r}", "1\tt"), None);
+    }
+
+    /// A message claim names its node: the renew and release scripts act
+    /// only on a claim whose value is theirs, so two nodes must never hold
+    /// the same value (one node would release the other's claim).
+    #[test]
+    fn each_node_claims_messages_with_its_own_value() {
+        let (a, b) = (
+            Shared::unconnected("node-a", StreamLimits::default()),
+            Shared::unconnected("node-b", StreamLimits::default()),
+        );
+        assert_ne!(a.claim_value(), b.claim_value());
+        assert!(a.claim_value().ends_with("node-a"), "{}", a.claim_value());
     }
 
     #[test]
