@@ -442,6 +442,15 @@ async fn a_stream_whose_slot_moves_under_load_loses_nothing() {
     });
     moved.await.unwrap();
     assert_eq!(owner(to, slot).0, to, "the slot moved");
+    // The node reading the stream followed it to the new master (the
+    // mechanism this test names; the pub/sub audit's rebuild is a second
+    // line that would also deliver): eventually, once the move's push came.
+    wait_until(
+        Duration::from_secs(10),
+        || a.broker_stats().slot_follows >= 1,
+        || "node a followed the moved slot".into(),
+    )
+    .await;
     publisher.await.unwrap();
     expect_seqs(&mut ws, N).await;
     // And the stream is live again on its new master: a publish reaches a

@@ -675,6 +675,7 @@ impl Broker for MemoryBroker {
             bytes: self.total_bytes.load(Ordering::Relaxed),
             charged_bytes: self.charged_bytes(),
             reconnect_waits: Vec::new(),
+            slot_follows: 0,
         }
     }
 }

@@ -322,6 +322,9 @@ pub struct BrokerStats {
     /// The last waits between pub/sub reconnection attempts, newest last
     /// (remote brokers; at most 32).
     pub reconnect_waits: Vec<std::time::Duration>,
+    /// Streams whose Cluster slot moved and were followed to the new
+    /// master (each follow started; Redis Cluster only).
+    pub slot_follows: u64,
 }
 
 /// One row of `GET /api/v1/connections`: a connection as its node reports it.

@@ -328,6 +328,7 @@ async fn follow_moved_slot(
     stream: String,
     broken: mpsc::UnboundedSender<()>,
 ) {
+    shared.slot_follows.fetch_add(1, Ordering::Relaxed);
     let channel = shared.channel(&stream);
     let deadline = tokio::time::Instant::now() + FOLLOW_WITHIN;
     let within = |limit: Duration| (tokio::time::Instant::now() + limit).min(deadline);

@@ -287,6 +287,8 @@ struct Shared {
     /// The last waits of the pub/sub reconnect backoff, newest last (at
     /// most [`BACKOFF_KEPT`]): what the schedule actually was.
     backoff_waits: Mutex<std::collections::VecDeque<Duration>>,
+    /// Moved slots' streams followed to their new master (started).
+    slot_follows: AtomicU64,
 }
 
 /// Reconnect waits [`Shared`] keeps for [`BrokerStats`].
@@ -392,6 +394,7 @@ impl RedisBroker {
             pubsub_up: AtomicBool::new(false),
             timing: cfg.timing,
             backoff_waits: Mutex::default(),
+            slot_follows: AtomicU64::new(0),
         });
         let (subs, rx) = mpsc::unbounded_channel();
         let task = match single {
@@ -1318,6 +1321,7 @@ impl Broker for RedisBroker {
         // holds nothing but its reconnect schedule.
         BrokerStats {
             reconnect_waits: self.shared.backoff_waits.lock().iter().copied().collect(),
+            slot_follows: self.shared.slot_follows.load(Ordering::Relaxed),
             ..BrokerStats::default()
         }
     }
@@ -1342,6 +1346,7 @@ impl Shared {
             pubsub_up: AtomicBool::new(false),
             timing: RedisTiming::default(),
             backoff_waits: Mutex::default(),
+            slot_follows: AtomicU64::new(0),
         })
     }
 }
