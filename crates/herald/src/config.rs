@@ -95,6 +95,8 @@ declare_keys! {
     MAX_PENDING_CONNECTIONS = "max_pending_connections", Some("4096"), "Connections upgraded but not yet welcomed (no valid hello yet); further upgrades get HTTP 503 pending";
     MAX_CONNECTIONS_PER_USER = "max_connections_per_user", Some("32"), "Live connections per user; a further hello is closed with 1013";
     MAX_STREAMS_PER_CONNECTION = "max_streams_per_connection", Some("16"), "Shared streams one connection may read besides its own; a further subscribe gets error too_many_streams";
+    SUBSCRIBE_PROXY = "subscribe_proxy", Some("false"), "Ask the agent backend (a signed subscribe_request to webhook_url) about a subscribe the token does not grant; needs webhook_url";
+    SUBSCRIBE_CACHE_TTL = "subscribe_cache_ttl", Some("60s"), "How long the backend's answer to a subscribe_request is reused for that user and stream (on this node; an unsubscribe through the API forgets it on every node)";
     PRESENCE_TTL = "presence_ttl", Some("30s"), "How long a node's presence entries live unless renewed (every third of it): a node that dies takes its members out of every stream's presence within this, plus a third of it for the leave notices";
     PRESENCE_MAX_LISTED = "presence_max_listed", Some("100"), "Most users a presence answer lists (all are counted: total_users, total_connections)";
     INBOUND_ABUSE_LIMIT = "inbound_abuse_limit", Some("50"), "Frames dropped by the rate limit within 10 s that close the connection with 1008";
@@ -564,6 +566,10 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Shared streams one connection may read besides its own.
     pub max_streams_per_connection: usize,
+    /// Ask the backend about subscribes the token does not grant.
+    pub subscribe_proxy: bool,
+    /// How long a backend's subscribe answer is reused.
+    pub subscribe_cache_ttl: Duration,
     /// Lifetime of a node's presence entries unless renewed.
     pub presence_ttl: Duration,
     /// Most users a presence answer lists.
@@ -645,6 +651,13 @@ impl Config {
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("`{v}` is not `text` or `json`")),
         })?;
+        if raw.required(key::SUBSCRIBE_PROXY, boolean)? && raw.get(key::WEBHOOK_URL).is_none() {
+            return Err(ConfigError::Invalid {
+                key: key::SUBSCRIBE_PROXY,
+                layer: Layer::Default,
+                message: "needs webhook_url (the backend it asks)".to_owned(),
+            });
+        }
         Ok(Config {
             addr,
             jwt_key,
@@ -711,6 +724,8 @@ impl Config {
             max_connections: raw.required(key::MAX_CONNECTIONS, positive)?,
             max_connections_per_user: raw.required(key::MAX_CONNECTIONS_PER_USER, positive)?,
             max_streams_per_connection: raw.required(key::MAX_STREAMS_PER_CONNECTION, positive)?,
+            subscribe_proxy: raw.required(key::SUBSCRIBE_PROXY, boolean)?,
+            subscribe_cache_ttl: raw.required(key::SUBSCRIBE_CACHE_TTL, duration)?,
             presence_ttl: raw.required(key::PRESENCE_TTL, at_least_100ms)?,
             presence_max_listed: raw.required(key::PRESENCE_MAX_LISTED, positive)?,
             max_pending_connections: raw.required(key::MAX_PENDING_CONNECTIONS, positive)?,

@@ -118,6 +118,9 @@ pub(crate) trait LocalRuns: Send + Sync + std::fmt::Debug {
     fn cancel(&self, stream: &str, run_id: &str) -> bool;
 }
 
+/// Most subscribe answers of the backend a node keeps.
+const MAX_GRANTS: usize = 100_000;
+
 /// The close detail of a kicked connection.
 pub(crate) const KICKED: &str = "disconnected by the server";
 
@@ -145,6 +148,8 @@ pub struct Hub {
     streams: DashMap<Arc<str>, StreamConns>,
     /// Shared streams (issue 39) and the connections subscribed to them.
     shared: DashMap<Arc<str>, SharedConns>,
+    /// The backend's recent answers to subscribe requests (`subscribe_proxy`).
+    grants: DashMap<(Arc<str>, String), (crate::auth::Access, Instant)>,
     /// (stream, user) pairs whose local presence changed, for the presence task.
     presence_tx: tokio::sync::mpsc::UnboundedSender<PresenceDirty>,
     presence_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PresenceDirty>>>,
@@ -168,6 +173,7 @@ impl Hub {
         Self {
             presence_tx,
             presence_rx: Mutex::new(Some(presence_rx)),
+            grants: DashMap::new(),
             node,
             local_runs: std::sync::OnceLock::new(),
             broker,
@@ -302,6 +308,37 @@ impl Hub {
         confirmed.await
     }
 
+    /// The backend's answer for `user` and `stream`, if given less than
+    /// `ttl` ago.
+    pub(crate) fn cached_grant(
+        &self,
+        stream: &str,
+        user: &str,
+        ttl: std::time::Duration,
+    ) -> Option<crate::auth::Access> {
+        let key = (Arc::from(stream), user.to_owned());
+        let (access, at) = *self.grants.get(&key)?;
+        (crate::clock::now().saturating_duration_since(at) < ttl).then_some(access)
+    }
+
+    /// Remember the backend's answer for `user` and `stream` (at most
+    /// [`MAX_GRANTS`] kept; expired ones go with the sweep).
+    pub(crate) fn cache_grant(&self, stream: &str, user: &str, access: crate::auth::Access) {
+        if self.grants.len() < MAX_GRANTS {
+            self.grants.insert(
+                (Arc::from(stream), user.to_owned()),
+                (access, crate::clock::now()),
+            );
+        }
+    }
+
+    /// Forget answers older than `ttl` (the once-a-second sweep).
+    pub(crate) fn prune_grants(&self, ttl: std::time::Duration) {
+        let now = crate::clock::now();
+        self.grants
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < ttl);
+    }
+
     /// `user`'s subscriptions to shared stream `stream` on this node changed:
     /// the presence task tells the broker (and the members, if the user
     /// joined or left the stream fleet-wide).
@@ -402,6 +439,8 @@ impl Hub {
     /// End every local subscription of `user` to shared stream `stream`,
     /// each told `unsubscribed {reason: removed}`; returns how many.
     pub(crate) fn remove_from_shared(&self, stream: &str, user: &str) -> usize {
+        // The backend is asked again next time.
+        self.grants.remove(&(Arc::from(stream), user.to_owned()));
         let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
             return 0;
         };

@@ -237,6 +237,7 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             handle.run_upkeep();
         }
         app.hub().prune_kicks(crate::clock::now());
+        app.hub().prune_grants(app.config().subscribe_cache_ttl);
         let inbound = app.inbound();
         inbound.sweep(crate::clock::now());
         metrics::gauge!(telemetry::MESSAGE_IDS_REMEMBERED).set(inbound.remembered() as f64);

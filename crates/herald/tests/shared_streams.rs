@@ -665,3 +665,125 @@ async fn presence_and_typing_across_nodes_and_a_killed_node() {
     // Printed, not asserted (no timed assertions): the bound is ttl + ttl/3.
     println!("a SIGKILLed node's member left after {took:?} (presence_ttl 1 s)");
 }
+
+/// The backend's subscribe request (`subscribe_proxy`, issue 39 item 3): a
+/// subscribe the token does not grant is asked of the backend, signed; its
+/// answer (read, write, or no; a reply that is not `{"allow": …}` is a no)
+/// is kept for `subscribe_cache_ttl`, and an unsubscribe through the API
+/// forgets it, so the backend is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_the_token_does_not_grant_is_asked_of_the_backend() {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    use herald::agent::webhook::{
+        DELIVERY_HEADER, SIGNATURE_HEADER, SignedHeaders, TIMESTAMP_HEADER, WebhookConfig,
+    };
+    const HOOK: &str = "hook-secret-0123456789";
+    let asked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<Value>::new()));
+    let seen = asked.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let seen = seen.clone();
+            async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let (ts, delivery, sig) =
+                    (h(TIMESTAMP_HEADER), h(DELIVERY_HEADER), h(SIGNATURE_HEADER));
+                let signed = SignedHeaders {
+                    timestamp: ts.as_deref(),
+                    delivery: delivery.as_deref(),
+                    signature: sig.as_deref(),
+                };
+                let now = herald::auth::unix_now();
+                assert!(
+                    herald::agent::webhook::verify(
+                        HOOK,
+                        signed,
+                        &body,
+                        now,
+                        Duration::from_secs(300)
+                    )
+                    .is_ok()
+                );
+                let req: Value = serde_json::from_slice(&body).unwrap();
+                seen.lock().push(req.clone());
+                match req["stream"].as_str() {
+                    Some("room:open") => r#"{"allow": true, "write": true}"#,
+                    Some("room:read") => r#"{"allow": true}"#,
+                    Some("room:garbled") => "yes please",
+                    _ => r#"{"allow": false}"#,
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut cfg = config();
+    cfg.webhook = Some(WebhookConfig {
+        url: format!("http://127.0.0.1:{port}/hook"),
+        secret: HOOK.to_owned(),
+        timeout: Duration::from_secs(2),
+        retries: 1,
+        backoff: Duration::from_millis(50),
+    });
+    cfg.subscribe_proxy = true;
+    let server = start_with(cfg).await;
+    let (mut ws, _) = connect(&server, "ana").await;
+    let open = subscribe(&mut ws, "room:open", None).await;
+    assert_eq!(
+        (open["type"].as_str(), open["write"].as_bool()),
+        (Some("subscribed"), Some(true)),
+        "{open}"
+    );
+    let read = subscribe(&mut ws, "room:read", None).await;
+    assert_eq!(
+        (read["type"].as_str(), read["write"].as_bool()),
+        (Some("subscribed"), Some(false))
+    );
+    for no in ["room:closed", "room:garbled"] {
+        assert_eq!(
+            subscribe(&mut ws, no, None).await["code"],
+            "forbidden",
+            "{no}"
+        );
+    }
+    {
+        let asked = asked.lock();
+        assert_eq!(asked.len(), 4);
+        assert_eq!(asked[0]["type"], "subscribe_request");
+        assert_eq!(
+            (asked[0]["user_id"].as_str(), asked[0]["stream"].as_str()),
+            (Some("ana"), Some("room:open"))
+        );
+    }
+    // A second connection within the cache's lifetime: not asked again.
+    let (mut tab, _) = connect(&server, "ana").await;
+    assert_eq!(
+        subscribe(&mut tab, "room:open", None).await["type"],
+        "subscribed"
+    );
+    assert_eq!(
+        subscribe(&mut tab, "room:closed", None).await["code"],
+        "forbidden"
+    );
+    assert_eq!(asked.lock().len(), 4, "answered from the cache");
+    // Removed through the API: the answer is forgotten, the backend asked again.
+    let (status, body) = post(
+        &server,
+        "/api/v1/streams/unsubscribe",
+        json!({"stream": "room:open", "user_id": "ana"}),
+    )
+    .await;
+    assert_eq!((status, body["removed"].as_u64()), (200, Some(2)), "{body}");
+    assert_eq!(
+        subscribe(&mut tab, "room:open", None).await["type"],
+        "subscribed"
+    );
+    assert_eq!(asked.lock().len(), 5);
+}

@@ -38,7 +38,13 @@ impl Actor {
     /// `subscribed`; the catch-up then replays what the decision needs.
     pub(super) async fn on_subscribe(&mut self, sub: Subscribe) {
         let stream = sub.stream.as_str();
-        let access = self.access(stream);
+        let mut access = self.access(stream);
+        if access == Access::None && self.app.config().subscribe_proxy {
+            match self.ask_backend(stream).await {
+                Some(granted) => access = granted,
+                None => return,
+            }
+        }
         if access == Access::None {
             metrics::counter!(telemetry::SUBSCRIBES, "outcome" => "forbidden").increment(1);
             self.stream_error(
@@ -163,6 +169,38 @@ impl Actor {
             Err(e) => {
                 tracing::warn!(error = %e, stream, "presence unavailable");
                 self.stream_error(stream, codes::BROKER_UNAVAILABLE, "try again later");
+            }
+        }
+    }
+
+    /// What the backend grants on `stream` (`subscribe_proxy`): its answer
+    /// from the cache, or asked now; `None` when it could not be asked
+    /// (answered `error {code: backend_unavailable}`).
+    async fn ask_backend(&mut self, stream: &str) -> Option<Access> {
+        let user = self.conn.user()?.to_owned();
+        let hub = self.app.hub().clone();
+        let ttl = self.app.config().subscribe_cache_ttl;
+        if let Some(access) = hub.cached_grant(stream, &user, ttl) {
+            return Some(access);
+        }
+        match self
+            .app
+            .inbound()
+            .ask_subscribe(&user, stream, &self.conn.id_str)
+            .await
+        {
+            Ok(access) => {
+                hub.cache_grant(stream, &user, access);
+                Some(access)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, stream, "subscribe request not answered");
+                self.stream_error(
+                    stream,
+                    "backend_unavailable",
+                    "the agent backend did not answer; try again later",
+                );
+                None
             }
         }
     }

@@ -211,7 +211,7 @@ impl AgentBackend for Arc<DemoAgent> {
                 };
                 (msg, chat.run_id)
             }
-            BackendRequest::Cancel(_) => return,
+            BackendRequest::Cancel(_) | BackendRequest::SubscribeRequest(_) => return,
         };
         let cancel = Arc::new(Notify::new());
         let stream = stream_of(msg.stream.as_deref(), &msg.user_id);

@@ -142,6 +142,30 @@ pub enum BackendRequest {
     ChatRequest(ChatOut),
     /// A cancel.
     Cancel(CancelOut),
+    /// May this user read (or write) this shared stream? (`subscribe_proxy`)
+    SubscribeRequest(SubscribeOut),
+}
+
+/// A subscribe the user's token does not grant, asked of the backend
+/// (`subscribe_proxy`): it answers 2xx `{"allow": bool, "write": bool}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscribeOut {
+    /// The user (`sub`).
+    pub user_id: String,
+    /// The shared stream.
+    pub stream: String,
+    /// The connection it arrived on.
+    pub conn_id: String,
+    /// When Herald received it, RFC 3339.
+    pub received_at: String,
+}
+
+/// The backend's answer to a [`SubscribeOut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+struct SubscribeAnswer {
+    allow: bool,
+    #[serde(default)]
+    write: bool,
 }
 
 /// Why the backend did not take a request.
@@ -210,6 +234,15 @@ impl DeliveryError {
 pub trait AgentBackend: Send + Sync + Debug {
     /// Hand a request to the backend; `Ok` once it accepted it.
     fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>>;
+
+    /// Hand a request to the backend and return its answer's body (a
+    /// `subscribe_request`); only the webhook answers.
+    fn ask<'a>(
+        &'a self,
+        _req: &'a BackendRequest,
+    ) -> BoxFuture<'a, Result<Vec<u8>, DeliveryError>> {
+        Box::pin(async { Err(DeliveryError::Rejected { status: 501 }) })
+    }
 
     /// Called after the client was acked for an accepted request (the demo
     /// agent starts its run here, so the ack always precedes the run's events).
@@ -540,6 +573,38 @@ impl Inbound {
                 this.backend.after_ack(req);
             }
         });
+    }
+
+    /// Ask the backend whether `user` may read shared stream `stream` (and
+    /// write to it). An answer that is not `{"allow": bool, …}` is a
+    /// refusal (logged); no answer (after the retries) is an error.
+    pub(crate) async fn ask_subscribe(
+        &self,
+        user: &str,
+        stream: &str,
+        conn_id: &str,
+    ) -> Result<crate::auth::Access, DeliveryError> {
+        let req = BackendRequest::SubscribeRequest(SubscribeOut {
+            user_id: user.to_owned(),
+            stream: stream.to_owned(),
+            conn_id: conn_id.to_owned(),
+            received_at: crate::clock::now_rfc3339(),
+        });
+        let body = match self.backend.ask(&req).await {
+            Ok(body) => body,
+            // A 4xx is the backend's no.
+            Err(DeliveryError::Rejected { .. }) => return Ok(crate::auth::Access::None),
+            Err(e) => return Err(e),
+        };
+        Ok(match serde_json::from_slice::<SubscribeAnswer>(&body) {
+            Ok(SubscribeAnswer { allow: false, .. }) => crate::auth::Access::None,
+            Ok(SubscribeAnswer { write: true, .. }) => crate::auth::Access::Write,
+            Ok(_) => crate::auth::Access::Read,
+            Err(e) => {
+                tracing::warn!(error = %e, stream, "the backend's answer to a subscribe request is not {{\"allow\": bool}}; refused");
+                crate::auth::Access::None
+            }
+        })
     }
 
     /// Forward a cancel (the caller checked that the run is open and the

@@ -171,9 +171,24 @@ fn retry_wait(
     rng.random_range(Duration::ZERO..=cap)
 }
 
+/// Most bytes of a 2xx answer's body read back (for a `subscribe_request`).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 impl AgentBackend for Webhook {
     fn deliver<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<(), DeliveryError>> {
-        Box::pin(async move {
+        Box::pin(async move { self.post(req, false).await.map(drop) })
+    }
+
+    fn ask<'a>(&'a self, req: &'a BackendRequest) -> BoxFuture<'a, Result<Vec<u8>, DeliveryError>> {
+        Box::pin(self.post(req, true))
+    }
+}
+
+impl Webhook {
+    /// POST `req`, signed, with the retries; on a 2xx, its body (at most
+    /// [`MAX_ANSWER_BYTES`]) when `read_body`, else nothing.
+    async fn post(&self, req: &BackendRequest, read_body: bool) -> Result<Vec<u8>, DeliveryError> {
+        {
             let body = serde_json::to_vec(req).map_err(|e| DeliveryError::Unavailable {
                 detail: e.to_string(),
             })?;
@@ -205,10 +220,22 @@ impl AgentBackend for Webhook {
                     .send()
                     .await;
                 let outcome = match sent {
-                    Ok(resp) if resp.status().is_success() => {
+                    Ok(mut resp) if resp.status().is_success() => {
                         metrics::counter!(crate::telemetry::WEBHOOK_REQUESTS, "outcome" => "ok")
                             .increment(1);
-                        return Ok(());
+                        let mut answer = Vec::new();
+                        while read_body && answer.len() < MAX_ANSWER_BYTES {
+                            match resp.chunk().await {
+                                Ok(Some(chunk)) => answer.extend_from_slice(&chunk),
+                                Ok(None) => break,
+                                Err(e) => {
+                                    return Err(DeliveryError::Unavailable {
+                                        detail: format!("answer unreadable: {}", e.without_url()),
+                                    });
+                                }
+                            }
+                        }
+                        return Ok(answer);
                     }
                     Ok(resp) => {
                         let status = resp.status();
@@ -250,7 +277,7 @@ impl AgentBackend for Webhook {
                 "webhook delivery failed after retries"
             );
             Err(DeliveryError::Unavailable { detail: last })
-        })
+        }
     }
 }
 
