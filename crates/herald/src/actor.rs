@@ -844,8 +844,10 @@ impl Actor {
         match result {
             Ok(claims) => {
                 self.set_expiry(self.app.verifier().expires_at(&claims));
-                // Later subscribes are judged by the newer token's grants.
+                // The newer token's grants judge later subscribes, and the
+                // subscriptions held now.
                 self.claims = (!claims.streams.is_empty()).then(|| Box::new(claims));
+                self.recheck_subscriptions();
             }
             Err(e) => self.reply(&Reply::Error {
                 code: codes::INVALID_TOKEN,

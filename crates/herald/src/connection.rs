@@ -207,6 +207,13 @@ impl ConnShared {
         self.subs.lock().list.clone()
     }
 
+    /// Set whether the user may write to subscription `id`'s stream.
+    pub(crate) fn set_sub_write(&self, id: u32, write: bool) {
+        if let Some(s) = self.subs.lock().list.iter_mut().find(|s| s.id == id) {
+            s.write = write;
+        }
+    }
+
     /// Record the epoch subscription `id` was subscribed in.
     pub(crate) fn set_sub_epoch(&self, id: u32, epoch: &str) {
         if let Some(s) = self.subs.lock().list.iter_mut().find(|s| s.id == id) {

@@ -787,3 +787,37 @@ async fn a_subscribe_the_token_does_not_grant_is_asked_of_the_backend() {
     );
     assert_eq!(asked.lock().len(), 5);
 }
+
+/// A `refresh` with a token that no longer grants a stream ends that
+/// subscription (`unsubscribed {reason: forbidden}`; nothing of the stream
+/// after it); one that grants read only takes the write permission away.
+#[tokio::test]
+async fn a_refresh_that_narrows_the_grants_ends_or_narrows_subscriptions() {
+    let server = start().await;
+    let full = token_with("ana", &[("thread:a", "rw"), ("thread:b", "rw")]);
+    let (mut ws, _) = hello(&server, &full, None).await;
+    for s in ["thread:a", "thread:b"] {
+        assert_eq!(subscribe(&mut ws, s, None).await["write"], true);
+    }
+    let narrower = token_with("ana", &[("thread:b", "r")]);
+    send_json(&mut ws, json!({"type": "refresh", "token": narrower})).await;
+    let gone = until(&mut ws, |v| v["type"] == "unsubscribed")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        gone,
+        json!({"type": "unsubscribed", "stream": "thread:a", "reason": "forbidden"})
+    );
+    publish_to(&server, json!({"stream": "thread:a", "event": "hidden"})).await;
+    publish_to(&server, json!({"stream": "thread:b", "event": "shown"})).await;
+    let rest = until(&mut ws, |v| is_event_of(v, "thread:b", "shown")).await;
+    assert!(rest.iter().all(|v| v["event"] != "hidden"), "{rest:?}");
+    send_json(
+        &mut ws,
+        json!({"type": "user_message", "id": "w1", "thread_id": "t", "text": "hi", "stream": "thread:b"}),
+    )
+    .await;
+    let nack = until(&mut ws, |v| v["type"] == "nack").await.pop().unwrap();
+    assert_eq!(nack["error"], "forbidden", "read only now");
+}

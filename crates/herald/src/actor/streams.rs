@@ -205,6 +205,46 @@ impl Actor {
         }
     }
 
+    /// After a `refresh`: each subscription is judged again by the new
+    /// token (or, with `subscribe_proxy`, by the backend's answer while it
+    /// is kept; without one, it stays).
+    /// One no longer granted ends with `unsubscribed {reason: forbidden}`;
+    /// one granted read only loses its write permission.
+    pub(super) fn recheck_subscriptions(&mut self) {
+        let Some(user) = self.conn.user().map(str::to_owned) else {
+            return;
+        };
+        let proxy = self.app.config().subscribe_proxy;
+        let ttl = self.app.config().subscribe_cache_ttl;
+        let hub = self.app.hub().clone();
+        for sub in self.conn.subs() {
+            let mut access = self.access(&sub.stream);
+            if access == Access::None && proxy {
+                // No answer kept: the backend granted it; left as it is.
+                match hub.cached_grant(&sub.stream, &user, ttl) {
+                    Some(cached) => access = cached,
+                    None => continue,
+                }
+            }
+            match access {
+                Access::None => {
+                    if self.conn.remove_sub(&sub.stream).is_some() {
+                        hub.unsubscribe_shared(&sub.stream, self.conn.id, sub.id);
+                        self.sub_replaying.retain(|i| *i != sub.id);
+                        hub.presence_dirty(&sub.stream, &user);
+                        let frame = ServerFrame::Unsubscribed {
+                            stream: &sub.stream,
+                            reason: "forbidden",
+                        };
+                        let _ = self.conn.send(OutFrame::from(frame.to_json()));
+                    }
+                }
+                Access::Read => self.conn.set_sub_write(sub.id, false),
+                Access::Write => self.conn.set_sub_write(sub.id, true),
+            }
+        }
+    }
+
     /// Stop reading a shared stream: `unsubscribed {reason: client}`.
     pub(super) fn on_unsubscribe(&mut self, stream: &str) {
         match self.conn.remove_sub(stream) {
