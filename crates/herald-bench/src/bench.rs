@@ -88,6 +88,11 @@ pub struct BenchArgs {
     /// Connections per user (fanout, ai); users = connections / per_user.
     #[arg(long, default_value_t = 10)]
     pub per_user: usize,
+    /// Fanout: each group of `per_user` connections is one shared stream
+    /// (`thread:bench-g<N>`) read by that many users, one connection each,
+    /// instead of one user's stream; events are published to the stream.
+    #[arg(long)]
+    pub thread: bool,
     /// Events per second to publish (fanout).
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -282,17 +287,57 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 pub(crate) fn token(secret: &str, user: &str) -> anyhow::Result<String> {
+    token_with(secret, user, None)
+}
+
+/// A token for `user`, granting reading the bench's shared threads when
+/// `threads` (`{"thread:bench-*": "r"}`).
+fn token_with(secret: &str, user: &str, threads: Option<&str>) -> anyhow::Result<String> {
     #[derive(Serialize)]
     struct Claims<'a> {
         sub: &'a str,
         exp: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        streams: Option<serde_json::Value>,
     }
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 6 * 3600;
+    let streams = threads.map(|pattern| json!({ pattern: "r" }));
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &Claims { sub: user, exp },
+        &Claims {
+            sub: user,
+            exp,
+            streams,
+        },
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )?)
+}
+
+/// The shared stream of fanout group `g` (`--thread`).
+fn thread_of(g: usize) -> String {
+    format!("thread:bench-g{g}")
+}
+
+/// Subscribe `ws` to shared stream `stream` and wait for `subscribed`.
+async fn subscribe(ws: &mut Ws, stream: &str) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    let frame = json!({"type": "subscribe", "stream": stream}).to_string();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(frame))
+        .await?;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .context("no answer to subscribe")?
+            .context("closed before subscribed")??;
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: serde_json::Value = serde_json::from_str(&t)?;
+            match v["type"].as_str() {
+                Some("subscribed") => return Ok(()),
+                Some("error") => anyhow::bail!("subscribe refused: {v}"),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Open one WebSocket from `source` and complete the hello; returns the
@@ -420,12 +465,26 @@ where
     let mut opening = Vec::new();
     for i in ids {
         let permit = sem.clone().acquire_owned().await?;
-        let user = format!("bench-u{}", i / args.per_user.max(1));
-        let tok = token(&args.secret, &user)?;
+        let group = i / args.per_user.max(1);
+        let (user, thread) = if args.thread {
+            (format!("bench-m{i}"), Some(thread_of(group)))
+        } else {
+            (format!("bench-u{group}"), None)
+        };
+        let tok = token_with(
+            &args.secret,
+            &user,
+            thread.as_ref().map(|_| "thread:bench-*"),
+        )?;
         let (url, counters, on_open, bar) =
             (url.clone(), counters.clone(), on_open.clone(), bar.clone());
         opening.push(tokio::spawn(async move {
-            let opened = open_client(addr, &url, source_ip(worker, i), &tok, None).await;
+            let mut opened = open_client(addr, &url, source_ip(worker, i), &tok, None).await;
+            if let (Ok((ws, _)), Some(stream)) = (opened.as_mut(), thread) {
+                if let Err(e) = subscribe(ws, &stream).await {
+                    opened = Err(e);
+                }
+            }
             drop(permit);
             match opened {
                 Ok((ws, welcome)) => {
@@ -663,7 +722,7 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         Scenario::Text => "text",
         Scenario::Ai => "ai",
     };
-    vec![
+    let mut argv = vec![
         scenario.to_owned(),
         "--url".into(),
         a.url.clone(),
@@ -681,7 +740,11 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         s(&a.procs),
         "--worker".into(),
         s(&a.worker.unwrap_or(0)),
-    ]
+    ];
+    if a.thread {
+        argv.push("--thread".into());
+    }
+    argv
 }
 
 // -------------------------------------------------------------- scenarios --
@@ -733,7 +796,11 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                 .map(|_| {
                     next_user = (next_user + 1) % users;
                     batch_expected += conns_of(next_user);
-                    json!({"user_id": format!("bench-u{next_user}"), "event": "bench", "data": {"t": t, "pad": pad}})
+                    if args.thread {
+                        json!({"stream": thread_of(next_user), "event": "bench", "data": {"t": t, "pad": pad}})
+                    } else {
+                        json!({"user_id": format!("bench-u{next_user}"), "event": "bench", "data": {"t": t, "pad": pad}})
+                    }
                 })
                 .collect();
             let body = json!({ "events": events });
