@@ -480,10 +480,10 @@ where
             (url.clone(), counters.clone(), on_open.clone(), bar.clone());
         opening.push(tokio::spawn(async move {
             let mut opened = open_client(addr, &url, source_ip(worker, i), &tok, None).await;
-            if let (Ok((ws, _)), Some(stream)) = (opened.as_mut(), thread) {
-                if let Err(e) = subscribe(ws, &stream).await {
-                    opened = Err(e);
-                }
+            if let (Ok((ws, _)), Some(stream)) = (opened.as_mut(), thread)
+                && let Err(e) = subscribe(ws, &stream).await
+            {
+                opened = Err(e);
             }
             drop(permit);
             match opened {
