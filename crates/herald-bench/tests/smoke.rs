@@ -90,6 +90,30 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(s["connections"], 40, "two worker processes hold 20 each");
     assert_eq!(figure(&s, "lost (expected − received)"), "0");
 
+    // Shared threads (issue 39): 10 threads of 4 members, over two workers.
+    let s = bench(
+        &server,
+        &[
+            "fanout",
+            "-n",
+            "40",
+            "--per-user",
+            "4",
+            "--thread",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--procs",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(s["connections"], 40);
+    assert_eq!(figure(&s, "lost (expected − received)"), "0");
+    assert_eq!(figure(&s, "seq gaps"), "0");
+    assert!(figure(&s, "deliveries received").starts_with("400 "), "{s}");
+
     let s = bench(&server, &["connect", "-n", "50"]).await;
     assert_eq!(s["latency_us"]["count"], 50);
 
