@@ -452,3 +452,47 @@ async fn open_runs_are_bounded_per_stream_on_both_brokers() {
         node.shutdown().await;
     }
 }
+
+/// A command connection that went silent is replaced by one whose
+/// handshake is slow (220 ms: more than half the command timeout of 300 ms,
+/// within the timeout redis-rs gives each try and within the bound of twice
+/// it a replacement gets): the node publishes again within a few attempts.
+/// With the replacement bounded at half the timeout (the surviving mutant
+/// of issue 41), it never would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handshake_within_its_bound_replaces_a_silent_connection() {
+    let redis = Redis::start();
+    let path = Partition::start(redis.port).await;
+    let mut cfg = node_config(&redis);
+    if let Some(r) = cfg.redis.as_mut() {
+        r.nodes =
+            herald::broker::redis::RedisNodes::Single(format!("redis://127.0.0.1:{}", path.port));
+        r.timing.command_timeout = Duration::from_millis(300);
+    }
+    let node = start_with(cfg).await;
+    assert_eq!(publish(&node, "slow", "note", json!({})).await["seq"], 1);
+    path.slow_new(Duration::from_millis(220));
+    path.cut();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let (status, _) = post(
+            &node,
+            "/api/v1/events",
+            json!({"user_id": "slow", "event": "note"}),
+        )
+        .await;
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+    }
+    assert!(
+        statuses.len() >= 2,
+        "the silent connection failed a publish first: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.last(),
+        Some(&200),
+        "publishes while the connection was replaced: {statuses:?}"
+    );
+}

@@ -179,6 +179,8 @@ pub struct Partition {
     pub port: u16,
     cut_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
     next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds each new connection waits before it is forwarded.
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     redials: tokio::sync::watch::Sender<u64>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -192,7 +194,8 @@ impl Partition {
         let cut_below = Arc::new(AtomicU64::new(0));
         let next = Arc::new(AtomicU64::new(0));
         let (redials, redialed) = tokio::sync::watch::channel(0);
-        let (cut, n) = (cut_below.clone(), next.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (cut, n, delay) = (cut_below.clone(), next.clone(), delay_ms.clone());
         let accept = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 let id = n.fetch_add(1, Ordering::SeqCst);
@@ -200,16 +203,30 @@ impl Partition {
                     let cut = cut.clone();
                     move || cut.load(Ordering::SeqCst) <= id
                 };
-                tokio::spawn(proxy(down, upstream, live, redialed.clone()));
+                let wait = std::time::Duration::from_millis(delay.load(Ordering::SeqCst));
+                let redialed = redialed.clone();
+                tokio::spawn(async move {
+                    // A slow path: the client's handshake waits this long.
+                    tokio::time::sleep(wait).await;
+                    proxy(down, upstream, live, redialed).await
+                });
             }
         });
         Partition {
             port,
             cut_below,
             next,
+            delay_ms,
             redials,
             accept,
         }
+    }
+
+    /// Make every connection made from now on wait `d` before it is
+    /// forwarded (a slow handshake; connections open now are not affected).
+    pub fn slow_new(&self, d: Duration) {
+        self.delay_ms
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Silence every connection open now.
