@@ -234,6 +234,61 @@ export interface Unsubscribed {
   reason: string;
 }
 
+/** One user in a shared stream, with how many connections of theirs read it (fleet-wide). */
+export interface PresenceUser {
+  user_id: string;
+  connections: number;
+}
+
+/** The answer to `sub.presence()`: who is in the stream. */
+export interface Presence {
+  type: 'presence';
+  stream: string;
+  /** Sorted by id; at most `presence_max_listed` (100) are listed. */
+  users: PresenceUser[];
+  /** Every user in the stream, listed or not. */
+  total_users: number;
+  /** Every connection reading the stream. */
+  total_connections: number;
+}
+
+/**
+ * A user's first connection to the stream joined (`presence_join`; the
+ * user's own connections are told too) or its last one left
+ * (`presence_leave`; also when its node died). Not stored, no seq.
+ */
+export interface PresenceNotice {
+  type: 'presence_join' | 'presence_leave';
+  stream: string;
+  user_id: string;
+}
+
+/** Another user of the stream is typing (show it for a few seconds after the last one). */
+export interface TypingNotice {
+  type: 'typing';
+  stream: string;
+  user_id: string;
+}
+
+/** An entry of `sub.members`. */
+export interface Member {
+  /** The user's connections to the stream at the last `presence()` answer (1 for a user who joined since). */
+  connections: number;
+}
+
+/**
+ * The rejection of `sub.presence()`: an `Error` with the fields of an
+ * `error` frame. `code` is the server's refusal (`broker_unavailable`),
+ * `closed` (the connection or the client closed before the answer),
+ * `not_subscribed` (the subscription is not live, or ended), or the
+ * subscribe's refusal (`forbidden`, …) when it failed meanwhile.
+ */
+export interface StreamRequestError extends Error {
+  type: 'error';
+  code: 'broker_unavailable' | 'closed' | 'not_subscribed' | 'forbidden' | 'too_many_streams' | (string & {});
+  stream: string;
+}
+
 /**
  * A shared stream read through a client (`client.subscribe(stream)`), with
  * its own resume position (persisted under `${storageKey}:stream:${stream}`
@@ -248,12 +303,28 @@ export class Subscription<Events extends { [K in keyof Events]: HeraldEvent<any>
   /** The user may write to the stream, once subscribed. */
   readonly write: boolean;
   readonly state: SubscriptionState;
+  /**
+   * Who is in the stream, live: user id → `{connections}`, from the last
+   * `presence()` answer plus the joins and leaves since. Complete only once
+   * an answer came: the subscription asks `presence()` itself after every
+   * `subscribed`, so it is complete from that answer on — up to the 100
+   * users an answer lists. Empty before.
+   * The same `Map` throughout (emptied when the subscription fails or ends).
+   */
+  readonly members: ReadonlyMap<string, Member>;
   /** After every (re)subscribe; `reset` comes first when the resume position was lost. */
   on(name: 'subscribed' | 'reset', handler: (f: Subscribed) => void): () => void;
   /** After each subscribe, once replayed events (if any) are all delivered. */
   on(name: 'caught_up', handler: (c: { seq: number; stream: string }) => void): () => void;
+  /** A refusal of the subscribe (then `failed`), or of a `typing()` without write permission (`forbidden`; still subscribed). */
   on(name: 'error', handler: (e: StreamError) => void): () => void;
   on(name: 'unsubscribed', handler: (u: Unsubscribed) => void): () => void;
+  /** A user's first connection joined the stream / its last one left; `members` is updated first. */
+  on(name: 'presence_join' | 'presence_leave', handler: (f: PresenceNotice) => void): () => void;
+  /** `members` changed (an answer, a join, a leave, the end of the subscription). */
+  on(name: 'members', handler: (members: ReadonlyMap<string, Member>) => void): () => void;
+  /** Another user is typing (never this user's own connections). */
+  on(name: 'typing', handler: (f: TypingNotice) => void): () => void;
   /** A run's text part grew, in this stream. */
   on(name: 'text', handler: (t: TextUpdate) => void): () => void;
   /** Every event of the stream. */
@@ -262,6 +333,19 @@ export class Subscription<Events extends { [K in keyof Events]: HeraldEvent<any>
   on<K extends keyof Events & string>(name: K, handler: (e: Events[K] & { stream: string }) => void): () => void;
   /** The text of an open run's part in this stream so far (`''` when none). */
   text(runId: string, part?: string): string;
+  /**
+   * Who is in the stream (and `members` updated from it). Sent at once when
+   * subscribed, else after the next `subscribed`; several in flight are
+   * answered in order. Rejects with a `StreamRequestError`.
+   */
+  presence(): Promise<Presence>;
+  /**
+   * Tell the other users this user is typing; at most one frame a second
+   * (the server relays no more). Returns whether a frame was sent (false when
+   * not subscribed on an open connection, or throttled). Without write
+   * permission the server answers `error` `forbidden` on the subscription.
+   */
+  typing(): boolean;
   /** Stop reading the stream (`unsubscribed` follows); it is never resubscribed. */
   unsubscribe(): void;
 }

@@ -1,7 +1,7 @@
 // Herald browser client: protocol v1 over WebSocket, with resume, automatic
 // reconnect (exponential backoff with jitter, honouring close codes), acked
-// messages, cancel and shared streams (`subscribe`). Dependency-free ES
-// module; types in herald.d.ts.
+// messages, cancel and shared streams (`subscribe`, with presence and
+// typing). Dependency-free ES module; types in herald.d.ts.
 
 /** Close codes after which reconnecting with the same token is pointless. */
 const AUTH_CODES = new Set([4401, 4403]);
@@ -15,6 +15,8 @@ const FATAL_CODES = new Set([1002, 1003, 1007, 1009, 4000]);
 const KICKED = 4409;
 /** Refusals of a `subscribe` that the same token would get again: not retried. */
 const FINAL_REFUSALS = new Set(['forbidden', 'too_many_streams', 'invalid_field']);
+/** `Subscription.typing()` sends at most one `typing` per this (the server relays one a second). */
+const TYPING_EVERY_MS = 1000;
 
 /** The clock of a client without a `clock` option: `Date` and the global timers. */
 const SYSTEM_CLOCK = {
@@ -284,19 +286,29 @@ export class HeraldClient {
       case 'unsubscribed':
         // Not asked by this client (a server-side end): not resubscribed.
         sub.state = 'unsubscribed';
+        sub._ended(streamRequestError(f.stream, 'not_subscribed', `unsubscribed (${f.reason})`));
         sub._emit('unsubscribed', f);
         break;
+      case 'presence': sub._onPresence(f); break;
+      case 'presence_join':
+      case 'presence_leave': sub._onPresenceNotice(f); break;
+      case 'typing': sub._emit('typing', f); break;
       default: break;
     }
   }
 
-  /** The socket is gone: live subscriptions wait for the next welcome; leaving ones are left. */
+  /**
+   * The socket is gone: live subscriptions wait for the next welcome; leaving
+   * ones are left. `presence()` requests on the wire lost their answer:
+   * rejected (those not sent yet wait for the next `subscribed`).
+   */
   _streamsDisconnected() {
     for (const sub of this._subs.values()) {
       this._clock.clearTimeout(sub._retryTimer);
       sub._retryTimer = null;
       sub._sentOn = null;
       if (sub.state === 'subscribed') sub.state = 'subscribing';
+      sub._rejectPresence(true, streamRequestError(sub.stream, 'closed', 'the connection closed before the presence answer'));
     }
     const leaving = [...this._leaving.values()];
     this._leaving.clear();
@@ -419,6 +431,10 @@ export class HeraldClient {
         break;
       case 'subscribed':
       case 'unsubscribed':
+      case 'presence':
+      case 'presence_join':
+      case 'presence_leave':
+      case 'typing':
         if (f.stream != null) this._onStreamFrame(f);
         break;
       case 'event': {
@@ -648,6 +664,9 @@ export class HeraldClient {
     this._pending.clear();
     for (const [runId, c] of this._cancels) c.reject(new HeraldClosedError(runId));
     this._cancels.clear();
+    for (const sub of this._subs.values()) {
+      sub._rejectPresence(false, streamRequestError(sub.stream, 'closed', 'the client was closed before the presence answer'));
+    }
   }
 
   /**
@@ -726,9 +745,10 @@ export class HeraldClient {
 
 /**
  * A shared stream read through a `HeraldClient` (`client.subscribe(stream)`):
- * its own position, handlers and text parts. States: `subscribing` (sent,
- * or waiting for a connection), `subscribed`, `failed` (refused for good:
- * `forbidden`, `too_many_streams`, `invalid_field`), `unsubscribed`.
+ * its own position, handlers, text parts, members (presence) and typing.
+ * States: `subscribing` (sent, or waiting for a connection), `subscribed`,
+ * `failed` (refused for good: `forbidden`, `too_many_streams`,
+ * `invalid_field`), `unsubscribed`.
  */
 export class Subscription {
   constructor(client, stream, replayActiveRuns) {
@@ -751,12 +771,30 @@ export class Subscription {
     this._replayingRuns = false;
     this._attempt = 0;
     this._retryTimer = null;
+    /**
+     * Who is in the stream: user id → `{connections}`. Filled from the last
+     * `presence()` answer (the subscription asks one after every
+     * `subscribed`), then kept by `presence_join` / `presence_leave`; a user
+     * who joined since the answer counts `connections: 1` (later connections
+     * of a user are not announced). Empty until the first answer.
+     * @type {Map<string, {connections: number}>}
+     */
+    this.members = new Map();
+    /** `presence()` requests in order: `sentOn` the socket it went out on, null while waiting for `subscribed`. */
+    this._presenceWaiters = [];
+    /** When `typing()` last sent (the client clock's ms), or null. */
+    this._typingAt = null;
   }
 
   /**
    * Handlers: `subscribed` (after every (re)subscribe), `event` (every event
    * of the stream), any event name, `text` (a run's text part grew),
-   * `caught_up`, `reset`, `error` (a refusal for this stream), `unsubscribed`.
+   * `caught_up`, `reset`, `error` (a refusal for this stream: of the
+   * subscribe, or of a `typing` without write permission), `unsubscribed`,
+   * `presence_join` / `presence_leave` (`{type, stream, user_id}`: a user's
+   * first connection joined, its last left), `members` (`members` changed;
+   * called with the map) and `typing` (`{type, stream, user_id}`: another
+   * user is typing).
    * @returns {() => void} removes the handler
    */
   on(name, handler) {
@@ -768,6 +806,49 @@ export class Subscription {
   /** The text of `runId`'s `part` in this stream so far, or `''` (as `client.text`). */
   text(runId, part = 'answer') {
     return this._texts.get(`${runId}\u0000${part}`) ?? '';
+  }
+
+  /**
+   * Ask who is in the stream: resolves the `presence` answer, `{type,
+   * stream, users: [{user_id, connections}], total_users,
+   * total_connections}` (`users` sorted by id, at most 100 listed; the
+   * totals count everyone), and updates `members` from it. Sent at once
+   * when subscribed, else after the next `subscribed`; several in flight are
+   * answered in order. Rejects with an `Error` carrying `{type: 'error',
+   * code, stream}`: the server's refusal (`broker_unavailable`), `closed`
+   * (the connection or the client closed before the answer),
+   * `not_subscribed` (the subscription was not live, or ended), or the
+   * subscribe's refusal (`forbidden`, …) when it failed meanwhile.
+   * @returns {Promise<object>}
+   */
+  presence() {
+    if (!this._live()) {
+      return Promise.reject(streamRequestError(this.stream, 'not_subscribed', `the subscription is ${this.state}`));
+    }
+    return new Promise((resolve, reject) => {
+      const waiter = { resolve, reject, sentOn: null };
+      this._presenceWaiters.push(waiter);
+      this._sendPresence(waiter);
+    });
+  }
+
+  /**
+   * Tell the stream's other users this user is typing (`{type: 'typing',
+   * stream, user_id}` on their subscriptions); call it on input, it sends at
+   * most one frame a second. Returns whether a frame was sent: false when
+   * not subscribed on an open connection or within a second of the last.
+   * Needs write permission: without it the server answers `error`
+   * `forbidden` on this subscription (which stays subscribed).
+   * @returns {boolean}
+   */
+  typing() {
+    const c = this.client;
+    if (!this._onSocket()) return false;
+    const now = c._clock.now();
+    if (this._typingAt != null && now >= this._typingAt && now - this._typingAt < TYPING_EVERY_MS) return false;
+    this._typingAt = now;
+    c._ws.send(JSON.stringify({ type: 'typing', stream: this.stream }));
+    return true;
   }
 
   /**
@@ -783,6 +864,7 @@ export class Subscription {
     this._retryTimer = null;
     this.state = 'unsubscribed';
     this._sentOn = null;
+    this._ended(streamRequestError(this.stream, 'not_subscribed', 'unsubscribed'));
     if (c._subs.get(this.stream) === this) c._subs.delete(this.stream);
     if (wasSent) {
       c._leaving.set(this.stream, this);
@@ -795,6 +877,69 @@ export class Subscription {
   // -- internals ------------------------------------------------------------
 
   _live() { return this.state === 'subscribing' || this.state === 'subscribed'; }
+
+  /** Subscribed on the client's open socket: requests about the stream may go out. */
+  _onSocket() {
+    const c = this.client;
+    return this.state === 'subscribed' && this._sentOn != null && this._sentOn === c._ws && c._isOpen();
+  }
+
+  /** Put a waiting `presence` request on the socket, if subscribed there. */
+  _sendPresence(waiter) {
+    if (waiter.sentOn != null || !this._onSocket()) return;
+    const ws = this.client._ws;
+    waiter.sentOn = ws;
+    ws.send(JSON.stringify({ type: 'presence', stream: this.stream }));
+  }
+
+  /** Reject the `presence()` requests on the wire (`sentOnly`), or all of them. */
+  _rejectPresence(sentOnly, error) {
+    const keep = [];
+    const rejected = [];
+    for (const w of this._presenceWaiters) (sentOnly && w.sentOn == null ? keep : rejected).push(w);
+    this._presenceWaiters = keep;
+    for (const w of rejected) w.reject(error);
+  }
+
+  /** The subscription failed or ended: its requests are refused, nobody is known to be in it. */
+  _ended(error) {
+    this._rejectPresence(false, error);
+    if (this.members.size > 0) {
+      this.members.clear();
+      this._emit('members', this.members);
+    }
+  }
+
+  /** A `presence` answer: the oldest request on the wire gets it; `members` becomes its list. */
+  _onPresence(f) {
+    const i = this._presenceWaiters.findIndex((w) => w.sentOn != null);
+    const waiter = i >= 0 ? this._presenceWaiters.splice(i, 1)[0] : null;
+    const next = new Map();
+    for (const u of Array.isArray(f.users) ? f.users : []) next.set(u.user_id, { connections: u.connections });
+    let changed = next.size !== this.members.size;
+    for (const [id, m] of next) if (this.members.get(id)?.connections !== m.connections) changed = true;
+    if (changed) {
+      // The same Map, kept live for whoever holds it.
+      this.members.clear();
+      for (const [id, m] of next) this.members.set(id, m);
+      this._emit('members', this.members);
+    }
+    waiter?.resolve(f);
+  }
+
+  /** `presence_join` / `presence_leave`: `members` follows, then the handlers are told. */
+  _onPresenceNotice(f) {
+    let changed = false;
+    if (f.type === 'presence_join' && !this.members.has(f.user_id)) {
+      this.members.set(f.user_id, { connections: 1 });
+      changed = true;
+    } else if (f.type === 'presence_leave' && this.members.has(f.user_id)) {
+      this.members.delete(f.user_id);
+      changed = true;
+    }
+    this._emit(f.type, f);
+    if (changed && this._live()) this._emit('members', this.members);
+  }
 
   _onSubscribed(f) {
     this._attempt = 0;
@@ -814,6 +959,13 @@ export class Subscription {
     this._replayingRuns = f.replaying === true && this._askedRuns;
     this._emit('subscribed', f);
     if (!f.replaying && this._live()) this._emit('caught_up', { seq: f.seq, stream: this.stream });
+    // Requests that waited for the subscription go out now; with none on
+    // the wire, one is asked so that `members` is complete (join and leave
+    // notices tell only what changes from here on).
+    for (const w of this._presenceWaiters) this._sendPresence(w);
+    if (this._onSocket() && !this._presenceWaiters.some((w) => w.sentOn != null)) {
+      this.presence().catch(() => { /* members stays as it is; a later subscribe asks again */ });
+    }
   }
 
   _onEvent(f) {
@@ -832,9 +984,22 @@ export class Subscription {
   }
 
   _onError(f) {
+    if (this.state === 'subscribed') {
+      // The subscribe was answered: this refuses a later request. A
+      // `presence` is refused only when the broker is unavailable (a
+      // subscriber may always ask), so `forbidden` refuses a `typing`.
+      const i = f.code === 'forbidden' ? -1 : this._presenceWaiters.findIndex((w) => w.sentOn != null);
+      if (i >= 0) {
+        this._presenceWaiters.splice(i, 1)[0].reject(streamRequestError(this.stream, f.code, f.message, f));
+        return;
+      }
+      this._emit('error', f);
+      return;
+    }
     if (FINAL_REFUSALS.has(f.code)) {
       this.state = 'failed';
       this._sentOn = null;
+      this._ended(streamRequestError(this.stream, f.code, f.message, f));
       this._emit('error', f);
       return;
     }
@@ -875,6 +1040,15 @@ function streamNameProblem(name) {
   if (colon > 0 && name.slice(0, colon) === 'user') return "names a user's own stream (`user:`), which is not shared";
   if (colon <= 0 || colon === name.length - 1) return 'must be `<namespace>:<name>`, e.g. `thread:abc`';
   return null;
+}
+
+/**
+ * The rejection of a request about shared stream `stream`: an `Error`
+ * carrying the fields of an `error` frame (`frame`, when the server sent
+ * one).
+ */
+function streamRequestError(stream, code, message, frame) {
+  return Object.assign(new Error(message || code), frame ?? {}, { type: 'error', code, stream });
 }
 
 /**

@@ -64,6 +64,23 @@ export interface ConnectionInfo {
   acked_seq: number;
 }
 
+/** One user of `presence()`: how many of their connections read the stream. */
+export interface PresenceUser {
+  user_id: string;
+  connections: number;
+}
+
+/** Who is in a shared stream (`presence()`). */
+export interface StreamPresence {
+  stream: string;
+  /** Sorted by id; at most `limit` (default and cap: the server's `presence_max_listed`, 100). */
+  users: PresenceUser[];
+  /** Every user in the stream, listed or not. */
+  total_users: number;
+  /** Every connection reading the stream. */
+  total_connections: number;
+}
+
 export interface CallOptions {
   signal?: AbortSignal;
 }
@@ -207,6 +224,13 @@ export declare class Herald {
    * how many. What the user's token grants is unchanged.
    */
   unsubscribe(stream: string, userId: string, options?: CallOptions): Promise<number>;
+  /**
+   * Who is in the shared `stream` (its subscribers on every node, with
+   * their connection counts): `users` sorted by id, at most `limit`; the
+   * totals count everyone. A name Herald refuses is a `HeraldError` with
+   * `field` `stream`.
+   */
+  presence(stream: string, filter?: { limit?: number }, options?: CallOptions): Promise<StreamPresence>;
   disconnect(userId: string, options?: CallOptions): Promise<number>;
   connections(filter?: { userId?: string; limit?: number }, options?: CallOptions): Promise<{ connections: ConnectionInfo[]; total: number; truncated: boolean }>;
   /**

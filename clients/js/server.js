@@ -151,6 +151,18 @@ export class Herald {
     return (await this.request('POST', '/api/v1/streams/unsubscribe', { body, signal })).removed;
   }
 
+  /**
+   * Who is in the shared `stream`, on every node: `{ stream, users:
+   * [{ user_id, connections }], total_users, total_connections }` — `users`
+   * sorted by id, at most `limit` of them (default and cap: the server's
+   * `presence_max_listed`, 100); the totals count everyone.
+   */
+  async presence(stream, { limit } = {}, { signal } = {}) {
+    const q = new URLSearchParams({ stream });
+    if (limit !== undefined) q.set('limit', String(limit));
+    return this.request('GET', `/api/v1/streams/presence?${q}`, { signal });
+  }
+
   /** Close every connection of `userId` on every node (4409); resolves how many. */
   async disconnect(userId, { signal } = {}) {
     return (await this.request('POST', '/api/v1/disconnect', { body: { user_id: userId }, signal })).disconnected;

@@ -1,7 +1,7 @@
 // Compiled by `tsc --strict --noEmit` in `npm test`: herald-gateway/server's
 // types must type real use (a webhook handler answering with runs, `await
 // using`, the AI SDK bridge) and refuse wrong use.
-import { Herald, HeraldError, InvalidSignature, mintToken, verifyWebhook, type Published, type Run, type StreamGrants, type WebhookEvent } from '../server.js';
+import { Herald, HeraldError, InvalidSignature, mintToken, verifyWebhook, type Published, type Run, type StreamGrants, type StreamPresence, type PresenceUser, type WebhookEvent } from '../server.js';
 
 const herald = new Herald({ url: 'http://127.0.0.1:8080', apiKey: 'k' });
 
@@ -93,6 +93,16 @@ export async function sharedStreams(event: WebhookEvent) {
   void user;
   const removed: number = await herald.unsubscribe('thread:t1', 'bob', { signal: AbortSignal.timeout(1000) });
   void removed;
+  const here: StreamPresence = await herald.presence('room:lobby');
+  const firstUser: PresenceUser | undefined = here.users[0];
+  const totals: [string, number, number] = [here.stream, here.total_users, here.total_connections];
+  void firstUser; void totals;
+  await herald.presence('room:lobby', { limit: 10 }, { signal: AbortSignal.timeout(1000) });
+  // @ts-expect-error: a limit is a number
+  await herald.presence('room:lobby', { limit: '10' });
+  // @ts-expect-error: a user's connections are a number
+  const n: string = here.users[0].connections;
+  void n;
   const grants: StreamGrants = { 'thread:t1': 'rw', 'room:*': 'r' };
   const token: string = await mintToken('secret', 'ana', { streams: grants });
   void token;

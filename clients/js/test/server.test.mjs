@@ -563,6 +563,35 @@ test('unsubscribe(stream, userId) removes a member on every socket', async () =>
   bob2.close();
 });
 
+test('presence(stream, {limit}) lists the members of a stream on every socket, with counts; the totals count all', async () => {
+  const room = 'room:pr1';
+  const ana = await member(h, 'pra', { 'room:*': 'rw' }, [room]);
+  const ana2 = await member(h, 'pra', { 'room:*': 'rw' }, [room]);
+  const bob = await member(h, 'prb', { [room]: 'r' }, [room]);
+  const herald = heraldOf(h);
+  // Presence is recorded a moment after each subscribe.
+  let p;
+  await until(async () => { p = await herald.presence(room); return p.total_connections === 3; }, 5000, 'three connections counted');
+  assert.deepEqual(p, {
+    stream: room,
+    users: [{ user_id: 'pra', connections: 2 }, { user_id: 'prb', connections: 1 }],
+    total_users: 2,
+    total_connections: 3,
+  });
+  // At most `limit` listed; the totals count everyone.
+  const one = await herald.presence(room, { limit: 1 }, { signal: AbortSignal.timeout(5000) });
+  assert.deepEqual([one.users, one.total_users, one.total_connections], [[{ user_id: 'pra', connections: 2 }], 2, 3]);
+  // A stream nobody reads; a name Herald refuses.
+  assert.deepEqual(await herald.presence('room:empty'), { stream: 'room:empty', users: [], total_users: 0, total_connections: 0 });
+  await assert.rejects(herald.presence('user:pra'), (e) => e instanceof HeraldError && e.status === 400 && e.field === 'stream');
+  // Bob's last socket goes: he is out; ana's second one goes: one left.
+  bob.close();
+  ana2.close();
+  await until(async () => { p = await herald.presence(room); return p.total_connections === 1; }, 5000, 'two connections gone');
+  assert.deepEqual([p.users, p.total_users], [[{ user_id: 'pra', connections: 1 }], 1]);
+  ana.close();
+});
+
 test('verifyWebhook: the stream of a user_message or a cancel, absent for the own stream; not a string: InvalidSignature', async () => {
   const secret = 'hook-secret-0123456789';
   const parse = (payload) => { const body = JSON.stringify(payload); return verifyWebhook(secret, signed(body), body); };

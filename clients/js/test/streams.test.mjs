@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { HeraldClient, Subscription } from '../herald.js';
-import { startHerald, mintTokenWithStreams, api, until, wsRecorder } from './helpers.mjs';
+import { startHerald, mintTokenWithStreams, api, until, wsRecorder, fakeClock } from './helpers.mjs';
 
 let h;
 before(async () => { h = await startHerald({}); });
@@ -320,4 +320,185 @@ test('unsubscribe: unsubscribed comes, later events are not delivered, and a rec
   assert.equal(rec.received.filter((f) => f.type === 'event' && f.stream === 'thread:s8').length, 1, 'the server sent nothing more');
   assert.equal(unsubscribed.length, 1);
   c.close();
+});
+
+// ---- presence and typing ----
+
+/** A development token (`POST /dev/token`, zero-config only): `room:*` read and write. */
+async function devToken(user) {
+  const r = await fetch(`http://${h.addr}/dev/token`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ user }) });
+  if (!r.ok) throw new Error(`/dev/token: HTTP ${r.status} ${await r.text()}`);
+  return (await r.json()).token;
+}
+/** Record a subscription's presence notices, typing notices, errors and `members` events. */
+function watchPresence(sub) {
+  const seen = { joins: [], leaves: [], typing: [], errors: [], members: [] };
+  sub.on('presence_join', (f) => seen.joins.push(f.user_id));
+  sub.on('presence_leave', (f) => seen.leaves.push(f.user_id));
+  sub.on('typing', (f) => seen.typing.push(f));
+  sub.on('error', (e) => seen.errors.push(e));
+  sub.on('members', (m) => seen.members.push([...m.keys()].sort()));
+  return seen;
+}
+/** `promise`, or a rejection `timed out: what` after `ms` (a request never settled fails its test, not hangs it). */
+function within(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms); });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+/** The members map as sorted [user, connections] pairs. */
+const membersOf = (sub) => [...sub.members].map(([id, m]) => [id, m.connections]).sort();
+/** A client's own (not stream) handlers never hear of presence or typing. */
+function watchClient(c) {
+  const heard = [];
+  for (const name of ['presence', 'presence_join', 'presence_leave', 'typing', 'members', 'event', 'error']) c.on(name, (f) => heard.push([name, f]));
+  return heard;
+}
+
+test('presence: each user sees the other\'s join and leave; presence() lists both with counts; members follows', async () => {
+  const room = 'room:p1';
+  const rec = wsRecorder();
+  const ana = new HeraldClient({ url: url(), token: await devToken('pa'), WebSocket: rec.WebSocket, backoffBaseMs: 50 });
+  const anaHeard = watchClient(ana);
+  const a = ana.subscribe(room);
+  const aSeen = watchPresence(a);
+  // Asked before there is a connection: sent once subscribed.
+  const early = a.presence();
+  ana.connect();
+  // Presence is recorded a moment after `subscribed`: the answer may not
+  // list ana yet; her join notice follows it, and members with it.
+  const first = await within(early, 5000, 'the early presence');
+  assert.equal(first.type, 'presence');
+  assert.equal(first.stream, room);
+  assert.ok(Array.isArray(first.users) && first.total_users <= 1, JSON.stringify(first));
+  await until(() => aSeen.joins.length === 1, 5000, 'ana told of her own join');
+  assert.deepEqual(aSeen.joins, ['pa']);
+  assert.deepEqual(membersOf(a), [['pa', 1]]);
+  // The early request made the answer; no second one was asked for members.
+  assert.equal(rec.sent.filter((f) => f.type === 'presence').length, 1);
+
+  const bob = new HeraldClient({ url: url(), token: await devToken('pb') });
+  const b = bob.subscribe(room);
+  const bSeen = watchPresence(b);
+  bob.connect();
+  await until(() => aSeen.joins.includes('pb'), 5000, 'ana told of bob\'s join');
+  // Bob's members come from the presence() his subscription asked itself.
+  await until(() => b.members.size === 2 && bSeen.joins.length === 1, 5000, 'bob\'s members complete');
+  assert.deepEqual(membersOf(b), [['pa', 1], ['pb', 1]]);
+  assert.deepEqual(bSeen.joins, ['pb'], 'bob was not there when ana joined');
+  assert.deepEqual(membersOf(a), [['pa', 1], ['pb', 1]]);
+  assert.deepEqual(aSeen.members.at(-1), ['pa', 'pb']);
+
+  // Ana leaves and comes back: bob sees her leave, then her join.
+  a.unsubscribe();
+  await until(() => bSeen.leaves.includes('pa'), 5000, 'bob told of ana\'s leave');
+  assert.deepEqual(membersOf(b), [['pb', 1]]);
+  assert.deepEqual(bSeen.members.at(-1), ['pb']);
+  assert.equal(a.members.size, 0, 'an ended subscription knows nobody');
+  await assert.rejects(within(a.presence(), 5000, 'a presence of an ended subscription'), (e) => e instanceof Error && e.code === 'not_subscribed' && e.stream === room);
+  const a2 = ana.subscribe(room);
+  const a2Seen = watchPresence(a2);
+  await until(() => bSeen.joins.includes('pa'), 5000, 'bob told of ana\'s join');
+  assert.deepEqual(bSeen.joins, ['pb', 'pa']);
+  await until(() => a2.members.size === 2, 5000, 'ana\'s members complete');
+
+  // A second connection of bob: counted, not announced.
+  const bob2 = new HeraldClient({ url: url(), token: await devToken('pb') });
+  const b2 = bob2.subscribe(room);
+  bob2.connect();
+  await until(async () => b2.state === 'subscribed' && (await a2.presence()).total_connections === 3, 5000, 'bob\'s second tab counted');
+  const answered = [];
+  const [p, again] = await Promise.all([a2.presence(), a2.presence()].map((q, i) => q.then((r) => { answered.push(i); return r; })));
+  assert.deepEqual(answered, [0, 1], 'answered in order');
+  for (const answer of [p, again]) {
+    assert.deepEqual(answer.users, [{ user_id: 'pa', connections: 1 }, { user_id: 'pb', connections: 2 }]);
+    assert.deepEqual([answer.total_users, answer.total_connections], [2, 3]);
+  }
+  assert.deepEqual(membersOf(a2), [['pa', 1], ['pb', 2]], 'members from the answer');
+  assert.deepEqual(a2Seen.joins.filter((u) => u === 'pb'), [], 'no join for a second connection');
+  assert.deepEqual(bSeen.joins, ['pb', 'pa']);
+
+  // Bob's first tab closes: still there. His last: gone.
+  bob.close();
+  await sleep(300);
+  assert.deepEqual(a2Seen.leaves, []);
+  assert.ok(a2.members.has('pb'));
+  bob2.close();
+  await until(() => a2Seen.leaves.includes('pb'), 5000, 'ana told of bob\'s leave');
+  assert.deepEqual(membersOf(a2), [['pa', 1]]);
+  assert.deepEqual(a2Seen.members.at(-1), ['pa']);
+  const alone = await a2.presence();
+  assert.deepEqual([alone.users, alone.total_users, alone.total_connections], [[{ user_id: 'pa', connections: 1 }], 1, 1]);
+
+  // A request on the wire when the connection drops: rejected. One asked
+  // while the client reconnects is sent after the resubscribe.
+  const closed = (e) => e instanceof Error && e.code === 'closed' && e.stream === room;
+  const lost = a2.presence();
+  rec.sockets.at(-1).close();
+  await assert.rejects(within(lost, 5000, 'the lost presence'), closed);
+  const back = await within(a2.presence(), 5000, 'the presence after the reconnect');
+  assert.equal(back.stream, room);
+  assert.equal(rec.hellos.length, 2, 'reconnected');
+  assert.equal(a2.state, 'subscribed');
+  // close() rejects a request still waiting for its subscribe.
+  const waiting = new Promise((resolve) => {
+    const off = ana.on('state', (s) => {
+      if (s !== 'reconnecting') return;
+      off();
+      assert.equal(a2.state, 'subscribing');
+      resolve(a2.presence());
+      ana.close();
+    });
+  });
+  rec.sockets.at(-1).close();
+  await assert.rejects(within(waiting, 5000, 'the presence waiting at close()'), closed);
+  assert.deepEqual(anaHeard, [], 'the client\'s own handlers hear nothing of it');
+});
+
+test('typing: relayed to the other users, not to the typist; throttled to one a second; a reader\'s typing is refused on its subscription', async () => {
+  const room = 'room:p2';
+  const rec = wsRecorder();
+  // Ana's throttle runs on a clock the test steps.
+  const clock = fakeClock();
+  const ana = new HeraldClient({ url: url(), token: await devToken('ta'), WebSocket: rec.WebSocket, clock });
+  const bob = new HeraldClient({ url: url(), token: await devToken('tb') });
+  const cy = new HeraldClient({ url: url(), token: mintTokenWithStreams(h.secret, 'tc', { 'room:*': 'r' }) });
+  const heard = [ana, bob, cy].map(watchClient);
+  const [a, b, c] = [ana, bob, cy].map((client) => client.subscribe(room));
+  const [aSeen, bSeen, cSeen] = [a, b, c].map(watchPresence);
+  assert.equal(a.typing(), false, 'not subscribed yet: nothing sent');
+  for (const client of [ana, bob, cy]) client.connect();
+  await until(() => [a, b, c].every((s) => s.state === 'subscribed' && s.members.size === 3) , 5000, 'all three in the room');
+  assert.deepEqual([a.write, b.write, c.write], [true, true, false]);
+
+  assert.equal(a.typing(), true);
+  assert.equal(a.typing(), false, 'throttled');
+  clock.advance(999);
+  assert.equal(a.typing(), false, 'still throttled');
+  await until(() => bSeen.typing.length === 1 && cSeen.typing.length === 1, 5000, 'typing relayed');
+  assert.deepEqual(bSeen.typing[0], { type: 'typing', stream: room, user_id: 'ta' });
+  assert.deepEqual(cSeen.typing[0], { type: 'typing', stream: room, user_id: 'ta' }, 'a reader sees who types');
+  clock.advance(1);
+  assert.equal(a.typing(), true, 'a second later');
+  assert.deepEqual(rec.sent.filter((f) => f.type === 'typing'), [{ type: 'typing', stream: room }, { type: 'typing', stream: room }], 'two frames went out');
+
+  // Bob types: ana sees it, bob does not.
+  assert.equal(b.typing(), true);
+  await until(() => aSeen.typing.length === 1, 5000, 'bob\'s typing at ana');
+
+  // The reader may not type: forbidden, on its subscription, which stays.
+  assert.equal(c.typing(), true, 'sent: the server decides');
+  await until(() => cSeen.errors.length === 1, 5000, 'the refusal');
+  assert.deepEqual([cSeen.errors[0].code, cSeen.errors[0].stream], ['forbidden', room]);
+  assert.equal(c.state, 'subscribed', 'a refused typing does not end the subscription');
+  const p = await c.presence();
+  assert.equal(p.total_users, 3, 'and it still answers');
+  await sleep(300);
+  assert.deepEqual(aSeen.typing.map((f) => f.user_id), ['tb'], 'nothing of the reader, nothing of ana herself');
+  // Ana's second frame came well within the server's second: not relayed.
+  assert.deepEqual(bSeen.typing.map((f) => f.user_id), ['ta']);
+  assert.deepEqual(cSeen.typing.map((f) => f.user_id), ['ta', 'tb']);
+  assert.deepEqual([aSeen.errors, bSeen.errors], [[], []]);
+  assert.deepEqual(heard, [[], [], []], 'never on the clients\' own handlers');
+  for (const client of [ana, bob, cy]) client.close();
 });

@@ -1,7 +1,7 @@
 // Compiled by `tsc --noEmit` in `npm test`: the .d.ts must type real use,
 // and must refuse wrong use (each @ts-expect-error fails the check if the
 // line below it compiles).
-import { HeraldClient, HeraldClosedError, Subscription, type AgentEvents, type HeraldClock, type HeraldEvent, type SendOptions, type StreamError, type Subscribed, type SubscriptionState, type UserMessageEvent } from '../herald.js';
+import { HeraldClient, HeraldClosedError, Subscription, type AgentEvents, type HeraldClock, type HeraldEvent, type SendOptions, type StreamError, type Subscribed, type SubscriptionState, type UserMessageEvent, type Member, type Presence, type PresenceNotice, type PresenceUser, type StreamRequestError, type TypingNotice } from '../herald.js';
 
 const c = new HeraldClient({ url: 'ws://localhost/ws', getToken: async () => null });
 c.on('agent_thinking', (e) => {
@@ -107,6 +107,41 @@ sub.on('agent_thinkin', () => {});
 new Subscription();
 // @ts-expect-error: the state is the client's to change
 sub.state = 'subscribed';
+
+// Presence and typing in a shared stream.
+sub.on('presence_join', (f: PresenceNotice) => { const who: string = f.user_id; const s: string = f.stream; void who; void s; });
+sub.on('presence_leave', (f) => { const kind: 'presence_join' | 'presence_leave' = f.type; const who: string = f.user_id; void kind; void who; });
+sub.on('typing', (f: TypingNotice) => { const who: string = f.user_id; void who; });
+sub.on('members', (m) => { for (const [id, info] of m) { const n: number = info.connections; void id; void n; } });
+const members: ReadonlyMap<string, Member> = sub.members;
+const bobHere: boolean = sub.members.has('bob');
+void members; void bobHere;
+async function whoIsThere(): Promise<void> {
+  const p: Presence = await sub.presence();
+  const first: PresenceUser | undefined = p.users[0];
+  const counts: [number, number] = [p.total_users, p.total_connections];
+  void first; void counts;
+  try {
+    await sub.presence();
+  } catch (err) {
+    const e = err as StreamRequestError;
+    const code: string = e.code;
+    const s: string = e.stream;
+    void code; void s;
+  }
+  // @ts-expect-error: the answer's users are objects, not ids
+  const ids: string[] = p.users;
+  void ids;
+}
+void whoIsThere;
+const sent: boolean = sub.typing();
+void sent;
+// @ts-expect-error: members are the client's to keep
+sub.members.set('mallory', { connections: 1 });
+// @ts-expect-error: typing takes no text
+sub.typing('hello');
+// @ts-expect-error: a typing notice names the user
+sub.on('typing', (f) => { const n: number = f.user_id; void n; });
 
 // The transport is an AI SDK ChatTransport.
 import type { ChatTransport, UIMessage } from 'ai';

@@ -1,7 +1,8 @@
 """Shared streams (`thread:t1`, …) from the SDK against a real Herald:
 publishing to one, a run of a message written to one (its events and its
 text in that stream), a run in one, a member's cancel, removing a member,
-the `streams` grant of a minted token, and targets that are refused."""
+who is in one (presence), the `streams` grant of a minted token, and
+targets that are refused."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 from websockets.sync.client import ClientConnection
@@ -21,6 +22,8 @@ from herald_gateway import (
     Herald,
     HeraldError,
     InvalidSignature,
+    Presence,
+    PresenceUser,
     UserMessage,
     mint_token,
     verify_webhook,
@@ -272,6 +275,55 @@ def test_unsubscribe_removes_a_member_on_every_socket(herald_server, client):
         nothing_more(ws)
     # The member who stays still reads the stream.
     assert [(e["stream"], e["event"]) for e in events(ana, 1)] == [("thread:t1", "after")]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_presence_lists_the_members_of_a_stream(herald_server, client):
+    room = f"room:presence-{client}"
+    ana = member(herald_server, "ana", {"room:*": "rw"}, room)
+    ana2 = member(herald_server, "ana", {"room:*": "rw"}, room)
+    bob = member(herald_server, "bob", {room: "r"}, room)
+
+    def ask(limit: Optional[int] = None, stream: str = room) -> Presence:
+        if client == "sync":
+            with Herald(herald_server.url, API_KEY) as h:
+                return h.presence(stream) if limit is None else h.presence(stream, limit=limit)
+
+        async def main() -> Presence:
+            async with AsyncHerald(herald_server.url, API_KEY) as h:
+                return await (h.presence(stream) if limit is None else h.presence(stream, limit))
+
+        return asyncio.run(main())
+
+    def settled(connections: int) -> Presence:
+        """Presence is recorded a moment after each subscribe and close."""
+        deadline = time.time() + 5
+        while True:
+            p = ask()
+            if p.total_connections == connections or time.time() > deadline:
+                return p
+            time.sleep(0.05)
+
+    p = settled(3)
+    assert p == Presence(
+        stream=room,
+        users=[PresenceUser("ana", 2), PresenceUser("bob", 1)],
+        total_users=2,
+        total_connections=3,
+    )
+    # At most `limit` listed; the totals count everyone.
+    one = ask(limit=1)
+    assert (one.users, one.total_users, one.total_connections) == ([PresenceUser("ana", 2)], 2, 3)
+    assert ask(stream="room:nobody") == Presence("room:nobody", [], 0, 0)
+    with pytest.raises(HeraldError) as refused:
+        ask(stream="user:ana")
+    assert (refused.value.status, refused.value.field) == (400, "stream")
+    # Bob's only socket and one of ana's go.
+    bob.close()
+    ana2.close()
+    p = settled(1)
+    assert (p.users, p.total_users, p.total_connections) == ([PresenceUser("ana", 1)], 1, 1)
+    ana.close()
 
 
 def _signed(payload: Dict[str, Any]) -> tuple:

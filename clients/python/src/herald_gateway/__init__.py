@@ -3,7 +3,7 @@
 - :class:`Herald` / :class:`AsyncHerald`: publish events (retried with an
   idempotency key, so never twice) to a user or to a shared stream
   (``stream="thread:t1"``), kick users, remove a user from a shared stream,
-  list connections, and run agent runs as context managers that are never
+  see who is in one (:class:`Presence`), list connections, and run agent runs as context managers that are never
   left open.
 - :func:`verify_webhook`: check and parse Herald's signed webhook requests
   (:class:`UserMessage`, :class:`ChatRequest` — an AI SDK chat turn, answered
@@ -15,7 +15,7 @@
   the shared streams the user may read or write).
 """
 
-from ._client import AsyncHerald, Herald, Published
+from ._client import AsyncHerald, Herald, Presence, PresenceUser, Published
 from ._errors import HeraldError, InvalidSignature, TextStreamError
 from ._runs import AsyncRun, AsyncToolCall, Run, ToolCall
 from ._tokens import mint_token
@@ -30,6 +30,8 @@ __all__ = [
     "Herald",
     "HeraldError",
     "InvalidSignature",
+    "Presence",
+    "PresenceUser",
     "Published",
     "Run",
     "TextStreamError",

@@ -25,6 +25,44 @@ class Published:
     duplicate: bool = False
 
 
+@dataclass(frozen=True)
+class PresenceUser:
+    """One user in a shared stream: how many of their connections read it."""
+
+    user_id: str
+    connections: int
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Who is in a shared stream, on every node (:meth:`Herald.presence`)."""
+
+    stream: str
+    #: Sorted by id; at most the ``limit`` asked (default and cap: the
+    #: server's ``presence_max_listed``, 100).
+    users: List[PresenceUser]
+    #: Every user in the stream, listed or not.
+    total_users: int
+    #: Every connection reading the stream.
+    total_connections: int
+
+
+def _presence(body: Any) -> Presence:
+    return Presence(
+        stream=str(body["stream"]),
+        users=[PresenceUser(str(u["user_id"]), int(u["connections"])) for u in body["users"]],
+        total_users=int(body["total_users"]),
+        total_connections=int(body["total_connections"]),
+    )
+
+
+def _presence_params(stream: str, limit: Optional[int]) -> Dict[str, Any]:
+    params: Dict[str, Any] = {"stream": stream}
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
 def _destination(user_id: Optional[str], stream: Optional[str], what: str = "an event") -> Dict[str, str]:
     """Where an event goes: ``{"user_id": …}`` (the user's own stream) or
     ``{"stream": …}`` (a shared stream); exactly one of the two."""
@@ -206,6 +244,17 @@ class Herald:
         )
         return int(body["removed"])
 
+    def presence(self, stream: str, limit: Optional[int] = None) -> Presence:
+        """Who is in the shared ``stream``: its subscribers on every node,
+        ``users`` sorted by id with their connection counts, at most
+        ``limit`` of them (default and cap: the server's
+        ``presence_max_listed``, 100); ``total_users`` and
+        ``total_connections`` count everyone. A name Herald refuses is a
+        :class:`HeraldError` with ``.field == "stream"``."""
+        return _presence(
+            self._request("GET", "/api/v1/streams/presence", params=_presence_params(stream, limit))
+        )
+
     def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` (4409); returns how many."""
         body = self._request("POST", "/api/v1/disconnect", json={"user_id": user_id})
@@ -347,6 +396,13 @@ class AsyncHerald:
             "POST", "/api/v1/streams/unsubscribe", json={"stream": stream, "user_id": user_id}
         )
         return int(body["removed"])
+
+    async def presence(self, stream: str, limit: Optional[int] = None) -> Presence:
+        """Who is in the shared ``stream`` (see :meth:`Herald.presence`)."""
+        body = await self._request(
+            "GET", "/api/v1/streams/presence", params=_presence_params(stream, limit)
+        )
+        return _presence(body)
 
     async def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` (4409); returns how many."""
