@@ -420,8 +420,11 @@ export class HeraldClient<Events extends { [K in keyof Events]: HeraldEvent<any>
    * failed or was unsubscribed, a new one.
    */
   subscribe(stream: string, options?: SubscribeOptions): Subscription<Events>;
-  /** Ask the agent to stop a run; queued while disconnected, resolves once sent. */
-  cancel(runId: string): Promise<void>;
+  /**
+   * Ask the agent to stop a run; queued while disconnected, resolves once
+   * sent. With `stream`, a run of that shared stream (write permission).
+   */
+  cancel(runId: string, options?: { stream?: string }): Promise<void>;
   /** The text of an open run's part so far (`''` when none). */
   text(runId: string, part?: string): string;
 }

@@ -175,17 +175,22 @@ export class HeraldClient {
   /**
    * Ask the agent to stop a run. Sent at once when connected, else queued
    * and sent after the next welcome; resolves once written to the socket,
-   * rejects with `HeraldClosedError` if `close()` comes first.
+   * rejects with `HeraldClosedError` if `close()` comes first. With
+   * `{stream}`, a run of that shared stream (a write subscription needed).
+   * @param {string} runId
+   * @param {{stream?: string}} [options]
    * @returns {Promise<void>}
    */
-  cancel(runId) {
+  cancel(runId, { stream } = {}) {
+    const frame = { type: 'cancel', run_id: runId };
+    if (stream != null) frame.stream = stream;
     if (this._isOpen()) {
-      this._ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
+      this._ws.send(JSON.stringify(frame));
       return Promise.resolve();
     }
     const queued = this._cancels.get(runId);
     if (queued) return queued.promise;
-    const entry = { resolve: null, reject: null, promise: null };
+    const entry = { frame, resolve: null, reject: null, promise: null };
     entry.promise = new Promise((resolve, reject) => {
       entry.resolve = resolve;
       entry.reject = reject;
@@ -422,8 +427,8 @@ export class HeraldClient {
           this._emit('caught_up', { seq: f.seq });
           if (this._ws !== ws) return;
         }
-        for (const [runId, c] of this._cancels) {
-          ws.send(JSON.stringify({ type: 'cancel', run_id: runId }));
+        for (const c of this._cancels.values()) {
+          ws.send(JSON.stringify(c.frame));
           c.resolve();
         }
         this._cancels.clear();

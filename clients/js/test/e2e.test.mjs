@@ -196,3 +196,56 @@ test('parallel calls of one tool are paired by tool_call_id', async () => {
   assert.equal(await card.locator('.tool[data-status="done"]').count(), 2);
   assert.match(await card.locator('.tool').nth(0).innerText(), /a done/);
 });
+
+test('a shared room: two people and the demo agent, presence, typing, a stopped run', async () => {
+  const open = async (name) => {
+    const p = await browser.newPage({ viewport: { width: 1100, height: 800 } });
+    p.on('pageerror', (e) => console.error(`page error (${name}):`, e));
+    await p.goto(`http://${h.addr}/?room=lobby`);
+    await p.fill('#name', name);
+    await p.press('#name', 'Enter');
+    await p.waitForSelector('#status[data-state="open"]');
+    return p;
+  };
+  const ana = await open('ana');
+  const bob = await open('bob');
+  try {
+    // Each sees both in the room (the answer to presence, then the join).
+    for (const p of [ana, bob]) {
+      await p.waitForFunction(() => document.querySelector('#room')?.dataset.members === 'ana,bob', null, { timeout: 10000 });
+    }
+    // Bob types: Ana sees it; Bob does not see himself typing.
+    await bob.type('#text', 'hel');
+    await ana.waitForSelector('#typing:not([hidden])');
+    assert.equal(await ana.getAttribute('#typing', 'data-user'), 'bob');
+    assert.equal(await bob.isHidden('#typing'), true);
+    // Ana asks in the room: Bob sees her question, with her name, and the
+    // demo agent's run in the room; Ana sees her own bubble once.
+    await ana.fill('#text', 'what shall we build?');
+    await ana.press('#text', 'Enter');
+    const asked = bob.locator('.msg.other', { hasText: 'what shall we build?' });
+    await asked.waitFor();
+    assert.equal(await asked.getAttribute('data-from'), 'ana');
+    for (const p of [ana, bob]) {
+      await p.waitForSelector('.run[data-status="completed"]', { timeout: 15000 });
+      assert.equal(await p.locator('.run').count(), 1, 'one run, in the room');
+      assert.equal(await p.locator('.msg', { hasText: 'what shall we build?' }).count(), 1);
+    }
+    const seqs = await bob.evaluate(() => window.__herald.sub.position.seq);
+    assert.ok(seqs > 5, `room seq ${seqs}`);
+    mkdirSync(SHOTS, { recursive: true });
+    await bob.screenshot({ path: path.join(SHOTS, 'demo-room.png'), fullPage: true });
+    // Bob stops Ana's next run: a member with write may.
+    await ana.fill('#text', 'a long one to stop');
+    await ana.press('#text', 'Enter');
+    await bob.waitForSelector('.run[data-status="running"][data-started="true"]', { timeout: 10000 });
+    await bob.click('#stop');
+    for (const p of [ana, bob]) await p.waitForSelector('.run[data-status="cancelled"]', { timeout: 10000 });
+    // Bob leaves: Ana sees only herself.
+    await bob.close();
+    await ana.waitForFunction(() => document.querySelector('#room')?.dataset.members === 'ana', null, { timeout: 10000 });
+  } finally {
+    await ana.close();
+    if (!bob.isClosed()) await bob.close();
+  }
+});
