@@ -258,28 +258,8 @@ impl ConnShared {
             ));
             return (Delivery::default(), false);
         }
-        let mut locked = self.core.lock();
-        let mut delivery = Delivery::default();
-        let mut full = false;
-        for (seq, frame) in events {
-            let outcome = locked.core.send_sub_event(now, id, seq, frame);
-            match outcome {
-                Ok(LiveOutcome::Delivered | LiveOutcome::Held) => delivery.accepted += 1,
-                Ok(LiveOutcome::Duplicate) => {}
-                Err(r) => {
-                    self.refused(r);
-                    full |= r == SendRefused::QueueFull;
-                }
-            }
-            delivery.last = Some(outcome);
-        }
-        if full {
-            drop(locked);
-            self.wake.notify_one();
-            return (delivery, false);
-        }
-        let listed = delivery.accepted > 0 && !std::mem::replace(&mut locked.dirty, true);
-        (delivery, listed)
+        let (delivery, full, locked) = self.enqueue(now, Some(id), events);
+        self.after_queue(delivery, full, locked)
     }
 
     /// Deliveries of subscription `id` may have been missed up to `last_seq`.
@@ -351,7 +331,7 @@ impl ConnShared {
     #[cfg(all(test, herald_loom))]
     pub fn send_event(&self, seq: u64, frame: OutFrame) -> Result<LiveOutcome, SendRefused> {
         let now = crate::clock::now();
-        let (delivery, full, locked) = self.enqueue(now, std::iter::once((seq, frame)));
+        let (delivery, full, locked) = self.enqueue(now, None, std::iter::once((seq, frame)));
         self.after_send(locked, full);
         delivery.last.unwrap_or(Err(SendRefused::Closed))
     }
@@ -367,7 +347,19 @@ impl ConnShared {
         now: Instant,
         events: impl IntoIterator<Item = (u64, OutFrame)>,
     ) -> (Delivery, bool) {
-        let (delivery, full, mut locked) = self.enqueue(now, events);
+        let (delivery, full, locked) = self.enqueue(now, None, events);
+        self.after_queue(delivery, full, locked)
+    }
+
+    /// After queueing a delivery: a full queue wakes the actor (it closes
+    /// the connection); otherwise whether the connection must now be put on
+    /// a flush list.
+    fn after_queue(
+        &self,
+        delivery: Delivery,
+        full: bool,
+        mut locked: MutexGuard<'_, Locked>,
+    ) -> (Delivery, bool) {
         if full {
             drop(locked);
             self.wake.notify_one();
@@ -391,16 +383,22 @@ impl ConnShared {
         self.after_send_counted(locked, false, tally);
     }
 
+    /// Hand `events` to the own stream's merge (`sub` `None`) or to
+    /// subscription `sub`'s, under the connection's lock.
     fn enqueue(
         &self,
         now: Instant,
+        sub: Option<u32>,
         events: impl IntoIterator<Item = (u64, OutFrame)>,
     ) -> (Delivery, bool, MutexGuard<'_, Locked>) {
         let mut locked = self.core.lock();
         let mut delivery = Delivery::default();
         let mut full = false;
         for (seq, frame) in events {
-            let outcome = locked.core.send_event(now, seq, frame);
+            let outcome = match sub {
+                None => locked.core.send_event(now, seq, frame),
+                Some(id) => locked.core.send_sub_event(now, id, seq, frame),
+            };
             match outcome {
                 Ok(LiveOutcome::Delivered | LiveOutcome::Held) => delivery.accepted += 1,
                 Ok(LiveOutcome::Duplicate) => {}
