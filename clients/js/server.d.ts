@@ -140,7 +140,29 @@ export interface Cancel {
   deliveryId: string;
 }
 
-export type WebhookEvent = UserMessage | ChatRequest | Cancel;
+/**
+ * A `subscribe_request` webhook (Herald's `subscribe_proxy`): a socket asked
+ * for a shared stream its token does not grant. Answer it in the response
+ * body with `allowSubscribe()` or `denySubscribe()` — every time, retries
+ * included.
+ */
+export interface SubscribeRequest {
+  type: 'subscribe_request';
+  userId: string;
+  /** The shared stream asked for, e.g. `thread:t1`. */
+  stream: string;
+  connId: string;
+  receivedAt: string;
+  deliveryId: string;
+}
+
+/** The answer to a `subscribe_request`. */
+export interface SubscribeAnswer {
+  allow: boolean;
+  write?: true;
+}
+
+export type WebhookEvent = UserMessage | ChatRequest | Cancel | SubscribeRequest;
 
 /** A run in a shared stream that answers no message: `herald.run({ stream: 'thread:t1' })`. */
 export interface StreamTarget {
@@ -254,6 +276,12 @@ export declare function verifyWebhook(
   rawBody: string | Uint8Array | ArrayBuffer,
   options?: { tolerance?: number; now?: number },
 ): Promise<WebhookEvent>;
+
+/** Grant a `subscribe_request`'s stream: read (`{ allow: true }`), or with `write` read and write. */
+export declare function allowSubscribe(options?: { write?: boolean }): SubscribeAnswer;
+
+/** Refuse a `subscribe_request`'s stream (`{ allow: false }`): the socket gets `forbidden`. */
+export declare function denySubscribe(): SubscribeAnswer;
 
 /** A `streams` claim: a stream's name, or a prefix ending in `*`, to read (`r`) or read and write (`rw`). */
 export type StreamGrants = Record<string, 'r' | 'rw'>;

@@ -642,6 +642,16 @@ function sameBytes(a, b) {
   return diff === 0;
 }
 
+/**
+ * The answer to a `subscribe_request` webhook (Herald's `subscribe_proxy`)
+ * that grants the stream: read, or with `{ write: true }` read and write.
+ * Send it as the response's JSON body.
+ */
+export const allowSubscribe = ({ write = false } = {}) => (write ? { allow: true, write: true } : { allow: true });
+
+/** The answer to a `subscribe_request` that refuses the stream (the socket gets `forbidden`). */
+export const denySubscribe = () => ({ allow: false });
+
 const str = (payload, name, fallback) => {
   const v = payload[name] ?? fallback;
   if (typeof v !== 'string') throw new InvalidSignature(`signed body: \`${name}\` is missing or not a string`);
@@ -651,8 +661,10 @@ const str = (payload, name, fallback) => {
 /**
  * Check a webhook request (`X-Herald-Signature: v2=…` over
  * `<timestamp>.<delivery id>.<raw body>`, the timestamp within `tolerance`
- * seconds) and parse it: a `user_message`, `chat_request` or `cancel`
- * event (camelCase fields, `deliveryId` to deduplicate on). Rejects with
+ * seconds) and parse it: a `user_message`, `chat_request`, `cancel` or
+ * `subscribe_request` event (camelCase fields, `deliveryId` to deduplicate
+ * on; a `subscribe_request` is answered with `allowSubscribe()` or
+ * `denySubscribe()` every time, retries included). Rejects with
  * InvalidSignature on any input that does not verify, malformed ones
  * included; a verified body of an unknown type rejects with TypeError.
  */
@@ -715,6 +727,8 @@ export async function verifyWebhook(secret, headers, rawBody, { tolerance = 300,
     }
     case 'cancel':
       return { type: 'cancel', ...common, ...inStream, runId: str(payload, 'run_id') };
+    case 'subscribe_request':
+      return { type: 'subscribe_request', ...common, stream: str(payload, 'stream') };
     default:
       throw new TypeError(`unknown webhook type ${JSON.stringify(payload.type)}`);
   }

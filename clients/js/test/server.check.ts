@@ -1,7 +1,7 @@
 // Compiled by `tsc --strict --noEmit` in `npm test`: herald-gateway/server's
 // types must type real use (a webhook handler answering with runs, `await
 // using`, the AI SDK bridge) and refuse wrong use.
-import { Herald, HeraldError, InvalidSignature, mintToken, verifyWebhook, type Published, type Run, type StreamGrants, type StreamPresence, type PresenceUser, type WebhookEvent } from '../server.js';
+import { Herald, HeraldError, InvalidSignature, allowSubscribe, denySubscribe, mintToken, verifyWebhook, type Published, type SubscribeAnswer, type Run, type StreamGrants, type StreamPresence, type PresenceUser, type WebhookEvent } from '../server.js';
 
 const herald = new Herald({ url: 'http://127.0.0.1:8080', apiKey: 'k' });
 
@@ -14,6 +14,13 @@ export async function handle(req: Request): Promise<Response> {
     throw e;
   }
   switch (event.type) {
+    case 'subscribe_request': {
+      // A stream the token does not grant: the answer is the response body.
+      const answer: SubscribeAnswer = event.stream.startsWith('room:') ? allowSubscribe({ write: true }) : denySubscribe();
+      // @ts-expect-error: a subscribe request names no run
+      void event.runId;
+      return Response.json(answer);
+    }
     case 'cancel':
       herald.cancelled(event);
       break;

@@ -7,7 +7,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import http from 'node:http';
 import net from 'node:net';
-import { Herald, HeraldError, InvalidSignature, TextStreamError, mintToken, verifyWebhook } from '../server.js';
+import { Herald, HeraldError, InvalidSignature, TextStreamError, allowSubscribe, denySubscribe, mintToken, verifyWebhook } from '../server.js';
 import { startHerald, until } from './helpers.mjs';
 
 const SECRET = 'srv-secret-0123456789-abcdefghijklmno';
@@ -602,5 +602,51 @@ test('verifyWebhook: the stream of a user_message or a cancel, absent for the ow
   assert.ok(!('stream' in await parse(msg)) && !('stream' in await parse(cancel)));
   for (const bad of [{ ...msg, stream: 5 }, { ...cancel, stream: ['thread:t1'] }]) {
     await assert.rejects(parse(bad), InvalidSignature);
+  }
+});
+
+test('a subscribe_request the backend answers with verifyWebhook and allowSubscribe/denySubscribe: write granted, the other forbidden', async () => {
+  const hookSecret = 'srv-subscribe-hook-0123456789';
+  const asked = [];
+  const hook = http.createServer((req, res) => {
+    const chunks = [];
+    req.on('data', (d) => chunks.push(d));
+    req.on('end', async () => {
+      let answer;
+      try {
+        const request = await verifyWebhook(hookSecret, req.headers, new Uint8Array(Buffer.concat(chunks)));
+        asked.push(request);
+        answer = request.type === 'subscribe_request' && request.stream.startsWith('room:') ? allowSubscribe({ write: true }) : denySubscribe();
+      } catch (e) {
+        asked.push(e);
+        res.writeHead(401);
+        return res.end();
+      }
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(answer));
+    });
+  });
+  await new Promise((r) => hook.listen(0, '127.0.0.1', r));
+  const hp = await startHerald({
+    HERALD_JWT_HS256_SECRET: SECRET, HERALD_API_KEY: API_KEY, HERALD_SUBSCRIBE_PROXY: 'true',
+    HERALD_WEBHOOK_URL: `http://127.0.0.1:${hook.address().port}/hook`, HERALD_WEBHOOK_SECRET: hookSecret,
+  });
+  try {
+    const cy = await member(hp, 'cy'); // a token without a `streams` claim
+    cy.ws.send(JSON.stringify({ type: 'subscribe', stream: 'room:ops' }));
+    await until(() => cy.frames.some((f) => f.type === 'subscribed' || f.type === 'error'), 5000, 'the answer for room:ops');
+    const subscribed = cy.frames.find((f) => f.type === 'subscribed' || f.type === 'error');
+    assert.deepEqual([subscribed.type, subscribed.stream, subscribed.write], ['subscribed', 'room:ops', true]);
+    cy.ws.send(JSON.stringify({ type: 'subscribe', stream: 'thread:secret' }));
+    await until(() => cy.frames.some((f) => f.type === 'error'), 5000, 'the answer for thread:secret');
+    const refused = cy.frames.find((f) => f.type === 'error');
+    assert.deepEqual([refused.code, refused.stream], ['forbidden', 'thread:secret']);
+    assert.deepEqual(asked.map((r) => [r.type, r.userId, r.stream]), [['subscribe_request', 'cy', 'room:ops'], ['subscribe_request', 'cy', 'thread:secret']]);
+    assert.ok(asked.every((r) => r.connId && r.receivedAt && r.deliveryId));
+    assert.deepEqual([allowSubscribe(), allowSubscribe({ write: true }), denySubscribe()], [{ allow: true }, { allow: true, write: true }, { allow: false }]);
+    cy.close();
+  } finally {
+    await hp.stop();
+    hook.close();
   }
 });

@@ -11,6 +11,9 @@ on once (deduplicated by its ``X-Herald-Delivery`` id); a user message is
 answered once per user and message id, a chat turn once per run id. A
 message written to a shared stream (``thread:t1``) is answered in that
 stream, and any member's ``cancel`` (one who may write to it) stops its run.
+With ``HERALD_SUBSCRIBE_PROXY=true``, a subscribe to a stream the token does
+not grant is asked here (``subscribe_request``): any ``room:*`` is open to
+read and write, every other stream is refused.
 
 Run it (Herald configured with ``HERALD_WEBHOOK_URL=http://127.0.0.1:9000/herald/webhook``
 and the same ``HERALD_WEBHOOK_SECRET``)::
@@ -36,6 +39,7 @@ from herald_gateway import (
     Cancel,
     ChatRequest,
     InvalidSignature,
+    SubscribeRequest,
     UserMessage,
     verify_webhook,
 )
@@ -141,12 +145,18 @@ def start(event: Union[UserMessage, ChatRequest]) -> None:
 
 @app.post("/herald/webhook")
 async def webhook(request: Request) -> Dict[str, bool]:
-    """Verify, then start or cancel a run (once per delivery), and answer at once."""
+    """Verify, then start or cancel a run (once per delivery), and answer at
+    once; a subscribe request is answered allow or deny (every time: a
+    retry must get the answer too)."""
     body = await request.body()
     try:
         event = verify_webhook(SECRET, request.headers, body, tolerance=TOLERANCE)
     except InvalidSignature as e:
         raise HTTPException(status_code=401, detail=str(e)) from e
+    if isinstance(event, SubscribeRequest):
+        if event.stream.startswith("room:"):
+            return event.allow(write=True)
+        return event.deny()
     if event.delivery_id is not None and not deliveries.first_time(event.delivery_id):
         return {"ok": True}  # acted on already: a retry or a replay
     if isinstance(event, (UserMessage, ChatRequest)):

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
@@ -139,9 +139,16 @@ def ai_response(ws: ClientConnection, request_id: str) -> tuple:
 
 class Hooked:
     """A `herald serve` whose webhook is a recorder in this process, signed
-    with `secret`: `received` gets each request's (headers, body)."""
+    with `secret`: `received` gets each request's (headers, body). With
+    `answer`, each request is answered `answer(headers, body)` as JSON (an
+    empty 200 otherwise); `env` adds to Herald's configuration."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(
+        self,
+        secret: str,
+        answer: Optional[Callable[[Dict[str, str], bytes], Any]] = None,
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
         self.secret = secret
         self.received: "queue.Queue[tuple]" = queue.Queue()
         received = self.received
@@ -149,9 +156,14 @@ class Hooked:
         class Hook(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.put((dict(self.headers.items()), body))
+                headers = dict(self.headers.items())
+                received.put((headers, body))
+                reply = b"" if answer is None else json.dumps(answer(headers, body)).encode()
                 self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -163,6 +175,7 @@ class Hooked:
             {
                 "HERALD_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
                 "HERALD_WEBHOOK_SECRET": secret,
+                **(env or {}),
             }
         )
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import API_KEY, HeraldProcess, ai_response, free_port, member
+from conftest import API_KEY, HeraldProcess, ai_response, frame, free_port, member
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HOOK_SECRET = "py-example-secret-0123456789"
@@ -53,6 +53,7 @@ def example() -> Iterator[tuple]:
             {
                 "HERALD_WEBHOOK_URL": f"http://127.0.0.1:{port}/herald/webhook",
                 "HERALD_WEBHOOK_SECRET": HOOK_SECRET,
+                "HERALD_SUBSCRIBE_PROXY": "true",
             }
         )
         env["HERALD_URL"] = server.url
@@ -119,6 +120,24 @@ def test_fastapi_example_answers_in_a_shared_stream_and_any_writer_may_stop_it(e
     assert all(f.get("stream") == "thread:ex" for f in rest if f["type"] == "event"), rest
     ana.close()
     bob.close()
+
+
+def test_fastapi_example_opens_rooms_to_a_token_without_streams_and_refuses_the_rest(example):
+    server, hook = example
+    ws = server.ws("dee")  # its token grants no shared stream
+    ws.send(json.dumps({"type": "subscribe", "stream": "room:lobby"}))
+    subscribed = frame(ws, "subscribed")
+    assert (subscribed["stream"], subscribed["write"]) == ("room:lobby", True)
+    ws.send(json.dumps({"type": "subscribe", "stream": "thread:private"}))
+    refused = frames_until(ws, lambda f: f["type"] == "error")[-1]
+    assert (refused["code"], refused["stream"]) == ("forbidden", "thread:private")
+    # A retried delivery is answered again, not taken as acted on.
+    payload = {"type": "subscribe_request", "user_id": "dee", "stream": "room:lobby",
+               "conn_id": "c1", "received_at": "2026-01-01T00:00:00Z"}
+    for _ in range(2):
+        headers, body = _signed(payload, "sub-delivery-1")
+        assert httpx.post(hook, content=body, headers=headers).json() == {"allow": True, "write": True}
+    ws.close()
 
 
 def _delivery(user: str, message_id: str, text: str, delivery_id: str) -> tuple:

@@ -24,6 +24,7 @@ from herald_gateway import (
     InvalidSignature,
     Presence,
     PresenceUser,
+    SubscribeRequest,
     UserMessage,
     mint_token,
     verify_webhook,
@@ -211,6 +212,34 @@ def test_a_members_cancel_of_a_stream_run_names_the_stream():
         assert (cancel.user_id, cancel.run_id, cancel.stream) == ("bob", run.run_id, "thread:t1")
         ana.close()
         bob.close()
+    finally:
+        hooked.stop()
+
+
+def test_a_subscribe_request_is_answered_by_the_backend_with_the_sdk():
+    asked: "List[SubscribeRequest]" = []
+
+    def answer(headers: Dict[str, str], body: bytes) -> Dict[str, bool]:
+        request = verify_webhook(HOOK_SECRET, headers, body)
+        assert isinstance(request, SubscribeRequest), request
+        asked.append(request)
+        return request.allow(write=True) if request.stream.startswith("room:") else request.deny()
+
+    hooked = Hooked(HOOK_SECRET, answer, {"HERALD_SUBSCRIBE_PROXY": "true"})
+    try:
+        ws = hooked.server.ws("cy")  # a token without a `streams` claim
+        ws.send(json.dumps({"type": "subscribe", "stream": "room:ops"}))
+        subscribed = frame(ws, "subscribed")
+        assert (subscribed["stream"], subscribed["write"]) == ("room:ops", True)
+        ws.send(json.dumps({"type": "subscribe", "stream": "thread:secret"}))
+        refused = json.loads(ws.recv(timeout=10))
+        while refused["type"] != "error":  # the first stream's frames
+            assert refused.get("stream") == "room:ops", refused
+            refused = json.loads(ws.recv(timeout=10))
+        assert (refused["type"], refused["code"], refused["stream"]) == ("error", "forbidden", "thread:secret")
+        assert [(r.user_id, r.stream) for r in asked] == [("cy", "room:ops"), ("cy", "thread:secret")]
+        assert all(r.conn_id and r.received_at and r.delivery_id for r in asked)
+        ws.close()
     finally:
         hooked.stop()
 

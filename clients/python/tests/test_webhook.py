@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from herald_gateway import ChatRequest, InvalidSignature, UserMessage, mint_token, verify_webhook
+from herald_gateway import (
+    ChatRequest,
+    InvalidSignature,
+    SubscribeRequest,
+    UserMessage,
+    mint_token,
+    verify_webhook,
+)
 
 from conftest import Hooked
 
@@ -323,6 +330,21 @@ def test_a_chat_requests_text_is_its_last_user_messages_text():
     assert odd.text == "ok"
     assert _chat({"id": "1", "role": "user"}).text == ""
     assert _chat({"id": "1", "role": "user", "parts": "hi"}).text == ""
+
+
+def test_a_subscribe_request_parses_and_its_answers():
+    payload = {"type": "subscribe_request", "user_id": "ana", "stream": "thread:t1",
+               "conn_id": "c1", "received_at": "2026-12-06T16:00:00.000Z"}
+    assert verify_webhook(HOOK_SECRET, *_signed(payload), now=NOW) == SubscribeRequest(
+        "ana", "thread:t1", "c1", "2026-12-06T16:00:00.000Z", "d2"
+    )
+    for missing in ("user_id", "stream"):
+        headers, body = _signed({k: v for k, v in payload.items() if k != missing})
+        with pytest.raises(InvalidSignature):
+            verify_webhook(HOOK_SECRET, headers, body, now=NOW)
+    assert SubscribeRequest.allow() == {"allow": True}
+    assert SubscribeRequest.allow(write=True) == {"allow": True, "write": True}
+    assert SubscribeRequest.deny() == {"allow": False}
 
 
 def test_an_unknown_verified_type_is_still_a_value_error():

@@ -7,7 +7,9 @@
   left open.
 - :func:`verify_webhook`: check and parse Herald's signed webhook requests
   (:class:`UserMessage`, :class:`ChatRequest` — an AI SDK chat turn, answered
-  with ``herald.run(request)`` in the run Herald opened — :class:`Cancel`).
+  with ``herald.run(request)`` in the run Herald opened — :class:`Cancel`,
+  :class:`SubscribeRequest` — answered with ``SubscribeRequest.allow()`` or
+  ``.deny()``).
 - :class:`HeraldError` (a refused or failed request), :class:`TextStreamError`
   (a run's text was not delivered), :class:`InvalidSignature` (a webhook
   request that does not verify).
@@ -19,7 +21,7 @@ from ._client import AsyncHerald, Herald, Presence, PresenceUser, Published
 from ._errors import HeraldError, InvalidSignature, TextStreamError
 from ._runs import AsyncRun, AsyncToolCall, Run, ToolCall
 from ._tokens import mint_token
-from ._webhook import Cancel, ChatRequest, UserMessage, WebhookEvent, verify_webhook
+from ._webhook import Cancel, ChatRequest, SubscribeRequest, UserMessage, WebhookEvent, verify_webhook
 
 __all__ = [
     "AsyncHerald",
@@ -34,6 +36,7 @@ __all__ = [
     "PresenceUser",
     "Published",
     "Run",
+    "SubscribeRequest",
     "TextStreamError",
     "ToolCall",
     "UserMessage",

@@ -1,5 +1,5 @@
-"""Verifying Herald's webhook requests (user messages, AI SDK chat turns and
-cancels)."""
+"""Verifying Herald's webhook requests (user messages, AI SDK chat turns,
+cancels and subscribe requests)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,36 @@ class Cancel:
     stream: Optional[str] = None
 
 
-WebhookEvent = Union[UserMessage, ChatRequest, Cancel]
+@dataclass(frozen=True)
+class SubscribeRequest:
+    """A socket asked to subscribe to a shared stream its token does not
+    grant (Herald's ``subscribe_proxy``): the webhook's answer decides.
+
+    Answer the request itself (not in the background) with
+    :meth:`allow` or :meth:`deny` as the JSON body — e.g.
+    ``return SubscribeRequest.allow(write=True)`` from a FastAPI handler.
+    Herald keeps the answer for ``subscribe_cache_ttl`` per user and stream.
+    """
+
+    user_id: str
+    #: The shared stream asked for (``"thread:t1"``).
+    stream: str
+    conn_id: str = ""
+    received_at: str = ""
+    delivery_id: Optional[str] = None
+
+    @staticmethod
+    def allow(write: bool = False) -> Dict[str, bool]:
+        """The answer that grants the stream: read, or read and write."""
+        return {"allow": True, "write": True} if write else {"allow": True}
+
+    @staticmethod
+    def deny() -> Dict[str, bool]:
+        """The answer that refuses the stream (the socket gets ``forbidden``)."""
+        return {"allow": False}
+
+
+WebhookEvent = Union[UserMessage, ChatRequest, Cancel, SubscribeRequest]
 
 
 #: Longest timestamp accepted: unix seconds have 10 digits for centuries.
@@ -215,7 +244,8 @@ def verify_webhook(
     now: Optional[float] = None,
 ) -> WebhookEvent:
     """Check a webhook request's signature and parse it: a
-    :class:`UserMessage`, a :class:`ChatRequest` or a :class:`Cancel`.
+    :class:`UserMessage`, a :class:`ChatRequest`, a :class:`Cancel` or a
+    :class:`SubscribeRequest`.
 
     ``headers`` is any mapping of the request's headers (looked up
     case-insensitively), or a sequence of ``(name, value)`` pairs; values may
@@ -286,5 +316,13 @@ def verify_webhook(
             received_at=_field(payload, "received_at", ""),
             delivery_id=delivery,
             stream=_optional_field(payload, "stream"),
+        )
+    if kind == "subscribe_request":
+        return SubscribeRequest(
+            user_id=_field(payload, "user_id"),
+            stream=_field(payload, "stream"),
+            conn_id=_field(payload, "conn_id", ""),
+            received_at=_field(payload, "received_at", ""),
+            delivery_id=delivery,
         )
     raise ValueError(f"unknown webhook type {kind!r}")
