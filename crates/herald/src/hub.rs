@@ -244,21 +244,7 @@ impl Hub {
         max_per_user: usize,
         kick_mark: u64,
     ) -> Result<(), JoinError> {
-        let confirmed = loop {
-            let entry = match self.streams.get(stream) {
-                Some(e) => e.clone(),
-                None => self.streams.entry(Arc::from(stream)).or_default().clone(),
-            };
-            let mut list = entry.lock();
-            // The last connection may have left (and removed the entry) while
-            // we waited for its lock: start again on the current entry.
-            if !self
-                .streams
-                .get(stream)
-                .is_some_and(|e| Arc::ptr_eq(&e, &entry))
-            {
-                continue;
-            }
+        let confirmed = with_entry(&self.streams, stream, |list| {
             if self
                 .kicks
                 .get(stream)
@@ -274,8 +260,8 @@ impl Hub {
             conn.set_stream(stream);
             list.push(conn.clone());
             // Registered under the lock, so subscribe/unsubscribe stay ordered.
-            break self.broker.subscribe(stream);
-        };
+            Ok(self.broker.subscribe(stream))
+        })?;
         confirmed.await?;
         Ok(())
     }
@@ -289,22 +275,10 @@ impl Hub {
         conn: &Arc<ConnShared>,
         id: u32,
     ) -> Result<(), BrokerError> {
-        let confirmed = loop {
-            let entry = match self.shared.get(stream) {
-                Some(e) => e.clone(),
-                None => self.shared.entry(Arc::from(stream)).or_default().clone(),
-            };
-            let mut list = entry.lock();
-            if !self
-                .shared
-                .get(stream)
-                .is_some_and(|e| Arc::ptr_eq(&e, &entry))
-            {
-                continue;
-            }
+        let confirmed = with_entry(&self.shared, stream, |list| {
             list.push((conn.clone(), id));
-            break self.broker.subscribe(stream);
-        };
+            self.broker.subscribe(stream)
+        });
         confirmed.await
     }
 
@@ -471,15 +445,9 @@ impl Hub {
     /// Take subscription `id` of connection `conn_id` out of shared stream
     /// `stream`; the last one out unsubscribes the node.
     pub(crate) fn unsubscribe_shared(&self, stream: &str, conn_id: u64, id: u32) {
-        let Some(entry) = self.shared.get(stream).map(|e| e.clone()) else {
-            return;
-        };
-        let mut list = entry.lock();
-        list.retain(|(c, i)| !(c.id == conn_id && *i == id));
-        if list.is_empty() {
-            self.broker.unsubscribe(stream);
-            self.shared.remove_if(stream, |_, e| Arc::ptr_eq(e, &entry));
-        }
+        without(&self.shared, self.broker.as_ref(), stream, |(c, i)| {
+            c.id == conn_id && *i == id
+        });
     }
 
     /// Close every connection of `stream` with `reason`; returns how many
@@ -615,18 +583,49 @@ impl Hub {
 
     /// Take a connection out of its stream; the last one out unsubscribes.
     fn leave(&self, stream: &str, id: u64) {
-        let Some(entry) = self.streams.get(stream).map(|e| e.clone()) else {
-            return;
+        without(&self.streams, self.broker.as_ref(), stream, |c| c.id == id);
+    }
+}
+
+/// A stream's local list in `map` (a user's connections, or a shared
+/// stream's subscriptions): `add` runs on the stream's current entry, made
+/// if missing, under its lock. The last one out may have removed the entry
+/// while this waited for its lock: then it starts again on the current one.
+fn with_entry<T, R>(
+    map: &DashMap<Arc<str>, Arc<Mutex<Vec<T>>>>,
+    stream: &str,
+    mut add: impl FnMut(&mut Vec<T>) -> R,
+) -> R {
+    loop {
+        let entry = match map.get(stream) {
+            Some(e) => e.clone(),
+            None => map.entry(Arc::from(stream)).or_default().clone(),
         };
         let mut list = entry.lock();
-        list.retain(|c| c.id != id);
-        if list.is_empty() {
-            self.broker.unsubscribe(stream);
-            // Still holding the entry's lock: a joiner waiting for it will
-            // see the entry gone and start on a fresh one (subscribing again).
-            self.streams
-                .remove_if(stream, |_, e| Arc::ptr_eq(e, &entry));
+        if map.get(stream).is_some_and(|e| Arc::ptr_eq(&e, &entry)) {
+            return add(&mut list);
         }
+    }
+}
+
+/// Take what `gone` names out of `stream`'s local list in `map`; the last
+/// one out unsubscribes the node and removes the entry.
+fn without<T>(
+    map: &DashMap<Arc<str>, Arc<Mutex<Vec<T>>>>,
+    broker: &dyn Broker,
+    stream: &str,
+    mut gone: impl FnMut(&T) -> bool,
+) {
+    let Some(entry) = map.get(stream).map(|e| e.clone()) else {
+        return;
+    };
+    let mut list = entry.lock();
+    list.retain(|x| !gone(x));
+    if list.is_empty() {
+        broker.unsubscribe(stream);
+        // Still holding the entry's lock: a joiner waiting for it will see
+        // the entry gone and start on a fresh one (subscribing again).
+        map.remove_if(stream, |_, e| Arc::ptr_eq(e, &entry));
     }
 }
 

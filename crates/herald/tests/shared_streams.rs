@@ -37,19 +37,6 @@ async fn hello(server: &Server, token: &str, resume: Option<Value>) -> (Ws, Valu
     (ws, welcome)
 }
 
-/// Frames until one satisfies `pred` (returned last).
-async fn until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let mut seen = Vec::new();
-    loop {
-        let v = next_json(ws).await;
-        let done = pred(&v);
-        seen.push(v);
-        if done {
-            return seen;
-        }
-    }
-}
-
 /// Subscribe and return the answer (`subscribed` or an `error`), with any
 /// frames before it.
 async fn subscribe(ws: &mut Ws, stream: &str, resume: Option<Value>) -> Value {

@@ -15,19 +15,6 @@ use common::redis_server::{Redis, node_config};
 use common::*;
 use serde_json::{Value, json};
 
-/// Frames until `pred` holds for one (returned last).
-async fn until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let mut seen = Vec::new();
-    loop {
-        let v = next_json(ws).await;
-        let done = pred(&v);
-        seen.push(v);
-        if done {
-            return seen;
-        }
-    }
-}
-
 fn is_event(v: &Value, name: &str) -> bool {
     v["type"] == "event" && v["event"] == name
 }

@@ -138,6 +138,19 @@ pub async fn next_json(ws: &mut Ws) -> Value {
     }
 }
 
+/// Text frames until `pred` holds for one (returned last).
+pub async fn until(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let v = next_json(ws).await;
+        let done = pred(&v);
+        seen.push(v);
+        if done {
+            return seen;
+        }
+    }
+}
+
 /// The next `event` frame within `limit`, for waits longer than the 10 s
 /// [`next_json`] allows one frame; panics naming `what`.
 pub async fn event_within(ws: &mut Ws, limit: Duration, what: &str) -> Value {
