@@ -223,6 +223,7 @@ impl App {
     /// Start draining: `/readyz` turns 503 and upgrades are refused.
     pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.stats.draining.store(true, Ordering::Release);
         self.drain_signal.send_replace(true);
     }
 

@@ -110,6 +110,7 @@ declare_keys! {
     MAX_CONNECTION_AGE = "max_connection_age", Some("0s"), "A /ws connection older than this (plus up to a fifth of it more, at random, so a fleet does not reconnect in one wave) gets closing {reason: rotate} and close 1012, and its client resumes on whichever node it reaches: under a proxy or platform that cuts connections at a fixed age (Cloud Run's request timeout, a load balancer's), set it below that. 0s: never";
     DRAIN_WINDOW = "drain_window", Some("5s"), "On SIGTERM, connections are closed (1012) staggered over this window";
     METRICS_TOKEN = "metrics_token", None, "Bearer token GET /metrics requires (at least 16 bytes), so a scrape, which costs O(connections), is not open to anyone who reaches the port. Unset: /metrics answers anyone";
+    ADMIN_SECRET = "admin_secret", None, "Secret that signs in to the admin page (/admin), at least 16 bytes and distinct from api_key and the JWT secret. Unset: the page is off, except in development mode, where it signs in loopback visitors without a secret";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
     REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
     REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
@@ -229,6 +230,26 @@ fn at_least(min: usize) -> impl Fn(&str) -> Result<String, String> {
         } else {
             Ok(v.to_owned())
         }
+    }
+}
+
+/// How the admin page (`/admin`) is entered.
+#[derive(Clone)]
+pub struct AdminConfig {
+    /// Signs the page's session cookies; the sign-in secret when
+    /// `needs_secret` (generated otherwise).
+    pub secret: String,
+    /// False in development mode without `admin_secret`: loopback visitors
+    /// sign in without one, others are refused.
+    pub needs_secret: bool,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("secret", &"<redacted>")
+            .field("needs_secret", &self.needs_secret)
+            .finish()
     }
 }
 
@@ -556,6 +577,8 @@ pub struct Config {
     pub ingest: IngestLimits,
     /// Bearer token `/metrics` requires, if set.
     pub metrics_token: Option<String>,
+    /// The admin page, if it is on.
+    pub admin: Option<AdminConfig>,
     /// Deadline for a whole non-streaming request body.
     pub http_body_timeout: Duration,
     /// HTTP connections (not yet upgraded) served at once.
@@ -658,6 +681,22 @@ impl Config {
                 message: "needs webhook_url (the backend it asks)".to_owned(),
             });
         }
+        let admin_secret = raw.parse(key::ADMIN_SECRET, at_least(MIN_KEY_BYTES))?;
+        if let Some(admin) = &admin_secret {
+            let jwt_secret = match &jwt_key {
+                JwtKey::Hs256(s) => Some(s.as_str()),
+                JwtKey::PublicKeyPem(_) => None,
+            };
+            if api_key.as_deref() == Some(admin.as_str()) || jwt_secret == Some(admin.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: key::ADMIN_SECRET,
+                    layer: Layer::Default,
+                    message: "must differ from api_key and jwt_hs256_secret (each secret grants \
+                              different powers)"
+                        .to_owned(),
+                });
+            }
+        }
         Ok(Config {
             addr,
             jwt_key,
@@ -715,6 +754,17 @@ impl Config {
             http_header_timeout: raw.required(key::HTTP_HEADER_TIMEOUT, duration)?,
             http_body_timeout: raw.required(key::HTTP_BODY_TIMEOUT, duration)?,
             metrics_token: raw.parse(key::METRICS_TOKEN, at_least(MIN_KEY_BYTES))?,
+            admin: match admin_secret {
+                Some(secret) => Some(AdminConfig {
+                    secret,
+                    needs_secret: true,
+                }),
+                None if dev_mode => Some(AdminConfig {
+                    secret: random_secret(),
+                    needs_secret: false,
+                }),
+                None => None,
+            },
             ingest: IngestLimits {
                 per_second: raw.required(key::INGEST_RATE, positive)? as u64,
                 burst: raw.required(key::INGEST_BURST, positive)? as u64,

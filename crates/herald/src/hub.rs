@@ -15,6 +15,7 @@ use crate::broker::{
     Broker, BrokerError, ConnInfo, EventSink, FleetReply, FleetRequest, StoredEvent,
 };
 use crate::connection::ConnShared;
+use crate::telemetry::vitals::Live;
 use crate::telemetry::{self, Stats};
 use crate::wire::OutFrame;
 use dashmap::DashMap;
@@ -673,6 +674,9 @@ impl Hub {
         drop(subs);
         self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
+        self.stats
+            .deliveries
+            .fetch_add(queued as u64, Ordering::Relaxed);
         delivered
     }
 }
@@ -724,6 +728,9 @@ impl EventSink for Hub {
         drop(conns);
         self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
+        self.stats
+            .deliveries
+            .fetch_add(queued as u64, Ordering::Relaxed);
         delivered
     }
 
@@ -793,16 +800,39 @@ impl EventSink for Hub {
                 closed: self.remove_from_shared(stream, user),
                 ..FleetReply::default()
             },
-            FleetRequest::List { stream, limit } => {
+            FleetRequest::List {
+                stream,
+                limit,
+                state,
+            } => {
                 let mut rows = self.list(stream.as_deref());
+                if let Some(state) = state {
+                    rows.retain(|r| &r.state == state);
+                }
                 let total = rows.len();
                 rows.truncate(*limit);
                 FleetReply {
-                    closed: 0,
                     rows,
                     total,
+                    ..FleetReply::default()
                 }
             }
+            FleetRequest::Status => FleetReply {
+                status: Some(self.stats.vitals.status(
+                    &self.node,
+                    crate::clock::now(),
+                    Live {
+                        connections: self.len(),
+                        redis: match (self.broker.remote(), self.broker.is_ready()) {
+                            (false, _) => "none",
+                            (true, true) => "ok",
+                            (true, false) => "unavailable",
+                        },
+                        draining: self.stats.draining.load(Ordering::Acquire),
+                    },
+                )),
+                ..FleetReply::default()
+            },
         }
     }
 }

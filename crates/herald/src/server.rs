@@ -249,8 +249,21 @@ async fn sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             .metrics()
             .num_alive_tasks();
         metrics::gauge!(telemetry::TASKS_ALIVE).set(tasks as f64);
+        observe_vitals(&app);
         app.swept();
     }
+}
+
+/// Give the admin page's samples this moment (taken every 2 s).
+fn observe_vitals(app: &App) {
+    let stats = app.stats();
+    stats.vitals.observe(crate::telemetry::vitals::Observation {
+        at: crate::clock::now(),
+        unix_ms: crate::clock::unix_now_ms(),
+        connections: app.hub().len(),
+        deliveries: stats.deliveries.load(std::sync::atomic::Ordering::Relaxed),
+        latency: crate::telemetry::latency::snapshot(),
+    });
 }
 
 /// Listen with a large backlog (tokio's `TcpListener::bind` uses 128).

@@ -9,6 +9,7 @@ use herald_core::{CloseInfo, SendRefused};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub(crate) mod latency;
+pub mod vitals;
 
 /// Gauge: live WebSocket connections (any state but closed).
 pub const CONNECTIONS_LIVE: &str = "herald_connections_live";
@@ -178,7 +179,7 @@ pub fn connection_closed(info: &CloseInfo) {
 /// Per-server counters that back the invariant checks (I1, I2, I4). Unlike the
 /// process-wide Prometheus registry, one instance belongs to one server, so
 /// tests that run several servers in one process read exact figures.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Connections upgraded.
     pub opened: std::sync::atomic::AtomicU64,
@@ -191,6 +192,12 @@ pub struct Stats {
     pub frames_after_close: std::sync::atomic::AtomicU64,
     /// Frames written to sockets.
     pub frames_out: std::sync::atomic::AtomicU64,
+    /// Events queued to connections (each connection's copy counts).
+    pub deliveries: std::sync::atomic::AtomicU64,
+    /// The admin page's samples of this server.
+    pub vitals: vitals::Vitals,
+    /// Set when the server starts draining.
+    pub draining: std::sync::atomic::AtomicBool,
     /// The writers' Prometheus handles, resolved once per server (after the
     /// recorder is installed), so a connection holds none of its own.
     pub(crate) wire: std::sync::OnceLock<WireMetrics>,
@@ -203,6 +210,22 @@ pub(crate) struct WireMetrics {
     pub(crate) frames: metrics::Counter,
     /// `herald_bytes_out_total`.
     pub(crate) bytes: metrics::Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            opened: Default::default(),
+            cleanups: Default::default(),
+            duplicate_cleanups: Default::default(),
+            frames_after_close: Default::default(),
+            frames_out: Default::default(),
+            deliveries: Default::default(),
+            vitals: vitals::Vitals::new(std::time::Instant::now()),
+            draining: Default::default(),
+            wire: Default::default(),
+        }
+    }
 }
 
 impl Stats {

@@ -384,11 +384,17 @@ pub enum FleetRequest {
         stream: Option<String>,
         /// Most rows per node.
         limit: usize,
+        /// Only connections in this lifecycle state (`open`, …), if given
+        /// (absent from nodes of an earlier version: all states).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
     },
+    /// Describe the node (the admin page's node table and charts).
+    Status,
 }
 
 /// One node's answer to a [`FleetRequest`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetReply {
     /// Connections this node closed (`Kick`), runs it stopped
     /// (`CancelRun`), or subscriptions it ended (`Unsubscribe`).
@@ -397,6 +403,9 @@ pub struct FleetReply {
     pub rows: Vec<ConnInfo>,
     /// Connections this node has that match (`List`), before the limit.
     pub total: usize,
+    /// The node itself (`Status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<crate::telemetry::vitals::NodeStatus>,
 }
 
 /// How a user's presence in a shared stream changed, fleet-wide.
@@ -620,6 +629,11 @@ pub trait Broker: Send + Sync + Debug {
     /// Whether the broker can serve requests now (`/readyz`).
     fn is_ready(&self) -> bool {
         true
+    }
+
+    /// Whether the streams live outside this process (Redis).
+    fn remote(&self) -> bool {
+        false
     }
 
     /// Current size.

@@ -442,7 +442,14 @@ pub(super) async fn publish(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&app, &headers)?;
-    let (batch, events) = events_in(&read_body(&app, &headers, body).await?)?;
+    let body = read_body(&app, &headers, body).await?;
+    publish_body(&app, &body).await.map(Json)
+}
+
+/// Validate and publish a publish request's body (the API's and the admin
+/// page's): `{"results": [...]}`, or the error of the first bad event.
+pub(super) async fn publish_body(app: &Arc<App>, body: &[u8]) -> Result<Value, ApiError> {
+    let (batch, events) = events_in(body)?;
     let ts = crate::clock::now_rfc3339();
     // One broker call per user (one atomic append each, in the batch's order
     // for that user); the users' calls run concurrently, and the results go
@@ -471,14 +478,14 @@ pub(super) async fn publish(
         );
     }
     let mut results: Vec<Option<Published>> = vec![None; count];
-    for (positions, published) in publish_groups(&app, groups).await {
+    for (positions, published) in publish_groups(app, groups).await {
         let published = published.map_err(|e| refused(e, &positions, batch))?;
         for (i, p) in positions.into_iter().zip(published) {
             results[i] = Some(p);
         }
     }
     let results: Vec<Published> = results.into_iter().flatten().collect();
-    Ok(Json(json!({ "results": results })))
+    Ok(json!({ "results": results }))
 }
 
 /// One stream's events of a batch: the stream, their places in the request, and the events.
@@ -663,7 +670,11 @@ pub(super) async fn connections(
     let stream = q.user_id.as_deref().map(user_stream);
     let replies = app
         .broker()
-        .ask_fleet(FleetRequest::List { stream, limit })
+        .ask_fleet(FleetRequest::List {
+            stream,
+            limit,
+            state: None,
+        })
         .await
         .map_err(broker_failed)?;
     let total: usize = replies.iter().map(|r| r.total).sum();

@@ -1,7 +1,7 @@
 //! HTTP: the router and everything it serves — the publish/kick/inspect API
 //! ([`api`]), the streaming text ingest ([`ingest`]), health and metrics, the
 //! WebSocket upgrade ([`ws`]) and the
-//! embedded demo page ([`web`]). Every error is JSON
+//! embedded demo page ([`web`]) and admin page ([`admin`]). Every error is JSON
 //! `{"error": "<code>", "message": "...", "field": "..."}` with a fitting status.
 
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::broker::BrokerError;
 
+mod admin;
 pub(crate) mod api;
 mod ingest;
 mod web;
@@ -82,6 +83,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         router = router
             .route("/", get(web::index))
             .route("/dev/token", post(web::dev_token));
+    }
+    if app.config().admin.is_some() {
+        router = router.merge(admin::routes());
     }
     if app.config().echo_endpoint {
         router = router.route("/echo", get(ws::echo));

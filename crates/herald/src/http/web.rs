@@ -103,7 +103,7 @@ pub(super) async fn dev_token(
 const DEMO_ROOMS: &str = "room:*";
 
 /// 127.0.0.0/8, ::1, and IPv4-mapped loopback (`::ffff:127.0.0.1`).
-fn is_loopback(ip: IpAddr) -> bool {
+pub(super) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 

@@ -31,7 +31,7 @@ const BOUNDS_NS: [u64; 14] = [
 ];
 
 /// Buckets: one per bound, and one above the last.
-const BUCKETS: usize = BOUNDS_NS.len() + 1;
+pub(crate) const BUCKETS: usize = BOUNDS_NS.len() + 1;
 
 /// The process-wide counts (as the recorder's were).
 static COUNTS: Counts = Counts::new();
@@ -96,6 +96,34 @@ impl Round {
     }
 }
 
+/// The process-wide counts per bucket now.
+pub(crate) fn snapshot() -> [u64; BUCKETS] {
+    let mut out = [0; BUCKETS];
+    for (o, c) in out.iter_mut().zip(&COUNTS.buckets) {
+        *o = c.load(Ordering::Relaxed);
+    }
+    out
+}
+
+/// The upper bound of the bucket holding quantile `q` of `counts` (the
+/// last finite bound for the overflow bucket); `None` without samples.
+pub(crate) fn quantile(counts: &[u64; BUCKETS], q: f64) -> Option<Duration> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (total as f64 * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            let bound = BOUNDS_NS.get(i).or(BOUNDS_NS.last()).copied().unwrap_or(0);
+            return Some(Duration::from_nanos(bound));
+        }
+    }
+    None
+}
+
 /// Append the histogram to a Prometheus text exposition.
 pub(crate) fn render(name: &str, out: &mut String) {
     render_counts(name, &COUNTS, out);
@@ -140,6 +168,18 @@ mod tests {
         assert_eq!(bucket(10_000_000_000), 13);
         assert_eq!(bucket(10_000_000_001), 14);
         assert_eq!(bucket(u64::MAX), 14);
+    }
+
+    #[test]
+    fn a_quantile_is_its_buckets_bound() {
+        let mut c = [0u64; BUCKETS];
+        assert_eq!(quantile(&c, 0.99), None);
+        c[0] = 98;
+        c[3] = 1;
+        c[14] = 1;
+        assert_eq!(quantile(&c, 0.5), Some(Duration::from_micros(100)));
+        assert_eq!(quantile(&c, 0.99), Some(Duration::from_millis(1)));
+        assert_eq!(quantile(&c, 1.0), Some(Duration::from_secs(10)));
     }
 
     /// A round's samples reach the rendered histogram only when committed,

@@ -1311,6 +1311,10 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn is_ready(&self) -> bool {
         self.shared.commands_ok.load(Ordering::Acquire)
             && self.shared.pubsub_up.load(Ordering::Acquire)

@@ -397,8 +397,7 @@ mod tests {
             self.asked.lock().unwrap().push(format!("{request:?}"));
             FleetReply {
                 closed: 3,
-                rows: Vec::new(),
-                total: 0,
+                ..FleetReply::default()
             }
         }
     }
@@ -479,8 +478,7 @@ mod tests {
                 id,
                 reply: FleetReply {
                     closed: id as usize,
-                    rows: Vec::new(),
-                    total: 0,
+                    ..FleetReply::default()
                 },
             })
             .unwrap()
