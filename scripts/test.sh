@@ -33,6 +33,7 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
   exit 1
 fi
 apt_install redis-server /usr/bin/redis-server
+apt_install redis-sentinel /usr/bin/redis-sentinel   # the Sentinel failover drill
 apt_install openssl /usr/bin/openssl
 apt_install curl /usr/bin/curl   # the README tour test runs its curl commands
 if [ -z "${CHROMIUM:-}" ]; then

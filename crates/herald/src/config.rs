@@ -112,7 +112,7 @@ declare_keys! {
     METRICS_TOKEN = "metrics_token", None, "Bearer token GET /metrics requires (at least 16 bytes), so a scrape, which costs O(connections), is not open to anyone who reaches the port. Unset: /metrics answers anyone";
     ADMIN_SECRET = "admin_secret", None, "Secret that signs in to the admin page (/admin), at least 16 bytes and distinct from api_key and the JWT secret. Unset: the page is off, except in development mode, where it signs in loopback visitors without a secret";
     LOG_FORMAT = "log_format", Some("text"), "`text` or `json`";
-    REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis: streams live there and every node shares them. Unset: the in-process memory broker";
+    REDIS_URL = "redis_url", None, "`redis://[user:password@]host:port[/db]` or `rediss://…` of a single Redis, or `redis+sentinel://[user:password@]host:port[,host:port…]/<master>[/db]` to follow the master Redis Sentinel names (the credentials and db are the master's): streams live there and every node shares them. Unset: the in-process memory broker";
     REDIS_CLUSTER_URLS = "redis_cluster_urls", None, "Comma-separated `redis://` URLs of Redis Cluster seed nodes (instead of `redis_url`): streams are spread over the cluster's masters";
     ECHO_ENDPOINT = "echo_endpoint", Some("false"), "Test only: mount GET /echo, a WebSocket echo (text and binary, 16 MiB messages, no hello or auth; at most 8 at once, each closed after 30 s without a message) through the same actor and writer as /ws, for the Autobahn conformance suite. Never in production";
     REDIS_PREFIX = "redis_prefix", Some("herald"), "Prefix of Herald's Redis keys and channels (no braces or spaces), so deployments can share a Redis";
@@ -487,6 +487,18 @@ fn redis_url(v: &str) -> Result<String, String> {
     }
 }
 
+/// `redis_url`: one Redis, or Sentinels and their master set.
+fn redis_or_sentinel_url(v: &str) -> Result<String, String> {
+    if v.starts_with(crate::broker::redis::SENTINEL_SCHEME) {
+        crate::broker::redis::check_sentinel_url(v)?;
+        Ok(v.to_owned())
+    } else {
+        redis_url(v).map_err(|_| {
+            "is not a redis://, rediss:// or redis+sentinel://host:port[,…]/<master> URL".to_owned()
+        })
+    }
+}
+
 fn redis_prefix(v: &str) -> Result<String, String> {
     if v.is_empty() || v.contains(['{', '}']) || v.chars().any(char::is_whitespace) {
         Err(format!("`{v}` must be non-empty, without braces or spaces"))
@@ -798,7 +810,7 @@ impl Config {
             log_format,
             redis: {
                 use crate::broker::redis::{RedisConfig, RedisNodes};
-                let single = raw.parse(key::REDIS_URL, redis_url)?;
+                let single = raw.parse(key::REDIS_URL, redis_or_sentinel_url)?;
                 let cluster = raw.parse(key::REDIS_CLUSTER_URLS, |v| {
                     v.split(',')
                         .map(|u| redis_url(u.trim()))
@@ -812,6 +824,9 @@ impl Config {
                             message: "set either redis_url or redis_cluster_urls, not both"
                                 .to_owned(),
                         });
+                    }
+                    (Some(url), None) if url.starts_with(crate::broker::redis::SENTINEL_SCHEME) => {
+                        Some(RedisNodes::Sentinel(url))
                     }
                     (Some(url), None) => Some(RedisNodes::Single(url)),
                     (None, Some(urls)) => Some(RedisNodes::Cluster(urls)),

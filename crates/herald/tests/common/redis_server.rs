@@ -32,10 +32,16 @@ impl Redis {
         } else {
             vec!["--port".to_owned(), port.to_string()]
         };
+        // Its own directory: a replica's full sync writes an RDB file there,
+        // which a later server started in the same directory would load.
+        let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
         let child = Command::new("redis-server")
             .args(&listen)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -69,6 +69,7 @@ mod cluster;
 mod keys;
 mod pubsub;
 mod scripts;
+mod sentinel;
 
 use cluster::cluster_pubsub_task;
 use pubsub::pubsub_task;
@@ -101,6 +102,9 @@ pub enum RedisNodes {
     Single(String),
     /// A Redis Cluster, by its seed nodes' URLs.
     Cluster(Vec<String>),
+    /// The master of a Sentinel-watched set:
+    /// `redis+sentinel://[user:password@]host:port[,…]/<master>[/<db>]`.
+    Sentinel(String),
 }
 
 /// Where the Redis broker connects and how it names its keys.
@@ -289,6 +293,23 @@ struct Shared {
     backoff_waits: Mutex<std::collections::VecDeque<Duration>>,
     /// Moved slots' streams followed to their new master (started).
     slot_follows: AtomicU64,
+    /// Asks the Sentinels where the master is (Sentinel only).
+    sentinel: Option<Sentinels>,
+}
+
+/// The Sentinel client, asked by one connection attempt at a time; and
+/// the master set's name, and a notice for the pub/sub task to redial
+/// when the Sentinels switch the master.
+struct Sentinels {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    master: String,
+    switched: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Sentinels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sentinels")
+    }
 }
 
 /// Reconnect waits [`Shared`] keeps for [`BrokerStats`].
@@ -316,12 +337,17 @@ pub struct RedisBroker {
     shared: Arc<Shared>,
     subs: mpsc::UnboundedSender<SubCmd>,
     task: tokio::task::JoinHandle<()>,
+    /// Follows the Sentinels' `+switch-master` notices (Sentinel only).
+    switches: Option<tokio::task::JoinHandle<()>>,
     published: metrics::Counter,
 }
 
 impl Drop for RedisBroker {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.switches {
+            t.abort();
+        }
     }
 }
 
@@ -346,6 +372,11 @@ fn is_stream_error(e: &redis::RedisError) -> bool {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         return false;
     }
+    // A replica refused a write (a failover is under way): Redis's fault,
+    // not the stream's, even when it surfaces from inside a script.
+    if e.to_string().contains("READONLY") {
+        return false;
+    }
     match e.code() {
         Some("WRONGTYPE") => true,
         // A Lua runtime error names the script; "max number of clients" and
@@ -353,6 +384,15 @@ fn is_stream_error(e: &redis::RedisError) -> bool {
         Some("ERR") => e.to_string().contains("script"),
         _ => false,
     }
+}
+
+pub use sentinel::SCHEME as SENTINEL_SCHEME;
+
+/// Check a `redis+sentinel://` URL (for the configuration).
+pub fn check_sentinel_url(url: &str) -> Result<(), String> {
+    sentinel::SentinelUrl::parse(url)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -370,15 +410,23 @@ impl RedisBroker {
         sink: Weak<dyn EventSink>,
     ) -> Result<Self, BrokerError> {
         // Parse the URLs now, so a bad one stops start-up.
-        let single = match &cfg.nodes {
+        let mut sentinel = None;
+        match &cfg.nodes {
             RedisNodes::Single(url) => {
-                Some(redis::Client::open(url.as_str()).map_err(unavailable)?)
+                redis::Client::open(url.as_str()).map_err(unavailable)?;
             }
             RedisNodes::Cluster(urls) => {
                 redis::cluster::ClusterClient::new(urls.clone()).map_err(unavailable)?;
-                None
             }
-        };
+            RedisNodes::Sentinel(url) => {
+                let url = sentinel::SentinelUrl::parse(url).map_err(unavailable)?;
+                sentinel = Some(Sentinels {
+                    client: tokio::sync::Mutex::new(url.client().map_err(unavailable)?),
+                    master: url.master.clone(),
+                    switched: tokio::sync::Notify::new(),
+                });
+            }
+        }
         let shared = Arc::new(Shared {
             prefix: cfg.prefix.clone(),
             node: node.to_owned(),
@@ -395,16 +443,23 @@ impl RedisBroker {
             timing: cfg.timing,
             backoff_waits: Mutex::default(),
             slot_follows: AtomicU64::new(0),
+            sentinel,
         });
         let (subs, rx) = mpsc::unbounded_channel();
-        let task = match single {
-            Some(client) => tokio::spawn(pubsub_task(shared.clone(), client, sink, rx)),
-            None => tokio::spawn(cluster_pubsub_task(shared.clone(), sink, rx)),
+        let task = if shared.is_cluster() {
+            tokio::spawn(cluster_pubsub_task(shared.clone(), sink, rx))
+        } else {
+            tokio::spawn(pubsub_task(shared.clone(), sink, rx))
         };
+        let switches = shared
+            .sentinel
+            .is_some()
+            .then(|| tokio::spawn(sentinel::follow_switches(shared.clone())));
         Ok(Self {
             shared,
             subs,
             task,
+            switches,
             published: metrics::counter!(crate::telemetry::EVENTS_PUBLISHED),
         })
     }
@@ -559,10 +614,57 @@ impl Shared {
         }
     }
 
+    /// A client for the one Redis to use now: the configured one, or the
+    /// master the Sentinels name (asked anew each time). Not for a Cluster.
+    async fn dial(&self) -> Result<redis::Client, redis::RedisError> {
+        match (&self.nodes, &self.sentinel) {
+            (RedisNodes::Sentinel(_), Some(sentinels)) => {
+                sentinels.client.lock().await.async_get_client().await
+            }
+            (RedisNodes::Single(url), _) => redis::Client::open(url.as_str()),
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no single Redis to dial",
+            ))),
+        }
+    }
+
+    /// After a failed command on `conn`: with Sentinel, a connection that
+    /// failed or reached a replica (`READONLY`, after a failover) is
+    /// replaced by the next command, which asks the Sentinels again.
+    fn after_error(&self, conn: &Conn, e: &redis::RedisError) {
+        let stale = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.to_string().contains("READONLY");
+        if self.sentinel.is_some() && stale {
+            conn.stalled.store(true, Ordering::Release);
+        }
+    }
+
+    /// The Sentinels switched the master: the command connection is
+    /// replaced by the next command and the pub/sub connection redials.
+    fn master_switched(&self) {
+        if let Some(c) = self.conn.lock().as_ref() {
+            c.stalled.store(true, Ordering::Release);
+        }
+        if let Some(s) = &self.sentinel {
+            s.switched.notify_one();
+        }
+    }
+
+    /// Resolves when the Sentinels switch the master (never without them).
+    async fn master_switch(&self) {
+        match &self.sentinel {
+            Some(s) => s.switched.notified().await,
+            None => std::future::pending().await,
+        }
+    }
+
     async fn connect(&self) -> Result<Conn, redis::RedisError> {
         let link = match &self.nodes {
-            RedisNodes::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+            RedisNodes::Single(_) | RedisNodes::Sentinel(_) => {
+                let client = self.dial().await?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timing.command_timeout))
                     .set_response_timeout(Some(self.timing.command_timeout))
@@ -618,7 +720,10 @@ impl Shared {
                 metrics::counter!(crate::telemetry::BROKER_STREAM_ERRORS).increment(1);
                 Err(BrokerError::Stream(e.to_string()))
             }
-            Ok(Err(e)) => Err(self.failed(e)),
+            Ok(Err(e)) => {
+                self.after_error(&conn, &e);
+                Err(self.failed(e))
+            }
             Err(_) => Err(self.failed("redis command timed out")),
         }
     }
@@ -634,7 +739,8 @@ impl Shared {
                     .arg(super::memory::new_epoch())
                     .arg(self.limits.max_age.as_millis() as u64)
                     .arg(self.ttl_ms())
-                    .arg(&base),
+                    .arg(&base)
+                    .arg(if self.is_cluster() { "1" } else { "0" }),
             )
             .await?;
         Ok(StreamPosition {
@@ -1351,6 +1457,7 @@ impl Shared {
             timing: RedisTiming::default(),
             backoff_waits: Mutex::default(),
             slot_follows: AtomicU64::new(0),
+            sentinel: None,
         })
     }
 }
@@ -1435,6 +1542,7 @@ mod tests {
             shared: shared.clone(),
             subs,
             task: tokio::spawn(async {}),
+            switches: None,
             published: metrics::counter!("test"),
         };
         for (commands, pubsub) in [(false, false), (true, false), (false, true), (true, true)] {

@@ -26,7 +26,6 @@ const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// hub, reconnect after a drop and resync every stream.
 pub(super) async fn pubsub_task(
     shared: Arc<Shared>,
-    client: redis::Client,
     sink: Weak<dyn EventSink>,
     mut cmds: mpsc::UnboundedReceiver<SubCmd>,
 ) {
@@ -41,9 +40,12 @@ pub(super) async fn pubsub_task(
         // SUBSCRIBE (an ACL without channel rights) backs off like a
         // refused connection.
         let connected = async {
-            let pubsub = tokio::time::timeout(timing.command_timeout, client.get_async_pubsub())
-                .await
-                .unwrap_or_else(|_| Err(timed_out()))?;
+            // Dialled anew each time: with Sentinel, the master may have moved.
+            let pubsub = tokio::time::timeout(timing.command_timeout, async {
+                shared.dial().await?.get_async_pubsub().await
+            })
+            .await
+            .unwrap_or_else(|_| Err(timed_out()))?;
             let (mut subscriber, messages) = pubsub.split();
             let mut channels: Vec<String> = wanted.iter().map(|s| shared.channel(s)).collect();
             channels.push(shared.control_channel());
@@ -83,6 +85,10 @@ pub(super) async fn pubsub_task(
                 _ = retry.tick(), if !unsynced.is_empty() => {
                     unsynced.retain(|s| wanted.contains(s));
                     unsynced = resync_all(&shared, &sink, &unsynced).await;
+                }
+                _ = shared.master_switch() => {
+                    tracing::warn!("redis sentinel switched the master; redialling pub/sub");
+                    break;
                 }
                 _ = liveness.tick() => {
                     // A half-open connection delivers nothing and reports

@@ -49,6 +49,14 @@ local function trim_age(base, max_age, now)
   -- The newest entry went too: no text entry is the tail any more.
   if redis.call('XLEN', log) == 0 then redis.call('HSET', base .. ':meta', 'tail', '') end
 end
+-- The replication history this Redis serves (INFO's master_replid; it
+-- changes when a replica is promoted and when Redis restarts), and the one
+-- it continued from when promoted (master_replid2).
+local function history_ids()
+  local info = redis.call('INFO', 'replication')
+  return string.match(info, 'master_replid:(%w+)') or '',
+    string.match(info, 'master_replid2:(%w+)') or ''
+end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -67,7 +75,30 @@ local function start_epoch(base, epoch)
     redis.call('DEL', base .. ':idem:' .. key, base .. ':ans:' .. key)
   end
   redis.call('DEL', base .. ':log', runs, base .. ':runbytes', base .. ':idems')
-  redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0)
+  redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0, 'rid', (history_ids()))
+end
+-- The fence. A stream's meta records the replication history (`rid`) it
+-- was last written on. Another history than this Redis serves now means
+-- one of: this Redis is a promoted replica (the old history is its
+-- master_replid2), or it restarted, or the data was restored or moved.
+-- The first two may have lost acknowledged writes, whose seqs would then
+-- be given to other events; so the stream goes on in epoch `new_epoch`, its
+-- log, seqs and runs kept, and readers of the old epoch get `reset` instead
+-- of other events under seqs they hold. On a Cluster (`cluster` true) a
+-- history this node never had is a slot moved here from another master
+-- (nothing lost) and is adopted; a promotion is still fenced. A meta
+-- without `rid` (an earlier version's) adopts this history. Returns the
+-- epoch to use.
+local function fence(base, epoch, rid, new_epoch, cluster)
+  local now_rid, old_rid = history_ids()
+  if rid == now_rid then return epoch end
+  if rid and rid ~= '' and (rid == old_rid or not cluster) then
+    epoch = new_epoch
+    redis.call('HSET', base .. ':meta', 'epoch', epoch, 'rid', now_rid, 'tail', '')
+  else
+    redis.call('HSET', base .. ':meta', 'rid', now_rid)
+  end
+  return epoch
 end
 -- A run that opens naming the user's message it answers (stored under
 -- idempotency key `qkey`) keeps a copy of it in its list, ahead of its own
@@ -84,13 +115,15 @@ local function pin_question(base, rk, qkey, idem_ms)
   redis.call('LPUSH', rk, json, q)
   return #json
 end
-local function get_epoch(base, new_epoch)
-  local epoch = redis.call('HGET', base .. ':meta', 'epoch')
+local function get_epoch(base, new_epoch, cluster)
+  local meta = redis.call('HMGET', base .. ':meta', 'epoch', 'rid')
+  local epoch = meta[1]
   if not epoch then
     epoch = new_epoch
     start_epoch(base, epoch)
+    return epoch
   end
-  return epoch
+  return fence(base, epoch, meta[2], new_epoch, cluster)
 end
 -- The frame of text entry `first` (JSON `pre` … `post` around its text) cut
 -- to from..to: {from, to, json}, or nil when they do not meet.
@@ -148,12 +181,18 @@ local now = now_ms()
 local base, publish, channel = ARGV[7], ARGV[8], ARGV[6]
 local ttl = ARGV[4]
 local REFRESH_MS = 1000
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'tail', 'fresh')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'tail', 'fresh', 'rid')
 local epoch = meta[1]
 if not epoch then
   epoch = ARGV[1]
   start_epoch(base, epoch)
   meta = {epoch, '0', nil, nil}
+else
+  local fenced = fence(base, epoch, meta[5], ARGV[1], publish == 'SPUBLISH')
+  if fenced ~= epoch then
+    epoch = fenced
+    meta[3] = nil
+  end
 end
 local cond_run = ARGV[9]
 if cond_run ~= '' then
@@ -403,10 +442,11 @@ end
 return head
 "#;
 
-/// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms, base.
+/// KEYS: meta, log. ARGV: new_epoch, max_age_ms, ttl_ms, base, cluster
+/// (`1` on a Redis Cluster).
 /// Returns {epoch, last_seq, first_seq}.
 const POSITION_LUA: &str = r#"
-local epoch = get_epoch(ARGV[4], ARGV[1])
+local epoch = get_epoch(ARGV[4], ARGV[1], ARGV[5] == '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 trim_age(ARGV[4], tonumber(ARGV[2]), now_ms())
