@@ -215,6 +215,23 @@ fn guard(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A call's JSON body: 400 `invalid_json` naming the `expected` shape.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    expected: &str,
+) -> Result<T, ApiError> {
+    let body = read_body(app, headers, body).await?;
+    serde_json::from_slice(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("expected {expected}"),
+        )
+    })
+}
+
 /// Whether a visitor from `peer` signs in without a secret.
 fn secret_free(admin: &AdminConfig, peer: IpAddr) -> bool {
     !admin.needs_secret && super::web::is_loopback(peer)
@@ -262,14 +279,7 @@ async fn sign_in(
             "too many wrong secrets; try again in a minute",
         ));
     }
-    let body = read_body(&app, &headers, body).await?;
-    let given: SignIn = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "expected {\"secret\": \"...\"}",
-        )
-    })?;
+    let given: SignIn = json_body(&app, &headers, body, "{\"secret\": \"...\"}").await?;
     let accepted = secret_free(admin, peer.ip())
         || (admin.needs_secret
             && given
@@ -473,14 +483,7 @@ async fn kick(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     guard(&app, &headers)?;
-    let body = read_body(&app, &headers, body).await?;
-    let k: Kick = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "expected {\"user\": \"...\"}",
-        )
-    })?;
+    let k: Kick = json_body(&app, &headers, body, "{\"user\": \"...\"}").await?;
     if k.user.is_empty() || k.user.len() > MAX_NAME_BYTES {
         return Err(ApiError::field("user", "must be 1 to 256 bytes"));
     }
@@ -513,14 +516,13 @@ async fn publish(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     guard(&app, &headers)?;
-    let body = read_body(&app, &headers, body).await?;
-    let t: TestEvent = serde_json::from_slice(&body).map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            "expected {\"user\" or \"stream\", \"event\", \"data\"}",
-        )
-    })?;
+    let t: TestEvent = json_body(
+        &app,
+        &headers,
+        body,
+        "{\"user\" or \"stream\", \"event\", \"data\"}",
+    )
+    .await?;
     let (target, stream) = match (t.user, t.stream) {
         (Some(u), None) => (json!({ "user_id": u }), user_stream(&u)),
         (None, Some(s)) => (json!({ "stream": s }), s),
