@@ -49,13 +49,21 @@ local function trim_age(base, max_age, now)
   -- The newest entry went too: no text entry is the tail any more.
   if redis.call('XLEN', log) == 0 then redis.call('HSET', base .. ':meta', 'tail', '') end
 end
--- The replication history this Redis serves (INFO's master_replid; it
--- changes when a replica is promoted and when Redis restarts), and the one
--- it continued from when promoted (master_replid2).
-local function history_ids()
+-- The replication history this Redis serves (INFO's master_replid, 40
+-- hex digits; it changes when a replica is promoted and when Redis
+-- restarts), and the INFO text for `previous_history_id`. Plain finds, not
+-- patterns: a pattern match over the text cost twice the INFO call itself.
+local function history_id()
   local info = redis.call('INFO', 'replication')
-  return string.match(info, 'master_replid:(%w+)') or '',
-    string.match(info, 'master_replid2:(%w+)') or ''
+  local at = string.find(info, 'master_replid:', 1, true)
+  if not at then return '', info end
+  return string.sub(info, at + 14, at + 53), info
+end
+-- The history a promoted replica continued from (master_replid2).
+local function previous_history_id(info)
+  local at = string.find(info, 'master_replid2:', 1, true)
+  if not at then return '' end
+  return string.sub(info, at + 15, at + 54)
 end
 local function now_ms()
   local t = redis.call('TIME')
@@ -75,7 +83,7 @@ local function start_epoch(base, epoch)
     redis.call('DEL', base .. ':idem:' .. key, base .. ':ans:' .. key)
   end
   redis.call('DEL', base .. ':log', runs, base .. ':runbytes', base .. ':idems')
-  redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0, 'rid', (history_ids()))
+  redis.call('HSET', base .. ':meta', 'epoch', epoch, 'seq', 0, 'rid', (history_id()))
 end
 -- The fence. A stream's meta records the replication history (`rid`) it
 -- was last written on. Another history than this Redis serves now means
@@ -90,9 +98,9 @@ end
 -- without `rid` (an earlier version's) adopts this history. Returns the
 -- epoch to use.
 local function fence(base, epoch, rid, new_epoch, cluster)
-  local now_rid, old_rid = history_ids()
+  local now_rid, info = history_id()
   if rid == now_rid then return epoch end
-  if rid and rid ~= '' and (rid == old_rid or not cluster) then
+  if rid and rid ~= '' and (not cluster or rid == previous_history_id(info)) then
     epoch = new_epoch
     redis.call('HSET', base .. ':meta', 'epoch', epoch, 'rid', now_rid, 'tail', '')
   else
