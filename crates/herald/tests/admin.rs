@@ -347,6 +347,32 @@ async fn signed_in_the_admin_lists_inspects_publishes_and_kicks() {
     assert_eq!(events, ["agent_started", "admin_test"]);
     let (status, _) = call(&addr, "GET", "/admin/api/stream?name=", &cookie, None).await;
     assert_eq!(status, 400);
+    // Looking at a stream that does not exist finds nothing, twice (it is
+    // not created by the look).
+    for _ in 0..2 {
+        let (status, body) = call(
+            &addr,
+            "GET",
+            "/admin/api/stream?name=room:nobody",
+            &cookie,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some("no_such_stream")),
+            "{body}"
+        );
+    }
+    let (status, _) = call(
+        &addr,
+        "GET",
+        "/admin/api/connections?state=bogus",
+        &cookie,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
 
     let (status, kicked) = call(
         &addr,
@@ -419,6 +445,28 @@ async fn on_redis_the_page_sees_both_nodes_and_kicks_on_both() {
         .collect();
     counts.sort();
     assert_eq!(counts, [(1, "ok"), (2, "ok")]);
+    let (status, body) = call(
+        &addr2,
+        "GET",
+        "/admin/api/stream?name=user:nobody",
+        &cookie,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("no_such_stream")),
+        "{body}"
+    );
+    let (status, body) = call(
+        &addr2,
+        "GET",
+        "/admin/api/stream?name=user:dee",
+        &cookie,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     let (_, all) = call(
         &addr2,
         "GET",

@@ -516,6 +516,11 @@ impl Broker for MemoryBroker {
         })
     }
 
+    fn exists<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let found = self.streams.contains_key(stream);
+        Box::pin(async move { Ok(found) })
+    }
+
     fn is_open_run<'a>(
         &'a self,
         stream: &'a str,

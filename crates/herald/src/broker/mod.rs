@@ -524,6 +524,9 @@ pub trait Broker: Send + Sync + Debug {
     /// The open runs of `stream`, in no order.
     fn open_runs<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<RunRef>, BrokerError>>;
 
+    /// Whether `stream` exists (it has an epoch); looking creates nothing.
+    fn exists<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<bool, BrokerError>>;
+
     /// Whether `run_id` is an open run of `stream`.
     fn is_open_run<'a>(
         &'a self,

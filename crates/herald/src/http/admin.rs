@@ -61,6 +61,8 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const LAST_EVENTS: u64 = 20;
 /// Connections listed at most per request.
 const MAX_ROWS: usize = 1000;
+/// The lifecycle states a connection listing can be filtered by.
+const STATES: [&str; 3] = ["handshaking", "ready", "closing"];
 /// The longest stream or user name accepted.
 const MAX_NAME_BYTES: usize = 256;
 
@@ -376,6 +378,14 @@ async fn connections(
     let limit = f.limit.unwrap_or(200).clamp(1, MAX_ROWS);
     let some = |v: Option<String>| v.filter(|s| !s.is_empty());
     let (user, node, state) = (some(f.user), some(f.node), some(f.state));
+    if let Some(s) = &state
+        && !STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::field(
+            "state",
+            "must be one of handshaking, ready, closing",
+        ));
+    }
     let replies = app
         .broker()
         .ask_fleet(FleetRequest::List {
@@ -429,6 +439,13 @@ async fn stream(
         ));
     }
     let broker = app.broker();
+    if !broker.exists(name).await.map_err(broker_failed)? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_stream",
+            format!("no stream `{name}` (none was published to or joined, or it expired)"),
+        ));
+    }
     let position = broker.position(name).await.map_err(broker_failed)?;
     let runs = broker.open_runs(name).await.map_err(broker_failed)?;
     let after = position

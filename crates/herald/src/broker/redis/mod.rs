@@ -1062,6 +1062,15 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn exists<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.conn().await?;
+            let key = format!("{}:meta", self.shared.base(stream));
+            let found: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut conn).await;
+            found.map_err(|e| self.shared.failed(e))
+        })
+    }
+
     fn is_open_run<'a>(
         &'a self,
         stream: &'a str,

@@ -174,9 +174,8 @@ function showLogin(needsSecret) {
   $('login-submit').hidden = !needsSecret;
   $('secret').required = needsSecret;
   $('dev-signin').hidden = needsSecret;
-  $('login-hint').textContent = needsSecret
-    ? 'Enter the admin secret (HERALD_ADMIN_SECRET).'
-    : 'Development mode on a loopback address: no secret is needed.';
+  $('login-hint').hidden = !needsSecret;
+  $('login-hint-dev').hidden = needsSecret;
   (needsSecret ? $('secret') : $('dev-signin')).focus();
 }
 
@@ -247,8 +246,9 @@ async function enterDashboard() {
   $('login').hidden = true;
   $('dashboard').hidden = false;
   $('signout').hidden = false;
+  const gen = generation;
   await Promise.allSettled([pollNodes(), refreshConnections()]);
-  if (!signedIn) return;
+  if (!signedIn || gen !== generation) return;
   window.__adminReady = true;
   timers.push(setInterval(pollNodes, NODES_EVERY_MS));
   timers.push(setInterval(() => refreshConnections(true), CONNECTIONS_EVERY_MS));
@@ -400,7 +400,11 @@ function drawCharts(nodes) {
   drawChart($('chart-deliveries'), fleetSeries(nodes, 'deliveries_per_s'), (v) => `${fmtDecimal(v)}/s`);
 }
 
-/** A line chart of `points` (the last 5 minutes ending at the newest) on `root`, sized to its box. */
+/**
+ * A line chart of `points` on `root`, sized to its box: the last 5 minutes
+ * ending at the newest sample, or, while the fleet has less history than
+ * that, the whole minutes it has.
+ */
 function drawChart(root, points, fmt) {
   const box = root.getBoundingClientRect();
   const w = Math.max(200, Math.round(box.width || 480));
@@ -418,11 +422,15 @@ function drawChart(root, points, fmt) {
     parts.push(svg('line', { x1: left, x2: right, y1: y, y2: y, class: f === 0 ? 'axis' : 'grid' }));
   }
   parts.push(svg('text', { x: left, y: top - 6, class: 'label' }, `max ${fmt(max)}`));
-  parts.push(svg('text', { x: left, y: h - 4, class: 'label' }, '5 min ago'));
+  const newest = points.length ? points[points.length - 1].t : 0;
+  const history = points.length ? newest - points[0].t : 0;
+  const minutes = Math.min(CHART_WINDOW_MS / 60000, Math.max(1, Math.ceil(history / 60000)));
+  const span = minutes * 60000;
+  parts.push(svg('text', { x: left, y: h - 4, class: 'label' }, `${minutes} min ago`));
   parts.push(svg('text', { x: right, y: h - 4, class: 'label end' }, 'now'));
   if (points.length) {
-    const end = points[points.length - 1].t;
-    const x = (t) => right - ((end - t) / CHART_WINDOW_MS) * (right - left);
+    const end = newest;
+    const x = (t) => right - ((end - t) / span) * (right - left);
     const y = (v) => bottom - (v / max) * (bottom - top);
     const line = points.map((p, i) => `${i ? 'L' : 'M'}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join(' ');
     const area = `${line} L${x(end).toFixed(1)},${bottom} L${x(points[0].t).toFixed(1)},${bottom} Z`;
@@ -435,6 +443,7 @@ function drawChart(root, points, fmt) {
   root.replaceChildren(...parts);
   root.dataset.points = String(points.length);
   root.dataset.max = String(max);
+  root.dataset.minutes = String(minutes);
   root.dataset.latest = points.length ? String(points[points.length - 1].v) : '';
 }
 
@@ -471,7 +480,7 @@ async function refreshConnections(timer = false) {
   }
 }
 
-const STATE_TONE = { open: 'ok', handshaking: 'warn', closing: 'bad', closed: 'bad' };
+const STATE_TONE = { ready: 'ok', handshaking: 'warn', closing: 'bad', closed: 'bad' };
 
 function connectionCells(c) {
   const user = typeof c.user_id === 'string' ? c.user_id : null;
