@@ -50,13 +50,17 @@ if [ ! -x clients/js/examples/react-chat/node_modules/.bin/esbuild ]; then
   (cd clients/js/examples/react-chat && npm ci --no-audit --no-fund)
 fi
 
+echo "scripts/test.sh: cargo test ($(date +%T))" >&2
 cargo test --workspace --locked
 cargo build --locked -p herald --bin herald   # the binary the JS tests start
 
 # RFC 6455 conformance (Autobahn|Testsuite, cases 1-10) against /echo.
+echo "scripts/test.sh: autobahn ($(date +%T))" >&2
 scripts/autobahn.sh target/debug/herald
 
+echo "scripts/test.sh: JS ($(date +%T))" >&2
 (cd clients/js && npm test)
+echo "scripts/test.sh: Python ($(date +%T))" >&2
 
 # The Python SDK (clients/python) against the same binary.
 if ! command -v python3 >/dev/null; then
