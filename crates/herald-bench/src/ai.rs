@@ -142,7 +142,7 @@ async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase
     let cpu0 = pid.map(cpu_ticks).transpose()?;
     let started = Instant::now();
     let thread = Some(CHAT);
-    let appended = stream_answers(args, &http, &users, &runs, thread).await?;
+    let appended = stream_answers(args, &http, &users, &runs, thread, None).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.done.load(Ordering::Relaxed) < sockets as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

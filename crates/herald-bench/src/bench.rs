@@ -139,6 +139,16 @@ pub struct BenchArgs {
     /// Seconds between samples of the server (soak).
     #[arg(long, default_value_t = 10)]
     pub sample_secs: u64,
+    /// Text: each gap between tokens is (1 ± jitter) / rate, uniformly.
+    #[arg(long, default_value_t = 0.0)]
+    pub jitter: f64,
+    /// Text: sockets reading each answer.
+    #[arg(long, default_value_t = 1)]
+    pub readers: usize,
+    /// Text: the share of those sockets that reconnect (resume) once, at
+    /// the answer's middle.
+    #[arg(long, default_value_t = 0.0)]
+    pub reload_share: f64,
     /// Internal: run as worker number N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<usize>,
@@ -155,16 +165,16 @@ struct Counters {
 }
 
 /// Latency histograms, sharded to keep recording cheap.
-struct Shards(Vec<Mutex<Histogram<u64>>>);
+pub(crate) struct Shards(Vec<Mutex<Histogram<u64>>>);
 
 impl Shards {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self((0..64).map(|_| Mutex::new(new_hist())).collect())
     }
-    fn record(&self, i: usize, micros: u64) {
+    pub(crate) fn record(&self, i: usize, micros: u64) {
         let _ = self.0[i % self.0.len()].lock().record(micros.max(1));
     }
-    fn merged(&self) -> Histogram<u64> {
+    pub(crate) fn merged(&self) -> Histogram<u64> {
         let mut h = new_hist();
         for s in &self.0 {
             let _ = h.add(&*s.lock());
@@ -213,7 +223,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Option<Self> {
+    pub(crate) fn of(h: &Histogram<u64>) -> Option<Self> {
         (!h.is_empty()).then(|| Self {
             count: h.len(),
             p50: h.value_at_quantile(0.50),

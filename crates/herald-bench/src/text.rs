@@ -7,6 +7,13 @@
 //! history entries per answer, Redis commands per answer (`--redis-port`),
 //! delivery (every delta received, in order, the text whole), and what a
 //! page reloaded at the answer's middle is sent: frames and bytes.
+//!
+//! As a model produces tokens: `--jitter J` spreads each gap between tokens
+//! uniformly over (1 ± J) × 1/rate; `--readers K` sockets read each answer;
+//! `--reload-share S` of them reconnect once at the answer's middle with
+//! `resume`. Each token carries the µs it was handed to the ingest
+//! (`t<µs> `, ~11 bytes), so every token read live (after the socket's
+//! welcome) gives a token latency: handed to the ingest → read by a socket.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,17 +25,21 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bench::{
-    BenchArgs, Summary, api_client, cpu_ticks, metric_in, metrics_page, now_ns, open_client,
-    rss_of, server_addr, token, ws_url,
+    BenchArgs, Percentiles, Shards, Summary, api_client, cpu_ticks, metric_in, metrics_page,
+    now_ns, open_client, rss_of, server_addr, token, ws_url,
 };
 
 /// What the readers saw, all users together.
-#[derive(Default)]
 struct Seen {
     deltas: AtomicU64,
-    text_bytes: AtomicU64,
+    tokens: AtomicU64,
     gaps: AtomicU64,
     done: AtomicU64,
+    reloads: AtomicU64,
+    /// Token latencies (µs) of tokens read live.
+    latency: Shards,
+    /// The µs (wall clock) token stamps count from.
+    base_us: u64,
 }
 
 /// The token `i` of an answer (a word and a space; ~5 bytes, as LLM tokens).
@@ -133,6 +144,7 @@ pub(crate) async fn stream_answers(
     users: &[String],
     runs: &[String],
     thread: Option<&str>,
+    stamp: Option<u64>,
 ) -> anyhow::Result<u64> {
     let (tokens, rate) = (args.events, args.rate.max(1));
     let mut streams = Vec::with_capacity(users.len());
@@ -141,16 +153,21 @@ pub(crate) async fn stream_answers(
         if let Some(t) = thread {
             url.push_str(&format!("&thread_id={t}"));
         }
-        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let interval = 1.0 / rate as f64;
+        let jitter = args.jitter.clamp(0.0, 1.0);
         let body = futures_util::stream::unfold(0usize, move |i| async move {
             if i >= tokens {
                 return None;
             }
             if i > 0 {
-                tokio::time::sleep(interval).await;
+                let spread = 1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0);
+                tokio::time::sleep(Duration::from_secs_f64(interval * spread)).await;
             }
-            let line =
-                json!({"part": "answer", "index": i, "text": token_text(i)}).to_string() + "\n";
+            let text = match stamp {
+                Some(base) => format!("t{} ", now_ns() / 1000 - base),
+                None => token_text(i),
+            };
+            let line = json!({"part": "answer", "index": i, "text": text}).to_string() + "\n";
             Some((Ok::<_, std::io::Error>(line.into_bytes()), i + 1))
         });
         let req = http
@@ -185,53 +202,45 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let url = ws_url(&args.url);
     let http = api_client()?;
     let pid = args.server_pid.first().copied();
-    let seen = Arc::new(Seen::default());
-    let answer_len: u64 = (0..tokens).map(|i| token_text(i).len() as u64).sum();
+    let base_us = now_ns() / 1000;
+    let seen = Arc::new(Seen {
+        deltas: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+        gaps: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        reloads: AtomicU64::new(0),
+        latency: Shards::new(),
+        base_us,
+    });
+    let per_answer = args.readers.max(1);
+    let reloaders =
+        (per_answer as f64 * n as f64 * args.reload_share.clamp(0.0, 1.0)).round() as usize;
     // Users of this run only: a run in a row against the same server would
     // otherwise stream into the previous run's answers (same run and part).
     let tag = now_ns();
     let user_of = |u: usize| format!("text-{tag}-{u}");
 
-    // One reader per user: every delta in order (seq + 1), the text whole.
+    // `--readers` sockets per answer: every delta in order (seq + 1), every
+    // token once; the first `reloaders` of them reconnect at the middle.
     let mut epochs = Vec::with_capacity(n);
-    let mut readers = Vec::with_capacity(n);
+    let mut readers = Vec::with_capacity(n * per_answer);
     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    for u in 0..n {
-        let user = user_of(u);
-        let (mut ws, welcome) =
-            open_client(addr, &url, source, &token(&args.secret, &user)?, None).await?;
-        epochs.push(welcome["epoch"].as_str().unwrap_or_default().to_owned());
-        let seen = seen.clone();
-        readers.push(tokio::spawn(async move {
-            let mut last = 0u64;
-            let mut len = 0u64;
-            while let Some(Ok(msg)) = ws.next().await {
-                let Message::Text(t) = msg else { continue };
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else {
-                    continue;
-                };
-                if v["type"] != "event" {
-                    continue;
-                }
-                let seq = v["seq"].as_u64().unwrap_or(0);
-                if last != 0 && seq != last + 1 {
-                    seen.gaps.fetch_add(1, Ordering::Relaxed);
-                }
-                last = seq;
-                if v["event"] == "agent_text_delta" {
-                    seen.deltas.fetch_add(1, Ordering::Relaxed);
-                    let l = v["data"]["text"].as_str().map_or(0, str::len) as u64;
-                    len += l;
-                    seen.text_bytes.fetch_add(l, Ordering::Relaxed);
-                    if len == answer_len {
-                        seen.done.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
+    for k in 0..per_answer {
+        for u in 0..n {
+            let user = user_of(u);
+            let jwt = token(&args.secret, &user)?;
+            let (ws, welcome) = open_client(addr, &url, source, &jwt, None).await?;
+            if k == 0 {
+                epochs.push(welcome["epoch"].as_str().unwrap_or_default().to_owned());
             }
-        }));
+            let reload = k * n + u < reloaders;
+            let (seen, url) = (seen.clone(), url.clone());
+            readers.push(tokio::spawn(async move {
+                read_answer(ws, welcome, seen, tokens as u64, reload, addr, url, jwt).await
+            }));
+        }
     }
-    eprintln!("{n} connections open");
+    eprintln!("{} connections open", n * per_answer);
     // The gauge is refreshed by the sweeper (1 s).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let history_before = gauge(&http, &args.url, "herald_history_events")
@@ -246,11 +255,11 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let runs: Vec<String> = (0..n).map(|_| "answer".to_owned()).collect();
     let users: Vec<String> = (0..n).map(user_of).collect();
-    let appended = stream_answers(args, &http, &users, &runs, None).await?;
+    let appended = stream_answers(args, &http, &users, &runs, None, Some(base_us)).await?;
     let streamed = started.elapsed();
     // Every reader has its whole text (or give it 30 s more).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.done.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
+    while seen.done.load(Ordering::Relaxed) < (n * per_answer) as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let delivered_at = started.elapsed();
@@ -292,11 +301,23 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
         ),
         ("deltas appended".into(), appended.to_string()),
         (
-            "deltas received".into(),
-            seen.deltas.load(Ordering::Relaxed).to_string(),
+            "sockets per answer (reconnected mid-answer)".into(),
+            format!("{per_answer} ({})", seen.reloads.load(Ordering::Relaxed)),
         ),
         (
-            "answers received whole".into(),
+            "token gaps (1 ± jitter) / rate".into(),
+            format!("jitter {}", args.jitter),
+        ),
+        (
+            "delta frames received / tokens received".into(),
+            format!(
+                "{} / {}",
+                seen.deltas.load(Ordering::Relaxed),
+                seen.tokens.load(Ordering::Relaxed)
+            ),
+        ),
+        (
+            "sockets that read their answer whole".into(),
             seen.done.load(Ordering::Relaxed).to_string(),
         ),
         (
@@ -333,12 +354,14 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     ];
     if let (Some(a), Some(b)) = (before.cpu, after.cpu) {
         let secs = (b - a) as f64 / ticks;
+        let read = seen.tokens.load(Ordering::Relaxed).max(1) as f64;
         figures.push((
             "server CPU".into(),
             format!(
-                "{secs:.1} s = {:.1} ms per answer, {:.2} µs per delta",
+                "{secs:.1} s = {:.1} ms per answer, {:.2} µs per delta appended, {:.2} µs per token delivered",
                 per(secs) * 1e3,
-                secs * 1e6 / appended.max(1) as f64
+                secs * 1e6 / appended.max(1) as f64,
+                secs * 1e6 / read
             ),
         ));
     }
@@ -346,7 +369,11 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
         let secs = (b - a) as f64 / ticks;
         figures.push((
             "redis CPU".into(),
-            format!("{secs:.1} s = {:.1} ms per answer", per(secs) * 1e3),
+            format!(
+                "{secs:.1} s = {:.1} ms per answer, {:.2} µs per delta",
+                per(secs) * 1e3,
+                secs * 1e6 / appended.max(1) as f64
+            ),
         ));
     }
     if let (Some(a), Some(b)) = (before.redis_cmds, after.redis_cmds) {
@@ -376,6 +403,82 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
         connections: n,
         failed_connections: 0,
         figures,
-        latency_us: None,
+        latency_us: Percentiles::of(&seen.latency.merged()),
     })
+}
+
+/// The tokens (`t<µs> ` stamps) of a delta's text.
+fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
+    text.split(' ')
+        .filter_map(|t| t.strip_prefix('t')?.parse().ok())
+}
+
+/// One socket reading one answer: every delta in seq order, each token
+/// once, the latency of each token read live; with `reload`, reconnect
+/// once at the answer's middle and resume.
+#[allow(clippy::too_many_arguments)]
+async fn read_answer(
+    mut ws: crate::bench::Ws,
+    mut welcome: serde_json::Value,
+    seen: Arc<Seen>,
+    tokens: u64,
+    mut reload: bool,
+    addr: std::net::SocketAddr,
+    url: String,
+    jwt: String,
+) {
+    let (mut last, mut got) = (0u64, 0u64);
+    loop {
+        let live_after = welcome["seq"].as_u64().unwrap_or(0);
+        while let Some(Ok(msg)) = ws.next().await {
+            let Message::Text(t) = msg else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else {
+                continue;
+            };
+            if v["type"] != "event" {
+                continue;
+            }
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            let from = v["from_seq"].as_u64().unwrap_or(seq);
+            if last != 0 && from != last + 1 {
+                seen.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            last = seq;
+            if v["event"] != "agent_text_delta" {
+                continue;
+            }
+            seen.deltas.fetch_add(1, Ordering::Relaxed);
+            let now_us = now_ns() / 1000 - seen.base_us;
+            let text = v["data"]["text"].as_str().unwrap_or_default();
+            for at in stamps(text) {
+                got += 1;
+                seen.tokens.fetch_add(1, Ordering::Relaxed);
+                if seq > live_after {
+                    seen.latency.record(seq as usize, now_us.saturating_sub(at));
+                }
+            }
+            if got >= tokens {
+                seen.done.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if reload && got >= tokens / 2 {
+                break;
+            }
+        }
+        if !reload {
+            return;
+        }
+        // The page reloads: a new socket resumes after the last seq read.
+        reload = false;
+        drop(ws);
+        let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let epoch = welcome["epoch"].as_str().unwrap_or_default().to_owned();
+        match open_client(addr, &url, source, &jwt, Some((epoch, last))).await {
+            Ok((w, v)) => {
+                seen.reloads.fetch_add(1, Ordering::Relaxed);
+                (ws, welcome) = (w, v);
+            }
+            Err(_) => return,
+        }
+    }
 }

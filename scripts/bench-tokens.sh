@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The token workload (issue 43): N answers at once, each TOKENS tokens at RATE
+# tokens/s with ±JITTER spread between tokens, streamed through the text
+# ingest by herald-bench (a process apart from the server), READERS sockets
+# per answer. N grows through NS until the token latency's p99 (handed to the
+# ingest → read by a socket) reaches 100 ms; per broker. Prints one line per
+# run. Usage: scripts/bench-tokens.sh [DIR] (release herald + herald-bench;
+# default target/release). Env: NS ("250 500 1000 1500 2000 3000"),
+# TOKENS (300), RATE (60), JITTER (0.5), READERS (1), BROKERS ("memory redis").
+# Figures: docs/BENCHMARKS.md ("The token workload").
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${1:-$ROOT/target/release}"
+export HERALD_JWT_HS256_SECRET=bench-secret-0123456789abcdefghijkl HERALD_API_KEY=bench-api-key-0123456789
+RPORT=6393 HPORT=8333
+for broker in ${BROKERS:-memory redis}; do
+  for n in ${NS:-250 500 1000 1500 2000 3000}; do
+    env=() extra=()
+    if [ "$broker" = redis ]; then
+      redis-server --port $RPORT --save "" --appendonly no --bind 127.0.0.1 >/dev/null 2>&1 &
+      RP=$!; sleep 0.5
+      env=(HERALD_REDIS_URL=redis://127.0.0.1:$RPORT)
+      extra=(--redis-pid $RP --redis-port $RPORT)
+    fi
+    env "${env[@]}" HERALD_ADDR=127.0.0.1:$HPORT "$DIR/herald" serve >/dev/null 2>&1 &
+    S=$!; sleep 0.5
+    out=$("$DIR/herald-bench" text -n "$n" --events "${TOKENS:-300}" --rate "${RATE:-60}" \
+      --jitter "${JITTER:-0.5}" --readers "${READERS:-1}" --json \
+      --url http://127.0.0.1:$HPORT --server-pid $S "${extra[@]}" 2>/dev/null || echo '{}')
+    kill -TERM $S; wait $S 2>/dev/null || true
+    if [ "$broker" = redis ]; then kill $RP; wait $RP 2>/dev/null || true; fi
+    line=$(echo "$out" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+f = dict(s.get("figures", []))
+l = s.get("latency_us") or {}
+print("p50 %.2f ms | p99 %.2f ms | %s | tokens %s | %s | %s | gaps %s" % (
+    l.get("p50", 0) / 1e3, l.get("p99", 0) / 1e3, f.get("deltas/s (all answers)", "?") + " deltas/s",
+    f.get("delta frames received / tokens received", "?"), f.get("server CPU", "?"),
+    f.get("redis CPU", "-"), f.get("seq gaps", "?")))
+print(l.get("p99", 10**9), file=sys.stderr)' 2>/tmp/p99)
+    echo "$broker N=$n: $line"
+    [ "$(cat /tmp/p99)" -lt 100000 ] || break
+  done
+done
