@@ -133,13 +133,41 @@ async fn every_scenario_runs_and_reports() {
 
     let s = bench(
         &server,
-        &["text", "-n", "5", "--events", "60", "--rate", "300"],
+        &[
+            "text",
+            "-n",
+            "5",
+            "--events",
+            "60",
+            "--rate",
+            "300",
+            "--jitter",
+            "0.5",
+            "--readers",
+            "2",
+            "--reload-share",
+            "0.5",
+        ],
     )
     .await;
     assert_eq!(figure(&s, "deltas appended"), "300");
-    assert_eq!(figure(&s, "deltas received"), "300");
-    assert_eq!(figure(&s, "answers received whole"), "5");
+    // Two sockets an answer, five of the ten reconnected mid-answer: every
+    // token read once by each, every socket's answer whole.
+    assert_eq!(
+        figure(&s, "sockets per answer (reconnected mid-answer)"),
+        "2 (5)"
+    );
+    // (a reconnected socket may be replayed its missed tokens in one frame)
+    let read = figure(&s, "delta frames received / tokens received");
+    let (frames, tokens) = read.split_once(" / ").unwrap();
+    assert_eq!(tokens, "600", "{read}");
+    assert!(frames.parse::<u64>().unwrap() <= 600, "{read}");
+    assert_eq!(figure(&s, "sockets that read their answer whole"), "10");
     assert_eq!(figure(&s, "seq gaps"), "0");
+    // A latency for every token read live (a reconnected socket's replayed
+    // tokens are not counted).
+    let samples = s["latency_us"]["count"].as_u64().unwrap();
+    assert!((300..=600).contains(&samples), "{samples} latency samples");
 
     // The same answers over /ws and over the AI SDK endpoint (issue 42).
     let s = bench(
