@@ -13,6 +13,9 @@
 //! - `idle`: N idle connections → server RSS per connection and idle CPU
 //!   (read from `/proc/<server pid>`).
 //!
+//! `--target sockudo` drives a Pusher-protocol server (Sockudo) through the
+//! fanout and idle scenarios instead (see `pusher.rs`).
+//!
 //! More connections than one process may hold (20,000 files here) are spread
 //! over `--procs` worker processes (this same binary, `--worker`), each
 //! binding its sockets to its own source address 127.0.0.x. Workers report
@@ -38,6 +41,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::pusher::{self, Target};
 
 /// Which measurement to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -149,6 +154,18 @@ pub struct BenchArgs {
     /// the answer's middle.
     #[arg(long, default_value_t = 0.0)]
     pub reload_share: f64,
+    /// The server to drive: Herald, or Sockudo over the Pusher protocol
+    /// (fanout and idle only; `--api-key` is then the app's key and
+    /// `--secret` its secret; see `pusher.rs`).
+    #[arg(long, value_enum, default_value_t = Target::Herald)]
+    pub target: Target,
+    /// The Pusher app id (`--target sockudo`).
+    #[arg(long, default_value = "bench")]
+    pub app_id: String,
+    /// Most events in one publish request (fanout): each 20-ms tick's events
+    /// go out in requests of at most this many.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_max: usize,
     /// Internal: run as worker number N of a multi-process run.
     #[arg(long, hide = true)]
     pub worker: Option<usize>,
@@ -156,12 +173,15 @@ pub struct BenchArgs {
 
 /// Shared counters of one process's connections.
 #[derive(Default)]
-struct Counters {
-    opened: AtomicUsize,
-    failed: AtomicUsize,
-    received: AtomicU64,
-    gaps: AtomicU64,
-    closed_by_server: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) opened: AtomicUsize,
+    pub(crate) failed: AtomicUsize,
+    pub(crate) received: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) closed_by_server: AtomicU64,
+    /// Bytes of the events' text frames received (counted by the Pusher
+    /// client only, for the mean frame size where no server metric tells it).
+    pub(crate) bytes: AtomicU64,
 }
 
 /// Latency histograms, sharded to keep recording cheap.
@@ -197,6 +217,9 @@ struct WorkerReport {
     received: u64,
     gaps: u64,
     closed_by_server: u64,
+    /// Event bytes received (Pusher target).
+    #[serde(default)]
+    bytes: u64,
     /// Base64 V2-serialized HdrHistogram of latencies in µs.
     latency: String,
 }
@@ -274,6 +297,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         )
     {
         bail!("the resume, text and ai scenarios run in one process (at most ~19,000 connections)");
+    }
+    if args.target == Target::Sockudo
+        && (!matches!(args.scenario, Scenario::Fanout | Scenario::Idle) || args.thread)
+    {
+        bail!("--target sockudo runs the fanout and idle scenarios (without --thread)");
     }
     let summary = match args.scenario {
         Scenario::Soak => return crate::soak::soak(&args).await,
@@ -470,12 +498,39 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let addr = server_addr(&args.url)?;
-    let url = ws_url(&args.url);
+    let url = match args.target {
+        Target::Herald => ws_url(&args.url),
+        Target::Sockudo => pusher::ws_url(&args.url, &args.api_key),
+    };
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
     let mut opening = Vec::new();
     for i in ids {
         let permit = sem.clone().acquire_owned().await?;
         let group = i / args.per_user.max(1);
+        if args.target == Target::Sockudo {
+            let (url, counters, on_open, bar) =
+                (url.clone(), counters.clone(), on_open.clone(), bar.clone());
+            opening.push(tokio::spawn(async move {
+                let channel = pusher::channel_of(group);
+                let opened = pusher::open_client(addr, &url, source_ip(worker, i), &channel).await;
+                drop(permit);
+                match opened {
+                    Ok(ws) => {
+                        counters.opened.fetch_add(1, Ordering::Relaxed);
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                        on_open(i, ws, json!({"seq": 0})).await;
+                    }
+                    Err(e) => {
+                        if counters.failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("connection {i} failed: {e}");
+                        }
+                    }
+                }
+            }));
+            continue;
+        }
         let (user, thread) = if args.thread {
             (format!("bench-m{i}"), Some(thread_of(group)))
         } else {
@@ -536,19 +591,14 @@ async fn worker(args: BenchArgs) -> anyhow::Result<()> {
     let hist = Arc::new(Shards::new());
     let tasks = {
         let (c, h) = (counters.clone(), hist.clone());
+        let target = args.target;
         open_many(
             &args,
             start..end,
             w,
             counters.clone(),
             None,
-            move |i, ws, welcome| {
-                let (c, h) = (c.clone(), h.clone());
-                async move {
-                    let last = welcome["seq"].as_u64().unwrap_or(0);
-                    read_events(ws, last, i, c, h, None).await;
-                }
-            },
+            move |i, ws, welcome| read_fleet(target, ws, welcome, i, c.clone(), h.clone()),
         )
         .await?
     };
@@ -573,6 +623,7 @@ async fn worker(args: BenchArgs) -> anyhow::Result<()> {
         received: counters.received.load(Ordering::Relaxed),
         gaps: counters.gaps.load(Ordering::Relaxed),
         closed_by_server: counters.closed_by_server.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
         latency: serialize_hist(&hist.merged())?,
     };
     out.write_all(format!("{}\n", serde_json::to_string(&report)?).as_bytes())
@@ -582,6 +633,25 @@ async fn worker(args: BenchArgs) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// A fleet connection's reader: Herald events from the welcome's position,
+/// or Pusher events (`pusher::read_events`).
+async fn read_fleet(
+    target: Target,
+    ws: Ws,
+    welcome: serde_json::Value,
+    i: usize,
+    counters: Arc<Counters>,
+    hist: Arc<Shards>,
+) {
+    match target {
+        Target::Herald => {
+            let last = welcome["seq"].as_u64().unwrap_or(0);
+            read_events(ws, last, i, counters, hist, None).await;
+        }
+        Target::Sockudo => pusher::read_events(ws, i, counters, hist).await,
+    }
 }
 
 fn share(total: usize, procs: usize, w: usize) -> (usize, usize) {
@@ -627,19 +697,14 @@ impl Fleet {
             let hist = Arc::new(Shards::new());
             let b = bar(args.connections as u64, "connecting");
             let (c, h) = (counters.clone(), hist.clone());
+            let target = args.target;
             let tasks = open_many(
                 args,
                 0..args.connections,
                 0,
                 counters.clone(),
                 Some(b.clone()),
-                move |i, ws, welcome| {
-                    let (c, h) = (c.clone(), h.clone());
-                    async move {
-                        let last = welcome["seq"].as_u64().unwrap_or(0);
-                        read_events(ws, last, i, c, h, None).await;
-                    }
-                },
+                move |i, ws, welcome| read_fleet(target, ws, welcome, i, c.clone(), h.clone()),
             )
             .await?;
             while counters.opened.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed)
@@ -702,6 +767,7 @@ impl Fleet {
             total.received = c.received.load(Ordering::Relaxed);
             total.gaps = c.gaps.load(Ordering::Relaxed);
             total.closed_by_server = c.closed_by_server.load(Ordering::Relaxed);
+            total.bytes = c.bytes.load(Ordering::Relaxed);
             let _ = hist.add(h.merged());
         }
         for (mut child, mut stdin, mut lines) in self.children {
@@ -714,6 +780,7 @@ impl Fleet {
             total.received += r.received;
             total.gaps += r.gaps;
             total.closed_by_server += r.closed_by_server;
+            total.bytes += r.bytes;
             let _ = hist.add(&deserialize_hist(&r.latency)?);
             let _ = child.wait().await;
         }
@@ -750,6 +817,13 @@ fn worker_argv(a: &BenchArgs) -> Vec<String> {
         s(&a.procs),
         "--worker".into(),
         s(&a.worker.unwrap_or(0)),
+        "--target".into(),
+        match a.target {
+            Target::Herald => "herald".into(),
+            Target::Sockudo => "sockudo".into(),
+        },
+        "--app-id".into(),
+        a.app_id.clone(),
     ];
     if a.thread {
         argv.push("--thread".into());
@@ -779,7 +853,21 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         .map(|p| cpu_ticks(*p))
         .collect::<anyhow::Result<_>>()?;
     let redis_start = args.redis_pid.map(cpu_ticks).transpose()?;
-    let wire_start = wire_out(&http, &args.url).await;
+    let sockudo = args.target == Target::Sockudo;
+    let publisher = pusher::Publisher::new(
+        http.clone(),
+        args.publish_url.as_deref().unwrap_or(&args.url),
+        &args.app_id,
+        &args.api_key,
+        &args.secret,
+    );
+    // Pusher target: the generator numbers each channel's events.
+    let mut seqs = vec![0u64; users];
+    let wire_start = if sockudo {
+        None
+    } else {
+        wire_out(&http, &args.url).await
+    };
     let published = Arc::new(AtomicU64::new(0));
     let delivered = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
@@ -798,10 +886,43 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         interval.tick().await;
         let mut remaining = per_tick;
         while remaining > 0 {
-            let n = remaining.min(1000);
+            let n = remaining.min(args.batch_max.max(1));
             remaining -= n;
             let t = now_ns();
             let mut batch_expected = 0;
+            if sockudo {
+                let picks: Vec<(usize, u64)> = (0..n)
+                    .map(|_| {
+                        next_user = (next_user + 1) % users;
+                        batch_expected += conns_of(next_user);
+                        seqs[next_user] += 1;
+                        (next_user, seqs[next_user])
+                    })
+                    .collect();
+                let body = pusher::Publisher::batch_body(&picks, t, &pad);
+                let permit = inflight.clone().acquire_owned().await?;
+                let (publisher, published, expected, errors) = (
+                    publisher.clone(),
+                    published.clone(),
+                    expected.clone(),
+                    errors.clone(),
+                );
+                tokio::spawn(async move {
+                    match publisher.post_batch(body).await {
+                        Ok(()) => {
+                            expected.fetch_add(batch_expected, Ordering::Relaxed);
+                            published.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("publish failed: {e:#}");
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
             let events: Vec<_> = (0..n)
                 .map(|_| {
                     next_user = (next_user + 1) % users;
@@ -845,9 +966,10 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                         let d: u64 = results.iter().filter_map(|r| r["delivered"].as_u64()).sum();
                         delivered.fetch_add(d, Ordering::Relaxed);
                     }
-                    other => {
+                    _ => {
+                        // The whole answer (an error body has no `results`).
                         if errors.fetch_add(1, Ordering::Relaxed) < 3 {
-                            eprintln!("publish failed: {other:?}");
+                            eprintln!("publish failed: {parsed:?}");
                         }
                     }
                 }
@@ -882,16 +1004,37 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
     if fleet.received().is_none() {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let wire_end = wire_out(&http, &args.url).await;
+    let wire_end = if sockudo {
+        None
+    } else {
+        wire_out(&http, &args.url).await
+    };
     let (report, hist) = fleet.stop().await?;
     let elapsed = publish_secs;
     let published = published.load(Ordering::Relaxed);
     // The mean frame the server wrote (welcomes included, a rounding error).
     let frame_bytes = match (wire_start, wire_end) {
         (Some((f0, b0)), Some((f1, b1))) if f1 > f0 => Some((b1 - b0) / (f1 - f0)),
+        // The Pusher target: the mean event frame as the clients received it.
+        _ if sockudo && report.received > 0 => Some(report.bytes as f64 / report.received as f64),
         _ => None,
     };
     let figures = vec![
+        (
+            "target".into(),
+            match args.target {
+                Target::Herald => "herald (POST /api/v1/events)".to_owned(),
+                Target::Sockudo => format!("sockudo (Pusher protocol 7, app {})", args.app_id),
+            },
+        ),
+        (
+            "publish requests".into(),
+            format!(
+                "{} per 20-ms tick, at most {} events each ({per_tick} events per tick)",
+                per_tick.div_ceil(args.batch_max.max(1)),
+                args.batch_max.max(1),
+            ),
+        ),
         (
             "users × connections each".into(),
             format!("{users} × {}", args.per_user),
@@ -906,7 +1049,11 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         ),
         (
             "deliveries queued (as the API reports)".into(),
-            delivered.load(Ordering::Relaxed).to_string(),
+            if sockudo {
+                "n/a (the Pusher API does not report it)".into()
+            } else {
+                delivered.load(Ordering::Relaxed).to_string()
+            },
         ),
         ("deliveries expected".into(), target.to_string()),
         (
@@ -947,7 +1094,12 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         ));
     }
     if let Some(bytes) = frame_bytes {
-        figures.push(("mean frame written".into(), format!("{bytes:.0} B")));
+        let what = if sockudo {
+            "mean event frame (payload, as received)"
+        } else {
+            "mean frame written"
+        };
+        figures.push((what.into(), format!("{bytes:.0} B")));
     }
     if let Some(path) = &args.floor {
         // The payload plus a 2–4 byte header, as the server writes it.

@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod ai;
 mod bench;
+mod pusher;
 mod soak;
 mod text;
 
