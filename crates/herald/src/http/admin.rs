@@ -504,14 +504,7 @@ async fn kick(
     if k.user.is_empty() || k.user.len() > MAX_NAME_BYTES {
         return Err(ApiError::field("user", "must be 1 to 256 bytes"));
     }
-    let replies = app
-        .broker()
-        .ask_fleet(FleetRequest::Kick {
-            stream: user_stream(&k.user),
-        })
-        .await
-        .map_err(broker_failed)?;
-    let closed: usize = replies.iter().map(|r| r.closed).sum();
+    let closed = super::api::kick_user(&app, &k.user).await?;
     tracing::info!(user_id = %k.user, closed, "admin kicked a user");
     Ok(Json(json!({ "closed": closed })))
 }

@@ -560,15 +560,20 @@ pub(super) async fn disconnect(
     if d.user_id.is_empty() || d.user_id.len() > MAX_USER_ID_BYTES {
         return Err(ApiError::field("user_id", "must be 1 to 256 bytes"));
     }
+    let n = kick_user(&app, &d.user_id).await?;
+    Ok(Json(json!({ "disconnected": n })))
+}
+
+/// Close every connection of `user` on every node (4409): how many closed.
+pub(super) async fn kick_user(app: &App, user: &str) -> Result<usize, ApiError> {
     let replies = app
         .broker()
         .ask_fleet(FleetRequest::Kick {
-            stream: user_stream(&d.user_id),
+            stream: user_stream(user),
         })
         .await
         .map_err(broker_failed)?;
-    let n: usize = replies.iter().map(|r| r.closed).sum();
-    Ok(Json(json!({ "disconnected": n })))
+    Ok(replies.iter().map(|r| r.closed).sum())
 }
 
 #[derive(Debug, Deserialize)]
