@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,9 +34,9 @@ struct Seen {
     closed_at: Vec<Duration>,
 }
 
-/// A client that reads until `done`, reconnecting with resume whenever its
-/// connection is rotated (the notice, then close 1012).
-async fn client(server: String, user: String, done: Arc<AtomicBool>) -> Seen {
+/// A client that reads until the `stop` event, reconnecting with resume
+/// whenever its connection is rotated (the notice, then close 1012).
+async fn client(server: String, user: String) -> Seen {
     let mut seen = Seen::default();
     let mut position: Option<(String, u64)> = None;
     loop {
@@ -78,6 +76,11 @@ async fn client(server: String, user: String, done: Arc<AtomicBool>) -> Seen {
                             if let Some(p) = position.as_mut() {
                                 p.1 = seq;
                             }
+                            // The last event: stop here, wherever it came
+                            // (live or in a resume's catch-up).
+                            if f["event"] == "stop" {
+                                return seen;
+                            }
                         }
                         "closing" => {
                             assert_eq!(f["reason"], "rotate", "{f}");
@@ -96,12 +99,6 @@ async fn client(server: String, user: String, done: Arc<AtomicBool>) -> Seen {
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => break,
             }
-            if done.load(Ordering::Relaxed) {
-                return seen;
-            }
-        }
-        if done.load(Ordering::Relaxed) {
-            return seen;
         }
     }
 }
@@ -118,11 +115,10 @@ async fn rotated_connections_resume_and_lose_nothing() {
     cfg.max_connection_age = Some(AGE);
     let server = start_with(cfg).await;
     let addr = server.local_addr().to_string();
-    let done = Arc::new(AtomicBool::new(false));
     let users: Vec<String> = (0..USERS).map(|u| format!("rot-{u}")).collect();
     let clients: Vec<_> = users
         .iter()
-        .map(|u| tokio::spawn(client(addr.clone(), u.clone(), done.clone())))
+        .map(|u| tokio::spawn(client(addr.clone(), u.clone())))
         .collect();
     wait_for_connections(&server, USERS).await;
     // Steady publishing: one event per user every `period` (20 ms).
@@ -145,12 +141,10 @@ async fn rotated_connections_resume_and_lose_nothing() {
         published += 1;
         tokio::time::sleep(period).await;
     }
-    // Then stop the clients: each returns at its next frame, which this
-    // last event makes sure comes.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    done.store(true, Ordering::Relaxed);
+    // Then stop the clients: each reads on (resuming through any further
+    // rotation) until this last event.
     for u in &users {
-        publish(&server, u, "tick", json!({})).await;
+        publish(&server, u, "stop", json!({})).await;
     }
     let mut firsts = Vec::new();
     let mut rotations = 0;
@@ -171,13 +165,16 @@ async fn rotated_connections_resume_and_lose_nothing() {
             seen.notices,
             seen.rotations
         );
-        // Every seq once, in order, from the first the client saw.
+        // Every seq once, in order: the stream's first (the client was
+        // connected before the first publish) through the stop event's.
         for w in seen.seqs.windows(2) {
             assert_eq!(w[1], w[0] + 1, "{u}: {:?}", &seen.seqs);
         }
-        assert!(
-            seen.seqs.len() as u64 >= published,
-            "{u}: {} of {published}",
+        assert_eq!(seen.seqs.first(), Some(&1), "{u}: {:?}", &seen.seqs);
+        assert_eq!(
+            seen.seqs.len() as u64,
+            published + 1,
+            "{u}: {} of {published} and the stop",
             seen.seqs.len()
         );
         // Ages spread over [AGE, AGE * 1.2] (plus the reconnect).
