@@ -6,7 +6,9 @@
 # ingest → read by a socket) reaches 100 ms; per broker. Prints one line per
 # run. Usage: scripts/bench-tokens.sh [DIR] (release herald + herald-bench;
 # default target/release). Env: NS ("250 500 1000 1500 2000 3000"),
-# TOKENS (300), RATE (60), JITTER (0.5), READERS (1), BROKERS ("memory redis").
+# TOKENS (300), RATE (60), JITTER (0.5), READERS (1), BROKERS ("memory redis"),
+# COALESCE ("true"; "false true" runs each N without live coalescing, then
+# with it: the before/after of issue 43 item 2).
 # Figures: docs/BENCHMARKS.md ("The token workload").
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -14,12 +16,13 @@ DIR="${1:-$ROOT/target/release}"
 export HERALD_JWT_HS256_SECRET=bench-secret-0123456789abcdefghijkl HERALD_API_KEY=bench-api-key-0123456789
 RPORT=6393 HPORT=8333
 for broker in ${BROKERS:-memory redis}; do
+ for coalesce in ${COALESCE:-true}; do
   for n in ${NS:-250 500 1000 1500 2000 3000}; do
-    env=() extra=()
+    env=(HERALD_COALESCE_TEXT=$coalesce) extra=()
     if [ "$broker" = redis ]; then
       redis-server --port $RPORT --save "" --appendonly no --bind 127.0.0.1 >/dev/null 2>&1 &
       RP=$!; sleep 0.5
-      env=(HERALD_REDIS_URL=redis://127.0.0.1:$RPORT)
+      env+=(HERALD_REDIS_URL=redis://127.0.0.1:$RPORT)
       extra=(--redis-pid $RP --redis-port $RPORT)
     fi
     env "${env[@]}" HERALD_ADDR=127.0.0.1:$HPORT "$DIR/herald" serve >/dev/null 2>&1 &
@@ -34,12 +37,14 @@ import json, sys
 s = json.load(sys.stdin)
 f = dict(s.get("figures", []))
 l = s.get("latency_us") or {}
-print("p50 %.2f ms | p99 %.2f ms | %s | tokens %s | %s | %s | gaps %s" % (
+print("p50 %.2f ms | p99 %.2f ms | %s | frames/tokens %s | syscalls/frames per token %s | %s | %s | gaps %s" % (
     l.get("p50", 0) / 1e3, l.get("p99", 0) / 1e3, f.get("deltas/s (all answers)", "?") + " deltas/s",
-    f.get("delta frames received / tokens received", "?"), f.get("server CPU", "?"),
+    f.get("delta frames received / tokens received", "?"),
+    f.get("server write syscalls / delta frames, per token delivered", "?"), f.get("server CPU", "?"),
     f.get("redis CPU", "-"), f.get("seq gaps", "?")))
 print(l.get("p99", 10**9), file=sys.stderr)' 2>/tmp/p99)
-    echo "$broker N=$n: $line"
+    echo "$broker coalesce=$coalesce N=$n: $line"
     [ "$(cat /tmp/p99)" -lt 100000 ] || break
   done
+ done
 done

@@ -5,7 +5,7 @@ import http from 'node:http';
 import net from 'node:net';
 import assert from 'node:assert/strict';
 import { HeraldClient, HeraldClosedError } from '../herald.js';
-import { startHerald, mintToken, api, until, settle, freshTokens, helloRecorder, wsRecorder, fakeClock, expOf, connectionsOf as connectionsAt } from './helpers.mjs';
+import { startHerald, mintToken, api, until, settle, freshTokens, helloRecorder, wsRecorder, fakeClock, expOf, joinDeltas, connectionsOf as connectionsAt } from './helpers.mjs';
 
 let h;
 before(async () => { h = await startHerald({ HERALD_JWT_HS256_SECRET: 'node-secret-0123456789-abcdefghijklmn', HERALD_API_KEY: 'node-key-0123456789ab' }); });
@@ -53,15 +53,17 @@ test('sendMessage resolves on ack and the demo agent run arrives in order', asyn
   assert.equal(events[0].thread_id, 't1');
   assert.equal(events[0].run_id, undefined);
   assert.equal(events[1].data.message_id, ack.id);
-  // The answer, assembled from its deltas, is the final response.
-  assert.ok(texts.length > 10, `${texts.length} text updates`);
+  // The answer, assembled from its deltas, is the final response: one text
+  // update per delta frame (deltas that reached the socket together come
+  // joined in one frame).
+  assert.deepEqual(texts.map((t) => t.seq), events.filter((e) => e.event === 'agent_text_delta').map((e) => e.seq));
   assert.equal(texts.at(-1).text, final.data.final_response);
   assert.equal(texts.map((t) => t.delta).join(''), final.data.final_response);
   assert.ok(texts.every((t) => t.part === 'answer' && t.runId === final.run_id && !t.replayed));
   assert.equal(assembled, final.data.final_response);
   assert.equal(c.text(final.run_id), '', 'forgotten once the run closed');
-  const seqs = events.map((e) => e.seq);
-  assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i));
+  // Every seq once, in order (a frame of joined deltas covers from_seq…seq).
+  joinDeltas(events);
   c.close();
 });
 

@@ -6,7 +6,7 @@ import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startHerald, api } from './helpers.mjs';
+import { startHerald, api, joinDeltas } from './helpers.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const SHOTS = path.resolve(here, '../../../target/e2e');
@@ -36,6 +36,16 @@ const lastRun = () => runCards().last();
 /** The demo agent's answer to `text`. */
 const answerTo = (text) => `You said: \u201c${text}\u201d. I am Herald's built-in demo agent; set HERALD_WEBHOOK_URL to connect your own.`;
 
+/**
+ * Record, from now on, the event frames the page's client hands out
+ * (`from_seq` included); `frames()` reads them back.
+ */
+const recordFrames = () => page.evaluate(() => {
+  window.__frames = [];
+  window.__herald.client.on('event', (e) => window.__frames.push(e));
+});
+const frames = () => page.evaluate(() => window.__frames);
+
 async function send(text) {
   await page.fill('#text', text);
   await page.press('#text', 'Enter');
@@ -46,15 +56,20 @@ test('type a message and see the run rendered, its answer written word by word',
   await page.fill('#name', 'pat');
   await page.press('#name', 'Enter');
   await page.waitForSelector('#status[data-state="open"]');
+  await recordFrames();
   await send('plan my trip to Lisbon');
   await page.waitForSelector('.msg.user[data-pending="false"]'); // acked
   await page.waitForSelector('.run[data-status="completed"]', { timeout: 10000 });
   const run = lastRun();
   // started, 3 × thinking, tool executing + completed, the answer's words,
-  // completed: seqs 1..N, each once.
+  // completed: seqs 1..N, each once (deltas that reached the page together
+  // come joined in one frame, covering from_seq…seq), each frame shown once.
+  const got = await frames();
+  joinDeltas(got);
+  assert.equal(got[0].from_seq ?? got[0].seq, 1);
   const seqs = await page.evaluate(() => window.__herald.seqs);
-  assert.ok(seqs.length > 17, `${seqs.length} events`);
-  assert.deepEqual(seqs, seqs.map((_, i) => i + 1));
+  assert.deepEqual(seqs, got.map((e) => e.seq));
+  assert.ok(seqs.at(-1) > 17, `${seqs.at(-1)} seqs`);
   assert.equal(await run.locator('[data-event="agent_thinking"]').count(), 3);
   assert.equal(await run.locator('.tool[data-status="done"]').count(), 1);
   assert.equal(await run.locator('.answer').innerText(), answerTo('plan my trip to Lisbon'));
@@ -149,23 +164,24 @@ test('reload mid-answer shows the answer text once', async () => {
 });
 
 test('a kick through the API reconnects with no lost events', async () => {
+  await recordFrames();
   await send('keep going through a kick');
   await page.waitForSelector('.run[data-status="running"] [data-event="agent_thinking"]');
   const runId = await lastRun().getAttribute('data-run-id');
-  const before = await page.evaluate(() => window.__herald.seqs.length);
   const kicked = await api(h, '/api/v1/disconnect', { user_id: 'pat' });
   assert.equal(kicked.disconnected, 1);
   await page.waitForSelector(`.run[data-run-id="${runId}"][data-status="completed"]`, { timeout: 10000 });
   const { seqs, closes, state } = await page.evaluate(() => ({ seqs: window.__herald.seqs, closes: window.__herald.closes, state: window.__herald.client.state }));
   assert.ok(closes.includes(4409), `closes: ${closes}`);
   assert.equal(state, 'open');
-  // No duplicates, and the events since the kick are contiguous.
+  // No duplicates, and the frames of the turn, across the kick, cover
+  // every seq once, in order.
   assert.equal(new Set(seqs).size, seqs.length);
-  const tail = seqs.slice(before - 1);
-  assert.deepEqual(tail, tail.map((_, i) => tail[0] + i), `seqs after the kick: ${tail}`);
+  joinDeltas(await frames());
   const card = page.locator(`.run[data-run-id="${runId}"]`);
   assert.equal(await card.locator('[data-event="agent_thinking"]').count(), 3);
   assert.equal(await card.locator('.tool[data-status="done"]').count(), 1);
+  assert.equal(await card.locator('.answer').innerText(), answerTo('keep going through a kick'));
 });
 
 test('the Stop button cancels the run', async () => {

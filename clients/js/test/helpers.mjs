@@ -1,4 +1,5 @@
 // Shared helpers for the client tests: a real `herald serve` on 127.0.0.1:0.
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
@@ -174,4 +175,32 @@ export async function until(predicate, ms = 10000, what = 'condition') {
     if (Date.now() - start > ms) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/**
+ * The event frames of a socket as what is promised of them, whatever Herald
+ * joined: it may join a run part's unsent text deltas into one frame
+ * (`from_seq`…`seq`, their texts joined), live as in history, so how many
+ * frames a text takes is not promised. Asserts that the frames cover every
+ * seq once, in order (per stream: each frame's `from_seq`, or `seq`, is the
+ * previous frame's `seq` + 1), and returns them with each series of
+ * consecutive `agent_text_delta` frames of one run and part joined into one
+ * frame, as Herald joins them: compare these, not frame counts.
+ */
+export function joinDeltas(frames) {
+  const last = new Map(); // stream ('' the user's own) → seq of its last frame
+  const joined = [];
+  for (const f of frames) {
+    const stream = f.stream ?? '';
+    const from = f.from_seq ?? f.seq;
+    assert.ok(from <= f.seq, `from_seq after seq: ${JSON.stringify(f).slice(0, 200)}`);
+    if (last.has(stream)) assert.equal(from, last.get(stream) + 1, `every seq once, in order: ${JSON.stringify(f).slice(0, 200)}`);
+    last.set(stream, f.seq);
+    const prev = joined.at(-1);
+    if (f.event === 'agent_text_delta' && prev?.event === 'agent_text_delta' && (prev.stream ?? '') === stream
+      && prev.run_id === f.run_id && prev.data?.part === f.data?.part && prev.replayed === f.replayed) {
+      joined[joined.length - 1] = { ...prev, from_seq: prev.from_seq ?? prev.seq, seq: f.seq, data: { ...prev.data, text: prev.data.text + f.data.text } };
+    } else joined.push(f);
+  }
+  return joined;
 }

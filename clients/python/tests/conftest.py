@@ -99,6 +99,65 @@ def events(ws: ClientConnection, n: int) -> list:
     return out
 
 
+def join_deltas(frames: list) -> list:
+    """Event frames as what is promised of them, whatever Herald joined.
+
+    Herald may join a run part's unsent text deltas into one frame covering
+    `from_seq`…`seq` (their texts joined), live as in history, so how many
+    frames a text takes is not promised. Asserts that the frames cover every
+    seq once, in order (per stream: each frame's `from_seq`, or `seq`, is the
+    previous frame's `seq` + 1; only a text delta covers more than one seq),
+    and returns them with each series of consecutive `agent_text_delta`
+    frames of one run and part joined into one covering frame, as Herald
+    joins them: compare these, not frame counts."""
+    last: Dict[str, int] = {}  # stream ("" the user's own) -> seq of its last frame
+    out: list = []
+    for f in frames:
+        stream = f.get("stream", "")
+        if "from_seq" in f:
+            assert f["event"] == "agent_text_delta" and f["from_seq"] < f["seq"], f
+        start = f.get("from_seq", f["seq"])
+        if stream in last:
+            assert start == last[stream] + 1, f"every seq once, in order: after {last[stream]}, {f}"
+        last[stream] = f["seq"]
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and f["event"] == "agent_text_delta"
+            and prev["event"] == "agent_text_delta"
+            and prev.get("stream", "") == stream
+            and prev.get("run_id") == f.get("run_id")
+            and prev["data"].get("part") == f["data"].get("part")
+            and prev.get("replayed") == f.get("replayed")
+        ):
+            text = prev["data"]["text"] + f["data"]["text"]
+            out[-1] = {**prev, "from_seq": prev.get("from_seq", prev["seq"]), "seq": f["seq"],
+                       "data": {**prev["data"], "text": text}}
+        else:
+            out.append(f)
+    return out
+
+
+def covered(ws: ClientConnection, upto: int, first: Optional[int] = 1, timeout: float = 10,
+            out: Optional[list] = None) -> list:
+    """The event frames of `ws` (one stream's) until seq `upto` is covered,
+    as they came (appended to `out` too, as they come). Asserts as it reads
+    that they cover every seq from `first` (None: wherever the first frame
+    starts) once, in order, and that the last one ends exactly at `upto`."""
+    got: list = [] if out is None else out
+    while not got or got[-1]["seq"] < upto:
+        f = json.loads(ws.recv(timeout=timeout))
+        if f["type"] != "event":
+            continue
+        if not got and first is not None:
+            assert f.get("from_seq", f["seq"]) == first, f
+        got.append(f)
+        join_deltas(got[-2:])
+        assert f.get("stream") == got[0].get("stream"), f
+    assert got[-1]["seq"] == upto, got[-1]
+    return got
+
+
 def member(server: "HeraldProcess", user: str, grants: Dict[str, str], *streams: str) -> ClientConnection:
     """A socket of `user` whose token grants `grants` (minted with
     `mint_token(…, streams=…)`), subscribed to each of `streams`."""

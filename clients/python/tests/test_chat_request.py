@@ -20,7 +20,7 @@ from herald_gateway import (
     verify_webhook,
 )
 
-from conftest import API_KEY, Hooked as BaseHooked, ai_response, events
+from conftest import API_KEY, Hooked as BaseHooked, ai_response, covered, events, join_deltas
 
 HOOK_SECRET = "py-chat-hook-secret-0123456789"
 WORDS = ["It ", "is ", "21 ", "°C ", "in ", "\"Oslo\"", ".\n", "😀"]
@@ -92,12 +92,11 @@ def test_a_chat_turn_is_answered_in_heralds_run(hooked, how):
 
     # The user's stream: Herald's agent_started, then the answer, all in
     # Herald's run and the chat's thread; one start.
-    got = events(watcher, 1 + 3 + len(WORDS) + 1)
-    assert [e["event"] for e in got] == (
-        ["agent_started", "agent_thinking", "tool_executing", "tool_completed"]
-        + ["agent_text_delta"] * len(WORDS)
-        + ["agent_completed"]
-    )
+    got = join_deltas(covered(watcher, 1 + 3 + len(WORDS) + 1))
+    assert [e["event"] for e in got] == [
+        "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_text_delta", "agent_completed",
+    ]
+    assert got[4]["data"] == {"part": "answer", "text": "".join(WORDS)}
     assert got[0]["data"]["source"] == "ai_sdk"
     assert {e["run_id"] for e in got} == {event.run_id}
     assert {e["thread_id"] for e in got} == {"chat-py"}

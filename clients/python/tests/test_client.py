@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from herald_gateway import AsyncHerald, Herald, HeraldError, TextStreamError
 
-from conftest import API_KEY, events
+from conftest import API_KEY, covered, events, join_deltas
 
 
 def test_publish_batch_kick_and_listing(herald_server):
@@ -220,10 +220,6 @@ def test_a_retry_after_a_lost_answer_does_not_duplicate(herald_server):
     assert [e["seq"] for e in events(ws, 2)] == [1, 2]
 
 
-def _text_of(frames):
-    return "".join(f["data"]["text"] for f in frames if f["event"] == "agent_text_delta")
-
-
 WORDS = [f"w{i} " if i % 5 else "\"é😀\"\n" for i in range(120)]
 
 
@@ -237,20 +233,19 @@ def test_run_text_streams_the_answer_in_order_before_the_next_event(herald_serve
                 call.result = 1
             for w in WORDS[60:]:
                 run.text(w, part="final")
-    got = events(ws, 1 + 60 + 2 + 60 + 1)
-    names = [e["event"] for e in got]
-    assert names == (
-        ["agent_started"]
-        + ["agent_text_delta"] * 60
-        + ["tool_executing", "tool_completed"]
-        + ["agent_text_delta"] * 60
-        + ["agent_completed"]
+    got = join_deltas(covered(ws, 1 + 60 + 2 + 60 + 1))
+    assert [(e["event"], e.get("from_seq", e["seq"]), e["seq"]) for e in got] == [
+        ("agent_started", 1, 1),
+        ("agent_text_delta", 2, 61),
+        ("tool_executing", 62, 62),
+        ("tool_completed", 63, 63),
+        ("agent_text_delta", 64, 123),
+        ("agent_completed", 124, 124),
+    ]
+    assert (got[1]["data"], got[4]["data"]) == (
+        {"part": "answer", "text": "".join(WORDS[:60])},
+        {"part": "final", "text": "".join(WORDS[60:])},
     )
-    assert [e["seq"] for e in got] == list(range(1, len(got) + 1))
-    assert _text_of(got[1:61]) == "".join(WORDS[:60])
-    assert {e["data"]["part"] for e in got[1:61]} == {"answer"}
-    assert _text_of(got[63:123]) == "".join(WORDS[60:])
-    assert {e["data"]["part"] for e in got[63:123]} == {"final"}
 
 
 class _LoseFirstTextAnswer(httpx.BaseTransport):
@@ -284,10 +279,13 @@ def test_a_lost_text_stream_is_retried_without_a_gap_or_a_repeat(herald_server, 
             for w in WORDS:
                 run.text(w)
     assert transport.lost >= 1
-    got = events(ws, 1 + len(WORDS) + 1)
-    assert [e["seq"] for e in got] == list(range(1, len(WORDS) + 3))
-    assert got[-1]["event"] == "agent_completed"
-    assert _text_of(got) == "".join(WORDS)
+    got = join_deltas(covered(ws, 1 + len(WORDS) + 1))
+    assert [(e["event"], e.get("from_seq", e["seq"]), e["seq"]) for e in got] == [
+        ("agent_started", 1, 1),
+        ("agent_text_delta", 2, len(WORDS) + 1),
+        ("agent_completed", len(WORDS) + 2, len(WORDS) + 2),
+    ]
+    assert got[1]["data"] == {"part": "answer", "text": "".join(WORDS)}
 
 
 def test_async_run_text_streams_and_a_refused_stream_fails_the_run(herald_server):
@@ -308,11 +306,15 @@ def test_async_run_text_streams_and_a_refused_stream_fails_the_run(herald_server
                     run.text("x", part="p" * 200)
 
     asyncio.run(main())
-    got = events(ws, 1 + len(WORDS) + 1 + 2)
-    assert [e["event"] for e in got[: len(WORDS) + 2]] == (
-        ["agent_started"] + ["agent_text_delta"] * len(WORDS) + ["agent_completed"]
-    )
-    assert _text_of(got[: len(WORDS) + 2]) == "".join(WORDS)
-    assert [e["event"] for e in got[len(WORDS) + 2 :]] == ["agent_started", "agent_error"]
+    got = join_deltas(covered(ws, 1 + len(WORDS) + 1 + 2))
+    assert [(e["event"], e.get("from_seq", e["seq"]), e["seq"]) for e in got] == [
+        ("agent_started", 1, 1),
+        ("agent_text_delta", 2, len(WORDS) + 1),
+        ("agent_completed", len(WORDS) + 2, len(WORDS) + 2),
+        ("agent_started", len(WORDS) + 3, len(WORDS) + 3),
+        ("agent_error", len(WORDS) + 4, len(WORDS) + 4),
+    ]
+    assert got[1]["data"] == {"part": "answer", "text": "".join(WORDS)}
+    assert got[0]["run_id"] == got[1]["run_id"] == got[2]["run_id"] != got[3]["run_id"] == got[4]["run_id"]
     assert got[-1]["data"]["error"] == "TextStreamError"
     assert "invalid_line" in got[-1]["data"]["message"]

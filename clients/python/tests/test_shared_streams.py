@@ -30,17 +30,19 @@ from herald_gateway import (
     verify_webhook,
 )
 
-from conftest import API_KEY, SECRET, Hooked, events, frame, member
+from conftest import API_KEY, SECRET, Hooked, events, frame, join_deltas, member
 
 HOOK_SECRET = "py-streams-hook-secret-0123456789"
 
 
 def run_events(ws: ClientConnection) -> List[Dict[str, Any]]:
-    """The event frames up to the first run's end (`agent_completed`)."""
+    """The event frames up to the first run's end (`agent_completed`), each
+    series of a part's text deltas joined into one frame (`join_deltas`, which
+    checks that they cover every seq once, in order)."""
     out: List[Dict[str, Any]] = []
     while not out or out[-1]["event"] != "agent_completed":
         out.extend(events(ws, 1))
-    return out
+    return join_deltas(out)
 
 
 def nothing_more(ws: ClientConnection) -> None:
@@ -176,15 +178,16 @@ def test_a_run_of_a_message_written_to_a_stream_answers_in_the_stream(client):
             assert all(e.get("stream") == "thread:t1" for e in got), got
             assert [e["event"] for e in got] == [
                 "user_message", "agent_started", "agent_thinking", "tool_executing",
-                "tool_completed", "agent_text_delta", "agent_text_delta", "agent_completed",
+                "tool_completed", "agent_text_delta", "agent_completed",
             ]
             question, started = got[0], got[1]
             assert question["data"]["user_id"] == "ana"
             assert started["data"] == {"message_id": "q-1"} and started["thread_id"] == "t1"
             assert {e["run_id"] for e in got[1:]} == {run.run_id}
-            assert "".join(e["data"]["text"] for e in got if e["event"] == "agent_text_delta") == "Bob."
-            seqs = [e["seq"] for e in got]
-            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            text = got[5]
+            assert (text.get("from_seq"), text["seq"], text["data"]) == (
+                got[4]["seq"] + 1, got[4]["seq"] + 2, {"part": "answer", "text": "Bob."},
+            )
             nothing_more(ws)
         ana.close()
         bob.close()
@@ -268,10 +271,11 @@ def test_a_run_in_a_stream_that_answers_no_message(herald_server, client):
     got = run_events(cy)
     assert [(e["stream"], e["event"], e["run_id"], e["thread_id"]) for e in got] == [
         ("room:ops", event, run.run_id, "daily")
-        for event in ("agent_started", "agent_text_delta", "agent_text_delta", "agent_completed")
+        for event in ("agent_started", "agent_text_delta", "agent_completed")
     ]
+    assert [(e.get("from_seq", e["seq"]), e["seq"]) for e in got] == [(1, 1), (2, 3), (4, 4)]
     assert got[0]["data"] == {}
-    assert "".join(e["data"]["text"] for e in got[1:3]) == "all green"
+    assert got[1]["data"] == {"part": "answer", "text": "all green"}
     nothing_more(cy)
 
 

@@ -15,7 +15,7 @@ import pytest
 from herald_gateway import AsyncHerald, Herald, HeraldError, TextStreamError
 from herald_gateway import _retry
 
-from conftest import API_KEY, HeraldProcess, events
+from conftest import API_KEY, HeraldProcess, covered, events, join_deltas
 
 
 def _lines(body: bytes) -> List[dict]:
@@ -100,15 +100,16 @@ def test_undeliverable_text_raises_after_agent_error(herald_server, monkeypatch,
 # --- Finding 4: long streams complete; a retry resends only what is missing --
 
 
-def _reader(ws, n: int, out: list) -> threading.Thread:
-    """Reads `n` events into `out` as they come (a lagging socket would be
-    closed by Herald's per-connection bounds)."""
+def _reader(ws, upto: int, out: list, failed: list) -> threading.Thread:
+    """Reads events into `out` as they come until seq `upto` is covered (a
+    lagging socket would be closed by Herald's per-connection bounds); what
+    went wrong, if anything, into `failed`."""
 
     def read() -> None:
-        while len(out) < n:
-            frame = json.loads(ws.recv(timeout=60))
-            if frame["type"] == "event":
-                out.append(frame)
+        try:
+            covered(ws, upto, timeout=60, out=out)
+        except BaseException as e:  # noqa: B036 (reported by the test)
+            failed.append(e)
 
     t = threading.Thread(target=read, daemon=True)
     t.start()
@@ -133,16 +134,27 @@ def test_a_stream_of_30000_deltas_completes(roomy_server):
     n = 30_000
     ws = roomy_server.ws("lou")
     got: list = []
-    reader = _reader(ws, n + 2, got)
+    failed: list = []
+    reader = _reader(ws, n + 2, got, failed)
     with Herald(roomy_server.url, API_KEY) as h:
         with h.run("lou") as run:
             for i in range(n):
                 run.text(f"{i} ")
     reader.join(timeout=60)
-    assert len(got) == n + 2
-    assert got[0]["event"] == "agent_started" and got[-1]["event"] == "agent_completed"
-    assert [e["seq"] for e in got] == list(range(1, n + 3))
-    assert [e["data"]["text"] for e in got[1:-1]] == [f"{i} " for i in range(n)]
+    assert not reader.is_alive(), "seq n + 2 not covered"
+    if failed:
+        raise failed[0]
+    # Delta i is seq i + 2: each frame carries exactly its seqs' texts.
+    for e in got[1:-1]:
+        assert e["event"] == "agent_text_delta" and e["data"]["part"] == "answer", e
+        assert e["data"]["text"] == "".join(f"{s - 2} " for s in range(e.get("from_seq", e["seq"]), e["seq"] + 1))
+    whole = join_deltas(got)
+    assert [(e["event"], e.get("from_seq", e["seq"]), e["seq"]) for e in whole] == [
+        ("agent_started", 1, 1),
+        ("agent_text_delta", 2, n + 1),
+        ("agent_completed", n + 2, n + 2),
+    ]
+    assert whole[1]["data"]["text"] == "".join(f"{i} " for i in range(n))
 
 
 class _CutsFirstText(httpx.BaseTransport):
@@ -238,11 +250,16 @@ def test_a_retry_after_a_cut_resends_only_from_heralds_position(herald_server, m
         assert 10 + len(ls) / RATE <= timeouts["read"] <= 10 + 2 * len(ls) / RATE
         assert timeouts["write"] >= 10 + MAX_ATTEMPT_LINES / RATE
     # Users saw every delta once, in order.
-    got = events(ws, 1 + len(DELTAS) + 1)
-    assert got[-1]["event"] == "agent_completed"
+    got = covered(ws, 1 + len(DELTAS) + 1)
+    assert got[0]["event"] == "agent_started" and got[-1]["event"] == "agent_completed"
+    # Delta i is seq i + 2: each frame carries exactly its seqs' deltas, of its part.
+    for e in got[1:-1]:
+        mine = DELTAS[e.get("from_seq", e["seq"]) - 2 : e["seq"] - 1]
+        assert e["event"] == "agent_text_delta" and {p for p, _ in mine} == {e["data"]["part"]}, e
+        assert e["data"]["text"] == "".join(t for _, t in mine), e
     for part in PARTS:
-        texts = [e["data"]["text"] for e in got if e["event"] == "agent_text_delta" and e["data"]["part"] == part]
-        assert texts == [t for p, t in DELTAS if p == part]
+        text = "".join(e["data"]["text"] for e in got[1:-1] if e["data"]["part"] == part)
+        assert text == "".join(t for p, t in DELTAS if p == part)
 
 
 # --- Finding 14: caller-given values are escaped in URLs -------------------

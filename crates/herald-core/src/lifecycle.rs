@@ -25,6 +25,20 @@ use crate::queue::InlineQueue;
 pub trait Payload {
     /// Bytes this frame occupies, used for the queue's byte bound.
     fn wire_len(&self) -> usize;
+
+    /// Join `next`, the live frame of seq `seq` of the same stream, into
+    /// this unsent frame, which covers `from..seq` (so `next` continues it
+    /// with no seq between), when the two can travel as one frame covering
+    /// `from..=seq` (consecutive text deltas of one part, see
+    /// [`crate::text`]); otherwise give `next` back. By default frames
+    /// never join.
+    fn absorb(&mut self, from: u64, seq: u64, next: Self) -> Result<(), Self>
+    where
+        Self: Sized,
+    {
+        let _ = (from, seq);
+        Err(next)
+    }
 }
 
 impl Payload for String {
@@ -50,6 +64,11 @@ pub struct LifecycleConfig {
     /// Inbound silence (no frame of any kind, pongs included) after which a
     /// `Ready` connection closes as a heartbeat timeout.
     pub heartbeat_timeout: Duration,
+    /// Join a live event into the unsent frame at the back of the queue
+    /// when it continues it ([`Payload::absorb`]): a connection that falls
+    /// behind gets consecutive text deltas of one part as one covered
+    /// frame instead of one frame each. Nothing waits for it.
+    pub coalesce: bool,
 }
 
 impl Default for LifecycleConfig {
@@ -61,6 +80,7 @@ impl Default for LifecycleConfig {
             max_queue_bytes: 4 * 1024 * 1024,
             heartbeat_interval: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(60),
+            coalesce: true,
         }
     }
 }
@@ -175,6 +195,23 @@ pub struct Connection<P> {
     last_inbound: Instant,
     next_ping: Instant,
     ping_due: bool,
+    /// The live frame at the back of the queue, if the back is one: its
+    /// stream (`None` for the own stream, else the subscription's id) and
+    /// the seqs it covers. Only a frame described here can absorb another.
+    tail: Option<Tail>,
+    /// False for a connection that never joins frames (its presenter joins
+    /// them itself), whatever the configuration says.
+    coalesce: bool,
+    /// Live events joined into a queued frame so far.
+    joined: u64,
+}
+
+/// The live frame at the back of a connection's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tail {
+    stream: Option<u32>,
+    from: u64,
+    seq: u64,
 }
 
 impl<P: Payload> Connection<P> {
@@ -203,7 +240,21 @@ impl<P: Payload> Connection<P> {
             last_inbound: now,
             next_ping: now,
             ping_due: false,
+            tail: None,
+            coalesce: true,
+            joined: 0,
         }
+    }
+
+    /// Never join live events into queued frames on this connection (its
+    /// presenter joins what it writes itself).
+    pub fn disable_coalescing(&mut self) {
+        self.coalesce = false;
+    }
+
+    /// Live events joined into a queued frame so far (each saved a frame).
+    pub fn joined(&self) -> u64 {
+        self.joined
     }
 
     /// The current state.
@@ -379,7 +430,7 @@ impl<P: Payload> Connection<P> {
             Released {
                 first: Some(frame),
                 rest,
-            } if rest.is_empty() && live => self.send(now, frame)?,
+            } if rest.is_empty() && live => self.send_live(now, Some(id), seq, frame)?,
             ready => self.admit_events(ready.into_vec()),
         }
         Ok(outcome)
@@ -437,6 +488,9 @@ impl<P: Payload> Connection<P> {
         self.next_ping = now + self.cfg.heartbeat_interval;
         if let Some(welcome) = welcome {
             self.queued_bytes += welcome.wire_len();
+            if self.queue.is_empty() {
+                self.tail = None;
+            }
             self.queue.push_front(welcome);
         }
         let mut ready = Vec::new();
@@ -530,7 +584,9 @@ impl<P: Payload> Connection<P> {
             Released {
                 first: Some(frame),
                 rest,
-            } if rest.is_empty() && self.merge.is_live() => self.send(now, frame)?,
+            } if rest.is_empty() && self.merge.is_live() => {
+                self.send_live(now, None, seq, frame)?
+            }
             ready => self.admit_events(ready.into_vec()),
         }
         Ok(outcome)
@@ -553,7 +609,53 @@ impl<P: Payload> Connection<P> {
         for frame in frames {
             self.queued_bytes += frame.wire_len();
             self.queue.push_back(frame);
+            self.tail = None;
         }
+    }
+
+    /// Queue live event `seq` of `stream` (the merge released it alone, in
+    /// order), joined into the frame at the back of the queue when that is
+    /// the same stream's frame ending at `seq - 1` and the two join
+    /// ([`Payload::absorb`]); queued as its own frame otherwise. Either
+    /// way the frames in the queue cover every seq once, in order (I3):
+    /// a joined frame covers `from..=seq` without a gap.
+    fn send_live(
+        &mut self,
+        now: Instant,
+        stream: Option<u32>,
+        seq: u64,
+        frame: P,
+    ) -> Result<(), SendRefused> {
+        let mut frame = frame;
+        if let Some(tail) = self.tail.filter(|t| {
+            self.coalesce
+                && self.cfg.coalesce
+                && self.state == State::Ready
+                && t.stream == stream
+                && t.seq.checked_add(1) == Some(seq)
+        }) {
+            // The byte bound holds for what a join adds as for a new frame.
+            let room = self.queued_bytes + frame.wire_len() <= self.cfg.max_queue_bytes;
+            if let Some(back) = self.queue.back_mut().filter(|_| room) {
+                let before = back.wire_len();
+                match back.absorb(tail.from, seq, frame) {
+                    Ok(()) => {
+                        self.queued_bytes = self.queued_bytes - before + back.wire_len();
+                        self.tail = Some(Tail { seq, ..tail });
+                        self.joined += 1;
+                        return Ok(());
+                    }
+                    Err(next) => frame = next,
+                }
+            }
+        }
+        self.send(now, frame)?;
+        self.tail = Some(Tail {
+            stream,
+            from: seq,
+            seq,
+        });
+        Ok(())
     }
 
     fn close_slow(&mut self, now: Instant) {
@@ -604,6 +706,7 @@ impl<P: Payload> Connection<P> {
         }
         self.queued_bytes += len;
         self.queue.push_back(frame);
+        self.tail = None;
         Ok(())
     }
 
@@ -697,6 +800,9 @@ impl<P: Payload> Connection<P> {
         }
         let frame = self.queue.pop_front()?;
         self.queued_bytes -= frame.wire_len();
+        if self.queue.is_empty() {
+            self.tail = None;
+        }
         Some(frame)
     }
 
@@ -810,12 +916,16 @@ impl<P: Payload> Connection<P> {
     fn pop(&mut self) -> Option<Transmit<P>> {
         let frame = self.queue.pop_front()?;
         self.queued_bytes -= frame.wire_len();
+        if self.queue.is_empty() {
+            self.tail = None;
+        }
         Some(Transmit::Frame(frame))
     }
 
     fn clear_queue(&mut self) {
         self.queue.clear();
         self.queued_bytes = 0;
+        self.tail = None;
     }
 }
 
@@ -870,6 +980,7 @@ mod tests {
             max_queue_bytes: 100,
             heartbeat_interval: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(60),
+            coalesce: true,
         }
     }
 
@@ -1532,5 +1643,188 @@ mod tests {
             c.close_info().map(|i| i.reason),
             Some(CloseReason::SlowConsumer)
         );
+    }
+
+    /// A frame of the coalescing tests: the seqs it covers, the part of a
+    /// text delta (`None` for any other event) and the text so far.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Piece {
+        from: u64,
+        seq: u64,
+        part: Option<char>,
+        text: String,
+    }
+
+    impl Payload for Piece {
+        fn wire_len(&self) -> usize {
+            self.text.len() + 1
+        }
+
+        fn absorb(&mut self, from: u64, seq: u64, next: Self) -> Result<(), Self> {
+            if self.part.is_none() || self.part != next.part {
+                return Err(next);
+            }
+            assert_eq!(
+                (self.from, self.seq + 1),
+                (from, seq),
+                "the core's covered range"
+            );
+            self.seq = seq;
+            self.text.push_str(&next.text);
+            Ok(())
+        }
+    }
+
+    fn piece(seq: u64, part: Option<char>) -> Piece {
+        Piece {
+            from: seq,
+            seq,
+            part,
+            text: format!("<{seq}>"),
+        }
+    }
+
+    fn ready_pieces(now: Instant, cfg: LifecycleConfig) -> Connection<Piece> {
+        let mut c = Connection::new(now, cfg);
+        c.authenticate_silently(now, Plan::Live { after: 0 })
+            .unwrap();
+        c
+    }
+
+    fn big_cfg(coalesce: bool) -> LifecycleConfig {
+        LifecycleConfig {
+            max_queue_frames: 1000,
+            max_queue_bytes: 1 << 20,
+            coalesce,
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn deltas_of_one_part_join_only_while_queued() {
+        let now = Instant::now();
+        let mut c = ready_pieces(now, big_cfg(true));
+        // Queued behind each other: 1..=3 of part a join; 4 (part b) and
+        // 5 (not a delta) do not; 6 of b does not join across 5.
+        for (seq, part) in [(1, 'a'), (2, 'a'), (3, 'a'), (4, 'b')] {
+            c.send_event(now, seq, piece(seq, Some(part))).unwrap();
+        }
+        c.send_event(now, 5, piece(5, None)).unwrap();
+        c.send_event(now, 6, piece(6, Some('b'))).unwrap();
+        let frames: Vec<_> = std::iter::from_fn(|| c.poll_frame()).collect();
+        assert_eq!(
+            frames.iter().map(|f| (f.from, f.seq)).collect::<Vec<_>>(),
+            [(1, 3), (4, 4), (5, 5), (6, 6)]
+        );
+        assert_eq!(frames[0].text, "<1><2><3>");
+        assert_eq!(c.joined(), 2);
+        // Taken for writing, a frame is never joined again.
+        c.send_event(now, 7, piece(7, Some('b'))).unwrap();
+        assert_eq!(c.poll_frame().map(|f| (f.from, f.seq)), Some((7, 7)));
+        c.send_event(now, 8, piece(8, Some('b'))).unwrap();
+        assert_eq!(c.poll_frame().map(|f| (f.from, f.seq)), Some((8, 8)));
+        // A reply between two deltas separates them.
+        c.send_event(now, 9, piece(9, Some('b'))).unwrap();
+        c.send(now, piece(0, None)).unwrap();
+        c.send_event(now, 10, piece(10, Some('b'))).unwrap();
+        let seqs: Vec<_> = std::iter::from_fn(|| c.poll_frame())
+            .map(|f| f.seq)
+            .collect();
+        assert_eq!(seqs, [9, 0, 10]);
+        assert_eq!(c.joined(), 2);
+    }
+
+    #[test]
+    fn coalescing_can_be_turned_off() {
+        let now = Instant::now();
+        let mut off = ready_pieces(now, big_cfg(false));
+        let mut disabled = ready_pieces(now, big_cfg(true));
+        disabled.disable_coalescing();
+        for c in [&mut off, &mut disabled] {
+            for seq in 1..=3 {
+                c.send_event(now, seq, piece(seq, Some('a'))).unwrap();
+            }
+            assert_eq!(std::iter::from_fn(|| c.poll_frame()).count(), 3);
+            assert_eq!(c.joined(), 0);
+        }
+    }
+
+    #[test]
+    fn a_join_counts_toward_the_byte_bound() {
+        let now = Instant::now();
+        let cfg = LifecycleConfig {
+            max_queue_frames: 1000,
+            max_queue_bytes: 10,
+            ..cfg()
+        };
+        let mut c = ready_pieces(now, cfg);
+        c.send_event(now, 1, piece(1, Some('a'))).unwrap();
+        c.send_event(now, 2, piece(2, Some('a'))).unwrap();
+        assert_eq!((c.queue_len(), c.queued_bytes()), (1, 7));
+        assert_eq!(
+            c.send_event(now, 3, piece(3, Some('a'))),
+            Err(SendRefused::QueueFull)
+        );
+        assert_eq!(c.state(), State::Closing);
+    }
+
+    #[test]
+    fn streams_join_only_their_own_frames() {
+        let now = Instant::now();
+        let mut c = ready_pieces(now, big_cfg(true));
+        c.subscribe(1).unwrap();
+        c.start_subscription(1, piece(0, None), Plan::Live { after: 0 });
+        c.send_event(now, 1, piece(1, Some('a'))).unwrap();
+        // Seq 2 of another stream: not a continuation of the own stream's 1.
+        c.send_sub_event(now, 1, 1, piece(1, Some('a'))).unwrap();
+        c.send_sub_event(now, 1, 2, piece(2, Some('a'))).unwrap();
+        c.send_event(now, 2, piece(2, Some('a'))).unwrap();
+        let frames: Vec<_> = std::iter::from_fn(|| c.poll_frame())
+            .map(|f| (f.from, f.seq))
+            .collect();
+        assert_eq!(frames, [(0, 0), (1, 1), (1, 2), (2, 2)]);
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives and whenever frames are taken: the frames cover
+        /// every seq once, in order (I3), each frame's text is exactly its
+        /// seqs' texts, a frame joins only deltas of one part, and with
+        /// coalescing off (or the queue drained before each event) every
+        /// event is its own frame.
+        #[test]
+        fn joined_frames_cover_every_seq_once(
+            steps in proptest::collection::vec((0u8..4, proptest::prelude::any::<bool>()), 1..120),
+            coalesce in proptest::prelude::any::<bool>(),
+        ) {
+            let now = Instant::now();
+            let mut c = ready_pieces(now, big_cfg(coalesce));
+            let mut parts = Vec::new();
+            let mut out = Vec::new();
+            for (seq, (kind, take)) in (1u64..).zip(&steps) {
+                let part = match kind { 0 => None, 1 => Some('a'), _ => Some('b') };
+                parts.push(part);
+                c.send_event(now, seq, piece(seq, part)).unwrap();
+                if *take {
+                    out.extend(std::iter::from_fn(|| c.poll_frame()));
+                }
+            }
+            out.extend(std::iter::from_fn(|| c.poll_frame()));
+            let mut next = 1;
+            for f in &out {
+                proptest::prop_assert_eq!(f.from, next);
+                proptest::prop_assert!(f.seq >= f.from);
+                let want: String = (f.from..=f.seq).map(|s| format!("<{s}>")).collect();
+                proptest::prop_assert_eq!(&f.text, &want);
+                for s in f.from..=f.seq {
+                    proptest::prop_assert_eq!(parts[(s - 1) as usize], f.part);
+                }
+                next = f.seq + 1;
+            }
+            proptest::prop_assert_eq!(next, steps.len() as u64 + 1);
+            proptest::prop_assert_eq!(out.len() as u64 + c.joined(), steps.len() as u64);
+            if !coalesce {
+                proptest::prop_assert_eq!(c.joined(), 0);
+            }
+        }
     }
 }

@@ -77,6 +77,14 @@ impl<T> InlineQueue<T> {
         self.front.as_mut()
     }
 
+    /// The back item (the one pushed last), to change in place.
+    pub fn back_mut(&mut self) -> Option<&mut T> {
+        match self.rest.back_mut() {
+            Some(back) => Some(back),
+            None => self.front.as_mut(),
+        }
+    }
+
     /// Drop everything queued.
     pub fn clear(&mut self) {
         self.front = None;
@@ -101,6 +109,7 @@ mod tests {
         PushFront(u8),
         Pop,
         Bump,
+        BumpBack,
         Clear,
     }
 
@@ -110,6 +119,7 @@ mod tests {
             1 => any::<u8>().prop_map(Op::PushFront),
             4 => Just(Op::Pop),
             1 => Just(Op::Bump),
+            1 => Just(Op::BumpBack),
             1 => Just(Op::Clear),
         ]
     }
@@ -129,6 +139,10 @@ mod tests {
                     Op::Bump => {
                         if let Some(x) = q.front_mut() { *x = x.wrapping_add(1); }
                         if let Some(x) = model.front_mut() { *x = x.wrapping_add(1); }
+                    }
+                    Op::BumpBack => {
+                        if let Some(x) = q.back_mut() { *x = x.wrapping_add(1); }
+                        if let Some(x) = model.back_mut() { *x = x.wrapping_add(1); }
                     }
                     Op::Clear => { q.clear(); model.clear(); }
                 }

@@ -111,10 +111,7 @@ impl Template {
     /// The frame covering seqs `from..=to` with this (escaped) text; a frame
     /// of one delta (`from == to`) has no `from_seq`.
     pub fn frame(&self, from: u64, to: u64, text: &str) -> String {
-        let mut out = format!("{{\"type\":\"event\",\"seq\":{to}");
-        if from < to {
-            out.push_str(&format!(",\"from_seq\":{from}"));
-        }
+        let mut out = head(from, to);
         out.push_str(&self.tail(text));
         out
     }
@@ -132,6 +129,105 @@ impl Template {
     /// Never true (a template always has its fields); for clippy's `len` rule.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The start of an event frame covering seqs `from..=to`, up to where a
+/// [`Template`]'s `pre` follows: `{"type":"event","seq":to` and, for more
+/// than one seq, `,"from_seq":from`.
+pub fn head(from: u64, to: u64) -> String {
+    if from < to {
+        format!("{{\"type\":\"event\",\"seq\":{to},\"from_seq\":{from}")
+    } else {
+        format!("{{\"type\":\"event\",\"seq\":{to}")
+    }
+}
+
+/// Where the pieces of one live text delta's event frame lie in its JSON
+/// (byte offsets): the frame is `{"type":"event","seq":N`, then its
+/// template's `pre` (`json[pre..text]`), the escaped text
+/// (`json[text..post]`), then the template's `post` (`json[post..]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spans {
+    /// Where `pre` starts (right after the seq).
+    pub pre: usize,
+    /// Where the text starts (right after `pre`).
+    pub text: usize,
+    /// Where `post` starts (right after the text).
+    pub post: usize,
+}
+
+/// The [`Spans`] of `json` if it is the frame of a single text delta as
+/// [`Template::frame`] writes it (one seq, no `from_seq`); `None` for any
+/// other event and for anything malformed. Reads the JSON once, without
+/// allocating; decides nothing about the text but where it ends.
+pub fn spans(json: &[u8]) -> Option<Spans> {
+    let mut at = Cursor { json, at: 0 };
+    at.literal(b"{\"type\":\"event\",\"seq\":")?;
+    at.digits()?;
+    let pre = at.at;
+    if at.peek(b",\"stream\":") {
+        at.literal(b",\"stream\":")?;
+        at.string()?;
+    }
+    at.literal(b",\"event\":\"agent_text_delta\"")?;
+    if at.peek(b",\"thread_id\":") {
+        at.literal(b",\"thread_id\":")?;
+        at.string()?;
+    }
+    at.literal(b",\"run_id\":")?;
+    at.string()?;
+    at.literal(b",\"data\":{\"part\":")?;
+    at.string()?;
+    at.literal(b",\"text\":")?;
+    let text = at.at + 1;
+    at.string()?;
+    let post = at.at - 1;
+    at.literal(b"},\"ts\":")?;
+    at.string()?;
+    at.literal(b"}")?;
+    (at.at == json.len()).then_some(Spans { pre, text, post })
+}
+
+/// A position in JSON being matched against a template.
+struct Cursor<'a> {
+    json: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn peek(&self, lit: &[u8]) -> bool {
+        self.json
+            .get(self.at..)
+            .is_some_and(|rest| rest.starts_with(lit))
+    }
+
+    fn literal(&mut self, lit: &[u8]) -> Option<()> {
+        self.peek(lit).then(|| self.at += lit.len())
+    }
+
+    /// One or more ASCII digits.
+    fn digits(&mut self) -> Option<()> {
+        let start = self.at;
+        while self.json.get(self.at).is_some_and(u8::is_ascii_digit) {
+            self.at += 1;
+        }
+        (self.at > start).then_some(())
+    }
+
+    /// A JSON string, quotes included (escapes skipped over, not checked).
+    fn string(&mut self) -> Option<()> {
+        self.literal(b"\"")?;
+        loop {
+            match self.json.get(self.at)? {
+                b'"' => {
+                    self.at += 1;
+                    return Some(());
+                }
+                b'\\' => self.at += 2,
+                _ => self.at += 1,
+            }
+        }
     }
 }
 
@@ -246,6 +342,58 @@ mod tests {
         let v: Value = serde_json::from_str(&no_thread.frame(1, 1, "a")).unwrap();
         assert!(v.get("thread_id").is_none());
         assert!(v.get("from_seq").is_none());
+    }
+
+    proptest::proptest! {
+        /// Any single delta's frame, in the own stream or a shared one,
+        /// with any ids and text, is found with its template's pieces
+        /// exactly; its covered frames are not (they never travel live).
+        #[test]
+        fn a_delta_frame_is_found_with_its_pieces(
+            run in ".{0,12}",
+            thread in proptest::option::of(".{0,12}"),
+            part in ".{0,12}",
+            stream in proptest::option::of(".{0,12}"),
+            text in ".{0,40}",
+            seq in 1u64..u64::MAX,
+        ) {
+            let t = Template::new(&run, thread.as_deref(), &part, "2026-12-01T00:00:00.000Z")
+                .in_stream(stream.as_deref());
+            let escaped = escape(&text);
+            let json = t.frame(seq, seq, &escaped);
+            let s = spans(json.as_bytes()).expect("a delta frame");
+            let (pre, post) = t.parts();
+            proptest::prop_assert_eq!(&json[s.pre..s.text], pre);
+            proptest::prop_assert_eq!(&json[s.text..s.post], escaped.as_str());
+            proptest::prop_assert_eq!(&json[s.post..], post);
+            let start = head(seq, seq);
+            proptest::prop_assert_eq!(&json[..s.pre], start.as_str());
+            proptest::prop_assert!(spans(t.frame(seq - 1, seq, &escaped).as_bytes()).is_none());
+        }
+
+        /// Arbitrary bytes never panic the matcher.
+        #[test]
+        fn any_bytes_are_matched_without_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = spans(&bytes);
+            let mut framed = b"{\"type\":\"event\",\"seq\":1,\"event\":\"agent_text_delta\"".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = spans(&framed);
+        }
+    }
+
+    #[test]
+    fn other_events_and_cut_frames_are_not_deltas() {
+        let other = r#"{"type":"event","seq":3,"event":"agent_started","run_id":"r","data":{"part":"a","text":"x"},"ts":"t"}"#;
+        assert_eq!(spans(other.as_bytes()), None);
+        let json = template().frame(5, 5, "Hi");
+        assert!(spans(json.as_bytes()).is_some());
+        for cut in 0..json.len() {
+            assert_eq!(spans(&json.as_bytes()[..cut]), None, "{cut}");
+        }
+        // Anything after the frame, or extra data fields, is not the template.
+        assert_eq!(spans(format!("{json} ").as_bytes()), None);
+        let extra = json.replace(r#""text":"Hi""#, r#""text":"Hi","more":1"#);
+        assert_eq!(spans(extra.as_bytes()), None);
     }
 
     #[test]

@@ -74,6 +74,7 @@ proptest! {
             max_queue_bytes: 64,
             heartbeat_interval: Duration::from_millis(700),
             heartbeat_timeout: Duration::from_millis(2500),
+            coalesce: true,
         };
         let mut conn: Connection<String> = Connection::new(now, cfg);
         let mut wire = Vec::new();

@@ -159,7 +159,12 @@ fn start(
     let sock = Arc::new(tcp);
     conn.attach(sock.clone(), app.stats().clone());
     if matches!(mode, Mode::Ai(_)) {
-        conn.with_locked(|l| l.wire.present_ai());
+        // The view joins deltas it has not written yet itself, and follows
+        // runs from seq positions a joined frame could straddle.
+        conn.with_locked(|l| {
+            l.wire.present_ai();
+            l.core.disable_coalescing();
+        });
     }
     app.hub().insert(conn.clone());
     // At error level so it is enabled whenever any log is: warn and error lines

@@ -87,6 +87,7 @@ declare_keys! {
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";
     QUEUE_MAX_FRAMES = "queue_max_frames", Some("1024"), "Outbound queue bound in frames per connection (else close 4001)";
     QUEUE_MAX_BYTES = "queue_max_bytes", Some("4194304"), "Outbound queue bound in bytes per connection (else close 4001)";
+    COALESCE_TEXT = "coalesce_text", Some("true"), "Join a text delta into the unsent frame of the same part a connection has queued (one covered frame; nothing waits)";
     MAX_MESSAGE_BYTES = "max_message_bytes", Some("65536"), "Largest inbound WebSocket message (else close 1009)";
     AI_MAX_MESSAGE_BYTES = "ai_max_message_bytes", Some("1048576"), "Largest inbound message on the AI SDK endpoint GET /ai (a send carries the chat's UI messages); else close 1009";
     AI_REPLAY_WINDOW = "ai_replay_window", Some("30s"), "AI SDK endpoint: a resume of a chat whose response completed less than this long ago replays that response whole (a reload right after the answer); 0s: only active responses are resumed";
@@ -755,6 +756,7 @@ impl Config {
                 max_queue_bytes: raw.required(key::QUEUE_MAX_BYTES, positive)?,
                 heartbeat_interval: raw.required(key::HEARTBEAT_INTERVAL, duration)?,
                 heartbeat_timeout: raw.required(key::HEARTBEAT_TIMEOUT, duration)?,
+                coalesce: raw.required(key::COALESCE_TEXT, boolean)?,
             },
             limits,
             ai: AiConfig {

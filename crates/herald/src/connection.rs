@@ -24,6 +24,8 @@ use crate::wire::{Flushed, OutFrame, Wire};
 pub struct Delivery {
     /// Events queued or held for the catch-up.
     pub accepted: usize,
+    /// Of those, live text deltas joined into a queued frame.
+    pub joined: u64,
     /// The last event's outcome (`None` for no events).
     pub last: Option<Result<LiveOutcome, SendRefused>>,
 }
@@ -394,6 +396,7 @@ impl ConnShared {
         let mut locked = self.core.lock();
         let mut delivery = Delivery::default();
         let mut full = false;
+        let joined = locked.core.joined();
         for (seq, frame) in events {
             let outcome = match sub {
                 None => locked.core.send_event(now, seq, frame),
@@ -409,6 +412,7 @@ impl ConnShared {
             }
             delivery.last = Some(outcome);
         }
+        delivery.joined = locked.core.joined() - joined;
         (delivery, full, locked)
     }
 

@@ -159,6 +159,7 @@ pub struct Hub {
     empty: tokio::sync::Notify,
     /// Deliveries queued, resolved once instead of per event.
     events_queued: metrics::Counter,
+    deltas_joined: metrics::Counter,
     /// Connections with frames queued by deliveries, to be written.
     flusher: Arc<Flusher>,
     /// Kicks so far (each kick's number is the count after it).
@@ -184,6 +185,7 @@ impl Hub {
             stats,
             empty: tokio::sync::Notify::new(),
             events_queued: metrics::counter!(telemetry::EVENTS_QUEUED),
+            deltas_joined: metrics::counter!(telemetry::DELTAS_JOINED),
             flusher: Arc::default(),
             kick_seq: AtomicU64::new(0),
             kicks: DashMap::new(),
@@ -658,12 +660,13 @@ impl Hub {
             .iter()
             .filter_map(|event| Some((event.seq, OutFrame::event(&event.json, published_at)?)))
             .collect();
-        let (mut delivered, mut queued) = (0, 0);
+        let (mut delivered, mut queued, mut joined) = (0, 0, 0);
         let mut listed = Vec::with_capacity(subs.len());
         let now = crate::clock::now();
         for (conn, id) in subs.iter() {
             let (delivery, list) = conn.queue_sub_events(now, *id, epoch, frames.iter().cloned());
             queued += delivery.accepted;
+            joined += delivery.joined;
             if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
                 delivered += 1;
             }
@@ -674,6 +677,9 @@ impl Hub {
         drop(subs);
         self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
+        if joined > 0 {
+            self.deltas_joined.increment(joined);
+        }
         self.stats
             .deliveries
             .fetch_add(queued as u64, Ordering::Relaxed);
@@ -706,7 +712,7 @@ impl EventSink for Hub {
             .collect();
         // Each connection takes the whole batch under one lock and writes it
         // in one go; one of an earlier epoch is closed first (and refuses it).
-        let (mut delivered, mut queued) = (0, 0);
+        let (mut delivered, mut queued, mut joined) = (0, 0, 0);
         let mut listed = Vec::with_capacity(conns.len());
         let now = crate::clock::now();
         for conn in conns.iter() {
@@ -718,6 +724,7 @@ impl EventSink for Hub {
             }
             let (delivery, list) = conn.queue_events(now, frames.iter().cloned());
             queued += delivery.accepted;
+            joined += delivery.joined;
             if let Some(Ok(LiveOutcome::Delivered | LiveOutcome::Held)) = delivery.last {
                 delivered += 1;
             }
@@ -728,6 +735,9 @@ impl EventSink for Hub {
         drop(conns);
         self.flusher.add(listed);
         self.events_queued.increment(queued as u64);
+        if joined > 0 {
+            self.deltas_joined.increment(joined);
+        }
         self.stats
             .deliveries
             .fetch_add(queued as u64, Ordering::Relaxed);

@@ -35,6 +35,9 @@ pub const QUEUE_DEPTH_MAX: &str = "herald_queue_depth_max";
 pub const EVENTS_PUBLISHED: &str = "herald_events_published_total";
 /// Counter: event deliveries queued to connections.
 pub const EVENTS_QUEUED: &str = "herald_event_deliveries_total";
+/// Counter: live text deltas joined into a queued frame of their part
+/// (each one a frame not written).
+pub const DELTAS_JOINED: &str = "herald_text_deltas_joined_total";
 /// Counter: events written from history during catch-up (resume, run replay).
 pub const EVENTS_REPLAYED: &str = "herald_events_replayed_total";
 /// Gauge: events held in history.

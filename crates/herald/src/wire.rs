@@ -17,6 +17,7 @@
 //! [`Stats::frames_after_close`] (which must stay 0).
 
 use std::io::{self, IoSlice};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -25,6 +26,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use herald_core::Connection;
 use herald_core::aisdk::View;
 use herald_core::queue::InlineQueue;
+use herald_core::text;
 use tokio::net::TcpStream;
 
 use herald_core::lifecycle::Payload;
@@ -79,16 +81,60 @@ pub struct OutFrame {
     wire: Bytes,
     header: u8,
     /// When a live event was published (for the publish→write latency
-    /// histogram); `None` for replies and replayed history.
+    /// histogram); `None` for replies and replayed history. A frame that
+    /// joined several deltas keeps its first one's.
     pub published: Option<Instant>,
+    /// For a live text delta's frame (alone or joined with later deltas of
+    /// its part): where its pieces lie in the payload.
+    delta: Option<DeltaSpans>,
 }
+
+/// Where a text delta frame's template `pre`, text and `post` start in its
+/// payload ([`herald_core::text::Spans`], kept in 12 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeltaSpans {
+    pre: NonZeroU32,
+    text: u32,
+    post: u32,
+}
+
+impl DeltaSpans {
+    fn new(s: text::Spans) -> Option<Self> {
+        Some(Self {
+            pre: NonZeroU32::new(u32::try_from(s.pre).ok()?)?,
+            text: u32::try_from(s.text).ok()?,
+            post: u32::try_from(s.post).ok()?,
+        })
+    }
+
+    /// The payload's `pre`, text and `post` (with this layout).
+    fn split(self, payload: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+        let (pre, text, post) = (
+            self.pre.get() as usize,
+            self.text as usize,
+            self.post as usize,
+        );
+        Some((
+            payload.get(pre..text)?,
+            payload.get(text..post)?,
+            payload.get(post..)?,
+        ))
+    }
+}
+
+/// Most bytes of text a joined delta frame carries: a connection that has
+/// fallen further behind gets several frames, so a join never copies more
+/// than this.
+const JOIN_MAX_TEXT: usize = 8 * 1024;
 
 impl OutFrame {
     /// A live event's frame, published at `published`; `None` if `json`
     /// is not UTF-8 (a broker fault).
     pub fn event(json: &[u8], published: Instant) -> Option<Self> {
         std::str::from_utf8(json).ok()?;
-        Some(Self::framed(TEXT, &[json], Some(published)))
+        let mut frame = Self::framed(TEXT, &[json], Some(published));
+        frame.delta = text::spans(json).and_then(DeltaSpans::new);
+        Some(frame)
     }
 
     /// A text message that is not a live event (a reply, an echo).
@@ -107,7 +153,13 @@ impl OutFrame {
             wire,
             header,
             published,
+            delta: None,
         }
+    }
+
+    /// The payload (the frame without its header).
+    fn payload(&self) -> &[u8] {
+        &self.wire[usize::from(self.header)..]
     }
 
     /// The payload as text (empty for a binary message that is not UTF-8).
@@ -151,6 +203,39 @@ impl OutFrame {
 impl Payload for OutFrame {
     fn wire_len(&self) -> usize {
         self.payload_len()
+    }
+
+    /// Two live deltas of one part (the same template `pre`: stream, run,
+    /// part) join into one covered frame: `from_seq` `from`, `seq` `seq`,
+    /// the texts joined, the first delta's `ts` — the frame history would
+    /// give for the range. Costs one copy of the frame so far, bounded by
+    /// [`JOIN_MAX_TEXT`].
+    fn absorb(&mut self, from: u64, seq: u64, next: Self) -> Result<(), Self> {
+        let (Some(mine), Some(theirs)) = (self.delta, next.delta) else {
+            return Err(next);
+        };
+        let (Some((pre, text, post)), Some((next_pre, next_text, _))) =
+            (mine.split(self.payload()), theirs.split(next.payload()))
+        else {
+            return Err(next);
+        };
+        if pre != next_pre || text.len() + next_text.len() > JOIN_MAX_TEXT {
+            return Err(next);
+        }
+        let head = text::head(from, seq);
+        let (wire, header) = frame(TEXT, &[head.as_bytes(), pre, text, next_text, post]);
+        let spans = text::Spans {
+            pre: head.len(),
+            text: head.len() + pre.len(),
+            post: head.len() + pre.len() + text.len() + next_text.len(),
+        };
+        let Some(spans) = DeltaSpans::new(spans) else {
+            return Err(next);
+        };
+        self.wire = wire;
+        self.header = header;
+        self.delta = Some(spans);
+        Ok(())
     }
 }
 
@@ -591,6 +676,76 @@ mod tests {
         assert_eq!(h, 10);
         assert_eq!(f[..10], [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
         assert_eq!(f.len(), 65_546);
+    }
+
+    /// A live delta's frame, as the broker delivers it.
+    fn delta(seq: u64, run: &str, part: &str, text: &str, ts: &str) -> OutFrame {
+        let t = herald_core::text::Template::new(run, Some("th"), part, ts);
+        let json = t.frame(seq, seq, &herald_core::text::escape(text));
+        OutFrame::event(json.as_bytes(), Instant::now()).unwrap()
+    }
+
+    #[test]
+    fn deltas_of_one_part_join_into_the_frame_history_would_give() {
+        let mut f = delta(7, "r1", "answer", "Hel", "2026-12-07T00:00:00.001Z");
+        let first_published = f.published;
+        f.absorb(
+            7,
+            8,
+            delta(8, "r1", "answer", "lo \"you\"", "2026-12-07T00:00:00.002Z"),
+        )
+        .unwrap();
+        f.absorb(
+            7,
+            9,
+            delta(9, "r1", "answer", "\n😀", "2026-12-07T00:00:00.003Z"),
+        )
+        .unwrap();
+        let t = herald_core::text::Template::new(
+            "r1",
+            Some("th"),
+            "answer",
+            "2026-12-07T00:00:00.001Z",
+        );
+        let want = t.frame(7, 9, &herald_core::text::escape("Hello \"you\"\n😀"));
+        assert_eq!(f.as_text(), Some(want.as_str()));
+        assert_eq!(f.published, first_published);
+        // The header is the frame's own again (a length that grew past 125).
+        let (framed, _) = frame(TEXT, &[want.as_bytes()]);
+        assert_eq!(f.clone().into_wire(), framed);
+        // Another part, another run, or an event that is not a delta: apart.
+        for other in [
+            delta(10, "r1", "reasoning", "x", "t"),
+            delta(10, "r2", "answer", "x", "t"),
+            OutFrame::event(
+                br#"{"type":"event","seq":10,"event":"note","data":{},"ts":"t"}"#,
+                Instant::now(),
+            )
+            .unwrap(),
+        ] {
+            assert!(f.absorb(7, 10, other).is_err());
+        }
+        assert!(
+            OutFrame::text("{}")
+                .absorb(1, 2, delta(2, "r1", "answer", "x", "t"))
+                .is_err()
+        );
+        // A replayed (history) frame never joins.
+        assert!(
+            OutFrame::replayed(crate::broker::StoredEvent::new(1, want.clone()))
+                .unwrap()
+                .absorb(7, 10, delta(10, "r1", "answer", "x", "t"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_joined_frame_stops_growing_at_its_text_bound() {
+        let big = "x".repeat(JOIN_MAX_TEXT / 2);
+        let mut f = delta(1, "r", "p", &big, "t");
+        assert!(f.absorb(1, 2, delta(2, "r", "p", &big, "t")).is_ok());
+        assert!(f.absorb(1, 3, delta(3, "r", "p", "y", "t")).is_err());
+        assert_eq!(f.payload_len(), f.as_text().unwrap().len());
     }
 
     #[test]

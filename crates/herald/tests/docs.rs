@@ -162,11 +162,23 @@ async fn socket_sees(ws: &mut Ws, note: &str) {
                 return;
             }
         }
-    } else if let Some(what) = said.strip_prefix("receives two ") {
-        let event = what.split_whitespace().next().unwrap();
-        for _ in 0..2 {
-            assert_eq!(next_event(ws).await["event"], event, "{note}");
+    } else if let Some(what) = said.strip_prefix("receives the text ") {
+        // Delta frames, joined or not, until their text is the tour's:
+        // each starts right after the one before.
+        let want = what.split('"').nth(1).expect("the text, quoted");
+        let (mut text, mut last) = (String::new(), None::<u64>);
+        while text.len() < want.len() {
+            let e = next_event(ws).await;
+            assert_eq!(e["event"], "agent_text_delta", "{note}: {e}");
+            let seq = e["seq"].as_u64().unwrap();
+            let from = e["from_seq"].as_u64().unwrap_or(seq);
+            if let Some(last) = last {
+                assert_eq!(from, last + 1, "{e}");
+            }
+            last = Some(seq);
+            text.push_str(e["data"]["text"].as_str().unwrap());
         }
+        assert_eq!(text, want, "{note}");
     } else if let Some(frame) = said.strip_prefix("receives ") {
         check(&next_event(ws).await, frame);
     } else {

@@ -506,16 +506,30 @@ async fn text_deltas_compact_and_resume_across_a_cluster() {
     let (status, body) = post(
         &b,
         "/api/v1/events",
-        json!({"events": (0..40).map(delta).collect::<Vec<_>>()}),
+        json!({"events": (0..10).map(delta).collect::<Vec<_>>()}),
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // The reader sees the first ten (as one frame or several: every seq
+    // once), then leaves; thirty more come.
     let mut seen = String::new();
     assert_eq!(event_of(&mut on_a).await["event"], "agent_started");
-    for _ in 0..10 {
-        seen.push_str(event_of(&mut on_a).await["data"]["text"].as_str().unwrap());
+    let mut last = 1;
+    while last < 11 {
+        let e = event_of(&mut on_a).await;
+        let seq = e["seq"].as_u64().unwrap();
+        assert_eq!(e["from_seq"].as_u64().unwrap_or(seq), last + 1, "{e}");
+        seen.push_str(e["data"]["text"].as_str().unwrap());
+        last = seq;
     }
     drop(on_a);
+    let (status, body) = post(
+        &b,
+        "/api/v1/events",
+        json!({"events": (10..40).map(delta).collect::<Vec<_>>()}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
     let whole: String = (0..40).map(|i| format!("w{i} ")).collect();
     let mut ws = open(&c, &[], None).await;
     send_json(
