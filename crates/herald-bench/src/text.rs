@@ -57,9 +57,6 @@ async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result
 struct Probe {
     rss: Option<u64>,
     cpu: Option<u64>,
-    /// Write-type system calls of the server (`syscw` of `/proc/PID/io`:
-    /// its `write`, `writev`, `sendto`, `sendmsg` to sockets among them).
-    syscw: Option<u64>,
     redis_cpu: Option<u64>,
     redis_cmds: Option<u64>,
     redis_mem: Option<u64>,
@@ -70,7 +67,6 @@ impl Probe {
         Ok(Self {
             rss: pid.map(rss_of).transpose()?,
             cpu: pid.map(cpu_ticks).transpose()?,
-            syscw: pid.map(write_syscalls).transpose()?,
             redis_cpu: args.redis_pid.map(cpu_ticks).transpose()?,
             redis_cmds: args.redis_port.map(redis_commands).transpose()?,
             redis_mem: args
@@ -79,16 +75,6 @@ impl Probe {
                 .transpose()?,
         })
     }
-}
-
-/// Write-type system calls process `pid` made so far.
-fn write_syscalls(pid: u32) -> anyhow::Result<u64> {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .with_context(|| format!("/proc/{pid}/io"))?;
-    io.lines()
-        .find_map(|l| l.strip_prefix("syscw:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no syscw in /proc/PID/io")
 }
 
 /// A field of Redis's `INFO section`.
@@ -376,17 +362,6 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
                 per(secs) * 1e3,
                 secs * 1e6 / appended.max(1) as f64,
                 secs * 1e6 / read
-            ),
-        ));
-    }
-    if let (Some(a), Some(b)) = (before.syscw, after.syscw) {
-        let read = seen.tokens.load(Ordering::Relaxed).max(1) as f64;
-        figures.push((
-            "server write syscalls / delta frames, per token delivered".into(),
-            format!(
-                "{:.3} / {:.3}",
-                (b - a) as f64 / read,
-                seen.deltas.load(Ordering::Relaxed) as f64 / read
             ),
         ));
     }
