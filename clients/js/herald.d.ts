@@ -92,7 +92,7 @@ export interface HeraldEvent<D = Record<string, unknown>> {
   ts: string;
   /** Present on events replayed from history (missed, or an open run's), not on live ones. */
   replayed?: true;
-  /** A frame from history covering several text deltas: its first seq (`seq` is the last). */
+  /** A frame covering several text deltas of one part (from history, or joined live for a socket that fell behind): its first seq (`seq` is the last). */
   from_seq?: number;
 }
 

@@ -633,20 +633,23 @@ impl<P: Payload> Connection<P> {
                 && self.state == State::Ready
                 && t.stream == stream
                 && t.seq.checked_add(1) == Some(seq)
-        }) {
-            // The byte bound holds for what a join adds as for a new frame.
-            let room = self.queued_bytes + frame.wire_len() <= self.cfg.max_queue_bytes;
-            if let Some(back) = self.queue.back_mut().filter(|_| room) {
-                let before = back.wire_len();
-                match back.absorb(tail.from, seq, frame) {
-                    Ok(()) => {
-                        self.queued_bytes = self.queued_bytes - before + back.wire_len();
-                        self.tail = Some(Tail { seq, ..tail });
-                        self.joined += 1;
-                        return Ok(());
+        }) && let Some(back) = self.queue.back_mut()
+        {
+            let before = back.wire_len();
+            match back.absorb(tail.from, seq, frame) {
+                Ok(()) => {
+                    self.queued_bytes = self.queued_bytes - before + back.wire_len();
+                    self.tail = Some(Tail { seq, ..tail });
+                    self.joined += 1;
+                    // The byte bound holds for what a join added as for a
+                    // new frame.
+                    if self.queued_bytes > self.cfg.max_queue_bytes {
+                        self.close_slow(now);
+                        return Err(SendRefused::QueueFull);
                     }
-                    Err(next) => frame = next,
+                    return Ok(());
                 }
+                Err(next) => frame = next,
             }
         }
         self.send(now, frame)?;
@@ -1761,8 +1764,12 @@ mod tests {
         c.send_event(now, 1, piece(1, Some('a'))).unwrap();
         c.send_event(now, 2, piece(2, Some('a'))).unwrap();
         assert_eq!((c.queue_len(), c.queued_bytes()), (1, 7));
+        // What the join adds is counted exactly: 3 more bytes fill the
+        // bound, 3 more pass it (a slow consumer, as for a frame of its own).
+        c.send_event(now, 3, piece(3, Some('a'))).unwrap();
+        assert_eq!((c.queue_len(), c.queued_bytes()), (1, 10));
         assert_eq!(
-            c.send_event(now, 3, piece(3, Some('a'))),
+            c.send_event(now, 4, piece(4, Some('a'))),
             Err(SendRefused::QueueFull)
         );
         assert_eq!(c.state(), State::Closing);

@@ -123,9 +123,11 @@ impl DeltaSpans {
 }
 
 /// Most bytes of text a joined delta frame carries: a connection that has
-/// fallen further behind gets several frames, so a join never copies more
-/// than this.
-const JOIN_MAX_TEXT: usize = 8 * 1024;
+/// fallen further behind gets several frames. Each join copies the frame
+/// so far (one allocation, at most this much text), so the bound is what
+/// a connection that is behind pays per delta, against a reference-count
+/// increment for a frame of its own.
+const JOIN_MAX_TEXT: usize = 2 * 1024;
 
 impl OutFrame {
     /// A live event's frame, published at `published`; `None` if `json`
