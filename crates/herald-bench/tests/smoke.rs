@@ -130,6 +130,14 @@ async fn every_scenario_runs_and_reports() {
     .await;
     assert_eq!(s["connections"], 30);
     assert!(figure(&s, "RSS per idle connection").ends_with("KiB)"));
+}
+
+/// The answer-streaming scenarios and the soak, on a server of their own (a
+/// test apart from the others, so the two run side by side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_scenarios_and_the_soak_run_and_report() {
+    let server = start().await;
+    let pid = std::process::id().to_string();
 
     let s = bench(
         &server,
