@@ -378,6 +378,21 @@ async fn subscribe(ws: &mut Ws, stream: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Upgrade one WebSocket to `url` at `addr` from `source` (no delay, a
+/// 2 KiB read buffer, no write buffer: the bench's client for every target).
+pub(crate) async fn dial(addr: SocketAddr, url: &str, source: IpAddr) -> anyhow::Result<Ws> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut cfg = WebSocketConfig::default();
+    cfg.read_buffer_size = 2048;
+    cfg.write_buffer_size = 0;
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)).await?;
+    Ok(ws)
+}
+
 /// Open one WebSocket from `source` and complete the hello; returns the
 /// socket and the welcome.
 pub(crate) async fn open_client(
@@ -387,15 +402,7 @@ pub(crate) async fn open_client(
     token: &str,
     resume: Option<(String, u64)>,
 ) -> anyhow::Result<(Ws, serde_json::Value)> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source, 0))?;
-    let stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let mut cfg = WebSocketConfig::default();
-    cfg.read_buffer_size = 2048;
-    cfg.write_buffer_size = 0;
-    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)).await?;
+    let mut ws = dial(addr, url, source).await?;
     let mut hello = json!({"type": "hello", "token": token});
     if let Some((epoch, seq)) = resume {
         hello["resume"] = json!({"epoch": epoch, "seq": seq});

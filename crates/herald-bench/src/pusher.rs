@@ -28,9 +28,7 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::bench::{Counters, Shards, Ws, now_ns};
 
@@ -94,16 +92,8 @@ pub(crate) async fn open_client(
     source: IpAddr,
     channel: &str,
 ) -> anyhow::Result<Ws> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source, 0))?;
-    let stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    // The same client buffers as the Herald target's clients.
-    let mut cfg = WebSocketConfig::default();
-    cfg.read_buffer_size = 2048;
-    cfg.write_buffer_size = 0;
-    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)).await?;
+    // The same client as the Herald target's.
+    let mut ws = crate::bench::dial(addr, url, source).await?;
     expect_event(&mut ws, &["pusher:connection_established"]).await?;
     let sub = serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}});
     ws.send(Message::text(sub.to_string())).await?;
