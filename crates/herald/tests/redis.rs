@@ -320,6 +320,60 @@ async fn a_silent_run_is_closed_once_across_the_fleet() {
     assert_eq!(timed_out.as_deref(), Some("1"), "{text}");
 }
 
+/// A run whose only events are text deltas stays open past `run_ttl`: its
+/// deltas record its activity (once per `run_ttl` / 8 here, not per delta),
+/// which the sweepers' silence check honours. The run is closed by its
+/// agent, so this test times nothing out (the one above counts that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_deltas_alone_keep_a_run_open_past_run_ttl() {
+    let redis = Redis::start();
+    let mut cfg = node_config(&redis);
+    cfg.stream_limits.run_ttl = Duration::from_millis(600);
+    let node = start_with(cfg).await;
+    let (mut ws, _) = connect(&node, "tex").await;
+    post(
+        &node,
+        "/api/v1/events",
+        json!({"user_id": "tex", "event": "agent_started", "run_id": "rt"}),
+    )
+    .await;
+    // Deltas for three times run_ttl, one every 50 ms; the sweeper runs
+    // every second meanwhile.
+    let deltas = 40;
+    for i in 0..deltas {
+        let (status, _) = post(
+            &node,
+            "/api/v1/events",
+            json!({"user_id": "tex", "event": "agent_text_delta", "run_id": "rt",
+                   "data": {"part": "answer", "text": format!("{i} ")}}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    post(
+        &node,
+        "/api/v1/events",
+        json!({"user_id": "tex", "event": "agent_done", "run_id": "rt"}),
+    )
+    .await;
+    // Every seq once, in order: agent_started, the deltas (some perhaps
+    // joined into one frame), agent_done; no run_timeout between them.
+    let mut next = 1;
+    loop {
+        let e = event_of(&mut ws).await;
+        let from = e["from_seq"].as_u64().unwrap_or(e["seq"].as_u64().unwrap());
+        assert_eq!(from, next, "{e}");
+        next = e["seq"].as_u64().unwrap() + 1;
+        match e["event"].as_str() {
+            Some("agent_done") => break,
+            Some("agent_started") | Some("agent_text_delta") => {}
+            _ => panic!("the run was closed while its deltas streamed: {e}"),
+        }
+    }
+    assert_eq!(next, deltas + 3);
+}
+
 /// Issue 14, finding 1, on Redis: a run outgrowing `run_max_bytes` is
 /// closed with `agent_error {reason: "run_too_large"}` right after the event
 /// that crossed the bound, and its events are no longer kept as a run.

@@ -840,12 +840,15 @@ impl Shared {
             oversized.push((run, (!thread.is_empty()).then_some(thread), reason));
         }
         let mut results = Vec::new();
+        // Which events recorded their run's activity, for the node-wide index.
+        let mut touched = Vec::new();
         while let Some(seq) = it.next() {
             let seq: u64 = redis::from_redis_value(seq).map_err(unavailable)?;
-            let dup: u8 = next_as(&mut it)?;
-            results.push((seq, dup == 1));
+            let how: u8 = next_as(&mut it)?;
+            results.push((seq, how == 1));
+            touched.push(how == 0);
         }
-        self.index_runs(stream, events, &results).await;
+        self.index_runs(stream, events, &touched).await;
         Ok(PublishReply {
             epoch,
             receivers,
@@ -855,15 +858,19 @@ impl Shared {
     }
 
     /// Keep `<prefix>:runs` (open runs by last event time, for the sweeper)
-    /// in step with what was appended. It is an index, outside the stream's
-    /// slot, so it is written after the script: a stale entry is skipped by
-    /// the sweeper's re-check, a missing one is re-added by the run's next event.
-    async fn index_runs(&self, stream: &str, events: &[NewEvent], results: &[(u64, bool)]) {
+    /// in step with what was appended: the events the script says recorded
+    /// their run's activity (`touched`). A run's deltas do so at most once a
+    /// second per part (`TOUCH_MS`), so a streamed answer does not write this
+    /// one key, on one Cluster node, for every token of the fleet. It is an
+    /// index, outside the stream's slot, so it is written after the script:
+    /// a stale entry is skipped by the sweeper's re-check, a missing one is
+    /// re-added by the run's next recorded activity.
+    async fn index_runs(&self, stream: &str, events: &[NewEvent], touched: &[bool]) {
         let mut pipe = redis::pipe();
         let now = crate::clock::unix_now_ms();
         let index = format!("{}:runs", self.prefix);
-        for (e, (_, dup)) in events.iter().zip(results) {
-            let (Some(run), false) = (e.frame.run_id.as_deref(), *dup) else {
+        for (e, touched) in events.iter().zip(touched) {
+            let (Some(run), true) = (e.frame.run_id.as_deref(), *touched) else {
                 continue;
             };
             let member = format!("{}\n{}", keys::escape(stream), keys::escape(run));

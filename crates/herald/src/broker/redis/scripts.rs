@@ -169,7 +169,9 @@ end
 /// event's run answers, if it names one (used when the event opens the run).
 /// With `cond_run` set, publishes only if that run is open and silent for
 /// longer than run_ttl_ms (the sweeper's exactly-once close).
-/// Returns {epoch, receivers, k, k × (run to close, its thread, reason), seq1, dup1, …}:
+/// Returns {epoch, receivers, k, k × (run to close, its thread, reason), seq1, how1, …}
+/// (`how`: 0 appended, 1 a duplicate, 2 appended without recording its
+/// run's activity, which a delta of a part does at most every `TOUCH_MS`):
 /// the oversized runs (over max_run_bytes, or the largest while the stream's
 /// runs hold more than max_runs_bytes) are for the caller to close. A
 /// numbered delta that skips ahead of its part refuses the whole batch
@@ -179,7 +181,8 @@ end
 /// entry): the meta hash's `tail` (`<first>\t<seq>\t<run>\t<part>`) names the
 /// log's newest entry when it is a text entry and no event came after it
 /// (any other publish moves `seq` past it), so a joining delta need not read
-/// the log; the log is trimmed by count only when an entry is added; TTLs
+/// the log; the log is trimmed by count only when an entry is added, by age
+/// then or at most once a second; TTLs
 /// are refreshed when a key is created or at most once a second per stream
 /// (meta `fresh`) and per part (the parts hash's third field), which the
 /// TTL's 60 s margin over the longest retention covers; the run sizes are
@@ -189,6 +192,11 @@ local now = now_ms()
 local base, publish, channel = ARGV[7], ARGV[8], ARGV[6]
 local ttl = ARGV[4]
 local REFRESH_MS = 1000
+-- A run's activity (its time in the runs hash and the node-wide index) is
+-- written by a delta at most once per TOUCH_MS per part: the sweeper's
+-- silence check adds TOUCH_MS, so a run still closes only after run_ttl
+-- of true silence (and at most TOUCH_MS later).
+local TOUCH_MS = math.min(REFRESH_MS, math.floor(tonumber(ARGV[10]) / 8))
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'tail', 'fresh', 'rid')
 local epoch = meta[1]
 if not epoch then
@@ -207,7 +215,7 @@ if cond_run ~= '' then
   local v = redis.call('HGET', KEYS[3], cond_run)
   if not v then return {epoch, 0, 0} end
   local last = tonumber(string.match(v, '^(%d+)'))
-  if now - last <= tonumber(ARGV[10]) then return {epoch, 0, 0} end
+  if now - last <= tonumber(ARGV[10]) + TOUCH_MS then return {epoch, 0, 0} end
 end
 local n = tonumber(ARGV[11])
 local W = 10
@@ -278,6 +286,9 @@ for i = 0, n - 1 do
   local part, index, pre, post = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
   local qkey = ARGV[a + 9]
   local prev = false
+  -- Whether this event records its run's activity (every event but a delta
+  -- whose part did so less than TOUCH_MS ago).
+  local touch = true
   if idem ~= '' then prev = redis.call('GET', base .. ':idem:' .. idem) end
   local nx, plast, pfresh = 0, 0, 0
   if not prev and part ~= '' then nx, plast, pfresh = part_state(run, part) end
@@ -293,7 +304,7 @@ for i = 0, n - 1 do
       json = '{"type":"event","seq":' .. seq .. pre .. tail .. post
       -- A delta of the part the log's newest entry holds joins it.
       local key = run .. '\t' .. part
-      local refresh = now - pfresh >= REFRESH_MS
+      local refresh = now - pfresh >= TOUCH_MS
       local first = nil
       if tail_key == key then first = tail_first end
       if first then
@@ -321,6 +332,7 @@ for i = 0, n - 1 do
       local pk = base .. ':parts:' .. run
       if redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq .. '\t' .. pfresh) == 1 then refresh = true end
       if refresh then redis.call('PEXPIRE', pk, ttl) end
+      touch = refresh
       parts[key] = {nx + 1, seq, pfresh}
     else
       json = '{"type":"event","seq":' .. seq .. tail
@@ -366,12 +378,14 @@ for i = 0, n - 1 do
           redis.call('PEXPIRE', rk, ttl)
         end
         -- The run keeps the thread its first event named.
-        local held = redis.call('HGET', KEYS[3], run)
-        if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
-        if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then
-          added = true
-          if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[15]) then crowded = true end
-          if qkey ~= '' then size = size + pin_question(base, rk, qkey, ARGV[5]) end
+        if touch then
+          local held = redis.call('HGET', KEYS[3], run)
+          if held then thread = string.match(held, '^%d+\t(.*)$') or thread end
+          if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then
+            added = true
+            if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[15]) then crowded = true end
+            if qkey ~= '' then size = size + pin_question(base, rk, qkey, ARGV[5]) end
+          end
         end
         sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
         total = redis.call('HINCRBY', KEYS[4], '*', size)
@@ -380,7 +394,7 @@ for i = 0, n - 1 do
     end
     receivers = redis.call(publish, channel, epoch .. '\n' .. seq .. '\n' .. json)
     table.insert(out, seq)
-    table.insert(out, 0)
+    if touch then table.insert(out, 0) else table.insert(out, 2) end
   end
 end
 -- Oversized runs, largest first (then by name): only a run that grew in
@@ -443,8 +457,11 @@ if refresh then
 else
   redis.call('HSET', KEYS[1], 'seq', seq, 'tail', tail_v)
 end
-trim_age(base, tonumber(ARGV[3]), now)
+-- The log is trimmed by age when an entry was added and otherwise at most
+-- once a second (a delta joining its entry adds none); a reader's position
+-- trims it too, so a resume never starts from what is past its age.
 if refresh then
+  trim_age(base, tonumber(ARGV[3]), now)
   for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], ttl) end
 end
 return head
