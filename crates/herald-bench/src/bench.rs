@@ -14,7 +14,8 @@
 //!   (read from `/proc/<server pid>`).
 //!
 //! `--target sockudo` drives a Pusher-protocol server (Sockudo) through the
-//! fanout and idle scenarios instead (see `pusher.rs`).
+//! fanout and idle scenarios instead (see `pusher.rs`), and through the text
+//! scenario with its AI transport's appends (see `sockudo_text.rs`).
 //!
 //! More connections than one process may hold (20,000 files here) are spread
 //! over `--procs` worker processes (this same binary, `--worker`), each
@@ -155,8 +156,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.0)]
     pub reload_share: f64,
     /// The server to drive: Herald, or Sockudo over the Pusher protocol
-    /// (fanout and idle only; `--api-key` is then the app's key and
-    /// `--secret` its secret; see `pusher.rs`).
+    /// (fanout and idle; text over its AI transport's appends, see
+    /// `sockudo_text.rs`; `--api-key` is then the app's key and `--secret`
+    /// its secret; see `pusher.rs`).
     #[arg(long, value_enum, default_value_t = Target::Herald)]
     pub target: Target,
     /// The Pusher app id (`--target sockudo`).
@@ -299,9 +301,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("the resume, text and ai scenarios run in one process (at most ~19,000 connections)");
     }
     if args.target == Target::Sockudo
-        && (!matches!(args.scenario, Scenario::Fanout | Scenario::Idle) || args.thread)
+        && (!matches!(
+            args.scenario,
+            Scenario::Fanout | Scenario::Idle | Scenario::Text
+        ) || args.thread)
     {
-        bail!("--target sockudo runs the fanout and idle scenarios (without --thread)");
+        bail!("--target sockudo runs the fanout, idle and text scenarios (without --thread)");
     }
     let summary = match args.scenario {
         Scenario::Soak => return crate::soak::soak(&args).await,
@@ -309,6 +314,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Connect => connect_scenario(&args).await?,
         Scenario::Resume => resume(&args).await?,
         Scenario::Idle => idle(&args).await?,
+        Scenario::Text if args.target == Target::Sockudo => {
+            crate::sockudo_text::text(&args).await?
+        }
         Scenario::Text => crate::text::text(&args).await?,
         Scenario::Ai => crate::ai::ai(&args).await?,
     };

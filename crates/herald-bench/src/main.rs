@@ -9,6 +9,7 @@ mod ai;
 mod bench;
 mod pusher;
 mod soak;
+mod sockudo_text;
 mod text;
 
 fn main() -> anyhow::Result<()> {

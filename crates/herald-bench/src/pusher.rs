@@ -60,8 +60,9 @@ pub(crate) fn ws_url(http: &str, key: &str) -> String {
 }
 
 /// Wait for the next text frame whose `event` is one of `want`, failing on
-/// `pusher:error` or after 10 s.
-async fn expect_event(ws: &mut Ws, want: &[&str]) -> anyhow::Result<String> {
+/// an error event (Pusher protocol 7's `pusher:` or Sockudo V2's `sockudo:`
+/// prefix) or after 10 s.
+pub(crate) async fn expect_event(ws: &mut Ws, want: &[&str]) -> anyhow::Result<String> {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -74,7 +75,13 @@ async fn expect_event(ws: &mut Ws, want: &[&str]) -> anyhow::Result<String> {
                 if want.contains(&event) {
                     return Ok(t.to_string());
                 }
-                if event == "pusher:error" || event == "pusher_internal:subscription_error" {
+                if matches!(
+                    event,
+                    "pusher:error"
+                        | "pusher_internal:subscription_error"
+                        | "sockudo:error"
+                        | "sockudo_internal:subscription_error"
+                ) {
                     bail!("server refused: {t}");
                 }
             }
@@ -228,6 +235,32 @@ impl Publisher {
             bail!("HTTP {status}: {text}");
         }
         Ok(())
+    }
+
+    /// `POST /apps/<id><path>` with the JSON `body`, signed; the answer's
+    /// JSON when the server answered 2xx (the AI transport's creates and
+    /// appends, `sockudo_text.rs`).
+    pub(crate) async fn post_json(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/apps/{}{path}", self.app_id);
+        let query = signed_query(&self.key, &self.secret, "POST", &path, &body, unix_secs());
+        let r = self
+            .http
+            .post(format!("{}{path}?{query}", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(Duration::from_secs(30))
+            .body(body)
+            .send()
+            .await?;
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("HTTP {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
     }
 }
 

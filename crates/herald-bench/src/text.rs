@@ -408,7 +408,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
 }
 
 /// The tokens (`t<µs> ` stamps) of a delta's text.
-fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
+pub(crate) fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
     text.split(' ')
         .filter_map(|t| t.strip_prefix('t')?.parse().ok())
 }
