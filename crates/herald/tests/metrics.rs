@@ -78,6 +78,30 @@ async fn counters_equal_what_happened() {
     // A publish to a user with no connection delivers nothing.
     publish(&server, "nobody", "agent_note", json!({})).await;
 
+    // 50 text deltas of one part in one request reach carol's queue
+    // together and leave as one frame: 49 of them joined another.
+    let (mut c, _) = connect(&server, "carol").await;
+    let started = json!({"user_id": "carol", "event": "agent_started", "run_id": "r1"});
+    assert_eq!(post(&server, "/api/v1/events", started).await.0, 200);
+    assert_eq!(next_json(&mut c).await["event"], "agent_started");
+    let deltas: Vec<_> = (0..50)
+        .map(|i| {
+            json!({"user_id": "carol", "event": "agent_text_delta", "run_id": "r1",
+                        "data": {"part": "answer", "text": format!("w{i} ")}})
+        })
+        .collect();
+    let (status, _) = post(&server, "/api/v1/events", json!({ "events": deltas })).await;
+    assert_eq!(status, 200);
+    let frame = next_json(&mut c).await;
+    assert_eq!(
+        (frame["from_seq"].as_u64(), frame["seq"].as_u64()),
+        (Some(2), Some(51)),
+        "{frame}"
+    );
+    let (status, _) = post(&server, "/api/v1/disconnect", json!({"user_id": "carol"})).await;
+    assert_eq!(status, 200);
+    expect_close(&mut c, 4409).await;
+
     let (status, _) = post(&server, "/api/v1/disconnect", json!({"user_id": "alice"})).await;
     assert_eq!(status, 200);
     expect_close(&mut a1, 4409).await;
@@ -100,11 +124,11 @@ async fn counters_equal_what_happened() {
             .copied()
             .unwrap_or_else(|| panic!("no {k} in\n{text}"))
     };
-    assert_eq!(get("herald_connections_opened_total"), 4.0);
+    assert_eq!(get("herald_connections_opened_total"), 5.0);
     assert_eq!(get("herald_connections_live"), 0.0);
     assert_eq!(
         get(r#"herald_connections_closed_total{initiator="server",reason="kicked"}"#),
-        2.0
+        3.0
     );
     assert_eq!(
         get(r#"herald_connections_closed_total{initiator="client",reason="client_close"}"#),
@@ -114,17 +138,21 @@ async fn counters_equal_what_happened() {
         get(r#"herald_connections_closed_total{initiator="client",reason="unauthorized"}"#),
         1.0
     );
-    assert_eq!(get("herald_events_published_total"), 4.0);
-    assert_eq!(get("herald_event_deliveries_total"), 6.0);
-    // 3 welcomes + 6 events.
-    assert_eq!(get("herald_frames_out_total"), 9.0);
-    // Their payloads: each event frame is ~90 bytes of JSON, a welcome ~150.
+    assert_eq!(get("herald_events_published_total"), 55.0);
+    assert_eq!(get("herald_event_deliveries_total"), 57.0);
+    // 4 welcomes + 6 events to alice + carol's agent_started and one
+    // frame for her 50 deltas.
+    assert_eq!(get("herald_frames_out_total"), 12.0);
+    assert_eq!(get("herald_text_deltas_joined_total"), 49.0);
+    // Their payloads: each event frame is ~90 bytes of JSON, a welcome
+    // ~150, the joined frame ~400.
     let bytes = get("herald_bytes_out_total");
     assert!(
-        (6.0 * 60.0..=9.0 * 400.0).contains(&bytes),
+        (6.0 * 60.0 + 300.0..=12.0 * 400.0).contains(&bytes),
         "{bytes} bytes out"
     );
-    assert_eq!(get("herald_publish_to_write_seconds_count"), 6.0);
+    // A joined frame is timed once.
+    assert_eq!(get("herald_publish_to_write_seconds_count"), 8.0);
     assert_eq!(get(r#"herald_connections{state="ready"}"#), 0.0);
     assert_eq!(get("herald_queued_frames"), 0.0);
     assert!(
@@ -132,5 +160,5 @@ async fn counters_equal_what_happened() {
         "no violations recorded"
     );
     let s = server.stats();
-    assert_eq!((s.opened, s.cleanups, s.frames_out), (4, 4, 9));
+    assert_eq!((s.opened, s.cleanups, s.frames_out), (5, 5, 12));
 }
