@@ -85,6 +85,7 @@ on_both_brokers!(
     a_bad_line_ends_the_stream_with_what_was_appended_before_it,
     a_drain_answers_a_stream_at_once_with_what_was_appended,
     a_reader_behind_gets_the_deltas_it_missed_joined,
+    a_run_whose_text_outgrows_its_bound_is_closed,
 );
 
 /// The words of the answer: `n` deltas, some needing JSON escapes.
@@ -763,6 +764,45 @@ async fn a_reader_behind_gets_the_deltas_it_missed_joined(setup: Setup) {
     let (text, frames, last) = read_text(&mut ws, started + FILLERS, want.len()).await;
     assert_eq!((text == want, last), (true, started + FILLERS + 120));
     assert!(frames < 20, "120 deltas came in {frames} frames");
+}
+
+/// A run's text counts toward `run_max_bytes` as any event does, also
+/// when its deltas reach the store together (on Redis, deltas that join
+/// one entry in one call are written, and counted, as a group): 80 deltas
+/// of 50 bytes outgrow 4,000 bytes, and the run is closed with
+/// `run_too_large` after the deltas it holds, every seq once in order.
+async fn a_run_whose_text_outgrows_its_bound_is_closed(setup: Setup) {
+    let mut cfg = config();
+    cfg.stream_limits.max_run_bytes = 4_000;
+    let server = setup.start(cfg).await;
+    let (mut ws, _) = connect(&server, "rb").await;
+    let started = start_run(&server, "rb").await;
+    assert_eq!(next_event(&mut ws).await["seq"], started);
+    let texts: Vec<String> = (0..80).map(|i| format!("{i:>49}|")).collect();
+    stream_words(&server, "rb", &texts[..40], 0).await;
+    stream_words(&server, "rb", &texts[40..], 40).await;
+    // The stores count a delta's bytes differently (the memory broker its
+    // frame, Redis its text in the joined entry), so where the run closes
+    // differs; that it closes, and after which deltas, does not.
+    let (mut text, mut last) = (String::new(), started);
+    let close = loop {
+        let e = next_event(&mut ws).await;
+        let seq = e["seq"].as_u64().unwrap();
+        assert_eq!(e["from_seq"].as_u64().unwrap_or(seq), last + 1, "{e}");
+        last = seq;
+        if e["event"] != "agent_text_delta" {
+            break e;
+        }
+        text.push_str(e["data"]["text"].as_str().unwrap());
+    };
+    assert_eq!(close["event"], "agent_error", "{close}");
+    assert_eq!(close["data"]["reason"], "run_too_large", "{close}");
+    assert!(texts.concat().starts_with(&text));
+    assert!(
+        text.len() >= 40 * 50,
+        "closed after {} bytes of text",
+        text.len()
+    );
 }
 
 async fn a_drain_answers_a_stream_at_once_with_what_was_appended(setup: Setup) {

@@ -177,8 +177,11 @@ end
 /// numbered delta that skips ahead of its part refuses the whole batch
 /// before anything is written: {'!ooo', position, index, expected}.
 ///
-/// The delta path is kept short (13 commands for a delta that joins its
-/// entry): the meta hash's `tail` (`<first>\t<seq>\t<run>\t<part>`) names the
+/// The delta path is kept short: a delta that joins its entry costs its
+/// PUBLISH, and the deltas that join it in one call share one APPEND of
+/// their text, one of their offsets, one write of their part's state and
+/// of their run's bytes (a call of one such delta runs 11 commands); the
+/// meta hash's `tail` (`<first>\t<seq>\t<run>\t<part>`) names the
 /// log's newest entry when it is a text entry and no event came after it
 /// (any other publish moves `seq` past it), so a joining delta need not read
 /// the log; the log is trimmed by count only when an entry is added, by age
@@ -280,6 +283,35 @@ local receivers = 0
 local grew, added, crowded = false, false, false
 local total = nil
 local sizes = {}
+-- Deltas that join the log's newest entry are written together: their text
+-- and end offsets by one APPEND each, their part's state and their run's
+-- bytes once, when an event that is not such a delta comes or the batch
+-- ends (each keeps its own seq and frame).
+local pend = nil
+local function flush()
+  if not pend then return end
+  local txt = table.concat(pend.texts)
+  local at = redis.call('APPEND', base .. ':txt:' .. pend.first, txt) - #txt
+  local offs = {}
+  for j, t in ipairs(pend.texts) do
+    at = at + #t
+    offs[j] = string.format('%08x', at)
+  end
+  redis.call('APPEND', base .. ':off:' .. pend.first, table.concat(offs))
+  if pend.refresh then
+    redis.call('PEXPIRE', base .. ':txt:' .. pend.first, ttl)
+    redis.call('PEXPIRE', base .. ':off:' .. pend.first, ttl)
+    redis.call('PEXPIRE', base .. ':run:' .. pend.run, ttl)
+  end
+  local st = parts[pend.key]
+  local pk = base .. ':parts:' .. pend.run
+  if redis.call('HSET', pk, pend.part, st[1] .. '\t' .. st[2] .. '\t' .. st[3]) == 1 or pend.refresh then
+    redis.call('PEXPIRE', pk, ttl)
+  end
+  sizes[pend.run] = redis.call('HINCRBY', KEYS[4], pend.run, pend.bytes)
+  total = redis.call('HINCRBY', KEYS[4], '*', pend.bytes)
+  pend = nil
+end
 for i = 0, n - 1 do
   local a = 16 + i * W
   local idem, run, closes, thread, tail = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -300,39 +332,42 @@ for i = 0, n - 1 do
     seq = seq + 1
     local json, size
     local rk = base .. ':run:' .. run
-    if part ~= '' then
+    -- A delta of the part the log's newest entry holds joins it.
+    local key = run .. '\t' .. part
+    local first = nil
+    if part ~= '' and tail_key == key then first = tail_first end
+    if not first then flush() end
+    if first then
       json = '{"type":"event","seq":' .. seq .. pre .. tail .. post
-      -- A delta of the part the log's newest entry holds joins it.
-      local key = run .. '\t' .. part
       local refresh = now - pfresh >= TOUCH_MS
-      local first = nil
-      if tail_key == key then first = tail_first end
-      if first then
-        local len = redis.call('APPEND', base .. ':txt:' .. first, tail)
-        redis.call('APPEND', base .. ':off:' .. first, string.format('%08x', len))
-        if refresh then
-          redis.call('PEXPIRE', base .. ':txt:' .. first, ttl)
-          redis.call('PEXPIRE', base .. ':off:' .. first, ttl)
-          redis.call('PEXPIRE', rk, ttl)
-        end
-        size = #tail + 4
-      else
-        first = tostring(seq)
-        redis.call('XADD', KEYS[2], seq .. '-0', 'd', pre, 't', now, 'k', key, 'p', post)
-        redis.call('SET', base .. ':txt:' .. first, tail, 'PX', ttl)
-        redis.call('SET', base .. ':off:' .. first, string.format('%08x', #tail), 'PX', ttl)
-        redis.call('RPUSH', rk, seq, 'T' .. pre .. '\n' .. post)
-        redis.call('PEXPIRE', rk, ttl)
-        trim_count(base, tonumber(ARGV[2]))
-        size = #pre + #tail + #post + #part + 4
-        added, refresh = true, true
+      if not pend then
+        pend = {first = first, key = key, run = run, part = part, texts = {}, bytes = 0, refresh = false}
       end
-      tail_first, tail_key = first, key
-      if refresh then pfresh = now end
-      local pk = base .. ':parts:' .. run
-      if redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq .. '\t' .. pfresh) == 1 then refresh = true end
-      if refresh then redis.call('PEXPIRE', pk, ttl) end
+      table.insert(pend.texts, tail)
+      pend.bytes = pend.bytes + #tail + 4
+      if refresh then
+        pend.refresh = true
+        pfresh = now
+      end
+      parts[key] = {nx + 1, seq, pfresh}
       touch = refresh
+    elseif part ~= '' then
+      -- A delta of another part, or after another event: a new entry.
+      json = '{"type":"event","seq":' .. seq .. pre .. tail .. post
+      first = tostring(seq)
+      redis.call('XADD', KEYS[2], seq .. '-0', 'd', pre, 't', now, 'k', key, 'p', post)
+      redis.call('SET', base .. ':txt:' .. first, tail, 'PX', ttl)
+      redis.call('SET', base .. ':off:' .. first, string.format('%08x', #tail), 'PX', ttl)
+      redis.call('RPUSH', rk, seq, 'T' .. pre .. '\n' .. post)
+      redis.call('PEXPIRE', rk, ttl)
+      trim_count(base, tonumber(ARGV[2]))
+      size = #pre + #tail + #post + #part + 4
+      added = true
+      tail_first, tail_key = first, key
+      pfresh = now
+      local pk = base .. ':parts:' .. run
+      redis.call('HSET', pk, part, (nx + 1) .. '\t' .. seq .. '\t' .. pfresh)
+      redis.call('PEXPIRE', pk, ttl)
       parts[key] = {nx + 1, seq, pfresh}
     else
       json = '{"type":"event","seq":' .. seq .. tail
@@ -387,8 +422,11 @@ for i = 0, n - 1 do
             if qkey ~= '' then size = size + pin_question(base, rk, qkey, ARGV[5]) end
           end
         end
-        sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
-        total = redis.call('HINCRBY', KEYS[4], '*', size)
+        -- A joining delta's bytes are counted when its group is written.
+        if size then
+          sizes[run] = redis.call('HINCRBY', KEYS[4], run, size)
+          total = redis.call('HINCRBY', KEYS[4], '*', size)
+        end
         grew = true
       end
     end
@@ -397,6 +435,7 @@ for i = 0, n - 1 do
     if touch then table.insert(out, 0) else table.insert(out, 2) end
   end
 end
+flush()
 -- Oversized runs, largest first (then by name): only a run that grew in
 -- this batch can newly be over its own bound; all of them are read when
 -- the runs together are over theirs.
