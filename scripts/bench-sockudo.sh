@@ -15,7 +15,9 @@
 # N (10000), PER_USER (10), RATE (5000), DUR (10), PAD (250), IDLE_N (19000),
 # RUNS (1), SOCKUDO_BATCH_MAX (1000: Sockudo gets the same batches as Herald, one
 # request per 20-ms tick; 10 = the Pusher spec's batch limit), SKIP_IDLE=1,
-# SKIP_REDIS=1, SKIP_MEMORY=1, SOCKUDO_MAX_MESSAGES (unset: Sockudo's default
+# SKIP_REDIS=1, SKIP_MEMORY=1, TWO_NODES=1 (also: two nodes of each server on one
+# Redis, events published to the first, sockets on the second; server CPU is
+# both nodes'), SOCKUDO_MAX_MESSAGES (unset: Sockudo's default
 # per-socket buffer of 1,000 messages; set, e.g. 100, to see what the buffer's
 # preallocation costs an idle connection). `top` samples the machine every 5 s
 # into OUT/top.log, to tell a run disturbed by another process.
@@ -126,6 +128,39 @@ fanout() { # $1 server, $2 broker, $3 run
   if [ "$2" = redis ]; then stop "$RP"; fi
 }
 
+fanout2() { # $1 server, $2 run: two nodes on one Redis, publish to A, sockets on B
+  start_redis
+  local a b
+  if [ "$1" = herald ]; then
+    HERALD_REDIS_URL=redis://127.0.0.1:$RPORT HERALD_ADDR=127.0.0.1:$HPORT HERALD_LOG=warn "$B/herald" serve >"$WORK/herald-a.log" 2>&1 &
+    a=$!
+    HERALD_REDIS_URL=redis://127.0.0.1:$RPORT HERALD_ADDR=127.0.0.1:$((HPORT + 1)) HERALD_LOG=warn "$B/herald" serve >"$WORK/herald-b.log" 2>&1 &
+    b=$!
+    wait_port "$HPORT"; wait_port $((HPORT + 1))
+    URL=http://127.0.0.1:$HPORT URL2=http://127.0.0.1:$((HPORT + 1))
+    TARGET_ARGS=(--secret "$HERALD_JWT_HS256_SECRET" --api-key "$HERALD_API_KEY")
+  else
+    sockudo_config redis >"$WORK/sockudo-a.json"
+    SPORT=$((SPORT + 1)) sockudo_config redis >"$WORK/sockudo-b.json"
+    mkdir -p "$WORK/a" "$WORK/b"
+    (cd "$WORK/a" && RUST_LOG=warn exec "$SOCKUDO" -c "$WORK/sockudo-a.json" >"$WORK/sockudo-a.log" 2>&1) &
+    a=$!
+    (cd "$WORK/b" && RUST_LOG=warn exec "$SOCKUDO" -c "$WORK/sockudo-b.json" >"$WORK/sockudo-b.log" 2>&1) &
+    b=$!
+    wait_port "$SPORT"; wait_port $((SPORT + 1))
+    URL=http://127.0.0.1:$SPORT URL2=http://127.0.0.1:$((SPORT + 1))
+    TARGET_ARGS=(--target sockudo --app-id "$APP_ID" --api-key "$APP_KEY" --secret "$APP_SECRET"
+      --batch-max "$SOCKUDO_BATCH_MAX")
+  fi
+  echo "== fanout $1 two-nodes run $2" >&2
+  "$B/herald-bench" fanout "${TARGET_ARGS[@]}" --url "$URL2" --publish-url "$URL" -n "$N" \
+    --per-user "$PER_USER" --rate "$RATE" --duration "$DUR" --event-size "$PAD" \
+    --server-pid "$a" --server-pid "$b" --redis-pid "$RP" \
+    --floor "$B/floor" --json >"$OUT/fanout-$1-twonodes-$2.json"
+  stop "$a" "$b"
+  stop "$RP"
+}
+
 idle() { # $1 server, $2 run
   if [ "$1" = herald ]; then start_herald memory; else start_sockudo local; fi
   sleep 1
@@ -140,6 +175,7 @@ for run in $(seq "$RUNS"); do
   if [ $((run % 2)) = 1 ]; then ORDER="herald sockudo"; else ORDER="sockudo herald"; fi
   [ -n "${SKIP_MEMORY:-}" ] || for s in $ORDER; do fanout "$s" memory "$run"; done
   [ -n "${SKIP_REDIS:-}" ] || for s in $ORDER; do fanout "$s" redis "$run"; done
+  [ -z "${TWO_NODES:-}" ] || for s in $ORDER; do fanout2 "$s" "$run"; done
   [ -n "${SKIP_IDLE:-}" ] || for s in $ORDER; do idle "$s" "$run"; done
 done
 
