@@ -108,12 +108,13 @@ pub(crate) async fn open_client(
     Ok(ws)
 }
 
+/// A Pusher (or Sockudo V2) frame: its event and its data, borrowed.
 #[derive(Deserialize)]
-struct Frame<'a> {
+pub(crate) struct Frame<'a> {
     #[serde(borrow)]
-    event: Cow<'a, str>,
+    pub(crate) event: Cow<'a, str>,
     #[serde(default, borrow)]
-    data: Option<Cow<'a, str>>,
+    pub(crate) data: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -220,20 +221,7 @@ impl Publisher {
     /// `POST /apps/<id>/batch_events` with `body`, signed; Ok when the
     /// server answered 2xx.
     pub(crate) async fn post_batch(&self, body: Vec<u8>) -> anyhow::Result<()> {
-        let path = format!("/apps/{}/batch_events", self.app_id);
-        let query = signed_query(&self.key, &self.secret, "POST", &path, &body, unix_secs());
-        let r = self
-            .http
-            .post(format!("{}{path}?{query}", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await?;
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!("HTTP {status}: {text}");
-        }
+        self.post_signed("/batch_events", body, None).await?;
         Ok(())
     }
 
@@ -245,22 +233,37 @@ impl Publisher {
         path: &str,
         body: Vec<u8>,
     ) -> anyhow::Result<serde_json::Value> {
+        let text = self
+            .post_signed(path, body, Some(Duration::from_secs(30)))
+            .await?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// `POST /apps/<id><path>` with `body`, signed; the answer's body when
+    /// the server answered 2xx.
+    async fn post_signed(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<String> {
         let path = format!("/apps/{}{path}", self.app_id);
         let query = signed_query(&self.key, &self.secret, "POST", &path, &body, unix_secs());
-        let r = self
+        let mut request = self
             .http
             .post(format!("{}{path}?{query}", self.base))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(Duration::from_secs(30))
-            .body(body)
-            .send()
-            .await?;
+            .body(body);
+        if let Some(t) = timeout {
+            request = request.timeout(t);
+        }
+        let r = request.send().await?;
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
         if !status.is_success() {
             bail!("HTTP {status}: {text}");
         }
-        Ok(serde_json::from_str(&text)?)
+        Ok(text)
     }
 }
 

@@ -36,7 +36,6 @@
 //! tokens received, sockets that read their answer whole, latency; plus the
 //! appends' HTTP round trips and how many were sent behind schedule.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +44,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
-use serde::Deserialize;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -53,8 +51,8 @@ use crate::bench::{
     BenchArgs, Percentiles, Shards, Summary, Ws, api_client, cpu_ticks, dial, now_ns, rss_of,
     server_addr,
 };
-use crate::pusher::{Publisher, expect_event};
-use crate::text::stamps;
+use crate::pusher::{Frame, Publisher, expect_event};
+use crate::text::{stamps, streaming_figures};
 
 /// The channel prefix Sockudo's `ai_transport.channels` must list for
 /// these answers to get the AI transport's rollup and limits.
@@ -183,14 +181,6 @@ async fn stream_answer(
     if let Err(e) = append(&api, &channel, &serial, end).await {
         sent.fail(e);
     }
-}
-
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(borrow)]
-    event: Cow<'a, str>,
-    #[serde(default, borrow)]
-    data: Option<Cow<'a, str>>,
 }
 
 /// One socket reading one answer: every token once, in order, the latency
@@ -384,18 +374,6 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             ),
         ),
         (
-            "streaming took".into(),
-            format!(
-                "{:.1} s (all delivered at {:.1} s)",
-                streamed.as_secs_f64(),
-                delivered_at.as_secs_f64()
-            ),
-        ),
-        (
-            "deltas/s (all answers)".into(),
-            format!("{:.0}", appended as f64 / streamed.as_secs_f64()),
-        ),
-        (
             "append round trip p50 / p99 / max".into(),
             format!(
                 "{:.2} / {:.2} / {:.2} ms",
@@ -412,6 +390,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             ),
         ),
     ];
+    figures.extend(streaming_figures(streamed, delivered_at, appended));
     if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
         let secs = (b - a) as f64 / 100.0; // USER_HZ
         figures.push((

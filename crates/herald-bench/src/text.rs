@@ -294,6 +294,7 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
 
     let ticks = 100.0; // USER_HZ
     let per = |v: f64| v / n as f64;
+    let [took, per_second] = streaming_figures(streamed, delivered_at, appended);
     let mut figures = vec![
         (
             "answers × tokens".into(),
@@ -324,18 +325,8 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
             "seq gaps".into(),
             seen.gaps.load(Ordering::Relaxed).to_string(),
         ),
-        (
-            "streaming took".into(),
-            format!(
-                "{:.1} s (all delivered at {:.1} s)",
-                streamed.as_secs_f64(),
-                delivered_at.as_secs_f64()
-            ),
-        ),
-        (
-            "deltas/s (all answers)".into(),
-            format!("{:.0}", appended as f64 / streamed.as_secs_f64()),
-        ),
+        took,
+        per_second,
         (
             "history entries per answer (agent_started + text)".into(),
             match redis_entries {
@@ -408,6 +399,29 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
 }
 
 /// The tokens (`t<µs> ` stamps) of a delta's text.
+/// The streaming phase's figures (how long it took, until all was
+/// delivered, and the deltas/s of all answers), as both targets report them.
+pub(crate) fn streaming_figures(
+    streamed: Duration,
+    delivered_at: Duration,
+    appended: u64,
+) -> [(String, String); 2] {
+    [
+        (
+            "streaming took".into(),
+            format!(
+                "{:.1} s (all delivered at {:.1} s)",
+                streamed.as_secs_f64(),
+                delivered_at.as_secs_f64()
+            ),
+        ),
+        (
+            "deltas/s (all answers)".into(),
+            format!("{:.0}", appended as f64 / streamed.as_secs_f64()),
+        ),
+    ]
+}
+
 pub(crate) fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
     text.split(' ')
         .filter_map(|t| t.strip_prefix('t')?.parse().ok())
