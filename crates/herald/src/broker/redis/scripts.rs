@@ -419,7 +419,8 @@ for i = 0, n - 1 do
           if redis.call('HSET', KEYS[3], run, now .. '\t' .. thread) == 1 then
             added = true
             if redis.call('HLEN', KEYS[3]) > tonumber(ARGV[15]) then crowded = true end
-            if qkey ~= '' then size = size + pin_question(base, rk, qkey, ARGV[5]) end
+            -- (A joining delta's own bytes are its group's: `size` is nil.)
+            if qkey ~= '' then size = (size or 0) + pin_question(base, rk, qkey, ARGV[5]) end
           end
         end
         -- A joining delta's bytes are counted when its group is written.
