@@ -114,23 +114,31 @@ async fn phase(args: &BenchArgs, proto: Proto, tag: u64) -> anyhow::Result<Phase
                 let Ok(v) = serde_json::from_str::<Value>(&t) else {
                     continue;
                 };
-                // Each protocol's own order: seq on /ws, sequence on /ai.
-                let (pos, delta) = match proto {
+                // Each protocol's own order: seq on /ws (a frame that joined
+                // deltas covers from_seq..=seq), sequence on /ai.
+                let (from, pos, delta) = match proto {
                     Proto::Ws if v["event"] == "agent_text_delta" => {
-                        (v["seq"].as_u64(), v["data"]["text"].as_str())
+                        let seq = v["seq"].as_u64();
+                        let from = v["from_seq"].as_u64().or(seq);
+                        (from, seq, v["data"]["text"].as_str())
                     }
                     Proto::Ai if v["chunk"]["type"] == "text-delta" => {
-                        (v["sequence"].as_u64(), v["chunk"]["delta"].as_str())
+                        let sequence = v["sequence"].as_u64();
+                        (sequence, sequence, v["chunk"]["delta"].as_str())
                     }
                     _ => continue,
                 };
-                if let (Some(p), Some(l)) = (pos, last)
-                    && p != l + 1
+                if let (Some(f), Some(l)) = (from, last)
+                    && f != l + 1
                 {
                     seen.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 last = pos;
-                seen.deltas.fetch_add(1, Ordering::Relaxed);
+                let covered = match (from, pos) {
+                    (Some(f), Some(p)) if p >= f => p - f + 1,
+                    _ => 1,
+                };
+                seen.deltas.fetch_add(covered, Ordering::Relaxed);
                 len += delta.map_or(0, str::len) as u64;
                 if len == answer_len {
                     seen.done.fetch_add(1, Ordering::Relaxed);
