@@ -57,10 +57,10 @@ l = s.get("latency_us") or {}
 frames, _, tokens = f.get("delta frames received / tokens received", "0 / 0").partition(" / ")
 w, wk = os.environ["WRITES"], os.environ["WAKES"]
 per = lambda x: "%.3f" % (float(x) / max(1, int(tokens or 0))) if x not in ("-", "") else "-"
-print("p50 %.2f ms | p99 %.2f ms | %s | tokens %s | per token: %s frames, %s socket sends, %s write(2) | %s | %s | gaps %s" % (
+print("p50 %.2f ms | p99 %.2f ms | %s | tokens %s | per token: %s frames, %s socket sends, %s write(2) | %s | %s | generator %s | gaps %s" % (
     l.get("p50", 0) / 1e3, l.get("p99", 0) / 1e3, f.get("deltas/s (all answers)", "?") + " deltas/s",
     tokens, per(frames), per(w), per(wk), f.get("server CPU", "?"),
-    f.get("redis CPU", "-"), f.get("seq gaps", "?")))
+    f.get("redis CPU", "-"), f.get("generator CPU (this process)", "-"), f.get("seq gaps", "?")))
 print(l.get("p99", 10**9), file=sys.stderr)' 2>/tmp/p99)
     echo "$broker coalesce=$coalesce N=$n: $line"
     [ "$(cat /tmp/p99)" -lt 100000 ] || break

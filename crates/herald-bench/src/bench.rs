@@ -99,6 +99,12 @@ pub struct BenchArgs {
     /// instead of one user's stream; events are published to the stream.
     #[arg(long)]
     pub thread: bool,
+    /// Fanout: publish each event as an `agent_text_delta` of run `answer`
+    /// (part `answer`, its text the publish time `t<ns> ` and the padding)
+    /// instead of an ordinary event, so a delta's delivery is measured the
+    /// same way as an ordinary event's.
+    #[arg(long)]
+    pub text_deltas: bool,
     /// Events per second to publish (fanout).
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -437,6 +443,9 @@ pub(crate) async fn open_client(
 struct EventLite {
     #[serde(default)]
     seq: u64,
+    /// The first seq a frame of joined text deltas covers.
+    #[serde(default)]
+    from_seq: Option<u64>,
     #[serde(default)]
     data: DataLite,
 }
@@ -445,6 +454,9 @@ struct EventLite {
 struct DataLite {
     #[serde(default)]
     t: u64,
+    /// A text delta's text: `t<ns> ` stamps (`--text-deltas`).
+    #[serde(default)]
+    text: Option<String>,
 }
 
 /// Read events until the socket ends; record latency, count gaps.
@@ -465,13 +477,24 @@ async fn read_events(
                 let Ok(e) = serde_json::from_str::<EventLite>(&t) else {
                     continue;
                 };
-                if e.seq != last + 1 {
+                // A frame of joined deltas covers from_seq..=seq, one
+                // delivery each.
+                let from = e.from_seq.unwrap_or(e.seq);
+                if from != last + 1 {
                     counters.gaps.fetch_add(1, Ordering::Relaxed);
                 }
                 last = e.seq;
-                counters.received.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .received
+                    .fetch_add(e.seq.saturating_sub(from) + 1, Ordering::Relaxed);
                 if e.data.t > 0 {
                     hist.record(idx, now_ns().saturating_sub(e.data.t) / 1000);
+                }
+                if let Some(text) = &e.data.text {
+                    let now = now_ns();
+                    for t in crate::text::stamps(text) {
+                        hist.record(idx, now.saturating_sub(t) / 1000);
+                    }
                 }
                 if until_seq.is_some_and(|u| last >= u) {
                     break;
@@ -942,11 +965,18 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                 .map(|_| {
                     next_user = (next_user + 1) % users;
                     batch_expected += conns_of(next_user);
-                    if args.thread {
-                        json!({"stream": thread_of(next_user), "event": "bench", "data": {"t": t, "pad": pad}})
+                    let mut e = if args.text_deltas {
+                        json!({"event": "agent_text_delta", "run_id": "answer",
+                            "data": {"part": "answer", "text": format!("t{t} {pad}")}})
                     } else {
-                        json!({"user_id": format!("bench-u{next_user}"), "event": "bench", "data": {"t": t, "pad": pad}})
+                        json!({"event": "bench", "data": {"t": t, "pad": pad}})
+                    };
+                    if args.thread {
+                        e["stream"] = json!(thread_of(next_user));
+                    } else {
+                        e["user_id"] = json!(format!("bench-u{next_user}"));
                     }
+                    e
                 })
                 .collect();
             let body = json!({ "events": events });
@@ -1056,7 +1086,15 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
         ),
         (
             "event size (data padding)".into(),
-            format!("{} B", args.event_size),
+            format!(
+                "{} B{}",
+                args.event_size,
+                if args.text_deltas {
+                    " (agent_text_delta: the text's)"
+                } else {
+                    ""
+                }
+            ),
         ),
         (
             "events published".into(),

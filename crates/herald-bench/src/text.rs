@@ -57,6 +57,8 @@ async fn gauge(http: &reqwest::Client, base: &str, name: &str) -> anyhow::Result
 struct Probe {
     rss: Option<u64>,
     cpu: Option<u64>,
+    /// This process's own CPU (the generator: producers and readers).
+    bench_cpu: u64,
     redis_cpu: Option<u64>,
     redis_cmds: Option<u64>,
     redis_mem: Option<u64>,
@@ -67,6 +69,7 @@ impl Probe {
         Ok(Self {
             rss: pid.map(rss_of).transpose()?,
             cpu: pid.map(cpu_ticks).transpose()?,
+            bench_cpu: cpu_ticks(std::process::id())?,
             redis_cpu: args.redis_pid.map(cpu_ticks).transpose()?,
             redis_cmds: args.redis_port.map(redis_commands).transpose()?,
             redis_mem: args
@@ -353,6 +356,26 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
                 per(secs) * 1e3,
                 secs * 1e6 / appended.max(1) as f64,
                 secs * 1e6 / read
+            ),
+        ));
+    }
+    {
+        // The generator's own CPU, and the cores the three processes kept
+        // busy together over the window (of this machine's, all shared).
+        let secs = after.bench_cpu.saturating_sub(before.bench_cpu) as f64 / ticks;
+        let read = seen.tokens.load(Ordering::Relaxed).max(1) as f64;
+        let span = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / ticks,
+            _ => 0.0,
+        };
+        let all = secs + span(before.cpu, after.cpu) + span(before.redis_cpu, after.redis_cpu);
+        figures.push((
+            "generator CPU (this process)".into(),
+            format!(
+                "{secs:.1} s = {:.2} µs per token delivered; with the server's and Redis's, {:.2} cores busy over {:.1} s",
+                secs * 1e6 / read,
+                all / delivered_at.as_secs_f64(),
+                delivered_at.as_secs_f64()
             ),
         ));
     }

@@ -114,6 +114,29 @@ async fn every_scenario_runs_and_reports() {
     assert_eq!(figure(&s, "seq gaps"), "0");
     assert!(figure(&s, "deliveries received").starts_with("400 "), "{s}");
 
+    // Text deltas delivered as fan-out (issue 43): one run per user, every
+    // delta counted once, a frame of joined deltas by the seqs it covers.
+    let s = bench(
+        &server,
+        &[
+            "fanout",
+            "-n",
+            "20",
+            "--per-user",
+            "1",
+            "--text-deltas",
+            "--rate",
+            "400",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(figure(&s, "lost (expected − received)"), "0");
+    assert_eq!(figure(&s, "seq gaps"), "0");
+    assert!(figure(&s, "deliveries received").starts_with("400 "), "{s}");
+    assert_eq!(s["latency_us"]["count"], 400, "a latency per delta: {s}");
+
     let s = bench(&server, &["connect", "-n", "50"]).await;
     assert_eq!(s["latency_us"]["count"], 50);
 
