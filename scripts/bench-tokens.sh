@@ -26,7 +26,9 @@ for broker in ${BROKERS:-memory redis}; do
       env+=(HERALD_REDIS_URL=redis://127.0.0.1:$RPORT)
       extra=(--redis-pid $RP --redis-port $RPORT)
     fi
-    env "${env[@]}" HERALD_ADDR=127.0.0.1:$HPORT "$DIR/herald" serve >/dev/null 2>&1 &
+    # The generator holds one streaming ingest request per answer, and
+    # max_http_connections (1,024 by default) answers one beyond it 503.
+    env "${env[@]}" HERALD_MAX_HTTP_CONNECTIONS=$((n + 256)) HERALD_ADDR=127.0.0.1:$HPORT "$DIR/herald" serve >/dev/null 2>&1 &
     S=$!; sleep 0.5
     # The server's socket writes (every send of a frame is one of these), counted
     # by the kernel's tracepoints for the whole run (opening the sockets adds

@@ -127,8 +127,9 @@ pub struct EventMeta {
     pub run_id: Option<String>,
     /// The thread it belongs to, if any.
     pub thread_id: Option<String>,
-    /// Set when the event is a text delta (`agent_text_delta`).
-    pub delta: Option<Delta>,
+    /// Set when the event is a text delta (`agent_text_delta`); shared with
+    /// the event it describes, so describing it copies nothing.
+    pub delta: Option<Arc<Delta>>,
     /// The `user_message` id its run answers (`data.message_id`), read when
     /// the event opens a run: that message is then kept with the run, so a
     /// replay of the run shows the question that started it.
@@ -456,7 +457,7 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
                 (d.text.len() + PER_DELTA_BYTES, None)
             }
             Some(d) => {
-                let c = Box::new(Compacted::new(seq, d.clone()));
+                let c = Box::new(Compacted::new(seq, Delta::clone(d)));
                 (c.bytes(), Some(Body::Text(c)))
             }
             None => (payload.wire_len(), Some(Body::Event(payload))),
@@ -488,7 +489,11 @@ impl<P: Payload + Clone + FromCovered> Stream<P> {
                 open.bytes += len;
                 self.run_bytes += len;
                 if let Some(d) = &meta.delta {
-                    let part = open.parts.entry(d.part.as_str().into()).or_default();
+                    // Its key is copied only when the part is new.
+                    let part = match open.parts.get_mut(d.part.as_str()) {
+                        Some(part) => part,
+                        None => open.parts.entry(d.part.as_str().into()).or_default(),
+                    };
                     part.next += 1;
                     part.last_seq = seq;
                 }
@@ -899,12 +904,12 @@ mod tests {
 
     fn delta(run: &str, part: &str, index: Option<u64>) -> EventMeta {
         EventMeta {
-            delta: Some(Delta::new(
+            delta: Some(Arc::new(Delta::new(
                 part,
                 "w",
                 index,
                 crate::text::Template::new(run, None, part, "ts"),
-            )),
+            ))),
             ..meta(crate::text::TEXT_DELTA, Some(run))
         }
     }

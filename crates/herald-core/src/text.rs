@@ -50,13 +50,33 @@ impl Delta {
 
 /// `text` as the content of a JSON string: escaped, without the quotes.
 pub fn escape(text: &str) -> String {
+    if !needs_escape(text) {
+        return text.to_owned();
+    }
     let quoted = json_string(text);
     quoted[1..quoted.len() - 1].to_owned()
+}
+
+/// Whether JSON must escape some of `s` (a quote, a backslash or a control
+/// character); most ids and tokens need none and are copied as they are.
+fn needs_escape(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 fn json_string(s: &str) -> String {
     // Serializing a string cannot fail.
     serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
+}
+
+/// Append `s` to `out` as a JSON string (quoted, escaped).
+fn push_json_string(out: &mut String, s: &str) {
+    if needs_escape(s) {
+        out.push_str(&json_string(s));
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
 }
 
 /// The JSON of a delta frame around its text:
@@ -70,17 +90,43 @@ pub struct Template {
 impl Template {
     /// The frame of a delta of `part` in `run_id` (and `thread_id`), published at `ts`.
     pub fn new(run_id: &str, thread_id: Option<&str>, part: &str, ts: &str) -> Self {
-        let mut pre = format!(",\"event\":\"{TEXT_DELTA}\"");
-        if let Some(thread) = thread_id {
-            pre.push_str(",\"thread_id\":");
-            pre.push_str(&json_string(thread));
+        // Written in place at its exact size when nothing needs escaping
+        // (ids and timestamps rarely do): one allocation for each half.
+        const EVENT: &str = ",\"event\":\"";
+        const THREAD: &str = "\",\"thread_id\":";
+        const RUN: &str = ",\"run_id\":";
+        const PART: &str = ",\"data\":{\"part\":";
+        const TEXT: &str = ",\"text\":\"";
+        const TS: &str = "\"},\"ts\":";
+        let quoted = |s: &str| s.len() + 2;
+        let mut pre = String::with_capacity(
+            EVENT.len()
+                + TEXT_DELTA.len()
+                + thread_id.map_or(1, |t| THREAD.len() + quoted(t))
+                + RUN.len()
+                + quoted(run_id)
+                + PART.len()
+                + quoted(part)
+                + TEXT.len(),
+        );
+        pre.push_str(EVENT);
+        pre.push_str(TEXT_DELTA);
+        match thread_id {
+            Some(thread) => {
+                pre.push_str(THREAD);
+                push_json_string(&mut pre, thread);
+            }
+            None => pre.push('"'),
         }
-        pre.push_str(",\"run_id\":");
-        pre.push_str(&json_string(run_id));
-        pre.push_str(",\"data\":{\"part\":");
-        pre.push_str(&json_string(part));
-        pre.push_str(",\"text\":\"");
-        let post = format!("\"}},\"ts\":{}}}", json_string(ts));
+        pre.push_str(RUN);
+        push_json_string(&mut pre, run_id);
+        pre.push_str(PART);
+        push_json_string(&mut pre, part);
+        pre.push_str(TEXT);
+        let mut post = String::with_capacity(TS.len() + quoted(ts) + 1);
+        post.push_str(TS);
+        push_json_string(&mut post, ts);
+        post.push('}');
         Self {
             pre: pre.into(),
             post: post.into(),
@@ -369,6 +415,30 @@ mod tests {
             let start = head(seq, seq);
             proptest::prop_assert_eq!(&json[..s.pre], start.as_str());
             proptest::prop_assert!(spans(t.frame(seq - 1, seq, &escaped).as_bytes()).is_none());
+        }
+
+        /// Whatever its ids and text (quotes, backslashes, control and
+        /// non-ASCII characters), a delta's frame is the JSON a serializer
+        /// writes for the same event, and its text is escaped as one.
+        #[test]
+        fn a_delta_frame_is_what_a_serializer_writes(
+            run in "(.|[\"\\\\\u{0}-\u{1f}]){0,12}",
+            thread in proptest::option::of("(.|[\"\\\\\u{0}-\u{1f}]){0,12}"),
+            part in "(.|[\"\\\\\u{0}-\u{1f}]){0,12}",
+            ts in "(.|[\"\\\\]){0,30}",
+            text in "(.|[\"\\\\\u{0}-\u{1f}]){0,40}",
+            seq in 1u64..u64::MAX,
+        ) {
+            let quoted = serde_json::to_string(&text).unwrap();
+            proptest::prop_assert_eq!(escape(&text), &quoted[1..quoted.len() - 1]);
+            let t = Template::new(&run, thread.as_deref(), &part, &ts);
+            let v: Value = serde_json::from_str(&t.frame(seq, seq, &escape(&text))).unwrap();
+            let mut want = json!({"type": "event", "seq": seq, "event": TEXT_DELTA,
+                "run_id": run, "data": {"part": part, "text": text}, "ts": ts});
+            if let Some(thread) = thread {
+                want["thread_id"] = json!(thread);
+            }
+            proptest::prop_assert_eq!(v, want);
         }
 
         /// Arbitrary bytes never panic the matcher.

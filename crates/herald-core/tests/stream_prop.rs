@@ -250,7 +250,7 @@ proptest! {
                         event: "agent_text_delta".into(),
                         run_id: Some(r.clone()),
                         thread_id: None,
-                        delta: Some(Delta::new(&format!("p{part}"), &text, index, template(&r, part))),
+                        delta: Some(std::sync::Arc::new(Delta::new(&format!("p{part}"), &text, index, template(&r, part)))),
                         answers: None,
                     };
                     let key_str = key.map(|k| format!("k{k}"));

@@ -15,6 +15,7 @@
 //! [`memory::MemoryBroker`] keeps everything in this process (the default).
 
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -79,8 +80,9 @@ pub struct NewEvent {
     pub frame: EventFrame,
     /// Publish idempotency key, if any.
     pub idempotency_key: Option<String>,
-    /// Set for an `agent_text_delta`: its part, text and frame.
-    pub delta: Option<Delta>,
+    /// Set for an `agent_text_delta`: its part, text and frame (shared with
+    /// the [`EventMeta`] that describes it).
+    pub delta: Option<Arc<Delta>>,
 }
 
 impl NewEvent {
@@ -119,9 +121,10 @@ impl NewEvent {
     ) -> Self {
         let template = Template::new(&run_id, thread_id.as_deref(), &part, &ts);
         let delta = Delta::new(&part, text, index, template);
-        let data = serde_json::json!({ "part": part, "text": text });
+        // The frame is written from the template: `data` stays empty.
+        let data = serde_json::Value::Object(serde_json::Map::new());
         Self {
-            delta: Some(delta),
+            delta: Some(Arc::new(delta)),
             ..Self::new(TEXT_DELTA.to_owned(), thread_id, Some(run_id), data, ts)
         }
     }
@@ -133,8 +136,9 @@ impl NewEvent {
         let shared = stream.filter(|s| stream_user(s).is_none());
         self.frame.stream = shared.map(str::to_owned);
         if let Some(d) = self.delta.take() {
+            let d = Arc::unwrap_or_clone(d);
             let template = d.template.in_stream(shared);
-            self.delta = Some(Delta { template, ..d });
+            self.delta = Some(Arc::new(Delta { template, ..d }));
         }
         self
     }
