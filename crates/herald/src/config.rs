@@ -81,7 +81,7 @@ declare_keys! {
     INGEST_BURST = "ingest_burst", Some("2000"), "Text ingest: deltas a request may append at once before ingest_rate applies";
     INGEST_IDLE_TIMEOUT = "ingest_idle_timeout", Some("60s"), "Text ingest: a request that brings no delta line for this long (blank lines do not count) is answered 408 stream_idle";
     HTTP_BODY_TIMEOUT = "http_body_timeout", Some("10s"), "Time allowed for a whole request body of the API (publish, disconnect), from when it is read (after the API key is checked); else 408 body_timeout. The text ingest streams and has its own idle bound";
-    MAX_HTTP_CONNECTIONS = "max_http_connections", Some("1024"), "HTTP connections (before any WebSocket upgrade) served at once; a connection beyond it gets 503 overloaded and is closed at once, so a flood cannot exhaust file descriptors. Keep it well under the process's open-file limit";
+    MAX_HTTP_CONNECTIONS = "max_http_connections", Some("1024"), "HTTP connections (before any WebSocket upgrade) served at once; a connection beyond it gets 503 overloaded (after its request head, or at once while 64 refusals are already being closed) and is closed, so a flood cannot exhaust file descriptors. Keep it well under the process's open-file limit";
     WRITE_TIMEOUT = "write_timeout", Some("10s"), "A socket that takes no byte of a pending write for this long is dropped";
     HEARTBEAT_INTERVAL = "heartbeat_interval", Some("25s"), "Interval of WebSocket pings (advertised as heartbeat_ms)";
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", Some("60s"), "Inbound silence after which a connection closes (heartbeat timeout, 1001)";

@@ -90,6 +90,7 @@ impl Server {
             HttpLimits {
                 header_timeout: app.config().http_header_timeout,
                 permits: http_permits.clone(),
+                lingering: Arc::new(Semaphore::new(LINGER_SLOTS)),
             },
             http.clone(),
             stop_rx.clone(),
@@ -287,16 +288,81 @@ struct HttpLimits {
     /// One permit per connection served (`max_http_connections`): held while
     /// hyper serves it, given back when it closes or upgrades.
     permits: Arc<Semaphore>,
+    /// Refused connections being closed gently (see [`refuse`]), at most
+    /// [`LINGER_SLOTS`] at once.
+    lingering: Arc<Semaphore>,
 }
+
+/// Refused connections closed gently at once; beyond, closed at once.
+const LINGER_SLOTS: usize = 64;
+/// How long a refused connection's input is read and dropped before close.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much of a refused connection's input is read before close.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// What a connection beyond `max_http_connections` is told before it is closed.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
 content-length: 79\r\nconnection: close\r\nretry-after: 1\r\n\r\n\
 {\"error\":\"overloaded\",\"message\":\"too many HTTP connections; retry in a second\"}";
 
+/// Answer a connection beyond `max_http_connections` 503 `overloaded` and
+/// close it. An HTTP client expects its answer after its request: one sent
+/// before it (hyper's client calls that an unexpected message) or a reset
+/// (closing a socket with unread input resets it) reaches a client that is
+/// still sending as an error, not as the 503. So, while one of
+/// [`LINGER_SLOTS`] is free, the request head is awaited, the answer
+/// written, a FIN sent, and the client's further input (its body) read and
+/// dropped before the close, all within [`LINGER_TIME`] and
+/// [`LINGER_BYTES`]. Without a slot (a flood), the answer is written at once
+/// to the fresh socket and it is closed.
+fn refuse(stream: tokio::net::TcpStream, lingering: &Arc<Semaphore>, tasks: &Tasks) {
+    let Ok(slot) = lingering.clone().try_acquire_owned() else {
+        let _ = stream.try_write(OVERLOADED);
+        return;
+    };
+    tasks.spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let deadline = tokio::time::Instant::now() + LINGER_TIME;
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        // The request head: until its blank line, EOF, or 8 KiB of it.
+        let mut head = Vec::new();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while head.len() < 8 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        read += n;
+                        let from = head.len().saturating_sub(3);
+                        head.extend_from_slice(&buf[..n]);
+                        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        drop(head);
+        // The answer fits the fresh socket's empty send buffer.
+        if stream.try_write(OVERLOADED).is_ok() && stream.shutdown().await.is_ok() {
+            let _ = tokio::time::timeout_at(deadline, async {
+                while read < LINGER_BYTES {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                }
+            })
+            .await;
+        }
+        drop(slot);
+    });
+}
+
 /// Accept and serve HTTP/1.1 connections, at most `max_http_connections` at
-/// once: one beyond it is answered 503 `overloaded` (written straight to the
-/// fresh socket, whose send buffer is empty) and closed, so a flood of slow
+/// once: one beyond it is answered 503 `overloaded` and closed ([`refuse`]), so a flood of slow
 /// or idle clients is bounded in file descriptors and memory. Upgraded
 /// WebSockets leave hyper, give their permit back, and are bounded by their
 /// own lifecycle and `max_connections`.
@@ -313,7 +379,7 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let Ok(permit) = limits.permits.clone().try_acquire_owned() else {
                         metrics::counter!(telemetry::HTTP_CONNECTIONS_REFUSED).increment(1);
-                        let _ = stream.try_write(OVERLOADED);
+                        refuse(stream, &limits.lingering, &tasks);
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
