@@ -105,6 +105,10 @@ pub struct BenchArgs {
     /// same way as an ordinary event's.
     #[arg(long)]
     pub text_deltas: bool,
+    /// Fanout: each ordinary event belongs to run `answer` (`run_id`), as
+    /// the events of an answer do, so it is kept with its run as a delta is.
+    #[arg(long)]
+    pub in_run: bool,
     /// Events per second to publish (fanout).
     #[arg(long, default_value_t = 1000)]
     pub rate: u64,
@@ -968,6 +972,8 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                     let mut e = if args.text_deltas {
                         json!({"event": "agent_text_delta", "run_id": "answer",
                             "data": {"part": "answer", "text": format!("t{t} {pad}")}})
+                    } else if args.in_run {
+                        json!({"event": "bench", "run_id": "answer", "data": {"t": t, "pad": pad}})
                     } else {
                         json!({"event": "bench", "data": {"t": t, "pad": pad}})
                     };
@@ -1091,6 +1097,8 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                 args.event_size,
                 if args.text_deltas {
                     " (agent_text_delta: the text's)"
+                } else if args.in_run {
+                    " (each event in run `answer`)"
                 } else {
                     ""
                 }
