@@ -392,6 +392,22 @@ async fn a_body_that_stalls_is_answered_408_at_its_deadline() {
     server.shutdown().await;
 }
 
+/// `n` keep-alive HTTP connections, each served one request and then left
+/// idle, holding its place under `max_http_connections`.
+async fn hold_keepalive(server: &herald::Server, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = String::from_utf8_lossy(&read_head(&mut s).await).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        held.push(s);
+    }
+    held
+}
+
 /// A client refused at the cap while it is still sending (a streaming ingest
 /// request whose body goes on, as the token benchmark's 1,025th answer was)
 /// reads the 503 `overloaded` answer, not a connection reset: the server
@@ -403,16 +419,7 @@ async fn a_refused_client_still_sending_reads_the_503() {
     let mut cfg = config();
     cfg.max_http_connections = 2;
     let (server, mut ws, baseline) = serving(cfg).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let head = String::from_utf8_lossy(&read_head(&mut s).await).into_owned();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        held.push(s);
-    }
+    let held = hold_keepalive(&server, 2).await;
     for attempt in 0..5 {
         // Lines of blanks, 1 KiB every 10 ms for a second.
         let body = futures_util::stream::unfold(0, |i| async move {
@@ -460,16 +467,7 @@ async fn http_connections_beyond_the_cap_are_answered_503_and_closed() {
     )
     .await;
     // Eight keep-alive connections, each served a request and then idle.
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let mut s = TcpStream::connect(server.local_addr()).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let head = String::from_utf8_lossy(&read_head(&mut s).await).into_owned();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        held.push(s);
-    }
+    let held = hold_keepalive(&server, 8).await;
     assert_eq!(server.http_connections(), 8);
     // A flood beyond them: each is answered 503 and closed by the server.
     // (The first sends nothing: it is answered when the server stops
