@@ -100,14 +100,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub thread: bool,
     /// Fanout: publish each event as an `agent_text_delta` of run `answer`
-    /// (part `answer`, its text the publish time `t<ns> ` and the padding)
+    /// (part `answer`, its text the publish time `t<ns> `, the padding and a
+    /// space, so the deltas a frame joins keep their stamps apart)
     /// instead of an ordinary event, so a delta's delivery is measured the
     /// same way as an ordinary event's.
     #[arg(long)]
     pub text_deltas: bool,
     /// Fanout: each ordinary event belongs to run `answer` (`run_id`), as
     /// the events of an answer do, so it is kept with its run as a delta is.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "text_deltas")]
     pub in_run: bool,
     /// Events per second to publish (fanout).
     #[arg(long, default_value_t = 1000)]
@@ -971,7 +972,7 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
                     batch_expected += conns_of(next_user);
                     let mut e = if args.text_deltas {
                         json!({"event": "agent_text_delta", "run_id": "answer",
-                            "data": {"part": "answer", "text": format!("t{t} {pad}")}})
+                            "data": {"part": "answer", "text": crate::text::stamped(t, &pad)}})
                     } else if args.in_run {
                         json!({"event": "bench", "run_id": "answer", "data": {"t": t, "pad": pad}})
                     } else {
@@ -1161,6 +1162,16 @@ async fn fanout(args: &BenchArgs) -> anyhow::Result<Summary> {
             "mean frame written"
         };
         figures.push((what.into(), format!("{bytes:.0} B")));
+    }
+    // Fewer frames than deliveries: text deltas joined in a socket's queue
+    // (one frame covering from_seq..=seq).
+    if let (Some((f0, _)), Some((f1, _))) = (wire_start, wire_end)
+        && report.received > 0
+    {
+        figures.push((
+            "frames written per delivery received".into(),
+            format!("{:.3}", (f1 - f0) / report.received as f64),
+        ));
     }
     if let Some(path) = &args.floor {
         // The payload plus a 2–4 byte header, as the server writes it.

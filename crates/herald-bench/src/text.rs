@@ -445,9 +445,17 @@ pub(crate) fn streaming_figures(
     ]
 }
 
+/// The time stamps (`t<n>`, space-separated words) in a text of one or more
+/// joined deltas.
 pub(crate) fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
     text.split(' ')
         .filter_map(|t| t.strip_prefix('t')?.parse().ok())
+}
+
+/// A delta's text stamped with `t`, then `pad` and a closing space, so a
+/// frame that joins several (their texts run together) keeps every stamp.
+pub(crate) fn stamped(t: u64, pad: &str) -> String {
+    format!("t{t} {pad} ")
 }
 
 /// One socket reading one answer: every delta in seq order, each token
@@ -516,6 +524,23 @@ async fn read_answer(
                 (ws, welcome) = (w, v);
             }
             Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joined_stamped_deltas_keep_every_stamp() {
+        for pad in ["", "x", "xxxx"] {
+            let joined: String = [11, 22, 33].map(|t| stamped(t, pad)).concat();
+            assert_eq!(
+                stamps(&joined).collect::<Vec<_>>(),
+                [11, 22, 33],
+                "{joined:?}"
+            );
         }
     }
 }
