@@ -295,9 +295,11 @@ struct HttpLimits {
 
 /// Refused connections closed gently at once; beyond, closed at once.
 const LINGER_SLOTS: usize = 64;
-/// How long a refused connection's input is read and dropped before close.
+/// How long after its accept a refused connection is closed at the latest
+/// (its request head awaited, its further input read and dropped).
 const LINGER_TIME: Duration = Duration::from_secs(2);
-/// How much of a refused connection's input is read before close.
+/// How much of a refused connection's input (head included) is read before
+/// its close.
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// What a connection beyond `max_http_connections` is told before it is closed.

@@ -421,9 +421,10 @@ async fn a_refused_client_still_sending_reads_the_503() {
     let (server, mut ws, baseline) = serving(cfg).await;
     let held = hold_keepalive(&server, 2).await;
     for attempt in 0..5 {
-        // Lines of blanks, 1 KiB every 10 ms for a second.
+        // Lines of blanks, 1 KiB every 10 ms for half a second: 50 KiB,
+        // within what the server reads and drops before its close.
         let body = futures_util::stream::unfold(0, |i| async move {
-            (i < 100).then_some(())?;
+            (i < 50).then_some(())?;
             tokio::time::sleep(Duration::from_millis(10)).await;
             Some((Ok::<_, std::io::Error>(vec![b'\n'; 1024]), i + 1))
         });
