@@ -52,7 +52,7 @@ use crate::bench::{
     server_addr,
 };
 use crate::pusher::{Frame, Publisher, expect_event};
-use crate::text::{stamps, streaming_figures};
+use crate::text::{stamped, stamps, streaming_figures};
 
 /// The channel prefix Sockudo's `ai_transport.channels` must list for
 /// these answers to get the AI transport's rollup and limits.
@@ -167,7 +167,7 @@ async fn stream_answer(
             }
             tokio::time::sleep_until(due.into()).await;
         }
-        let text = format!("t{} ", now_ns() / 1000 - base_us);
+        let text = stamped(now_ns() / 1000 - base_us, "");
         let t = Instant::now();
         match append(&api, &channel, &serial, json!({ "data": text })).await {
             Ok(()) => {

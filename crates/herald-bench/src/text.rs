@@ -167,7 +167,7 @@ pub(crate) async fn stream_answers(
                 tokio::time::sleep(Duration::from_secs_f64(interval * spread)).await;
             }
             let text = match stamp {
-                Some(base) => format!("t{} ", now_ns() / 1000 - base),
+                Some(base) => stamped(now_ns() / 1000 - base, ""),
                 None => token_text(i),
             };
             let line = json!({"part": "answer", "index": i, "text": text}).to_string() + "\n";
@@ -421,7 +421,6 @@ pub async fn text(args: &BenchArgs) -> anyhow::Result<Summary> {
     })
 }
 
-/// The tokens (`t<µs> ` stamps) of a delta's text.
 /// The streaming phase's figures (how long it took, until all was
 /// delivered, and the deltas/s of all answers), as both targets report them.
 pub(crate) fn streaming_figures(
@@ -452,10 +451,15 @@ pub(crate) fn stamps(text: &str) -> impl Iterator<Item = u64> + '_ {
         .filter_map(|t| t.strip_prefix('t')?.parse().ok())
 }
 
-/// A delta's text stamped with `t`, then `pad` and a closing space, so a
-/// frame that joins several (their texts run together) keeps every stamp.
+/// A delta's text stamped with `t` (the word `t<t> `), then `pad` and a
+/// closing space when there is a pad, so a frame that joins several (their
+/// texts run together) keeps every stamp.
 pub(crate) fn stamped(t: u64, pad: &str) -> String {
-    format!("t{t} {pad} ")
+    if pad.is_empty() {
+        format!("t{t} ")
+    } else {
+        format!("t{t} {pad} ")
+    }
 }
 
 /// One socket reading one answer: every delta in seq order, each token
